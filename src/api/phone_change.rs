@@ -1,0 +1,72 @@
+//! BulkPhoneChange: set fields on many phones, first of all the model.
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::common::{
+    ConnectionRef, DURATION_PATTERN, FailurePolicy, Mode, OperationStatus, PhoneTargets, Policy,
+};
+use super::fields::PhoneFields;
+
+/// Set fields on many phones. A model is assigned only when all selected phones share a vendor.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "pbx-operator.io",
+    version = "v1alpha1",
+    kind = "BulkPhoneChange",
+    namespaced,
+    status = "OperationStatus",
+    shortname = "bpc",
+    category = "pbx",
+    doc = "Set fields on many phones (only fields whose lock is Open), first of all the model",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Targets",
+        type_ = "integer",
+        json_path = ".status.summary.targets"
+    ),
+    printcolumn(
+        name = "Changed",
+        type_ = "integer",
+        json_path = ".status.summary.changed"
+    ),
+    printcolumn(
+        name = "Failed",
+        type_ = "integer",
+        json_path = ".status.summary.failed"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.approvedPlanHash) || !has(self.mode) || self.mode == 'Execute'"
+).message("spec.approvedPlanHash only applies to mode Execute: remove it or set mode: Execute")
+.field_path(".approvedPlanHash"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.interval) || (has(self.policy) && self.policy == 'Enforce')")
+    .message("spec.interval only applies to policy Enforce: set policy: Enforce or remove interval")
+    .field_path(".interval"))]
+pub struct BulkPhoneChangeSpec {
+    pub connection_ref: ConnectionRef,
+    pub targets: PhoneTargets,
+    /// Values to set, each with a lock; only Open fields are written.
+    pub fields: PhoneFields,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[0-9a-f]{64}$"), length(max = 64))]
+    pub approved_plan_hash: Option<String>,
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(DURATION_PATTERN))]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub requested_by: Option<String>,
+}

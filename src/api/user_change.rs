@@ -1,0 +1,124 @@
+//! BulkUserChange: set fields on many users, and one-shot actions on them.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{
+    ConfigMapKeyRef, ConnectionRef, DURATION_PATTERN, FailurePolicy, Mode, OperationStatus, Policy,
+    SecretKeyRef, UserTargets,
+};
+use super::fields::UserFields;
+
+/// One-shot actions on every selected user.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
+pub enum UserAction {
+    /// Rotate the SIP secret to an unguessable value, mark the user PasswordRequired, mail reset instructions.
+    ResetPassword,
+    ResetTwoFactor,
+    Unlock,
+    Lock,
+    SendWelcomeEmail,
+    /// Delete the user; a user who still owns numbers is skipped.
+    Remove,
+}
+
+/// Where a CSV of per-user changes comes from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.configMapKeyRef) != has(self.secretKeyRef)")
+    .message("source.csv needs exactly one of configMapKeyRef or secretKeyRef"))]
+pub struct CsvSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<ConfigMapKeyRef>,
+    /// Use a Secret when the CSV holds sensitive columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct ChangeSource {
+    pub csv: CsvSource,
+}
+
+/// Set fields on many users, and run one-shot actions on them.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "pbx-operator.io",
+    version = "v1alpha1",
+    kind = "BulkUserChange",
+    namespaced,
+    status = "OperationStatus",
+    shortname = "buc",
+    category = "pbx",
+    doc = "Set fields on many users (only fields whose lock is Open), and one-shot actions on them",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Targets",
+        type_ = "integer",
+        json_path = ".status.summary.targets"
+    ),
+    printcolumn(
+        name = "Changed",
+        type_ = "integer",
+        json_path = ".status.summary.changed"
+    ),
+    printcolumn(
+        name = "Failed",
+        type_ = "integer",
+        json_path = ".status.summary.failed"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.targets) || has(self.source)")
+    .message("spec.targets is required (or spec.source.csv, whose rows name the users)")
+    .field_path(".targets"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.fields) || (has(self.actions) && size(self.actions) > 0) || has(self.source)"
+).message("nothing to do: set spec.fields, spec.actions or spec.source.csv"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.approvedPlanHash) || !has(self.mode) || self.mode == 'Execute'"
+).message("spec.approvedPlanHash only applies to mode Execute: remove it or set mode: Execute")
+.field_path(".approvedPlanHash"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.interval) || (has(self.policy) && self.policy == 'Enforce')")
+    .message("spec.interval only applies to policy Enforce: set policy: Enforce or remove interval")
+    .field_path(".interval"))]
+pub struct BulkUserChangeSpec {
+    pub connection_ref: ConnectionRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<UserTargets>,
+    /// Values to set, each with a lock; only Open fields are written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<UserFields>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 6), extend("x-kubernetes-list-type" = "set"))]
+    pub actions: Vec<UserAction>,
+    /// Per-user values from a CSV instead of (or on top of) `fields`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ChangeSource>,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Execute only while the plan's hash is still this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[0-9a-f]{64}$"), length(max = 64))]
+    pub approved_plan_hash: Option<String>,
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    #[serde(default)]
+    pub policy: Policy,
+    /// Enforce: how often targets are re-read and drift repaired (default 10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(DURATION_PATTERN))]
+    pub interval: Option<String>,
+    /// Who asked for this change; stamped at admission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub requested_by: Option<String>,
+}

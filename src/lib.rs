@@ -1,0 +1,10 @@
+//! pbx-operator: bulk PBX administration as declarative, reviewable Kubernetes resources.
+//!
+//! - [`api`]: the custom resources (what users write, what the operator reports).
+//! - [`controllers`]: one controller per kind; thin Kubernetes glue.
+//! - [`cli`]: the `pbx-operator` command line.
+
+pub mod api;
+pub mod cli;
+pub mod controllers;
+pub mod telemetry;

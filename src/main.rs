@@ -1,0 +1,22 @@
+use clap::Parser;
+use pbx_operator::cli::{Cli, Command};
+use pbx_operator::{api, controllers, telemetry};
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let outcome = match cli.command {
+        Command::Crds(args) => pbx_operator::cli::print_crds(&api::crds(), args.out_dir.as_deref()),
+        Command::Run(args) => controllers::run(args).await.map_err(Into::into),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err}");
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
