@@ -31,18 +31,25 @@ wait_for() { # url timeout_s [curl args...]
 stop_dir() {
   local dir=$1
   [ -d "$dir" ] || return 0
-  # The watchdog first, so it does not race us.
+  local pids=()
   for name in watchdog kube-controller-manager kube-apiserver etcd; do
     local pidfile="$dir/$name.pid"
     [ -f "$pidfile" ] || continue
     local pid; pid=$(cat "$pidfile")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
     rm -f "$pidfile"
+    # The watchdog runs `down` itself (bash execs the last command, so it has the same pid).
+    [ "$pid" = "$$" ] && continue
+    kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
   done
+  for _ in $(seq 1 50); do
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  # Keep the logs for a post-mortem; the etcd data is large and worthless after a run.
+  rm -rf "$dir/etcd"
 }
 
 kubeconfig() { # file server ca user token

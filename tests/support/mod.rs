@@ -1,0 +1,195 @@
+//! Test harness: a real control plane (built from Go modules, started as processes) shared by the
+//! tests of one test binary, namespaces per test, and the operator binary run as a process.
+//!
+//! A test that needs a server and cannot start it fails; nothing here skips.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A control plane started for this test binary, stopped by its watchdog when the binary exits.
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    pub admin_kubeconfig: PathBuf,
+    pub user_kubeconfig: PathBuf,
+    pub user_name: String,
+}
+
+static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
+
+/// The control plane of this test binary, started on first use with the CRDs installed.
+pub fn control_plane() -> &'static ControlPlane {
+    CONTROL_PLANE.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("pbx-cp-").tempdir().expect("temp dir").keep();
+        let script = repo_root().join("tests/controlplane/controlplane.sh");
+        let status = Command::new("bash")
+            .arg(&script)
+            .args(["up", "--dir"])
+            .arg(&dir)
+            .args(["--owner-pid", &std::process::id().to_string()])
+            .status()
+            .expect("running tests/controlplane/controlplane.sh");
+        assert!(status.success(), "the control plane did not start; logs are in {}", dir.display());
+        let cp = ControlPlane {
+            admin_kubeconfig: dir.join("admin.kubeconfig"),
+            user_kubeconfig: dir.join("user.kubeconfig"),
+            user_name: "alice".into(),
+            dir,
+        };
+        install_crds(&cp.admin_kubeconfig);
+        cp
+    })
+}
+
+/// Installs the CRDs exactly as a user would: the binary's own output piped into kubectl.
+fn install_crds(kubeconfig: &Path) {
+    let crds = Command::new(env!("CARGO_BIN_EXE_pbx-operator"))
+        .arg("crds")
+        .output()
+        .expect("running pbx-operator crds");
+    assert!(crds.status.success(), "pbx-operator crds failed: {}", String::from_utf8_lossy(&crds.stderr));
+    kubectl_stdin(kubeconfig, &["apply", "-f", "-"], &crds.stdout);
+    kubectl(kubeconfig, &["wait", "--for", "condition=Established", "crd", "--all", "--timeout=60s"]);
+}
+
+/// Runs kubectl and returns stdout; panics with stderr when it fails.
+pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
+    kubectl_stdin(kubeconfig, args, b"")
+}
+
+pub fn kubectl_stdin(kubeconfig: &Path, args: &[&str], stdin: &[u8]) -> String {
+    let out = try_kubectl(kubeconfig, args, stdin);
+    assert!(out.0, "kubectl {} failed: {}", args.join(" "), out.2);
+    out.1
+}
+
+/// Runs kubectl; returns (success, stdout, stderr without version-skew warnings).
+pub fn try_kubectl(kubeconfig: &Path, args: &[&str], stdin: &[u8]) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl is installed");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.contains("version difference between client"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+pub async fn client_for(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("readable kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("valid kubeconfig");
+    Client::try_from(config).expect("client")
+}
+
+pub async fn admin() -> Client {
+    client_for(&control_plane().admin_kubeconfig).await
+}
+
+pub async fn unprivileged() -> Client {
+    client_for(&control_plane().user_kubeconfig).await
+}
+
+/// A fresh namespace for one test, so tests never see each other's objects.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    use k8s_openapi::api::core::v1::Namespace;
+    let name = format!("{prefix}-{}", &uuid_like()[..8]);
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+    Api::<Namespace>::all(client.clone()).create(&Default::default(), &ns).await.expect("create namespace");
+    name
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let c = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as u128;
+    format!("{:016x}", (n ^ (c << 40)).wrapping_mul(0x9E3779B97F4A7C15) & u64::MAX as u128)
+}
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Polls `check` until it returns Some, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The operator binary running as a process, killed when dropped.
+pub struct Operator {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(kubeconfig: &Path, extra_args: &[&str]) -> Operator {
+        let log = control_plane().dir.join(format!("operator-{}.log", uuid_like()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pbx-operator"))
+            .arg("run")
+            .args(extra_args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,pbx_operator=debug")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("starting pbx-operator run");
+        Operator { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal and waits for the process to exit; returns its status and how long it took.
+    pub fn stop_with(&mut self, signal: &str, timeout: Duration) -> (std::process::ExitStatus, Duration) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-s", signal, &pid]).status().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "operator did not exit within {timeout:?} of {signal}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
