@@ -23,7 +23,10 @@ fn crds_directory_matches_the_binary_output() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     committed.sort();
-    assert_eq!(generated, committed, "crds/ has other files than `pbx-operator crds` writes");
+    assert_eq!(
+        generated, committed,
+        "crds/ has other files than `pbx-operator crds` writes"
+    );
     for file in generated {
         let want = std::fs::read_to_string(out.path().join(&file)).unwrap();
         let have = std::fs::read_to_string(repo.join(&file)).unwrap();
@@ -36,7 +39,10 @@ fn crds_directory_matches_the_binary_output() {
 
 #[test]
 fn crds_stream_holds_five_kinds_in_group_pbx_operator_io() {
-    let out = Command::new(env!("CARGO_BIN_EXE_pbx-operator")).arg("crds").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pbx-operator"))
+        .arg("crds")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let mut names = Vec::new();
@@ -48,11 +54,23 @@ fn crds_stream_holds_five_kinds_in_group_pbx_operator_io() {
         assert!(cats.iter().any(|c| c.as_str() == Some("pbx")));
         let version = &v["spec"]["versions"][0];
         assert_eq!(version["name"].as_str(), Some("v1alpha1"));
-        assert!(version["subresources"]["status"].is_mapping(), "status subresource missing");
+        assert!(
+            version["subresources"]["status"].is_mapping(),
+            "status subresource missing"
+        );
         names.push(v["spec"]["names"]["kind"].as_str().unwrap().to_string());
     }
     names.sort();
-    assert_eq!(names, ["BulkPhoneChange", "BulkUserChange", "PbxConnection", "PhoneRestart", "UserRecycle"]);
+    assert_eq!(
+        names,
+        [
+            "BulkPhoneChange",
+            "BulkUserChange",
+            "PbxConnection",
+            "PhoneRestart",
+            "UserRecycle"
+        ]
+    );
 }
 
 #[test]
@@ -66,7 +84,10 @@ fn json_logs_are_json_lines() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stderr.lines().find(|l| l.starts_with('{')).expect("a JSON log line");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON log line");
     let v: serde_json::Value = serde_json::from_str(line).expect("valid JSON");
     assert_eq!(v["level"], "ERROR");
     assert!(v["message"].as_str().unwrap().contains("KUBECONFIG"), "{v}");

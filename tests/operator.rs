@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use pbx_operator::api::{BulkPhoneChange, BulkUserChange, PbxConnection, PhoneRestart, UserRecycle};
+use pbx_operator::api::{
+    BulkPhoneChange, BulkUserChange, PbxConnection, PhoneRestart, UserRecycle,
+};
 use support::{control_plane, eventually, kubectl};
 
 /// Waits until the resource's status acknowledges `generation` and returns its Stalled condition.
@@ -15,16 +17,27 @@ async fn acknowledged<K>(api: &Api<K>, name: &str, generation: i64) -> (String, 
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
 {
-    eventually(Duration::from_secs(30), &format!("{name} to be acknowledged at generation {generation}"), || async {
-        let obj = api.get(name).await.ok()?;
-        let v = serde_json::to_value(&obj).ok()?;
-        let status = v.get("status")?;
-        if status.get("observedGeneration")?.as_i64()? != generation {
-            return None;
-        }
-        let stalled = status["conditions"].as_array()?.iter().find(|c| c["type"] == "Stalled")?.clone();
-        Some((stalled["reason"].as_str()?.to_string(), stalled["message"].as_str()?.to_string()))
-    })
+    eventually(
+        Duration::from_secs(30),
+        &format!("{name} to be acknowledged at generation {generation}"),
+        || async {
+            let obj = api.get(name).await.ok()?;
+            let v = serde_json::to_value(&obj).ok()?;
+            let status = v.get("status")?;
+            if status.get("observedGeneration")?.as_i64()? != generation {
+                return None;
+            }
+            let stalled = status["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "Stalled")?
+                .clone();
+            Some((
+                stalled["reason"].as_str()?.to_string(),
+                stalled["message"].as_str()?.to_string(),
+            ))
+        },
+    )
     .await
 }
 
@@ -43,44 +56,107 @@ async fn run_acknowledges_every_kind_and_stops_on_sigterm() {
         "phonerestart-now.yaml",
         "userrecycle-leavers.yaml",
     ] {
-        kubectl(&cp.admin_kubeconfig, &["apply", "-n", &ns, "-f", examples.join(file).to_str().unwrap()]);
+        kubectl(
+            &cp.admin_kubeconfig,
+            &[
+                "apply",
+                "-n",
+                &ns,
+                "-f",
+                examples.join(file).to_str().unwrap(),
+            ],
+        );
     }
 
     let checks = [
-        acknowledged(&Api::<PbxConnection>::namespaced(client.clone(), &ns), "acme", 1).await,
-        acknowledged(&Api::<BulkUserChange>::namespaced(client.clone(), &ns), "call-group-201-202", 1).await,
-        acknowledged(&Api::<BulkPhoneChange>::namespaced(client.clone(), &ns), "sales-yealink-t54w", 1).await,
-        acknowledged(&Api::<PhoneRestart>::namespaced(client.clone(), &ns), "sales-restart-now", 1).await,
-        acknowledged(&Api::<UserRecycle>::namespaced(client.clone(), &ns), "leavers-2026-11", 1).await,
+        acknowledged(
+            &Api::<PbxConnection>::namespaced(client.clone(), &ns),
+            "acme",
+            1,
+        )
+        .await,
+        acknowledged(
+            &Api::<BulkUserChange>::namespaced(client.clone(), &ns),
+            "call-group-201-202",
+            1,
+        )
+        .await,
+        acknowledged(
+            &Api::<BulkPhoneChange>::namespaced(client.clone(), &ns),
+            "sales-yealink-t54w",
+            1,
+        )
+        .await,
+        acknowledged(
+            &Api::<PhoneRestart>::namespaced(client.clone(), &ns),
+            "sales-restart-now",
+            1,
+        )
+        .await,
+        acknowledged(
+            &Api::<UserRecycle>::namespaced(client.clone(), &ns),
+            "leavers-2026-11",
+            1,
+        )
+        .await,
     ];
     for (reason, message) in &checks {
         // Nobody should mistake a kind that does nothing yet for a success.
         assert_eq!(reason, "NotImplemented");
-        assert!(message.contains("nothing was changed on the PBX"), "{message}");
+        assert!(
+            message.contains("nothing was changed on the PBX"),
+            "{message}"
+        );
     }
 
     // A spec edit is a new generation, and the operator acknowledges it too.
     let changes: Api<BulkUserChange> = Api::namespaced(client.clone(), &ns);
     let edit = serde_json::json!({ "spec": { "fields": { "callGroup": { "value": "4", "lock": "Open" } } } });
-    changes.patch("call-group-201-202", &PatchParams::default(), &Patch::Merge(&edit)).await.unwrap();
+    changes
+        .patch(
+            "call-group-201-202",
+            &PatchParams::default(),
+            &Patch::Merge(&edit),
+        )
+        .await
+        .unwrap();
     acknowledged(&changes, "call-group-201-202", 2).await;
 
     let (status, took) = operator.stop_with("TERM", Duration::from_secs(10));
-    assert!(status.success(), "operator exited with {status} after SIGTERM:\n{}", operator.log_text());
+    assert!(
+        status.success(),
+        "operator exited with {status} after SIGTERM:\n{}",
+        operator.log_text()
+    );
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
-    assert!(operator.log_text().contains("SIGTERM received"), "{}", operator.log_text());
+    assert!(
+        operator.log_text().contains("SIGTERM received"),
+        "{}",
+        operator.log_text()
+    );
 }
 
 #[tokio::test]
 async fn run_stops_on_sigint() {
     let cp = control_plane();
     let mut operator = support::Operator::start(&cp.admin_kubeconfig, &[]);
-    eventually(Duration::from_secs(30), "the controllers to start", || async {
-        operator.log_text().contains("controllers starting").then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the controllers to start",
+        || async {
+            operator
+                .log_text()
+                .contains("controllers starting")
+                .then_some(())
+        },
+    )
     .await;
     let (status, took) = operator.stop_with("INT", Duration::from_secs(10));
-    assert!(status.success(), "operator exited with {status} after SIGINT:\n{}", operator.log_text());
+    assert!(
+        status.success(),
+        "operator exited with {status} after SIGINT:\n{}",
+        operator.log_text()
+    );
     assert!(took < Duration::from_secs(5), "SIGINT took {took:?}");
 }
 
@@ -94,11 +170,18 @@ async fn run_without_permission_fails_with_a_clear_message() {
         if let Some(status) = operator.child.try_wait().unwrap() {
             break status;
         }
-        assert!(std::time::Instant::now() < deadline, "the operator kept running:\n{}", operator.log_text());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the operator kept running:\n{}",
+            operator.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(!status.success());
     let log = operator.log_text();
     assert!(log.contains("pbx-operator crds | kubectl apply"), "{log}");
-    assert!(log.contains("forbidden") || log.contains("Forbidden"), "{log}");
+    assert!(
+        log.contains("forbidden") || log.contains("Forbidden"),
+        "{log}"
+    );
 }

@@ -29,7 +29,11 @@ static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
 /// The control plane of this test binary, started on first use with the CRDs installed.
 pub fn control_plane() -> &'static ControlPlane {
     CONTROL_PLANE.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("pbx-cp-").tempdir().expect("temp dir").keep();
+        let dir = tempfile::Builder::new()
+            .prefix("pbx-cp-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
         let script = repo_root().join("tests/controlplane/controlplane.sh");
         let status = Command::new("bash")
             .arg(&script)
@@ -38,7 +42,11 @@ pub fn control_plane() -> &'static ControlPlane {
             .args(["--owner-pid", &std::process::id().to_string()])
             .status()
             .expect("running tests/controlplane/controlplane.sh");
-        assert!(status.success(), "the control plane did not start; logs are in {}", dir.display());
+        assert!(
+            status.success(),
+            "the control plane did not start; logs are in {}",
+            dir.display()
+        );
         let cp = ControlPlane {
             admin_kubeconfig: dir.join("admin.kubeconfig"),
             user_kubeconfig: dir.join("user.kubeconfig"),
@@ -56,9 +64,23 @@ fn install_crds(kubeconfig: &Path) {
         .arg("crds")
         .output()
         .expect("running pbx-operator crds");
-    assert!(crds.status.success(), "pbx-operator crds failed: {}", String::from_utf8_lossy(&crds.stderr));
+    assert!(
+        crds.status.success(),
+        "pbx-operator crds failed: {}",
+        String::from_utf8_lossy(&crds.stderr)
+    );
     kubectl_stdin(kubeconfig, &["apply", "-f", "-"], &crds.stdout);
-    kubectl(kubeconfig, &["wait", "--for", "condition=Established", "crd", "--all", "--timeout=60s"]);
+    kubectl(
+        kubeconfig,
+        &[
+            "wait",
+            "--for",
+            "condition=Established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ],
+    );
 }
 
 /// Runs kubectl and returns stdout; panics with stderr when it fails.
@@ -90,7 +112,11 @@ pub fn try_kubectl(kubeconfig: &Path, args: &[&str], stdin: &[u8]) -> (bool, Str
         .filter(|l| !l.contains("version difference between client"))
         .collect::<Vec<_>>()
         .join("\n");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
 }
 
 pub async fn client_for(kubeconfig: &Path) -> Client {
@@ -113,16 +139,26 @@ pub async fn unprivileged() -> Client {
 pub async fn namespace(client: &Client, prefix: &str) -> String {
     use k8s_openapi::api::core::v1::Namespace;
     let name = format!("{prefix}-{}", &uuid_like()[..8]);
-    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
-    Api::<Namespace>::all(client.clone()).create(&Default::default(), &ns).await.expect("create namespace");
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&Default::default(), &ns)
+        .await
+        .expect("create namespace");
     name
 }
 
 fn uuid_like() -> String {
     use std::time::{SystemTime, UNIX_EPOCH};
-    let n = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     let c = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as u128;
-    format!("{:016x}", (n ^ (c << 40)).wrapping_mul(0x9E3779B97F4A7C15) & u64::MAX as u128)
+    format!(
+        "{:016x}",
+        (n ^ (c << 40)).wrapping_mul(0x9E3779B97F4A7C15) & u64::MAX as u128
+    )
 }
 static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -137,7 +173,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -150,7 +189,9 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(kubeconfig: &Path, extra_args: &[&str]) -> Operator {
-        let log = control_plane().dir.join(format!("operator-{}.log", uuid_like()));
+        let log = control_plane()
+            .dir
+            .join(format!("operator-{}.log", uuid_like()));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_pbx-operator"))
             .arg("run")
@@ -169,9 +210,16 @@ impl Operator {
     }
 
     /// Sends a signal and waits for the process to exit; returns its status and how long it took.
-    pub fn stop_with(&mut self, signal: &str, timeout: Duration) -> (std::process::ExitStatus, Duration) {
+    pub fn stop_with(
+        &mut self,
+        signal: &str,
+        timeout: Duration,
+    ) -> (std::process::ExitStatus, Duration) {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-s", signal, &pid]).status().unwrap();
+        Command::new("kill")
+            .args(["-s", signal, &pid])
+            .status()
+            .unwrap();
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
