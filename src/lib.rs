@@ -7,4 +7,6 @@
 pub mod api;
 pub mod cli;
 pub mod controllers;
+pub mod pbx;
 pub mod telemetry;
+pub mod tls;

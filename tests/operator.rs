@@ -68,13 +68,29 @@ async fn run_acknowledges_every_kind_and_stops_on_sigterm() {
         );
     }
 
+    // The example connection points at a database that does not exist here.
+    let connections = Api::<PbxConnection>::namespaced(client.clone(), &ns);
+    let ready = eventually(
+        Duration::from_secs(30),
+        "the connection's Ready condition",
+        || async {
+            let c = connections.get("acme").await.ok()?;
+            let status = c.status?;
+            status.conditions.into_iter().find(|c| c.type_ == "Ready")
+        },
+    )
+    .await;
+    assert_eq!(ready.status, "False");
+    assert_eq!(ready.reason, "DatabaseUnreachable", "{}", ready.message);
+    assert!(
+        ready
+            .message
+            .contains("sqlite:/var/lib/kamailio/kamailio.db"),
+        "{}",
+        ready.message
+    );
+
     let checks = [
-        acknowledged(
-            &Api::<PbxConnection>::namespaced(client.clone(), &ns),
-            "acme",
-            1,
-        )
-        .await,
         acknowledged(
             &Api::<BulkUserChange>::namespaced(client.clone(), &ns),
             "call-group-201-202",

@@ -3,14 +3,24 @@
 //! The controllers are the thin Kubernetes edge: they read resources, call the pure planning
 //! code and the PBX backend, and write status. Nothing here decides what a change means.
 
+pub mod backends;
 pub mod conditions;
+mod connection;
+pub mod metrics;
 mod pending;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, future::Shared};
-use kube::{Api, Client, Resource, runtime::watcher};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
+};
 
 use crate::api::{BulkPhoneChange, BulkUserChange, PbxConnection, PhoneRestart, UserRecycle};
 use crate::cli::RunArgs;
@@ -28,6 +38,21 @@ pub enum Error {
     CrdMissing { kind: String, source: kube::Error },
     #[error("Kubernetes API call failed: {0}")]
     Kube(#[from] kube::Error),
+    #[error(
+        "cannot use key {key:?} of Secret {namespace}/{name}: {detail}; create the Secret or fix the reference"
+    )]
+    SecretMissing {
+        namespace: String,
+        name: String,
+        key: String,
+        detail: String,
+    },
+    #[error(
+        "PbxConnection {namespace}/{name} does not exist; create it or fix spec.connectionRef.name"
+    )]
+    ConnectionMissing { namespace: String, name: String },
+    #[error(transparent)]
+    Pbx(#[from] crate::pbx::PbxError),
 }
 
 impl Error {
@@ -37,6 +62,9 @@ impl Error {
             Error::NoCluster(_) => "no_cluster",
             Error::CrdMissing { .. } => "crd_missing",
             Error::Kube(_) => "kube",
+            Error::SecretMissing { .. } => "secret_missing",
+            Error::ConnectionMissing { .. } => "connection_missing",
+            Error::Pbx(e) => e.reason(),
         }
     }
 }
@@ -46,6 +74,61 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// State shared by every reconcile.
 pub struct Context {
     pub client: Client,
+    pub backends: backends::Backends,
+    pub recorder: Recorder,
+    pub metrics: metrics::Metrics,
+}
+
+impl Context {
+    pub fn new(client: Client) -> Context {
+        let reporter = Reporter {
+            controller: "pbx-operator".into(),
+            instance: std::env::var("POD_NAME")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok()),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            backends: backends::Backends::default(),
+            metrics: metrics::Metrics::default(),
+        }
+    }
+
+    /// Publishes an Event on `obj` (the audit trail). A failure to publish is logged, never fatal.
+    pub async fn publish<K>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: Option<String>,
+    ) where
+        K: Resource<DynamicType = ()>,
+    {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note,
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "could not publish an Event");
+        }
+    }
+}
+
+/// Shared by every controller: log, count, and retry later.
+pub(crate) fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let kind = K::kind(&());
+    ctx.metrics.failure(&kind, err.label());
+    tracing::warn!(%kind, name = obj.meta().name.as_deref().unwrap_or(""), error = %err, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(15))
 }
 
 /// A future that completes on SIGTERM or SIGINT, cloneable so every controller can await it.
@@ -64,13 +147,13 @@ fn shutdown_signal() -> Shutdown {
     .shared()
 }
 
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// Runs every controller until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> Result<()> {
     let client = Client::try_default().await.map_err(Error::NoCluster)?;
     let shutdown = shutdown_signal();
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-    });
+    let ctx = Arc::new(Context::new(client.clone()));
 
     check_crd::<PbxConnection>(&client, &args).await?;
     check_crd::<BulkUserChange>(&client, &args).await?;
@@ -83,18 +166,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
 
     let controllers = futures::future::join5(
-        pending::run::<PbxConnection>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
+        connection::run(
+            api(&client, &args),
+            api(&client, &args),
+            ctx.clone(),
+            args.concurrency,
+            shutdown.clone(),
+        ),
         pending::run::<BulkUserChange>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
         pending::run::<BulkPhoneChange>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
         pending::run::<PhoneRestart>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
         pending::run::<UserRecycle>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
     );
-    // Controllers stop taking work at the signal and finish what is in flight; a stuck
-    // reconcile must not hold the process past the pod's termination grace period.
+    // Controllers stop taking work at the signal and finish what is in flight. A reconcile
+    // stuck on an unreachable PBX must not hold the process: progress is recorded before every
+    // side effect, so the next start resumes where this one stopped.
     tokio::select! {
         _ = controllers => {}
-        _ = async { shutdown.clone().await; tokio::time::sleep(Duration::from_secs(20)).await } => {
-            tracing::warn!("controllers did not stop within 20s of the signal; exiting anyway");
+        _ = async { shutdown.clone().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!("controllers did not stop within {SHUTDOWN_GRACE:?} of the signal; exiting anyway");
         }
     }
     tracing::info!("controllers stopped");

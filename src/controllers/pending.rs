@@ -4,7 +4,6 @@
 
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use kube::{
@@ -17,7 +16,7 @@ use serde_json::json;
 
 use super::conditions::{self, Desired};
 use super::{Context, Error, Shutdown, watcher_config};
-use crate::api::{BulkPhoneChange, BulkUserChange, PbxConnection, PhoneRestart, UserRecycle};
+use crate::api::{BulkPhoneChange, BulkUserChange, PhoneRestart, UserRecycle};
 use crate::cli::RunArgs;
 
 /// What this module needs to know about a kind's status.
@@ -38,13 +37,7 @@ macro_rules! acknowledged_status {
         }
     )*};
 }
-acknowledged_status!(
-    PbxConnection,
-    BulkUserChange,
-    BulkPhoneChange,
-    PhoneRestart,
-    UserRecycle
-);
+acknowledged_status!(BulkUserChange, BulkPhoneChange, PhoneRestart, UserRecycle);
 
 pub async fn run<K>(api: Api<K>, ctx: Arc<Context>, args: &RunArgs, shutdown: Shutdown)
 where
@@ -61,7 +54,7 @@ where
     Controller::new(api, watcher_config())
         .with_config(config)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile::<K>, error_policy::<K>, ctx)
+        .run(reconcile::<K>, super::error_policy::<K>, ctx)
         .for_each(|outcome| async move {
             if let Err(err) = outcome {
                 tracing::warn!(kind = %K::kind(&()), error = %err, "reconcile failed");
@@ -122,8 +115,4 @@ where
     .await?;
     tracing::info!(?generation, "acknowledged (kind not implemented yet)");
     Ok(Action::await_change())
-}
-
-fn error_policy<K>(_obj: Arc<K>, _err: &Error, _ctx: Arc<Context>) -> Action {
-    Action::requeue(Duration::from_secs(30))
 }

@@ -1,0 +1,220 @@
+//! PbxConnection: reads its Secrets, probes database and RPC, and publishes readiness,
+//! capabilities and counts. Re-probes on `probeInterval`, and at once when a referenced
+//! Secret changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher},
+};
+use serde_json::json;
+
+use super::backends::parse_duration;
+use super::conditions::{self, Desired};
+use super::{Context, Error, Shutdown, watcher_config};
+use crate::api::{PbxConnection, PbxConnectionStatus, connection::Capabilities};
+use crate::pbx::{PbxBackend, Probe};
+
+const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(300);
+
+pub async fn run(
+    api: Api<PbxConnection>,
+    secrets: Api<Secret>,
+    ctx: Arc<Context>,
+    concurrency: u16,
+    shutdown: Shutdown,
+) {
+    let controller = Controller::new(api, watcher_config());
+    let store = controller.store();
+    controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .watches(
+            secrets,
+            watcher::Config::default().any_semantic(),
+            move |secret: Secret| {
+                let ns = secret.namespace();
+                let name = secret.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|c| c.namespace() == ns && references(c, &name))
+                    .map(|c| ObjectRef::from_obj(&*c))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, super::error_policy, ctx)
+        .for_each(|outcome| async move {
+            if let Err(err) = outcome {
+                tracing::debug!(error = %err, "PbxConnection reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn references(conn: &PbxConnection, secret: &str) -> bool {
+    conn.spec.database.url_secret_ref.name == secret
+        || conn.spec.rpc.url_secret_ref.name == secret
+        || conn
+            .spec
+            .smtp
+            .as_ref()
+            .and_then(|s| s.credentials_secret.as_deref())
+            == Some(secret)
+}
+
+fn interval(conn: &PbxConnection) -> Duration {
+    conn.spec
+        .probe_interval
+        .as_deref()
+        .and_then(parse_duration)
+        .unwrap_or(DEFAULT_PROBE_INTERVAL)
+}
+
+#[tracing::instrument(skip_all, fields(connection = %conn.name_any(), namespace = conn.namespace()))]
+async fn reconcile(conn: Arc<PbxConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer("PbxConnection");
+    let ns = conn.namespace().unwrap_or_default();
+    let outcome = probe(&conn, &ctx).await;
+    let old = conn.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    status.observed_generation = conn.metadata.generation;
+    let now = conditions::now();
+    let requeue = match &outcome {
+        Ok((probe, caps)) => {
+            let message = format!(
+                "{}: {} users, {} registered phones",
+                probe.version, probe.users, probe.registered_phones
+            );
+            ready(&mut status, true, "Connected", message, &now);
+            status.users = Some(probe.users);
+            status.registered_phones = Some(probe.registered_phones);
+            status.backend_version = Some(probe.version.clone());
+            status.capabilities = Some(caps.clone());
+            interval(&conn)
+        }
+        Err(err) => {
+            let (reason, transient) = match err {
+                Error::Pbx(e) => (e.reason(), e.is_transient()),
+                Error::SecretMissing { .. } => ("SecretNotReadable", false),
+                _ => ("ProbeFailed", true),
+            };
+            ready(&mut status, false, reason, err.to_string(), &now);
+            if transient {
+                // Reconciling: kstatus reads this as "still converging", which is what a
+                // database restart looks like; Stalled means a person must act.
+                conditions::upsert(
+                    &mut status.conditions,
+                    Desired {
+                        type_: conditions::RECONCILING,
+                        status: true,
+                        reason,
+                        message: format!("retrying: {err}"),
+                    },
+                    conn.metadata.generation,
+                    &now,
+                );
+                conditions::remove(&mut status.conditions, conditions::STALLED);
+            } else {
+                conditions::upsert(
+                    &mut status.conditions,
+                    Desired {
+                        type_: conditions::STALLED,
+                        status: true,
+                        reason,
+                        message: err.to_string(),
+                    },
+                    conn.metadata.generation,
+                    &now,
+                );
+                conditions::remove(&mut status.conditions, conditions::RECONCILING);
+            }
+            if let Error::Pbx(_) = err {
+                ctx.backends.forget(&ns, &conn.name_any()).await;
+            }
+            Duration::from_secs(if transient { 10 } else { 60 }).min(interval(&conn))
+        }
+    };
+    let became = |s: &PbxConnectionStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == conditions::READY)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    if became(&old) != became(&status) {
+        let (type_, reason, note) = match &outcome {
+            Ok(_) => (
+                EventType::Normal,
+                "Connected",
+                status.backend_version.clone(),
+            ),
+            Err(e) => (EventType::Warning, "ConnectionFailed", Some(e.to_string())),
+        };
+        ctx.publish(&*conn, type_, reason, "Probe", note).await;
+    }
+    // Counts move all the time; write status only when something a reader cares about changed,
+    // and stamp the probe time only then, so a steady connection costs no writes.
+    if status != old {
+        status.last_probe_time = Some(now);
+        let api: Api<PbxConnection> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({ "status": status });
+        api.patch_status(
+            &conn.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    }
+    Ok(Action::requeue(requeue))
+}
+
+fn ready(
+    status: &mut PbxConnectionStatus,
+    ok: bool,
+    reason: &str,
+    message: String,
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) {
+    let generation = status.observed_generation;
+    conditions::upsert(
+        &mut status.conditions,
+        Desired {
+            type_: conditions::READY,
+            status: ok,
+            reason,
+            message,
+        },
+        generation,
+        now,
+    );
+    if ok {
+        conditions::remove(&mut status.conditions, conditions::RECONCILING);
+        conditions::remove(&mut status.conditions, conditions::STALLED);
+    }
+}
+
+async fn probe(conn: &PbxConnection, ctx: &Context) -> Result<(Probe, Capabilities), Error> {
+    let backend = ctx.backends.get(&ctx.client, conn).await?;
+    let probe = backend.probe().await?;
+    let caps = backend.capabilities();
+    let capabilities = Capabilities {
+        user_fields: caps
+            .user_fields
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect(),
+        phone_fields: caps
+            .phone_fields
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect(),
+        actions: caps.actions.iter().map(|a| a.to_string()).collect(),
+        transactions: caps.transactions,
+    };
+    Ok((probe, capabilities))
+}

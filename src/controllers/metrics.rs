@@ -1,0 +1,103 @@
+//! Prometheus metrics, beside the controllers that update them.
+
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub kind: String,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub kind: String,
+    pub outcome: String,
+}
+
+pub struct Metrics {
+    pub reconciles: Family<KindLabel, Counter>,
+    pub reconcile_failures: Family<ErrorLabel, Counter>,
+    pub reconcile_duration: Family<KindLabel, Histogram>,
+    pub targets: Family<OutcomeLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            reconciles: Family::default(),
+            reconcile_failures: Family::default(),
+            reconcile_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 14))
+            }),
+            targets: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "pbx_operator_reconciles",
+            "Reconciles per kind",
+            self.reconciles.clone(),
+        );
+        registry.register(
+            "pbx_operator_reconcile_failures",
+            "Failed reconciles per kind and error",
+            self.reconcile_failures.clone(),
+        );
+        registry.register(
+            "pbx_operator_reconcile_duration_seconds",
+            "Reconcile duration per kind",
+            self.reconcile_duration.clone(),
+        );
+        registry.register(
+            "pbx_operator_targets",
+            "Targets processed per kind and outcome",
+            self.targets.clone(),
+        );
+    }
+
+    /// Counts a reconcile and records its duration when the returned guard drops.
+    pub fn reconcile_timer(&self, kind: &str) -> ReconcileTimer {
+        let label = KindLabel {
+            kind: kind.to_string(),
+        };
+        self.reconciles.get_or_create(&label).inc();
+        ReconcileTimer {
+            histogram: self.reconcile_duration.get_or_create(&label).clone(),
+            start: Instant::now(),
+        }
+    }
+
+    pub fn failure(&self, kind: &str, error: &str) {
+        self.reconcile_failures
+            .get_or_create(&ErrorLabel {
+                kind: kind.into(),
+                error: error.into(),
+            })
+            .inc();
+    }
+}
+
+pub struct ReconcileTimer {
+    histogram: Histogram,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}

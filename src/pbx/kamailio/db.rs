@@ -1,0 +1,930 @@
+//! Provisioning through Kamailio's own SQL tables (subscriber, usr_preferences, grp, dbaliases)
+//! plus pbx_phone, on PostgreSQL, SQLite or MySQL through one sqlx Any pool.
+//!
+//! Bulk by construction: reads use chunked `IN (...)` lists, writes are grouped per attribute
+//! into one DELETE and one multi-row INSERT per chunk, all inside a transaction that first
+//! re-reads the rows it is about to change (compare-and-set).
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use md5::{Digest, Md5};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
+
+use super::schema::{self, Storage, TWO_FACTOR_ATTRIBUTE};
+use crate::pbx::{
+    ActionOutcome, FieldWrite, NewValue, PbxError, Phone, PhoneField, Result, Secret, User,
+    UserAction, UserChange, UserField, UserRead, UserSelection, WriteOutcome,
+};
+
+/// Rows per `IN (...)` list and per multi-row INSERT: well under every driver's parameter limit.
+const CHUNK: usize = 500;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+    MySql,
+}
+
+pub struct Db {
+    pool: AnyPool,
+    dialect: Dialect,
+    domain: String,
+    /// host:port/db without credentials, for messages.
+    target: String,
+}
+
+/// host, port and database of a URL, never its user or password.
+fn redacted_target(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) if u.scheme() == "sqlite" => format!("sqlite:{}", u.path()),
+        Ok(u) => format!(
+            "{}://{}{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or(""),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default(),
+            u.path()
+        ),
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
+impl Db {
+    pub async fn connect(url: &str, domain: &str, max_connections: u32) -> Result<Db> {
+        let dialect = match url.split_once("://").map(|(s, _)| s) {
+            Some("postgres" | "postgresql") => Dialect::Postgres,
+            Some("sqlite") => Dialect::Sqlite,
+            Some("mysql" | "mariadb") => Dialect::MySql,
+            _ => {
+                return Err(PbxError::InvalidUrl(
+                    "the database URL must start with postgres://, mysql:// or sqlite:// (e.g. sqlite:///var/lib/kamailio/kamailio.db)".into(),
+                ));
+            }
+        };
+        let url = if dialect == Dialect::MySql {
+            url.replacen("mariadb://", "mysql://", 1)
+        } else {
+            url.to_string()
+        };
+        sqlx::any::install_default_drivers();
+        crate::tls::install_crypto_provider();
+        let target = redacted_target(&url);
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(&url)
+            .await
+            .map_err(|e| classify(&target, e))?;
+        Ok(Db {
+            pool,
+            dialect,
+            domain: domain.to_string(),
+            target,
+        })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// Queries are written with `$1`-style placeholders (PostgreSQL and SQLite); MySQL wants `?`.
+    /// Every statement is built from constants and placeholders only; values are always bound,
+    /// which is what makes the assertion below true.
+    fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
+        AssertSqlSafe(self.dialect_sql(sql).into_owned())
+    }
+
+    fn dialect_sql<'a>(&self, sql: &'a str) -> Cow<'a, str> {
+        if self.dialect != Dialect::MySql {
+            return Cow::Borrowed(sql);
+        }
+        let mut out = String::with_capacity(sql.len());
+        let mut chars = sql.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+                while chars.peek().is_some_and(char::is_ascii_digit) {
+                    chars.next();
+                }
+                out.push('?');
+            } else {
+                out.push(c);
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    fn err(&self, e: sqlx::Error) -> PbxError {
+        classify(&self.target, e)
+    }
+
+    /// Fails with MissingTables naming every Kamailio table this backend needs and cannot see.
+    pub async fn check_tables(&self) -> Result<()> {
+        let mut missing = Vec::new();
+        for table in [
+            "subscriber",
+            "usr_preferences",
+            "grp",
+            "dbaliases",
+            "location",
+            "version",
+        ] {
+            let q = format!("SELECT COUNT(*) FROM {table} WHERE 1 = 0");
+            if let Err(e) = sqlx::query(AssertSqlSafe(q)).fetch_all(&self.pool).await {
+                match classify(&self.target, e) {
+                    PbxError::MissingTables { .. } => missing.push(table),
+                    other => return Err(other),
+                }
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(PbxError::MissingTables {
+                target: self.target.clone(),
+                missing: missing.join(", "),
+            })
+        }
+    }
+
+    /// Creates pbx-operator's own table if it is missing, and records it in Kamailio's `version`.
+    pub async fn migrate(&self) -> Result<()> {
+        let script = match self.dialect {
+            Dialect::Postgres => include_str!("migrations/postgres.sql"),
+            Dialect::Sqlite => include_str!("migrations/sqlite.sql"),
+            Dialect::MySql => include_str!("migrations/mysql.sql"),
+        };
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        for statement in script.split(';') {
+            let statement: String = statement
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if !statement.trim().is_empty() {
+                sqlx::query(AssertSqlSafe(statement))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        let known: i64 =
+            sqlx::query(self.sql("SELECT COUNT(*) FROM version WHERE table_name = $1"))
+                .bind("pbx_phone")
+                .fetch_one(&mut *conn)
+                .await
+                .and_then(|r| int(&r, 0))
+                .map_err(|e| self.err(e))?;
+        if known == 0 {
+            sqlx::query(self.sql("INSERT INTO version (table_name, table_version) VALUES ($1, 1)"))
+                .bind("pbx_phone")
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    pub async fn count_users(&self) -> Result<u64> {
+        let row = sqlx::query(self.sql("SELECT COUNT(*) FROM subscriber WHERE domain = $1"))
+            .bind(&self.domain)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(int(&row, 0).map_err(|e| self.err(e))? as u64)
+    }
+
+    pub async fn read_users(&self, selection: &UserSelection) -> Result<UserRead> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        self.read_users_on(&mut conn, selection).await
+    }
+
+    async fn read_users_on(
+        &self,
+        conn: &mut AnyConnection,
+        selection: &UserSelection,
+    ) -> Result<UserRead> {
+        let mut wanted: BTreeSet<String> = selection.extensions.iter().cloned().collect();
+        let mut empty_groups = Vec::new();
+        if !selection.groups.is_empty() {
+            let mut with_members = BTreeSet::new();
+            for chunk in selection.groups.chunks(CHUNK) {
+                let q = format!(
+                    "SELECT username, grp FROM grp WHERE domain = $1 AND grp IN ({})",
+                    placeholders(2, chunk.len())
+                );
+                let mut query = sqlx::query(self.sql(&q)).bind(&self.domain);
+                for g in chunk {
+                    query = query.bind(g);
+                }
+                for row in query.fetch_all(&mut *conn).await.map_err(|e| self.err(e))? {
+                    wanted.insert(text(&row, 0).map_err(|e| self.err(e))?);
+                    with_members.insert(text(&row, 1).map_err(|e| self.err(e))?);
+                }
+            }
+            empty_groups = selection
+                .groups
+                .iter()
+                .filter(|g| !with_members.contains(*g))
+                .cloned()
+                .collect();
+        }
+        let wanted: Vec<String> = wanted.into_iter().collect();
+        let mut users: BTreeMap<String, User> = BTreeMap::new();
+
+        for chunk in wanted.chunks(CHUNK) {
+            let list = placeholders(2, chunk.len());
+            let q = format!(
+                "SELECT username, ha1 FROM subscriber WHERE domain = $1 AND username IN ({list})"
+            );
+            for row in self.fetch_in(conn, &q, chunk).await? {
+                let extension = text(&row, 0).map_err(|e| self.err(e))?;
+                let ha1 = text(&row, 1).map_err(|e| self.err(e))?;
+                let mut user = User {
+                    extension: extension.clone(),
+                    ..Default::default()
+                };
+                for field in UserField::ALL {
+                    if let Some(d) = schema::default_value(field) {
+                        user.values.insert(field, d.to_string());
+                    }
+                }
+                if !ha1.is_empty() {
+                    user.values
+                        .insert(UserField::Password, format!("ha1:{ha1}"));
+                }
+                users.insert(extension, user);
+            }
+            let q = format!(
+                "SELECT username, attribute, value FROM usr_preferences WHERE domain = $1 AND username IN ({list}) AND attribute LIKE 'pbx.%'"
+            );
+            let by_attribute: HashMap<&str, UserField> = UserField::ALL
+                .into_iter()
+                .filter_map(|f| match schema::storage(f) {
+                    Storage::Attribute(a) => Some((a, f)),
+                    _ => None,
+                })
+                .collect();
+            for row in self.fetch_in(conn, &q, chunk).await? {
+                let (ext, attr, value) = (
+                    text(&row, 0).map_err(|e| self.err(e))?,
+                    text(&row, 1).map_err(|e| self.err(e))?,
+                    text(&row, 2).map_err(|e| self.err(e))?,
+                );
+                if let (Some(user), Some(field)) =
+                    (users.get_mut(&ext), by_attribute.get(attr.as_str()))
+                {
+                    user.values
+                        .insert(*field, schema::canonical(*field, &value));
+                }
+            }
+            let q = format!(
+                "SELECT username, grp FROM grp WHERE domain = $1 AND username IN ({list}) ORDER BY grp"
+            );
+            let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+            for row in self.fetch_in(conn, &q, chunk).await? {
+                groups
+                    .entry(text(&row, 0).map_err(|e| self.err(e))?)
+                    .or_default()
+                    .push(text(&row, 1).map_err(|e| self.err(e))?);
+            }
+            for (ext, list) in groups {
+                if let Some(user) = users.get_mut(&ext) {
+                    user.values.insert(UserField::Groups, list.join(","));
+                }
+            }
+            let q = format!(
+                "SELECT username, alias_username FROM dbaliases WHERE domain = $1 AND username IN ({list}) ORDER BY id"
+            );
+            for row in self.fetch_in(conn, &q, chunk).await? {
+                let ext = text(&row, 0).map_err(|e| self.err(e))?;
+                if let Some(user) = users.get_mut(&ext) {
+                    user.numbers.push(text(&row, 1).map_err(|e| self.err(e))?);
+                }
+            }
+        }
+        for user in users.values_mut() {
+            if let Some(primary) = user.numbers.first() {
+                user.values
+                    .insert(UserField::PrimaryNumber, primary.clone());
+            }
+        }
+        let unknown_extensions = selection
+            .extensions
+            .iter()
+            .filter(|e| !users.contains_key(*e))
+            .cloned()
+            .collect();
+        Ok(UserRead {
+            users: users.into_values().collect(),
+            unknown_extensions,
+            empty_groups,
+        })
+    }
+
+    /// Runs `q` with the domain as $1 and `values` as $2.. .
+    async fn fetch_in(
+        &self,
+        conn: &mut AnyConnection,
+        q: &str,
+        values: &[String],
+    ) -> Result<Vec<AnyRow>> {
+        let mut query = sqlx::query(self.sql(q)).bind(&self.domain);
+        for v in values {
+            query = query.bind(v);
+        }
+        query.fetch_all(&mut *conn).await.map_err(|e| self.err(e))
+    }
+
+    /// The fingerprint a secret has once stored, to compare a desired secret with the current one.
+    pub fn fingerprint(&self, extension: &str, field: UserField, secret: &Secret) -> String {
+        match field {
+            UserField::Password => format!(
+                "ha1:{}",
+                md5_hex(&format!("{extension}:{}:{}", self.domain, secret.expose()))
+            ),
+            _ => {
+                use sha2::Sha256;
+                let mut h = Sha256::new();
+                h.update(format!("{}:{extension}:{}", self.domain, secret.expose()));
+                format!("sha256:{}", hex::encode(h.finalize()))
+            }
+        }
+    }
+
+    pub async fn apply_user_changes(
+        &self,
+        changes: &[UserChange],
+        atomic: bool,
+    ) -> Result<Vec<WriteOutcome>> {
+        if atomic {
+            let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+            let mut outcomes = Vec::with_capacity(changes.len());
+            for chunk in changes.chunks(CHUNK) {
+                outcomes.extend(self.compare_and_write(&mut tx, chunk).await?);
+            }
+            if outcomes.iter().all(|o| *o == WriteOutcome::Applied) {
+                tx.commit().await.map_err(|e| self.err(e))?;
+            } else {
+                tx.rollback().await.map_err(|e| self.err(e))?;
+                for o in outcomes.iter_mut().filter(|o| **o == WriteOutcome::Applied) {
+                    *o = WriteOutcome::RolledBack;
+                }
+            }
+            return Ok(outcomes);
+        }
+        let mut outcomes = Vec::with_capacity(changes.len());
+        for chunk in changes.chunks(CHUNK) {
+            let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+            match self.compare_and_write(&mut tx, chunk).await {
+                Ok(chunk_outcomes) => {
+                    tx.commit().await.map_err(|e| self.err(e))?;
+                    outcomes.extend(chunk_outcomes);
+                }
+                Err(e) if e.is_transient() && !matches!(e, PbxError::Database(_)) => return Err(e),
+                Err(_) => {
+                    // One bad row fails the whole statement: redo this chunk user by user,
+                    // so only the user whose data the database refuses fails.
+                    drop(tx);
+                    for change in chunk {
+                        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+                        match self
+                            .compare_and_write(&mut tx, std::slice::from_ref(change))
+                            .await
+                        {
+                            Ok(mut o) => {
+                                tx.commit().await.map_err(|e| self.err(e))?;
+                                outcomes.push(o.remove(0));
+                            }
+                            Err(e) => outcomes.push(WriteOutcome::Failed(e.to_string())),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Within one transaction: re-reads the users, keeps only changes whose `from` values still
+    /// hold, and writes those.
+    async fn compare_and_write(
+        &self,
+        conn: &mut AnyConnection,
+        changes: &[UserChange],
+    ) -> Result<Vec<WriteOutcome>> {
+        let selection = UserSelection {
+            groups: vec![],
+            extensions: changes.iter().map(|c| c.extension.clone()).collect(),
+        };
+        let current = self.read_users_on(conn, &selection).await?;
+        let by_ext: HashMap<&str, &User> = current
+            .users
+            .iter()
+            .map(|u| (u.extension.as_str(), u))
+            .collect();
+        let mut outcomes = Vec::with_capacity(changes.len());
+        let mut apply = Vec::new();
+        for change in changes {
+            let Some(user) = by_ext.get(change.extension.as_str()) else {
+                outcomes.push(WriteOutcome::NotFound);
+                continue;
+            };
+            let conflict = change
+                .writes
+                .iter()
+                .find(|w| user.get(w.field) != w.from.as_deref());
+            match conflict {
+                Some(w) => outcomes.push(WriteOutcome::Conflict {
+                    field: w.field,
+                    expected: w.from.clone(),
+                    found: user.get(w.field).map(str::to_string),
+                }),
+                None => {
+                    outcomes.push(WriteOutcome::Applied);
+                    apply.push(change);
+                }
+            }
+        }
+        self.write(conn, &apply).await?;
+        Ok(outcomes)
+    }
+
+    async fn write(&self, conn: &mut AnyConnection, changes: &[&UserChange]) -> Result<()> {
+        let mut attributes: BTreeMap<&'static str, Vec<(&str, Option<String>)>> = BTreeMap::new();
+        let mut groups: Vec<(&str, Vec<String>)> = Vec::new();
+        for change in changes {
+            let ext = change.extension.as_str();
+            for FieldWrite { field, from, to } in &change.writes {
+                match (schema::storage(*field), to) {
+                    (Storage::Attribute(attr), NewValue::Clear) => {
+                        attributes.entry(attr).or_default().push((ext, None))
+                    }
+                    (Storage::Attribute(attr), NewValue::Set(v)) => attributes
+                        .entry(attr)
+                        .or_default()
+                        .push((ext, Some(schema::stored(*field, v)))),
+                    (Storage::Attribute(attr), NewValue::Secret(s)) => attributes
+                        .entry(attr)
+                        .or_default()
+                        .push((ext, Some(self.fingerprint(ext, *field, s)))),
+                    (Storage::SubscriberHa1, NewValue::Secret(s)) => {
+                        self.set_password(conn, ext, s).await?
+                    }
+                    (Storage::SubscriberHa1, _) => {
+                        return Err(PbxError::Unsafe {
+                            what: "password".into(),
+                            reason: "a password can only be set from a Secret".into(),
+                        });
+                    }
+                    (Storage::GroupRows, NewValue::Set(v)) => groups.push((
+                        ext,
+                        v.split(',')
+                            .map(str::trim)
+                            .filter(|g| !g.is_empty())
+                            .map(str::to_string)
+                            .collect(),
+                    )),
+                    (Storage::GroupRows, _) => groups.push((ext, vec![])),
+                    (Storage::PrimaryAlias, to) => {
+                        let new = match to {
+                            NewValue::Set(v) => Some(v.as_str()),
+                            _ => None,
+                        };
+                        self.set_primary_number(conn, ext, from.as_deref(), new)
+                            .await?
+                    }
+                }
+            }
+        }
+        for (attribute, rows) in attributes {
+            self.replace_attribute(conn, attribute, &rows).await?;
+        }
+        if !groups.is_empty() {
+            let exts: Vec<String> = groups.iter().map(|(e, _)| e.to_string()).collect();
+            for chunk in exts.chunks(CHUNK) {
+                let q = format!(
+                    "DELETE FROM grp WHERE domain = $1 AND username IN ({})",
+                    placeholders(2, chunk.len())
+                );
+                self.execute_in(conn, &q, chunk).await?;
+            }
+            let rows: Vec<(&str, &str)> = groups
+                .iter()
+                .flat_map(|(e, gs)| gs.iter().map(move |g| (*e, g.as_str())))
+                .collect();
+            for chunk in rows.chunks(CHUNK) {
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("(${}, $1, ${}, CURRENT_TIMESTAMP)", 2 + 2 * i, 3 + 2 * i))
+                    .collect();
+                let q = format!(
+                    "INSERT INTO grp (username, domain, grp, last_modified) VALUES {}",
+                    values.join(", ")
+                );
+                let mut query = sqlx::query(self.sql(&q)).bind(&self.domain);
+                for (e, g) in chunk {
+                    query = query.bind(*e).bind(*g);
+                }
+                query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets one attribute for many users: one DELETE and one multi-row INSERT per chunk.
+    async fn replace_attribute(
+        &self,
+        conn: &mut AnyConnection,
+        attribute: &str,
+        rows: &[(&str, Option<String>)],
+    ) -> Result<()> {
+        for chunk in rows.chunks(CHUNK) {
+            let q = format!(
+                "DELETE FROM usr_preferences WHERE domain = $1 AND attribute = $2 AND username IN ({})",
+                placeholders(3, chunk.len())
+            );
+            let mut query = sqlx::query(self.sql(&q)).bind(&self.domain).bind(attribute);
+            for (ext, _) in chunk {
+                query = query.bind(*ext);
+            }
+            query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
+            let set: Vec<(&str, &str)> = chunk
+                .iter()
+                .filter_map(|(e, v)| v.as_deref().map(|v| (*e, v)))
+                .collect();
+            if set.is_empty() {
+                continue;
+            }
+            let values: Vec<String> = (0..set.len())
+                .map(|i| {
+                    format!(
+                        "(${}, $1, $2, 2, ${}, CURRENT_TIMESTAMP)",
+                        3 + 2 * i,
+                        4 + 2 * i
+                    )
+                })
+                .collect();
+            let q = format!(
+                "INSERT INTO usr_preferences (username, domain, attribute, type, value, last_modified) VALUES {}",
+                values.join(", ")
+            );
+            let mut query = sqlx::query(self.sql(&q)).bind(&self.domain).bind(attribute);
+            for (ext, value) in &set {
+                query = query.bind(*ext).bind(*value);
+            }
+            query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    async fn set_password(
+        &self,
+        conn: &mut AnyConnection,
+        extension: &str,
+        secret: &Secret,
+    ) -> Result<()> {
+        let ha1 = md5_hex(&format!("{extension}:{}:{}", self.domain, secret.expose()));
+        let ha1b = md5_hex(&format!(
+            "{extension}@{}:{}:{}",
+            self.domain,
+            self.domain,
+            secret.expose()
+        ));
+        sqlx::query(self.sql("UPDATE subscriber SET ha1 = $1, ha1b = $2, password = '' WHERE username = $3 AND domain = $4"))
+            .bind(ha1)
+            .bind(ha1b)
+            .bind(extension)
+            .bind(&self.domain)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The primary number is the user's first alias; it is updated in place so it stays first.
+    async fn set_primary_number(
+        &self,
+        conn: &mut AnyConnection,
+        ext: &str,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<()> {
+        let q = match (old, new) {
+            (Some(_), Some(_)) => {
+                "UPDATE dbaliases SET alias_username = $1 WHERE domain = $2 AND username = $3 AND alias_username = $4"
+            }
+            (Some(_), None) => {
+                "DELETE FROM dbaliases WHERE domain = $1 AND username = $2 AND alias_username = $3"
+            }
+            (None, Some(_)) => {
+                "INSERT INTO dbaliases (alias_username, alias_domain, username, domain) VALUES ($1, $2, $3, $4)"
+            }
+            (None, None) => return Ok(()),
+        };
+        let query = match (old, new) {
+            (Some(o), Some(n)) => sqlx::query(self.sql(q))
+                .bind(n)
+                .bind(&self.domain)
+                .bind(ext)
+                .bind(o),
+            (Some(o), None) => sqlx::query(self.sql(q))
+                .bind(&self.domain)
+                .bind(ext)
+                .bind(o),
+            (None, Some(n)) => sqlx::query(self.sql(q))
+                .bind(n)
+                .bind(&self.domain)
+                .bind(ext)
+                .bind(&self.domain),
+            (None, None) => return Ok(()),
+        };
+        query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn execute_in(
+        &self,
+        conn: &mut AnyConnection,
+        q: &str,
+        values: &[String],
+    ) -> Result<u64> {
+        let mut query = sqlx::query(self.sql(q)).bind(&self.domain);
+        for v in values {
+            query = query.bind(v);
+        }
+        Ok(query
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?
+            .rows_affected())
+    }
+
+    /// Runs actions user by user, each in its own transaction, so one failure stays one failure.
+    pub async fn apply_actions(
+        &self,
+        actions: &[(String, UserAction)],
+    ) -> Result<Vec<ActionOutcome>> {
+        let mut outcomes = Vec::with_capacity(actions.len());
+        for (extension, action) in actions {
+            let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+            let sel = UserSelection {
+                groups: vec![],
+                extensions: vec![extension.clone()],
+            };
+            let read = self.read_users_on(&mut tx, &sel).await?;
+            let Some(user) = read.users.first() else {
+                outcomes.push(ActionOutcome::NotFound);
+                continue;
+            };
+            let outcome = match self.action_on(&mut tx, user, action).await {
+                Ok(o) => o,
+                Err(e) if e.is_transient() && !matches!(e, PbxError::Database(_)) => return Err(e),
+                Err(e) => ActionOutcome::Failed(e.to_string()),
+            };
+            if matches!(outcome, ActionOutcome::Done) {
+                tx.commit().await.map_err(|e| self.err(e))?;
+            }
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    async fn action_on(
+        &self,
+        conn: &mut AnyConnection,
+        user: &User,
+        action: &UserAction,
+    ) -> Result<ActionOutcome> {
+        let ext = user.extension.as_str();
+        let set = |field: UserField, value: &str| (ext, Some(schema::stored(field, value)));
+        match action {
+            UserAction::ResetPassword(secret) => {
+                self.set_password(conn, ext, secret).await?;
+                self.replace_attribute(
+                    conn,
+                    "pbx.status",
+                    &[set(UserField::Status, "PasswordRequired")],
+                )
+                .await?;
+            }
+            UserAction::ResetTwoFactor => {
+                let q = "DELETE FROM usr_preferences WHERE domain = $1 AND username = $2 AND attribute = $3";
+                let n = sqlx::query(self.sql(q))
+                    .bind(&self.domain)
+                    .bind(ext)
+                    .bind(TWO_FACTOR_ATTRIBUTE)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| self.err(e))?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(ActionOutcome::Unchanged);
+                }
+            }
+            UserAction::Lock | UserAction::Unlock => {
+                let want = if matches!(action, UserAction::Lock) {
+                    "true"
+                } else {
+                    "false"
+                };
+                if user.get(UserField::Locked) == Some(want) {
+                    return Ok(ActionOutcome::Unchanged);
+                }
+                self.replace_attribute(conn, "pbx.locked", &[set(UserField::Locked, want)])
+                    .await?;
+            }
+            UserAction::Remove => {
+                if !user.numbers.is_empty() {
+                    return Ok(ActionOutcome::Skipped(format!(
+                        "owns {} numbers: reassign them first",
+                        user.numbers.len()
+                    )));
+                }
+                let one = vec![ext.to_string()];
+                self.execute_in(
+                    conn,
+                    "DELETE FROM usr_preferences WHERE domain = $1 AND username IN ($2)",
+                    &one,
+                )
+                .await?;
+                self.execute_in(
+                    conn,
+                    "DELETE FROM grp WHERE domain = $1 AND username IN ($2)",
+                    &one,
+                )
+                .await?;
+                self.execute_in(conn, "UPDATE pbx_phone SET owner_username = NULL WHERE domain = $1 AND owner_username IN ($2)", &one)
+                    .await?;
+                self.execute_in(
+                    conn,
+                    "DELETE FROM subscriber WHERE domain = $1 AND username IN ($2)",
+                    &one,
+                )
+                .await?;
+            }
+        }
+        Ok(ActionOutcome::Done)
+    }
+
+    pub async fn read_phones(&self, selection: &UserSelection) -> Result<Vec<Phone>> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        let users = self.read_users_on(&mut conn, selection).await?;
+        let owners: Vec<String> = users.users.into_iter().map(|u| u.extension).collect();
+        let mut phones = Vec::new();
+        for chunk in owners.chunks(CHUNK) {
+            let q = format!(
+                "SELECT id, mac, vendor, model, owner_username, label FROM pbx_phone WHERE domain = $1 AND owner_username IN ({}) ORDER BY id",
+                placeholders(2, chunk.len())
+            );
+            for row in self.fetch_in(&mut conn, &q, chunk).await? {
+                phones.push(phone(&row).map_err(|e| self.err(e))?);
+            }
+        }
+        Ok(phones)
+    }
+
+    pub async fn apply_phone_changes(
+        &self,
+        changes: &[(i64, PhoneField, String, String)],
+    ) -> Result<Vec<WriteOutcome>> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        let mut outcomes = Vec::with_capacity(changes.len());
+        for (id, field, from, to) in changes {
+            let column = match field {
+                PhoneField::Model => "model",
+                PhoneField::Label => "label",
+            };
+            // Compare-and-set in the statement itself.
+            let q = format!(
+                "UPDATE pbx_phone SET {column} = $1 WHERE id = $2 AND domain = $3 AND COALESCE({column}, '') = $4"
+            );
+            let n = sqlx::query(self.sql(&q))
+                .bind(to)
+                .bind(*id)
+                .bind(&self.domain)
+                .bind(from)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?
+                .rows_affected();
+            outcomes.push(if n == 1 {
+                WriteOutcome::Applied
+            } else {
+                WriteOutcome::Conflict {
+                    field: UserField::Status,
+                    expected: Some(from.clone()),
+                    found: None,
+                }
+            });
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(outcomes)
+    }
+}
+
+fn placeholders(start: usize, n: usize) -> String {
+    (start..start + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn md5_hex(s: &str) -> String {
+    hex::encode(Md5::digest(s.as_bytes()))
+}
+
+fn text(row: &AnyRow, i: usize) -> Result<String, sqlx::Error> {
+    Ok(row.try_get::<Option<String>, _>(i)?.unwrap_or_default())
+}
+
+/// Integers come back as i32 or i64 depending on the driver and column type.
+fn int(row: &AnyRow, i: usize) -> Result<i64, sqlx::Error> {
+    row.try_get::<i64, _>(i)
+        .or_else(|_| row.try_get::<i32, _>(i).map(i64::from))
+}
+
+fn phone(row: &AnyRow) -> Result<Phone, sqlx::Error> {
+    let owner = text(row, 4)?;
+    let label = text(row, 5)?;
+    Ok(Phone {
+        id: int(row, 0)?,
+        mac: text(row, 1)?,
+        vendor: text(row, 2)?,
+        model: text(row, 3)?,
+        owner: (!owner.is_empty()).then_some(owner),
+        label: (!label.is_empty()).then_some(label),
+    })
+}
+
+/// Turns a driver error into one that says what to fix. Never includes the URL's credentials.
+fn classify(target: &str, e: sqlx::Error) -> PbxError {
+    let target = target.to_string();
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let msg = db.message().to_string();
+            let lower = msg.to_lowercase();
+            if matches!(code.as_str(), "28P01" | "28000" | "1045")
+                || lower.contains("password authentication failed")
+            {
+                PbxError::DatabaseAuth {
+                    target,
+                    detail: msg,
+                }
+            } else if matches!(code.as_str(), "42P01" | "1146") || lower.contains("no such table") {
+                PbxError::MissingTables {
+                    target,
+                    missing: msg,
+                }
+            } else if matches!(code.as_str(), "3D000" | "1049" | "14")
+                || lower.contains("unable to open database")
+            {
+                PbxError::DatabaseUnreachable {
+                    target,
+                    detail: msg,
+                }
+            } else {
+                PbxError::Database(msg)
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => PbxError::DatabaseUnreachable {
+            target,
+            detail: e.to_string(),
+        },
+        sqlx::Error::Configuration(_) => {
+            PbxError::InvalidUrl(format!("the database URL is not usable: {e}"))
+        }
+        _ => PbxError::Database(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_never_show_credentials() {
+        assert_eq!(
+            redacted_target("postgres://kam:s3cret@db.example:5432/kamailio"),
+            "postgres://db.example:5432/kamailio"
+        );
+        assert_eq!(
+            redacted_target("sqlite:///var/lib/kamailio/k.db"),
+            "sqlite:/var/lib/kamailio/k.db"
+        );
+        assert!(!redacted_target("mysql://root:pw@h/k").contains("pw"));
+    }
+
+    #[test]
+    fn placeholders_count_from_start() {
+        assert_eq!(placeholders(2, 3), "$2, $3, $4");
+    }
+}

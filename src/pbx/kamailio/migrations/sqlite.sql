@@ -1,0 +1,12 @@
+-- pbx-operator's own table: phone provisioning (Kamailio itself has no notion of a device).
+CREATE TABLE IF NOT EXISTS pbx_phone (
+    id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
+    mac VARCHAR(17) NOT NULL,
+    vendor VARCHAR(64) NOT NULL,
+    model VARCHAR(64) NOT NULL,
+    owner_username VARCHAR(64),
+    domain VARCHAR(64) NOT NULL,
+    label VARCHAR(128),
+    CONSTRAINT pbx_phone_mac_idx UNIQUE (mac)
+);
+CREATE INDEX IF NOT EXISTS pbx_phone_owner_idx ON pbx_phone (domain, owner_username);

@@ -1,0 +1,246 @@
+//! The Kamailio backend: provisioning in its SQL database, live state through its JSON-RPC.
+
+pub mod db;
+pub mod rpc;
+pub mod schema;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::pbx::{
+    ActionOutcome, Capabilities, PbxBackend, PbxError, Phone, PhoneField, Probe, Registration,
+    Result, SipAnswer, UserAction, UserChange, UserField, UserRead, UserSelection, WriteOutcome,
+    sip,
+};
+
+/// Where a Kamailio tenant lives.
+#[derive(Clone, Debug)]
+pub struct KamailioConfig {
+    pub database_url: String,
+    pub rpc_url: String,
+    pub domain: String,
+    pub max_connections: u32,
+    pub rpc_timeout: Duration,
+    /// How long to wait for a phone's final answer to a NOTIFY (tm's fr_timer is 30 s by default).
+    pub notify_timeout: Duration,
+}
+
+impl KamailioConfig {
+    pub fn new(
+        database_url: impl Into<String>,
+        rpc_url: impl Into<String>,
+        domain: impl Into<String>,
+    ) -> Self {
+        KamailioConfig {
+            database_url: database_url.into(),
+            rpc_url: rpc_url.into(),
+            domain: domain.into(),
+            max_connections: 4,
+            rpc_timeout: Duration::from_secs(10),
+            notify_timeout: Duration::from_secs(35),
+        }
+    }
+}
+
+pub struct Kamailio {
+    db: db::Db,
+    rpc: rpc::RpcClient,
+    config: KamailioConfig,
+}
+
+impl std::fmt::Debug for Kamailio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URLs may hold credentials.
+        f.debug_struct("Kamailio")
+            .field("domain", &self.config.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kamailio {
+    /// Connects to the database (creating pbx-operator's own table if missing) and prepares
+    /// the RPC client. Fails with an error that says what to fix.
+    pub async fn connect(config: KamailioConfig) -> Result<Kamailio> {
+        let rpc = rpc::RpcClient::new(&config.rpc_url, config.rpc_timeout)?;
+        let db =
+            db::Db::connect(&config.database_url, &config.domain, config.max_connections).await?;
+        db.check_tables().await?;
+        db.migrate().await?;
+        Ok(Kamailio { db, rpc, config })
+    }
+
+    pub fn db(&self) -> &db::Db {
+        &self.db
+    }
+
+    pub fn rpc(&self) -> &rpc::RpcClient {
+        &self.rpc
+    }
+
+    fn aor(&self, extension: &str) -> String {
+        format!("{extension}@{}", self.config.domain)
+    }
+
+    /// The fingerprint a secret has once stored (see [`db::Db::fingerprint`]).
+    pub fn fingerprint(
+        &self,
+        extension: &str,
+        field: UserField,
+        secret: &crate::pbx::Secret,
+    ) -> String {
+        self.db.fingerprint(extension, field, secret)
+    }
+}
+
+#[async_trait]
+impl PbxBackend for Kamailio {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            user_fields: UserField::ALL.to_vec(),
+            phone_fields: vec![PhoneField::Model, PhoneField::Label],
+            actions: vec![
+                "ResetPassword",
+                "ResetTwoFactor",
+                "Lock",
+                "Unlock",
+                "SendWelcomeEmail",
+                "Remove",
+            ],
+            transactions: true,
+        }
+    }
+
+    async fn probe(&self) -> Result<Probe> {
+        self.db.check_tables().await?;
+        let users = self.db.count_users().await?;
+        let version = self.rpc.version().await?;
+        let domain_suffix = format!("@{}", self.config.domain);
+        let registered = self.rpc.dump().await?;
+        // ul.dump lists every domain; count this tenant's distinct phones (contacts).
+        let registered_phones = registered
+            .iter()
+            .filter(|r| r.extension.ends_with(&domain_suffix) || !r.extension.contains('@'))
+            .count();
+        Ok(Probe {
+            version,
+            users,
+            registered_phones: registered_phones as u64,
+        })
+    }
+
+    async fn read_users(&self, selection: &UserSelection) -> Result<UserRead> {
+        self.db.read_users(selection).await
+    }
+
+    async fn apply_user_changes(
+        &self,
+        changes: &[UserChange],
+        atomic: bool,
+    ) -> Result<Vec<WriteOutcome>> {
+        self.db.apply_user_changes(changes, atomic).await
+    }
+
+    async fn apply_actions(&self, actions: &[(String, UserAction)]) -> Result<Vec<ActionOutcome>> {
+        let outcomes = self.db.apply_actions(actions).await?;
+        // A locked, reset or removed user's phones must stop working now, not at their next
+        // re-registration: drop their bindings so Kamailio challenges them again.
+        for ((extension, action), outcome) in actions.iter().zip(&outcomes) {
+            let drops = matches!(
+                action,
+                UserAction::Lock | UserAction::ResetPassword(_) | UserAction::Remove
+            );
+            if drops && *outcome == ActionOutcome::Done {
+                self.rpc.remove(&self.aor(extension)).await?;
+            }
+        }
+        Ok(outcomes)
+    }
+
+    async fn read_phones(&self, selection: &UserSelection) -> Result<Vec<Phone>> {
+        self.db.read_phones(selection).await
+    }
+
+    async fn apply_phone_changes(
+        &self,
+        changes: &[(i64, PhoneField, String, String)],
+    ) -> Result<Vec<WriteOutcome>> {
+        self.db.apply_phone_changes(changes).await
+    }
+
+    async fn registrations(&self) -> Result<Vec<Registration>> {
+        let suffix = format!("@{}", self.config.domain);
+        Ok(self
+            .rpc
+            .dump()
+            .await?
+            .into_iter()
+            .filter(|r| r.extension.ends_with(&suffix) || !r.extension.contains('@'))
+            .collect())
+    }
+
+    async fn lookup(&self, extension: &str) -> Result<Vec<Registration>> {
+        self.rpc.lookup(&self.aor(extension)).await
+    }
+
+    async fn notify(&self, to: &Registration, event: &str) -> Result<SipAnswer> {
+        let unsafe_value = |what: &str, reason: &str| PbxError::Unsafe {
+            what: what.into(),
+            reason: reason.into(),
+        };
+        if !sip::is_sip_uri(&to.contact) {
+            return Err(unsafe_value(
+                "the registered contact",
+                "it is not a plain SIP URI",
+            ));
+        }
+        if !sip::header_safe(event) || !sip::header_safe(&to.extension) {
+            return Err(unsafe_value(
+                "the NOTIFY headers",
+                "they contain control characters",
+            ));
+        }
+        // Behind NAT the contact is a private address; reach the phone where its REGISTER came
+        // from, through the socket it registered on.
+        let next_hop = to
+            .received
+            .as_deref()
+            .filter(|r| sip::is_sip_uri(r))
+            .unwrap_or(".");
+        let socket = to
+            .socket
+            .as_deref()
+            .filter(|s| sip::header_safe(s))
+            .unwrap_or(".");
+        let aor = self.aor(&to.extension);
+        let headers = format!(
+            "From: <sip:provisioning@{domain}>;tag=pbxop{tag}\r\nTo: <sip:{aor}>\r\nEvent: {event}\r\nSubscription-State: terminated;reason=timeout\r\nContact: <sip:provisioning@!!>\r\nContent-Length: 0\r\n",
+            domain = self.config.domain,
+            tag = rand::random::<u32>(),
+        );
+        match self
+            .rpc
+            .uac_wait(
+                "NOTIFY",
+                &to.contact,
+                next_hop,
+                socket,
+                &headers,
+                self.config.notify_timeout,
+            )
+            .await
+        {
+            Err(PbxError::Rpc { detail, .. }) if detail.contains("no answer within") => {
+                Ok(SipAnswer {
+                    code: 408,
+                    reason: "Request Timeout (no final answer from the phone)".into(),
+                })
+            }
+            other => other,
+        }
+    }
+
+    async fn drop_registrations(&self, extension: &str) -> Result<()> {
+        self.rpc.remove(&self.aor(extension)).await
+    }
+}

@@ -1,0 +1,116 @@
+//! PBX backends behind one trait, made for bulk work: one call reads many users, one call
+//! writes a batch with compare-and-set against the planned values.
+
+pub mod kamailio;
+mod model;
+pub mod sip;
+
+pub use model::*;
+
+use async_trait::async_trait;
+
+/// Errors talking to a PBX. Messages name what failed and what to check; they never contain
+/// credentials (URLs are shown without their user and password).
+#[derive(Debug, thiserror::Error)]
+pub enum PbxError {
+    #[error(
+        "cannot reach the database at {target}: {detail}; check the database URL in the connection's Secret and that the database accepts connections from the operator"
+    )]
+    DatabaseUnreachable { target: String, detail: String },
+    #[error(
+        "the database at {target} refused the login: {detail}; fix the user or password in the connection's database URL Secret"
+    )]
+    DatabaseAuth { target: String, detail: String },
+    #[error(
+        "the database at {target} lacks Kamailio's tables ({missing}); load Kamailio's schema into it (kamdbctl create, or /usr/share/kamailio/<db>/*-create.sql)"
+    )]
+    MissingTables { target: String, missing: String },
+    #[error("database error: {0}")]
+    Database(String),
+    #[error(
+        "cannot reach the RPC endpoint {url}: {detail}; check the RPC URL in the connection's Secret and that Kamailio's xhttp and jsonrpcs modules listen there"
+    )]
+    RpcUnreachable { url: String, detail: String },
+    #[error("RPC {method} failed: {detail}")]
+    Rpc { method: String, detail: String },
+    #[error("{0}")]
+    InvalidUrl(String),
+    #[error("refused to use {what}: {reason}")]
+    Unsafe { what: String, reason: String },
+}
+
+impl PbxError {
+    /// Whether retrying later may help (the PBX or its database is down), as opposed to a
+    /// configuration error a person must fix.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            PbxError::DatabaseUnreachable { .. }
+                | PbxError::RpcUnreachable { .. }
+                | PbxError::Database(_)
+                | PbxError::Rpc { .. }
+        )
+    }
+
+    /// A short reason for conditions and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PbxError::DatabaseUnreachable { .. } => "DatabaseUnreachable",
+            PbxError::DatabaseAuth { .. } => "DatabaseAuthFailed",
+            PbxError::MissingTables { .. } => "MissingTables",
+            PbxError::Database(_) => "DatabaseError",
+            PbxError::RpcUnreachable { .. } => "RpcUnreachable",
+            PbxError::Rpc { .. } => "RpcError",
+            PbxError::InvalidUrl(_) => "InvalidUrl",
+            PbxError::Unsafe { .. } => "UnsafeValue",
+        }
+    }
+}
+
+pub type Result<T, E = PbxError> = std::result::Result<T, E>;
+
+/// A PBX the operator can administer. Every method works on many targets at once.
+#[async_trait]
+pub trait PbxBackend: Send + Sync {
+    /// What this backend can read and write.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Checks database and RPC, and counts users and registered phones.
+    async fn probe(&self) -> Result<Probe>;
+
+    /// Reads every selected user (group members and listed extensions) in one go.
+    async fn read_users(&self, selection: &UserSelection) -> Result<UserRead>;
+
+    /// Applies field changes. Each user's writes apply only if every `from` still matches
+    /// (compare-and-set); otherwise that user reports Conflict and nothing of it is written.
+    /// `atomic`: all users in one transaction, any failure or conflict rolls back all.
+    async fn apply_user_changes(
+        &self,
+        changes: &[UserChange],
+        atomic: bool,
+    ) -> Result<Vec<WriteOutcome>>;
+
+    /// Runs one-shot actions, one outcome per (extension, action).
+    async fn apply_actions(&self, actions: &[(String, UserAction)]) -> Result<Vec<ActionOutcome>>;
+
+    /// Phones owned by the selected users.
+    async fn read_phones(&self, selection: &UserSelection) -> Result<Vec<Phone>>;
+
+    /// Sets `field` of each phone (by id) to the value, if it is still `from`.
+    async fn apply_phone_changes(
+        &self,
+        changes: &[(i64, PhoneField, String, String)],
+    ) -> Result<Vec<WriteOutcome>>;
+
+    /// Every live registration of the tenant.
+    async fn registrations(&self) -> Result<Vec<Registration>>;
+
+    /// Live registrations of one user.
+    async fn lookup(&self, extension: &str) -> Result<Vec<Registration>>;
+
+    /// Sends an out-of-dialog NOTIFY with `event` to a registered contact; returns the final answer.
+    async fn notify(&self, to: &Registration, event: &str) -> Result<SipAnswer>;
+
+    /// Drops every registration of a user, so the phones must register (and authenticate) again.
+    async fn drop_registrations(&self, extension: &str) -> Result<()>;
+}
