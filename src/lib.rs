@@ -8,5 +8,6 @@ pub mod api;
 pub mod cli;
 pub mod controllers;
 pub mod pbx;
+pub mod plan;
 pub mod telemetry;
 pub mod tls;

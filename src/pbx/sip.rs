@@ -70,7 +70,7 @@ mod tests {
             ),
             ("PolycomVVX-VVX_450-UA/6.4.3.5018", Some("Poly"), None),
             ("Poly VVX450 6.4.3", Some("Poly"), Some("VVX450")),
-            ("snom D785/10.1.84.12", Some("Snom"), None),
+            ("snom D785/10.1.84.12", Some("Snom"), Some("D785")),
             ("Snom D785 10.1.84.12", Some("Snom"), Some("D785")),
             (
                 "Grandstream GRP2614 1.0.5.33",

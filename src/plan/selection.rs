@@ -1,0 +1,81 @@
+//! Target selection: the union of group members and listed extensions, minus exclusions.
+
+use std::collections::BTreeSet;
+
+use super::PlanError;
+
+/// The selection as written in a spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selector {
+    pub groups: Vec<String>,
+    pub extensions: Vec<String>,
+    pub exclude: Vec<String>,
+    pub max_targets: Option<u32>,
+}
+
+/// Resolves which of the `found` extensions (already the union of groups and extensions, as the
+/// PBX returned them) are targets: sorted, de-duplicated, excluded ones removed, and refused as a
+/// whole when there are more than `max_targets`.
+pub fn resolve<'a>(
+    selector: &Selector,
+    found: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<String>, PlanError> {
+    let exclude: BTreeSet<&str> = selector.exclude.iter().map(String::as_str).collect();
+    let targets: BTreeSet<&str> = found.into_iter().filter(|e| !exclude.contains(e)).collect();
+    if let Some(max) = selector.max_targets {
+        if targets.len() > max as usize {
+            return Err(PlanError::TooManyTargets {
+                found: targets.len(),
+                max,
+            });
+        }
+    }
+    Ok(targets.into_iter().map(str::to_string).collect())
+}
+
+/// Sorts extensions the way people read them: numerically when both are numbers.
+pub fn extension_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y).then(a.cmp(b)),
+        _ => a.cmp(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(exclude: &[&str], max: Option<u32>) -> Selector {
+        Selector {
+            exclude: exclude.iter().map(|s| s.to_string()).collect(),
+            max_targets: max,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn union_minus_exclude_sorted_and_unique() {
+        let found = ["203", "201", "202", "201"];
+        assert_eq!(
+            resolve(&sel(&["202"], None), found).unwrap(),
+            ["201", "203"]
+        );
+    }
+
+    #[test]
+    fn max_targets_refuses_the_whole_selection() {
+        let found = ["201", "202", "203"];
+        let err = resolve(&sel(&[], Some(2)), found).unwrap_err();
+        assert_eq!(err, PlanError::TooManyTargets { found: 3, max: 2 });
+        assert!(err.to_string().contains("Verify your selection"));
+        // Exclusions count before the limit.
+        assert_eq!(resolve(&sel(&["203"], Some(2)), found).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn numeric_order() {
+        let mut v = vec!["1000", "201", "99", "abc"];
+        v.sort_by(|a, b| extension_order(a, b));
+        assert_eq!(v, ["99", "201", "1000", "abc"]);
+    }
+}
