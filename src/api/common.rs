@@ -178,6 +178,8 @@ pub enum Phase {
 pub enum Outcome {
     /// Planned (Validate mode): nothing was written yet.
     Planned,
+    /// Its batch started; the side effects may or may not have happened (a restart checks).
+    InProgress,
     Changed,
     Unchanged,
     Failed,
@@ -194,7 +196,7 @@ pub enum Outcome {
 }
 
 /// One field of one target: its value before and after (secret values are never shown).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct FieldChange {
     #[schemars(length(max = 64))]
     pub field: String,
@@ -285,6 +287,24 @@ pub struct Plan {
     /// How many targets would change.
     #[serde(default)]
     pub changes: u32,
+    /// Fingerprint of the spec the plan was made for (without mode and approvedPlanHash), so a
+    /// switch from Validate to Execute can execute exactly the validated plan.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 64))]
+    pub spec_hash: String,
+}
+
+/// Execution progress, written per batch.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Which run this is: the generation, plus the retry annotation or Enforce check it serves.
+    #[schemars(length(max = 128))]
+    pub run: String,
+    /// Result ConfigMaps (batches) of this run.
+    pub batches: u32,
+    /// Batches whose results are recorded.
+    pub done: u32,
 }
 
 /// Status shared by every operation kind; `S` is the kind's summary (users or phones).
@@ -323,6 +343,9 @@ pub struct OperationStatus<S = Summary> {
     pub corrections: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checked_time: Option<Time>,
+    /// Where an execution stands, so a restarted operator resumes instead of redoing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
     /// Warnings about the spec that did not stop the run (e.g. a recycle entry without email).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(max = 1024)))]

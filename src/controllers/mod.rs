@@ -8,6 +8,8 @@ pub mod conditions;
 mod connection;
 pub mod metrics;
 mod pending;
+mod results_store;
+pub mod user_change;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +55,14 @@ pub enum Error {
     ConnectionMissing { namespace: String, name: String },
     #[error(transparent)]
     Pbx(#[from] crate::pbx::PbxError),
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
+    #[error(
+        "the plan changed since it was approved (approved {approved}, now {current}): review status.plan, then set spec.approvedPlanHash to the new hash"
+    )]
+    PlanChanged { approved: String, current: String },
+    #[error("the results ConfigMap {name} is missing or unreadable; delete and re-create the resource to start over")]
+    ResultsLost { name: String },
 }
 
 impl Error {
@@ -65,6 +75,36 @@ impl Error {
             Error::SecretMissing { .. } => "secret_missing",
             Error::ConnectionMissing { .. } => "connection_missing",
             Error::Pbx(e) => e.reason(),
+            Error::Plan(_) => "plan",
+            Error::PlanChanged { .. } => "plan_changed",
+            Error::ResultsLost { .. } => "results_lost",
+        }
+    }
+
+    /// A reason for conditions, in the PascalCase kstatus readers expect.
+    pub fn label_camel(&self) -> &'static str {
+        match self {
+            Error::NoCluster(_) => "NoCluster",
+            Error::CrdMissing { .. } => "CrdMissing",
+            Error::Kube(_) => "KubernetesError",
+            Error::SecretMissing { .. } => "SecretNotReadable",
+            Error::ConnectionMissing { .. } => "ConnectionNotFound",
+            Error::Pbx(e) => e.reason(),
+            Error::Plan(crate::plan::PlanError::TooManyTargets { .. }) => "TooManyTargets",
+            Error::Plan(_) => "InvalidChange",
+            Error::PlanChanged { .. } => "PlanHashMismatch",
+            Error::ResultsLost { .. } => "ResultsLost",
+        }
+    }
+
+    /// Whether waiting may fix it (a PBX or database down, an API hiccup), as opposed to a
+    /// mistake a person must correct.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Pbx(e) => e.is_transient(),
+            Error::Kube(_) => true,
+            Error::ConnectionMissing { .. } | Error::SecretMissing { .. } => true,
+            _ => false,
         }
     }
 }
@@ -77,9 +117,23 @@ pub struct Context {
     pub backends: backends::Backends,
     pub recorder: Recorder,
     pub metrics: metrics::Metrics,
+    /// Consecutive failures per object (uid), for backoff: error_policy has no per-object state.
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl Context {
+    /// Counts one more failure of `uid` and returns how many came before it.
+    pub fn failures(&self, uid: &str) -> u32 {
+        let mut map = self.failures.lock().expect("not poisoned");
+        let n = map.entry(uid.to_string()).or_default();
+        *n += 1;
+        *n - 1
+    }
+
+    pub fn reset_failures(&self, uid: &str) {
+        self.failures.lock().expect("not poisoned").remove(uid);
+    }
+
     pub fn new(client: Client) -> Context {
         let reporter = Reporter {
             controller: "pbx-operator".into(),
@@ -92,6 +146,7 @@ impl Context {
             client,
             backends: backends::Backends::default(),
             metrics: metrics::Metrics::default(),
+            failures: Default::default(),
         }
     }
 
@@ -173,7 +228,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.concurrency,
             shutdown.clone(),
         ),
-        pending::run::<BulkUserChange>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
+        user_change::run(api(&client, &args), ctx.clone(), args.concurrency, shutdown.clone()),
         pending::run::<BulkPhoneChange>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
         pending::run::<PhoneRestart>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
         pending::run::<UserRecycle>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod lab;
+
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 
@@ -240,4 +242,17 @@ impl Drop for Operator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `cleanup` (a shell command) once this test process is gone, however it ends.
+pub fn watchdog(cleanup: &str) {
+    let pid = std::process::id();
+    let script = format!("while kill -0 {pid} 2>/dev/null; do sleep 1; done; {cleanup}");
+    Command::new("setsid")
+        .args(["bash", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting a watchdog");
 }

@@ -1,0 +1,96 @@
+//! Result rows kept in ConfigMaps `<name>-results-<n>` owned by the resource: the plan of a run
+//! before it executes, and each row's outcome after. Written per batch, read to resume.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use super::Error;
+use crate::results::{self, Row};
+
+pub const MANAGER: &str = "pbx-operator";
+const OWNER_LABEL: &str = "pbx-operator.io/owner";
+
+pub fn name(owner: &str, index: usize) -> String {
+    format!("{owner}-results-{}", index + 1)
+}
+
+pub struct Store<'a, K: Resource<DynamicType = ()>> {
+    api: Api<ConfigMap>,
+    owner: &'a K,
+}
+
+impl<'a, K: Resource<DynamicType = ()>> Store<'a, K> {
+    pub fn new(client: &Client, owner: &'a K) -> Self {
+        Store { api: Api::namespaced(client.clone(), &owner.namespace().unwrap_or_default()), owner }
+    }
+
+    /// Writes one chunk of rows (CSV for people, JSON lines for resuming).
+    pub async fn write(&self, index: usize, rows: &[Row]) -> Result<String, Error> {
+        let owner_name = self.owner.name_any();
+        let cm_name = name(&owner_name, index);
+        let mut data = BTreeMap::new();
+        data.insert("results.csv".to_string(), results::to_csv(rows));
+        data.insert("rows.jsonl".to_string(), results::to_jsonl(rows));
+        let owner_ref = self.owner.controller_owner_ref(&()).expect("resources from the API server have a uid");
+        let cm = ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(cm_name.clone()),
+                labels: Some(BTreeMap::from([
+                    ("app.kubernetes.io/managed-by".to_string(), MANAGER.to_string()),
+                    (OWNER_LABEL.to_string(), label_value(&owner_name)),
+                ])),
+                owner_references: Some(vec![owner_ref]),
+                ..Default::default()
+            },
+            data: Some(data),
+            ..Default::default()
+        };
+        let mut value = serde_json::to_value(&cm).expect("ConfigMaps serialize");
+        value["apiVersion"] = "v1".into();
+        value["kind"] = "ConfigMap".into();
+        self.api.patch(&cm_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&value)).await?;
+        Ok(cm_name)
+    }
+
+    pub async fn read(&self, index: usize) -> Result<Vec<Row>, Error> {
+        let cm_name = name(&self.owner.name_any(), index);
+        let cm = self.api.get_opt(&cm_name).await?.ok_or_else(|| Error::ResultsLost { name: cm_name.clone() })?;
+        let text = cm.data.as_ref().and_then(|d| d.get("rows.jsonl")).map(String::as_str).unwrap_or("");
+        results::from_jsonl(text).map_err(|_| Error::ResultsLost { name: cm_name })
+    }
+
+    pub async fn read_all(&self, count: usize) -> Result<Vec<Row>, Error> {
+        let mut rows = Vec::new();
+        for i in 0..count {
+            rows.extend(self.read(i).await?);
+        }
+        Ok(rows)
+    }
+
+    /// Deletes result ConfigMaps of this owner beyond the first `keep`.
+    pub async fn prune(&self, keep: usize) -> Result<(), Error> {
+        let owner_name = self.owner.name_any();
+        let lp = ListParams::default().labels(&format!("{OWNER_LABEL}={}", label_value(&owner_name)));
+        for cm in self.api.list_metadata(&lp).await? {
+            let n = cm.name_any();
+            let index = n.strip_prefix(&format!("{owner_name}-results-")).and_then(|i| i.parse::<usize>().ok());
+            if index.is_some_and(|i| i > keep) {
+                self.api.delete(&n, &DeleteParams::default()).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Label values are at most 63 characters; long names are cut and made unique with a hash.
+fn label_value(name: &str) -> String {
+    if name.len() <= 63 {
+        return name.to_string();
+    }
+    use sha2::{Digest, Sha256};
+    let h = hex::encode(&Sha256::digest(name.as_bytes())[..4]);
+    format!("{}-{h}", &name[..54])
+}

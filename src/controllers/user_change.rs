@@ -1,0 +1,810 @@
+//! BulkUserChange: plan (Validate) and apply (Execute) field changes and actions on many users.
+//!
+//! A run plans once, stores the plan as result rows in owned ConfigMaps, then executes batch by
+//! batch. Before a batch's side effects its rows are marked InProgress; after, their outcomes are
+//! recorded and status moves on. A restarted operator resumes at the first unfinished batch and
+//! checks the InProgress rows against the PBX instead of applying them blindly again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{Controller, controller::Action, events::EventType},
+};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::backends::{parse_duration, secret_value};
+use super::conditions::{self, Desired};
+use super::results_store::{MANAGER, Store};
+use super::{Context, Error, Shutdown, watcher_config};
+use crate::api::{
+    BulkUserChange, BulkUserChangeSpec, FailurePolicy, FieldChange, Lock, Mode, OperationStatus, Outcome, Phase, Plan,
+    Policy, Progress, SecretField, Summary, UserAction as SpecAction, UserFields,
+};
+use crate::mail::{self, Mailer};
+use crate::pbx::kamailio::Kamailio;
+use crate::pbx::{ActionOutcome, FieldWrite, NewValue, PbxBackend, Secret, User, UserAction, UserChange, UserField, UserSelection, WriteOutcome};
+use crate::plan::selection::Selector;
+use crate::plan::users::{self as user_plan, ActionKind, FieldIntent, Intent, Wanted};
+use crate::results::{self, Row, StoredWrite};
+
+pub const RETRY_ANNOTATION: &str = "pbx-operator.io/retry";
+const KIND: &str = "BulkUserChange";
+const DEFAULT_ENFORCE_INTERVAL: Duration = Duration::from_secs(600);
+
+pub async fn run(api: Api<BulkUserChange>, ctx: Arc<Context>, concurrency: u16, shutdown: Shutdown) {
+    Controller::new(api, watcher_config())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, super::error_policy, ctx)
+        .for_each(|outcome| async move {
+            if let Err(err) = outcome {
+                tracing::debug!(error = %err, "BulkUserChange reconcile failed");
+            }
+        })
+        .await;
+}
+
+/// The run a resource asks for: its generation, plus the retry annotation when set.
+fn lineage(buc: &BulkUserChange) -> String {
+    let mut run = format!("g{}", buc.metadata.generation.unwrap_or(0));
+    if let Some(retry) = buc.annotations().get(RETRY_ANNOTATION) {
+        let clean: String = retry.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
+        run.push_str(&format!("-retry-{clean}"));
+    }
+    run
+}
+
+fn same_lineage(run: &str, lineage: &str) -> bool {
+    run == lineage || run.strip_prefix(lineage).is_some_and(|rest| rest.starts_with("-check-"))
+}
+
+/// A fingerprint of what the spec asks, without how (mode) or who (requestedBy).
+pub fn spec_hash(spec: &BulkUserChangeSpec) -> String {
+    let mut v = serde_json::to_value(spec).expect("specs serialize");
+    if let Some(o) = v.as_object_mut() {
+        for k in ["mode", "approvedPlanHash", "requestedBy"] {
+            o.remove(k);
+        }
+    }
+    hex::encode(Sha256::digest(v.to_string().as_bytes()))
+}
+
+#[tracing::instrument(skip_all, fields(change = %buc.name_any(), namespace = buc.namespace()))]
+async fn reconcile(buc: Arc<BulkUserChange>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer(KIND);
+    let status = buc.status.clone().unwrap_or_default();
+    let lineage = lineage(&buc);
+    let run = Run { buc: &buc, ctx: &ctx, store: Store::new(&ctx.client, &*buc) };
+    match &status.progress {
+        Some(p) if same_lineage(&p.run, &lineage) && p.done < p.batches => run.execute(status).await,
+        Some(p) if same_lineage(&p.run, &lineage) => run.finished(status).await,
+        _ => run.start(status, lineage).await,
+    }
+}
+
+struct Run<'a> {
+    buc: &'a BulkUserChange,
+    ctx: &'a Context,
+    store: Store<'a, BulkUserChange>,
+}
+
+impl Run<'_> {
+    fn spec(&self) -> &BulkUserChangeSpec {
+        &self.buc.spec
+    }
+
+    fn namespace(&self) -> String {
+        self.buc.namespace().unwrap_or_default()
+    }
+
+    async fn backend(&self) -> Result<(crate::api::PbxConnection, Arc<Kamailio>), Error> {
+        self.ctx.backends.by_name(&self.ctx.client, &self.namespace(), &self.spec().connection_ref.name).await
+    }
+
+    /// Server-side applies the whole status: fields this run no longer sets are removed.
+    async fn write_status(&self, status: &OperationStatus) -> Result<(), Error> {
+        let api: Api<BulkUserChange> = Api::namespaced(self.ctx.client.clone(), &self.namespace());
+        let body = json!({ "apiVersion": "pbx-operator.io/v1alpha1", "kind": KIND, "status": status });
+        api.patch_status(&self.buc.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
+        Ok(())
+    }
+
+    /// Records a failure to start or continue in conditions. Transient ones retry with backoff.
+    async fn blocked(&self, mut status: OperationStatus, err: &Error) -> Result<Action, Error> {
+        let now = conditions::now();
+        let generation = self.buc.metadata.generation;
+        let transient = err.is_transient();
+        let reason = err.label_camel();
+        status.observed_generation = generation;
+        conditions::upsert(&mut status.conditions, Desired { type_: conditions::READY, status: false, reason, message: err.to_string() }, generation, &now);
+        if transient {
+            conditions::upsert(&mut status.conditions, Desired { type_: conditions::RECONCILING, status: true, reason, message: format!("waiting for the PBX, will retry: {err}") }, generation, &now);
+            conditions::remove(&mut status.conditions, conditions::STALLED);
+        } else {
+            conditions::upsert(&mut status.conditions, Desired { type_: conditions::STALLED, status: true, reason, message: err.to_string() }, generation, &now);
+            conditions::remove(&mut status.conditions, conditions::RECONCILING);
+            if status.progress.is_none() {
+                status.phase = Phase::Failed;
+            }
+        }
+        if Some(&status) != self.buc.status.as_ref() {
+            self.write_status(&status).await?;
+        }
+        let failures = self.ctx.failures(&self.buc.uid().unwrap_or_default());
+        let backoff = Duration::from_secs(5u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(300));
+        Ok(Action::requeue(if transient { backoff } else { Duration::from_secs(300) }))
+    }
+
+    /// Plans a new run (or reuses the validated plan), stores it, and starts executing.
+    async fn start(&self, status: OperationStatus, run_id: String) -> Result<Action, Error> {
+        let (conn, backend) = match self.backend().await {
+            Ok(b) => b,
+            Err(e) => return self.blocked(status, &e).await,
+        };
+        let spec_hash = spec_hash(self.spec());
+        let reuse_validated = self.spec().mode == Mode::Execute
+            && status.phase == Phase::Validated
+            && status.plan.as_ref().is_some_and(|p| p.spec_hash == spec_hash)
+            && !run_id.contains("-retry-");
+        let (rows, plan) = if reuse_validated {
+            let plan = status.plan.clone().expect("checked above");
+            let batches = status.progress.as_ref().map(|p| p.batches as usize).unwrap_or(0);
+            let rows = self.store.read_all(batches).await?;
+            (rows, plan)
+        } else {
+            let retry_only = if run_id.contains("-retry-") {
+                let batches = status.progress.as_ref().map(|p| p.batches as usize).unwrap_or(0);
+                Some(self.store.read_all(batches).await.unwrap_or_default())
+            } else {
+                None
+            };
+            match self.plan(backend.as_ref(), retry_only, &spec_hash).await {
+                Ok(p) => p,
+                Err(e) => return self.blocked(status, &e).await,
+            }
+        };
+        if self.spec().mode == Mode::Execute {
+            if let Some(approved) = &self.spec().approved_plan_hash {
+                if *approved != plan.hash {
+                    let err = Error::PlanChanged { approved: approved.clone(), current: plan.hash.clone() };
+                    let mut status = status;
+                    status.plan = Some(plan);
+                    status.phase = Phase::Failed;
+                    return self.blocked(status, &err).await;
+                }
+            }
+        }
+        let chunks = results::chunk(rows);
+        let mut refs = Vec::with_capacity(chunks.len());
+        for (i, chunk) in chunks.iter().enumerate() {
+            refs.push(self.store.write(i, chunk).await?);
+        }
+        self.store.prune(chunks.len()).await?;
+        let all: Vec<&Row> = chunks.iter().flatten().collect();
+        let now = conditions::now();
+        let generation = self.buc.metadata.generation;
+        let mut next = OperationStatus {
+            observed_generation: generation,
+            plan: Some(plan.clone()),
+            results_refs: refs,
+            start_time: Some(now.clone()),
+            corrections: status.corrections,
+            last_checked_time: status.last_checked_time.clone(),
+            conditions: status.conditions.clone(),
+            warnings: warnings(&conn, self.spec()),
+            ..Default::default()
+        };
+        let (shown, truncated) = results::for_status(all.iter().copied());
+        next.results = shown;
+        next.results_truncated = truncated;
+        let done_rows: Vec<&Row> = all.iter().copied().filter(|r| r.is_final()).collect();
+        if self.spec().mode == Mode::Validate {
+            next.phase = Phase::Validated;
+            next.summary = Some(Summary { targets: all.len() as u32, changed: plan.changes, ..results::summarize(done_rows.iter().copied()) });
+            next.progress = Some(Progress { run: run_id, batches: chunks.len() as u32, done: chunks.len() as u32 });
+            next.completion_time = Some(now.clone());
+            let message = format!("planned: {} targets, {} would change; plan hash {}", all.len(), plan.changes, plan.hash);
+            conditions::upsert(&mut next.conditions, Desired { type_: conditions::VALIDATED, status: true, reason: "Planned", message: message.clone() }, generation, &now);
+            conditions::upsert(&mut next.conditions, Desired { type_: conditions::READY, status: true, reason: "Validated", message }, generation, &now);
+            conditions::remove(&mut next.conditions, conditions::RECONCILING);
+            conditions::remove(&mut next.conditions, conditions::STALLED);
+            self.write_status(&next).await?;
+            self.ctx.publish(self.buc, EventType::Normal, "Validated", "Validate", Some(format!("{} targets, {} would change, plan hash {}{}", all.len(), plan.changes, plan.hash, self.requested_by()))).await;
+            return self.after_finish(&next);
+        }
+        next.phase = Phase::Running;
+        next.summary = Some(Summary { targets: all.len() as u32, ..results::summarize(done_rows.iter().copied()) });
+        next.progress = Some(Progress { run: run_id, batches: chunks.len() as u32, done: 0 });
+        let message = format!("executing plan {} on {} targets", plan.hash, all.len());
+        conditions::upsert(&mut next.conditions, Desired { type_: conditions::RECONCILING, status: true, reason: "Executing", message: message.clone() }, generation, &now);
+        conditions::upsert(&mut next.conditions, Desired { type_: conditions::READY, status: false, reason: "Executing", message: message.clone() }, generation, &now);
+        conditions::remove(&mut next.conditions, conditions::STALLED);
+        self.write_status(&next).await?;
+        self.ctx.publish(self.buc, EventType::Normal, "Started", "Execute", Some(format!("{message}{}", self.requested_by()))).await;
+        self.execute(next).await
+    }
+
+    fn requested_by(&self) -> String {
+        self.spec().requested_by.as_deref().map(|u| format!(" (requested by {u})")).unwrap_or_default()
+    }
+
+    /// Reads the targets and builds the plan rows. With `retry_only`, targets whose earlier
+    /// outcome was final and not a failure keep their row; the rest are planned afresh.
+    async fn plan(&self, backend: &Kamailio, retry_only: Option<Vec<Row>>, spec_hash: &str) -> Result<(Vec<Row>, Plan), Error> {
+        let spec = self.spec();
+        let intent = intent(&self.ctx.client, &self.namespace(), spec).await?;
+        let targets = spec.targets.clone().unwrap_or_default();
+        let (mut kept, selection) = match &retry_only {
+            Some(rows) => {
+                let (failed, ok): (Vec<Row>, Vec<Row>) = rows.iter().cloned().partition(|r| r.is_failure() || !r.is_final());
+                let selection = UserSelection { groups: vec![], extensions: failed.iter().map(|r| r.target.clone()).collect() };
+                (ok, selection)
+            }
+            None => (vec![], UserSelection { groups: targets.groups.clone(), extensions: targets.extensions.clone() }),
+        };
+        let read = backend.read_users(&selection).await?;
+        let selector = Selector {
+            groups: selection.groups.clone(),
+            extensions: selection.extensions.clone(),
+            exclude: targets.exclude.clone(),
+            max_targets: if retry_only.is_some() { None } else { targets.max_targets },
+        };
+        let caps = backend.capabilities();
+        let fp = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
+        let plan = user_plan::plan(&read, &selector, &intent, &caps.user_fields, &fp)?;
+        let mut rows: Vec<Row> = plan.targets.iter().map(planned_row).collect();
+        rows.extend(plan.unknown_extensions.iter().map(|e| Row {
+            target: e.clone(),
+            outcome: Outcome::Skipped,
+            writes: vec![],
+            actions: vec![],
+            changes: vec![],
+            notes: vec![format!("extension {e} does not exist on the PBX")],
+        }));
+        let status_plan = Plan {
+            hash: plan.hash.clone(),
+            generation: self.buc.metadata.generation.unwrap_or(0),
+            targets: plan.targets.len() as u32,
+            resolved: plan.targets.iter().take(1000).map(|t| t.extension.clone()).collect(),
+            common_values: plan.common_values.clone(),
+            closed_fields: plan.closed_fields.clone(),
+            changes: plan.changing() as u32,
+            spec_hash: spec_hash.to_string(),
+        };
+        if !plan.empty_groups.is_empty() {
+            tracing::info!(groups = ?plan.empty_groups, "groups without members");
+        }
+        kept.extend(rows);
+        kept.sort_by(|a, b| crate::plan::selection::extension_order(&a.target, &b.target));
+        Ok((kept, status_plan))
+    }
+
+    /// Executes the unfinished batches of the current run, recording each before and after.
+    async fn execute(&self, mut status: OperationStatus) -> Result<Action, Error> {
+        let (conn, backend) = match self.backend().await {
+            Ok(b) => b,
+            Err(e) => return self.blocked(status, &e).await,
+        };
+        let intent = match intent(&self.ctx.client, &self.namespace(), self.spec()).await {
+            Ok(i) => i,
+            Err(e) => return self.blocked(status, &e).await,
+        };
+        let secrets: HashMap<UserField, Secret> = intent
+            .fields
+            .iter()
+            .filter_map(|f| match &f.wanted {
+                Wanted::Secret(s) => Some((f.field, s.clone())),
+                _ => None,
+            })
+            .collect();
+        let mailer = mailer(&self.ctx.client, &self.namespace(), &conn).await;
+        let progress = status.progress.clone().expect("execute runs with progress");
+        let atomic = self.spec().failure_policy == FailurePolicy::Atomic;
+        let batches: Vec<usize> = (progress.done as usize..progress.batches as usize).collect();
+        let groups: Vec<Vec<usize>> = if atomic { vec![batches] } else { batches.into_iter().map(|b| vec![b]).collect() };
+        for group in groups {
+            let mut loaded = Vec::new();
+            for &index in &group {
+                let mut rows = self.store.read(index).await?;
+                let resumed: Vec<bool> = rows.iter().map(|r| r.outcome == Outcome::InProgress).collect();
+                if rows.iter().any(|r| r.outcome == Outcome::Planned) {
+                    for r in rows.iter_mut().filter(|r| r.outcome == Outcome::Planned) {
+                        r.outcome = Outcome::InProgress;
+                    }
+                    // The intent is recorded before any side effect of this batch.
+                    self.store.write(index, &rows).await?;
+                }
+                loaded.push((index, rows, resumed));
+            }
+            let mut work: Vec<(&mut Row, bool)> = Vec::new();
+            for (_, rows, resumed) in loaded.iter_mut() {
+                for (row, was) in rows.iter_mut().zip(resumed.iter()) {
+                    if row.outcome == Outcome::InProgress {
+                        work.push((row, *was));
+                    }
+                }
+            }
+            let ctx = Exec { backend: backend.as_ref(), secrets: &secrets, mailer: mailer.as_ref(), domain: &conn.spec.domain, atomic };
+            if let Err(e) = ctx.run(work).await {
+                // The PBX went away mid-batch: the rows stay InProgress and are checked on resume.
+                return self.blocked(status, &e).await;
+            }
+            let mut batch_summary = Summary::default();
+            let mut failed_in_batch = 0;
+            for (index, rows, _) in &loaded {
+                self.store.write(*index, rows).await?;
+                let s = results::summarize(rows.iter());
+                failed_in_batch += s.failed + s.conflicts;
+                results::add(&mut batch_summary, &s);
+                for r in rows {
+                    self.ctx.metrics.targets.get_or_create(&super::metrics::OutcomeLabel { kind: KIND.into(), outcome: format!("{:?}", r.outcome) }).inc();
+                }
+            }
+            let p = status.progress.as_mut().expect("set above");
+            p.done += group.len() as u32;
+            let done_so_far = p.done;
+            let summary = status.summary.get_or_insert_with(Summary::default);
+            let targets = summary.targets;
+            // Rows counted in the summary at start (final already) are recounted per batch.
+            *summary = Summary { targets, ..Summary::default() };
+            let mut shown_rows = Vec::new();
+            for i in 0..done_so_far as usize {
+                let rows = if let Some((_, rows, _)) = loaded.iter().find(|(idx, _, _)| *idx == i) { rows.clone() } else { self.store.read(i).await? };
+                let s = results::summarize(rows.iter());
+                results::add(summary, &Summary { targets: 0, ..s });
+                shown_rows.extend(rows);
+            }
+            let (shown, truncated) = results::for_status(shown_rows.iter());
+            status.results = shown;
+            status.results_truncated = truncated || status.results_truncated;
+            self.write_status(&status).await?;
+            if failed_in_batch > 0 {
+                self.ctx
+                    .publish(self.buc, EventType::Warning, "BatchFailed", "Execute", Some(format!("batch {} of {}: {failed_in_batch} targets failed or conflicted; see status.results", done_so_far, status.progress.as_ref().map(|p| p.batches).unwrap_or(0))))
+                    .await;
+            }
+        }
+        self.finish(status).await
+    }
+
+    async fn finish(&self, mut status: OperationStatus) -> Result<Action, Error> {
+        let now = conditions::now();
+        let generation = self.buc.metadata.generation;
+        let summary = status.summary.clone().unwrap_or_default();
+        let bad = summary.failed + summary.conflicts;
+        status.phase = if bad == 0 { Phase::Succeeded } else if bad < summary.targets { Phase::PartiallyFailed } else { Phase::Failed };
+        status.completion_time = Some(now.clone());
+        let message = format!(
+            "{} targets: {} changed, {} unchanged, {} failed, {} conflicts, {} skipped",
+            summary.targets, summary.changed, summary.unchanged, summary.failed, summary.conflicts, summary.skipped
+        );
+        conditions::remove(&mut status.conditions, conditions::RECONCILING);
+        if bad == 0 {
+            conditions::upsert(&mut status.conditions, Desired { type_: conditions::READY, status: true, reason: "Succeeded", message: message.clone() }, generation, &now);
+            conditions::remove(&mut status.conditions, conditions::STALLED);
+        } else {
+            let hint = format!("{message}; fix the causes in status.results, then set annotation {RETRY_ANNOTATION} to re-run only the failed targets");
+            let reason = if status.phase == Phase::Failed { "Failed" } else { "PartiallyFailed" };
+            conditions::upsert(&mut status.conditions, Desired { type_: conditions::READY, status: false, reason, message: hint.clone() }, generation, &now);
+            conditions::upsert(&mut status.conditions, Desired { type_: conditions::STALLED, status: true, reason, message: hint }, generation, &now);
+        }
+        if self.spec().policy == Policy::Enforce {
+            status.last_checked_time = Some(now.clone());
+        }
+        self.write_status(&status).await?;
+        let type_ = if bad == 0 { EventType::Normal } else { EventType::Warning };
+        self.ctx.publish(self.buc, type_, "Finished", "Execute", Some(format!("{message}{}", self.requested_by()))).await;
+        self.after_finish(&status)
+    }
+
+    /// A finished run: nothing to do unless the policy is Enforce and a check is due.
+    async fn finished(&self, status: OperationStatus) -> Result<Action, Error> {
+        if self.spec().policy != Policy::Enforce || self.spec().mode != Mode::Execute {
+            return Ok(Action::await_change());
+        }
+        let interval = self.spec().interval.as_deref().and_then(parse_duration).unwrap_or(DEFAULT_ENFORCE_INTERVAL);
+        let last = status.last_checked_time.as_ref().or(status.completion_time.as_ref()).map(|t| t.0);
+        let now = jiff::Timestamp::now();
+        if let Some(last) = last {
+            let due = last + jiff::SignedDuration::try_from(interval).unwrap_or_default();
+            if due > now {
+                let wait = due.duration_since(now).unsigned_abs();
+                return Ok(Action::requeue(wait.max(Duration::from_secs(1))));
+            }
+        }
+        self.enforce(status).await
+    }
+
+    /// Enforce: re-reads the targets; when they drifted, executes a correction run.
+    async fn enforce(&self, mut status: OperationStatus) -> Result<Action, Error> {
+        let (_, backend) = match self.backend().await {
+            Ok(b) => b,
+            Err(e) => return self.blocked(status, &e).await,
+        };
+        let (rows, plan) = match self.plan(backend.as_ref(), None, &spec_hash(self.spec())).await {
+            Ok(p) => p,
+            Err(e) => return self.blocked(status, &e).await,
+        };
+        let drifted: Vec<Row> = rows.into_iter().filter(|r| r.outcome == Outcome::Planned && !r.writes.is_empty()).collect();
+        if drifted.is_empty() {
+            status.last_checked_time = Some(conditions::now());
+            self.write_status(&status).await?;
+            return self.after_finish(&status);
+        }
+        let n = drifted.len() as u64;
+        let lineage = lineage(self.buc);
+        let run_id = format!("{lineage}-check-{}", jiff::Timestamp::now().as_second());
+        let chunks = results::chunk(drifted);
+        let mut refs = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            refs.push(self.store.write(i, c).await?);
+        }
+        self.store.prune(chunks.len()).await?;
+        status.corrections = Some(status.corrections.unwrap_or(0) + n);
+        status.results_refs = refs;
+        status.plan = Some(plan);
+        status.summary = Some(Summary { targets: n as u32, ..Summary::default() });
+        status.progress = Some(Progress { run: run_id, batches: chunks.len() as u32, done: 0 });
+        status.phase = Phase::Running;
+        self.write_status(&status).await?;
+        self.ctx.publish(self.buc, EventType::Normal, "DriftCorrected", "Enforce", Some(format!("{n} targets drifted from the desired state; correcting them"))).await;
+        self.execute(status).await
+    }
+
+    fn after_finish(&self, status: &OperationStatus) -> Result<Action, Error> {
+        self.ctx.reset_failures(&self.buc.uid().unwrap_or_default());
+        if self.spec().policy == Policy::Enforce && self.spec().mode == Mode::Execute && status.phase != Phase::Failed {
+            let interval = self.spec().interval.as_deref().and_then(parse_duration).unwrap_or(DEFAULT_ENFORCE_INTERVAL);
+            return Ok(Action::requeue(interval));
+        }
+        Ok(Action::await_change())
+    }
+}
+
+fn warnings(conn: &crate::api::PbxConnection, spec: &BulkUserChangeSpec) -> Vec<String> {
+    let mails = spec.actions.iter().any(|a| matches!(a, SpecAction::ResetPassword | SpecAction::SendWelcomeEmail));
+    if mails && conn.spec.smtp.is_none() {
+        vec![format!("PbxConnection {} has no spec.smtp: reset instructions and welcome emails cannot be sent", conn.name_any())]
+    } else {
+        vec![]
+    }
+}
+
+/// A plan row: the writes of a target, with secrets never stored.
+fn planned_row(t: &user_plan::PlannedUser) -> Row {
+    Row {
+        target: t.extension.clone(),
+        outcome: if t.changes_anything() { Outcome::Planned } else { Outcome::Unchanged },
+        writes: t
+            .writes
+            .iter()
+            .map(|w| StoredWrite {
+                field: w.field.name().into(),
+                from: if w.field.is_secret() { None } else { w.from.clone() },
+                to: match &w.to {
+                    NewValue::Set(v) => Some(v.clone()),
+                    _ => None,
+                },
+                secret: w.field.is_secret(),
+            })
+            .collect(),
+        actions: t.actions.iter().map(|a| a.name().to_string()).collect(),
+        changes: t
+            .writes
+            .iter()
+            .map(|w| FieldChange { field: w.field.name().into(), from: user_plan::shown(w.field, w.from.as_deref()), to: user_plan::shown_new(w.field, &w.to) })
+            .collect(),
+        notes: vec![],
+    }
+}
+
+/// What a spec asks for, with secret values read from their Secrets.
+pub async fn intent(client: &kube::Client, namespace: &str, spec: &BulkUserChangeSpec) -> Result<Intent, Error> {
+    let mut fields = Vec::new();
+    if let Some(f) = &spec.fields {
+        fields = plain_fields(f);
+        for (field, secret) in [(UserField::VoicemailPin, &f.voicemail_pin), (UserField::Password, &f.password)] {
+            if let Some(SecretField { value_from: Some(from), lock, .. }) = secret {
+                let value = secret_value(client, namespace, &from.secret_key_ref).await?;
+                fields.push(FieldIntent { field, wanted: Wanted::Secret(Secret::new(value)), open: *lock == Lock::Open });
+            }
+        }
+    }
+    let actions = spec
+        .actions
+        .iter()
+        .map(|a| match a {
+            SpecAction::ResetPassword => ActionKind::ResetPassword,
+            SpecAction::ResetTwoFactor => ActionKind::ResetTwoFactor,
+            SpecAction::Unlock => ActionKind::Unlock,
+            SpecAction::Lock => ActionKind::Lock,
+            SpecAction::SendWelcomeEmail => ActionKind::SendWelcomeEmail,
+            SpecAction::Remove => ActionKind::Remove,
+        })
+        .collect();
+    Ok(Intent { fields, actions })
+}
+
+/// The non-secret fields of a spec as canonical values.
+pub fn plain_fields(f: &UserFields) -> Vec<FieldIntent> {
+    let mut out = Vec::new();
+    let mut push = |field: UserField, value: Option<String>, lock: Lock| {
+        out.push(FieldIntent { field, wanted: Wanted::Value(value), open: lock == Lock::Open })
+    };
+    if let Some(x) = &f.first_name {
+        push(UserField::FirstName, Some(x.value.0.clone()), x.lock);
+    }
+    if let Some(x) = &f.last_name {
+        push(UserField::LastName, Some(x.value.0.clone()), x.lock);
+    }
+    if let Some(x) = &f.email {
+        push(UserField::Email, Some(x.value.0.clone()), x.lock);
+    }
+    if let Some(x) = &f.role {
+        push(UserField::Role, Some(format!("{:?}", x.value)), x.lock);
+    }
+    if let Some(x) = &f.call_group {
+        push(UserField::CallGroup, Some(x.value.0.clone()), x.lock);
+    }
+    if let Some(x) = &f.pickup_group {
+        push(UserField::PickupGroup, Some(x.value.0.clone()), x.lock);
+    }
+    if let Some(x) = &f.groups {
+        let canonical = user_plan::canonical_groups(x.value.0.iter().map(String::as_str));
+        push(UserField::Groups, (!canonical.is_empty()).then_some(canonical), x.lock);
+    }
+    if let Some(x) = &f.locked {
+        push(UserField::Locked, Some(x.value.to_string()), x.lock);
+    }
+    if let Some(x) = &f.caller_id_policy {
+        push(UserField::CallerIdPolicy, Some(x.value.0.clone()), x.lock);
+    }
+    if let Some(x) = &f.voice_route_policy {
+        push(UserField::VoiceRoutePolicy, Some(x.value.0.clone()), x.lock);
+    }
+    if let Some(x) = &f.enterprise_voice {
+        push(UserField::EnterpriseVoice, Some(x.value.to_string()), x.lock);
+    }
+    for (number, location, spec) in [
+        (UserField::PrimaryNumber, UserField::PrimaryNumberLocation, &f.primary_number),
+        (UserField::PrivateNumber, UserField::PrivateNumberLocation, &f.private_number),
+    ] {
+        if let Some(x) = spec {
+            push(number, Some(x.value.number.clone()), x.lock);
+            if let Some(l) = &x.value.location {
+                push(location, Some(l.clone()), x.lock);
+            }
+        }
+    }
+    out
+}
+
+async fn mailer(client: &kube::Client, namespace: &str, conn: &crate::api::PbxConnection) -> Option<Mailer> {
+    let smtp = conn.spec.smtp.as_ref()?;
+    let credentials = match &smtp.credentials_secret {
+        Some(name) => {
+            let user = secret_value(client, namespace, &crate::api::SecretKeyRef { name: name.clone(), key: "username".into() }).await.ok()?;
+            let pass = secret_value(client, namespace, &crate::api::SecretKeyRef { name: name.clone(), key: "password".into() }).await.ok()?;
+            Some((user, Secret::new(pass)))
+        }
+        None => None,
+    };
+    match Mailer::new(smtp, credentials) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "SMTP settings unusable");
+            None
+        }
+    }
+}
+
+/// Executes rows against the PBX: field writes with compare-and-set, then actions and mail.
+struct Exec<'a> {
+    backend: &'a Kamailio,
+    secrets: &'a HashMap<UserField, Secret>,
+    mailer: Option<&'a Mailer>,
+    domain: &'a str,
+    atomic: bool,
+}
+
+impl Exec<'_> {
+    /// `work`: rows and whether each was already InProgress before this attempt (a resume).
+    async fn run(&self, mut work: Vec<(&mut Row, bool)>) -> Result<(), Error> {
+        if work.is_empty() {
+            return Ok(());
+        }
+        let selection = UserSelection { groups: vec![], extensions: work.iter().map(|(r, _)| r.target.clone()).collect() };
+        let current: BTreeMap<String, User> = self.backend.read_users(&selection).await?.users.into_iter().map(|u| (u.extension.clone(), u)).collect();
+        let fp = |e: &str, f: UserField, s: &Secret| self.backend.fingerprint(e, f, s);
+
+        // Field writes.
+        let mut changes = Vec::new();
+        let mut change_of = Vec::new();
+        for (i, (row, resumed)) in work.iter().enumerate() {
+            let Some(user) = current.get(&row.target) else { continue };
+            let mut writes = Vec::new();
+            for w in &row.writes {
+                let Some(field) = UserField::from_name(&w.field) else { continue };
+                let to = if w.secret {
+                    match self.secrets.get(&field) {
+                        Some(s) => NewValue::Secret(s.clone()),
+                        None => continue,
+                    }
+                } else {
+                    w.to.clone().map(NewValue::Set).unwrap_or(NewValue::Clear)
+                };
+                // Secrets are not stored in the plan, so their compare-and-set is against now.
+                let from = if w.secret { user.get(field).map(str::to_string) } else { w.from.clone() };
+                writes.push(FieldWrite { field, from, to });
+            }
+            if *resumed {
+                let planned = user_plan::PlannedUser { extension: row.target.clone(), writes, actions: vec![] };
+                writes = user_plan::remaining_writes(&planned, user, &fp);
+            }
+            if !writes.is_empty() {
+                change_of.push(i);
+                changes.push(UserChange { extension: row.target.clone(), writes });
+            }
+        }
+        let mut write_outcome: HashMap<usize, WriteOutcome> = HashMap::new();
+        if !changes.is_empty() {
+            let outcomes = self.backend.apply_user_changes(&changes, self.atomic).await?;
+            for (i, o) in change_of.into_iter().zip(outcomes) {
+                write_outcome.insert(i, o);
+            }
+        }
+        for (i, (row, resumed)) in work.iter_mut().enumerate() {
+            if !current.contains_key(&row.target) {
+                let already_removed = *resumed && row.actions.iter().any(|a| a == "Remove");
+                if already_removed {
+                    row.outcome = Outcome::Changed;
+                    row.notes.push("removed".into());
+                } else {
+                    row.outcome = Outcome::Failed;
+                    row.notes.push(format!("extension {} no longer exists on the PBX", row.target));
+                }
+                continue;
+            }
+            row.outcome = match write_outcome.remove(&i) {
+                None | Some(WriteOutcome::Applied) => {
+                    if row.writes.is_empty() && row.actions.is_empty() { Outcome::Unchanged } else { Outcome::Changed }
+                }
+                Some(WriteOutcome::Conflict { field, expected, found }) => {
+                    let show = |v: Option<String>| user_plan::shown(field, v.as_deref()).unwrap_or_else(|| "(unset)".into());
+                    row.notes.push(format!(
+                        "{field} changed from {} to {} since the plan was made; left alone (review, then retry)",
+                        show(expected),
+                        show(found)
+                    ));
+                    Outcome::Conflict
+                }
+                Some(WriteOutcome::NotFound) => {
+                    row.notes.push("no longer exists on the PBX".into());
+                    Outcome::Failed
+                }
+                Some(WriteOutcome::Failed(e)) => {
+                    row.notes.push(e);
+                    Outcome::Failed
+                }
+                Some(WriteOutcome::RolledBack) => {
+                    row.notes.push("rolled back: another target of this Atomic change failed or conflicted".into());
+                    Outcome::Failed
+                }
+            };
+        }
+
+        // Actions, in a fixed order, for targets whose writes went through.
+        let mut by_kind: BTreeMap<ActionKind, Vec<usize>> = BTreeMap::new();
+        for (i, (row, _)) in work.iter().enumerate() {
+            if row.outcome != Outcome::Changed {
+                continue;
+            }
+            for a in &row.actions {
+                if let Some(kind) = action_kind(a) {
+                    by_kind.entry(kind).or_default().push(i);
+                }
+            }
+        }
+        for (kind, indexes) in by_kind {
+            match kind {
+                ActionKind::SendWelcomeEmail => {
+                    for i in indexes {
+                        let (row, resumed) = &mut work[i];
+                        if *resumed {
+                            row.notes.push("welcome email not re-sent: the operator restarted during this batch and cannot tell whether it went out; retry to send it".into());
+                            continue;
+                        }
+                        let user = &current[&row.target];
+                        let name = user.get(UserField::FirstName).unwrap_or("");
+                        let (subject, body) = mail::welcome(&row.target, name, self.domain);
+                        let note = self.mail(user, &subject, body).await;
+                        if let Err(n) = &note {
+                            row.outcome = Outcome::Failed;
+                            row.notes.push(n.clone());
+                        } else {
+                            row.notes.push("welcome email sent".into());
+                        }
+                    }
+                }
+                _ => {
+                    let mut calls = Vec::new();
+                    let mut secrets_for = Vec::new();
+                    for &i in &indexes {
+                        let (row, resumed) = &work[i];
+                        let user = &current[&row.target];
+                        // A resumed reset that already happened is not done twice.
+                        if kind == ActionKind::ResetPassword && *resumed && user.get(UserField::Status) == Some("PasswordRequired") {
+                            continue;
+                        }
+                        let action = match kind {
+                            ActionKind::ResetPassword => {
+                                let s = Secret::generate();
+                                secrets_for.push(i);
+                                UserAction::ResetPassword(s)
+                            }
+                            ActionKind::ResetTwoFactor => UserAction::ResetTwoFactor,
+                            ActionKind::Unlock => UserAction::Unlock,
+                            ActionKind::Lock => UserAction::Lock,
+                            ActionKind::Remove => UserAction::Remove,
+                            ActionKind::SendWelcomeEmail => unreachable!(),
+                        };
+                        calls.push((i, (row.target.clone(), action)));
+                    }
+                    let list: Vec<(String, UserAction)> = calls.iter().map(|(_, c)| c.clone()).collect();
+                    let outcomes = self.backend.apply_actions(&list).await?;
+                    for ((i, _), outcome) in calls.iter().zip(outcomes) {
+                        let (row, _) = &mut work[*i];
+                        match outcome {
+                            ActionOutcome::Done => row.notes.push(format!("{}: done", kind.name())),
+                            ActionOutcome::Unchanged => row.notes.push(format!("{}: nothing to do", kind.name())),
+                            ActionOutcome::Skipped(why) => {
+                                row.outcome = Outcome::Skipped;
+                                row.notes.push(format!("{}: skipped: {why}", kind.name()));
+                            }
+                            ActionOutcome::NotFound => {
+                                row.outcome = Outcome::Failed;
+                                row.notes.push(format!("{}: no such extension", kind.name()));
+                            }
+                            ActionOutcome::Failed(e) => {
+                                row.outcome = Outcome::Failed;
+                                row.notes.push(format!("{}: {e}", kind.name()));
+                            }
+                        }
+                        if kind == ActionKind::ResetPassword && row.outcome == Outcome::Changed {
+                            let user = &current[&row.target];
+                            let name = user.get(UserField::FirstName).unwrap_or("");
+                            let (subject, body) = mail::reset_instructions(&row.target, name, self.domain);
+                            match self.mail(user, &subject, body).await {
+                                Ok(()) => row.notes.push("reset instructions sent".into()),
+                                Err(n) => row.notes.push(n),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn mail(&self, user: &User, subject: &str, body: String) -> Result<(), String> {
+        let Some(to) = user.get(UserField::Email).filter(|e| !e.is_empty()) else {
+            return Err("no email address on file: mail not sent".into());
+        };
+        let Some(mailer) = self.mailer else {
+            return Err("the PbxConnection has no usable spec.smtp: mail not sent".into());
+        };
+        mailer.send(to, subject, body).await.map_err(|e| e.to_string())
+    }
+}
+
+fn action_kind(name: &str) -> Option<ActionKind> {
+    [ActionKind::Unlock, ActionKind::ResetTwoFactor, ActionKind::ResetPassword, ActionKind::SendWelcomeEmail, ActionKind::Lock, ActionKind::Remove]
+        .into_iter()
+        .find(|k| k.name() == name)
+}

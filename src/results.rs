@@ -1,0 +1,258 @@
+//! Per-target results: the rows a run records (first as its plan, then as outcomes), their CSV
+//! form for people, and the chunking into ConfigMaps that stay far below the 1 MiB object limit.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{FieldChange, Outcome, Summary, TargetResult};
+
+/// How many result rows status shows; the rest are in the ConfigMaps.
+pub const STATUS_RESULTS: usize = 100;
+/// A ConfigMap's payload at most (both keys together); the API limit is 1 MiB.
+pub const CHUNK_BYTES: usize = 600 * 1024;
+/// Rows per ConfigMap at most; also the batch size of an execution.
+pub const CHUNK_ROWS: usize = 1000;
+
+/// One planned field write, as stored between planning and execution. Secret values are never
+/// stored: `to` is None and `secret` is true, and the value is read from its Secret again.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct StoredWrite {
+    pub field: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secret: bool,
+}
+
+/// A target and what is planned for it or happened to it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub target: String,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writes: Vec<StoredWrite>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<String>,
+    /// Fields as shown to people: secrets as "(set)" / "(new secret)".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<FieldChange>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl Row {
+    pub fn is_final(&self) -> bool {
+        !matches!(self.outcome, Outcome::Planned | Outcome::InProgress)
+    }
+
+    pub fn is_failure(&self) -> bool {
+        matches!(self.outcome, Outcome::Failed | Outcome::Conflict)
+    }
+}
+
+/// Splits rows into chunks of at most [`CHUNK_ROWS`] rows and about [`CHUNK_BYTES`].
+pub fn chunk(rows: Vec<Row>) -> Vec<Vec<Row>> {
+    let mut chunks = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for row in rows {
+        // JSON line plus CSV line, roughly twice the JSON.
+        let size = 2 * serde_json::to_string(&row).map(|s| s.len()).unwrap_or(1024) + 2;
+        if !current.is_empty() && (current.len() >= CHUNK_ROWS || bytes + size > CHUNK_BYTES) {
+            chunks.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(row);
+    }
+    if !current.is_empty() || chunks.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+pub fn to_jsonl(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        out.push_str(&serde_json::to_string(r).expect("rows serialize"));
+        out.push('\n');
+    }
+    out
+}
+
+pub fn from_jsonl(text: &str) -> Result<Vec<Row>, serde_json::Error> {
+    text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect()
+}
+
+fn outcome_name(o: Outcome) -> String {
+    serde_json::to_value(o).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+/// `field: from -> to` pairs, `(unset)` for absent values.
+pub fn describe_changes(changes: &[FieldChange]) -> String {
+    changes
+        .iter()
+        .map(|c| {
+            format!(
+                "{}: {} -> {}",
+                c.field,
+                c.from.as_deref().unwrap_or("(unset)"),
+                c.to.as_deref().unwrap_or("(unset)")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+pub const CSV_HEADER: [&str; 5] = ["target", "outcome", "changes", "actions", "notes"];
+
+/// The human CSV of some rows, with a header.
+pub fn to_csv(rows: &[Row]) -> String {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(CSV_HEADER).expect("writing to memory");
+    for r in rows {
+        w.write_record([
+            r.target.as_str(),
+            &outcome_name(r.outcome),
+            &describe_changes(&r.changes),
+            &r.actions.join(" "),
+            &r.notes.join("; "),
+        ])
+        .expect("writing to memory");
+    }
+    String::from_utf8(w.into_inner().expect("flushing to memory")).expect("CSV of UTF-8 strings is UTF-8")
+}
+
+/// Joins the CSVs of several ConfigMaps into one, keeping the first header only.
+pub fn join_csv<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for (i, part) in parts.into_iter().enumerate() {
+        let body = if i == 0 { part } else { part.split_once('\n').map(|(_, rest)| rest).unwrap_or("") };
+        out.push_str(body);
+    }
+    out
+}
+
+/// Counts of a run's rows.
+pub fn summarize<'a>(rows: impl IntoIterator<Item = &'a Row>) -> Summary {
+    let mut s = Summary::default();
+    for r in rows {
+        s.targets += 1;
+        match r.outcome {
+            Outcome::Changed => s.changed += 1,
+            Outcome::Unchanged => s.unchanged += 1,
+            Outcome::Failed => s.failed += 1,
+            Outcome::Skipped | Outcome::NotRegistered | Outcome::Expired => s.skipped += 1,
+            Outcome::Conflict => s.conflicts += 1,
+            Outcome::Planned | Outcome::InProgress | Outcome::Restarted | Outcome::Accepted => {}
+        }
+    }
+    s
+}
+
+/// Adds the counts of `b` to `a`.
+pub fn add(a: &mut Summary, b: &Summary) {
+    a.targets += b.targets;
+    a.changed += b.changed;
+    a.unchanged += b.unchanged;
+    a.failed += b.failed;
+    a.skipped += b.skipped;
+    a.conflicts += b.conflicts;
+}
+
+/// The results status shows: failures first, then the rest, capped; and whether it was cut.
+pub fn for_status<'a>(rows: impl IntoIterator<Item = &'a Row>) -> (Vec<TargetResult>, bool) {
+    let mut failures = Vec::new();
+    let mut others = Vec::new();
+    let mut total = 0;
+    for r in rows {
+        total += 1;
+        let bucket = if r.is_failure() { &mut failures } else { &mut others };
+        if bucket.len() < STATUS_RESULTS {
+            bucket.push(TargetResult {
+                target: r.target.clone(),
+                outcome: r.outcome,
+                changes: r.changes.iter().take(64).cloned().collect(),
+                notes: r.notes.iter().take(16).map(|n| truncate(n, 1024)).collect(),
+            });
+        }
+    }
+    let mut shown = failures;
+    shown.extend(others);
+    shown.truncate(STATUS_RESULTS);
+    let truncated = total > shown.len();
+    (shown, truncated)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max { s.to_string() } else { format!("{}...", &s[..s.floor_char_boundary(max - 3)]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(target: &str, outcome: Outcome) -> Row {
+        Row { target: target.into(), outcome, writes: vec![], actions: vec![], changes: vec![], notes: vec![] }
+    }
+
+    #[test]
+    fn failures_come_first_and_status_is_capped() {
+        let mut rows: Vec<Row> = (0..150).map(|i| row(&format!("{}", 200 + i), Outcome::Changed)).collect();
+        rows.push(row("999", Outcome::Failed));
+        let (shown, truncated) = for_status(&rows);
+        assert_eq!(shown.len(), STATUS_RESULTS);
+        assert!(truncated);
+        assert_eq!(shown[0].target, "999");
+        let (few, cut) = for_status(&rows[..3]);
+        assert_eq!(few.len(), 3);
+        assert!(!cut);
+    }
+
+    #[test]
+    fn chunks_stay_under_the_limits() {
+        let rows: Vec<Row> = (0..2500)
+            .map(|i| Row { notes: vec!["x".repeat(200)], ..row(&format!("{i}"), Outcome::Planned) })
+            .collect();
+        let chunks = chunk(rows);
+        assert!(chunks.len() >= 3);
+        for c in &chunks {
+            assert!(c.len() <= CHUNK_ROWS);
+            assert!(to_jsonl(c).len() + to_csv(c).len() < 1024 * 1024);
+        }
+        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 2500);
+        assert_eq!(chunk(vec![]).len(), 1, "an empty run still has one (empty) results ConfigMap");
+    }
+
+    #[test]
+    fn csv_quotes_and_joins() {
+        let mut r = row("201", Outcome::Changed);
+        r.changes = vec![FieldChange { field: "lastName".into(), from: Some("O'Brien, Jr.".into()), to: None }];
+        r.notes = vec!["line one\nline two".into()];
+        let a = to_csv(&[r.clone()]);
+        let b = to_csv(&[row("202", Outcome::Failed)]);
+        let joined = join_csv([a.as_str(), b.as_str()]);
+        let mut rd = csv::Reader::from_reader(joined.as_bytes());
+        let recs: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(&recs[0][2], "lastName: O'Brien, Jr. -> (unset)");
+        assert_eq!(&recs[0][4], "line one\nline two");
+        assert_eq!(&recs[1][1], "Failed");
+    }
+
+    #[test]
+    fn jsonl_round_trip() {
+        let mut r = row("201", Outcome::Planned);
+        r.writes = vec![StoredWrite { field: "voicemailPin".into(), from: None, to: None, secret: true }];
+        let back = from_jsonl(&to_jsonl(&[r.clone()])).unwrap();
+        assert_eq!(back, [r]);
+    }
+
+    #[test]
+    fn summaries_count_outcomes() {
+        let rows = [row("1", Outcome::Changed), row("2", Outcome::Conflict), row("3", Outcome::Unchanged), row("4", Outcome::Failed)];
+        let s = summarize(&rows);
+        assert_eq!((s.targets, s.changed, s.conflicts, s.unchanged, s.failed), (4, 1, 1, 1, 1));
+    }
+}
