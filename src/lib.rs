@@ -7,8 +7,8 @@
 pub mod api;
 pub mod cli;
 pub mod controllers;
-pub mod pbx;
 pub mod mail;
+pub mod pbx;
 pub mod plan;
 pub mod results;
 pub mod telemetry;

@@ -24,16 +24,25 @@ pub struct Mailer {
 }
 
 impl Mailer {
-    pub fn new(settings: &SmtpSettings, credentials: Option<(String, Secret)>) -> Result<Mailer, MailError> {
+    pub fn new(
+        settings: &SmtpSettings,
+        credentials: Option<(String, Secret)>,
+    ) -> Result<Mailer, MailError> {
         crate::tls::install_crypto_provider();
-        let from: Mailbox = settings.from.parse().map_err(|e| MailError::Config(format!("from address: {e}")))?;
+        let from: Mailbox = settings
+            .from
+            .parse()
+            .map_err(|e| MailError::Config(format!("from address: {e}")))?;
         let mut builder = match settings.tls {
-            SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&settings.host),
-            SmtpTls::StartTls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&settings.host)
-                .map_err(|e| MailError::Config(e.to_string()))?,
-            SmtpTls::Tls => {
-                AsyncSmtpTransport::<Tokio1Executor>::relay(&settings.host).map_err(|e| MailError::Config(e.to_string()))?
+            SmtpTls::None => {
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&settings.host)
             }
+            SmtpTls::StartTls => {
+                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&settings.host)
+                    .map_err(|e| MailError::Config(e.to_string()))?
+            }
+            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&settings.host)
+                .map_err(|e| MailError::Config(e.to_string()))?,
         };
         if let Some(port) = settings.port {
             builder = builder.port(port);
@@ -42,25 +51,37 @@ impl Mailer {
             builder = builder.credentials(Credentials::new(user, password.expose().to_string()));
         }
         builder = builder.timeout(Some(std::time::Duration::from_secs(20)));
-        Ok(Mailer { transport: builder.build(), from })
+        Ok(Mailer {
+            transport: builder.build(),
+            from,
+        })
     }
 
     pub async fn send(&self, to: &str, subject: &str, body: String) -> Result<(), MailError> {
-        let to: Mailbox = to.parse().map_err(|_| MailError::BadAddress { address: to.to_string() })?;
+        let to: Mailbox = to.parse().map_err(|_| MailError::BadAddress {
+            address: to.to_string(),
+        })?;
         let message = Message::builder()
             .from(self.from.clone())
             .to(to)
             .subject(subject)
             .body(body)
             .map_err(|e| MailError::Config(e.to_string()))?;
-        self.transport.send(message).await.map_err(|e| MailError::Send(e.to_string()))?;
+        self.transport
+            .send(message)
+            .await
+            .map_err(|e| MailError::Send(e.to_string()))?;
         Ok(())
     }
 }
 
 /// What a user whose password was reset receives: the fact, and what to do. No secret.
 pub fn reset_instructions(extension: &str, name: &str, domain: &str) -> (String, String) {
-    let greeting = if name.trim().is_empty() { "Hello".to_string() } else { format!("Hello {name}") };
+    let greeting = if name.trim().is_empty() {
+        "Hello".to_string()
+    } else {
+        format!("Hello {name}")
+    };
     (
         format!("Your phone password for extension {extension} was reset"),
         format!(

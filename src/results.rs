@@ -82,11 +82,17 @@ pub fn to_jsonl(rows: &[Row]) -> String {
 }
 
 pub fn from_jsonl(text: &str) -> Result<Vec<Row>, serde_json::Error> {
-    text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect()
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect()
 }
 
 fn outcome_name(o: Outcome) -> String {
-    serde_json::to_value(o).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    serde_json::to_value(o)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// `field: from -> to` pairs, `(unset)` for absent values.
@@ -121,14 +127,19 @@ pub fn to_csv(rows: &[Row]) -> String {
         ])
         .expect("writing to memory");
     }
-    String::from_utf8(w.into_inner().expect("flushing to memory")).expect("CSV of UTF-8 strings is UTF-8")
+    String::from_utf8(w.into_inner().expect("flushing to memory"))
+        .expect("CSV of UTF-8 strings is UTF-8")
 }
 
 /// Joins the CSVs of several ConfigMaps into one, keeping the first header only.
 pub fn join_csv<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
     let mut out = String::new();
     for (i, part) in parts.into_iter().enumerate() {
-        let body = if i == 0 { part } else { part.split_once('\n').map(|(_, rest)| rest).unwrap_or("") };
+        let body = if i == 0 {
+            part
+        } else {
+            part.split_once('\n').map(|(_, rest)| rest).unwrap_or("")
+        };
         out.push_str(body);
     }
     out
@@ -168,7 +179,11 @@ pub fn for_status<'a>(rows: impl IntoIterator<Item = &'a Row>) -> (Vec<TargetRes
     let mut total = 0;
     for r in rows {
         total += 1;
-        let bucket = if r.is_failure() { &mut failures } else { &mut others };
+        let bucket = if r.is_failure() {
+            &mut failures
+        } else {
+            &mut others
+        };
         if bucket.len() < STATUS_RESULTS {
             bucket.push(TargetResult {
                 target: r.target.clone(),
@@ -186,7 +201,11 @@ pub fn for_status<'a>(rows: impl IntoIterator<Item = &'a Row>) -> (Vec<TargetRes
 }
 
 fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max { s.to_string() } else { format!("{}...", &s[..s.floor_char_boundary(max - 3)]) }
+    if s.len() <= max {
+        s.to_string()
+    } else {
+        format!("{}...", &s[..s.floor_char_boundary(max - 3)])
+    }
 }
 
 #[cfg(test)]
@@ -194,12 +213,21 @@ mod tests {
     use super::*;
 
     fn row(target: &str, outcome: Outcome) -> Row {
-        Row { target: target.into(), outcome, writes: vec![], actions: vec![], changes: vec![], notes: vec![] }
+        Row {
+            target: target.into(),
+            outcome,
+            writes: vec![],
+            actions: vec![],
+            changes: vec![],
+            notes: vec![],
+        }
     }
 
     #[test]
     fn failures_come_first_and_status_is_capped() {
-        let mut rows: Vec<Row> = (0..150).map(|i| row(&format!("{}", 200 + i), Outcome::Changed)).collect();
+        let mut rows: Vec<Row> = (0..150)
+            .map(|i| row(&format!("{}", 200 + i), Outcome::Changed))
+            .collect();
         rows.push(row("999", Outcome::Failed));
         let (shown, truncated) = for_status(&rows);
         assert_eq!(shown.len(), STATUS_RESULTS);
@@ -213,7 +241,10 @@ mod tests {
     #[test]
     fn chunks_stay_under_the_limits() {
         let rows: Vec<Row> = (0..2500)
-            .map(|i| Row { notes: vec!["x".repeat(200)], ..row(&format!("{i}"), Outcome::Planned) })
+            .map(|i| Row {
+                notes: vec!["x".repeat(200)],
+                ..row(&format!("{i}"), Outcome::Planned)
+            })
             .collect();
         let chunks = chunk(rows);
         assert!(chunks.len() >= 3);
@@ -222,13 +253,21 @@ mod tests {
             assert!(to_jsonl(c).len() + to_csv(c).len() < 1024 * 1024);
         }
         assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 2500);
-        assert_eq!(chunk(vec![]).len(), 1, "an empty run still has one (empty) results ConfigMap");
+        assert_eq!(
+            chunk(vec![]).len(),
+            1,
+            "an empty run still has one (empty) results ConfigMap"
+        );
     }
 
     #[test]
     fn csv_quotes_and_joins() {
         let mut r = row("201", Outcome::Changed);
-        r.changes = vec![FieldChange { field: "lastName".into(), from: Some("O'Brien, Jr.".into()), to: None }];
+        r.changes = vec![FieldChange {
+            field: "lastName".into(),
+            from: Some("O'Brien, Jr.".into()),
+            to: None,
+        }];
         r.notes = vec!["line one\nline two".into()];
         let a = to_csv(&[r.clone()]);
         let b = to_csv(&[row("202", Outcome::Failed)]);
@@ -244,15 +283,28 @@ mod tests {
     #[test]
     fn jsonl_round_trip() {
         let mut r = row("201", Outcome::Planned);
-        r.writes = vec![StoredWrite { field: "voicemailPin".into(), from: None, to: None, secret: true }];
+        r.writes = vec![StoredWrite {
+            field: "voicemailPin".into(),
+            from: None,
+            to: None,
+            secret: true,
+        }];
         let back = from_jsonl(&to_jsonl(&[r.clone()])).unwrap();
         assert_eq!(back, [r]);
     }
 
     #[test]
     fn summaries_count_outcomes() {
-        let rows = [row("1", Outcome::Changed), row("2", Outcome::Conflict), row("3", Outcome::Unchanged), row("4", Outcome::Failed)];
+        let rows = [
+            row("1", Outcome::Changed),
+            row("2", Outcome::Conflict),
+            row("3", Outcome::Unchanged),
+            row("4", Outcome::Failed),
+        ];
         let s = summarize(&rows);
-        assert_eq!((s.targets, s.changed, s.conflicts, s.unchanged, s.failed), (4, 1, 1, 1, 1));
+        assert_eq!(
+            (s.targets, s.changed, s.conflicts, s.unchanged, s.failed),
+            (4, 1, 1, 1, 1)
+        );
     }
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use pbx_operator::pbx::kamailio::{Kamailio, KamailioConfig};
 use pbx_operator::pbx::{
-    ActionOutcome, FieldWrite, NewValue, PbxBackend, UserAction, UserChange, UserField, UserSelection, WriteOutcome,
+    ActionOutcome, FieldWrite, NewValue, PbxBackend, UserAction, UserChange, UserField,
+    UserSelection, WriteOutcome,
 };
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 use support::lab::{Lab, LabSpec};
@@ -23,16 +24,30 @@ async fn sql_pool(lab: &Lab) -> AnyPool {
 }
 
 async fn attribute(pool: &AnyPool, ext: &str, attribute: &str) -> Option<String> {
-    let q = format!("SELECT value FROM usr_preferences WHERE username = '{ext}' AND attribute = '{attribute}'");
-    sqlx::query(AssertSqlSafe(q)).fetch_optional(pool).await.unwrap().map(|r| r.get::<String, _>(0))
+    let q = format!(
+        "SELECT value FROM usr_preferences WHERE username = '{ext}' AND attribute = '{attribute}'"
+    );
+    sqlx::query(AssertSqlSafe(q))
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .map(|r| r.get::<String, _>(0))
 }
 
 fn all(n: usize) -> UserSelection {
-    UserSelection { groups: vec![], extensions: (200..200 + n).map(|e| e.to_string()).collect() }
+    UserSelection {
+        groups: vec![],
+        extensions: (200..200 + n).map(|e| e.to_string()).collect(),
+    }
 }
 
 async fn bulk_read_and_atomic_write(db: &'static str) {
-    let lab = Lab::start(LabSpec { db, users: 1000, phones: 0, ..Default::default() });
+    let lab = Lab::start(LabSpec {
+        db,
+        users: 1000,
+        phones: 0,
+        ..Default::default()
+    });
     let pbx = backend(&lab).await;
 
     let start = Instant::now();
@@ -41,13 +56,30 @@ async fn bulk_read_and_atomic_write(db: &'static str) {
     assert_eq!(read.users.len(), 1000);
     assert!(read.unknown_extensions.is_empty());
     let u = &read.users[0];
-    assert!(u.get(UserField::FirstName).is_some_and(|v| !v.is_empty()), "{u:?}");
-    assert!(u.get(UserField::Password).is_some_and(|v| v.starts_with("ha1:")));
+    assert!(
+        u.get(UserField::FirstName).is_some_and(|v| !v.is_empty()),
+        "{u:?}"
+    );
+    assert!(
+        u.get(UserField::Password)
+            .is_some_and(|v| v.starts_with("ha1:"))
+    );
 
     // Groups select their members in the same read.
-    let sales = pbx.read_users(&UserSelection { groups: vec!["sales".into(), "nobody".into()], extensions: vec![] }).await.unwrap();
+    let sales = pbx
+        .read_users(&UserSelection {
+            groups: vec!["sales".into(), "nobody".into()],
+            extensions: vec![],
+        })
+        .await
+        .unwrap();
     assert!(!sales.users.is_empty() && sales.users.len() < 1000);
-    assert!(sales.users.iter().all(|u| u.get(UserField::Groups).unwrap().split(',').any(|g| g == "sales")));
+    assert!(sales.users.iter().all(|u| {
+        u.get(UserField::Groups)
+            .unwrap()
+            .split(',')
+            .any(|g| g == "sales")
+    }));
     assert_eq!(sales.empty_groups, ["nobody"]);
 
     let changes: Vec<UserChange> = read
@@ -56,28 +88,51 @@ async fn bulk_read_and_atomic_write(db: &'static str) {
         .map(|u| UserChange {
             extension: u.extension.clone(),
             writes: vec![
-                FieldWrite { field: UserField::CallGroup, from: u.get(UserField::CallGroup).map(Into::into), to: NewValue::Set("42".into()) },
-                FieldWrite { field: UserField::Role, from: u.get(UserField::Role).map(Into::into), to: NewValue::Set("Operator".into()) },
+                FieldWrite {
+                    field: UserField::CallGroup,
+                    from: u.get(UserField::CallGroup).map(Into::into),
+                    to: NewValue::Set("42".into()),
+                },
+                FieldWrite {
+                    field: UserField::Role,
+                    from: u.get(UserField::Role).map(Into::into),
+                    to: NewValue::Set("Operator".into()),
+                },
             ],
         })
         .collect();
     let start = Instant::now();
     let outcomes = pbx.apply_user_changes(&changes, true).await.unwrap();
-    eprintln!("{db}: wrote 1000 users x 2 fields in one transaction in {:?}", start.elapsed());
-    assert!(outcomes.iter().all(|o| *o == WriteOutcome::Applied), "{:?}", outcomes.iter().find(|o| **o != WriteOutcome::Applied));
+    eprintln!(
+        "{db}: wrote 1000 users x 2 fields in one transaction in {:?}",
+        start.elapsed()
+    );
+    assert!(
+        outcomes.iter().all(|o| *o == WriteOutcome::Applied),
+        "{:?}",
+        outcomes.iter().find(|o| **o != WriteOutcome::Applied)
+    );
 
     let pool = sql_pool(&lab).await;
-    let q = "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '42'";
+    let q =
+        "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '42'";
     let n: i64 = sqlx::query(q).fetch_one(&pool).await.unwrap().get(0);
     assert_eq!(n, 1000, "every user has the new call group in SQL");
-    assert_eq!(attribute(&pool, "321", "pbx.role").await.as_deref(), Some("Operator"));
+    assert_eq!(
+        attribute(&pool, "321", "pbx.role").await.as_deref(),
+        Some("Operator")
+    );
 
     // Atomic: one conflict rolls back everybody.
     let again: Vec<UserChange> = changes
         .iter()
         .map(|c| UserChange {
             extension: c.extension.clone(),
-            writes: vec![FieldWrite { field: UserField::CallGroup, from: Some("42".into()), to: NewValue::Set("7".into()) }],
+            writes: vec![FieldWrite {
+                field: UserField::CallGroup,
+                from: Some("42".into()),
+                to: NewValue::Set("7".into()),
+            }],
         })
         .collect();
     sqlx::query("UPDATE usr_preferences SET value = '13' WHERE username = '500' AND attribute = 'pbx.call_group'")
@@ -86,9 +141,20 @@ async fn bulk_read_and_atomic_write(db: &'static str) {
         .unwrap();
     let outcomes = pbx.apply_user_changes(&again, true).await.unwrap();
     let moved = again.iter().position(|c| c.extension == "500").unwrap();
-    assert!(matches!(&outcomes[moved], WriteOutcome::Conflict { found: Some(f), .. } if f == "13"), "{:?}", outcomes[moved]);
-    assert!(outcomes.iter().filter(|o| **o == WriteOutcome::RolledBack).count() == 999);
-    let q = "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '7'";
+    assert!(
+        matches!(&outcomes[moved], WriteOutcome::Conflict { found: Some(f), .. } if f == "13"),
+        "{:?}",
+        outcomes[moved]
+    );
+    assert!(
+        outcomes
+            .iter()
+            .filter(|o| **o == WriteOutcome::RolledBack)
+            .count()
+            == 999
+    );
+    let q =
+        "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '7'";
     let n: i64 = sqlx::query(q).fetch_one(&pool).await.unwrap().get(0);
     assert_eq!(n, 0, "nothing of a rolled-back batch is written");
 }
@@ -104,7 +170,12 @@ async fn sqlite_bulk_read_and_atomic_write() {
 }
 
 async fn conflicts_and_literal_values(db: &'static str) {
-    let lab = Lab::start(LabSpec { db, users: 5, phones: 0, ..Default::default() });
+    let lab = Lab::start(LabSpec {
+        db,
+        users: 5,
+        phones: 0,
+        ..Default::default()
+    });
     let pbx = backend(&lab).await;
     let pool = sql_pool(&lab).await;
     let read = pbx.read_users(&all(3)).await.unwrap();
@@ -128,26 +199,61 @@ async fn conflicts_and_literal_values(db: &'static str) {
         .unwrap();
     let outcomes = pbx.apply_user_changes(&plan, false).await.unwrap();
     assert_eq!(outcomes[0], WriteOutcome::Applied);
-    assert!(matches!(&outcomes[1], WriteOutcome::Conflict { field: UserField::PickupGroup, found: Some(v), .. } if v == "5"));
+    assert!(
+        matches!(&outcomes[1], WriteOutcome::Conflict { field: UserField::PickupGroup, found: Some(v), .. } if v == "5")
+    );
     assert_eq!(outcomes[2], WriteOutcome::Applied);
-    assert_eq!(attribute(&pool, "201", "pbx.pickup_group").await.as_deref(), Some("5"), "a conflict is not overwritten");
-    assert_eq!(attribute(&pool, "202", "pbx.pickup_group").await.as_deref(), Some("9"));
+    assert_eq!(
+        attribute(&pool, "201", "pbx.pickup_group").await.as_deref(),
+        Some("5"),
+        "a conflict is not overwritten"
+    );
+    assert_eq!(
+        attribute(&pool, "202", "pbx.pickup_group").await.as_deref(),
+        Some("9")
+    );
 
     // SQL metacharacters are stored literally.
     let nasty = "O'Brien\"; DROP TABLE subscriber; --";
-    let before = read.users.iter().find(|u| u.extension == "202").unwrap().get(UserField::LastName).map(Into::into);
+    let before = read
+        .users
+        .iter()
+        .find(|u| u.extension == "202")
+        .unwrap()
+        .get(UserField::LastName)
+        .map(Into::into);
     let change = UserChange {
         extension: "202".into(),
-        writes: vec![FieldWrite { field: UserField::LastName, from: before, to: NewValue::Set(nasty.into()) }],
+        writes: vec![FieldWrite {
+            field: UserField::LastName,
+            from: before,
+            to: NewValue::Set(nasty.into()),
+        }],
     };
-    assert_eq!(pbx.apply_user_changes(&[change], false).await.unwrap(), [WriteOutcome::Applied]);
-    assert_eq!(attribute(&pool, "202", "pbx.last_name").await.as_deref(), Some(nasty));
-    let n: i64 = sqlx::query("SELECT COUNT(*) FROM subscriber").fetch_one(&pool).await.unwrap().get(0);
+    assert_eq!(
+        pbx.apply_user_changes(&[change], false).await.unwrap(),
+        [WriteOutcome::Applied]
+    );
+    assert_eq!(
+        attribute(&pool, "202", "pbx.last_name").await.as_deref(),
+        Some(nasty)
+    );
+    let n: i64 = sqlx::query("SELECT COUNT(*) FROM subscriber")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 5, "the subscriber table is intact");
 
     // Remove refuses a user who owns numbers.
-    let outcomes = pbx.apply_actions(&[("202".into(), UserAction::Remove)]).await.unwrap();
-    assert!(matches!(&outcomes[0], ActionOutcome::Skipped(m) if m.contains("owns 1 numbers: reassign them first")), "{outcomes:?}");
+    let outcomes = pbx
+        .apply_actions(&[("202".into(), UserAction::Remove)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcomes[0], ActionOutcome::Skipped(m) if m.contains("owns 1 numbers: reassign them first")),
+        "{outcomes:?}"
+    );
 }
 
 #[tokio::test]
@@ -162,29 +268,66 @@ async fn sqlite_conflicts_and_literal_values() {
 
 #[tokio::test]
 async fn locked_users_are_refused_at_register() {
-    let lab = Lab::start(LabSpec { db: "sqlite", users: 5, phones: 2, ..Default::default() });
+    let lab = Lab::start(LabSpec {
+        db: "sqlite",
+        users: 5,
+        phones: 2,
+        ..Default::default()
+    });
     let pbx = backend(&lab).await;
     assert_eq!(lab.register_once("201"), 200, "an unlocked user registers");
-    let outcome = pbx.apply_actions(&[("201".into(), UserAction::Lock)]).await.unwrap();
+    let outcome = pbx
+        .apply_actions(&[("201".into(), UserAction::Lock)])
+        .await
+        .unwrap();
     assert_eq!(outcome, [ActionOutcome::Done]);
-    assert!(pbx.lookup("201").await.unwrap().is_empty(), "locking drops the live registrations");
-    assert_eq!(lab.register_once("201"), 403, "Kamailio refuses a locked user's REGISTER");
-    assert_eq!(pbx.apply_actions(&[("201".into(), UserAction::Unlock)]).await.unwrap(), [ActionOutcome::Done]);
+    assert!(
+        pbx.lookup("201").await.unwrap().is_empty(),
+        "locking drops the live registrations"
+    );
+    assert_eq!(
+        lab.register_once("201"),
+        403,
+        "Kamailio refuses a locked user's REGISTER"
+    );
+    assert_eq!(
+        pbx.apply_actions(&[("201".into(), UserAction::Unlock)])
+            .await
+            .unwrap(),
+        [ActionOutcome::Done]
+    );
     assert_eq!(lab.register_once("201"), 200);
 }
 
 #[tokio::test]
 async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others() {
-    let lab = Lab::start(LabSpec { db: "postgres", users: 10, phones: 3, silent: 1, no_reboot: 0 });
+    let lab = Lab::start(LabSpec {
+        db: "postgres",
+        users: 10,
+        phones: 3,
+        silent: 1,
+        no_reboot: 0,
+    });
     let pbx = backend(&lab).await;
     let regs = pbx.registrations().await.unwrap();
     let phones = lab.list("LAB_PHONES_REBOOT");
     let silent = lab.list("LAB_PHONES_SILENT");
     assert_eq!(regs.len(), phones.len() + silent.len(), "{regs:?}");
-    assert!(regs.iter().any(|r| r.user_agent.starts_with("Yealink")), "{regs:?}");
+    assert!(
+        regs.iter().any(|r| r.user_agent.starts_with("Yealink")),
+        "{regs:?}"
+    );
 
-    let target = regs.iter().find(|r| r.extension == phones[0]).unwrap().clone();
-    let quiet = regs.iter().find(|r| r.extension == silent[0]).unwrap().clone();
+    let target = regs
+        .iter()
+        .find(|r| r.extension == phones[0])
+        .unwrap()
+        .clone();
+    let quiet = regs
+        .iter()
+        .find(|r| r.extension == silent[0])
+        .unwrap()
+        .clone();
     let started = Instant::now();
     let (to_silent, to_phone) = tokio::join!(pbx.notify(&quiet, "check-sync;reboot=true"), async {
         let answer = pbx.notify(&target, "check-sync;reboot=true").await;
@@ -192,10 +335,16 @@ async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others() {
     });
     let (answer, phone_took) = to_phone;
     assert_eq!(answer.unwrap().code, 200);
-    assert!(phone_took < Duration::from_secs(2), "the silent phone held up the other NOTIFY: {phone_took:?}");
+    assert!(
+        phone_took < Duration::from_secs(2),
+        "the silent phone held up the other NOTIFY: {phone_took:?}"
+    );
     let silent_answer = to_silent.unwrap();
     assert_eq!(silent_answer.code, 408, "{silent_answer:?}");
-    assert!(started.elapsed() < Duration::from_secs(15), "the failure came back within the timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the failure came back within the timeout"
+    );
 
     // The reboot shows as a fresh REGISTER: new Call-ID, later Last-Modified.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -206,7 +355,10 @@ async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others() {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "the phone did not register again: {now:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the phone did not register again: {now:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let counts = lab.notify_counts();
@@ -216,32 +368,73 @@ async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others() {
 
 #[tokio::test]
 async fn header_injection_through_a_contact_is_refused() {
-    let lab = Lab::start(LabSpec { db: "sqlite", users: 3, phones: 1, ..Default::default() });
+    let lab = Lab::start(LabSpec {
+        db: "sqlite",
+        users: 3,
+        phones: 1,
+        ..Default::default()
+    });
     let pbx = backend(&lab).await;
     let mut reg = pbx.registrations().await.unwrap().remove(0);
     reg.contact = format!("{}\r\nX-Injected: 1", reg.contact);
     let err = pbx.notify(&reg, "check-sync").await.unwrap_err();
     assert!(err.to_string().contains("not a plain SIP URI"), "{err}");
-    let err = pbx.notify(&pbx.registrations().await.unwrap()[0], "check-sync\r\nX-Evil: 1").await.unwrap_err();
+    let err = pbx
+        .notify(
+            &pbx.registrations().await.unwrap()[0],
+            "check-sync\r\nX-Evil: 1",
+        )
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("control characters"), "{err}");
-    assert_eq!(lab.notify_counts().values().sum::<u32>(), 0, "nothing was sent");
+    assert_eq!(
+        lab.notify_counts().values().sum::<u32>(),
+        0,
+        "nothing was sent"
+    );
 }
 
 #[tokio::test]
 async fn connection_errors_say_what_to_fix() {
-    let lab = Lab::start(LabSpec { db: "postgres", users: 1, phones: 0, ..Default::default() });
+    let lab = Lab::start(LabSpec {
+        db: "postgres",
+        users: 1,
+        phones: 0,
+        ..Default::default()
+    });
     let bad_password = lab.db_url().replacen("kamailio:", "kamailio:wrong", 1);
-    let err = Kamailio::connect(KamailioConfig::new(&bad_password, lab.rpc_url(), lab.domain())).await.unwrap_err();
+    let err = Kamailio::connect(KamailioConfig::new(
+        &bad_password,
+        lab.rpc_url(),
+        lab.domain(),
+    ))
+    .await
+    .unwrap_err();
     assert_eq!(err.reason(), "DatabaseAuthFailed", "{err}");
-    assert!(!err.to_string().contains("wrong"), "the password leaked into the message: {err}");
+    assert!(
+        !err.to_string().contains("wrong"),
+        "the password leaked into the message: {err}"
+    );
 
-    let pbx = Kamailio::connect(KamailioConfig::new(lab.db_url(), "http://127.0.0.1:1/RPC", lab.domain())).await.unwrap();
+    let pbx = Kamailio::connect(KamailioConfig::new(
+        lab.db_url(),
+        "http://127.0.0.1:1/RPC",
+        lab.domain(),
+    ))
+    .await
+    .unwrap();
     let err = pbx.probe().await.unwrap_err();
     assert_eq!(err.reason(), "RpcUnreachable", "{err}");
 
     let pool = sql_pool(&lab).await;
     sqlx::query("DROP TABLE grp").execute(&pool).await.unwrap();
-    let err = Kamailio::connect(KamailioConfig::new(lab.db_url(), lab.rpc_url(), lab.domain())).await.unwrap_err();
+    let err = Kamailio::connect(KamailioConfig::new(
+        lab.db_url(),
+        lab.rpc_url(),
+        lab.domain(),
+    ))
+    .await
+    .unwrap_err();
     assert_eq!(err.reason(), "MissingTables", "{err}");
     assert!(err.to_string().contains("grp"), "{err}");
 }

@@ -12,7 +12,7 @@ use pbx_operator::api::{
 };
 use support::{control_plane, eventually, kubectl};
 
-/// Waits until the resource's status acknowledges `generation` and returns its Stalled condition.
+/// Waits until the resource's status acknowledges `generation` and returns its Ready condition's reason and message.
 async fn acknowledged<K>(api: &Api<K>, name: &str, generation: i64) -> (String, String)
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
@@ -27,14 +27,14 @@ where
             if status.get("observedGeneration")?.as_i64()? != generation {
                 return None;
             }
-            let stalled = status["conditions"]
+            let ready = status["conditions"]
                 .as_array()?
                 .iter()
-                .find(|c| c["type"] == "Stalled")?
+                .find(|c| c["type"] == "Ready")?
                 .clone();
             Some((
-                stalled["reason"].as_str()?.to_string(),
-                stalled["message"].as_str()?.to_string(),
+                ready["reason"].as_str()?.to_string(),
+                ready["message"].as_str()?.to_string(),
             ))
         },
     )
@@ -90,13 +90,16 @@ async fn run_acknowledges_every_kind_and_stops_on_sigterm() {
         ready.message
     );
 
+    // A change against that connection waits for it, saying why, and touches nothing.
+    let (reason, message) = acknowledged(
+        &Api::<BulkUserChange>::namespaced(client.clone(), &ns),
+        "call-group-201-202",
+        1,
+    )
+    .await;
+    assert_eq!(reason, "DatabaseUnreachable", "{message}");
+
     let checks = [
-        acknowledged(
-            &Api::<BulkUserChange>::namespaced(client.clone(), &ns),
-            "call-group-201-202",
-            1,
-        )
-        .await,
         acknowledged(
             &Api::<BulkPhoneChange>::namespaced(client.clone(), &ns),
             "sales-yealink-t54w",

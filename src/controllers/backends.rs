@@ -56,7 +56,11 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     (!text.is_empty()).then_some(total)
 }
 
-pub(crate) async fn secret_value(client: &Client, namespace: &str, r: &SecretKeyRef) -> Result<String, Error> {
+pub(crate) async fn secret_value(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+) -> Result<String, Error> {
     let missing = |detail: &str| Error::SecretMissing {
         namespace: namespace.to_string(),
         name: r.name.clone(),

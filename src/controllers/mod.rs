@@ -61,7 +61,9 @@ pub enum Error {
         "the plan changed since it was approved (approved {approved}, now {current}): review status.plan, then set spec.approvedPlanHash to the new hash"
     )]
     PlanChanged { approved: String, current: String },
-    #[error("the results ConfigMap {name} is missing or unreadable; delete and re-create the resource to start over")]
+    #[error(
+        "the results ConfigMap {name} is missing or unreadable; delete and re-create the resource to start over"
+    )]
     ResultsLost { name: String },
 }
 
@@ -228,7 +230,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.concurrency,
             shutdown.clone(),
         ),
-        user_change::run(api(&client, &args), ctx.clone(), args.concurrency, shutdown.clone()),
+        user_change::run(
+            api(&client, &args),
+            ctx.clone(),
+            args.concurrency,
+            shutdown.clone(),
+        ),
         pending::run::<BulkPhoneChange>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
         pending::run::<PhoneRestart>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
         pending::run::<UserRecycle>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),

@@ -24,7 +24,10 @@ pub struct Store<'a, K: Resource<DynamicType = ()>> {
 
 impl<'a, K: Resource<DynamicType = ()>> Store<'a, K> {
     pub fn new(client: &Client, owner: &'a K) -> Self {
-        Store { api: Api::namespaced(client.clone(), &owner.namespace().unwrap_or_default()), owner }
+        Store {
+            api: Api::namespaced(client.clone(), &owner.namespace().unwrap_or_default()),
+            owner,
+        }
     }
 
     /// Writes one chunk of rows (CSV for people, JSON lines for resuming).
@@ -34,12 +37,18 @@ impl<'a, K: Resource<DynamicType = ()>> Store<'a, K> {
         let mut data = BTreeMap::new();
         data.insert("results.csv".to_string(), results::to_csv(rows));
         data.insert("rows.jsonl".to_string(), results::to_jsonl(rows));
-        let owner_ref = self.owner.controller_owner_ref(&()).expect("resources from the API server have a uid");
+        let owner_ref = self
+            .owner
+            .controller_owner_ref(&())
+            .expect("resources from the API server have a uid");
         let cm = ConfigMap {
             metadata: kube::api::ObjectMeta {
                 name: Some(cm_name.clone()),
                 labels: Some(BTreeMap::from([
-                    ("app.kubernetes.io/managed-by".to_string(), MANAGER.to_string()),
+                    (
+                        "app.kubernetes.io/managed-by".to_string(),
+                        MANAGER.to_string(),
+                    ),
                     (OWNER_LABEL.to_string(), label_value(&owner_name)),
                 ])),
                 owner_references: Some(vec![owner_ref]),
@@ -51,14 +60,31 @@ impl<'a, K: Resource<DynamicType = ()>> Store<'a, K> {
         let mut value = serde_json::to_value(&cm).expect("ConfigMaps serialize");
         value["apiVersion"] = "v1".into();
         value["kind"] = "ConfigMap".into();
-        self.api.patch(&cm_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&value)).await?;
+        self.api
+            .patch(
+                &cm_name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&value),
+            )
+            .await?;
         Ok(cm_name)
     }
 
     pub async fn read(&self, index: usize) -> Result<Vec<Row>, Error> {
         let cm_name = name(&self.owner.name_any(), index);
-        let cm = self.api.get_opt(&cm_name).await?.ok_or_else(|| Error::ResultsLost { name: cm_name.clone() })?;
-        let text = cm.data.as_ref().and_then(|d| d.get("rows.jsonl")).map(String::as_str).unwrap_or("");
+        let cm = self
+            .api
+            .get_opt(&cm_name)
+            .await?
+            .ok_or_else(|| Error::ResultsLost {
+                name: cm_name.clone(),
+            })?;
+        let text = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get("rows.jsonl"))
+            .map(String::as_str)
+            .unwrap_or("");
         results::from_jsonl(text).map_err(|_| Error::ResultsLost { name: cm_name })
     }
 
@@ -73,10 +99,13 @@ impl<'a, K: Resource<DynamicType = ()>> Store<'a, K> {
     /// Deletes result ConfigMaps of this owner beyond the first `keep`.
     pub async fn prune(&self, keep: usize) -> Result<(), Error> {
         let owner_name = self.owner.name_any();
-        let lp = ListParams::default().labels(&format!("{OWNER_LABEL}={}", label_value(&owner_name)));
+        let lp =
+            ListParams::default().labels(&format!("{OWNER_LABEL}={}", label_value(&owner_name)));
         for cm in self.api.list_metadata(&lp).await? {
             let n = cm.name_any();
-            let index = n.strip_prefix(&format!("{owner_name}-results-")).and_then(|i| i.parse::<usize>().ok());
+            let index = n
+                .strip_prefix(&format!("{owner_name}-results-"))
+                .and_then(|i| i.parse::<usize>().ok());
             if index.is_some_and(|i| i > keep) {
                 self.api.delete(&n, &DeleteParams::default()).await?;
             }

@@ -23,12 +23,16 @@ use super::conditions::{self, Desired};
 use super::results_store::{MANAGER, Store};
 use super::{Context, Error, Shutdown, watcher_config};
 use crate::api::{
-    BulkUserChange, BulkUserChangeSpec, FailurePolicy, FieldChange, Lock, Mode, OperationStatus, Outcome, Phase, Plan,
-    Policy, Progress, SecretField, Summary, UserAction as SpecAction, UserFields,
+    BulkUserChange, BulkUserChangeSpec, FailurePolicy, FieldChange, Lock, Mode, OperationStatus,
+    Outcome, Phase, Plan, Policy, Progress, SecretField, Summary, UserAction as SpecAction,
+    UserFields,
 };
 use crate::mail::{self, Mailer};
 use crate::pbx::kamailio::Kamailio;
-use crate::pbx::{ActionOutcome, FieldWrite, NewValue, PbxBackend, Secret, User, UserAction, UserChange, UserField, UserSelection, WriteOutcome};
+use crate::pbx::{
+    ActionOutcome, FieldWrite, NewValue, PbxBackend, Secret, User, UserAction, UserChange,
+    UserField, UserSelection, WriteOutcome,
+};
 use crate::plan::selection::Selector;
 use crate::plan::users::{self as user_plan, ActionKind, FieldIntent, Intent, Wanted};
 use crate::results::{self, Row, StoredWrite};
@@ -37,7 +41,12 @@ pub const RETRY_ANNOTATION: &str = "pbx-operator.io/retry";
 const KIND: &str = "BulkUserChange";
 const DEFAULT_ENFORCE_INTERVAL: Duration = Duration::from_secs(600);
 
-pub async fn run(api: Api<BulkUserChange>, ctx: Arc<Context>, concurrency: u16, shutdown: Shutdown) {
+pub async fn run(
+    api: Api<BulkUserChange>,
+    ctx: Arc<Context>,
+    concurrency: u16,
+    shutdown: Shutdown,
+) {
     Controller::new(api, watcher_config())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown)
@@ -54,14 +63,21 @@ pub async fn run(api: Api<BulkUserChange>, ctx: Arc<Context>, concurrency: u16, 
 fn lineage(buc: &BulkUserChange) -> String {
     let mut run = format!("g{}", buc.metadata.generation.unwrap_or(0));
     if let Some(retry) = buc.annotations().get(RETRY_ANNOTATION) {
-        let clean: String = retry.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
+        let clean: String = retry
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(40)
+            .collect();
         run.push_str(&format!("-retry-{clean}"));
     }
     run
 }
 
 fn same_lineage(run: &str, lineage: &str) -> bool {
-    run == lineage || run.strip_prefix(lineage).is_some_and(|rest| rest.starts_with("-check-"))
+    run == lineage
+        || run
+            .strip_prefix(lineage)
+            .is_some_and(|rest| rest.starts_with("-check-"))
 }
 
 /// A fingerprint of what the spec asks, without how (mode) or who (requestedBy).
@@ -80,9 +96,15 @@ async fn reconcile(buc: Arc<BulkUserChange>, ctx: Arc<Context>) -> Result<Action
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let status = buc.status.clone().unwrap_or_default();
     let lineage = lineage(&buc);
-    let run = Run { buc: &buc, ctx: &ctx, store: Store::new(&ctx.client, &*buc) };
+    let run = Run {
+        buc: &buc,
+        ctx: &ctx,
+        store: Store::new(&ctx.client, &*buc),
+    };
     match &status.progress {
-        Some(p) if same_lineage(&p.run, &lineage) && p.done < p.batches => run.execute(status).await,
+        Some(p) if same_lineage(&p.run, &lineage) && p.done < p.batches => {
+            run.execute(status).await
+        }
         Some(p) if same_lineage(&p.run, &lineage) => run.finished(status).await,
         _ => run.start(status, lineage).await,
     }
@@ -104,14 +126,27 @@ impl Run<'_> {
     }
 
     async fn backend(&self) -> Result<(crate::api::PbxConnection, Arc<Kamailio>), Error> {
-        self.ctx.backends.by_name(&self.ctx.client, &self.namespace(), &self.spec().connection_ref.name).await
+        self.ctx
+            .backends
+            .by_name(
+                &self.ctx.client,
+                &self.namespace(),
+                &self.spec().connection_ref.name,
+            )
+            .await
     }
 
     /// Server-side applies the whole status: fields this run no longer sets are removed.
     async fn write_status(&self, status: &OperationStatus) -> Result<(), Error> {
         let api: Api<BulkUserChange> = Api::namespaced(self.ctx.client.clone(), &self.namespace());
-        let body = json!({ "apiVersion": "pbx-operator.io/v1alpha1", "kind": KIND, "status": status });
-        api.patch_status(&self.buc.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
+        let body =
+            json!({ "apiVersion": "pbx-operator.io/v1alpha1", "kind": KIND, "status": status });
+        api.patch_status(
+            &self.buc.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
         Ok(())
     }
 
@@ -122,12 +157,42 @@ impl Run<'_> {
         let transient = err.is_transient();
         let reason = err.label_camel();
         status.observed_generation = generation;
-        conditions::upsert(&mut status.conditions, Desired { type_: conditions::READY, status: false, reason, message: err.to_string() }, generation, &now);
+        conditions::upsert(
+            &mut status.conditions,
+            Desired {
+                type_: conditions::READY,
+                status: false,
+                reason,
+                message: err.to_string(),
+            },
+            generation,
+            &now,
+        );
         if transient {
-            conditions::upsert(&mut status.conditions, Desired { type_: conditions::RECONCILING, status: true, reason, message: format!("waiting for the PBX, will retry: {err}") }, generation, &now);
+            conditions::upsert(
+                &mut status.conditions,
+                Desired {
+                    type_: conditions::RECONCILING,
+                    status: true,
+                    reason,
+                    message: format!("waiting for the PBX, will retry: {err}"),
+                },
+                generation,
+                &now,
+            );
             conditions::remove(&mut status.conditions, conditions::STALLED);
         } else {
-            conditions::upsert(&mut status.conditions, Desired { type_: conditions::STALLED, status: true, reason, message: err.to_string() }, generation, &now);
+            conditions::upsert(
+                &mut status.conditions,
+                Desired {
+                    type_: conditions::STALLED,
+                    status: true,
+                    reason,
+                    message: err.to_string(),
+                },
+                generation,
+                &now,
+            );
             conditions::remove(&mut status.conditions, conditions::RECONCILING);
             if status.progress.is_none() {
                 status.phase = Phase::Failed;
@@ -137,8 +202,13 @@ impl Run<'_> {
             self.write_status(&status).await?;
         }
         let failures = self.ctx.failures(&self.buc.uid().unwrap_or_default());
-        let backoff = Duration::from_secs(5u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(300));
-        Ok(Action::requeue(if transient { backoff } else { Duration::from_secs(300) }))
+        let backoff = Duration::from_secs(5u64.saturating_mul(1 << failures.min(6)))
+            .min(Duration::from_secs(300));
+        Ok(Action::requeue(if transient {
+            backoff
+        } else {
+            Duration::from_secs(300)
+        }))
     }
 
     /// Plans a new run (or reuses the validated plan), stores it, and starts executing.
@@ -150,16 +220,27 @@ impl Run<'_> {
         let spec_hash = spec_hash(self.spec());
         let reuse_validated = self.spec().mode == Mode::Execute
             && status.phase == Phase::Validated
-            && status.plan.as_ref().is_some_and(|p| p.spec_hash == spec_hash)
+            && status
+                .plan
+                .as_ref()
+                .is_some_and(|p| p.spec_hash == spec_hash)
             && !run_id.contains("-retry-");
         let (rows, plan) = if reuse_validated {
             let plan = status.plan.clone().expect("checked above");
-            let batches = status.progress.as_ref().map(|p| p.batches as usize).unwrap_or(0);
+            let batches = status
+                .progress
+                .as_ref()
+                .map(|p| p.batches as usize)
+                .unwrap_or(0);
             let rows = self.store.read_all(batches).await?;
             (rows, plan)
         } else {
             let retry_only = if run_id.contains("-retry-") {
-                let batches = status.progress.as_ref().map(|p| p.batches as usize).unwrap_or(0);
+                let batches = status
+                    .progress
+                    .as_ref()
+                    .map(|p| p.batches as usize)
+                    .unwrap_or(0);
                 Some(self.store.read_all(batches).await.unwrap_or_default())
             } else {
                 None
@@ -172,7 +253,10 @@ impl Run<'_> {
         if self.spec().mode == Mode::Execute {
             if let Some(approved) = &self.spec().approved_plan_hash {
                 if *approved != plan.hash {
-                    let err = Error::PlanChanged { approved: approved.clone(), current: plan.hash.clone() };
+                    let err = Error::PlanChanged {
+                        approved: approved.clone(),
+                        current: plan.hash.clone(),
+                    };
                     let mut status = status;
                     status.plan = Some(plan);
                     status.phase = Phase::Failed;
@@ -206,54 +290,161 @@ impl Run<'_> {
         let done_rows: Vec<&Row> = all.iter().copied().filter(|r| r.is_final()).collect();
         if self.spec().mode == Mode::Validate {
             next.phase = Phase::Validated;
-            next.summary = Some(Summary { targets: all.len() as u32, changed: plan.changes, ..results::summarize(done_rows.iter().copied()) });
-            next.progress = Some(Progress { run: run_id, batches: chunks.len() as u32, done: chunks.len() as u32 });
+            next.summary = Some(Summary {
+                targets: all.len() as u32,
+                changed: plan.changes,
+                ..results::summarize(done_rows.iter().copied())
+            });
+            next.progress = Some(Progress {
+                run: run_id,
+                batches: chunks.len() as u32,
+                done: chunks.len() as u32,
+            });
             next.completion_time = Some(now.clone());
-            let message = format!("planned: {} targets, {} would change; plan hash {}", all.len(), plan.changes, plan.hash);
-            conditions::upsert(&mut next.conditions, Desired { type_: conditions::VALIDATED, status: true, reason: "Planned", message: message.clone() }, generation, &now);
-            conditions::upsert(&mut next.conditions, Desired { type_: conditions::READY, status: true, reason: "Validated", message }, generation, &now);
+            let message = format!(
+                "planned: {} targets, {} would change; plan hash {}",
+                all.len(),
+                plan.changes,
+                plan.hash
+            );
+            conditions::upsert(
+                &mut next.conditions,
+                Desired {
+                    type_: conditions::VALIDATED,
+                    status: true,
+                    reason: "Planned",
+                    message: message.clone(),
+                },
+                generation,
+                &now,
+            );
+            conditions::upsert(
+                &mut next.conditions,
+                Desired {
+                    type_: conditions::READY,
+                    status: true,
+                    reason: "Validated",
+                    message,
+                },
+                generation,
+                &now,
+            );
             conditions::remove(&mut next.conditions, conditions::RECONCILING);
             conditions::remove(&mut next.conditions, conditions::STALLED);
             self.write_status(&next).await?;
-            self.ctx.publish(self.buc, EventType::Normal, "Validated", "Validate", Some(format!("{} targets, {} would change, plan hash {}{}", all.len(), plan.changes, plan.hash, self.requested_by()))).await;
+            self.ctx
+                .publish(
+                    self.buc,
+                    EventType::Normal,
+                    "Validated",
+                    "Validate",
+                    Some(format!(
+                        "{} targets, {} would change, plan hash {}{}",
+                        all.len(),
+                        plan.changes,
+                        plan.hash,
+                        self.requested_by()
+                    )),
+                )
+                .await;
             return self.after_finish(&next);
         }
         next.phase = Phase::Running;
-        next.summary = Some(Summary { targets: all.len() as u32, ..results::summarize(done_rows.iter().copied()) });
-        next.progress = Some(Progress { run: run_id, batches: chunks.len() as u32, done: 0 });
+        next.summary = Some(Summary {
+            targets: all.len() as u32,
+            ..results::summarize(done_rows.iter().copied())
+        });
+        next.progress = Some(Progress {
+            run: run_id,
+            batches: chunks.len() as u32,
+            done: 0,
+        });
         let message = format!("executing plan {} on {} targets", plan.hash, all.len());
-        conditions::upsert(&mut next.conditions, Desired { type_: conditions::RECONCILING, status: true, reason: "Executing", message: message.clone() }, generation, &now);
-        conditions::upsert(&mut next.conditions, Desired { type_: conditions::READY, status: false, reason: "Executing", message: message.clone() }, generation, &now);
+        conditions::upsert(
+            &mut next.conditions,
+            Desired {
+                type_: conditions::RECONCILING,
+                status: true,
+                reason: "Executing",
+                message: message.clone(),
+            },
+            generation,
+            &now,
+        );
+        conditions::upsert(
+            &mut next.conditions,
+            Desired {
+                type_: conditions::READY,
+                status: false,
+                reason: "Executing",
+                message: message.clone(),
+            },
+            generation,
+            &now,
+        );
         conditions::remove(&mut next.conditions, conditions::STALLED);
         self.write_status(&next).await?;
-        self.ctx.publish(self.buc, EventType::Normal, "Started", "Execute", Some(format!("{message}{}", self.requested_by()))).await;
+        self.ctx
+            .publish(
+                self.buc,
+                EventType::Normal,
+                "Started",
+                "Execute",
+                Some(format!("{message}{}", self.requested_by())),
+            )
+            .await;
         self.execute(next).await
     }
 
     fn requested_by(&self) -> String {
-        self.spec().requested_by.as_deref().map(|u| format!(" (requested by {u})")).unwrap_or_default()
+        self.spec()
+            .requested_by
+            .as_deref()
+            .map(|u| format!(" (requested by {u})"))
+            .unwrap_or_default()
     }
 
     /// Reads the targets and builds the plan rows. With `retry_only`, targets whose earlier
     /// outcome was final and not a failure keep their row; the rest are planned afresh.
-    async fn plan(&self, backend: &Kamailio, retry_only: Option<Vec<Row>>, spec_hash: &str) -> Result<(Vec<Row>, Plan), Error> {
+    async fn plan(
+        &self,
+        backend: &Kamailio,
+        retry_only: Option<Vec<Row>>,
+        spec_hash: &str,
+    ) -> Result<(Vec<Row>, Plan), Error> {
         let spec = self.spec();
         let intent = intent(&self.ctx.client, &self.namespace(), spec).await?;
         let targets = spec.targets.clone().unwrap_or_default();
         let (mut kept, selection) = match &retry_only {
             Some(rows) => {
-                let (failed, ok): (Vec<Row>, Vec<Row>) = rows.iter().cloned().partition(|r| r.is_failure() || !r.is_final());
-                let selection = UserSelection { groups: vec![], extensions: failed.iter().map(|r| r.target.clone()).collect() };
+                let (failed, ok): (Vec<Row>, Vec<Row>) = rows
+                    .iter()
+                    .cloned()
+                    .partition(|r| r.is_failure() || !r.is_final());
+                let selection = UserSelection {
+                    groups: vec![],
+                    extensions: failed.iter().map(|r| r.target.clone()).collect(),
+                };
                 (ok, selection)
             }
-            None => (vec![], UserSelection { groups: targets.groups.clone(), extensions: targets.extensions.clone() }),
+            None => (
+                vec![],
+                UserSelection {
+                    groups: targets.groups.clone(),
+                    extensions: targets.extensions.clone(),
+                },
+            ),
         };
         let read = backend.read_users(&selection).await?;
         let selector = Selector {
             groups: selection.groups.clone(),
             extensions: selection.extensions.clone(),
             exclude: targets.exclude.clone(),
-            max_targets: if retry_only.is_some() { None } else { targets.max_targets },
+            max_targets: if retry_only.is_some() {
+                None
+            } else {
+                targets.max_targets
+            },
         };
         let caps = backend.capabilities();
         let fp = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
@@ -271,7 +462,12 @@ impl Run<'_> {
             hash: plan.hash.clone(),
             generation: self.buc.metadata.generation.unwrap_or(0),
             targets: plan.targets.len() as u32,
-            resolved: plan.targets.iter().take(1000).map(|t| t.extension.clone()).collect(),
+            resolved: plan
+                .targets
+                .iter()
+                .take(1000)
+                .map(|t| t.extension.clone())
+                .collect(),
             common_values: plan.common_values.clone(),
             closed_fields: plan.closed_fields.clone(),
             changes: plan.changing() as u32,
@@ -307,12 +503,19 @@ impl Run<'_> {
         let progress = status.progress.clone().expect("execute runs with progress");
         let atomic = self.spec().failure_policy == FailurePolicy::Atomic;
         let batches: Vec<usize> = (progress.done as usize..progress.batches as usize).collect();
-        let groups: Vec<Vec<usize>> = if atomic { vec![batches] } else { batches.into_iter().map(|b| vec![b]).collect() };
+        let groups: Vec<Vec<usize>> = if atomic {
+            vec![batches]
+        } else {
+            batches.into_iter().map(|b| vec![b]).collect()
+        };
         for group in groups {
             let mut loaded = Vec::new();
             for &index in &group {
                 let mut rows = self.store.read(index).await?;
-                let resumed: Vec<bool> = rows.iter().map(|r| r.outcome == Outcome::InProgress).collect();
+                let resumed: Vec<bool> = rows
+                    .iter()
+                    .map(|r| r.outcome == Outcome::InProgress)
+                    .collect();
                 if rows.iter().any(|r| r.outcome == Outcome::Planned) {
                     for r in rows.iter_mut().filter(|r| r.outcome == Outcome::Planned) {
                         r.outcome = Outcome::InProgress;
@@ -330,7 +533,13 @@ impl Run<'_> {
                     }
                 }
             }
-            let ctx = Exec { backend: backend.as_ref(), secrets: &secrets, mailer: mailer.as_ref(), domain: &conn.spec.domain, atomic };
+            let ctx = Exec {
+                backend: backend.as_ref(),
+                secrets: &secrets,
+                mailer: mailer.as_ref(),
+                domain: &conn.spec.domain,
+                atomic,
+            };
             if let Err(e) = ctx.run(work).await {
                 // The PBX went away mid-batch: the rows stay InProgress and are checked on resume.
                 return self.blocked(status, &e).await;
@@ -343,7 +552,14 @@ impl Run<'_> {
                 failed_in_batch += s.failed + s.conflicts;
                 results::add(&mut batch_summary, &s);
                 for r in rows {
-                    self.ctx.metrics.targets.get_or_create(&super::metrics::OutcomeLabel { kind: KIND.into(), outcome: format!("{:?}", r.outcome) }).inc();
+                    self.ctx
+                        .metrics
+                        .targets
+                        .get_or_create(&super::metrics::OutcomeLabel {
+                            kind: KIND.into(),
+                            outcome: format!("{:?}", r.outcome),
+                        })
+                        .inc();
                 }
             }
             let p = status.progress.as_mut().expect("set above");
@@ -352,10 +568,17 @@ impl Run<'_> {
             let summary = status.summary.get_or_insert_with(Summary::default);
             let targets = summary.targets;
             // Rows counted in the summary at start (final already) are recounted per batch.
-            *summary = Summary { targets, ..Summary::default() };
+            *summary = Summary {
+                targets,
+                ..Summary::default()
+            };
             let mut shown_rows = Vec::new();
             for i in 0..done_so_far as usize {
-                let rows = if let Some((_, rows, _)) = loaded.iter().find(|(idx, _, _)| *idx == i) { rows.clone() } else { self.store.read(i).await? };
+                let rows = if let Some((_, rows, _)) = loaded.iter().find(|(idx, _, _)| *idx == i) {
+                    rows.clone()
+                } else {
+                    self.store.read(i).await?
+                };
                 let s = results::summarize(rows.iter());
                 results::add(summary, &Summary { targets: 0, ..s });
                 shown_rows.extend(rows);
@@ -378,28 +601,87 @@ impl Run<'_> {
         let generation = self.buc.metadata.generation;
         let summary = status.summary.clone().unwrap_or_default();
         let bad = summary.failed + summary.conflicts;
-        status.phase = if bad == 0 { Phase::Succeeded } else if bad < summary.targets { Phase::PartiallyFailed } else { Phase::Failed };
+        status.phase = if bad == 0 {
+            Phase::Succeeded
+        } else if bad < summary.targets {
+            Phase::PartiallyFailed
+        } else {
+            Phase::Failed
+        };
         status.completion_time = Some(now.clone());
         let message = format!(
             "{} targets: {} changed, {} unchanged, {} failed, {} conflicts, {} skipped",
-            summary.targets, summary.changed, summary.unchanged, summary.failed, summary.conflicts, summary.skipped
+            summary.targets,
+            summary.changed,
+            summary.unchanged,
+            summary.failed,
+            summary.conflicts,
+            summary.skipped
         );
         conditions::remove(&mut status.conditions, conditions::RECONCILING);
         if bad == 0 {
-            conditions::upsert(&mut status.conditions, Desired { type_: conditions::READY, status: true, reason: "Succeeded", message: message.clone() }, generation, &now);
+            conditions::upsert(
+                &mut status.conditions,
+                Desired {
+                    type_: conditions::READY,
+                    status: true,
+                    reason: "Succeeded",
+                    message: message.clone(),
+                },
+                generation,
+                &now,
+            );
             conditions::remove(&mut status.conditions, conditions::STALLED);
         } else {
-            let hint = format!("{message}; fix the causes in status.results, then set annotation {RETRY_ANNOTATION} to re-run only the failed targets");
-            let reason = if status.phase == Phase::Failed { "Failed" } else { "PartiallyFailed" };
-            conditions::upsert(&mut status.conditions, Desired { type_: conditions::READY, status: false, reason, message: hint.clone() }, generation, &now);
-            conditions::upsert(&mut status.conditions, Desired { type_: conditions::STALLED, status: true, reason, message: hint }, generation, &now);
+            let hint = format!(
+                "{message}; fix the causes in status.results, then set annotation {RETRY_ANNOTATION} to re-run only the failed targets"
+            );
+            let reason = if status.phase == Phase::Failed {
+                "Failed"
+            } else {
+                "PartiallyFailed"
+            };
+            conditions::upsert(
+                &mut status.conditions,
+                Desired {
+                    type_: conditions::READY,
+                    status: false,
+                    reason,
+                    message: hint.clone(),
+                },
+                generation,
+                &now,
+            );
+            conditions::upsert(
+                &mut status.conditions,
+                Desired {
+                    type_: conditions::STALLED,
+                    status: true,
+                    reason,
+                    message: hint,
+                },
+                generation,
+                &now,
+            );
         }
         if self.spec().policy == Policy::Enforce {
             status.last_checked_time = Some(now.clone());
         }
         self.write_status(&status).await?;
-        let type_ = if bad == 0 { EventType::Normal } else { EventType::Warning };
-        self.ctx.publish(self.buc, type_, "Finished", "Execute", Some(format!("{message}{}", self.requested_by()))).await;
+        let type_ = if bad == 0 {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        self.ctx
+            .publish(
+                self.buc,
+                type_,
+                "Finished",
+                "Execute",
+                Some(format!("{message}{}", self.requested_by())),
+            )
+            .await;
         self.after_finish(&status)
     }
 
@@ -408,8 +690,17 @@ impl Run<'_> {
         if self.spec().policy != Policy::Enforce || self.spec().mode != Mode::Execute {
             return Ok(Action::await_change());
         }
-        let interval = self.spec().interval.as_deref().and_then(parse_duration).unwrap_or(DEFAULT_ENFORCE_INTERVAL);
-        let last = status.last_checked_time.as_ref().or(status.completion_time.as_ref()).map(|t| t.0);
+        let interval = self
+            .spec()
+            .interval
+            .as_deref()
+            .and_then(parse_duration)
+            .unwrap_or(DEFAULT_ENFORCE_INTERVAL);
+        let last = status
+            .last_checked_time
+            .as_ref()
+            .or(status.completion_time.as_ref())
+            .map(|t| t.0);
         let now = jiff::Timestamp::now();
         if let Some(last) = last {
             let due = last + jiff::SignedDuration::try_from(interval).unwrap_or_default();
@@ -427,11 +718,17 @@ impl Run<'_> {
             Ok(b) => b,
             Err(e) => return self.blocked(status, &e).await,
         };
-        let (rows, plan) = match self.plan(backend.as_ref(), None, &spec_hash(self.spec())).await {
+        let (rows, plan) = match self
+            .plan(backend.as_ref(), None, &spec_hash(self.spec()))
+            .await
+        {
             Ok(p) => p,
             Err(e) => return self.blocked(status, &e).await,
         };
-        let drifted: Vec<Row> = rows.into_iter().filter(|r| r.outcome == Outcome::Planned && !r.writes.is_empty()).collect();
+        let drifted: Vec<Row> = rows
+            .into_iter()
+            .filter(|r| r.outcome == Outcome::Planned && !r.writes.is_empty())
+            .collect();
         if drifted.is_empty() {
             status.last_checked_time = Some(conditions::now());
             self.write_status(&status).await?;
@@ -449,18 +746,43 @@ impl Run<'_> {
         status.corrections = Some(status.corrections.unwrap_or(0) + n);
         status.results_refs = refs;
         status.plan = Some(plan);
-        status.summary = Some(Summary { targets: n as u32, ..Summary::default() });
-        status.progress = Some(Progress { run: run_id, batches: chunks.len() as u32, done: 0 });
+        status.summary = Some(Summary {
+            targets: n as u32,
+            ..Summary::default()
+        });
+        status.progress = Some(Progress {
+            run: run_id,
+            batches: chunks.len() as u32,
+            done: 0,
+        });
         status.phase = Phase::Running;
         self.write_status(&status).await?;
-        self.ctx.publish(self.buc, EventType::Normal, "DriftCorrected", "Enforce", Some(format!("{n} targets drifted from the desired state; correcting them"))).await;
+        self.ctx
+            .publish(
+                self.buc,
+                EventType::Normal,
+                "DriftCorrected",
+                "Enforce",
+                Some(format!(
+                    "{n} targets drifted from the desired state; correcting them"
+                )),
+            )
+            .await;
         self.execute(status).await
     }
 
     fn after_finish(&self, status: &OperationStatus) -> Result<Action, Error> {
         self.ctx.reset_failures(&self.buc.uid().unwrap_or_default());
-        if self.spec().policy == Policy::Enforce && self.spec().mode == Mode::Execute && status.phase != Phase::Failed {
-            let interval = self.spec().interval.as_deref().and_then(parse_duration).unwrap_or(DEFAULT_ENFORCE_INTERVAL);
+        if self.spec().policy == Policy::Enforce
+            && self.spec().mode == Mode::Execute
+            && status.phase != Phase::Failed
+        {
+            let interval = self
+                .spec()
+                .interval
+                .as_deref()
+                .and_then(parse_duration)
+                .unwrap_or(DEFAULT_ENFORCE_INTERVAL);
             return Ok(Action::requeue(interval));
         }
         Ok(Action::await_change())
@@ -468,9 +790,15 @@ impl Run<'_> {
 }
 
 fn warnings(conn: &crate::api::PbxConnection, spec: &BulkUserChangeSpec) -> Vec<String> {
-    let mails = spec.actions.iter().any(|a| matches!(a, SpecAction::ResetPassword | SpecAction::SendWelcomeEmail));
+    let mails = spec
+        .actions
+        .iter()
+        .any(|a| matches!(a, SpecAction::ResetPassword | SpecAction::SendWelcomeEmail));
     if mails && conn.spec.smtp.is_none() {
-        vec![format!("PbxConnection {} has no spec.smtp: reset instructions and welcome emails cannot be sent", conn.name_any())]
+        vec![format!(
+            "PbxConnection {} has no spec.smtp: reset instructions and welcome emails cannot be sent",
+            conn.name_any()
+        )]
     } else {
         vec![]
     }
@@ -480,13 +808,21 @@ fn warnings(conn: &crate::api::PbxConnection, spec: &BulkUserChangeSpec) -> Vec<
 fn planned_row(t: &user_plan::PlannedUser) -> Row {
     Row {
         target: t.extension.clone(),
-        outcome: if t.changes_anything() { Outcome::Planned } else { Outcome::Unchanged },
+        outcome: if t.changes_anything() {
+            Outcome::Planned
+        } else {
+            Outcome::Unchanged
+        },
         writes: t
             .writes
             .iter()
             .map(|w| StoredWrite {
                 field: w.field.name().into(),
-                from: if w.field.is_secret() { None } else { w.from.clone() },
+                from: if w.field.is_secret() {
+                    None
+                } else {
+                    w.from.clone()
+                },
                 to: match &w.to {
                     NewValue::Set(v) => Some(v.clone()),
                     _ => None,
@@ -498,21 +834,41 @@ fn planned_row(t: &user_plan::PlannedUser) -> Row {
         changes: t
             .writes
             .iter()
-            .map(|w| FieldChange { field: w.field.name().into(), from: user_plan::shown(w.field, w.from.as_deref()), to: user_plan::shown_new(w.field, &w.to) })
+            .map(|w| FieldChange {
+                field: w.field.name().into(),
+                from: user_plan::shown(w.field, w.from.as_deref()),
+                to: user_plan::shown_new(w.field, &w.to),
+            })
             .collect(),
         notes: vec![],
     }
 }
 
 /// What a spec asks for, with secret values read from their Secrets.
-pub async fn intent(client: &kube::Client, namespace: &str, spec: &BulkUserChangeSpec) -> Result<Intent, Error> {
+pub async fn intent(
+    client: &kube::Client,
+    namespace: &str,
+    spec: &BulkUserChangeSpec,
+) -> Result<Intent, Error> {
     let mut fields = Vec::new();
     if let Some(f) = &spec.fields {
         fields = plain_fields(f);
-        for (field, secret) in [(UserField::VoicemailPin, &f.voicemail_pin), (UserField::Password, &f.password)] {
-            if let Some(SecretField { value_from: Some(from), lock, .. }) = secret {
+        for (field, secret) in [
+            (UserField::VoicemailPin, &f.voicemail_pin),
+            (UserField::Password, &f.password),
+        ] {
+            if let Some(SecretField {
+                value_from: Some(from),
+                lock,
+                ..
+            }) = secret
+            {
                 let value = secret_value(client, namespace, &from.secret_key_ref).await?;
-                fields.push(FieldIntent { field, wanted: Wanted::Secret(Secret::new(value)), open: *lock == Lock::Open });
+                fields.push(FieldIntent {
+                    field,
+                    wanted: Wanted::Secret(Secret::new(value)),
+                    open: *lock == Lock::Open,
+                });
             }
         }
     }
@@ -535,7 +891,11 @@ pub async fn intent(client: &kube::Client, namespace: &str, spec: &BulkUserChang
 pub fn plain_fields(f: &UserFields) -> Vec<FieldIntent> {
     let mut out = Vec::new();
     let mut push = |field: UserField, value: Option<String>, lock: Lock| {
-        out.push(FieldIntent { field, wanted: Wanted::Value(value), open: lock == Lock::Open })
+        out.push(FieldIntent {
+            field,
+            wanted: Wanted::Value(value),
+            open: lock == Lock::Open,
+        })
     };
     if let Some(x) = &f.first_name {
         push(UserField::FirstName, Some(x.value.0.clone()), x.lock);
@@ -557,7 +917,11 @@ pub fn plain_fields(f: &UserFields) -> Vec<FieldIntent> {
     }
     if let Some(x) = &f.groups {
         let canonical = user_plan::canonical_groups(x.value.0.iter().map(String::as_str));
-        push(UserField::Groups, (!canonical.is_empty()).then_some(canonical), x.lock);
+        push(
+            UserField::Groups,
+            (!canonical.is_empty()).then_some(canonical),
+            x.lock,
+        );
     }
     if let Some(x) = &f.locked {
         push(UserField::Locked, Some(x.value.to_string()), x.lock);
@@ -569,11 +933,23 @@ pub fn plain_fields(f: &UserFields) -> Vec<FieldIntent> {
         push(UserField::VoiceRoutePolicy, Some(x.value.0.clone()), x.lock);
     }
     if let Some(x) = &f.enterprise_voice {
-        push(UserField::EnterpriseVoice, Some(x.value.to_string()), x.lock);
+        push(
+            UserField::EnterpriseVoice,
+            Some(x.value.to_string()),
+            x.lock,
+        );
     }
     for (number, location, spec) in [
-        (UserField::PrimaryNumber, UserField::PrimaryNumberLocation, &f.primary_number),
-        (UserField::PrivateNumber, UserField::PrivateNumberLocation, &f.private_number),
+        (
+            UserField::PrimaryNumber,
+            UserField::PrimaryNumberLocation,
+            &f.primary_number,
+        ),
+        (
+            UserField::PrivateNumber,
+            UserField::PrivateNumberLocation,
+            &f.private_number,
+        ),
     ] {
         if let Some(x) = spec {
             push(number, Some(x.value.number.clone()), x.lock);
@@ -585,12 +961,34 @@ pub fn plain_fields(f: &UserFields) -> Vec<FieldIntent> {
     out
 }
 
-async fn mailer(client: &kube::Client, namespace: &str, conn: &crate::api::PbxConnection) -> Option<Mailer> {
+async fn mailer(
+    client: &kube::Client,
+    namespace: &str,
+    conn: &crate::api::PbxConnection,
+) -> Option<Mailer> {
     let smtp = conn.spec.smtp.as_ref()?;
     let credentials = match &smtp.credentials_secret {
         Some(name) => {
-            let user = secret_value(client, namespace, &crate::api::SecretKeyRef { name: name.clone(), key: "username".into() }).await.ok()?;
-            let pass = secret_value(client, namespace, &crate::api::SecretKeyRef { name: name.clone(), key: "password".into() }).await.ok()?;
+            let user = secret_value(
+                client,
+                namespace,
+                &crate::api::SecretKeyRef {
+                    name: name.clone(),
+                    key: "username".into(),
+                },
+            )
+            .await
+            .ok()?;
+            let pass = secret_value(
+                client,
+                namespace,
+                &crate::api::SecretKeyRef {
+                    name: name.clone(),
+                    key: "password".into(),
+                },
+            )
+            .await
+            .ok()?;
             Some((user, Secret::new(pass)))
         }
         None => None,
@@ -619,18 +1017,32 @@ impl Exec<'_> {
         if work.is_empty() {
             return Ok(());
         }
-        let selection = UserSelection { groups: vec![], extensions: work.iter().map(|(r, _)| r.target.clone()).collect() };
-        let current: BTreeMap<String, User> = self.backend.read_users(&selection).await?.users.into_iter().map(|u| (u.extension.clone(), u)).collect();
+        let selection = UserSelection {
+            groups: vec![],
+            extensions: work.iter().map(|(r, _)| r.target.clone()).collect(),
+        };
+        let current: BTreeMap<String, User> = self
+            .backend
+            .read_users(&selection)
+            .await?
+            .users
+            .into_iter()
+            .map(|u| (u.extension.clone(), u))
+            .collect();
         let fp = |e: &str, f: UserField, s: &Secret| self.backend.fingerprint(e, f, s);
 
         // Field writes.
         let mut changes = Vec::new();
         let mut change_of = Vec::new();
         for (i, (row, resumed)) in work.iter().enumerate() {
-            let Some(user) = current.get(&row.target) else { continue };
+            let Some(user) = current.get(&row.target) else {
+                continue;
+            };
             let mut writes = Vec::new();
             for w in &row.writes {
-                let Some(field) = UserField::from_name(&w.field) else { continue };
+                let Some(field) = UserField::from_name(&w.field) else {
+                    continue;
+                };
                 let to = if w.secret {
                     match self.secrets.get(&field) {
                         Some(s) => NewValue::Secret(s.clone()),
@@ -640,21 +1052,35 @@ impl Exec<'_> {
                     w.to.clone().map(NewValue::Set).unwrap_or(NewValue::Clear)
                 };
                 // Secrets are not stored in the plan, so their compare-and-set is against now.
-                let from = if w.secret { user.get(field).map(str::to_string) } else { w.from.clone() };
+                let from = if w.secret {
+                    user.get(field).map(str::to_string)
+                } else {
+                    w.from.clone()
+                };
                 writes.push(FieldWrite { field, from, to });
             }
             if *resumed {
-                let planned = user_plan::PlannedUser { extension: row.target.clone(), writes, actions: vec![] };
+                let planned = user_plan::PlannedUser {
+                    extension: row.target.clone(),
+                    writes,
+                    actions: vec![],
+                };
                 writes = user_plan::remaining_writes(&planned, user, &fp);
             }
             if !writes.is_empty() {
                 change_of.push(i);
-                changes.push(UserChange { extension: row.target.clone(), writes });
+                changes.push(UserChange {
+                    extension: row.target.clone(),
+                    writes,
+                });
             }
         }
         let mut write_outcome: HashMap<usize, WriteOutcome> = HashMap::new();
         if !changes.is_empty() {
-            let outcomes = self.backend.apply_user_changes(&changes, self.atomic).await?;
+            let outcomes = self
+                .backend
+                .apply_user_changes(&changes, self.atomic)
+                .await?;
             for (i, o) in change_of.into_iter().zip(outcomes) {
                 write_outcome.insert(i, o);
             }
@@ -667,16 +1093,29 @@ impl Exec<'_> {
                     row.notes.push("removed".into());
                 } else {
                     row.outcome = Outcome::Failed;
-                    row.notes.push(format!("extension {} no longer exists on the PBX", row.target));
+                    row.notes.push(format!(
+                        "extension {} no longer exists on the PBX",
+                        row.target
+                    ));
                 }
                 continue;
             }
             row.outcome = match write_outcome.remove(&i) {
                 None | Some(WriteOutcome::Applied) => {
-                    if row.writes.is_empty() && row.actions.is_empty() { Outcome::Unchanged } else { Outcome::Changed }
+                    if row.writes.is_empty() && row.actions.is_empty() {
+                        Outcome::Unchanged
+                    } else {
+                        Outcome::Changed
+                    }
                 }
-                Some(WriteOutcome::Conflict { field, expected, found }) => {
-                    let show = |v: Option<String>| user_plan::shown(field, v.as_deref()).unwrap_or_else(|| "(unset)".into());
+                Some(WriteOutcome::Conflict {
+                    field,
+                    expected,
+                    found,
+                }) => {
+                    let show = |v: Option<String>| {
+                        user_plan::shown(field, v.as_deref()).unwrap_or_else(|| "(unset)".into())
+                    };
                     row.notes.push(format!(
                         "{field} changed from {} to {} since the plan was made; left alone (review, then retry)",
                         show(expected),
@@ -693,7 +1132,10 @@ impl Exec<'_> {
                     Outcome::Failed
                 }
                 Some(WriteOutcome::RolledBack) => {
-                    row.notes.push("rolled back: another target of this Atomic change failed or conflicted".into());
+                    row.notes.push(
+                        "rolled back: another target of this Atomic change failed or conflicted"
+                            .into(),
+                    );
                     Outcome::Failed
                 }
             };
@@ -739,7 +1181,10 @@ impl Exec<'_> {
                         let (row, resumed) = &work[i];
                         let user = &current[&row.target];
                         // A resumed reset that already happened is not done twice.
-                        if kind == ActionKind::ResetPassword && *resumed && user.get(UserField::Status) == Some("PasswordRequired") {
+                        if kind == ActionKind::ResetPassword
+                            && *resumed
+                            && user.get(UserField::Status) == Some("PasswordRequired")
+                        {
                             continue;
                         }
                         let action = match kind {
@@ -756,20 +1201,24 @@ impl Exec<'_> {
                         };
                         calls.push((i, (row.target.clone(), action)));
                     }
-                    let list: Vec<(String, UserAction)> = calls.iter().map(|(_, c)| c.clone()).collect();
+                    let list: Vec<(String, UserAction)> =
+                        calls.iter().map(|(_, c)| c.clone()).collect();
                     let outcomes = self.backend.apply_actions(&list).await?;
                     for ((i, _), outcome) in calls.iter().zip(outcomes) {
                         let (row, _) = &mut work[*i];
                         match outcome {
                             ActionOutcome::Done => row.notes.push(format!("{}: done", kind.name())),
-                            ActionOutcome::Unchanged => row.notes.push(format!("{}: nothing to do", kind.name())),
+                            ActionOutcome::Unchanged => {
+                                row.notes.push(format!("{}: nothing to do", kind.name()))
+                            }
                             ActionOutcome::Skipped(why) => {
                                 row.outcome = Outcome::Skipped;
                                 row.notes.push(format!("{}: skipped: {why}", kind.name()));
                             }
                             ActionOutcome::NotFound => {
                                 row.outcome = Outcome::Failed;
-                                row.notes.push(format!("{}: no such extension", kind.name()));
+                                row.notes
+                                    .push(format!("{}: no such extension", kind.name()));
                             }
                             ActionOutcome::Failed(e) => {
                                 row.outcome = Outcome::Failed;
@@ -779,7 +1228,8 @@ impl Exec<'_> {
                         if kind == ActionKind::ResetPassword && row.outcome == Outcome::Changed {
                             let user = &current[&row.target];
                             let name = user.get(UserField::FirstName).unwrap_or("");
-                            let (subject, body) = mail::reset_instructions(&row.target, name, self.domain);
+                            let (subject, body) =
+                                mail::reset_instructions(&row.target, name, self.domain);
                             match self.mail(user, &subject, body).await {
                                 Ok(()) => row.notes.push("reset instructions sent".into()),
                                 Err(n) => row.notes.push(n),
@@ -799,12 +1249,22 @@ impl Exec<'_> {
         let Some(mailer) = self.mailer else {
             return Err("the PbxConnection has no usable spec.smtp: mail not sent".into());
         };
-        mailer.send(to, subject, body).await.map_err(|e| e.to_string())
+        mailer
+            .send(to, subject, body)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
 fn action_kind(name: &str) -> Option<ActionKind> {
-    [ActionKind::Unlock, ActionKind::ResetTwoFactor, ActionKind::ResetPassword, ActionKind::SendWelcomeEmail, ActionKind::Lock, ActionKind::Remove]
-        .into_iter()
-        .find(|k| k.name() == name)
+    [
+        ActionKind::Unlock,
+        ActionKind::ResetTwoFactor,
+        ActionKind::ResetPassword,
+        ActionKind::SendWelcomeEmail,
+        ActionKind::Lock,
+        ActionKind::Remove,
+    ]
+    .into_iter()
+    .find(|k| k.name() == name)
 }

@@ -25,7 +25,13 @@ pub struct LabSpec {
 
 impl Default for LabSpec {
     fn default() -> Self {
-        LabSpec { db: "sqlite", users: 10, phones: 5, silent: 0, no_reboot: 0 }
+        LabSpec {
+            db: "sqlite",
+            users: 10,
+            phones: 5,
+            silent: 0,
+            no_reboot: 0,
+        }
     }
 }
 
@@ -35,13 +41,29 @@ fn script() -> PathBuf {
 
 impl Lab {
     pub fn start(spec: LabSpec) -> Lab {
-        let dir = tempfile::Builder::new().prefix("pbx-lab-").tempdir().expect("temp dir").keep();
+        let dir = tempfile::Builder::new()
+            .prefix("pbx-lab-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
         let out = Command::new("bash")
             .arg(script())
             .args(["up", "--dir"])
             .arg(&dir)
-            .args(["--db", spec.db, "--users", &spec.users.to_string(), "--phones", &spec.phones.to_string()])
-            .args(["--silent", &spec.silent.to_string(), "--no-reboot", &spec.no_reboot.to_string()])
+            .args([
+                "--db",
+                spec.db,
+                "--users",
+                &spec.users.to_string(),
+                "--phones",
+                &spec.phones.to_string(),
+            ])
+            .args([
+                "--silent",
+                &spec.silent.to_string(),
+                "--no-reboot",
+                &spec.no_reboot.to_string(),
+            ])
             .output()
             .expect("running tests/lab/lab.sh");
         assert!(
@@ -50,7 +72,11 @@ impl Lab {
             dir.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        super::watchdog(&format!("bash {} down --dir {}", script().display(), dir.display()));
+        super::watchdog(&format!(
+            "bash {} down --dir {}",
+            script().display(),
+            dir.display()
+        ));
         let text = std::fs::read_to_string(dir.join("lab.env")).expect("lab.env");
         let env = text
             .lines()
@@ -61,7 +87,9 @@ impl Lab {
     }
 
     pub fn get(&self, key: &str) -> &str {
-        self.env.get(key).unwrap_or_else(|| panic!("lab.env has no {key}"))
+        self.env
+            .get(key)
+            .unwrap_or_else(|| panic!("lab.env has no {key}"))
     }
 
     pub fn db_url(&self) -> &str {
@@ -75,12 +103,24 @@ impl Lab {
     }
 
     pub fn list(&self, key: &str) -> Vec<String> {
-        self.get(key).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
+        self.get(key)
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     fn run(&self, args: &[&str]) -> String {
-        let out = Command::new("bash").arg(script()).args(args).output().unwrap();
-        assert!(out.status.success(), "lab.sh {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("bash")
+            .arg(script())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab.sh {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -99,12 +139,18 @@ impl Lab {
     /// One REGISTER from `extension` with the lab password; the final SIP code.
     pub fn register_once(&self, extension: &str) -> u16 {
         let dir = self.dir.to_string_lossy().into_owned();
-        self.run(&["sip-register", "--dir", &dir, "--ext", extension]).trim().parse().unwrap_or(0)
+        self.run(&["sip-register", "--dir", &dir, "--ext", extension])
+            .trim()
+            .parse()
+            .unwrap_or(0)
     }
 
     pub fn stop(&self) {
         let dir = self.dir.to_string_lossy().into_owned();
-        let _ = Command::new("bash").arg(script()).args(["down", "--dir", &dir]).status();
+        let _ = Command::new("bash")
+            .arg(script())
+            .args(["down", "--dir", &dir])
+            .status();
     }
 }
 
