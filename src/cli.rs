@@ -34,6 +34,18 @@ pub enum Command {
     Run(RunArgs),
     /// Print the CustomResourceDefinitions as YAML (what crds/ holds).
     Crds(CrdsArgs),
+    /// Print the full result CSV of an operation, e.g. `results bulkuserchange/sales-roles`.
+    Results(ResultsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ResultsArgs {
+    /// `<kind>/<name>`; kind is bulkuserchange (buc), bulkphonechange (bpc), phonerestart (prs)
+    /// or userrecycle (urc).
+    pub target: String,
+    /// Namespace of the resource (default: the kubeconfig's namespace).
+    #[arg(short, long)]
+    pub namespace: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -64,6 +76,74 @@ pub enum CliError {
     },
     #[error(transparent)]
     Controller(#[from] crate::controllers::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Prints the joined result CSV of `<kind>/<name>`.
+pub async fn print_results(args: &ResultsArgs) -> Result<(), CliError> {
+    use crate::api::{BulkPhoneChange, BulkUserChange, PhoneRestart, UserRecycle};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, DynamicObject};
+    use kube::core::ApiResource;
+
+    let (kind, name) = args
+        .target
+        .split_once('/')
+        .ok_or_else(|| CliError::Usage(format!("expected <kind>/<name>, got {:?}", args.target)))?;
+    let resource = match kind.to_ascii_lowercase().as_str() {
+        "bulkuserchange" | "bulkuserchanges" | "buc" => ApiResource::erase::<BulkUserChange>(&()),
+        "bulkphonechange" | "bulkphonechanges" | "bpc" => {
+            ApiResource::erase::<BulkPhoneChange>(&())
+        }
+        "phonerestart" | "phonerestarts" | "prs" => ApiResource::erase::<PhoneRestart>(&()),
+        "userrecycle" | "userrecycles" | "urc" => ApiResource::erase::<UserRecycle>(&()),
+        other => {
+            return Err(CliError::Usage(format!(
+                "unknown kind {other:?}: use bulkuserchange, bulkphonechange, phonerestart or userrecycle"
+            )));
+        }
+    };
+    let client = kube::Client::try_default().await?;
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &resource);
+    let obj = api.get(name).await?;
+    let refs: Vec<String> = obj.data["status"]["resultsRefs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if refs.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{kind}/{name} has no results yet (status.resultsRefs is empty); wait until it has been planned"
+        )));
+    }
+    let cms: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let mut parts = Vec::new();
+    for r in &refs {
+        let cm = cms.get(r).await?;
+        parts.push(
+            cm.data
+                .and_then(|mut d| d.remove("results.csv"))
+                .unwrap_or_default(),
+        );
+    }
+    let csv = crate::results::join_csv(parts.iter().map(String::as_str));
+    let mut out = std::io::stdout().lock();
+    out.write_all(csv.as_bytes())
+        .map_err(|source| CliError::Write {
+            path: "stdout".into(),
+            source,
+        })?;
+    Ok(())
 }
 
 /// Prints every CRD as one YAML stream, or writes one file per kind into `out_dir`.

@@ -10,6 +10,7 @@ async fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Crds(args) => pbx_operator::cli::print_crds(&api::crds(), args.out_dir.as_deref()),
         Command::Run(args) => controllers::run(args).await.map_err(Into::into),
+        Command::Results(args) => pbx_operator::cli::print_results(&args).await,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,8 @@ command -v cargo >/dev/null || { echo "install-deps: Rust (cargo) is needed" >&2
 
 # The PBX lab (Kamailio, PostgreSQL, SIPp) installs its own packages.
 if [ -x "$here/lab/lab.sh" ]; then "$here/lab/lab.sh" install; fi
+# A real SMTP server for the mail tests.
+python3 -c "import aiosmtpd" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore aiosmtpd
 
 start=$(date +%s)
 bin=$("$here/controlplane/build.sh")

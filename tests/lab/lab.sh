@@ -226,7 +226,7 @@ for my $i (0 .. $users - 1) {
   my $has_number = ($i % 5 != 4);
   my %a = (
     first_name => $fn, last_name => $ln, email => $email, role => $role,
-    call_group => 1 + $i % 3, pickup_group => 1 + $i % 2, locked => '0', status => $status,
+    call_group => 1 + $i % 2, pickup_group => 1 + int($i / 2) % 2, locked => '0', status => $status,
     caller_id_policy => ($i % 9 == 8 ? 'Anonymous' : 'Default'),
     voice_route_policy => ($grp eq 'sales' ? 'International' : 'Domestic'),
     enterprise_voice => ($has_number ? 'true' : 'false'),

@@ -10,6 +10,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod lab;
+pub mod pbx;
+pub mod smtp;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
@@ -255,4 +257,13 @@ pub fn watchdog(cleanup: &str) {
         .stderr(Stdio::null())
         .spawn()
         .expect("starting a watchdog");
+}
+
+/// A free TCP port on loopback (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -119,6 +119,16 @@ impl Db {
         Cow::Owned(out)
     }
 
+    /// SQLite transactions take the write lock up front: a deferred one that reads first and
+    /// then writes fails at once ("database is locked") when Kamailio wrote in between, while
+    /// BEGIN IMMEDIATE waits for the lock (busy timeout) like the other databases do.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            _ => self.pool.begin().await,
+        }
+    }
+
     fn err(&self, e: sqlx::Error) -> PbxError {
         classify(&self.target, e)
     }
@@ -363,7 +373,7 @@ impl Db {
         atomic: bool,
     ) -> Result<Vec<WriteOutcome>> {
         if atomic {
-            let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+            let mut tx = self.begin().await.map_err(|e| self.err(e))?;
             let mut outcomes = Vec::with_capacity(changes.len());
             for chunk in changes.chunks(CHUNK) {
                 outcomes.extend(self.compare_and_write(&mut tx, chunk).await?);
@@ -380,7 +390,7 @@ impl Db {
         }
         let mut outcomes = Vec::with_capacity(changes.len());
         for chunk in changes.chunks(CHUNK) {
-            let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+            let mut tx = self.begin().await.map_err(|e| self.err(e))?;
             match self.compare_and_write(&mut tx, chunk).await {
                 Ok(chunk_outcomes) => {
                     tx.commit().await.map_err(|e| self.err(e))?;
@@ -392,7 +402,7 @@ impl Db {
                     // so only the user whose data the database refuses fails.
                     drop(tx);
                     for change in chunk {
-                        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+                        let mut tx = self.begin().await.map_err(|e| self.err(e))?;
                         match self
                             .compare_and_write(&mut tx, std::slice::from_ref(change))
                             .await
@@ -670,7 +680,7 @@ impl Db {
     ) -> Result<Vec<ActionOutcome>> {
         let mut outcomes = Vec::with_capacity(actions.len());
         for (extension, action) in actions {
-            let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+            let mut tx = self.begin().await.map_err(|e| self.err(e))?;
             let sel = UserSelection {
                 groups: vec![],
                 extensions: vec![extension.clone()],
@@ -791,7 +801,7 @@ impl Db {
         &self,
         changes: &[(i64, PhoneField, String, String)],
     ) -> Result<Vec<WriteOutcome>> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        let mut tx = self.begin().await.map_err(|e| self.err(e))?;
         let mut outcomes = Vec::with_capacity(changes.len());
         for (id, field, from, to) in changes {
             let column = match field {

@@ -1,0 +1,854 @@
+//! Benchmark (prints figures, asserts no timings): the operator's read + diff + apply of 3 fields
+//! (callGroup, pickupGroup, role) on 10,000 users against PostgreSQL, next to
+//!   (a) the floor: one hand-written batched SQL statement doing the same 30,000 writes, and
+//!   (b) what admins do today: Kamailio's `kamctl avp rm` + `kamctl avp add` per field, timed on a
+//!       sample and extrapolated to 30,000 fields;
+//! then the operator path again on SQLite. Issue "Kamailio backend", part 8; targets in
+//! /work/shared/design/targets.md ("PBX write phase within 3x the floor").
+//!
+//!   cargo bench --bench backend
+//!
+//! Knobs (environment): BENCH_USERS (10000), BENCH_ROUNDS (3), BENCH_KAMCTL_USERS (34: 34 users x
+//! 3 fields = 102 field writes = 204 kamctl calls), BENCH_SQLITE (1; 0 skips the SQLite lab).
+//!
+//! Every write run uses values no user holds yet (a fresh "generation"), so each run really
+//! changes 3 x users attribute values; every run is checked to have landed (correctness is
+//! asserted, timings never are).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pbx_operator::pbx::kamailio::{Kamailio, KamailioConfig};
+use pbx_operator::pbx::{PbxBackend, UserChange, UserField, UserSelection, WriteOutcome};
+use pbx_operator::plan::selection::Selector;
+use pbx_operator::plan::users::{FieldIntent, Intent, Wanted, plan};
+use sqlx::{AssertSqlSafe, Row};
+use support::lab::{Lab, LabSpec};
+
+const FIRST_EXT: usize = 200;
+const ROLES: [&str; 3] = ["User", "Operator", "Admin"];
+const ATTRS: [&str; 3] = ["pbx.call_group", "pbx.pickup_group", "pbx.role"];
+
+fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The values of one write generation; consecutive generations differ in all three fields.
+#[derive(Clone, Debug)]
+struct Gen {
+    call_group: String,
+    pickup_group: String,
+    role: &'static str,
+}
+
+fn generation(g: usize) -> Gen {
+    Gen {
+        call_group: (100 + g).to_string(),
+        pickup_group: (500 + g).to_string(),
+        role: ROLES[g % 3],
+    }
+}
+
+impl Gen {
+    /// (attribute, value) in ATTRS order.
+    fn values(&self) -> [(&'static str, &str); 3] {
+        [
+            (ATTRS[0], self.call_group.as_str()),
+            (ATTRS[1], self.pickup_group.as_str()),
+            (ATTRS[2], self.role),
+        ]
+    }
+}
+
+fn extensions(users: usize) -> Vec<String> {
+    (FIRST_EXT..FIRST_EXT + users)
+        .map(|e| e.to_string())
+        .collect()
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+// ---------------------------------------------------------------- memory --
+
+fn status_kib(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    text.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Peak resident memory per segment: VmHWM is reset (write "5" to /proc/self/clear_refs, Linux
+/// >= 4.0) at the start of a segment and read at its end. The process-wide peak is the largest
+/// segment peak, since every segment is measured before the next reset.
+struct Memory {
+    resettable: bool,
+    process_peak_kib: u64,
+}
+
+impl Memory {
+    fn new() -> Memory {
+        let mut m = Memory {
+            resettable: false,
+            process_peak_kib: 0,
+        };
+        m.process_peak_kib = status_kib("VmHWM:").unwrap_or(0);
+        m.resettable = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        m
+    }
+
+    /// Starts a segment; returns the resident memory at its start.
+    fn start(&mut self) -> u64 {
+        let hwm = status_kib("VmHWM:").unwrap_or(0);
+        self.process_peak_kib = self.process_peak_kib.max(hwm);
+        if self.resettable {
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        }
+        status_kib("VmRSS:").unwrap_or(0)
+    }
+
+    /// The peak of the segment (the process peak so far if VmHWM cannot be reset).
+    fn end(&mut self) -> u64 {
+        let hwm = status_kib("VmHWM:").unwrap_or(0);
+        self.process_peak_kib = self.process_peak_kib.max(hwm);
+        hwm
+    }
+
+    fn process_peak(&mut self) -> u64 {
+        self.end()
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+// -------------------------------------------------------- operator path --
+
+struct OperatorRun {
+    read: Duration,
+    plan: Duration,
+    apply: Duration,
+    total: Duration,
+    writes: usize,
+    rss_before_kib: u64,
+    peak_kib: u64,
+}
+
+async fn backend(lab: &Lab) -> Kamailio {
+    let config = KamailioConfig::new(lab.db_url(), lab.rpc_url(), lab.domain());
+    Kamailio::connect(config)
+        .await
+        .expect("connect the Kamailio backend to the lab")
+}
+
+/// read 10k users + plan (diff) + apply_user_changes(atomic = true), each phase timed.
+async fn operator_run(pbx: &Kamailio, users: usize, g: &Gen, mem: &mut Memory) -> OperatorRun {
+    let rss_before_kib = mem.start();
+    let exts = extensions(users);
+    let t0 = Instant::now();
+    let read = pbx
+        .read_users(&UserSelection {
+            groups: vec![],
+            extensions: exts.clone(),
+        })
+        .await
+        .expect("read_users");
+    let t_read = t0.elapsed();
+    assert_eq!(read.users.len(), users, "every seeded user is read");
+
+    let t1 = Instant::now();
+    let selector = Selector {
+        extensions: exts,
+        ..Default::default()
+    };
+    let field = |field: UserField, v: &str| FieldIntent {
+        field,
+        wanted: Wanted::Value(Some(v.to_string())),
+        open: true,
+    };
+    let intent = Intent {
+        fields: vec![
+            field(UserField::CallGroup, &g.call_group),
+            field(UserField::PickupGroup, &g.pickup_group),
+            field(UserField::Role, g.role),
+        ],
+        actions: vec![],
+    };
+    let p = plan(&read, &selector, &intent, &UserField::ALL, &|e, f, s| {
+        pbx.fingerprint(e, f, s)
+    })
+    .expect("plan");
+    let changes: Vec<UserChange> = p.targets.iter().filter_map(|t| t.change()).collect();
+    let t_plan = t1.elapsed();
+    let writes: usize = changes.iter().map(|c| c.writes.len()).sum();
+    assert_eq!(writes, 3 * users, "every user changes in all 3 fields");
+
+    let t2 = Instant::now();
+    let outcomes = pbx
+        .apply_user_changes(&changes, true)
+        .await
+        .expect("apply_user_changes");
+    let t_apply = t2.elapsed();
+    let total = t0.elapsed();
+    let peak_kib = mem.end();
+    assert!(
+        outcomes.iter().all(|o| *o == WriteOutcome::Applied),
+        "every change applied: {:?}",
+        outcomes.iter().find(|o| **o != WriteOutcome::Applied)
+    );
+    OperatorRun {
+        read: t_read,
+        plan: t_plan,
+        apply: t_apply,
+        total,
+        writes,
+        rss_before_kib,
+        peak_kib,
+    }
+}
+
+fn print_operator_header() {
+    println!(
+        "  {:<6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>13} {:>13}",
+        "round", "read s", "plan s", "apply s", "total s", "writes", "RSS before", "peak RSS"
+    );
+}
+
+fn print_operator_run(label: &str, r: &OperatorRun) {
+    println!(
+        "  {:<6} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8} {:>9.1} MiB {:>9.1} MiB",
+        label,
+        secs(r.read),
+        secs(r.plan),
+        secs(r.apply),
+        secs(r.total),
+        r.writes,
+        mib(r.rss_before_kib),
+        mib(r.peak_kib)
+    );
+}
+
+// ------------------------------------------------------------ the floor --
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FloorForm {
+    /// UPDATE ... FROM unnest($1::text[], $2::text[], $3::text[]): per-row values, 3 parameters.
+    Unnest,
+    /// UPDATE ... FROM (VALUES ('200','pbx.call_group','101'), ... 30,000 tuples) as literal SQL.
+    ValuesLiteral,
+    /// UPDATE ... SET value = CASE attribute ... WHERE username = ANY($1): only valid because
+    /// every user gets the same three values here.
+    CaseAny,
+}
+
+impl FloorForm {
+    const ALL: [FloorForm; 3] = [
+        FloorForm::Unnest,
+        FloorForm::ValuesLiteral,
+        FloorForm::CaseAny,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            FloorForm::Unnest => "UPDATE .. FROM unnest(3 text[] params)",
+            FloorForm::ValuesLiteral => "UPDATE .. FROM (VALUES 30k tuples literal)",
+            FloorForm::CaseAny => "UPDATE .. SET CASE attribute .. = ANY($1)",
+        }
+    }
+}
+
+fn sql_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// One statement, one implicit transaction, the same 3 x users writes the operator makes.
+async fn floor_pg(
+    pool: &sqlx::PgPool,
+    domain: &str,
+    users: usize,
+    g: &Gen,
+    form: FloorForm,
+) -> (Duration, u64) {
+    let t0 = Instant::now();
+    let exts = extensions(users);
+    let result = match form {
+        FloorForm::Unnest => {
+            let mut usernames = Vec::with_capacity(3 * users);
+            let mut attributes = Vec::with_capacity(3 * users);
+            let mut values = Vec::with_capacity(3 * users);
+            for e in &exts {
+                for (a, v) in g.values() {
+                    usernames.push(e.clone());
+                    attributes.push(a.to_string());
+                    values.push(v.to_string());
+                }
+            }
+            sqlx::query(
+                "UPDATE usr_preferences u SET value = v.value, last_modified = now() \
+                 FROM unnest($2::text[], $3::text[], $4::text[]) AS v(username, attribute, value) \
+                 WHERE u.domain = $1 AND u.username = v.username AND u.attribute = v.attribute",
+            )
+            .bind(domain)
+            .bind(usernames)
+            .bind(attributes)
+            .bind(values)
+            .execute(pool)
+            .await
+        }
+        FloorForm::ValuesLiteral => {
+            let mut q = String::with_capacity(40 * 3 * users + 300);
+            q.push_str(
+                "UPDATE usr_preferences u SET value = v.value, last_modified = now() FROM (VALUES ",
+            );
+            let mut first = true;
+            for e in &exts {
+                for (a, v) in g.values() {
+                    if !first {
+                        q.push(',');
+                    }
+                    first = false;
+                    q.push_str(&format!(
+                        "({},{},{})",
+                        sql_literal(e),
+                        sql_literal(a),
+                        sql_literal(v)
+                    ));
+                }
+            }
+            q.push_str(&format!(
+                ") AS v(username, attribute, value) WHERE u.domain = {} \
+                 AND u.username = v.username AND u.attribute = v.attribute",
+                sql_literal(domain)
+            ));
+            sqlx::raw_sql(AssertSqlSafe(q)).execute(pool).await
+        }
+        FloorForm::CaseAny => {
+            sqlx::query(
+                "UPDATE usr_preferences SET value = CASE attribute \
+                 WHEN 'pbx.call_group' THEN $2 WHEN 'pbx.pickup_group' THEN $3 ELSE $4 END, \
+                 last_modified = now() \
+                 WHERE domain = $1 AND username = ANY($5) \
+                 AND attribute IN ('pbx.call_group', 'pbx.pickup_group', 'pbx.role')",
+            )
+            .bind(domain)
+            .bind(&g.call_group)
+            .bind(&g.pickup_group)
+            .bind(g.role)
+            .bind(exts)
+            .execute(pool)
+            .await
+        }
+    }
+    .expect("the floor statement");
+    (t0.elapsed(), result.rows_affected())
+}
+
+/// Rows holding generation `g`'s value, per attribute, among all users.
+async fn count_landed_pg(pool: &sqlx::PgPool, domain: &str, g: &Gen) -> [i64; 3] {
+    let mut out = [0; 3];
+    for (i, (a, v)) in g.values().into_iter().enumerate() {
+        out[i] = sqlx::query(
+            "SELECT COUNT(*) FROM usr_preferences WHERE domain = $1 AND attribute = $2 AND value = $3",
+        )
+        .bind(domain)
+        .bind(a)
+        .bind(v)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .get(0);
+    }
+    out
+}
+
+// ---------------------------------------------------------------- kamctl --
+
+struct KamctlSample {
+    fields: usize,
+    rm: Vec<Duration>,
+    add: Vec<Duration>,
+    wall: Duration,
+}
+
+/// A kamctlrc pointing at the lab's PostgreSQL, in its own directory (kamctl reads ./kamctlrc
+/// when KAMCTL_TEST is set; nothing in /etc or $HOME is touched).
+fn kamctl_dir(lab: &Lab) -> (std::path::PathBuf, String) {
+    let url = lab.db_url();
+    let rest = url
+        .strip_prefix("postgres://")
+        .expect("postgres URL in lab.env");
+    let (cred, host) = rest.split_once('@').expect("user:password@host");
+    let (user, password) = cred.split_once(':').expect("user:password");
+    let (hostport, dbname) = host.split_once('/').expect("host:port/db");
+    let (dbhost, dbport) = hostport.split_once(':').expect("host:port");
+    let dir = lab.dir.join("kamctl");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rc = format!(
+        "# written by tests/benches/backend.rs\n\
+         SIP_DOMAIN={domain}\n\
+         DBENGINE=PGSQL\n\
+         DBHOST={dbhost}\n\
+         DBPORT={dbport}\n\
+         DBNAME={dbname}\n\
+         DBRWUSER={user}\n\
+         DBRWPW=\"{password}\"\n\
+         DBROUSER={user}\n\
+         DBROPW=\"{password}\"\n\
+         VERBOSE=0\n",
+        domain = lab.domain()
+    );
+    std::fs::write(dir.join("kamctlrc"), rc).unwrap();
+    (dir, password.to_string())
+}
+
+fn kamctl(dir: &Path, password: &str, args: &[&str]) -> Duration {
+    let t0 = Instant::now();
+    let out = Command::new("kamctl")
+        .args(args)
+        .current_dir(dir)
+        .env("KAMCTL_TEST", "1")
+        .env("PGPASSWORD", password)
+        .output()
+        .expect("running kamctl (apt-get install kamailio)");
+    let d = t0.elapsed();
+    assert!(
+        out.status.success(),
+        "kamctl {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d
+}
+
+/// Like an admin's shell loop: per user, per field, `kamctl avp rm` the old value and
+/// `kamctl avp add` the new one (`avp add` alone inserts a second row and keeps the old one).
+fn kamctl_sample(lab: &Lab, sample: &[String], g: &Gen) -> KamctlSample {
+    let (dir, password) = kamctl_dir(lab);
+    let mut rm = Vec::new();
+    let mut add = Vec::new();
+    let t0 = Instant::now();
+    for ext in sample {
+        let aor = format!("{ext}@{}", lab.domain());
+        for (a, v) in g.values() {
+            rm.push(kamctl(&dir, &password, &["avp", "rm", "-u", &aor, "-a", a]));
+            add.push(kamctl(&dir, &password, &["avp", "add", &aor, a, "2", v]));
+        }
+    }
+    KamctlSample {
+        fields: sample.len() * 3,
+        rm,
+        add,
+        wall: t0.elapsed(),
+    }
+}
+
+// ----------------------------------------------------------------- SQLite --
+
+async fn floor_sqlite(
+    pool: &sqlx::SqlitePool,
+    domain: &str,
+    users: usize,
+    g: &Gen,
+) -> (Duration, u64) {
+    let t0 = Instant::now();
+    let mut q = String::with_capacity(40 * 3 * users + 300);
+    q.push_str("WITH v(username, attribute, value) AS (VALUES ");
+    let mut first = true;
+    for e in extensions(users) {
+        for (a, v) in g.values() {
+            if !first {
+                q.push(',');
+            }
+            first = false;
+            q.push_str(&format!(
+                "({},{},{})",
+                sql_literal(&e),
+                sql_literal(a),
+                sql_literal(v)
+            ));
+        }
+    }
+    q.push_str(&format!(
+        ") UPDATE usr_preferences SET value = v.value, last_modified = CURRENT_TIMESTAMP FROM v \
+         WHERE usr_preferences.domain = {} AND usr_preferences.username = v.username \
+         AND usr_preferences.attribute = v.attribute",
+        sql_literal(domain)
+    ));
+    let r = sqlx::raw_sql(AssertSqlSafe(q))
+        .execute(pool)
+        .await
+        .expect("the SQLite floor statement");
+    (t0.elapsed(), r.rows_affected())
+}
+
+async fn count_landed_sqlite(pool: &sqlx::SqlitePool, domain: &str, g: &Gen) -> [i64; 3] {
+    let mut out = [0; 3];
+    for (i, (a, v)) in g.values().into_iter().enumerate() {
+        out[i] = sqlx::query(
+            "SELECT COUNT(*) FROM usr_preferences WHERE domain = $1 AND attribute = $2 AND value = $3",
+        )
+        .bind(domain)
+        .bind(a)
+        .bind(v)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .get(0);
+    }
+    out
+}
+
+// ------------------------------------------------------------------- main --
+
+fn start_lab(db: &'static str, users: usize) -> (Lab, f64) {
+    let t0 = Instant::now();
+    let lab = Lab::start(LabSpec {
+        db,
+        users,
+        phones: 0,
+        ..Default::default()
+    });
+    (lab, secs(t0.elapsed()))
+}
+
+fn tool_version(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; a filter argument other than "backend" skips this bench.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if !filter.is_empty() && !filter.iter().any(|f| "backend".contains(f.as_str())) {
+        return;
+    }
+    let users = env_usize("BENCH_USERS", 10_000);
+    let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
+    let kamctl_users = env_usize("BENCH_KAMCTL_USERS", 34).clamp(1, users);
+    let with_sqlite = env_usize("BENCH_SQLITE", 1) != 0;
+    let writes = 3 * users;
+    let mut mem = Memory::new();
+
+    println!();
+    println!(
+        "== backend benchmark: read + diff + apply of 3 fields (callGroup, pickupGroup, role) on {users} users = {writes} writes =="
+    );
+    println!(
+        "   machine: {} cores; {}; {}; kamctl {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        tool_version("kamailio", &["-v"]),
+        tool_version("psql", &["--version"]),
+        tool_version("kamctl", &["version"]).replace("kamctl ", "")
+    );
+    println!(
+        "   {rounds} rounds; each write run sets values no user holds yet, checked to land afterwards"
+    );
+
+    // ------------------------------------------------------------ PostgreSQL
+    let (lab, up_s) = start_lab("postgres", users);
+    println!(
+        "\n-- PostgreSQL lab: {users} users, up in {up_s:.1} s (lab PostgreSQL runs with fsync=off) --"
+    );
+    let domain = lab.domain().to_string();
+    let pbx = backend(&lab).await;
+    let pg = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(lab.db_url())
+        .await
+        .expect("connect to the lab's PostgreSQL");
+
+    // Generation 0: a uniform start (untimed), so every later generation differs for every user.
+    let mut gen_no = 0;
+    let (_, n) = floor_pg(&pg, &domain, users, &generation(gen_no), FloorForm::Unnest).await;
+    assert_eq!(n as usize, writes, "every user has the 3 attribute rows");
+
+    let mut op_runs: Vec<OperatorRun> = Vec::new();
+    let mut floor_runs: Vec<(FloorForm, f64, u64)> = Vec::new();
+    let mut floor_peak_kib = 0;
+    for round in 1..=rounds {
+        gen_no += 1;
+        let g = generation(gen_no);
+        let r = operator_run(&pbx, users, &g, &mut mem).await;
+        assert_eq!(
+            count_landed_pg(&pg, &domain, &g).await,
+            [users as i64; 3],
+            "the operator's writes landed"
+        );
+        if round == 1 {
+            println!("\noperator path (read_users, plan, apply_user_changes atomic=true):");
+            print_operator_header();
+        }
+        print_operator_run(&round.to_string(), &r);
+        op_runs.push(r);
+        for form in FloorForm::ALL {
+            gen_no += 1;
+            let g = generation(gen_no);
+            mem.start();
+            let (d, rows) = floor_pg(&pg, &domain, users, &g, form).await;
+            floor_peak_kib = floor_peak_kib.max(mem.end());
+            assert_eq!(rows as usize, writes, "{form:?} updated every row");
+            assert_eq!(
+                count_landed_pg(&pg, &domain, &g).await,
+                [users as i64; 3],
+                "{form:?}: the floor's writes landed"
+            );
+            floor_runs.push((form, secs(d), rows));
+        }
+    }
+    println!(
+        "\nfloor candidates (one statement each, sqlx on an open connection), seconds per round:"
+    );
+    let mut best: Option<(FloorForm, f64)> = None;
+    for form in FloorForm::ALL {
+        let times: Vec<f64> = floor_runs
+            .iter()
+            .filter(|(f, _, _)| *f == form)
+            .map(|(_, t, _)| *t)
+            .collect();
+        let m = median(&times);
+        println!(
+            "  {:<44} {}   median {:.3} s",
+            form.name(),
+            times
+                .iter()
+                .map(|t| format!("{t:.3}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            m
+        );
+        if best.is_none_or(|(_, b)| m < b) {
+            best = Some((form, m));
+        }
+    }
+    let (floor_form, floor_s) = best.unwrap();
+
+    // kamctl sample, spread over the extension range.
+    gen_no += 1;
+    let g = generation(gen_no);
+    let step = (users / kamctl_users).max(1);
+    let sample: Vec<String> = (0..kamctl_users)
+        .map(|i| (FIRST_EXT + i * step).to_string())
+        .collect();
+    let k = kamctl_sample(&lab, &sample, &g);
+    for ext in &sample {
+        for (a, v) in g.values() {
+            let rows: Vec<String> = sqlx::query(
+                "SELECT value FROM usr_preferences WHERE domain = $1 AND username = $2 AND attribute = $3",
+            )
+            .bind(&domain)
+            .bind(ext)
+            .bind(a)
+            .fetch_all(&pg)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+            assert_eq!(
+                rows,
+                [v.to_string()],
+                "kamctl's write of {a} for {ext} landed, once"
+            );
+        }
+    }
+    let mean = |v: &[Duration]| v.iter().map(|d| secs(*d)).sum::<f64>() / v.len() as f64;
+    let (rm_mean, add_mean) = (mean(&k.rm), mean(&k.add));
+    let per_field = secs(k.wall) / k.fields as f64;
+    let kamctl_s = per_field * writes as f64;
+    let add_only_s = add_mean * writes as f64;
+    println!(
+        "\nkamctl sample: {} users x 3 fields = {} field writes = {} kamctl calls in {:.1} s, all verified in SQL",
+        sample.len(),
+        k.fields,
+        k.rm.len() + k.add.len(),
+        secs(k.wall)
+    );
+    println!(
+        "  per call: avp rm {:.0} ms (median {:.0}), avp add {:.0} ms (median {:.0}); per field (rm + add) {:.0} ms",
+        rm_mean * 1e3,
+        median(&k.rm.iter().map(|d| secs(*d)).collect::<Vec<_>>()) * 1e3,
+        add_mean * 1e3,
+        median(&k.add.iter().map(|d| secs(*d)).collect::<Vec<_>>()) * 1e3,
+        per_field * 1e3
+    );
+    println!(
+        "  EXTRAPOLATED to {writes} field writes from {} calls: {:.0} s ({:.1} min); `avp add` alone (targets.md's method, leaves the old row): {:.0} s ({:.1} min)",
+        k.rm.len() + k.add.len(),
+        kamctl_s,
+        kamctl_s / 60.0,
+        add_only_s,
+        add_only_s / 60.0
+    );
+
+    let op_total = median(&op_runs.iter().map(|r| secs(r.total)).collect::<Vec<_>>());
+    let op_read = median(&op_runs.iter().map(|r| secs(r.read)).collect::<Vec<_>>());
+    let op_plan = median(&op_runs.iter().map(|r| secs(r.plan)).collect::<Vec<_>>());
+    let op_apply = median(&op_runs.iter().map(|r| secs(r.apply)).collect::<Vec<_>>());
+    let op_peak = op_runs.iter().map(|r| r.peak_kib).max().unwrap_or(0);
+    let op_before = op_runs.iter().map(|r| r.rss_before_kib).min().unwrap_or(0);
+    drop(pbx);
+    pg.close().await;
+    drop(lab);
+
+    // ------------------------------------------------------------------ SQLite
+    let mut sqlite_lines = Vec::new();
+    if with_sqlite {
+        let (lab, up_s) = start_lab("sqlite", users);
+        let pbx = backend(&lab).await;
+        let domain = lab.domain().to_string();
+        let sq = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect(lab.db_url())
+            .await
+            .expect("open the lab's SQLite database");
+        println!("\n-- SQLite lab: {users} users, up in {up_s:.1} s (WAL) --");
+        let mut gen_no = 0;
+        let (_, n) = floor_sqlite(&sq, &domain, users, &generation(gen_no)).await;
+        assert_eq!(n as usize, writes);
+        println!("operator path on SQLite (read_users, plan, apply_user_changes atomic=true):");
+        print_operator_header();
+        let mut runs = Vec::new();
+        let mut floors = Vec::new();
+        for round in 1..=rounds {
+            gen_no += 1;
+            let g = generation(gen_no);
+            let r = operator_run(&pbx, users, &g, &mut mem).await;
+            assert_eq!(
+                count_landed_sqlite(&sq, &domain, &g).await,
+                [users as i64; 3]
+            );
+            print_operator_run(&round.to_string(), &r);
+            runs.push(r);
+            gen_no += 1;
+            let g = generation(gen_no);
+            let (d, rows) = floor_sqlite(&sq, &domain, users, &g).await;
+            assert_eq!(rows as usize, writes);
+            assert_eq!(
+                count_landed_sqlite(&sq, &domain, &g).await,
+                [users as i64; 3]
+            );
+            floors.push(secs(d));
+        }
+        let total = median(&runs.iter().map(|r| secs(r.total)).collect::<Vec<_>>());
+        let apply = median(&runs.iter().map(|r| secs(r.apply)).collect::<Vec<_>>());
+        let floor = median(&floors);
+        println!(
+            "SQLite reference floor (WITH v AS (VALUES 30k tuples) UPDATE .. FROM v): {}   median {:.3} s",
+            floors
+                .iter()
+                .map(|t| format!("{t:.3}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            floor
+        );
+        sqlite_lines.push(format!(
+            "| SQLite: operator read + diff + apply             | {total:>9.3} | apply alone {apply:.3} s; SQLite one-statement floor {floor:.3} s (operator/floor {:.1}x) |",
+            total / floor
+        ));
+        drop(pbx);
+        sq.close().await;
+        drop(lab);
+    }
+
+    // ----------------------------------------------------------------- summary
+    let process_peak = mem.process_peak();
+    println!(
+        "\n== SUMMARY: {users} users x 3 fields = {writes} writes, PostgreSQL (medians of {rounds} rounds) =="
+    );
+    println!("| what                                              |  time (s) | notes |");
+    println!("|---------------------------------------------------|-----------|-------|");
+    println!(
+        "| operator: read + diff + apply (atomic)            | {op_total:>9.3} | read {op_read:.3} + plan {op_plan:.3} + apply {op_apply:.3} |"
+    );
+    println!(
+        "| floor: one batched SQL statement                  | {floor_s:>9.3} | fastest form: {} |",
+        floor_form.name()
+    );
+    println!(
+        "| kamctl avp rm + add per field (EXTRAPOLATED)      | {kamctl_s:>9.1} | from {} calls on {} fields x {writes}/{} ({:.1} min) |",
+        k.rm.len() + k.add.len(),
+        k.fields,
+        k.fields,
+        kamctl_s / 60.0
+    );
+    for l in &sqlite_lines {
+        println!("{l}");
+    }
+    println!();
+    println!(
+        "ratio operator / floor          = {:>7.2}x   (whole path: read + diff + apply)",
+        op_total / floor_s
+    );
+    println!(
+        "ratio operator apply / floor    = {:>7.2}x   (PBX write phase alone; target: within 3x)",
+        op_apply / floor_s
+    );
+    println!(
+        "ratio kamctl / operator         = {:>7.0}x   (kamctl extrapolated)",
+        kamctl_s / op_total
+    );
+    println!();
+    if mem.resettable {
+        println!(
+            "peak memory (VmHWM): operator path {:.1} MiB (RSS {:.1} MiB just before it; includes the benchmark's own data: \
+             the 10k-extension lists, the UserRead and the plan it builds and times); floor statement segment {:.1} MiB; \
+             whole benchmark process {:.1} MiB",
+            mib(op_peak),
+            mib(op_before),
+            mib(floor_peak_kib),
+            mib(process_peak)
+        );
+    } else {
+        println!(
+            "peak memory (VmHWM, could not be reset per segment): whole benchmark process {:.1} MiB, \
+             including the benchmark's own data",
+            mib(process_peak)
+        );
+    }
+    println!(
+        "(kamctl's memory is in its own sh/psql processes, not in this figure; lab processes are not counted.)"
+    );
+}

@@ -1,0 +1,173 @@
+//! A whole environment for one test: a namespace on the shared control plane, its own PBX lab,
+//! optionally an SMTP server, a PbxConnection `acme` to that lab, and an operator watching only
+//! that namespace.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use kube::{Api, Client};
+use pbx_operator::api::PbxConnection;
+use sqlx::{AnyPool, AssertSqlSafe, Row};
+
+use super::lab::{Lab, LabSpec};
+use super::smtp::Smtp;
+use super::{Operator, control_plane, eventually, kubectl_stdin};
+
+pub struct Env {
+    pub ns: String,
+    pub client: Client,
+    pub lab: Lab,
+    pub smtp: Option<Smtp>,
+    pub operator: Operator,
+    pub pool: AnyPool,
+}
+
+impl Env {
+    pub async fn start(prefix: &str, spec: LabSpec, with_smtp: bool) -> Env {
+        let cp = control_plane();
+        let client = super::admin().await;
+        let ns = super::namespace(&client, prefix).await;
+        let lab = Lab::start(spec);
+        let smtp = with_smtp.then(Smtp::start);
+        let smtp_yaml = smtp
+            .as_ref()
+            .map(|s| format!("  smtp: {{ host: 127.0.0.1, port: {}, from: \"PBX <pbx@acme.test>\", tls: None }}\n", s.port))
+            .unwrap_or_default();
+        let manifest = format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{ name: acme-pbx, namespace: {ns} }}
+stringData:
+  database-url: "{db}"
+  rpc-url: "{rpc}"
+---
+apiVersion: pbx-operator.io/v1alpha1
+kind: PbxConnection
+metadata: {{ name: acme, namespace: {ns} }}
+spec:
+  domain: {domain}
+  database: {{ urlSecretRef: {{ name: acme-pbx, key: database-url }} }}
+  rpc: {{ urlSecretRef: {{ name: acme-pbx, key: rpc-url }} }}
+{smtp_yaml}"#,
+            db = lab.db_url(),
+            rpc = lab.rpc_url(),
+            domain = lab.domain(),
+        );
+        kubectl_stdin(
+            &cp.admin_kubeconfig,
+            &["apply", "-f", "-"],
+            manifest.as_bytes(),
+        );
+        let operator = Operator::start(&cp.admin_kubeconfig, &["--namespace", &ns]);
+        sqlx::any::install_default_drivers();
+        let pool = AnyPool::connect(lab.db_url()).await.unwrap();
+        let env = Env {
+            ns,
+            client,
+            lab,
+            smtp,
+            operator,
+            pool,
+        };
+        let conns: Api<PbxConnection> = Api::namespaced(env.client.clone(), &env.ns);
+        eventually(
+            Duration::from_secs(60),
+            "PbxConnection acme to be Ready",
+            || async {
+                let c = conns.get("acme").await.ok()?;
+                let ready = c
+                    .status?
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "Ready")?;
+                (ready.status == "True").then_some(())
+            },
+        )
+        .await;
+        env
+    }
+
+    pub fn apply(&self, manifest: &str) {
+        kubectl_stdin(
+            &control_plane().admin_kubeconfig,
+            &["apply", "-n", &self.ns, "-f", "-"],
+            manifest.as_bytes(),
+        );
+    }
+
+    /// A usr_preferences value of a user, straight from SQL.
+    pub async fn attribute(&self, ext: &str, attribute: &str) -> Option<String> {
+        let q = "SELECT value FROM usr_preferences WHERE username = $1 AND attribute = $2";
+        let q = if self.lab.get("LAB_DB") == "mysql" {
+            q.replace("$1", "?").replace("$2", "?")
+        } else {
+            q.to_string()
+        };
+        sqlx::query(AssertSqlSafe(q))
+            .bind(ext)
+            .bind(attribute)
+            .fetch_optional(&self.pool)
+            .await
+            .unwrap()
+            .map(|r| r.get::<String, _>(0))
+    }
+
+    pub async fn set_attribute(&self, ext: &str, attribute: &str, value: &str) {
+        let q = format!(
+            "UPDATE usr_preferences SET value = '{value}' WHERE username = '{ext}' AND attribute = '{attribute}'"
+        );
+        let n = sqlx::query(AssertSqlSafe(q))
+            .execute(&self.pool)
+            .await
+            .unwrap()
+            .rows_affected();
+        if n == 0 {
+            let q = format!(
+                "INSERT INTO usr_preferences (username, domain, attribute, type, value) VALUES ('{ext}', '{}', '{attribute}', 2, '{value}')",
+                self.lab.domain()
+            );
+            sqlx::query(AssertSqlSafe(q))
+                .execute(&self.pool)
+                .await
+                .unwrap();
+        }
+    }
+
+    pub async fn sql_one(&self, q: &str) -> String {
+        let row = sqlx::query(AssertSqlSafe(q.to_string()))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+        row.try_get::<String, _>(0)
+            .or_else(|_| row.try_get::<i64, _>(0).map(|v| v.to_string()))
+            .unwrap()
+    }
+
+    /// Runs `pbx-operator` with this environment's kubeconfig and namespace.
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pbx-operator"))
+            .args(args)
+            .env("KUBECONFIG", &control_plane().admin_kubeconfig)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn events(&self) -> String {
+        super::kubectl(
+            &control_plane().admin_kubeconfig,
+            &[
+                "get",
+                "events",
+                "-n",
+                &self.ns,
+                "-o",
+                "custom-columns=REASON:.reason,MESSAGE:.message,NOTE:.note",
+            ],
+        )
+    }
+}
