@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo: a local control plane, the CRDs, the operator, the examples applied, results shown.
+# The demo: a local control plane, a real PBX (Kamailio on SQLite with SIPp phones), an SMTP
+# server, the operator, the examples applied, results shown.
 #   tests/demo.sh          run it through, show the results, stop everything
 #   tests/demo.sh --keep   leave it running (prints how to reach it) until Ctrl-C
 set -euo pipefail
@@ -12,38 +13,89 @@ cargo build --locked --quiet
 bin="$CARGO_TARGET_DIR/debug/pbx-operator"
 
 demo=$(mktemp -d -t pbx-demo-XXXXXX)
-operator_pid=""
+operator_pid="" smtp_pid=""
 cleanup() {
   [ -n "$operator_pid" ] && kill "$operator_pid" 2>/dev/null && wait "$operator_pid" 2>/dev/null || true
+  [ -n "$smtp_pid" ] && kill "$smtp_pid" 2>/dev/null || true
+  bash tests/lab/lab.sh down --dir "$demo/lab" >/dev/null 2>&1 || true
   tests/controlplane/controlplane.sh down --dir "$demo/controlplane"
   echo "demo: stopped; logs are in $demo" >&2
 }
 trap cleanup EXIT
-
-tests/controlplane/controlplane.sh up --dir "$demo/controlplane"
-export KUBECONFIG="$demo/controlplane/admin.kubeconfig"
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 k() { kubectl "$@" 2> >(grep -v 'version difference between client' >&2); }
 
-echo; echo "== Installing the CRDs: pbx-operator crds | kubectl apply -f -"
+say "Starting a Kubernetes control plane (kube-apiserver, etcd, kube-controller-manager)"
+tests/controlplane/controlplane.sh up --dir "$demo/controlplane"
+export KUBECONFIG="$demo/controlplane/admin.kubeconfig"
+
+say "Starting the PBX: Kamailio on SQLite, 12 users, 6 SIPp phones"
+bash tests/lab/lab.sh up --dir "$demo/lab" --db sqlite --users 12 --phones 6
+# shellcheck disable=SC1091
+. "$demo/lab/lab.env"
+python3 -m aiosmtpd -n -l 127.0.0.1:2525 -c aiosmtpd.handlers.Mailbox "$demo/mail" >/dev/null 2>&1 &
+smtp_pid=$!
+
+say "Installing the CRDs: pbx-operator crds | kubectl apply -f -"
 "$bin" crds | k apply -f -
 k wait --for condition=Established crd --all --timeout=60s >/dev/null
 
-echo; echo "== Starting the operator (log: $demo/operator.log)"
+say "Starting the operator (log: $demo/operator.log)"
 "$bin" run > "$demo/operator.log" 2>&1 &
 operator_pid=$!
 
-echo; echo "== Applying examples/"
+say "Connecting to the PBX (examples/connection.yaml, Secret filled from the lab)"
 k create namespace acme >/dev/null
-k apply -n acme -f examples/
-sleep 3
+k apply -n acme -f examples/connection.yaml
+k create secret generic acme-pbx -n acme --from-literal=database-url="$LAB_DB_URL" \
+  --from-literal=rpc-url="$LAB_RPC_URL" --dry-run=client -o yaml | k apply -f -
+k wait -n acme --for condition=Ready pbxconnection/acme --timeout=60s
+k get pbxconnection -n acme
 
-echo; echo "== kubectl get pbx -n acme"
+sql() { sqlite3 "${LAB_DB_URL#sqlite://}" "$1"; }
+say "Before: call and pickup groups of 201 and 202 (straight from Kamailio's tables)"
+sql "SELECT username, attribute, value FROM usr_preferences WHERE attribute IN ('pbx.call_group','pbx.pickup_group') AND username IN ('201','202') ORDER BY 1,2"
+
+say "Applying examples/ (BulkUserChange kinds run now; the others are shown as they stand)"
+for f in examples/bulkuserchange-*.yaml examples/bulkphonechange-*.yaml examples/phonerestart-*.yaml examples/userrecycle-*.yaml; do
+  k apply -n acme -f "$f"
+done
+# Waits until a resource reaches a phase where it stops (done, validated or failed).
+settled() {
+  for _ in $(seq 1 120); do
+    case $(k get -n acme "$1" -o jsonpath='{.status.phase}') in
+      Succeeded|Validated|PartiallyFailed|Failed) return 0 ;;
+    esac
+    sleep 0.5
+  done
+}
+for name in call-group-201-202 sales-operators support-reset-2fa-unlock engineering-pickup-group; do
+  settled "buc/$name"
+done
+
+say "kubectl get pbx -n acme"
 k get pbx -n acme
-echo; echo "== Conditions"
-k get pbx -n acme -o jsonpath='{range .items[*]}{.kind}/{.metadata.name}: {range .status.conditions[*]}{.type}={.status} ({.reason}) {end}{"\n"}{end}'
+
+say "Results of call-group-201-202: pbx-operator results bulkuserchange/call-group-201-202"
+"$bin" results bulkuserchange/call-group-201-202 -n acme
+
+say "After: the open callGroup was written, the closed pickupGroup was not"
+sql "SELECT username, attribute, value FROM usr_preferences WHERE attribute IN ('pbx.call_group','pbx.pickup_group') AND username IN ('201','202') ORDER BY 1,2"
+
+say "The validated plan of engineering-pickup-group (nothing written yet)"
+k get buc engineering-pickup-group -n acme -o jsonpath='{.status.plan}' | python3 -m json.tool
+hash=$(k get buc engineering-pickup-group -n acme -o jsonpath='{.status.plan.hash}')
+
+say "Executing exactly that plan: mode Execute, approvedPlanHash $hash"
+k patch buc engineering-pickup-group -n acme --type merge -p "{\"spec\":{\"mode\":\"Execute\",\"approvedPlanHash\":\"$hash\"}}"
+settled buc/engineering-pickup-group
+k get buc -n acme
+
+say "Audit trail: kubectl get events -n acme"
+k get events -n acme --sort-by=.lastTimestamp -o custom-columns=OBJECT:.involvedObject.name,REASON:.reason,MESSAGE:.message | tail -n 20
 
 if $keep; then
   echo; echo "demo: running. In another shell: export KUBECONFIG=$KUBECONFIG; kubectl get pbx -A"
-  echo "demo: Ctrl-C stops everything."
+  echo "demo: the PBX database is ${LAB_DB_URL}; mail lands in $demo/mail. Ctrl-C stops everything."
   wait "$operator_pid"
 fi

@@ -1076,12 +1076,17 @@ impl Exec<'_> {
             }
         }
         let mut write_outcome: HashMap<usize, WriteOutcome> = HashMap::new();
+        // Rows where something really happened: a write landed or an action did something.
+        let mut effective: std::collections::HashSet<usize> = std::collections::HashSet::new();
         if !changes.is_empty() {
             let outcomes = self
                 .backend
                 .apply_user_changes(&changes, self.atomic)
                 .await?;
             for (i, o) in change_of.into_iter().zip(outcomes) {
+                if o == WriteOutcome::Applied {
+                    effective.insert(i);
+                }
                 write_outcome.insert(i, o);
             }
         }
@@ -1170,6 +1175,7 @@ impl Exec<'_> {
                             row.outcome = Outcome::Failed;
                             row.notes.push(n.clone());
                         } else {
+                            effective.insert(i);
                             row.notes.push("welcome email sent".into());
                         }
                     }
@@ -1207,7 +1213,10 @@ impl Exec<'_> {
                     for ((i, _), outcome) in calls.iter().zip(outcomes) {
                         let (row, _) = &mut work[*i];
                         match outcome {
-                            ActionOutcome::Done => row.notes.push(format!("{}: done", kind.name())),
+                            ActionOutcome::Done => {
+                                effective.insert(*i);
+                                row.notes.push(format!("{}: done", kind.name()))
+                            }
                             ActionOutcome::Unchanged => {
                                 row.notes.push(format!("{}: nothing to do", kind.name()))
                             }
@@ -1237,6 +1246,15 @@ impl Exec<'_> {
                         }
                     }
                 }
+            }
+        }
+        // Already-applied writes found on resume count as done by this run.
+        for (i, (row, resumed)) in work.iter_mut().enumerate() {
+            if row.outcome == Outcome::Changed
+                && !effective.contains(&i)
+                && !(*resumed && !row.writes.is_empty())
+            {
+                row.outcome = Outcome::Unchanged;
             }
         }
         Ok(())

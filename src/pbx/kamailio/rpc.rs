@@ -113,7 +113,7 @@ impl RpcClient {
     pub async fn version(&self) -> Result<String> {
         let v = self.call("core.version", json!([]), None).await?;
         Ok(match v {
-            Value::String(s) => s,
+            Value::String(s) => s.trim().to_string(),
             other => other.to_string(),
         })
     }
