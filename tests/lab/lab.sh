@@ -13,6 +13,7 @@
 #   lab.sh rpc --dir DIR METHOD [ARG...] JSON-RPC call, string params
 #   lab.sh sip-register --dir DIR --ext E [--expires S] [--password P]
 #                                       one REGISTER, prints the final code
+#   lab.sh db-stop|db-start --dir DIR   stop / start the lab's PostgreSQL (outage drills)
 #   lab.sh down --dir DIR               stop everything (safe to repeat)
 #
 # See README.md next to this file.
@@ -616,6 +617,20 @@ cmd_sip_register() {
 	fi
 }
 
+# -------------------------------------------------------- db-stop/start --
+
+# Outage drills: stop and start the lab's PostgreSQL, keeping its data.
+cmd_db() { # cmd_db stop|start
+	[ -f "$DIR/run/pg.datadir" ] || die "db-$1: this lab has no PostgreSQL of its own"
+	local data
+	data=$(cat "$DIR/run/pg.datadir")
+	case "$1" in
+	stop) as_pg "$(pg_bindir)/pg_ctl" -D "$data" -m fast -w -t 30 stop >/dev/null ;;
+	start) as_pg "$(pg_bindir)/pg_ctl" -D "$data" -l "$data/postgres.log" -w -t 60 start 9>&- >/dev/null ;;
+	esac
+	log "db-$1: done"
+}
+
 # ------------------------------------------------------------------- main --
 
 main() {
@@ -626,7 +641,7 @@ main() {
 	install) cmd_install ;;
 	up) cmd_up "$@" ;;
 	-h | --help | help) usage ;;
-	down | notify-counts | notify | rpc | sip-register)
+	down | notify-counts | notify | rpc | sip-register | db-stop | db-start)
 		DIR=""
 		local rest=()
 		while [ $# -gt 0 ]; do
@@ -641,6 +656,8 @@ main() {
 		notify) cmd_notify "${rest[@]}" ;;
 		rpc) cmd_rpc "${rest[@]}" ;;
 		sip-register) cmd_sip_register "${rest[@]}" ;;
+		db-stop) cmd_db stop ;;
+		db-start) cmd_db start ;;
 		esac
 		;;
 	*) usage; exit 2 ;;

@@ -145,6 +145,12 @@ impl Lab {
             .unwrap_or(0)
     }
 
+    /// Stops (false) or starts (true) the lab's PostgreSQL, keeping its data.
+    pub fn database(&self, up: bool) {
+        let dir = self.dir.to_string_lossy().into_owned();
+        self.run(&[if up { "db-start" } else { "db-stop" }, "--dir", &dir]);
+    }
+
     pub fn stop(&self) {
         let dir = self.dir.to_string_lossy().into_owned();
         let _ = Command::new("bash")

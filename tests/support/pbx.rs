@@ -87,6 +87,16 @@ spec:
         env
     }
 
+    /// SIGKILLs the operator and starts a fresh one, as a node failure would.
+    pub fn kill_and_restart_operator(&mut self) {
+        let _ = self.operator.child.kill();
+        let _ = self.operator.child.wait();
+        self.operator = Operator::start(
+            &control_plane().admin_kubeconfig,
+            &["--namespace", &self.ns],
+        );
+    }
+
     pub fn apply(&self, manifest: &str) {
         kubectl_stdin(
             &control_plane().admin_kubeconfig,
