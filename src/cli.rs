@@ -56,6 +56,25 @@ pub struct RunArgs {
     /// Resources of one kind reconciled at the same time.
     #[arg(long, default_value_t = 4, env = "PBX_OPERATOR_CONCURRENCY")]
     pub concurrency: u16,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(
+        long,
+        default_value = "0.0.0.0:8080",
+        env = "PBX_OPERATOR_METRICS_ADDR"
+    )]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Run controllers only while holding the Lease `pbx-operator` in $POD_NAMESPACE, so that of
+    /// several replicas exactly one works at a time.
+    #[arg(long, env = "PBX_OPERATOR_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// How often the Secrets a PbxConnection references are re-read; a change re-probes it.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_arg, env = "PBX_OPERATOR_SECRET_CHECK_INTERVAL")]
+    pub secret_check_interval: std::time::Duration,
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    crate::controllers::backends::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration like 30s, 5m or 1h"))
 }
 
 #[derive(Args, Debug)]

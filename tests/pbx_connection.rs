@@ -148,8 +148,12 @@ async fn missing_tables_are_named() {
         .execute(&env.pool)
         .await
         .unwrap();
-    // Re-probe now: touching the Secret triggers it.
-    set_secret(&env, "touch", "1").await;
+    // Probe often from now on (a spec change also re-probes at once).
+    let api: Api<PbxConnection> = Api::namespaced(env.client.clone(), &env.ns);
+    let patch = serde_json::json!({ "spec": { "probeInterval": "1s" } });
+    api.patch("acme", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
     let c = ready(&env, "False", "MissingTables").await;
     let message = c
         .status

@@ -111,7 +111,7 @@ pub async fn config_for(client: &Client, conn: &PbxConnection) -> Result<Kamaili
     Ok(config)
 }
 
-fn fingerprint(config: &KamailioConfig) -> String {
+pub(crate) fn fingerprint(config: &KamailioConfig) -> String {
     let mut h = Sha256::new();
     for part in [&config.database_url, &config.rpc_url, &config.domain] {
         h.update(part.as_bytes());

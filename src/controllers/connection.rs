@@ -3,18 +3,17 @@
 //! Secret changes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
-    runtime::{Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher},
+    runtime::{Controller, controller::Action, events::EventType},
 };
 use serde_json::json;
 
-use super::backends::parse_duration;
+use super::backends::{config_for, fingerprint, parse_duration};
 use super::conditions::{self, Desired};
 use super::{Context, Error, Shutdown, watcher_config};
 use crate::api::{PbxConnection, PbxConnectionStatus, connection::Capabilities};
@@ -22,31 +21,12 @@ use crate::pbx::{PbxBackend, Probe};
 
 const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(300);
 
-pub async fn run(
-    api: Api<PbxConnection>,
-    secrets: Api<Secret>,
-    ctx: Arc<Context>,
-    concurrency: u16,
-    shutdown: Shutdown,
-) {
-    let controller = Controller::new(api, watcher_config());
-    let store = controller.store();
-    controller
+pub async fn run(api: Api<PbxConnection>, ctx: Arc<Context>, concurrency: u16, shutdown: Shutdown) {
+    // No watch on Secrets: that would need list/watch on every Secret of the cluster. Instead
+    // each connection re-reads the Secrets it references every --secret-check-interval and
+    // re-probes when they changed.
+    Controller::new(api, watcher_config())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .watches(
-            secrets,
-            watcher::Config::default().any_semantic(),
-            move |secret: Secret| {
-                let ns = secret.namespace();
-                let name = secret.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|c| c.namespace() == ns && references(c, &name))
-                    .map(|c| ObjectRef::from_obj(&*c))
-                    .collect::<Vec<_>>()
-            },
-        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, super::error_policy, ctx)
         .for_each(|outcome| async move {
@@ -57,15 +37,13 @@ pub async fn run(
         .await;
 }
 
-fn references(conn: &PbxConnection, secret: &str) -> bool {
-    conn.spec.database.url_secret_ref.name == secret
-        || conn.spec.rpc.url_secret_ref.name == secret
-        || conn
-            .spec
-            .smtp
-            .as_ref()
-            .and_then(|s| s.credentials_secret.as_deref())
-            == Some(secret)
+/// What the last probe of a connection saw, to skip probes that would tell nothing new.
+#[derive(Clone, Debug)]
+pub struct ProbeMemo {
+    fingerprint: String,
+    generation: Option<i64>,
+    ok: bool,
+    at: Instant,
 }
 
 fn interval(conn: &PbxConnection) -> Duration {
@@ -78,9 +56,31 @@ fn interval(conn: &PbxConnection) -> Duration {
 
 #[tracing::instrument(skip_all, fields(connection = %conn.name_any(), namespace = conn.namespace()))]
 async fn reconcile(conn: Arc<PbxConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_timer("PbxConnection");
     let ns = conn.namespace().unwrap_or_default();
+    let key = (ns.clone(), conn.name_any());
+    let fingerprint = config_for(&ctx.client, &conn)
+        .await
+        .ok()
+        .map(|c| fingerprint(&c));
+    let memo = ctx.probes.lock().expect("not poisoned").get(&key).cloned();
+    if let (Some(fp), Some(m)) = (&fingerprint, &memo) {
+        let fresh = m.at.elapsed() < interval(&conn);
+        if m.ok && fresh && m.fingerprint == *fp && m.generation == conn.metadata.generation {
+            let left = interval(&conn).saturating_sub(m.at.elapsed());
+            return Ok(Action::requeue(left.min(ctx.secret_check_interval)));
+        }
+    }
+    let _timer = ctx.metrics.reconcile_timer("PbxConnection");
     let outcome = probe(&conn, &ctx).await;
+    ctx.probes.lock().expect("not poisoned").insert(
+        key,
+        ProbeMemo {
+            fingerprint: fingerprint.unwrap_or_default(),
+            generation: conn.metadata.generation,
+            ok: outcome.is_ok(),
+            at: Instant::now(),
+        },
+    );
     let old = conn.status.clone().unwrap_or_default();
     let mut status = old.clone();
     status.observed_generation = conn.metadata.generation;
@@ -170,7 +170,7 @@ async fn reconcile(conn: Arc<PbxConnection>, ctx: Arc<Context>) -> Result<Action
         )
         .await?;
     }
-    Ok(Action::requeue(requeue))
+    Ok(Action::requeue(requeue.min(ctx.secret_check_interval)))
 }
 
 fn ready(
@@ -200,7 +200,7 @@ fn ready(
 
 async fn probe(conn: &PbxConnection, ctx: &Context) -> Result<(Probe, Capabilities), Error> {
     let backend = ctx.backends.get(&ctx.client, conn).await?;
-    let probe = backend.probe().await?;
+    let probe = ctx.metrics.pbx_call("probe", backend.probe()).await?;
     let caps = backend.capabilities();
     let capabilities = Capabilities {
         user_fields: caps

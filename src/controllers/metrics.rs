@@ -25,11 +25,32 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabel {
+    pub backend: String,
+    pub call: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallErrorLabel {
+    pub backend: String,
+    pub call: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
 pub struct Metrics {
     pub reconciles: Family<KindLabel, Counter>,
     pub reconcile_failures: Family<ErrorLabel, Counter>,
     pub reconcile_duration: Family<KindLabel, Histogram>,
     pub targets: Family<OutcomeLabel, Counter>,
+    pub pbx_call_duration: Family<CallLabel, Histogram>,
+    pub pbx_call_errors: Family<CallErrorLabel, Counter>,
+    pub notify_answers: Family<CodeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -41,6 +62,11 @@ impl Default for Metrics {
                 Histogram::new(exponential_buckets(0.005, 2.0, 14))
             }),
             targets: Family::default(),
+            pbx_call_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
+            pbx_call_errors: Family::default(),
+            notify_answers: Family::default(),
         }
     }
 }
@@ -67,6 +93,47 @@ impl Metrics {
             "Targets processed per kind and outcome",
             self.targets.clone(),
         );
+        registry.register(
+            "pbx_operator_pbx_call_duration_seconds",
+            "PBX backend call latency",
+            self.pbx_call_duration.clone(),
+        );
+        registry.register(
+            "pbx_operator_pbx_call_errors",
+            "PBX backend call errors by reason",
+            self.pbx_call_errors.clone(),
+        );
+        registry.register(
+            "pbx_operator_notify_answers",
+            "Final SIP answers to NOTIFYs by code",
+            self.notify_answers.clone(),
+        );
+    }
+
+    /// Times one PBX call and counts its failure.
+    pub async fn pbx_call<T>(
+        &self,
+        call: &str,
+        fut: impl std::future::Future<Output = Result<T, crate::pbx::PbxError>>,
+    ) -> Result<T, crate::pbx::PbxError> {
+        let start = Instant::now();
+        let result = fut.await;
+        let label = CallLabel {
+            backend: "kamailio".into(),
+            call: call.into(),
+        };
+        self.pbx_call_duration
+            .get_or_create(&label)
+            .observe(start.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            let label = CallErrorLabel {
+                backend: "kamailio".into(),
+                call: call.into(),
+                reason: e.reason().into(),
+            };
+            self.pbx_call_errors.get_or_create(&label).inc();
+        }
+        result
     }
 
     /// Counts a reconcile and records its duration when the returned guard drops.

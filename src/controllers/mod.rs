@@ -6,9 +6,11 @@
 pub mod backends;
 pub mod conditions;
 mod connection;
+mod leader;
 pub mod metrics;
 mod pending;
 mod results_store;
+mod server;
 pub mod user_change;
 
 use std::sync::Arc;
@@ -40,6 +42,14 @@ pub enum Error {
     CrdMissing { kind: String, source: kube::Error },
     #[error("Kubernetes API call failed: {0}")]
     Kube(#[from] kube::Error),
+    #[error("cannot serve metrics on {0}: {1}; choose another --metrics-addr")]
+    Serve(std::net::SocketAddr, #[source] std::io::Error),
+    #[error(
+        "cannot take part in leader election: {0}; check the operator may get, create and update Leases in its namespace"
+    )]
+    LeaderElection(String),
+    #[error("lost the leader Lease; exiting so that only one replica works at a time")]
+    LeadershipLost,
     #[error(
         "cannot use key {key:?} of Secret {namespace}/{name}: {detail}; create the Secret or fix the reference"
     )]
@@ -74,6 +84,9 @@ impl Error {
             Error::NoCluster(_) => "no_cluster",
             Error::CrdMissing { .. } => "crd_missing",
             Error::Kube(_) => "kube",
+            Error::Serve(..) => "serve",
+            Error::LeaderElection(_) => "leader_election",
+            Error::LeadershipLost => "leadership_lost",
             Error::SecretMissing { .. } => "secret_missing",
             Error::ConnectionMissing { .. } => "connection_missing",
             Error::Pbx(e) => e.reason(),
@@ -89,6 +102,8 @@ impl Error {
             Error::NoCluster(_) => "NoCluster",
             Error::CrdMissing { .. } => "CrdMissing",
             Error::Kube(_) => "KubernetesError",
+            Error::Serve(..) => "ServeFailed",
+            Error::LeaderElection(_) | Error::LeadershipLost => "LeaderElection",
             Error::SecretMissing { .. } => "SecretNotReadable",
             Error::ConnectionMissing { .. } => "ConnectionNotFound",
             Error::Pbx(e) => e.reason(),
@@ -121,6 +136,11 @@ pub struct Context {
     pub metrics: metrics::Metrics,
     /// Consecutive failures per object (uid), for backoff: error_policy has no per-object state.
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// How often PbxConnections re-read their Secrets.
+    pub secret_check_interval: Duration,
+    /// The last probe of each PbxConnection (namespace, name).
+    pub probes:
+        std::sync::Mutex<std::collections::HashMap<(String, String), connection::ProbeMemo>>,
 }
 
 impl Context {
@@ -136,7 +156,7 @@ impl Context {
         self.failures.lock().expect("not poisoned").remove(uid);
     }
 
-    pub fn new(client: Client) -> Context {
+    pub fn new(client: Client, secret_check_interval: Duration) -> Context {
         let reporter = Reporter {
             controller: "pbx-operator".into(),
             instance: std::env::var("POD_NAME")
@@ -149,6 +169,8 @@ impl Context {
             backends: backends::Backends::default(),
             metrics: metrics::Metrics::default(),
             failures: Default::default(),
+            secret_check_interval,
+            probes: Default::default(),
         }
     }
 
@@ -206,17 +228,54 @@ fn shutdown_signal() -> Shutdown {
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-/// Runs every controller until SIGTERM or SIGINT.
+/// Runs every controller until SIGTERM or SIGINT (or, with leader election, until the Lease
+/// is lost: the process then exits and its restart waits to be leader again).
 pub async fn run(args: RunArgs) -> Result<()> {
     let client = Client::try_default().await.map_err(Error::NoCluster)?;
     let shutdown = shutdown_signal();
-    let ctx = Arc::new(Context::new(client.clone()));
+    let ctx = Arc::new(Context::new(client.clone(), args.secret_check_interval));
+    let health = Arc::new(server::Health {
+        ready: false.into(),
+        leader: false.into(),
+    });
+    let mut registry = prometheus_client::registry::Registry::default();
+    ctx.metrics.register(&mut registry);
+    server::serve(args.metrics_addr, registry, health.clone())
+        .await
+        .map_err(|e| Error::Serve(args.metrics_addr, e))?;
 
     check_crd::<PbxConnection>(&client, &args).await?;
     check_crd::<BulkUserChange>(&client, &args).await?;
     check_crd::<BulkPhoneChange>(&client, &args).await?;
     check_crd::<PhoneRestart>(&client, &args).await?;
     check_crd::<UserRecycle>(&client, &args).await?;
+    health
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let mut leadership = None;
+    if args.leader_election {
+        let (mut lease, task) = leader::acquire(client.clone(), shutdown.clone()).await?;
+        if !*lease.borrow() {
+            tracing::info!("shutting down before becoming leader");
+            return Ok(());
+        }
+        health
+            .leader
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let lost = async move {
+            while lease.changed().await.is_ok() {
+                if !*lease.borrow() {
+                    break;
+                }
+            }
+        };
+        leadership = Some((lost, task));
+    } else {
+        health
+            .leader
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     tracing::info!(
         namespace = args.namespace.as_deref().unwrap_or("<all>"),
         "controllers starting"
@@ -224,7 +283,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let controllers = futures::future::join5(
         connection::run(
-            api(&client, &args),
             api(&client, &args),
             ctx.clone(),
             args.concurrency,
@@ -240,6 +298,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pending::run::<PhoneRestart>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
         pending::run::<UserRecycle>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
     );
+    let (lost, lease_task) = match leadership {
+        Some((lost, task)) => (futures::future::Either::Left(lost), Some(task)),
+        None => (
+            futures::future::Either::Right(futures::future::pending::<()>()),
+            None,
+        ),
+    };
     // Controllers stop taking work at the signal and finish what is in flight. A reconcile
     // stuck on an unreachable PBX must not hold the process: progress is recorded before every
     // side effect, so the next start resumes where this one stopped.
@@ -248,6 +313,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         _ = async { shutdown.clone().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
             tracing::warn!("controllers did not stop within {SHUTDOWN_GRACE:?} of the signal; exiting anyway");
         }
+        _ = lost => {
+            // Another replica may already be working: stop at once rather than race it.
+            return Err(Error::LeadershipLost);
+        }
+    }
+    if let Some(task) = lease_task {
+        task.abort();
     }
     tracing::info!("controllers stopped");
     Ok(())

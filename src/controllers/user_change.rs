@@ -435,7 +435,11 @@ impl Run<'_> {
                 },
             ),
         };
-        let read = backend.read_users(&selection).await?;
+        let read = self
+            .ctx
+            .metrics
+            .pbx_call("read_users", backend.read_users(&selection))
+            .await?;
         let selector = Selector {
             groups: selection.groups.clone(),
             extensions: selection.extensions.clone(),
@@ -539,6 +543,7 @@ impl Run<'_> {
                 mailer: mailer.as_ref(),
                 domain: &conn.spec.domain,
                 atomic,
+                metrics: &self.ctx.metrics,
             };
             if let Err(e) = ctx.run(work).await {
                 // The PBX went away mid-batch: the rows stay InProgress and are checked on resume.
@@ -1009,6 +1014,7 @@ struct Exec<'a> {
     mailer: Option<&'a Mailer>,
     domain: &'a str,
     atomic: bool,
+    metrics: &'a super::metrics::Metrics,
 }
 
 impl Exec<'_> {
@@ -1209,7 +1215,10 @@ impl Exec<'_> {
                     }
                     let list: Vec<(String, UserAction)> =
                         calls.iter().map(|(_, c)| c.clone()).collect();
-                    let outcomes = self.backend.apply_actions(&list).await?;
+                    let outcomes = self
+                        .metrics
+                        .pbx_call("apply_actions", self.backend.apply_actions(&list))
+                        .await?;
                     for ((i, _), outcome) in calls.iter().zip(outcomes) {
                         let (row, _) = &mut work[*i];
                         match outcome {

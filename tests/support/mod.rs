@@ -189,24 +189,67 @@ where
 pub struct Operator {
     pub child: Child,
     pub log: PathBuf,
+    /// Where its /metrics, /healthz and /readyz are served.
+    pub metrics_port: u16,
 }
 
 impl Operator {
     pub fn start(kubeconfig: &Path, extra_args: &[&str]) -> Operator {
+        Operator::start_with_env(kubeconfig, extra_args, &[])
+    }
+
+    pub fn start_with_env(
+        kubeconfig: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Operator {
         let log = control_plane()
             .dir
             .join(format!("operator-{}.log", uuid_like()));
         let file = std::fs::File::create(&log).unwrap();
+        let metrics_port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_pbx-operator"))
             .arg("run")
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics_port}"),
+                "--secret-check-interval",
+                "1s",
+            ])
             .args(extra_args)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,pbx_operator=debug")
+            .envs(env.iter().copied())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
             .expect("starting pbx-operator run");
-        Operator { child, log }
+        Operator {
+            child,
+            log,
+            metrics_port,
+        }
+    }
+
+    /// GETs a path of the operator's HTTP server; returns (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
+            return (0, String::new());
+        };
+        let _ = write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
     }
 
     pub fn log_text(&self) -> String {

@@ -24,6 +24,16 @@ pub struct Env {
 
 impl Env {
     pub async fn start(prefix: &str, spec: LabSpec, with_smtp: bool) -> Env {
+        Env::start_with(prefix, spec, with_smtp, &[]).await
+    }
+
+    /// Like [`Env::start`], with more arguments for `pbx-operator run`.
+    pub async fn start_with(
+        prefix: &str,
+        spec: LabSpec,
+        with_smtp: bool,
+        run_args: &[&str],
+    ) -> Env {
         let cp = control_plane();
         let client = super::admin().await;
         let ns = super::namespace(&client, prefix).await;
@@ -58,7 +68,9 @@ spec:
             &["apply", "-f", "-"],
             manifest.as_bytes(),
         );
-        let operator = Operator::start(&cp.admin_kubeconfig, &["--namespace", &ns]);
+        let mut args = vec!["--namespace", ns.as_str()];
+        args.extend_from_slice(run_args);
+        let operator = Operator::start(&cp.admin_kubeconfig, &args);
         sqlx::any::install_default_drivers();
         let pool = AnyPool::connect(lab.db_url()).await.unwrap();
         let env = Env {
