@@ -36,6 +36,38 @@ pub enum Command {
     Crds(CrdsArgs),
     /// Print the full result CSV of an operation, e.g. `results bulkuserchange/sales-roles`.
     Results(ResultsArgs),
+    /// Create resources from templates (what scheduled CronJobs run).
+    #[command(subcommand)]
+    Create(CreateCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CreateCommand {
+    /// Create a PhoneRestart from a template, named after its scheduled time, so running this
+    /// twice for the same time creates one PhoneRestart.
+    PhoneRestart(PhoneRestartArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("template").required(true).args(["from", "from_configmap"])))]
+pub struct PhoneRestartArgs {
+    /// A YAML file with a PhoneRestart (its metadata.name is the name's prefix) or just its spec.
+    #[arg(long)]
+    pub from: Option<PathBuf>,
+    /// A ConfigMap whose key `template.yaml` holds the template (the ConfigMap's name is the prefix).
+    #[arg(long)]
+    pub from_configmap: Option<String>,
+    /// Namespace to create in (default: the kubeconfig's namespace).
+    #[arg(short, long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The cron schedule this run belongs to (UTC), e.g. "0 2 * * *": the name and notBefore use
+    /// its latest time at or before now, so a late or repeated fire maps to the same restart.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// How long after the scheduled time phones may still be restarted (sets notAfter when the
+    /// template has none), e.g. 1h.
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub window: Option<std::time::Duration>,
 }
 
 #[derive(Args, Debug)]
@@ -191,4 +223,111 @@ pub fn print_crds(
         }
     }
     Ok(())
+}
+
+/// Creates a PhoneRestart from a template; an existing one of the same scheduled time is success.
+pub async fn create_phone_restart(args: &PhoneRestartArgs) -> Result<(), CliError> {
+    use crate::api::PhoneRestart;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, PostParams};
+
+    let client = kube::Client::try_default().await?;
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let (text, default_base) = match (&args.from, &args.from_configmap) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                CliError::Usage(format!("cannot read template {}: {e}", path.display()))
+            })?;
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("phone-restart")
+                .to_string();
+            (text, stem)
+        }
+        (None, Some(name)) => {
+            let cm = Api::<ConfigMap>::namespaced(client.clone(), &namespace)
+                .get(name)
+                .await?;
+            let text = cm
+                .data
+                .and_then(|mut d| d.remove("template.yaml"))
+                .ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "ConfigMap {namespace}/{name} has no key template.yaml"
+                    ))
+                })?;
+            (text, name.clone())
+        }
+        (None, None) => {
+            return Err(CliError::Usage(
+                "give --from FILE or --from-configmap NAME".into(),
+            ));
+        }
+    };
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+        .map_err(|e| CliError::Usage(format!("the template is not YAML: {e}")))?;
+    let base = doc["metadata"]["name"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or(default_base);
+    let mut spec = if doc.get("spec").is_some() {
+        doc["spec"].clone()
+    } else {
+        doc.clone()
+    };
+    let at = crate::schedule::scheduled_time(args.schedule.as_deref(), jiff::Timestamp::now())
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    if let Some(map) = spec.as_mapping_mut() {
+        let key = |k: &str| serde_yaml::Value::String(k.into());
+        if !map.contains_key(key("notBefore")) {
+            map.insert(key("notBefore"), key(&at.to_string()));
+        }
+        if let (Some(window), false) = (args.window, map.contains_key(key("notAfter"))) {
+            let until = at + jiff::SignedDuration::try_from(window).unwrap_or_default();
+            map.insert(key("notAfter"), key(&until.to_string()));
+        }
+    }
+    let name = crate::schedule::restart_name(&base, at);
+    let object = serde_json::json!({
+        "apiVersion": "pbx-operator.io/v1alpha1",
+        "kind": "PhoneRestart",
+        "metadata": {
+            "name": name,
+            "labels": { "app.kubernetes.io/managed-by": "pbx-operator", "pbx-operator.io/template": label_value(&base) },
+            "annotations": { "pbx-operator.io/scheduled-time": at.to_string() }
+        },
+        "spec": serde_json::to_value(&spec).map_err(|e| CliError::Usage(e.to_string()))?,
+    });
+    let restart: PhoneRestart = serde_json::from_value(object).map_err(|e| {
+        CliError::Usage(format!(
+            "the template is not a valid PhoneRestart spec: {e}"
+        ))
+    })?;
+    let api: Api<PhoneRestart> = Api::namespaced(client, &namespace);
+    match api.create(&PostParams::default(), &restart).await {
+        Ok(_) => println!("phonerestart.pbx-operator.io/{name} created"),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            println!(
+                "phonerestart.pbx-operator.io/{name} exists already (this scheduled time was handled)"
+            )
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// A label value from any name: allowed characters only, at most 63, alphanumeric at both ends.
+fn label_value(name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(63)
+        .collect();
+    cleaned
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
 }

@@ -39,6 +39,41 @@ pub struct Row {
     pub changes: Vec<FieldChange>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Phone operations: the registration the row is about, as planned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<PhoneTarget>,
+}
+
+/// A phone as a restart plans it: who owns it, how it is reached, and how its registration
+/// looked before the NOTIFY (to recognise the fresh REGISTER after it).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PhoneTarget {
+    /// The provisioning record (pbx_phone.id), for phones the PBX knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    pub extension: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user_agent: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub call_id: String,
+    #[serde(default)]
+    pub last_modified: i64,
+    /// Unix seconds when the NOTIFY was (about to be) sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<i64>,
 }
 
 impl Row {
@@ -162,6 +197,24 @@ pub fn summarize<'a>(rows: impl IntoIterator<Item = &'a Row>) -> Summary {
     s
 }
 
+/// Counts of a restart's rows.
+pub fn restart_summary<'a>(rows: impl IntoIterator<Item = &'a Row>) -> crate::api::RestartSummary {
+    let mut s = crate::api::RestartSummary::default();
+    for r in rows {
+        s.targets += 1;
+        match r.outcome {
+            Outcome::Restarted => s.restarted += 1,
+            Outcome::Accepted => s.accepted += 1,
+            Outcome::NotRegistered => s.not_registered += 1,
+            Outcome::Expired => s.expired += 1,
+            Outcome::Failed | Outcome::Conflict => s.failed += 1,
+            Outcome::InProgress => s.in_flight += 1,
+            _ => {}
+        }
+    }
+    s
+}
+
 /// Adds the counts of `b` to `a`.
 pub fn add(a: &mut Summary, b: &Summary) {
     a.targets += b.targets;
@@ -220,6 +273,7 @@ mod tests {
             actions: vec![],
             changes: vec![],
             notes: vec![],
+            phone: None,
         }
     }
 

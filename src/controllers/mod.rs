@@ -8,10 +8,12 @@ pub mod conditions;
 mod connection;
 mod leader;
 pub mod metrics;
-mod pending;
+pub mod phone_change;
+pub mod phone_restart;
 mod results_store;
 mod server;
 pub mod user_change;
+pub mod user_recycle;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -294,9 +296,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.concurrency,
             shutdown.clone(),
         ),
-        pending::run::<BulkPhoneChange>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
-        pending::run::<PhoneRestart>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
-        pending::run::<UserRecycle>(api(&client, &args), ctx.clone(), &args, shutdown.clone()),
+        phone_change::run(
+            api(&client, &args),
+            ctx.clone(),
+            args.concurrency,
+            shutdown.clone(),
+        ),
+        phone_restart::run(
+            api(&client, &args),
+            ctx.clone(),
+            args.concurrency,
+            shutdown.clone(),
+        ),
+        user_recycle::run(
+            api(&client, &args),
+            ctx.clone(),
+            args.concurrency,
+            shutdown.clone(),
+        ),
     );
     let (lost, lease_task) = match leadership {
         Some((lost, task)) => (futures::future::Either::Left(lost), Some(task)),

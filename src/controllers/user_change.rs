@@ -461,6 +461,7 @@ impl Run<'_> {
             actions: vec![],
             changes: vec![],
             notes: vec![format!("extension {e} does not exist on the PBX")],
+            phone: None,
         }));
         let status_plan = Plan {
             hash: plan.hash.clone(),
@@ -846,6 +847,7 @@ fn planned_row(t: &user_plan::PlannedUser) -> Row {
             })
             .collect(),
         notes: vec![],
+        phone: None,
     }
 }
 

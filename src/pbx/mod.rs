@@ -113,4 +113,63 @@ pub trait PbxBackend: Send + Sync {
 
     /// Drops every registration of a user, so the phones must register (and authenticate) again.
     async fn drop_registrations(&self, extension: &str) -> Result<()>;
+
+    /// Resets users for reuse, each in its own transaction: clears what `parts` names, and
+    /// leaves the user in status SetupRequired. Registrations are not dropped here.
+    async fn reset_users(&self, resets: &[UserReset]) -> Result<Vec<ResetOutcome>>;
+
+    /// Gives reset extensions to new people, each in its own transaction: sets the identity,
+    /// rotates the SIP secret to one nobody knows, clears the voicemail PIN, and leaves the
+    /// user in status PasswordRequired.
+    async fn recycle_users(&self, identities: &[NewIdentity]) -> Result<Vec<ResetOutcome>>;
+}
+
+/// What a reset clears (UserRecycle `spec.reset`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResetPart {
+    /// First and last name.
+    Name,
+    Email,
+    /// The SIP secret: rotated to a random one nobody knows.
+    Password,
+    VoicemailPin,
+    /// Phones provisioned for the user: unassigned, they stay in the inventory.
+    Devices,
+    Role,
+    /// Group memberships.
+    Groups,
+    /// Every number the user owns, with the number locations and the private number.
+    Numbers,
+    CallGroup,
+    PickupGroup,
+}
+
+/// One user to reset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserReset {
+    pub extension: String,
+    pub parts: Vec<ResetPart>,
+}
+
+/// The person who takes over a reset extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewIdentity {
+    pub extension: String,
+    pub first_name: String,
+    pub last_name: String,
+    /// None clears the previous person's address.
+    pub email: Option<String>,
+}
+
+/// What happened to one reset or recycle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResetOutcome {
+    /// Committed. `before`: the user as read inside the transaction, before the change;
+    /// `unassigned`: the phones that no longer belong to the user (reset with Devices).
+    Done {
+        before: User,
+        unassigned: Vec<Phone>,
+    },
+    NotFound,
+    Failed(String),
 }

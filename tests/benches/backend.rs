@@ -9,7 +9,9 @@
 //!   cargo bench --bench backend
 //!
 //! Knobs (environment): BENCH_USERS (10000), BENCH_ROUNDS (3), BENCH_KAMCTL_USERS (34: 34 users x
-//! 3 fields = 102 field writes = 204 kamctl calls), BENCH_SQLITE (1; 0 skips the SQLite lab).
+//! 3 fields = 102 field writes = 204 kamctl calls), BENCH_SQLITE (1; 0 skips the SQLite lab),
+//! BENCH_PROFILE (0; 1 adds one operator run with PostgreSQL statement logging and prints where
+//! the server's time went, per statement kind, next to the client's phase times).
 //!
 //! Every write run uses values no user holds yet (a fresh "generation"), so each run really
 //! changes 3 x users attribute values; every run is checked to have landed (correctness is
@@ -470,6 +472,10 @@ fn kamctl_sample(lab: &Lab, sample: &[String], g: &Gen) -> KamctlSample {
 
 // ----------------------------------------------------------------- SQLite --
 
+/// SQLite's fastest single statement we found: UPDATE .. FROM json_each(one bound JSON array of
+/// [username, attribute, value]), which probes usr_preferences_uda_idx per element. (A 30k-tuple
+/// `WITH v AS (VALUES ..) UPDATE .. FROM v` took 24-32 s with the SQLite sqlx bundles: no index
+/// on the join.)
 async fn floor_sqlite(
     pool: &sqlx::SqlitePool,
     domain: &str,
@@ -477,33 +483,26 @@ async fn floor_sqlite(
     g: &Gen,
 ) -> (Duration, u64) {
     let t0 = Instant::now();
-    let mut q = String::with_capacity(40 * 3 * users + 300);
-    q.push_str("WITH v(username, attribute, value) AS (VALUES ");
-    let mut first = true;
-    for e in extensions(users) {
+    let exts = extensions(users);
+    let mut rows: Vec<[&str; 3]> = Vec::with_capacity(3 * users);
+    for e in &exts {
         for (a, v) in g.values() {
-            if !first {
-                q.push(',');
-            }
-            first = false;
-            q.push_str(&format!(
-                "({},{},{})",
-                sql_literal(&e),
-                sql_literal(a),
-                sql_literal(v)
-            ));
+            rows.push([e.as_str(), a, v]);
         }
     }
-    q.push_str(&format!(
-        ") UPDATE usr_preferences SET value = v.value, last_modified = CURRENT_TIMESTAMP FROM v \
-         WHERE usr_preferences.domain = {} AND usr_preferences.username = v.username \
-         AND usr_preferences.attribute = v.attribute",
-        sql_literal(domain)
-    ));
-    let r = sqlx::raw_sql(AssertSqlSafe(q))
-        .execute(pool)
-        .await
-        .expect("the SQLite floor statement");
+    let json = serde_json::to_string(&rows).unwrap();
+    let r = sqlx::query(
+        "UPDATE usr_preferences SET value = json_extract(j.value, '$[2]'), \
+         last_modified = CURRENT_TIMESTAMP FROM json_each($2) AS j \
+         WHERE usr_preferences.domain = $1 \
+         AND usr_preferences.username = json_extract(j.value, '$[0]') \
+         AND usr_preferences.attribute = json_extract(j.value, '$[1]')",
+    )
+    .bind(domain)
+    .bind(json)
+    .execute(pool)
+    .await
+    .expect("the SQLite floor statement");
     (t0.elapsed(), r.rows_affected())
 }
 
@@ -524,6 +523,271 @@ async fn count_landed_sqlite(pool: &sqlx::SqlitePool, domain: &str, g: &Gen) -> 
     out
 }
 
+// --------------------------------------------------------------- profile --
+
+/// A statement as logged, with placeholder runs and the rows of multi-row INSERTs collapsed.
+fn statement_kind(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            while chars.peek().is_some_and(char::is_ascii_digit) {
+                chars.next();
+            }
+            out.push('n');
+        }
+    }
+    while out.contains("$n, $n") {
+        out = out.replace("$n, $n", "$n");
+    }
+    if let Some(i) = out.find("), (") {
+        out.truncate(i + 1);
+        out.push_str(", ...");
+    }
+    out.chars().take(110).collect()
+}
+
+/// BENCH_PROFILE=1: PostgreSQL statement logging (`log_min_duration_statement = 0`) and
+/// auto_explain (plans of statements over 20 ms) for every session opened after `enable`; after
+/// each operator round, the server time per statement kind and phase (parse/bind/execute) and
+/// the plans of the slow statements, next to the client's phase times.
+struct PgProfile {
+    admin: sqlx::PgPool,
+    log: std::path::PathBuf,
+}
+
+impl PgProfile {
+    async fn enable(lab: &Lab) -> PgProfile {
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(lab.get("LAB_PG_ADMIN_URL"))
+            .await
+            .expect("connect as the lab's PostgreSQL superuser");
+        let mut conn = admin.acquire().await.unwrap();
+        // auto_explain must be loaded in this session before ALTER SYSTEM accepts its settings.
+        for q in [
+            "LOAD 'auto_explain'",
+            "ALTER SYSTEM SET log_min_duration_statement = 0",
+            "ALTER SYSTEM SET log_parameter_max_length = 0",
+            "ALTER SYSTEM SET session_preload_libraries = 'auto_explain'",
+            "ALTER SYSTEM SET auto_explain.log_min_duration = '20ms'",
+            "ALTER SYSTEM SET log_autovacuum_min_duration = 0",
+            "SELECT pg_reload_conf()",
+        ] {
+            sqlx::query(q).execute(&mut *conn).await.unwrap();
+        }
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        PgProfile {
+            admin,
+            log: lab.dir.join("logs/postgres.log"),
+        }
+    }
+
+    fn offset(&self) -> u64 {
+        std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Prints what the server logged since `from` for an operator run.
+    fn report(&self, from: u64, r: &OperatorRun) {
+        use std::collections::BTreeMap;
+        let bytes = std::fs::read(&self.log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes[(from as usize).min(bytes.len())..]).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        // kind -> phase -> (count, ms)
+        let mut kinds: BTreeMap<String, BTreeMap<String, (usize, f64)>> = BTreeMap::new();
+        // (kind, plan shape) -> (count, ms)
+        let mut plans: BTreeMap<(String, String), (usize, f64)> = BTreeMap::new();
+        let mut total_ms = 0.0;
+        let mut autovacuum = Vec::new();
+        for (n, line) in lines.iter().enumerate() {
+            if line.contains("automatic vacuum") || line.contains("automatic analyze") {
+                autovacuum.push(
+                    line.split("LOG:")
+                        .nth(1)
+                        .unwrap_or(line)
+                        .trim()
+                        .chars()
+                        .take(80)
+                        .collect::<String>(),
+                );
+            }
+            let Some(i) = line.find("duration: ") else {
+                continue;
+            };
+            let rest = &line[i + "duration: ".len()..];
+            let Some((ms, rest)) = rest.split_once(" ms") else {
+                continue;
+            };
+            let Ok(ms) = ms.trim().parse::<f64>() else {
+                continue;
+            };
+            let rest = rest.trim_start();
+            if rest == "plan:" {
+                // auto_explain: tab-indented "Query Text: .." and plan lines follow.
+                let body: Vec<&str> = lines[n + 1..]
+                    .iter()
+                    .take_while(|l| l.starts_with('\t') || l.starts_with(' '))
+                    .map(|l| l.trim())
+                    .collect();
+                let kind = body
+                    .iter()
+                    .find_map(|l| l.strip_prefix("Query Text: "))
+                    .map(statement_kind)
+                    .unwrap_or_default();
+                let shape = body
+                    .iter()
+                    .filter(|l| {
+                        !l.starts_with("Query Text")
+                            && !l.contains("Cond:")
+                            && !l.starts_with("Filter")
+                    })
+                    .map(|l| {
+                        l.split("  (cost")
+                            .next()
+                            .unwrap_or(l)
+                            .trim_start_matches("->  ")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" / ");
+                let e = plans.entry((kind, shape)).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += ms;
+                continue;
+            }
+            let (phase, sql) = match rest.split_once(": ") {
+                Some((head, sql)) => (
+                    head.split_whitespace().next().unwrap_or("?").to_string(),
+                    sql,
+                ),
+                None => ("?".to_string(), rest),
+            };
+            total_ms += ms;
+            let e = kinds
+                .entry(statement_kind(sql))
+                .or_default()
+                .entry(phase)
+                .or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += ms;
+        }
+        println!(
+            "         server time of all statements {:.3} s of the round's {:.3} s (the rest: client, driver, round trips)",
+            total_ms / 1e3,
+            secs(r.total)
+        );
+        let mut rows: Vec<(f64, String)> = kinds
+            .into_iter()
+            .map(|(kind, phases)| {
+                let ms: f64 = phases.values().map(|(_, ms)| ms).sum();
+                let detail = phases
+                    .iter()
+                    .map(|(p, (n, ms))| format!("{p} {n}x {ms:.0} ms"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                (ms, format!("{ms:>7.0} ms  {kind} [{detail}]"))
+            })
+            .collect();
+        rows.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+        for (_, line) in rows.iter().filter(|(ms, _)| *ms >= 1.0).take(8) {
+            println!("         {line}");
+        }
+        let mut plans: Vec<_> = plans.into_iter().collect();
+        plans.sort_by(|a, b| b.1.1.partial_cmp(&a.1.1).unwrap());
+        for ((kind, shape), (n, ms)) in plans.iter().take(4) {
+            println!(
+                "         over 20 ms: {n}x, {ms:.0} ms: {}\n             plan: {shape}",
+                kind.chars().take(60).collect::<String>()
+            );
+        }
+        if !autovacuum.is_empty() {
+            println!(
+                "         autovacuum during the round: {}",
+                autovacuum.join("; ")
+            );
+        }
+    }
+
+    async fn disable(self) {
+        for q in [
+            "ALTER SYSTEM RESET log_min_duration_statement",
+            "ALTER SYSTEM RESET log_parameter_max_length",
+            "ALTER SYSTEM RESET session_preload_libraries",
+            "ALTER SYSTEM RESET auto_explain.log_min_duration",
+            "ALTER SYSTEM RESET log_autovacuum_min_duration",
+            "SELECT pg_reload_conf()",
+        ] {
+            sqlx::query(q).execute(&self.admin).await.unwrap();
+        }
+        self.admin.close().await;
+    }
+}
+
+/// BENCH_PROFILE=1: hand-written forms of the operator's two database phases, to size what a
+/// change in src/pbx/kamailio/db.rs could gain: the read as 4 statements with one array
+/// parameter each (`username = ANY($2)`) instead of 20 chunks x 4 statements x 500 parameters,
+/// and the compare-and-set write as one UPDATE .. FROM unnest(username, attribute, old, new)
+/// WHERE value = old RETURNING (a missing returned row is a conflict), in one transaction.
+async fn alternatives_pg(
+    pool: &sqlx::PgPool,
+    domain: &str,
+    users: usize,
+    old: &Gen,
+    new: &Gen,
+) -> (Duration, usize, Duration, usize) {
+    let exts = extensions(users);
+    let t0 = Instant::now();
+    let mut rows = 0;
+    for q in [
+        "SELECT username, ha1 FROM subscriber WHERE domain = $1 AND username = ANY($2)",
+        "SELECT username, attribute, value FROM usr_preferences WHERE domain = $1 AND username = ANY($2) AND attribute LIKE 'pbx.%'",
+        "SELECT username, grp FROM grp WHERE domain = $1 AND username = ANY($2) ORDER BY grp",
+        "SELECT username, alias_username FROM dbaliases WHERE domain = $1 AND username = ANY($2) ORDER BY id",
+    ] {
+        let got = sqlx::query(q)
+            .bind(domain)
+            .bind(&exts)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        for r in &got {
+            let _: (String, String) = (r.get(0), r.get(1));
+        }
+        rows += got.len();
+    }
+    let read = t0.elapsed();
+
+    let t1 = Instant::now();
+    let (mut u, mut a, mut o, mut n) = (vec![], vec![], vec![], vec![]);
+    for e in &exts {
+        for ((attr, old), (_, new)) in old.values().into_iter().zip(new.values()) {
+            u.push(e.clone());
+            a.push(attr.to_string());
+            o.push(old.to_string());
+            n.push(new.to_string());
+        }
+    }
+    let mut tx = pool.begin().await.unwrap();
+    let applied = sqlx::query(
+        "UPDATE usr_preferences p SET value = v.new, last_modified = now() \
+         FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS v(username, attribute, old, new) \
+         WHERE p.domain = $1 AND p.username = v.username AND p.attribute = v.attribute AND p.value = v.old \
+         RETURNING p.username, p.attribute",
+    )
+    .bind(domain)
+    .bind(u)
+    .bind(a)
+    .bind(o)
+    .bind(n)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap()
+    .len();
+    tx.commit().await.unwrap();
+    (read, rows, t1.elapsed(), applied)
+}
+
 // ------------------------------------------------------------------- main --
 
 fn start_lab(db: &'static str, users: usize) -> (Lab, f64) {
@@ -535,6 +799,13 @@ fn start_lab(db: &'static str, users: usize) -> (Lab, f64) {
         ..Default::default()
     });
     (lab, secs(t0.elapsed()))
+}
+
+/// The 1, 5 and 15 minute load averages: other work on this machine skews every figure.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn tool_version(cmd: &str, args: &[&str]) -> String {
@@ -575,16 +846,17 @@ async fn main() {
         "== backend benchmark: read + diff + apply of 3 fields (callGroup, pickupGroup, role) on {users} users = {writes} writes =="
     );
     println!(
-        "   machine: {} cores; {}; {}; kamctl {}",
+        "   machine: {} cores; {}; {}; {}",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
         tool_version("kamailio", &["-v"]),
         tool_version("psql", &["--version"]),
-        tool_version("kamctl", &["version"]).replace("kamctl ", "")
+        tool_version("kamctl", &["version"])
     );
     println!(
-        "   {rounds} rounds; each write run sets values no user holds yet, checked to land afterwards"
+        "   {rounds} rounds; each write run sets values no user holds yet, checked to land afterwards; load average at start {}",
+        loadavg()
     );
 
     // ------------------------------------------------------------ PostgreSQL
@@ -593,6 +865,11 @@ async fn main() {
         "\n-- PostgreSQL lab: {users} users, up in {up_s:.1} s (lab PostgreSQL runs with fsync=off) --"
     );
     let domain = lab.domain().to_string();
+    let profile = if env_usize("BENCH_PROFILE", 0) != 0 {
+        Some(PgProfile::enable(&lab).await)
+    } else {
+        None
+    };
     let pbx = backend(&lab).await;
     let pg = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
@@ -611,6 +888,7 @@ async fn main() {
     for round in 1..=rounds {
         gen_no += 1;
         let g = generation(gen_no);
+        let log_from = profile.as_ref().map(PgProfile::offset);
         let r = operator_run(&pbx, users, &g, &mut mem).await;
         assert_eq!(
             count_landed_pg(&pg, &domain, &g).await,
@@ -622,6 +900,9 @@ async fn main() {
             print_operator_header();
         }
         print_operator_run(&round.to_string(), &r);
+        if let (Some(p), Some(from)) = (&profile, log_from) {
+            p.report(from, &r);
+        }
         op_runs.push(r);
         for form in FloorForm::ALL {
             gen_no += 1;
@@ -664,6 +945,40 @@ async fn main() {
         }
     }
     let (floor_form, floor_s) = best.unwrap();
+    if let Some(p) = profile {
+        p.disable().await;
+        gen_no += 1;
+        let (read, rows, write, applied) = alternatives_pg(
+            &pg,
+            &domain,
+            users,
+            &generation(gen_no - 1),
+            &generation(gen_no),
+        )
+        .await;
+        assert_eq!(
+            applied, writes,
+            "the compare-and-set UPDATE wrote every field"
+        );
+        assert_eq!(
+            count_landed_pg(&pg, &domain, &generation(gen_no)).await,
+            [users as i64; 3]
+        );
+        println!(
+            "
+PROFILE, hand-written alternatives of the operator's phases (sizes a change in src/pbx/kamailio/db.rs):"
+        );
+        println!(
+            "  read: 4 statements, `username = ANY($2)` with one {users}-element array each: {:.3} s ({rows} rows) vs the operator's read median {:.3} s",
+            secs(read),
+            median(&op_runs.iter().map(|r| secs(r.read)).collect::<Vec<_>>())
+        );
+        println!(
+            "  compare-and-set write: one UPDATE .. FROM unnest(username, attribute, old, new) WHERE value = old RETURNING, in a transaction: {:.3} s ({applied} rows) vs the operator's apply median {:.3} s",
+            secs(write),
+            median(&op_runs.iter().map(|r| secs(r.apply)).collect::<Vec<_>>())
+        );
+    }
 
     // kamctl sample, spread over the extension range.
     gen_no += 1;
@@ -727,6 +1042,11 @@ async fn main() {
     let op_read = median(&op_runs.iter().map(|r| secs(r.read)).collect::<Vec<_>>());
     let op_plan = median(&op_runs.iter().map(|r| secs(r.plan)).collect::<Vec<_>>());
     let op_apply = median(&op_runs.iter().map(|r| secs(r.apply)).collect::<Vec<_>>());
+    let op_totals = op_runs
+        .iter()
+        .map(|r| format!("{:.2}", secs(r.total)))
+        .collect::<Vec<_>>()
+        .join(" / ");
     let op_peak = op_runs.iter().map(|r| r.peak_kib).max().unwrap_or(0);
     let op_before = op_runs.iter().map(|r| r.rss_before_kib).min().unwrap_or(0);
     drop(pbx);
@@ -776,7 +1096,7 @@ async fn main() {
         let apply = median(&runs.iter().map(|r| secs(r.apply)).collect::<Vec<_>>());
         let floor = median(&floors);
         println!(
-            "SQLite reference floor (WITH v AS (VALUES 30k tuples) UPDATE .. FROM v): {}   median {:.3} s",
+            "SQLite reference floor (UPDATE .. FROM json_each(1 JSON param)): {}   median {:.3} s",
             floors
                 .iter()
                 .map(|t| format!("{t:.3}"))
@@ -785,7 +1105,7 @@ async fn main() {
             floor
         );
         sqlite_lines.push(format!(
-            "| SQLite: operator read + diff + apply             | {total:>9.3} | apply alone {apply:.3} s; SQLite one-statement floor {floor:.3} s (operator/floor {:.1}x) |",
+            "| SQLite: operator read + diff + apply              | {total:>9.3} | apply alone {apply:.3} s; SQLite one-statement floor {floor:.3} s (operator/floor {:.1}x) |",
             total / floor
         ));
         drop(pbx);
@@ -801,7 +1121,8 @@ async fn main() {
     println!("| what                                              |  time (s) | notes |");
     println!("|---------------------------------------------------|-----------|-------|");
     println!(
-        "| operator: read + diff + apply (atomic)            | {op_total:>9.3} | read {op_read:.3} + plan {op_plan:.3} + apply {op_apply:.3} |"
+        "| operator: read + diff + apply (atomic)            | {op_total:>9.3} | read {op_read:.3} + plan {op_plan:.3} + apply {op_apply:.3}; per round total {} |",
+        op_totals
     );
     println!(
         "| floor: one batched SQL statement                  | {floor_s:>9.3} | fastest form: {} |",
@@ -851,4 +1172,5 @@ async fn main() {
     println!(
         "(kamctl's memory is in its own sh/psql processes, not in this figure; lab processes are not counted.)"
     );
+    println!("load average at the end: {}", loadavg());
 }

@@ -124,6 +124,14 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A JSON-RPC call through the lab (string params); returns the raw answer.
+    pub fn rpc(&self, args: &[&str]) -> String {
+        let dir = self.dir.to_string_lossy().into_owned();
+        let mut all = vec!["rpc", "--dir", &dir];
+        all.extend_from_slice(args);
+        self.run(&all)
+    }
+
     /// NOTIFYs each phone received, by extension.
     pub fn notify_counts(&self) -> BTreeMap<String, u32> {
         let dir = self.dir.to_string_lossy().into_owned();

@@ -96,7 +96,7 @@ impl Db {
     /// Queries are written with `$1`-style placeholders (PostgreSQL and SQLite); MySQL wants `?`.
     /// Every statement is built from constants and placeholders only; values are always bound,
     /// which is what makes the assertion below true.
-    fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
+    pub(super) fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
         AssertSqlSafe(self.dialect_sql(sql).into_owned())
     }
 
@@ -122,14 +122,14 @@ impl Db {
     /// SQLite transactions take the write lock up front: a deferred one that reads first and
     /// then writes fails at once ("database is locked") when Kamailio wrote in between, while
     /// BEGIN IMMEDIATE waits for the lock (busy timeout) like the other databases do.
-    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    pub(super) async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         match self.dialect {
             Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             _ => self.pool.begin().await,
         }
     }
 
-    fn err(&self, e: sqlx::Error) -> PbxError {
+    pub(super) fn err(&self, e: sqlx::Error) -> PbxError {
         classify(&self.target, e)
     }
 
@@ -214,7 +214,7 @@ impl Db {
         self.read_users_on(&mut conn, selection).await
     }
 
-    async fn read_users_on(
+    pub(super) async fn read_users_on(
         &self,
         conn: &mut AnyConnection,
         selection: &UserSelection,
@@ -546,7 +546,7 @@ impl Db {
     }
 
     /// Sets one attribute for many users: one DELETE and one multi-row INSERT per chunk.
-    async fn replace_attribute(
+    pub(super) async fn replace_attribute(
         &self,
         conn: &mut AnyConnection,
         attribute: &str,
@@ -591,7 +591,7 @@ impl Db {
         Ok(())
     }
 
-    async fn set_password(
+    pub(super) async fn set_password(
         &self,
         conn: &mut AnyConnection,
         extension: &str,

@@ -1,6 +1,7 @@
 //! The Kamailio backend: provisioning in its SQL database, live state through its JSON-RPC.
 
 pub mod db;
+pub mod recycle;
 pub mod rpc;
 pub mod schema;
 
@@ -9,9 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::pbx::{
-    ActionOutcome, Capabilities, PbxBackend, PbxError, Phone, PhoneField, Probe, Registration,
-    Result, SipAnswer, UserAction, UserChange, UserField, UserRead, UserSelection, WriteOutcome,
-    sip,
+    ActionOutcome, Capabilities, NewIdentity, PbxBackend, PbxError, Phone, PhoneField, Probe,
+    Registration, ResetOutcome, Result, SipAnswer, UserAction, UserChange, UserField, UserRead,
+    UserReset, UserSelection, WriteOutcome, sip,
 };
 
 /// Where a Kamailio tenant lives.
@@ -242,5 +243,13 @@ impl PbxBackend for Kamailio {
 
     async fn drop_registrations(&self, extension: &str) -> Result<()> {
         self.rpc.remove(&self.aor(extension)).await
+    }
+
+    async fn reset_users(&self, resets: &[UserReset]) -> Result<Vec<ResetOutcome>> {
+        self.db.reset_users(resets).await
+    }
+
+    async fn recycle_users(&self, identities: &[NewIdentity]) -> Result<Vec<ResetOutcome>> {
+        self.db.recycle_users(identities).await
     }
 }

@@ -1,0 +1,329 @@
+//! PhoneRestart against the real control plane, Kamailio and SIPp phones that count NOTIFYs.
+
+mod support;
+
+use std::time::Duration;
+
+use kube::Api;
+use pbx_operator::api::{Outcome, Phase, PhoneRestart};
+use support::lab::LabSpec;
+use support::pbx::Env;
+use support::{control_plane, eventually};
+
+async fn finished(env: &Env, name: &str, timeout: Duration) -> PhoneRestart {
+    let api: Api<PhoneRestart> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually(timeout, &format!("{name} to finish"), || async {
+        let p = api.get(name).await.ok()?;
+        matches!(
+            p.status.as_ref()?.phase,
+            Phase::Succeeded | Phase::PartiallyFailed | Phase::Failed | Phase::Expired
+        )
+        .then_some(p)
+    })
+    .await
+}
+
+fn outcome_of(p: &PhoneRestart, ext: &str) -> Outcome {
+    let s = p.status.as_ref().unwrap();
+    s.results
+        .iter()
+        .find(|r| r.target.starts_with(&format!("{ext}/")))
+        .unwrap_or_else(|| panic!("no result for {ext}: {:?}", s.results))
+        .outcome
+}
+
+#[tokio::test]
+async fn restart_now_confirms_each_registered_phone() {
+    let env = Env::start(
+        "prs-now",
+        LabSpec {
+            db: "sqlite",
+            users: 12,
+            phones: 6,
+            silent: 1,
+            no_reboot: 1,
+        },
+        false,
+    )
+    .await;
+    let reboot = env.lab.list("LAB_PHONES_REBOOT");
+    let silent = env.lab.list("LAB_PHONES_SILENT");
+    let no_reboot = env.lab.list("LAB_PHONES_NO_REBOOT");
+    // One provisioned phone is offline: unregister it first.
+    let offline = reboot[5].clone();
+    env.lab.rpc(&[
+        "ul.rm",
+        "location",
+        &format!("{offline}@{}", env.lab.domain()),
+    ]);
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PhoneRestart
+metadata: { name: everyone-now }
+spec:
+  connectionRef: { name: acme }
+  targets: { groups: [sales, support, engineering] }
+  rollout: { maxInFlight: 4, perSecond: 20 }
+  confirm: { timeout: 8s }
+"#,
+    );
+    let p = finished(&env, "everyone-now", Duration::from_secs(90)).await;
+    let s = p.status.clone().unwrap();
+    for ext in &reboot[..5] {
+        assert_eq!(
+            outcome_of(&p, ext),
+            Outcome::Restarted,
+            "{ext}: {:?}",
+            s.results
+        );
+    }
+    assert_eq!(outcome_of(&p, &offline), Outcome::NotRegistered);
+    assert_eq!(outcome_of(&p, &silent[0]), Outcome::Failed);
+    let silent_notes = &s
+        .results
+        .iter()
+        .find(|r| r.target.starts_with(&format!("{}/", silent[0])))
+        .unwrap()
+        .notes;
+    assert!(
+        silent_notes.iter().any(|n| n.contains("408")),
+        "{silent_notes:?}"
+    );
+    assert_eq!(outcome_of(&p, &no_reboot[0]), Outcome::Accepted);
+    let summary = s.summary.unwrap();
+    assert_eq!(
+        (
+            summary.targets,
+            summary.restarted,
+            summary.accepted,
+            summary.not_registered,
+            summary.failed
+        ),
+        (8, 5, 1, 1, 1)
+    );
+    assert_eq!(s.phase, Phase::PartiallyFailed);
+
+    let counts = env.lab.notify_counts();
+    for ext in reboot[..5].iter().chain(&silent).chain(&no_reboot) {
+        assert_eq!(
+            counts.get(ext),
+            Some(&1),
+            "{ext} must get exactly one NOTIFY: {counts:?}"
+        );
+    }
+    assert_eq!(
+        counts.get(&offline),
+        Some(&0),
+        "an unregistered phone gets nothing"
+    );
+    let (ok, csv, _) = env.cli(&["results", "phonerestart/everyone-now", "-n", &env.ns]);
+    assert!(ok && csv.lines().count() == 9, "{csv}");
+}
+
+#[tokio::test]
+async fn delayed_restart_with_a_model_filter() {
+    let env = Env::start(
+        "prs-later",
+        LabSpec {
+            db: "sqlite",
+            users: 10,
+            phones: 10,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(6);
+    env.apply(&format!(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PhoneRestart
+metadata: {{ name: t46s-later }}
+spec:
+  connectionRef: {{ name: acme }}
+  targets: {{ groups: [sales, support, engineering], models: ["SIP-T46S"] }}
+  notBefore: "{at}"
+  confirm: {{ timeout: 8s }}
+"#
+    ));
+    let api: Api<PhoneRestart> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually(
+        Duration::from_secs(20),
+        "the restart to be Scheduled",
+        || async {
+            (api.get("t46s-later").await.ok()?.status?.phase == Phase::Scheduled).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        env.lab.notify_counts().values().all(|n| *n == 0),
+        "nothing is sent before notBefore"
+    );
+    let p = finished(&env, "t46s-later", Duration::from_secs(60)).await;
+    let s = p.status.unwrap();
+    assert_eq!(s.phase, Phase::Succeeded, "{:?}", s.results);
+    // Status times have second precision.
+    let at_second = jiff::Timestamp::from_second(at.as_second()).unwrap();
+    assert!(
+        s.start_time.unwrap().0 >= at_second,
+        "started before notBefore"
+    );
+    let summary = s.summary.unwrap();
+    assert_eq!(
+        summary.targets, 2,
+        "the lab's Yealink SIP-T46S phones only: {:?}",
+        s.results
+    );
+    let counts = env.lab.notify_counts();
+    assert_eq!(counts.values().sum::<u32>(), 2, "{counts:?}");
+
+    // A window that is already over sends nothing.
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PhoneRestart
+metadata: { name: too-late }
+spec:
+  connectionRef: { name: acme }
+  targets: { groups: [sales] }
+  notBefore: "2026-01-01T02:00:00Z"
+  notAfter: "2026-01-01T03:00:00Z"
+"#,
+    );
+    let p = finished(&env, "too-late", Duration::from_secs(30)).await;
+    assert_eq!(p.status.unwrap().phase, Phase::Expired);
+    assert_eq!(
+        env.lab.notify_counts().values().sum::<u32>(),
+        2,
+        "no NOTIFY after notAfter"
+    );
+}
+
+#[tokio::test]
+async fn sigkill_mid_rollout_sends_no_phone_two_notifies() {
+    let mut env = Env::start(
+        "prs-crash",
+        LabSpec {
+            db: "postgres",
+            users: 50,
+            phones: 50,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PhoneRestart
+metadata: { name: all-fifty }
+spec:
+  connectionRef: { name: acme }
+  targets: { groups: [sales, support, engineering] }
+  rollout: { maxInFlight: 5, perSecond: 10 }
+  confirm: { timeout: 10s }
+"#,
+    );
+    let api: Api<PhoneRestart> = Api::namespaced(env.client.clone(), &env.ns);
+    for _ in 0..2 {
+        eventually(
+            Duration::from_secs(60),
+            "NOTIFYs to be going out",
+            || async {
+                let s = api.get("all-fifty").await.ok()?.status?;
+                (s.phase == Phase::Running && s.summary?.restarted > 0).then_some(())
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        env.kill_and_restart_operator();
+    }
+    let p = finished(&env, "all-fifty", Duration::from_secs(180)).await;
+    let counts = env.lab.notify_counts();
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "phones notified twice: {twice:?}");
+    let s = p.status.unwrap();
+    let summary = s.summary.unwrap();
+    assert_eq!(summary.targets, 50);
+    assert_eq!(summary.restarted + summary.failed + summary.accepted, 50);
+    assert!(summary.restarted >= 40, "{summary:?}");
+    eprintln!(
+        "NOTIFY counts after two SIGKILLs: {} phones got 1, {} got 0",
+        counts.values().filter(|n| **n == 1).count(),
+        counts.values().filter(|n| **n == 0).count()
+    );
+    let (_, csv, _) = env.cli(&["results", "phonerestart/all-fifty", "-n", &env.ns]);
+    let mut targets: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    targets.sort();
+    targets.dedup();
+    assert_eq!(targets.len(), 50, "each phone reported once");
+}
+
+#[tokio::test]
+async fn create_phone_restart_twice_makes_one_and_the_cronjob_runs_it() {
+    let env = Env::start(
+        "prs-cron",
+        LabSpec {
+            db: "sqlite",
+            users: 4,
+            phones: 2,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let template = support::repo_root().join("examples/phonerestart-nightly-template.yaml");
+    for _ in 0..2 {
+        let (ok, out, err) = env.cli(&[
+            "create",
+            "phone-restart",
+            "--from",
+            template.to_str().unwrap(),
+            "-n",
+            &env.ns,
+            "--schedule",
+            "0 2 * * *",
+            "--window",
+            "1h",
+        ]);
+        assert!(ok, "{err}");
+        assert!(
+            out.contains("phonerestart.pbx-operator.io/nightly-sales-"),
+            "{out}"
+        );
+    }
+    let api: Api<PhoneRestart> = Api::namespaced(env.client.clone(), &env.ns);
+    let list = api.list(&Default::default()).await.unwrap();
+    assert_eq!(
+        list.items.len(),
+        1,
+        "two runs for the same scheduled time create one PhoneRestart"
+    );
+    let pr = &list.items[0];
+    assert!(pr.spec.not_before.is_some() && pr.spec.not_after.is_some());
+
+    // The real kube-controller-manager turns the example CronJob into a Job.
+    let cronjob = std::fs::read_to_string(
+        support::repo_root().join("examples/phonerestart-nightly-cronjob.yaml"),
+    )
+    .unwrap();
+    let every_minute = cronjob.replace("schedule: \"0 2 * * *\"", "schedule: \"* * * * *\"");
+    env.apply(&every_minute);
+    let cp = control_plane();
+    eventually(
+        Duration::from_secs(90),
+        "the CronJob to create a Job",
+        || async {
+            let out = support::try_kubectl(
+                &cp.admin_kubeconfig,
+                &["get", "jobs", "-n", &env.ns, "-o", "name"],
+                b"",
+            );
+            out.1
+                .contains("job.batch/nightly-sales-restart")
+                .then_some(())
+        },
+    )
+    .await;
+}
