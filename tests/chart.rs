@@ -74,10 +74,10 @@ scheduledRestarts:
       confirm: { timeout: 5m }
 "#;
 
-/// A values file that lives as long as the returned handle.
-fn values_file(yaml: &str) -> tempfile::NamedTempFile {
+/// A YAML file (values, a kubeconfig) that lives as long as the returned handle.
+fn yaml_file(yaml: &str) -> tempfile::NamedTempFile {
     let file = tempfile::Builder::new()
-        .prefix("pbx-values-")
+        .prefix("pbx-chart-")
         .suffix(".yaml")
         .tempfile()
         .unwrap();
@@ -255,7 +255,7 @@ fn chart_crds_equal_the_generated_crds() {
 fn helm_lint_passes() {
     let chart = chart_arg();
     helm::run(&["lint", "--strict", &chart]);
-    let full = values_file(FULL_VALUES);
+    let full = yaml_file(FULL_VALUES);
     helm::run(&[
         "lint",
         "--strict",
@@ -263,7 +263,7 @@ fn helm_lint_passes() {
         "-f",
         full.path().to_str().unwrap(),
     ]);
-    let installed = values_file(INSTALL_VALUES);
+    let installed = yaml_file(INSTALL_VALUES);
     helm::run(&[
         "lint",
         "--strict",
@@ -434,7 +434,7 @@ fn operator_rbac_is_exactly_what_it_uses() {
         r
     });
     // One namespace: a Role and RoleBinding there, the Secrets by name.
-    let values = values_file(FULL_VALUES);
+    let values = yaml_file(FULL_VALUES);
     let docs = render(&["-f", values.path().to_str().unwrap()]);
     assert!(!has(&docs, "ClusterRole", RELEASE) && !has(&docs, "ClusterRoleBinding", RELEASE));
     let role = find(&docs, "Role", RELEASE);
@@ -506,7 +506,7 @@ fn user_roles_aggregate_and_keep_execute_apart() {
 
 #[test]
 fn scheduled_restart_renders_configmap_cronjob_and_a_narrow_role() {
-    let values = values_file(FULL_VALUES);
+    let values = yaml_file(FULL_VALUES);
     let docs = render(&["-f", values.path().to_str().unwrap()]);
     let name = "pbx-operator-restart-sales-nightly";
     let cm = find(&docs, "ConfigMap", name);
@@ -580,7 +580,7 @@ fn scheduled_restart_renders_configmap_cronjob_and_a_narrow_role() {
 
     // In UTC (the default) the command also gets the schedule, so a retried or late run maps to
     // the scheduled time and creates the same PhoneRestart; --window when given.
-    let values = values_file(&format!("{INSTALL_VALUES}    window: 1h\n"));
+    let values = yaml_file(&format!("{INSTALL_VALUES}    window: 1h\n"));
     let docs = render(&["-f", values.path().to_str().unwrap()]);
     let cron = find(&docs, "CronJob", NIGHTLY);
     assert_eq!(cron["metadata"]["namespace"], NIGHTLY_NS);
@@ -686,7 +686,7 @@ fn installed() -> &'static str {
         let cp = control_plane();
         namespace(RELEASE_NS);
         namespace(NIGHTLY_NS);
-        let values = values_file(INSTALL_VALUES);
+        let values = yaml_file(INSTALL_VALUES);
         let chart = chart_arg();
         let out = helm::run(&[
             "install",
@@ -892,7 +892,7 @@ fn rendered_chart_applies_with_a_server_side_dry_run() {
     // Names YAML would read as a boolean and a number: the chart quotes what it interpolates.
     namespace("y");
     namespace("2026");
-    let full = values_file(FULL_VALUES);
+    let full = yaml_file(FULL_VALUES);
     let full = full.path().to_str().unwrap();
     for (namespace, extra) in [
         ("dry-system", vec![]),
@@ -1273,6 +1273,7 @@ fn allowed(user: Option<&str>, ns: &str, verb: &str, group: &str, resource: &str
     kubectl_stdin(kubeconfig, &args, review.to_string().as_bytes()).trim() == "true"
 }
 
+/// `kubectl auth can-i --as <user> <args>` with the admin kubeconfig.
 fn can_i(user: &str, args: &[&str]) -> bool {
     let mut all = vec!["auth", "can-i", "--as", user];
     all.extend_from_slice(args);
@@ -1468,32 +1469,58 @@ fn scheduled_restart_service_account_creates_phone_restarts() {
     let cron: Value = serde_json::from_str(&cron).unwrap();
     assert_eq!(cron["spec"]["concurrencyPolicy"], "Forbid");
 
-    // What `pbx-operator create phone-restart --from-configmap` does, as that ServiceAccount:
-    // read the template, name it after the scheduled time, create it; the policies let it through.
-    let template = kubectl(
-        admin_kubeconfig(),
-        &[
-            "get",
-            &cm,
-            "-n",
-            NIGHTLY_NS,
-            "--as",
-            &sa,
-            "-o",
-            r"jsonpath={.data.template\.yaml}",
-        ],
-    );
-    let mut restart: Value = serde_yaml::from_str(&template).unwrap();
-    restart["metadata"]["name"] = json!("nightly-29000000");
-    let (ok, _, err) = try_kubectl(
-        admin_kubeconfig(),
-        &["create", "-n", NIGHTLY_NS, "--as", &sa, "-f", "-"],
-        restart.to_string().as_bytes(),
-    );
-    assert!(
-        ok,
-        "the CronJob's ServiceAccount could not create a PhoneRestart: {err}"
-    );
+    // Run exactly what the CronJob runs, authenticated as its ServiceAccount with a real token:
+    // it reads the template, creates the PhoneRestart named after the scheduled time, and the
+    // policies let it through. A second run for the same time creates nothing new.
+    let args =
+        strings(&cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"])
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+    let kubeconfig = service_account_kubeconfig(NIGHTLY_NS, NIGHTLY);
+    for run in 1..=2 {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pbx-operator"))
+            .args(&args)
+            .env("KUBECONFIG", kubeconfig.path())
+            .output()
+            .expect("running pbx-operator");
+        assert!(
+            out.status.success(),
+            "run {run} of pbx-operator {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let names = admin(&[
+        "get",
+        "phonerestarts",
+        "-n",
+        NIGHTLY_NS,
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ]);
+    let names: Vec<&str> = names.split_whitespace().collect();
+    assert_eq!(names.len(), 1, "two runs for one scheduled time: {names:?}");
+    assert!(names[0].starts_with("nightly-"), "{names:?}");
+}
+
+/// A kubeconfig that authenticates as a ServiceAccount with a short-lived token (TokenRequest).
+fn service_account_kubeconfig(ns: &str, name: &str) -> tempfile::NamedTempFile {
+    let admin_config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(admin_kubeconfig()).unwrap()).unwrap();
+    let token = admin(&["create", "token", name, "-n", ns, "--duration=10m"]);
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": admin_config["clusters"],
+        "users": [{"name": name, "user": {"token": token.trim()}}],
+        "contexts": [{"name": name, "context": {
+            "cluster": admin_config["clusters"][0]["name"], "user": name, "namespace": ns,
+        }}],
+        "current-context": name,
+    });
+    yaml_file(&config.to_string())
 }
 
 #[test]

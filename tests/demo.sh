@@ -29,8 +29,8 @@ say "Starting a Kubernetes control plane (kube-apiserver, etcd, kube-controller-
 tests/controlplane/controlplane.sh up --dir "$demo/controlplane"
 export KUBECONFIG="$demo/controlplane/admin.kubeconfig"
 
-say "Starting the PBX: Kamailio on SQLite, 12 users, 6 SIPp phones"
-bash tests/lab/lab.sh up --dir "$demo/lab" --db sqlite --users 12 --phones 6
+say "Starting the PBX: Kamailio on SQLite, 16 users, 8 SIPp phones"
+bash tests/lab/lab.sh up --dir "$demo/lab" --db sqlite --users 16 --phones 8
 # shellcheck disable=SC1091
 . "$demo/lab/lab.env"
 python3 -m aiosmtpd -n -l 127.0.0.1:2525 -c aiosmtpd.handlers.Mailbox "$demo/mail" >/dev/null 2>&1 &
@@ -56,21 +56,22 @@ sql() { sqlite3 "${LAB_DB_URL#sqlite://}" "$1"; }
 say "Before: call and pickup groups of 201 and 202 (straight from Kamailio's tables)"
 sql "SELECT username, attribute, value FROM usr_preferences WHERE attribute IN ('pbx.call_group','pbx.pickup_group') AND username IN ('201','202') ORDER BY 1,2"
 
-say "Applying examples/ (BulkUserChange kinds run now; the others are shown as they stand)"
-for f in examples/bulkuserchange-*.yaml examples/bulkphonechange-*.yaml examples/phonerestart-*.yaml examples/userrecycle-*.yaml; do
+say "Applying examples/ (the nightly restart window of phonerestart-window.yaml stays Scheduled)"
+for f in examples/bulkuserchange-*.yaml examples/bulkphonechange-*.yaml examples/phonerestart-now.yaml examples/phonerestart-window.yaml examples/userrecycle-*.yaml; do
   k apply -n acme -f "$f"
 done
 # Waits until a resource reaches a phase where it stops (done, validated or failed).
 settled() {
   for _ in $(seq 1 120); do
     case $(k get -n acme "$1" -o jsonpath='{.status.phase}') in
-      Succeeded|Validated|PartiallyFailed|Failed) return 0 ;;
+      Succeeded|Validated|PartiallyFailed|Failed|Expired) return 0 ;;
     esac
     sleep 0.5
   done
 }
-for name in call-group-201-202 sales-operators support-reset-2fa-unlock engineering-pickup-group; do
-  settled "buc/$name"
+for r in buc/call-group-201-202 buc/sales-operators buc/support-reset-2fa-unlock buc/engineering-pickup-group \
+  bpc/sales-yealink-t54w prs/sales-restart-now urc/leavers-2026-11 urc/new-hire-ana-diaz; do
+  settled "$r"
 done
 
 say "kubectl get pbx -n acme"
@@ -90,6 +91,15 @@ say "Executing exactly that plan: mode Execute, approvedPlanHash $hash"
 k patch buc engineering-pickup-group -n acme --type merge -p "{\"spec\":{\"mode\":\"Execute\",\"approvedPlanHash\":\"$hash\"}}"
 settled buc/engineering-pickup-group
 k get buc -n acme
+
+say "Phones of the sales group restarted: pbx-operator results phonerestart/sales-restart-now"
+"$bin" results phonerestart/sales-restart-now -n acme
+say "NOTIFYs each lab phone received (exactly one for each registered sales phone)"
+bash tests/lab/lab.sh notify-counts --dir "$demo/lab"
+
+say "Recycled extensions: pbx-operator results userrecycle/new-hire-ana-diaz"
+"$bin" results userrecycle/new-hire-ana-diaz -n acme || true
+sql "SELECT username, attribute, value FROM usr_preferences WHERE username IN ('210','211','212') AND attribute IN ('pbx.status','pbx.first_name','pbx.last_name','pbx.email') ORDER BY 1,2"
 
 say "Audit trail: kubectl get events -n acme"
 k get events -n acme --sort-by=.lastTimestamp -o custom-columns=OBJECT:.involvedObject.name,REASON:.reason,MESSAGE:.message | tail -n 20

@@ -422,9 +422,15 @@ async fn recycle_gives_the_extension_to_a_new_hire_with_a_welcome_email() {
         true,
     )
     .await;
-    env.set_attribute("212", "pbx.voicemail_pin", "sha256:0123abcd")
+    env.set_attribute("209", "pbx.voicemail_pin", "sha256:0123abcd")
         .await;
-    let old_ha1 = ha1(&env, "212").await;
+    let old_ha1 = ha1(&env, "209").await;
+    assert_eq!(
+        env.sql_one("SELECT COUNT(*) FROM pbx_phone WHERE owner_username = '209'")
+            .await,
+        "1",
+        "209 has a desk phone to unassign"
+    );
     let new_hire =
         std::fs::read_to_string(support::repo_root().join("examples/userrecycle-new-hire.yaml"))
             .unwrap();
@@ -446,7 +452,7 @@ spec:
     assert_eq!(status.phase, Phase::Succeeded, "{:?}", status.results);
     assert!(status.warnings.is_empty(), "{:?}", status.warnings);
     let r = &status.results[0];
-    assert_eq!((r.target.as_str(), r.outcome), ("212", Outcome::Changed));
+    assert_eq!((r.target.as_str(), r.outcome), ("209", Outcome::Changed));
     assert!(
         r.notes.iter().any(|n| n.starts_with("recycle: done"))
             && r.notes.iter().any(|n| n == "welcome email: sent"),
@@ -463,24 +469,24 @@ spec:
         ("pbx.voicemail_pin", None),
     ] {
         assert_eq!(
-            env.attribute("212", attribute).await.as_deref(),
+            env.attribute("209", attribute).await.as_deref(),
             value,
             "{attribute}"
         );
     }
     assert_eq!(
-        env.sql_one("SELECT COUNT(*) FROM grp WHERE username = '212'")
+        env.sql_one("SELECT COUNT(*) FROM grp WHERE username = '209'")
             .await,
         "0"
     );
-    assert_ne!(ha1(&env, "212").await, old_ha1);
+    assert_ne!(ha1(&env, "209").await, old_ha1);
     assert_eq!(
-        env.lab.register_once("212"),
+        env.lab.register_once("209"),
         401,
         "the old password is gone"
     );
     assert_eq!(
-        env.sql_one("SELECT COUNT(*) FROM pbx_phone WHERE owner_username = '212'")
+        env.sql_one("SELECT COUNT(*) FROM pbx_phone WHERE owner_username = '209'")
             .await,
         "0"
     );
@@ -495,9 +501,9 @@ spec:
     assert_eq!(mails.len(), 1, "{mails:?}");
     let mail = &mails[0];
     assert!(mail.contains("To: ana.diaz@acme.test"), "{mail}");
-    assert!(mail.contains("extension 212") || mail.contains("extension is 212"));
+    assert!(mail.contains("extension 209") || mail.contains("extension is 209"));
     assert!(mail.contains("Ana"), "{mail}");
-    let new_ha1 = ha1(&env, "212").await;
+    let new_ha1 = ha1(&env, "209").await;
     for secret in [
         env.lab.get("LAB_PHONE_PASSWORD"),
         &new_ha1,
@@ -507,7 +513,7 @@ spec:
         assert!(!mail.contains(secret), "the mail holds a secret: {mail}");
     }
     let csv = results_csv(&env, "new-hire-ana-diaz");
-    assert!(csv.contains("\n212,Changed,"), "{csv}");
+    assert!(csv.contains("\n209,Changed,"), "{csv}");
     assert!(csv.contains("-> Ana"), "{csv}");
     assert!(csv.contains("status: ") && csv.contains("-> PasswordRequired"));
     assert!(!csv.contains(&new_ha1) && !csv.contains(&old_ha1));
@@ -558,10 +564,10 @@ spec:
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(smtp_count(&env), 1, "no second welcome email");
     assert_eq!(
-        env.attribute("212", "pbx.first_name").await.as_deref(),
+        env.attribute("209", "pbx.first_name").await.as_deref(),
         Some("Ana")
     );
-    assert_eq!(ha1(&env, "212").await, new_ha1, "not rotated again");
+    assert_eq!(ha1(&env, "209").await, new_ha1, "not rotated again");
     let again = api.get("new-hire-ana-diaz").await.unwrap().status.unwrap();
     assert_eq!(again.completion_time, finished_at, "not run again");
 }

@@ -901,7 +901,11 @@ fn cut(s: String) -> String {
     if s.len() <= 1000 {
         s
     } else {
-        format!("{}...", &s[..s.floor_char_boundary(997)])
+        let end = (0..=997)
+            .rev()
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(0);
+        format!("{}...", &s[..end])
     }
 }
 

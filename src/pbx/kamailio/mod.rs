@@ -116,13 +116,8 @@ impl PbxBackend for Kamailio {
         self.db.check_tables().await?;
         let users = self.db.count_users().await?;
         let version = self.rpc.version().await?;
-        let domain_suffix = format!("@{}", self.config.domain);
-        let registered = self.rpc.dump().await?;
-        // ul.dump lists every domain; count this tenant's distinct phones (contacts).
-        let registered_phones = registered
-            .iter()
-            .filter(|r| r.extension.ends_with(&domain_suffix) || !r.extension.contains('@'))
-            .count();
+        // ul.dump lists every domain; count this tenant's phones (contacts).
+        let registered_phones = self.rpc.dump(&self.config.domain).await?.len();
         Ok(Probe {
             version,
             users,
@@ -170,14 +165,7 @@ impl PbxBackend for Kamailio {
     }
 
     async fn registrations(&self) -> Result<Vec<Registration>> {
-        let suffix = format!("@{}", self.config.domain);
-        Ok(self
-            .rpc
-            .dump()
-            .await?
-            .into_iter()
-            .filter(|r| r.extension.ends_with(&suffix) || !r.extension.contains('@'))
-            .collect())
+        self.rpc.dump(&self.config.domain).await
     }
 
     async fn lookup(&self, extension: &str) -> Result<Vec<Registration>> {

@@ -118,11 +118,11 @@ impl RpcClient {
         })
     }
 
-    /// Every binding in the `location` table of usrloc's memory.
-    pub async fn dump(&self) -> Result<Vec<Registration>> {
+    /// Every binding of `domain` in usrloc's `location` table (ul.dump lists every domain).
+    pub async fn dump(&self, domain: &str) -> Result<Vec<Registration>> {
         let v = self.call("ul.dump", json!([]), None).await?;
         let mut out = Vec::new();
-        collect_aors(&v, &mut out);
+        collect_aors(&v, Some(domain), &mut out);
         Ok(out)
     }
 
@@ -130,7 +130,7 @@ impl RpcClient {
         match self.call("ul.lookup", json!(["location", aor]), None).await {
             Ok(v) => {
                 let mut out = Vec::new();
-                collect_aors(&v, &mut out);
+                collect_aors(&v, None, &mut out);
                 Ok(out)
             }
             // usrloc answers 404 "AOR not found" for a user without bindings.
@@ -231,13 +231,20 @@ fn parse_uac_reply(v: &Value) -> Option<SipAnswer> {
 }
 
 /// Walks ul.dump / ul.lookup output: objects with an `AoR` and a `Contacts` list of `{"Contact": {...}}`.
-fn collect_aors(v: &Value, out: &mut Vec<Registration>) {
+/// With `domain`, only AoRs of that domain (or without one) are kept.
+fn collect_aors(v: &Value, domain: Option<&str>, out: &mut Vec<Registration>) {
     match v {
         Value::Object(map) => {
             if let (Some(aor), Some(Value::Array(contacts))) =
                 (map.get("AoR").and_then(Value::as_str), map.get("Contacts"))
             {
-                let extension = aor.split('@').next().unwrap_or(aor).to_string();
+                let (extension, aor_domain) = aor.split_once('@').unwrap_or((aor, ""));
+                if domain
+                    .is_some_and(|d| !aor_domain.is_empty() && !aor_domain.eq_ignore_ascii_case(d))
+                {
+                    return;
+                }
+                let extension = extension.to_string();
                 for c in contacts {
                     let c = c.get("Contact").unwrap_or(c);
                     if let Some(r) = registration(&extension, c) {
@@ -247,10 +254,10 @@ fn collect_aors(v: &Value, out: &mut Vec<Registration>) {
                 return;
             }
             for child in map.values() {
-                collect_aors(child, out);
+                collect_aors(child, domain, out);
             }
         }
-        Value::Array(items) => items.iter().for_each(|i| collect_aors(i, out)),
+        Value::Array(items) => items.iter().for_each(|i| collect_aors(i, domain, out)),
         _ => {}
     }
 }
@@ -293,9 +300,15 @@ mod tests {
                  "Socket": "udp:127.0.0.1:5060", "Last-Modified": 1763769600}}]}}]}}]});
         let regs = {
             let mut v = Vec::new();
-            collect_aors(&dump, &mut v);
+            collect_aors(&dump, Some("pbx.test"), &mut v);
             v
         };
+        let mut other = Vec::new();
+        collect_aors(&dump, Some("other.test"), &mut other);
+        assert!(
+            other.is_empty(),
+            "another tenant's registrations are not ours"
+        );
         assert_eq!(regs.len(), 1);
         assert_eq!(regs[0].extension, "201");
         assert_eq!(regs[0].received, None);
