@@ -24,3 +24,8 @@ python3 -c "import aiosmtpd" 2>/dev/null || python3 -m pip install --quiet --dis
 start=$(date +%s)
 bin=$("$here/controlplane/build.sh")
 echo "install-deps: control plane in $bin ($(( $(date +%s) - start ))s)" >&2
+
+# helm, from its Go module like the control plane, with the Kubernetes version it assumes set to
+# the one we test against (a plain `go install` would assume 1.20 and refuse the chart).
+helm_dir=${PBX_OPERATOR_CACHE:-$HOME/.cache/pbx-operator}/helm/v3.22.0
+[ -x "$helm_dir/helm" ] || (cd /tmp && CGO_ENABLED=0 GOBIN="$helm_dir" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v3.22.0 -X helm.sh/helm/v3/internal/version.gitTreeState=clean -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=37 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=37" helm.sh/helm/v3/cmd/helm@v3.22.0)
