@@ -99,7 +99,7 @@ bash tests/lab/lab.sh notify-counts --dir "$demo/lab"
 
 say "Recycled extensions: pbx-operator results userrecycle/new-hire-ana-diaz"
 "$bin" results userrecycle/new-hire-ana-diaz -n acme || true
-sql "SELECT username, attribute, value FROM usr_preferences WHERE username IN ('210','211','212') AND attribute IN ('pbx.status','pbx.first_name','pbx.last_name','pbx.email') ORDER BY 1,2"
+sql "SELECT username, attribute, value FROM usr_preferences WHERE username IN ('209','210','211') AND attribute IN ('pbx.status','pbx.first_name','pbx.last_name','pbx.email') ORDER BY 1,2"
 
 say "Audit trail: kubectl get events -n acme"
 k get events -n acme --sort-by=.lastTimestamp -o custom-columns=OBJECT:.involvedObject.name,REASON:.reason,MESSAGE:.message | tail -n 20
