@@ -513,6 +513,12 @@ impl Run<'_> {
         } else {
             batches.into_iter().map(|b| vec![b]).collect()
         };
+        // Rows of finished batches, kept in memory for the summary instead of re-reading every
+        // ConfigMap after every batch.
+        let mut done_rows: BTreeMap<usize, Vec<Row>> = BTreeMap::new();
+        for i in 0..progress.done as usize {
+            done_rows.insert(i, self.store.read(i).await?);
+        }
         for group in groups {
             let mut loaded = Vec::new();
             for &index in &group {
@@ -578,18 +584,15 @@ impl Run<'_> {
                 targets,
                 ..Summary::default()
             };
-            let mut shown_rows = Vec::new();
-            for i in 0..done_so_far as usize {
-                let rows = if let Some((_, rows, _)) = loaded.iter().find(|(idx, _, _)| *idx == i) {
-                    rows.clone()
-                } else {
-                    self.store.read(i).await?
-                };
+            for (index, rows, _) in loaded {
+                done_rows.insert(index, rows);
+            }
+            for rows in done_rows.values() {
                 let s = results::summarize(rows.iter());
                 results::add(summary, &Summary { targets: 0, ..s });
-                shown_rows.extend(rows);
             }
-            let (shown, truncated) = results::for_status(shown_rows.iter());
+            let shown_rows = done_rows.values().flatten();
+            let (shown, truncated) = results::for_status(shown_rows);
             status.results = shown;
             status.results_truncated = truncated || status.results_truncated;
             self.write_status(&status).await?;

@@ -10,8 +10,10 @@
 //!
 //! Knobs (environment): BENCH_USERS (10000), BENCH_ROUNDS (3), BENCH_KAMCTL_USERS (34: 34 users x
 //! 3 fields = 102 field writes = 204 kamctl calls), BENCH_SQLITE (1; 0 skips the SQLite lab),
-//! BENCH_PROFILE (0; 1 adds one operator run with PostgreSQL statement logging and prints where
-//! the server's time went, per statement kind, next to the client's phase times).
+//! BENCH_PROFILE (0; 1 turns on PostgreSQL statement logging and auto_explain in the lab, prints
+//! after each operator round the server time per statement kind and the plans of statements over
+//! 20 ms, and at the end times hand-written alternatives of the read and of the compare-and-set
+//! write, to size a change in src/pbx/kamailio/db.rs).
 //!
 //! Every write run uses values no user holds yet (a fresh "generation"), so each run really
 //! changes 3 x users attribute values; every run is checked to have landed (correctness is
