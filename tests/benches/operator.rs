@@ -205,10 +205,13 @@ async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    bulk_user_change(env_usize("BENCH_USERS", 10_000)).await;
-    phone_restart(
-        env_usize("BENCH_PHONES", 500),
-        env_usize("BENCH_LOOP_PHONES", 100),
-    )
-    .await;
+    // A size of 0 skips that part.
+    let users = env_usize("BENCH_USERS", 10_000);
+    if users > 0 {
+        bulk_user_change(users).await;
+    }
+    let phones = env_usize("BENCH_PHONES", 500);
+    if phones > 0 {
+        phone_restart(phones, env_usize("BENCH_LOOP_PHONES", 100)).await;
+    }
 }
