@@ -5,37 +5,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
-    runtime::{Controller, controller::Action, events::EventType},
+    runtime::{controller::Action, events::EventType},
 };
 use serde_json::json;
 
 use super::backends::{config_for, fingerprint, parse_duration};
 use super::conditions::{self, Desired};
-use super::{Context, Error, Shutdown, watcher_config};
+use super::{Context, Error};
 use crate::api::{PbxConnection, PbxConnectionStatus, connection::Capabilities};
 use crate::pbx::{PbxBackend, Probe};
 
 const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(300);
-
-pub async fn run(api: Api<PbxConnection>, ctx: Arc<Context>, concurrency: u16, shutdown: Shutdown) {
-    // No watch on Secrets: that would need list/watch on every Secret of the cluster. Instead
-    // each connection re-reads the Secrets it references every --secret-check-interval and
-    // re-probes when they changed.
-    Controller::new(api, watcher_config())
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, super::error_policy, ctx)
-        .for_each(|outcome| async move {
-            if let Err(err) = outcome {
-                tracing::debug!(error = %err, "PbxConnection reconcile failed");
-            }
-        })
-        .await;
-}
 
 /// What the last probe of a connection saw, to skip probes that would tell nothing new.
 #[derive(Clone, Debug)]
@@ -55,7 +38,10 @@ fn interval(conn: &PbxConnection) -> Duration {
 }
 
 #[tracing::instrument(skip_all, fields(connection = %conn.name_any(), namespace = conn.namespace()))]
-async fn reconcile(conn: Arc<PbxConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(crate) async fn reconcile(
+    conn: Arc<PbxConnection>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let ns = conn.namespace().unwrap_or_default();
     let key = (ns.clone(), conn.name_any());
     let fingerprint = config_for(&ctx.client, &conn)

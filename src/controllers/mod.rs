@@ -18,7 +18,7 @@ pub mod user_recycle;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, future::Shared};
+use futures::{FutureExt, StreamExt, future::Shared};
 use kube::{
     Api, Client, Resource,
     runtime::{
@@ -283,36 +283,42 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "controllers starting"
     );
 
+    let c = args.concurrency;
     let controllers = futures::future::join5(
-        connection::run(
-            api(&client, &args),
+        drive(
+            api::<PbxConnection>(&client, &args),
             ctx.clone(),
-            args.concurrency,
+            c,
             shutdown.clone(),
+            connection::reconcile,
         ),
-        user_change::run(
-            api(&client, &args),
+        drive(
+            api::<BulkUserChange>(&client, &args),
             ctx.clone(),
-            args.concurrency,
+            c,
             shutdown.clone(),
+            user_change::reconcile,
         ),
-        phone_change::run(
-            api(&client, &args),
+        drive(
+            api::<BulkPhoneChange>(&client, &args),
             ctx.clone(),
-            args.concurrency,
+            c,
             shutdown.clone(),
+            phone_change::reconcile,
         ),
-        phone_restart::run(
-            api(&client, &args),
+        drive(
+            api::<PhoneRestart>(&client, &args),
             ctx.clone(),
-            args.concurrency,
+            c,
             shutdown.clone(),
+            phone_restart::reconcile,
         ),
-        user_recycle::run(
-            api(&client, &args),
+        drive(
+            api::<UserRecycle>(&client, &args),
             ctx.clone(),
-            args.concurrency,
+            c,
             shutdown.clone(),
+            user_recycle::reconcile,
         ),
     );
     let (lost, lease_task) = match leadership {
@@ -368,6 +374,122 @@ where
             kind: K::kind(&()).into_owned(),
             source,
         })
+}
+
+/// Runs one kind's controller until shutdown: one watch, bounded concurrency, shared error policy.
+async fn drive<K, F, Fut>(
+    api: Api<K>,
+    ctx: Arc<Context>,
+    concurrency: u16,
+    shutdown: Shutdown,
+    reconcile: F,
+) where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: FnMut(Arc<K>, Arc<Context>) -> Fut,
+    Fut: std::future::Future<Output = Result<Action>> + Send + 'static,
+{
+    let kind = K::kind(&()).into_owned();
+    kube::runtime::Controller::new(api, watcher_config())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|outcome| {
+            if let Err(err) = outcome {
+                tracing::debug!(%kind, error = %err, "reconcile failed");
+            }
+            futures::future::ready(())
+        })
+        .await;
+}
+
+/// Server-side applies a resource's whole status as the operator's field manager, so fields a
+/// run no longer sets are removed rather than left stale.
+pub(crate) async fn apply_status<K>(
+    ctx: &Context,
+    obj: &K,
+    status: &impl serde::Serialize,
+) -> Result<()>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    use kube::ResourceExt;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    let params = kube::api::PatchParams::apply(results_store::MANAGER).force();
+    api.patch_status(&obj.name_any(), &params, &kube::api::Patch::Apply(&body))
+        .await?;
+    Ok(())
+}
+
+/// Records why a run cannot go on: Ready=False, plus Reconciling when waiting may fix it (the
+/// PBX is down) or Stalled when a person must act. Returns whether it is transient.
+pub(crate) fn mark_blocked(
+    conds: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    err: &Error,
+    generation: Option<i64>,
+) -> bool {
+    let now = conditions::now();
+    let reason = err.label_camel();
+    let transient = err.is_transient();
+    let message = err.to_string();
+    conditions::upsert(
+        conds,
+        conditions::Desired {
+            type_: conditions::READY,
+            status: false,
+            reason,
+            message: message.clone(),
+        },
+        generation,
+        &now,
+    );
+    let (set, clear, message) = if transient {
+        (
+            conditions::RECONCILING,
+            conditions::STALLED,
+            format!("waiting for the PBX, will retry: {message}"),
+        )
+    } else {
+        (conditions::STALLED, conditions::RECONCILING, message)
+    };
+    conditions::upsert(
+        conds,
+        conditions::Desired {
+            type_: set,
+            status: true,
+            reason,
+            message,
+        },
+        generation,
+        &now,
+    );
+    conditions::remove(conds, clear);
+    transient
+}
+
+impl Context {
+    /// Backoff for an object that failed again: 5 s doubling to 5 min; 5 min for a person to act.
+    pub fn backoff(&self, uid: &str, transient: bool) -> Duration {
+        let n = self.failures(uid);
+        if transient {
+            Duration::from_secs(5u64 << n.min(6)).min(Duration::from_secs(300))
+        } else {
+            Duration::from_secs(300)
+        }
+    }
 }
 
 /// Watcher settings shared by every controller.

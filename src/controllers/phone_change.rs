@@ -4,18 +4,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::StreamExt;
 use kube::{
-    Api, ResourceExt,
-    api::{Patch, PatchParams},
-    runtime::{Controller, controller::Action, events::EventType},
+    ResourceExt,
+    runtime::{controller::Action, events::EventType},
 };
-use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::conditions::{self, Desired};
-use super::results_store::{MANAGER, Store};
-use super::{Context, Error, Shutdown, watcher_config};
+use super::results_store::Store;
+use super::{Context, Error};
 use crate::api::{
     BulkPhoneChange, FieldChange, Lock, Mode, OperationStatus, Outcome, Phase, Plan, Progress,
     Summary,
@@ -27,24 +24,6 @@ use crate::plan::phones::{self, PhoneFilter};
 use crate::results::{self, PhoneTarget, Row, StoredWrite};
 
 const KIND: &str = "BulkPhoneChange";
-
-pub async fn run(
-    api: Api<BulkPhoneChange>,
-    ctx: Arc<Context>,
-    concurrency: u16,
-    shutdown: Shutdown,
-) {
-    Controller::new(api, watcher_config())
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, super::error_policy, ctx)
-        .for_each(|outcome| async move {
-            if let Err(err) = outcome {
-                tracing::debug!(error = %err, "BulkPhoneChange reconcile failed");
-            }
-        })
-        .await;
-}
 
 fn spec_hash(b: &BulkPhoneChange) -> String {
     let mut v = serde_json::to_value(&b.spec).expect("specs serialize");
@@ -70,7 +49,7 @@ fn open_fields(b: &BulkPhoneChange) -> Vec<(PhoneField, String)> {
 }
 
 #[tracing::instrument(skip_all, fields(change = %b.name_any(), namespace = b.namespace()))]
-async fn reconcile(b: Arc<BulkPhoneChange>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(crate) async fn reconcile(b: Arc<BulkPhoneChange>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let status = b.status.clone().unwrap_or_default();
     let run_id = format!("g{}", b.metadata.generation.unwrap_or(0));
@@ -460,16 +439,7 @@ async fn write_status(
     ctx: &Context,
     status: &OperationStatus,
 ) -> Result<(), Error> {
-    let api: Api<BulkPhoneChange> =
-        Api::namespaced(ctx.client.clone(), &b.namespace().unwrap_or_default());
-    let body = json!({ "apiVersion": "pbx-operator.io/v1alpha1", "kind": KIND, "status": status });
-    api.patch_status(
-        &b.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    Ok(())
+    super::apply_status(ctx, b, status).await
 }
 
 async fn blocked(
@@ -479,53 +449,32 @@ async fn blocked(
     err: &Error,
     plan: Option<Plan>,
 ) -> Result<Action, Error> {
-    let t = conditions::now();
     let generation = b.metadata.generation;
-    let reason = match err {
-        Error::Plan(PlanError::Invalid(m)) if m.contains("one vendor") => "MixedVendors",
-        e => e.label_camel(),
-    };
     status.observed_generation = generation;
     if plan.is_some() {
         status.plan = plan;
     }
-    conditions::upsert(
-        &mut status.conditions,
-        Desired {
-            type_: conditions::READY,
-            status: false,
-            reason,
-            message: err.to_string(),
-        },
-        generation,
-        &t,
-    );
-    let (set, clear) = if err.is_transient() {
-        (conditions::RECONCILING, conditions::STALLED)
-    } else {
-        (conditions::STALLED, conditions::RECONCILING)
-    };
-    conditions::upsert(
-        &mut status.conditions,
-        Desired {
-            type_: set,
-            status: true,
-            reason,
-            message: err.to_string(),
-        },
-        generation,
-        &t,
-    );
-    conditions::remove(&mut status.conditions, clear);
-    if !err.is_transient() {
+    let transient = super::mark_blocked(&mut status.conditions, err, generation);
+    if let Error::Plan(PlanError::Invalid(m)) = err {
+        if m.contains("one vendor") {
+            // A more precise reason than InvalidChange, for people and for alerts.
+            for c in status
+                .conditions
+                .iter_mut()
+                .filter(|c| c.type_ != conditions::RECONCILING)
+            {
+                c.reason = "MixedVendors".into();
+            }
+        }
+    }
+    if !transient {
         status.phase = Phase::Failed;
         status.summary.get_or_insert_with(Summary::default);
     }
     if Some(&status) != b.status.as_ref() {
         write_status(b, ctx, &status).await?;
     }
-    let n = ctx.failures(&b.uid().unwrap_or_default());
     Ok(Action::requeue(
-        std::time::Duration::from_secs(5u64 << n.min(6)).min(std::time::Duration::from_secs(300)),
+        ctx.backoff(&b.uid().unwrap_or_default(), transient),
     ))
 }

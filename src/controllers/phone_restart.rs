@@ -10,17 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+
 use kube::{
-    Api, ResourceExt,
-    api::{Patch, PatchParams},
-    runtime::{Controller, controller::Action, events::EventType},
+    ResourceExt,
+    runtime::{controller::Action, events::EventType},
 };
-use serde_json::json;
 
 use super::backends::parse_duration;
 use super::conditions::{self, Desired};
-use super::results_store::{MANAGER, Store};
-use super::{Context, Error, Shutdown, watcher_config};
+use super::results_store::Store;
+use super::{Context, Error};
 use crate::api::{Outcome, Phase, PhoneRestart, PhoneRestartStatus, Progress, RestartSummary};
 use crate::pbx::kamailio::Kamailio;
 use crate::pbx::{PbxBackend, Registration, UserSelection, sip};
@@ -33,19 +32,6 @@ const DEFAULT_IN_FLIGHT: u32 = 20;
 const DEFAULT_PER_SECOND: u32 = 50;
 const DEFAULT_CONFIRM: Duration = Duration::from_secs(300);
 
-pub async fn run(api: Api<PhoneRestart>, ctx: Arc<Context>, concurrency: u16, shutdown: Shutdown) {
-    Controller::new(api, watcher_config())
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, super::error_policy, ctx)
-        .for_each(|outcome| async move {
-            if let Err(err) = outcome {
-                tracing::debug!(error = %err, "PhoneRestart reconcile failed");
-            }
-        })
-        .await;
-}
-
 fn now() -> jiff::Timestamp {
     jiff::Timestamp::now()
 }
@@ -55,7 +41,7 @@ fn until(t: jiff::Timestamp) -> Duration {
 }
 
 #[tracing::instrument(skip_all, fields(restart = %pr.name_any(), namespace = pr.namespace()))]
-async fn reconcile(pr: Arc<PhoneRestart>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(crate) async fn reconcile(pr: Arc<PhoneRestart>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let run = Run {
         pr: &pr,
@@ -82,16 +68,7 @@ impl Run<'_> {
     }
 
     async fn write_status(&self, status: &PhoneRestartStatus) -> Result<(), Error> {
-        let api: Api<PhoneRestart> = Api::namespaced(self.ctx.client.clone(), &self.namespace());
-        let body =
-            json!({ "apiVersion": "pbx-operator.io/v1alpha1", "kind": KIND, "status": status });
-        api.patch_status(
-            &self.pr.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
-        Ok(())
+        super::apply_status(self.ctx, self.pr, status).await
     }
 
     async fn backend(&self) -> Result<Arc<Kamailio>, Error> {
@@ -108,47 +85,18 @@ impl Run<'_> {
     }
 
     async fn blocked(&self, mut status: PhoneRestartStatus, err: &Error) -> Result<Action, Error> {
-        let t = conditions::now();
-        let generation = self.pr.metadata.generation;
-        let reason = err.label_camel();
-        status.observed_generation = generation;
-        conditions::upsert(
-            &mut status.conditions,
-            Desired {
-                type_: conditions::READY,
-                status: false,
-                reason,
-                message: err.to_string(),
-            },
-            generation,
-            &t,
-        );
-        let (set, clear) = if err.is_transient() {
-            (conditions::RECONCILING, conditions::STALLED)
-        } else {
-            (conditions::STALLED, conditions::RECONCILING)
-        };
-        conditions::upsert(
-            &mut status.conditions,
-            Desired {
-                type_: set,
-                status: true,
-                reason,
-                message: err.to_string(),
-            },
-            generation,
-            &t,
-        );
-        conditions::remove(&mut status.conditions, clear);
-        if !err.is_transient() && status.progress.is_none() {
+        status.observed_generation = self.pr.metadata.generation;
+        let transient =
+            super::mark_blocked(&mut status.conditions, err, status.observed_generation);
+        if !transient && status.progress.is_none() {
             status.phase = Phase::Failed;
         }
         if Some(&status) != self.pr.status.as_ref() {
             self.write_status(&status).await?;
         }
-        let n = self.ctx.failures(&self.pr.uid().unwrap_or_default());
         Ok(Action::requeue(
-            Duration::from_secs(5u64 << n.min(6)).min(Duration::from_secs(300)),
+            self.ctx
+                .backoff(&self.pr.uid().unwrap_or_default(), transient),
         ))
     }
 

@@ -9,19 +9,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use kube::{
-    Api, ResourceExt,
-    api::{Patch, PatchParams},
-    runtime::{Controller, controller::Action, events::EventType},
+    ResourceExt,
+    runtime::{controller::Action, events::EventType},
 };
-use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::backends::{parse_duration, secret_value};
 use super::conditions::{self, Desired};
-use super::results_store::{MANAGER, Store};
-use super::{Context, Error, Shutdown, watcher_config};
+use super::results_store::Store;
+use super::{Context, Error};
 use crate::api::{
     BulkUserChange, BulkUserChangeSpec, FailurePolicy, FieldChange, Lock, Mode, OperationStatus,
     Outcome, Phase, Plan, Policy, Progress, SecretField, Summary, UserAction as SpecAction,
@@ -40,24 +37,6 @@ use crate::results::{self, Row, StoredWrite};
 pub const RETRY_ANNOTATION: &str = "pbx-operator.io/retry";
 const KIND: &str = "BulkUserChange";
 const DEFAULT_ENFORCE_INTERVAL: Duration = Duration::from_secs(600);
-
-pub async fn run(
-    api: Api<BulkUserChange>,
-    ctx: Arc<Context>,
-    concurrency: u16,
-    shutdown: Shutdown,
-) {
-    Controller::new(api, watcher_config())
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, super::error_policy, ctx)
-        .for_each(|outcome| async move {
-            if let Err(err) = outcome {
-                tracing::debug!(error = %err, "BulkUserChange reconcile failed");
-            }
-        })
-        .await;
-}
 
 /// The run a resource asks for: its generation, plus the retry annotation when set.
 fn lineage(buc: &BulkUserChange) -> String {
@@ -92,7 +71,10 @@ pub fn spec_hash(spec: &BulkUserChangeSpec) -> String {
 }
 
 #[tracing::instrument(skip_all, fields(change = %buc.name_any(), namespace = buc.namespace()))]
-async fn reconcile(buc: Arc<BulkUserChange>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(crate) async fn reconcile(
+    buc: Arc<BulkUserChange>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let status = buc.status.clone().unwrap_or_default();
     let lineage = lineage(&buc);
@@ -138,77 +120,24 @@ impl Run<'_> {
 
     /// Server-side applies the whole status: fields this run no longer sets are removed.
     async fn write_status(&self, status: &OperationStatus) -> Result<(), Error> {
-        let api: Api<BulkUserChange> = Api::namespaced(self.ctx.client.clone(), &self.namespace());
-        let body =
-            json!({ "apiVersion": "pbx-operator.io/v1alpha1", "kind": KIND, "status": status });
-        api.patch_status(
-            &self.buc.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
-        Ok(())
+        super::apply_status(self.ctx, self.buc, status).await
     }
 
     /// Records a failure to start or continue in conditions. Transient ones retry with backoff.
     async fn blocked(&self, mut status: OperationStatus, err: &Error) -> Result<Action, Error> {
-        let now = conditions::now();
-        let generation = self.buc.metadata.generation;
-        let transient = err.is_transient();
-        let reason = err.label_camel();
-        status.observed_generation = generation;
-        conditions::upsert(
-            &mut status.conditions,
-            Desired {
-                type_: conditions::READY,
-                status: false,
-                reason,
-                message: err.to_string(),
-            },
-            generation,
-            &now,
-        );
-        if transient {
-            conditions::upsert(
-                &mut status.conditions,
-                Desired {
-                    type_: conditions::RECONCILING,
-                    status: true,
-                    reason,
-                    message: format!("waiting for the PBX, will retry: {err}"),
-                },
-                generation,
-                &now,
-            );
-            conditions::remove(&mut status.conditions, conditions::STALLED);
-        } else {
-            conditions::upsert(
-                &mut status.conditions,
-                Desired {
-                    type_: conditions::STALLED,
-                    status: true,
-                    reason,
-                    message: err.to_string(),
-                },
-                generation,
-                &now,
-            );
-            conditions::remove(&mut status.conditions, conditions::RECONCILING);
-            if status.progress.is_none() {
-                status.phase = Phase::Failed;
-            }
+        status.observed_generation = self.buc.metadata.generation;
+        let transient =
+            super::mark_blocked(&mut status.conditions, err, status.observed_generation);
+        if !transient && status.progress.is_none() {
+            status.phase = Phase::Failed;
         }
         if Some(&status) != self.buc.status.as_ref() {
             self.write_status(&status).await?;
         }
-        let failures = self.ctx.failures(&self.buc.uid().unwrap_or_default());
-        let backoff = Duration::from_secs(5u64.saturating_mul(1 << failures.min(6)))
-            .min(Duration::from_secs(300));
-        Ok(Action::requeue(if transient {
-            backoff
-        } else {
-            Duration::from_secs(300)
-        }))
+        Ok(Action::requeue(
+            self.ctx
+                .backoff(&self.buc.uid().unwrap_or_default(), transient),
+        ))
     }
 
     /// Plans a new run (or reuses the validated plan), stores it, and starts executing.

@@ -17,22 +17,19 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::StreamExt;
 use kube::{
-    Api, ResourceExt,
-    api::{Patch, PatchParams},
-    runtime::{Controller, controller::Action, events::EventType},
+    ResourceExt,
+    runtime::{controller::Action, events::EventType},
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::backends::secret_value;
 use super::conditions::{self, Desired};
-use super::results_store::{MANAGER, Store};
+use super::results_store::Store;
 use super::user_change::RETRY_ANNOTATION;
-use super::{Context, Error, Shutdown, watcher_config};
+use super::{Context, Error};
 use crate::api::{
     FieldChange, OperationStatus, Outcome, PbxConnection, Phase, Plan, Progress, ResetItem,
     Summary, UserRecycle, UserRecycleSpec, user_recycle::RecycleEntry,
@@ -64,19 +61,6 @@ const MAIL_SENT: &str = "welcome email: sent";
 const MAIL_UNKNOWN: &str = "welcome email: not re-sent";
 const MAIL_NOTE: &str = "welcome email:";
 
-pub async fn run(api: Api<UserRecycle>, ctx: Arc<Context>, concurrency: u16, shutdown: Shutdown) {
-    Controller::new(api, watcher_config())
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, super::error_policy, ctx)
-        .for_each(|outcome| async move {
-            if let Err(err) = outcome {
-                tracing::debug!(error = %err, "UserRecycle reconcile failed");
-            }
-        })
-        .await;
-}
-
 /// The run a resource asks for: its generation, plus the retry annotation when set.
 fn lineage(urc: &UserRecycle) -> String {
     let mut run = format!("g{}", urc.metadata.generation.unwrap_or(0));
@@ -92,7 +76,7 @@ fn lineage(urc: &UserRecycle) -> String {
 }
 
 #[tracing::instrument(skip_all, fields(recycle = %urc.name_any(), namespace = urc.namespace()))]
-async fn reconcile(urc: Arc<UserRecycle>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(crate) async fn reconcile(urc: Arc<UserRecycle>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let status = urc.status.clone().unwrap_or_default();
     let lineage = lineage(&urc);
@@ -144,78 +128,25 @@ impl Run<'_> {
 
     /// Server-side applies the whole status.
     async fn write_status(&self, status: &OperationStatus) -> Result<(), Error> {
-        let api: Api<UserRecycle> = Api::namespaced(self.ctx.client.clone(), &self.namespace());
-        let body =
-            json!({ "apiVersion": "pbx-operator.io/v1alpha1", "kind": KIND, "status": status });
-        api.patch_status(
-            &self.urc.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
-        Ok(())
+        super::apply_status(self.ctx, self.urc, status).await
     }
 
     /// Records why the run cannot start or continue. Transient causes retry with backoff; the
     /// rows of an interrupted batch stay InProgress and are resumed step by step.
     async fn blocked(&self, mut status: OperationStatus, err: &Error) -> Result<Action, Error> {
-        let now = conditions::now();
-        let generation = self.urc.metadata.generation;
-        let transient = err.is_transient();
-        let reason = err.label_camel();
-        status.observed_generation = generation;
-        conditions::upsert(
-            &mut status.conditions,
-            Desired {
-                type_: conditions::READY,
-                status: false,
-                reason,
-                message: err.to_string(),
-            },
-            generation,
-            &now,
-        );
-        if transient {
-            conditions::upsert(
-                &mut status.conditions,
-                Desired {
-                    type_: conditions::RECONCILING,
-                    status: true,
-                    reason,
-                    message: format!("waiting for the PBX, will retry: {err}"),
-                },
-                generation,
-                &now,
-            );
-            conditions::remove(&mut status.conditions, conditions::STALLED);
-        } else {
-            conditions::upsert(
-                &mut status.conditions,
-                Desired {
-                    type_: conditions::STALLED,
-                    status: true,
-                    reason,
-                    message: err.to_string(),
-                },
-                generation,
-                &now,
-            );
-            conditions::remove(&mut status.conditions, conditions::RECONCILING);
-            if status.progress.is_none() {
-                status.phase = Phase::Failed;
-            }
+        status.observed_generation = self.urc.metadata.generation;
+        let transient =
+            super::mark_blocked(&mut status.conditions, err, status.observed_generation);
+        if !transient && status.progress.is_none() {
+            status.phase = Phase::Failed;
         }
         if Some(&status) != self.urc.status.as_ref() {
             self.write_status(&status).await?;
         }
-        let failures = self.ctx.failures(&self.urc.uid().unwrap_or_default());
-        let backoff = Duration::from_secs(5u64.saturating_mul(1 << failures.min(6)))
-            .min(Duration::from_secs(300));
-        Ok(Action::requeue(if transient {
-            backoff
-        } else {
-            Duration::from_secs(300)
-        }))
+        Ok(Action::requeue(
+            self.ctx
+                .backoff(&self.urc.uid().unwrap_or_default(), transient),
+        ))
     }
 
     /// Plans a new run, stores its rows, and starts executing.
