@@ -20,6 +20,9 @@ use crate::pbx::{
 
 /// Rows per `IN (...)` list and per multi-row INSERT: well under every driver's parameter limit.
 const CHUNK: usize = 500;
+/// Users per transaction when failures must stay per user (Continue): few statements per batch,
+/// short enough that Kamailio's own writes (SQLite) are not held up for long.
+const WRITE_CHUNK: usize = 2000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
@@ -374,10 +377,8 @@ impl Db {
     ) -> Result<Vec<WriteOutcome>> {
         if atomic {
             let mut tx = self.begin().await.map_err(|e| self.err(e))?;
-            let mut outcomes = Vec::with_capacity(changes.len());
-            for chunk in changes.chunks(CHUNK) {
-                outcomes.extend(self.compare_and_write(&mut tx, chunk).await?);
-            }
+            // One pass over all users: reads and writes chunk their lists internally.
+            let mut outcomes = self.compare_and_write(&mut tx, changes).await?;
             if outcomes.iter().all(|o| *o == WriteOutcome::Applied) {
                 tx.commit().await.map_err(|e| self.err(e))?;
             } else {
@@ -389,7 +390,7 @@ impl Db {
             return Ok(outcomes);
         }
         let mut outcomes = Vec::with_capacity(changes.len());
-        for chunk in changes.chunks(CHUNK) {
+        for chunk in changes.chunks(WRITE_CHUNK) {
             let mut tx = self.begin().await.map_err(|e| self.err(e))?;
             match self.compare_and_write(&mut tx, chunk).await {
                 Ok(chunk_outcomes) => {
@@ -552,16 +553,41 @@ impl Db {
         attribute: &str,
         rows: &[(&str, Option<String>)],
     ) -> Result<()> {
+        // One DELETE for all users where the database can take the list as one JSON parameter:
+        // PostgreSQL may plan this DELETE on the (uuid, attribute) index, which walks every row of
+        // the attribute, so one statement per 500 users made a 10,000-user write quadratic.
+        let whole_list = matches!(self.dialect, Dialect::Postgres | Dialect::Sqlite);
+        if whole_list && !rows.is_empty() {
+            let names: Vec<&str> = rows.iter().map(|(e, _)| *e).collect();
+            let list = serde_json::to_string(&names).expect("strings serialize");
+            let q = match self.dialect {
+                Dialect::Postgres => {
+                    "DELETE FROM usr_preferences WHERE domain = $1 AND attribute = $2 AND username IN (SELECT jsonb_array_elements_text($3::jsonb))"
+                }
+                _ => {
+                    "DELETE FROM usr_preferences WHERE domain = $1 AND attribute = $2 AND username IN (SELECT value FROM json_each($3))"
+                }
+            };
+            sqlx::query(self.sql(q))
+                .bind(&self.domain)
+                .bind(attribute)
+                .bind(list)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
         for chunk in rows.chunks(CHUNK) {
-            let q = format!(
-                "DELETE FROM usr_preferences WHERE domain = $1 AND attribute = $2 AND username IN ({})",
-                placeholders(3, chunk.len())
-            );
-            let mut query = sqlx::query(self.sql(&q)).bind(&self.domain).bind(attribute);
-            for (ext, _) in chunk {
-                query = query.bind(*ext);
+            if !whole_list {
+                let q = format!(
+                    "DELETE FROM usr_preferences WHERE domain = $1 AND attribute = $2 AND username IN ({})",
+                    placeholders(3, chunk.len())
+                );
+                let mut query = sqlx::query(self.sql(&q)).bind(&self.domain).bind(attribute);
+                for (ext, _) in chunk {
+                    query = query.bind(*ext);
+                }
+                query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
             }
-            query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
             let set: Vec<(&str, &str)> = chunk
                 .iter()
                 .filter_map(|(e, v)| v.as_deref().map(|v| (*e, v)))
