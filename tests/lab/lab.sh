@@ -286,6 +286,7 @@ setup_sqlite() {
 	# stored in the file, so every later connection uses it.
 	sqlite3 "$db" 'PRAGMA journal_mode=WAL;' >/dev/null
 	sqlite3 -bail "$db" <"$DIR/seed.sql"
+	sqlite3 "$db" 'ANALYZE;' >/dev/null
 	DB_URL="sqlite://$db"
 }
 
@@ -347,6 +348,9 @@ EOF
 		for s in "${KAM_SCHEMAS[@]}"; do cat "/usr/share/kamailio/postgres/$s-create.sql"; done
 		cat "$LAB_HOME/../../src/pbx/kamailio/migrations/postgres.sql"
 		cat "$DIR/seed.sql"
+		# A long-lived PBX database has planner statistics; a freshly seeded one must get them,
+		# or the first bulk statements are planned as if the tables were empty.
+		echo "ANALYZE;"
 	} | PGPASSWORD=$PG_PASSWORD "${psql[@]}" -U kamailio -d kamailio >/dev/null
 	DB_URL="postgres://kamailio:$PG_PASSWORD@127.0.0.1:$PG_PORT/kamailio"
 	PG_ADMIN_URL="postgres://postgres:$superpw@127.0.0.1:$PG_PORT/postgres"

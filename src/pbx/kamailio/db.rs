@@ -561,8 +561,9 @@ impl Db {
             let names: Vec<&str> = rows.iter().map(|(e, _)| *e).collect();
             let list = serde_json::to_string(&names).expect("strings serialize");
             let q = match self.dialect {
+                // A join, so the plan probes the (username, domain, attribute) index per user.
                 Dialect::Postgres => {
-                    "DELETE FROM usr_preferences WHERE domain = $1 AND attribute = $2 AND username IN (SELECT jsonb_array_elements_text($3::jsonb))"
+                    "DELETE FROM usr_preferences p USING jsonb_array_elements_text($3::jsonb) AS v(username) WHERE p.domain = $1 AND p.attribute = $2 AND p.username = v.username"
                 }
                 _ => {
                     "DELETE FROM usr_preferences WHERE domain = $1 AND attribute = $2 AND username IN (SELECT value FROM json_each($3))"
