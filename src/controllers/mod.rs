@@ -480,6 +480,37 @@ pub(crate) fn mark_blocked(
     transient
 }
 
+/// Records a finished run: Reconciling gone, Ready=ok, and Stalled when it did not succeed
+/// (kstatus reads a failed one-shot run as needing a person).
+pub(crate) fn mark_finished(
+    conds: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let now = conditions::now();
+    conditions::remove(conds, conditions::RECONCILING);
+    let ready = conditions::Desired {
+        type_: conditions::READY,
+        status: ok,
+        reason,
+        message: message.to_string(),
+    };
+    conditions::upsert(conds, ready, generation, &now);
+    if ok {
+        conditions::remove(conds, conditions::STALLED);
+    } else {
+        let stalled = conditions::Desired {
+            type_: conditions::STALLED,
+            status: true,
+            reason,
+            message: message.to_string(),
+        };
+        conditions::upsert(conds, stalled, generation, &now);
+    }
+}
+
 impl Context {
     /// Backoff for an object that failed again: 5 s doubling to 5 min; 5 min for a person to act.
     pub fn backoff(&self, uid: &str, transient: bool) -> Duration {

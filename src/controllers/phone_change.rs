@@ -140,7 +140,6 @@ pub(crate) async fn reconcile(b: Arc<BulkPhoneChange>, ctx: Arc<Context>) -> Res
     });
     next.completion_time = Some(t.clone());
     let mut summary = results::summarize(all.iter().copied());
-    conditions::remove(&mut next.conditions, conditions::RECONCILING);
     let (message, ok) = if b.spec.mode == Mode::Validate {
         next.phase = Phase::Validated;
         summary.changed = plan.changes;
@@ -177,32 +176,7 @@ pub(crate) async fn reconcile(b: Arc<BulkPhoneChange>, ctx: Arc<Context>) -> Res
     };
     next.summary = Some(summary);
     let reason = format!("{:?}", next.phase);
-    conditions::upsert(
-        &mut next.conditions,
-        Desired {
-            type_: conditions::READY,
-            status: ok,
-            reason: &reason,
-            message: message.clone(),
-        },
-        generation,
-        &t,
-    );
-    if ok {
-        conditions::remove(&mut next.conditions, conditions::STALLED);
-    } else {
-        conditions::upsert(
-            &mut next.conditions,
-            Desired {
-                type_: conditions::STALLED,
-                status: true,
-                reason: &reason,
-                message: message.clone(),
-            },
-            generation,
-            &t,
-        );
-    }
+    super::mark_finished(&mut next.conditions, ok, &reason, &message, generation);
     write_status(&b, &ctx, &next).await?;
     let who = b
         .spec

@@ -515,35 +515,9 @@ impl Run<'_> {
             "{} phones: {} restarted, {} accepted without re-registering, {} not registered, {} failed, {} expired",
             s.targets, s.restarted, s.accepted, s.not_registered, s.failed, s.expired
         );
-        conditions::remove(&mut status.conditions, conditions::RECONCILING);
         let ok = status.phase == Phase::Succeeded;
         let reason = format!("{:?}", status.phase);
-        conditions::upsert(
-            &mut status.conditions,
-            Desired {
-                type_: conditions::READY,
-                status: ok,
-                reason: &reason,
-                message: message.clone(),
-            },
-            generation,
-            &t,
-        );
-        if ok {
-            conditions::remove(&mut status.conditions, conditions::STALLED);
-        } else {
-            conditions::upsert(
-                &mut status.conditions,
-                Desired {
-                    type_: conditions::STALLED,
-                    status: true,
-                    reason: &reason,
-                    message: message.clone(),
-                },
-                generation,
-                &t,
-            );
-        }
+        super::mark_finished(&mut status.conditions, ok, &reason, &message, generation);
         self.write_status(&status).await?;
         let type_ = if ok {
             EventType::Normal
