@@ -1,6 +1,7 @@
 //! PBX backends behind one trait, made for bulk work: one call reads many users, one call
 //! writes a batch with compare-and-set against the planned values.
 
+pub mod directory;
 pub mod kamailio;
 mod model;
 pub mod sip;

@@ -5,7 +5,9 @@
 //! - [`users`]: field locks, common values, the per-user diff and the plan hash.
 
 pub mod phones;
+pub mod rows;
 pub mod selection;
+pub mod sheet;
 pub mod users;
 
 /// Why a plan cannot be made. Each message says what to change.

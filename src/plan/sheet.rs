@@ -1,0 +1,633 @@
+//! The CSV of a CSV-sourced BulkUserChange: reading it (any bytes in, an error or rows out, never
+//! a panic), mapping its header to user fields, and checking each row on its own before the PBX
+//! is asked anything. What needs the PBX (does the extension exist, is the policy known) is
+//! checked by [`super::rows`].
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::pbx::UserField;
+
+/// The fields a CSV can set, in the order `export users` writes them.
+pub const FIELDS: [UserField; 7] = [
+    UserField::EnterpriseVoice,
+    UserField::PrimaryNumber,
+    UserField::PrimaryNumberLocation,
+    UserField::PrivateNumber,
+    UserField::PrivateNumberLocation,
+    UserField::CallerIdPolicy,
+    UserField::VoiceRoutePolicy,
+];
+pub const EXTENSION: &str = "extension";
+/// The two columns a result CSV adds to the input.
+pub const CHANGE_OK: &str = "Change OK";
+pub const NOTES: &str = "Notes";
+/// The default for `run --max-csv-bytes`.
+pub const DEFAULT_MAX_BYTES: usize = 32 * 1024 * 1024;
+
+/// Why a whole file is refused. Nothing of it is applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SheetError {
+    #[error(
+        "the CSV is {size} bytes, over the limit of {limit} bytes; split it into several BulkUserChanges (or raise the operator's --max-csv-bytes)"
+    )]
+    TooLarge { size: usize, limit: usize },
+    #[error(
+        "the CSV is empty: it needs a header row naming an `extension` column, then one row per user"
+    )]
+    Empty,
+    #[error("not a CSV file: {0}; save the sheet as CSV (comma-separated, UTF-8) and upload that")]
+    NotCsv(String),
+    #[error(
+        "the CSV has no header row naming an `extension` column (its first line is `{first_line}`); put the header first, as `pbx-operator export users --template` prints it"
+    )]
+    NoHeader { first_line: String },
+    #[error("column `{0}` appears twice in the header; keep one")]
+    DuplicateColumn(String),
+}
+
+/// What a header cell names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Column {
+    Extension,
+    Field(UserField),
+    /// `Change OK` and `Notes` of a result CSV uploaded again: not input.
+    Ignored,
+    /// A field the operator knows but a CSV cannot set (yet).
+    Unsupported(String),
+    Unknown(String),
+}
+
+/// A parsed CSV: the header as written, what each column means, and the data rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sheet {
+    pub header: Vec<String>,
+    pub columns: Vec<Column>,
+    pub rows: Vec<SheetRow>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SheetRow {
+    /// The file line the row starts on (the header is line 1).
+    pub line: u64,
+    pub cells: Vec<String>,
+}
+
+/// Header names compare without case, spaces, dashes or underscores: `Primary Number`,
+/// `primary_number` and `primaryNumber` are one column.
+fn normalize(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+pub fn column(name: &str) -> Column {
+    let n = normalize(name);
+    if n == EXTENSION {
+        return Column::Extension;
+    }
+    if n == normalize(CHANGE_OK) || n == normalize(NOTES) {
+        return Column::Ignored;
+    }
+    if let Some(f) = FIELDS.iter().find(|f| normalize(f.name()) == n) {
+        return Column::Field(*f);
+    }
+    if UserField::ALL.iter().any(|f| normalize(f.name()) == n) {
+        return Column::Unsupported(name.trim().to_string());
+    }
+    Column::Unknown(name.trim().to_string())
+}
+
+/// Reads a CSV: UTF-8 with or without BOM, CRLF or LF, quoted fields with commas and newlines.
+/// Rows whose cells are all empty (a spreadsheet's trailing lines) are left out.
+pub fn read(bytes: &[u8], max_bytes: usize) -> Result<Sheet, SheetError> {
+    if bytes.len() > max_bytes {
+        return Err(SheetError::TooLarge {
+            size: bytes.len(),
+            limit: max_bytes,
+        });
+    }
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(SheetError::Empty);
+    }
+    if let Some(at) = bytes.iter().position(|b| *b == 0) {
+        return Err(SheetError::NotCsv(format!(
+            "it holds binary data (a NUL byte at offset {at})"
+        )));
+    }
+    if let Err(e) = std::str::from_utf8(bytes) {
+        return Err(SheetError::NotCsv(format!(
+            "it is not UTF-8 text (invalid byte at offset {})",
+            e.valid_up_to()
+        )));
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(bytes);
+    let mut records = reader.records();
+    let header: Vec<String> = match records.next() {
+        Some(Ok(h)) => h.iter().map(|c| c.trim().to_string()).collect(),
+        Some(Err(e)) => return Err(SheetError::NotCsv(e.to_string())),
+        None => return Err(SheetError::Empty),
+    };
+    let columns: Vec<Column> = header.iter().map(|h| column(h)).collect();
+    if !columns.contains(&Column::Extension) {
+        let first_line: String = header.join(",").chars().take(80).collect();
+        return Err(SheetError::NoHeader { first_line });
+    }
+    let mut seen = HashMap::new();
+    for (h, c) in header.iter().zip(&columns) {
+        if matches!(c, Column::Ignored) {
+            continue;
+        }
+        if seen.insert(normalize(h), ()).is_some() {
+            return Err(SheetError::DuplicateColumn(h.clone()));
+        }
+    }
+    let mut rows = Vec::new();
+    // Lines are counted here: the reader's own count is off by one after CRLF line ends.
+    let (mut counted_to, mut line) = (0usize, 1u64);
+    for record in records {
+        let record = record.map_err(|e| SheetError::NotCsv(e.to_string()))?;
+        let mut start = record.position().map(|p| p.byte() as usize).unwrap_or(0);
+        while bytes.get(start).is_some_and(|b| *b == b'\r' || *b == b'\n') {
+            start += 1;
+        }
+        let start = start.min(bytes.len()).max(counted_to);
+        line += bytes[counted_to..start]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count() as u64;
+        counted_to = start;
+        if record.iter().all(|c| c.trim().is_empty()) {
+            continue;
+        }
+        rows.push(SheetRow {
+            line,
+            cells: record.iter().map(str::to_string).collect(),
+        });
+    }
+    Ok(Sheet {
+        header,
+        columns,
+        rows,
+    })
+}
+
+/// What one row asks, after the checks that need nothing but the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowRequest {
+    pub line: u64,
+    pub extension: String,
+    /// Canonical values of the row's non-empty cells, in column order.
+    pub values: Vec<(UserField, String)>,
+    /// Why the row cannot be applied; empty for a valid row.
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Checks every row: cell count, extension, unknown columns, value formats, and rows that clash
+/// with each other (one user twice, one number given twice). `closed`: columns that
+/// `spec.fields` locks Closed; their cells are reported and not applied.
+pub fn requests(sheet: &Sheet, closed: &[UserField]) -> Vec<RowRequest> {
+    let ext_col = sheet
+        .columns
+        .iter()
+        .position(|c| *c == Column::Extension)
+        .unwrap_or(0);
+    let mut out: Vec<RowRequest> = Vec::with_capacity(sheet.rows.len());
+    for row in &sheet.rows {
+        let mut r = RowRequest {
+            line: row.line,
+            extension: row
+                .cells
+                .get(ext_col)
+                .map(|c| c.trim().to_string())
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        if row.cells.len() != sheet.header.len() {
+            r.errors.push(format!(
+                "the row has {} cells but the header has {} columns; check for a missing or extra comma",
+                row.cells.len(),
+                sheet.header.len()
+            ));
+        }
+        if r.extension.is_empty() {
+            r.errors
+                .push("no extension: every row names its user in the extension column".into());
+        } else if !valid_extension(&r.extension) {
+            r.errors.push(format!(
+                "extension `{}` is not a valid extension (letters, digits, . _ - +; at most 64)",
+                clip(&r.extension)
+            ));
+        }
+        for (cell, col) in row.cells.iter().zip(&sheet.columns) {
+            let cell = cell.trim();
+            if cell.is_empty() {
+                continue;
+            }
+            match col {
+                Column::Extension | Column::Ignored => {}
+                Column::Unknown(name) => r.errors.push(format!(
+                    "unknown column `{}`: not a field a CSV can set (columns: extension, {}); remove the column or empty its cells",
+                    clip(name),
+                    FIELDS.map(|f| f.name()).join(", ")
+                )),
+                Column::Unsupported(name) => r.errors.push(format!(
+                    "column `{}` cannot be set from a CSV yet (columns: extension, {}); use spec.fields for it",
+                    clip(name),
+                    FIELDS.map(|f| f.name()).join(", ")
+                )),
+                Column::Field(f) if closed.contains(f) => r.warnings.push(format!(
+                    "{f} not applied: spec.fields locks it Closed"
+                )),
+                Column::Field(f) => match canonical(*f, cell) {
+                    Ok(v) => r.values.push((*f, v)),
+                    Err(e) => r.errors.push(e),
+                },
+            }
+        }
+        out.push(r);
+    }
+    flag_duplicates(&mut out);
+    out
+}
+
+/// One user in two rows, or one number given by two rows: which should win is a person's call,
+/// so none of the rows involved is applied.
+fn flag_duplicates(rows: &mut [RowRequest]) {
+    let mut by_extension: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    let mut by_number: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, r) in rows.iter().enumerate() {
+        if !r.extension.is_empty() {
+            by_extension.entry(&r.extension).or_default().push(i);
+        }
+        let mut numbers: Vec<&str> = r
+            .values
+            .iter()
+            .filter(|(f, _)| matches!(f, UserField::PrimaryNumber | UserField::PrivateNumber))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        numbers.dedup();
+        for n in numbers {
+            by_number.entry(n).or_default().push(i);
+        }
+    }
+    let lines = |rows: &[RowRequest], is: &[usize], except: usize| -> String {
+        is.iter()
+            .filter(|i| **i != except)
+            .map(|i| rows[*i].line.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut notes: Vec<(usize, String)> = Vec::new();
+    for (ext, is) in by_extension.iter().filter(|(_, is)| is.len() > 1) {
+        for &i in is {
+            notes.push((i, format!(
+                "extension {ext} also has a row on line {}: none of its rows is applied; keep one row per user",
+                lines(rows, is, i)
+            )));
+        }
+    }
+    for (number, is) in by_number.iter().filter(|(_, is)| is.len() > 1) {
+        for &i in is {
+            notes.push((i, format!(
+                "number {number} is also given on line {}: a number belongs to one user; keep it in one row",
+                lines(rows, is, i)
+            )));
+        }
+    }
+    for r in rows.iter_mut() {
+        let mut given: Vec<&str> = r
+            .values
+            .iter()
+            .filter(|(f, _)| matches!(f, UserField::PrimaryNumber | UserField::PrivateNumber))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let n = given.len();
+        given.dedup();
+        if given.len() < n {
+            r.errors.push(
+                "the same number is given as primaryNumber and privateNumber; a user holds a number once"
+                    .into(),
+            );
+        }
+    }
+    for (i, n) in notes {
+        rows[i].errors.push(n);
+    }
+}
+
+fn valid_extension(e: &str) -> bool {
+    e.len() <= 64
+        && e.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
+}
+
+/// Values in error messages are cut, so a pasted paragraph does not flood the notes.
+fn clip(s: &str) -> String {
+    if s.chars().count() <= 40 {
+        s.to_string()
+    } else {
+        format!("{}...", s.chars().take(40).collect::<String>())
+    }
+}
+
+/// A cell's value in the canonical form the PBX stores and `export users` prints.
+pub fn canonical(field: UserField, cell: &str) -> Result<String, String> {
+    match field {
+        UserField::PrimaryNumber | UserField::PrivateNumber => e164(cell).ok_or_else(|| {
+            format!(
+                "{field} `{}` is not an E.164 number (a + and 7 to 15 digits, e.g. +15550100201)",
+                clip(cell)
+            )
+        }),
+        UserField::EnterpriseVoice | UserField::Locked => {
+            match cell.to_ascii_lowercase().as_str() {
+                "true" | "yes" | "1" | "on" | "enabled" => Ok("true".into()),
+                "false" | "no" | "0" | "off" | "disabled" => Ok("false".into()),
+                _ => Err(format!(
+                    "{field} `{}` is not true or false (yes/no and 1/0 work too)",
+                    clip(cell)
+                )),
+            }
+        }
+        UserField::CallerIdPolicy | UserField::VoiceRoutePolicy => {
+            let ok = cell.len() <= 64
+                && cell
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphanumeric())
+                && cell
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if ok {
+                Ok(cell.to_string())
+            } else {
+                Err(format!(
+                    "{field} `{}` is not a policy name (letters, digits, . _ -; at most 64)",
+                    clip(cell)
+                ))
+            }
+        }
+        UserField::PrimaryNumberLocation | UserField::PrivateNumberLocation => {
+            if cell.chars().count() <= 128 && !cell.chars().any(char::is_control) {
+                Ok(cell.to_string())
+            } else {
+                Err(format!(
+                    "{field} is longer than 128 characters or holds control characters"
+                ))
+            }
+        }
+        other => Err(format!("{other} cannot be set from a CSV")),
+    }
+}
+
+/// `+1 (555) 010-0201` -> `+15550100201`; None unless it is `+`, a non-zero digit, then 6 to 14
+/// more digits.
+pub fn e164(cell: &str) -> Option<String> {
+    let compact: String = cell
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
+        .collect();
+    let digits = compact.strip_prefix('+')?;
+    let ok = (7..=15).contains(&digits.len())
+        && digits.chars().all(|c| c.is_ascii_digit())
+        && !digits.starts_with('0');
+    ok.then_some(compact)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "extension,enterpriseVoice,primaryNumber,primaryNumberLocation,privateNumber,privateNumberLocation,callerIdPolicy,voiceRoutePolicy";
+
+    fn sheet(text: &str) -> Sheet {
+        read(text.as_bytes(), DEFAULT_MAX_BYTES).unwrap()
+    }
+
+    #[test]
+    fn reads_bom_crlf_and_quoted_fields() {
+        let text = "\u{feff}extension,primaryNumberLocation\r\n201,\"Berlin, 3rd floor\"\r\n202,\"New\nYork\"\r\n";
+        let s = sheet(text);
+        assert_eq!(s.header, ["extension", "primaryNumberLocation"]);
+        assert_eq!(s.columns[0], Column::Extension);
+        assert_eq!(s.rows.len(), 2);
+        assert_eq!(s.rows[0].cells[1], "Berlin, 3rd floor");
+        assert_eq!(s.rows[1].cells[1], "New\nYork");
+        assert_eq!((s.rows[0].line, s.rows[1].line), (2, 3));
+    }
+
+    #[test]
+    fn header_names_are_forgiving_and_result_columns_are_ignored() {
+        let s = sheet(
+            "Extension,Primary Number,enterprise_voice,Change OK,Notes\n201,+15550100201,yes,true,x\n",
+        );
+        assert_eq!(
+            s.columns,
+            [
+                Column::Extension,
+                Column::Field(UserField::PrimaryNumber),
+                Column::Field(UserField::EnterpriseVoice),
+                Column::Ignored,
+                Column::Ignored
+            ]
+        );
+        let r = requests(&s, &[]);
+        assert!(r[0].errors.is_empty(), "{:?}", r[0].errors);
+        assert_eq!(
+            r[0].values,
+            [
+                (UserField::PrimaryNumber, "+15550100201".into()),
+                (UserField::EnterpriseVoice, "true".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn whole_file_refusals() {
+        assert!(matches!(
+            read(b"extension\n201\n", 5),
+            Err(SheetError::TooLarge { size: 14, limit: 5 })
+        ));
+        assert_eq!(read(b"  \n", 100), Err(SheetError::Empty));
+        assert!(matches!(
+            read(b"\x89PNG\r\n\x1a\n\0\0", 100),
+            Err(SheetError::NotCsv(_))
+        ));
+        assert!(matches!(
+            read(b"ext\xffension\n", 100),
+            Err(SheetError::NotCsv(_))
+        ));
+        let e = read(b"201,+15550100201\n202,+15550100202\n", 100).unwrap_err();
+        assert!(
+            matches!(&e, SheetError::NoHeader { first_line } if first_line == "201,+15550100201")
+        );
+        assert!(e.to_string().contains("export users --template"));
+        assert_eq!(
+            read(b"extension,primaryNumber,Primary Number\n", 100),
+            Err(SheetError::DuplicateColumn("Primary Number".into()))
+        );
+    }
+
+    #[test]
+    fn empty_cells_leave_fields_alone_and_blank_rows_are_dropped() {
+        let s = sheet(&format!("{HEADER}\n201,,,,,,Anonymous,\n,,,,,,,\n"));
+        assert_eq!(s.rows.len(), 1);
+        let r = requests(&s, &[]);
+        assert_eq!(
+            r[0].values,
+            [(UserField::CallerIdPolicy, "Anonymous".into())]
+        );
+    }
+
+    #[test]
+    fn row_errors_name_the_problem() {
+        let s = sheet(
+            "extension,primaryNumber,enterpriseVoice,department,firstName,callerIdPolicy\n\
+             201,12345,maybe,Sales,Ana,Default\n\
+             ,+15550100202,,,,\n\
+             203,+15550100203\n\
+             20 4,,,,,\n\
+             205,,,,,Anon ymous\n",
+        );
+        let r = requests(&s, &[]);
+        let all = |i: usize| r[i].errors.join(" | ");
+        assert!(all(0).contains("not an E.164 number"), "{}", all(0));
+        assert!(all(0).contains("not true or false"), "{}", all(0));
+        assert!(all(0).contains("unknown column `department`"), "{}", all(0));
+        assert!(
+            all(0).contains("column `firstName` cannot be set from a CSV"),
+            "{}",
+            all(0)
+        );
+        assert!(all(1).contains("no extension"), "{}", all(1));
+        assert!(
+            all(2).contains("2 cells but the header has 6"),
+            "{}",
+            all(2)
+        );
+        assert!(all(3).contains("not a valid extension"), "{}", all(3));
+        assert!(all(4).contains("not a policy name"), "{}", all(4));
+    }
+
+    #[test]
+    fn an_unknown_column_with_empty_cells_is_harmless() {
+        let s = sheet("extension,department,callerIdPolicy\n201,,Default\n");
+        assert!(requests(&s, &[])[0].errors.is_empty());
+    }
+
+    #[test]
+    fn duplicate_users_and_numbers_fail_every_row_involved() {
+        let s = sheet(
+            "extension,primaryNumber,privateNumber\n\
+             201,+15550100201,\n\
+             202,,+15550100201\n\
+             201,,\n\
+             204,+15550100204,+15550100204\n\
+             205,+15550100205,\n",
+        );
+        let r = requests(&s, &[]);
+        assert!(
+            r[0].errors
+                .iter()
+                .any(|e| e.contains("extension 201 also has a row on line 4"))
+        );
+        assert!(
+            r[2].errors
+                .iter()
+                .any(|e| e.contains("extension 201 also has a row on line 2"))
+        );
+        assert!(
+            r[0].errors
+                .iter()
+                .any(|e| e.contains("number +15550100201 is also given on line 3"))
+        );
+        assert!(
+            r[1].errors
+                .iter()
+                .any(|e| e.contains("number +15550100201 is also given on line 2"))
+        );
+        assert!(
+            r[3].errors
+                .iter()
+                .any(|e| e.contains("primaryNumber and privateNumber"))
+        );
+        assert!(r[4].errors.is_empty());
+    }
+
+    #[test]
+    fn closed_columns_are_reported_not_applied() {
+        let s = sheet("extension,callerIdPolicy,voiceRoutePolicy\n201,Anonymous,Domestic\n");
+        let r = requests(&s, &[UserField::CallerIdPolicy]);
+        assert!(r[0].errors.is_empty());
+        assert_eq!(
+            r[0].values,
+            [(UserField::VoiceRoutePolicy, "Domestic".into())]
+        );
+        assert_eq!(
+            r[0].warnings,
+            ["callerIdPolicy not applied: spec.fields locks it Closed"]
+        );
+    }
+
+    #[test]
+    fn e164_accepts_punctuation_and_refuses_the_rest() {
+        assert_eq!(e164("+1 (555) 010-0201").as_deref(), Some("+15550100201"));
+        for bad in [
+            "15550100201",
+            "+0555010020",
+            "+123",
+            "+1555010020112345",
+            "+1555O100201",
+            "+",
+        ] {
+            assert_eq!(e164(bad), None, "{bad}");
+        }
+    }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Arbitrary bytes: an error or a sheet, never a panic; and every row checks.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+                if let Ok(s) = read(&bytes, DEFAULT_MAX_BYTES) {
+                    let r = requests(&s, &[UserField::CallerIdPolicy]);
+                    prop_assert_eq!(r.len(), s.rows.len());
+                }
+            }
+
+            /// CSV-shaped text: quotes, commas, CR/LF, BOMs and known headers mixed at random.
+            #[test]
+            fn csv_shaped_text_never_panics(parts in proptest::collection::vec(
+                prop_oneof![
+                    Just("extension".to_string()), Just("primaryNumber".to_string()),
+                    Just("privateNumber".to_string()), Just("enterpriseVoice".to_string()),
+                    Just(",".to_string()), Just("\"".to_string()), Just("\r\n".to_string()),
+                    Just("\n".to_string()), Just("\u{feff}".to_string()), Just("+15550100201".to_string()),
+                    "[ -~]{0,12}", "\\PC{0,4}",
+                ], 0..64)) {
+                let text: String = parts.concat();
+                if let Ok(s) = read(text.as_bytes(), DEFAULT_MAX_BYTES) {
+                    let r = requests(&s, &[]);
+                    prop_assert_eq!(r.len(), s.rows.len());
+                    for req in &r {
+                        for (f, v) in &req.values {
+                            let again = canonical(*f, v);
+                            prop_assert_eq!(again.as_ref(), Ok(v), "canonical values are fixed points");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
