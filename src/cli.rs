@@ -39,6 +39,33 @@ pub enum Command {
     /// Create resources from templates (what scheduled CronJobs run).
     #[command(subcommand)]
     Create(CreateCommand),
+    /// Export from a PBX as CSV, e.g. `export users --connection acme/main > users.csv`.
+    #[command(subcommand)]
+    Export(ExportCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ExportCommand {
+    /// Print every user as a CSV that a BulkUserChange's spec.source.csv takes back unchanged
+    /// (extension plus the fields a CSV can set), or with --template the header alone.
+    Users(ExportUsersArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("pbx").args(["connection", "database_url"])))]
+pub struct ExportUsersArgs {
+    /// The PbxConnection to read through, as `<namespace>/<name>` (uses the kubeconfig).
+    #[arg(long)]
+    pub connection: Option<String>,
+    /// Read the database directly instead, without Kubernetes (with --domain).
+    #[arg(long, env = "PBX_DATABASE_URL", requires = "domain")]
+    pub database_url: Option<String>,
+    /// The tenant's SIP domain, with --database-url.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// Print the header only: an empty template to fill in.
+    #[arg(long)]
+    pub template: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,6 +129,9 @@ pub struct RunArgs {
     /// How often the Secrets a PbxConnection references are re-read; a change re-probes it.
     #[arg(long, default_value = "30s", value_parser = parse_duration_arg, env = "PBX_OPERATOR_SECRET_CHECK_INTERVAL")]
     pub secret_check_interval: std::time::Duration,
+    /// The largest CSV a BulkUserChange may bring (bytes, after gunzip); larger files are refused.
+    #[arg(long, default_value_t = crate::plan::sheet::DEFAULT_MAX_BYTES, env = "PBX_OPERATOR_MAX_CSV_BYTES")]
+    pub max_csv_bytes: usize,
 }
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
@@ -131,6 +161,81 @@ pub enum CliError {
     Usage(String),
     #[error("Kubernetes API call failed: {0}")]
     Kube(#[from] kube::Error),
+}
+
+/// Prints users as CSV: a header of `extension` and the CSV fields, then one row per user in
+/// extension order, read 1,000 at a time so a large tenant does not sit in memory at once.
+pub async fn export_users(args: &ExportUsersArgs) -> Result<(), CliError> {
+    use crate::plan::sheet::{EXTENSION, FIELDS};
+    use std::io::Write;
+
+    let mut header = vec![EXTENSION];
+    header.extend(FIELDS.iter().map(|f| f.name()));
+    let stdout = std::io::stdout();
+    let mut out = csv::Writer::from_writer(stdout.lock());
+    let io = |e: csv::Error| CliError::Usage(format!("cannot write the CSV: {e}"));
+    out.write_record(&header).map_err(io)?;
+    if args.template {
+        out.flush().map_err(|e| io(e.into()))?;
+        return Ok(());
+    }
+    let (url, domain) = match (&args.connection, &args.database_url, &args.domain) {
+        (Some(conn), _, _) => {
+            let (ns, name) = conn.split_once('/').ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--connection takes <namespace>/<name>, not {conn:?}"
+                ))
+            })?;
+            let client = kube::Client::try_default()
+                .await
+                .map_err(crate::controllers::Error::NoCluster)?;
+            let pc = kube::Api::<crate::api::PbxConnection>::namespaced(client.clone(), ns)
+                .get_opt(name)
+                .await?
+                .ok_or_else(|| crate::controllers::Error::ConnectionMissing {
+                    namespace: ns.into(),
+                    name: name.into(),
+                })?;
+            let config = crate::controllers::backends::config_for(&client, &pc).await?;
+            (config.database_url, config.domain)
+        }
+        (None, Some(url), Some(domain)) => (url.clone(), domain.clone()),
+        _ => {
+            return Err(CliError::Usage(
+                "say where the users are: --connection <namespace>/<name>, or --database-url with --domain (or --template for the header only)".into(),
+            ));
+        }
+    };
+    let db = crate::pbx::kamailio::db::Db::connect(&url, &domain, 2)
+        .await
+        .map_err(crate::controllers::Error::Pbx)?;
+    db.check_tables()
+        .await
+        .map_err(crate::controllers::Error::Pbx)?;
+    let extensions = db
+        .extensions()
+        .await
+        .map_err(crate::controllers::Error::Pbx)?;
+    for chunk in extensions.chunks(1000) {
+        let read = db
+            .read_users(&crate::pbx::UserSelection {
+                groups: vec![],
+                extensions: chunk.to_vec(),
+            })
+            .await
+            .map_err(crate::controllers::Error::Pbx)?;
+        let mut users = read.users;
+        users.sort_by(|a, b| crate::plan::selection::extension_order(&a.extension, &b.extension));
+        for u in users {
+            let mut record = vec![u.extension.as_str()];
+            record.extend(FIELDS.iter().map(|f| u.get(*f).unwrap_or("")));
+            out.write_record(&record).map_err(io)?;
+        }
+    }
+    out.flush().map_err(|e| io(e.into()))?;
+    drop(out);
+    std::io::stdout().flush().ok();
+    Ok(())
 }
 
 /// Prints the joined result CSV of `<kind>/<name>`.

@@ -14,6 +14,9 @@ async fn main() -> ExitCode {
         Command::Create(pbx_operator::cli::CreateCommand::PhoneRestart(args)) => {
             pbx_operator::cli::create_phone_restart(&args).await
         }
+        Command::Export(pbx_operator::cli::ExportCommand::Users(args)) => {
+            pbx_operator::cli::export_users(&args).await
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

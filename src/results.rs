@@ -26,7 +26,7 @@ pub struct StoredWrite {
 }
 
 /// A target and what is planned for it or happened to it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Row {
     pub target: String,
     pub outcome: Outcome,
@@ -42,6 +42,29 @@ pub struct Row {
     /// Phone operations: the registration the row is about, as planned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phone: Option<PhoneTarget>,
+    /// CSV-sourced changes: the input row this row is about, echoed in the result CSV.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceRow>,
+    /// Numbers this row takes from other users, as planned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub takes: Vec<StoredTake>,
+    /// A user without a row of its own that gives these numbers to the row before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gives: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceRow {
+    pub line: u64,
+    pub cells: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredTake {
+    pub number: String,
+    pub holder: String,
+    pub held_as: String,
 }
 
 /// A phone as a restart plans it: who owns it, how it is reached, and how its registration
@@ -94,7 +117,9 @@ pub fn chunk(rows: Vec<Row>) -> Vec<Vec<Row>> {
     for row in rows {
         // JSON line plus CSV line, roughly twice the JSON.
         let size = 2 * serde_json::to_string(&row).map(|s| s.len()).unwrap_or(1024) + 2;
-        if !current.is_empty() && (current.len() >= CHUNK_ROWS || bytes + size > CHUNK_BYTES) {
+        // A giving row stays in the batch of the row that takes its number.
+        let full = current.len() >= CHUNK_ROWS || bytes + size > CHUNK_BYTES;
+        if !current.is_empty() && full && row.gives.is_empty() {
             chunks.push(std::mem::take(&mut current));
             bytes = 0;
         }
@@ -164,6 +189,84 @@ pub fn to_csv(rows: &[Row]) -> String {
     }
     String::from_utf8(w.into_inner().expect("flushing to memory"))
         .expect("CSV of UTF-8 strings is UTF-8")
+}
+
+/// The result CSV of a CSV-sourced change: the input columns and rows as read, plus
+/// `Change OK` and `Notes`. Rows that are not input rows (users giving a number) are left out;
+/// their notes are on the taking row and in status.
+pub fn to_source_csv(header: &[String], rows: &[Row]) -> String {
+    use crate::plan::sheet::{CHANGE_OK, NOTES};
+    let mut w = csv::WriterBuilder::new()
+        .flexible(true)
+        .from_writer(Vec::new());
+    // A result CSV uploaded again has these columns already: they are replaced, not repeated.
+    let keep: Vec<usize> = (0..header.len())
+        .filter(|i| {
+            !matches!(
+                crate::plan::sheet::column(&header[*i]),
+                crate::plan::sheet::Column::Ignored
+            )
+        })
+        .collect();
+    let mut head: Vec<&str> = keep.iter().map(|i| header[*i].as_str()).collect();
+    head.extend([CHANGE_OK, NOTES]);
+    w.write_record(&head).expect("writing to memory");
+    for r in rows {
+        let Some(source) = &r.source else { continue };
+        let mut record: Vec<&str> = keep
+            .iter()
+            .map(|i| source.cells.get(*i).map(String::as_str).unwrap_or(""))
+            .collect();
+        let ok = change_ok(r.outcome);
+        let notes = source_notes(r);
+        record.push(ok);
+        record.push(&notes);
+        w.write_record(&record).expect("writing to memory");
+    }
+    String::from_utf8(w.into_inner().expect("flushing to memory"))
+        .expect("CSV of UTF-8 strings is UTF-8")
+}
+
+/// `Change OK`: did the row succeed (Validate: would it). Empty while it is being applied.
+pub fn change_ok(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Changed | Outcome::Unchanged | Outcome::Planned => "true",
+        Outcome::InProgress => "",
+        _ => "false",
+    }
+}
+
+/// `Notes`: errors and warnings; on success, the fields that were (or would be) updated.
+pub fn source_notes(r: &Row) -> String {
+    let mut parts: Vec<String> = r.notes.clone();
+    let fields = || {
+        r.changes
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} ({} -> {})",
+                    c.field,
+                    c.from.as_deref().unwrap_or("unset"),
+                    c.to.as_deref().unwrap_or("unset")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match r.outcome {
+        Outcome::Changed if !r.changes.is_empty() => parts.push(format!("updated: {}", fields())),
+        Outcome::Planned if !r.changes.is_empty() => {
+            parts.push(format!("would update: {}", fields()))
+        }
+        Outcome::Unchanged if parts.is_empty() => {
+            parts.push("no change: the user already has these values".into())
+        }
+        _ => {}
+    }
+    if !r.actions.is_empty() && matches!(r.outcome, Outcome::Planned) {
+        parts.push(format!("would run: {}", r.actions.join(", ")));
+    }
+    parts.join("; ")
 }
 
 /// Joins the CSVs of several ConfigMaps into one, keeping the first header only.
@@ -274,6 +377,7 @@ mod tests {
             changes: vec![],
             notes: vec![],
             phone: None,
+            ..Default::default()
         }
     }
 

@@ -87,6 +87,7 @@ async fn bulk_read_and_atomic_write(db: &'static str) {
         .iter()
         .map(|u| UserChange {
             extension: u.extension.clone(),
+            takes: vec![],
             writes: vec![
                 FieldWrite {
                     field: UserField::CallGroup,
@@ -128,6 +129,7 @@ async fn bulk_read_and_atomic_write(db: &'static str) {
         .iter()
         .map(|c| UserChange {
             extension: c.extension.clone(),
+            takes: vec![],
             writes: vec![FieldWrite {
                 field: UserField::CallGroup,
                 from: Some("42".into()),
@@ -186,6 +188,7 @@ async fn conflicts_and_literal_values(db: &'static str) {
         .iter()
         .map(|u| UserChange {
             extension: u.extension.clone(),
+            takes: vec![],
             writes: vec![FieldWrite {
                 field: UserField::PickupGroup,
                 from: u.get(UserField::PickupGroup).map(Into::into),
@@ -224,6 +227,7 @@ async fn conflicts_and_literal_values(db: &'static str) {
         .map(Into::into);
     let change = UserChange {
         extension: "202".into(),
+        takes: vec![],
         writes: vec![FieldWrite {
             field: UserField::LastName,
             from: before,

@@ -174,9 +174,10 @@ pub enum Phase {
 }
 
 /// What happened to one target.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum Outcome {
     /// Planned (Validate mode): nothing was written yet.
+    #[default]
     Planned,
     /// Its batch started; the side effects may or may not have happened (a restart checks).
     InProgress,
@@ -292,6 +293,25 @@ pub struct Plan {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(max = 64))]
     pub spec_hash: String,
+    /// CSV-sourced changes: the file this plan was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csv: Option<CsvPlan>,
+}
+
+/// The CSV a plan was made from: which file (by content hash), its columns, how many rows.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CsvPlan {
+    /// sha256 of the file's bytes as read (after gunzip), to tell which upload was planned.
+    #[schemars(length(max = 64))]
+    pub sha256: String,
+    /// The header as written; the result CSV is these columns plus `Change OK` and `Notes`.
+    #[schemars(length(max = 64), inner(length(max = 128)))]
+    pub columns: Vec<String>,
+    /// Data rows in the file.
+    pub rows: u32,
+    /// Rows that fail validation (unknown extension, malformed value, duplicates ...).
+    pub invalid: u32,
 }
 
 /// Execution progress, written per batch.

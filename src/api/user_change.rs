@@ -83,6 +83,9 @@ pub struct ChangeSource {
 #[x_kube(validation = kube::core::Rule::new(
     "has(self.fields) || (has(self.actions) && size(self.actions) > 0) || has(self.source)"
 ).message("nothing to do: set spec.fields, spec.actions or spec.source.csv"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.targets) || !has(self.source)")
+    .message("spec.source.csv names its users in its rows: remove spec.targets")
+    .field_path(".targets"))]
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.approvedPlanHash) || !has(self.mode) || self.mode == 'Execute'"
 ).message("spec.approvedPlanHash only applies to mode Execute: remove it or set mode: Execute")

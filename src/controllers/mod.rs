@@ -6,6 +6,7 @@
 pub mod backends;
 pub mod conditions;
 mod connection;
+mod csv_source;
 mod leader;
 pub mod metrics;
 pub mod phone_change;
@@ -77,6 +78,18 @@ pub enum Error {
         "the results ConfigMap {name} is missing or unreadable; delete and re-create the resource to start over"
     )]
     ResultsLost { name: String },
+    #[error(
+        "cannot read spec.source.csv from {what} {namespace}/{name} key {key:?}: {detail}; create it or fix the reference"
+    )]
+    CsvSourceMissing {
+        what: &'static str,
+        namespace: String,
+        name: String,
+        key: String,
+        detail: String,
+    },
+    #[error("the CSV in spec.source.csv is refused, nothing was changed: {0}")]
+    Csv(#[from] crate::plan::sheet::SheetError),
 }
 
 impl Error {
@@ -95,6 +108,8 @@ impl Error {
             Error::Plan(_) => "plan",
             Error::PlanChanged { .. } => "plan_changed",
             Error::ResultsLost { .. } => "results_lost",
+            Error::CsvSourceMissing { .. } => "csv_source_missing",
+            Error::Csv(_) => "csv_refused",
         }
     }
 
@@ -113,6 +128,8 @@ impl Error {
             Error::Plan(_) => "InvalidChange",
             Error::PlanChanged { .. } => "PlanHashMismatch",
             Error::ResultsLost { .. } => "ResultsLost",
+            Error::CsvSourceMissing { .. } => "CsvSourceNotReadable",
+            Error::Csv(_) => "CsvRefused",
         }
     }
 
@@ -122,7 +139,9 @@ impl Error {
         match self {
             Error::Pbx(e) => e.is_transient(),
             Error::Kube(_) => true,
-            Error::ConnectionMissing { .. } | Error::SecretMissing { .. } => true,
+            Error::ConnectionMissing { .. }
+            | Error::SecretMissing { .. }
+            | Error::CsvSourceMissing { .. } => true,
             _ => false,
         }
     }
@@ -140,6 +159,8 @@ pub struct Context {
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// How often PbxConnections re-read their Secrets.
     pub secret_check_interval: Duration,
+    /// The largest CSV (after gunzip) a BulkUserChange may bring.
+    pub max_csv_bytes: usize,
     /// The last probe of each PbxConnection (namespace, name).
     pub probes:
         std::sync::Mutex<std::collections::HashMap<(String, String), connection::ProbeMemo>>,
@@ -172,6 +193,7 @@ impl Context {
             metrics: metrics::Metrics::default(),
             failures: Default::default(),
             secret_check_interval,
+            max_csv_bytes: crate::plan::sheet::DEFAULT_MAX_BYTES,
             probes: Default::default(),
         }
     }
@@ -235,7 +257,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 pub async fn run(args: RunArgs) -> Result<()> {
     let client = Client::try_default().await.map_err(Error::NoCluster)?;
     let shutdown = shutdown_signal();
-    let ctx = Arc::new(Context::new(client.clone(), args.secret_check_interval));
+    let ctx = Arc::new(Context {
+        max_csv_bytes: args.max_csv_bytes,
+        ..Context::new(client.clone(), args.secret_check_interval)
+    });
     let health = Arc::new(server::Health {
         ready: false.into(),
         leader: false.into(),

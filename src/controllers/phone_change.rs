@@ -319,6 +319,7 @@ async fn plan(
                 model: p.model.clone(),
                 ..Default::default()
             }),
+            ..Default::default()
         });
     }
     let plan = Plan {
@@ -337,6 +338,7 @@ async fn plan(
             .filter(|r| r.outcome == Outcome::Planned)
             .count() as u32,
         spec_hash: spec_hash(b),
+        csv: None,
     };
     Ok((rows, plan))
 }

@@ -283,6 +283,7 @@ impl Run<'_> {
                         last_modified: r.as_ref().map(|r| r.last_modified).unwrap_or(0),
                         sent_at: None,
                     }),
+                    ..Default::default()
                 }
             })
             .collect())

@@ -32,10 +32,25 @@ impl<'a, K: Resource<DynamicType = ()>> Store<'a, K> {
 
     /// Writes one chunk of rows (CSV for people, JSON lines for resuming).
     pub async fn write(&self, index: usize, rows: &[Row]) -> Result<String, Error> {
+        self.write_with(index, rows, None).await
+    }
+
+    /// Writes one chunk; `csv_header`: the input header of a CSV-sourced change, whose result
+    /// CSV is the input plus `Change OK` and `Notes`.
+    pub async fn write_with(
+        &self,
+        index: usize,
+        rows: &[Row],
+        csv_header: Option<&[String]>,
+    ) -> Result<String, Error> {
         let owner_name = self.owner.name_any();
         let cm_name = name(&owner_name, index);
         let mut data = BTreeMap::new();
-        data.insert("results.csv".to_string(), results::to_csv(rows));
+        let csv = match csv_header {
+            Some(header) => results::to_source_csv(header, rows),
+            None => results::to_csv(rows),
+        };
+        data.insert("results.csv".to_string(), csv);
         data.insert("rows.jsonl".to_string(), results::to_jsonl(rows));
         let owner_ref = self
             .owner

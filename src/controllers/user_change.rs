@@ -17,22 +17,26 @@ use sha2::{Digest, Sha256};
 
 use super::backends::{parse_duration, secret_value};
 use super::conditions::{self, Desired};
+use super::csv_source;
 use super::results_store::Store;
 use super::{Context, Error};
 use crate::api::{
-    BulkUserChange, BulkUserChangeSpec, FailurePolicy, FieldChange, Lock, Mode, OperationStatus,
-    Outcome, Phase, Plan, Policy, Progress, SecretField, Summary, UserAction as SpecAction,
-    UserFields,
+    BulkUserChange, BulkUserChangeSpec, CsvPlan, FailurePolicy, FieldChange, Lock, Mode,
+    OperationStatus, Outcome, Phase, Plan, Policy, Progress, SecretField, Summary,
+    UserAction as SpecAction, UserFields,
 };
 use crate::mail::{self, Mailer};
+use crate::pbx::directory::Move;
 use crate::pbx::kamailio::Kamailio;
 use crate::pbx::{
     ActionOutcome, FieldWrite, NewValue, PbxBackend, Secret, User, UserAction, UserChange,
     UserField, UserSelection, WriteOutcome,
 };
+use crate::plan::rows as row_plan;
 use crate::plan::selection::Selector;
+use crate::plan::sheet;
 use crate::plan::users::{self as user_plan, ActionKind, FieldIntent, Intent, Wanted};
-use crate::results::{self, Row, StoredWrite};
+use crate::results::{self, Row, SourceRow, StoredTake, StoredWrite};
 
 pub const RETRY_ANNOTATION: &str = "pbx-operator.io/retry";
 const KIND: &str = "BulkUserChange";
@@ -196,7 +200,7 @@ impl Run<'_> {
         let chunks = results::chunk(rows);
         let mut refs = Vec::with_capacity(chunks.len());
         for (i, chunk) in chunks.iter().enumerate() {
-            refs.push(self.store.write(i, chunk).await?);
+            refs.push(self.write_rows(i, chunk, Some(&plan)).await?);
         }
         self.store.prune(chunks.len()).await?;
         let all: Vec<&Row> = chunks.iter().flatten().collect();
@@ -341,6 +345,9 @@ impl Run<'_> {
         retry_only: Option<Vec<Row>>,
         spec_hash: &str,
     ) -> Result<(Vec<Row>, Plan), Error> {
+        if self.spec().source.is_some() {
+            return self.plan_csv(backend, retry_only, spec_hash).await;
+        }
         let spec = self.spec();
         let intent = intent(&self.ctx.client, &self.namespace(), spec).await?;
         let targets = spec.targets.clone().unwrap_or_default();
@@ -391,6 +398,7 @@ impl Run<'_> {
             changes: vec![],
             notes: vec![format!("extension {e} does not exist on the PBX")],
             phone: None,
+            ..Default::default()
         }));
         let status_plan = Plan {
             hash: plan.hash.clone(),
@@ -406,6 +414,7 @@ impl Run<'_> {
             closed_fields: plan.closed_fields.clone(),
             changes: plan.changing() as u32,
             spec_hash: spec_hash.to_string(),
+            csv: None,
         };
         if !plan.empty_groups.is_empty() {
             tracing::info!(groups = ?plan.empty_groups, "groups without members");
@@ -413,6 +422,164 @@ impl Run<'_> {
         kept.extend(rows);
         kept.sort_by(|a, b| crate::plan::selection::extension_order(&a.target, &b.target));
         Ok((kept, status_plan))
+    }
+
+    /// Plans a CSV-sourced change: reads the file, checks each row, reads the rows' users and
+    /// the holders of the numbers they give, and plans the rows in file order. With `previous`
+    /// (a retry), rows that succeeded keep their earlier result; the rest are planned afresh
+    /// from the CSV as it is now.
+    async fn plan_csv(
+        &self,
+        backend: &Kamailio,
+        previous: Option<Vec<Row>>,
+        spec_hash: &str,
+    ) -> Result<(Vec<Row>, Plan), Error> {
+        let spec = self.spec();
+        let source = &spec.source.as_ref().expect("checked by the caller").csv;
+        let bytes = csv_source::fetch(
+            &self.ctx.client,
+            &self.namespace(),
+            source,
+            self.ctx.max_csv_bytes,
+        )
+        .await?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let sheet = sheet::read(&bytes, self.ctx.max_csv_bytes)?;
+        drop(bytes);
+        let intent = intent(&self.ctx.client, &self.namespace(), spec).await?;
+        let closed: Vec<UserField> = intent
+            .fields
+            .iter()
+            .filter(|f| !f.open)
+            .map(|f| f.field)
+            .collect();
+        let requests = sheet::requests(&sheet, &closed);
+        let numbers: Vec<String> = requests
+            .iter()
+            .flat_map(|r| r.values.iter())
+            .filter(|(f, _)| matches!(f, UserField::PrimaryNumber | UserField::PrivateNumber))
+            .map(|(_, v)| v.clone())
+            .collect();
+        let mut extensions: Vec<String> = requests
+            .iter()
+            .filter(|r| r.errors.is_empty())
+            .map(|r| r.extension.clone())
+            .collect();
+        if !numbers.is_empty() {
+            let holders = self
+                .ctx
+                .metrics
+                .pbx_call("number_holders", backend.number_holders(&numbers))
+                .await?;
+            extensions.extend(holders.into_iter().map(|(_, h)| h));
+        }
+        extensions.sort();
+        extensions.dedup();
+        let read = self
+            .ctx
+            .metrics
+            .pbx_call(
+                "read_users",
+                backend.read_users(&UserSelection {
+                    groups: vec![],
+                    extensions,
+                }),
+            )
+            .await?;
+        let policies = backend.policies().await?;
+        let caps = backend.capabilities();
+        let fp = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
+        let atomic = spec.failure_policy == FailurePolicy::Atomic;
+        let plan = row_plan::plan_rows(
+            requests,
+            read.users,
+            &intent,
+            &policies,
+            &caps.user_fields,
+            &fp,
+            atomic,
+        )?;
+        let mut donors = plan.donors.iter().peekable();
+        let mut previous_rows: HashMap<u64, Vec<Row>> = HashMap::new();
+        if let Some(rows) = previous {
+            let mut last: Option<u64> = None;
+            for r in rows {
+                match (&r.source, last) {
+                    (Some(src), _) => {
+                        last = Some(src.line);
+                        previous_rows.entry(src.line).or_default().push(r);
+                    }
+                    (None, Some(line)) => previous_rows.entry(line).or_default().push(r),
+                    (None, None) => {}
+                }
+            }
+        }
+        let invalid = plan.invalid() as u32;
+        let changing = plan.changing() as u32;
+        let mut rows: Vec<Row> = Vec::with_capacity(plan.rows.len() + plan.donors.len());
+        for ((i, rp), sheet_row) in plan.rows.into_iter().enumerate().zip(sheet.rows) {
+            let mine: Vec<&row_plan::Donor> =
+                std::iter::from_fn(|| donors.next_if(|d| d.row == i)).collect();
+            if let Some(old) = previous_rows.remove(&rp.line) {
+                if old.first().is_some_and(|r| r.is_final() && !r.is_failure()) {
+                    rows.extend(old);
+                    continue;
+                }
+            }
+            let line = rp.line;
+            let taker = rp.extension.clone();
+            rows.push(csv_row(rp, sheet_row.cells));
+            for d in mine {
+                rows.push(Row {
+                    target: d.extension.clone(),
+                    outcome: Outcome::Planned,
+                    notes: vec![row_plan::holder_note(&d.number, &taker, line)],
+                    gives: vec![d.number.clone()],
+                    ..Default::default()
+                });
+            }
+        }
+        let targets = rows.iter().filter(|r| r.source.is_some()).count() as u32;
+        let status_plan = Plan {
+            hash: plan.hash,
+            generation: self.buc.metadata.generation.unwrap_or(0),
+            targets,
+            resolved: rows
+                .iter()
+                .filter(|r| r.source.is_some() && !r.target.is_empty())
+                .take(1000)
+                .map(|r| r.target.chars().take(128).collect())
+                .collect(),
+            closed_fields: closed.iter().map(|f| f.name().to_string()).collect(),
+            changes: changing,
+            spec_hash: spec_hash.to_string(),
+            csv: Some(CsvPlan {
+                sha256,
+                columns: sheet
+                    .header
+                    .iter()
+                    .take(64)
+                    .map(|h| h.chars().take(128).collect())
+                    .collect(),
+                rows: targets,
+                invalid,
+            }),
+            ..Default::default()
+        };
+        Ok((rows, status_plan))
+    }
+
+    /// Writes one chunk of results; CSV-sourced plans echo the input columns.
+    async fn write_rows(
+        &self,
+        index: usize,
+        rows: &[Row],
+        plan: Option<&Plan>,
+    ) -> Result<String, Error> {
+        let header = plan
+            .and_then(|p| p.csv.as_ref())
+            .map(|c| c.columns.as_slice());
+        self.store.write_with(index, rows, header).await
     }
 
     /// Executes the unfinished batches of the current run, recording each before and after.
@@ -461,7 +628,7 @@ impl Run<'_> {
                         r.outcome = Outcome::InProgress;
                     }
                     // The intent is recorded before any side effect of this batch.
-                    self.store.write(index, &rows).await?;
+                    self.write_rows(index, &rows, status.plan.as_ref()).await?;
                 }
                 loaded.push((index, rows, resumed));
             }
@@ -488,7 +655,7 @@ impl Run<'_> {
             let mut batch_summary = Summary::default();
             let mut failed_in_batch = 0;
             for (index, rows, _) in &loaded {
-                self.store.write(*index, rows).await?;
+                self.write_rows(*index, rows, status.plan.as_ref()).await?;
                 let s = results::summarize(rows.iter());
                 failed_in_batch += s.failed + s.conflicts;
                 results::add(&mut batch_summary, &s);
@@ -678,7 +845,7 @@ impl Run<'_> {
         let chunks = results::chunk(drifted);
         let mut refs = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
-            refs.push(self.store.write(i, c).await?);
+            refs.push(self.write_rows(i, c, Some(&plan)).await?);
         }
         self.store.prune(chunks.len()).await?;
         status.corrections = Some(status.corrections.unwrap_or(0) + n);
@@ -780,7 +947,40 @@ fn planned_row(t: &user_plan::PlannedUser) -> Row {
             .collect(),
         notes: vec![],
         phone: None,
+        ..Default::default()
     }
+}
+
+/// A CSV row as a result row: its input cells, its writes, and its errors and warnings as notes.
+fn csv_row(rp: row_plan::RowPlan, cells: Vec<String>) -> Row {
+    let planned = user_plan::PlannedUser {
+        extension: rp.extension.clone(),
+        writes: rp.writes,
+        actions: rp.actions,
+    };
+    let mut row = planned_row(&planned);
+    if row.target.is_empty() {
+        row.target = format!("(line {})", rp.line);
+    }
+    if !rp.errors.is_empty() {
+        row.outcome = Outcome::Failed;
+    }
+    row.notes = rp.errors;
+    row.notes.extend(rp.warnings);
+    row.takes = rp
+        .takes
+        .into_iter()
+        .map(|m| StoredTake {
+            number: m.number,
+            holder: m.holder,
+            held_as: m.held_as.name().into(),
+        })
+        .collect();
+    row.source = Some(SourceRow {
+        line: rp.line,
+        cells,
+    });
+    row
 }
 
 /// What a spec asks for, with secret values read from their Secrets.
@@ -1012,6 +1212,16 @@ impl Exec<'_> {
                 changes.push(UserChange {
                     extension: row.target.clone(),
                     writes,
+                    takes: row
+                        .takes
+                        .iter()
+                        .map(|t| Move {
+                            number: t.number.clone(),
+                            holder: t.holder.clone(),
+                            held_as: UserField::from_name(&t.held_as)
+                                .unwrap_or(UserField::PrimaryNumber),
+                        })
+                        .collect(),
                 });
             }
         }
@@ -1071,6 +1281,16 @@ impl Exec<'_> {
                 Some(WriteOutcome::NotFound) => {
                     row.notes.push("no longer exists on the PBX".into());
                     Outcome::Failed
+                }
+                Some(WriteOutcome::NumberHeld {
+                    field,
+                    number,
+                    holder,
+                }) => {
+                    row.notes.push(format!(
+                        "{field} {number} is held by {holder}, which the plan did not expect; left alone (review, then retry)"
+                    ));
+                    Outcome::Conflict
                 }
                 Some(WriteOutcome::Failed(e)) => {
                     row.notes.push(e);
@@ -1198,6 +1418,25 @@ impl Exec<'_> {
                 && !(*resumed && !row.writes.is_empty())
             {
                 row.outcome = Outcome::Unchanged;
+            }
+        }
+        // A user giving a number changed when the row that takes it did.
+        let taken: std::collections::HashSet<(String, String)> = work
+            .iter()
+            .filter(|(r, _)| r.outcome == Outcome::Changed)
+            .flat_map(|(r, _)| r.takes.iter().map(|t| (t.number.clone(), t.holder.clone())))
+            .collect();
+        for (row, _) in work.iter_mut().filter(|(r, _)| !r.gives.is_empty()) {
+            let all_taken = row
+                .gives
+                .iter()
+                .all(|n| taken.contains(&(n.clone(), row.target.clone())));
+            if all_taken {
+                row.outcome = Outcome::Changed;
+            } else {
+                row.outcome = Outcome::Unchanged;
+                row.notes
+                    .push("kept the number: the row taking it did not apply".into());
             }
         }
         Ok(())

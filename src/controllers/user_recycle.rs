@@ -310,6 +310,7 @@ impl Run<'_> {
                 changes: vec![],
                 notes: vec![],
                 phone: None,
+                ..Default::default()
             };
             let Some(user) = users.get(ext.as_str()) else {
                 row.outcome = Outcome::Failed;
@@ -1153,6 +1154,7 @@ mod tests {
             changes: vec![],
             notes: vec![],
             phone: None,
+            ..Default::default()
         };
         let back = results::from_jsonl(&results::to_jsonl(&[row])).unwrap();
         assert_eq!(identity_of(&back[0]), Some(id));

@@ -82,8 +82,19 @@ pub trait PbxBackend: Send + Sync {
     /// Reads every selected user (group members and listed extensions) in one go.
     async fn read_users(&self, selection: &UserSelection) -> Result<UserRead>;
 
-    /// Applies field changes. Each user's writes apply only if every `from` still matches
-    /// (compare-and-set); otherwise that user reports Conflict and nothing of it is written.
+    /// Every extension of the tenant, in extension order (for exports).
+    async fn extensions(&self) -> Result<Vec<String>>;
+
+    /// Who holds each of `numbers` (number, extension): as a routing number or private number.
+    async fn number_holders(&self, numbers: &[String]) -> Result<Vec<(String, String)>>;
+
+    /// The caller ID and voice route policy names the PBX knows.
+    async fn policies(&self) -> Result<Policies>;
+
+    /// Applies field changes in order. Each user's writes apply only if every `from` still matches
+    /// (compare-and-set) against the state the changes before it leave; otherwise that user
+    /// reports Conflict and nothing of it is written. A number a change sets is taken from its
+    /// holder only if the change names that holder in `takes`.
     /// `atomic`: all users in one transaction, any failure or conflict rolls back all.
     async fn apply_user_changes(
         &self,

@@ -198,6 +198,9 @@ pub struct FieldWrite {
 pub struct UserChange {
     pub extension: String,
     pub writes: Vec<FieldWrite>,
+    /// Numbers this change may take from other users (planned moves). A number it sets that
+    /// someone not listed here holds is refused with [`WriteOutcome::NumberHeld`].
+    pub takes: Vec<super::directory::Move>,
 }
 
 /// What happened to one user's change.
@@ -211,6 +214,12 @@ pub enum WriteOutcome {
         found: Option<String>,
     },
     NotFound,
+    /// A number to set is held by another user the plan did not expect to take it from.
+    NumberHeld {
+        field: UserField,
+        number: String,
+        holder: String,
+    },
     Failed(String),
     /// Atomic batch rolled back because of another user's failure or conflict.
     RolledBack,
@@ -290,6 +299,24 @@ pub struct Probe {
     pub version: String,
     pub users: u64,
     pub registered_phones: u64,
+}
+
+/// The policy names a PBX knows, per kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policies {
+    pub caller_id: std::collections::BTreeSet<String>,
+    pub voice_route: std::collections::BTreeSet<String>,
+}
+
+impl Policies {
+    /// The names known for a policy field; None for other fields.
+    pub fn known(&self, field: UserField) -> Option<&std::collections::BTreeSet<String>> {
+        match field {
+            UserField::CallerIdPolicy => Some(&self.caller_id),
+            UserField::VoiceRoutePolicy => Some(&self.voice_route),
+            _ => None,
+        }
+    }
 }
 
 /// What a backend supports.

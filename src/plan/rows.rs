@@ -2,7 +2,7 @@
 //! leave it (rows apply in file order), numbers taken from whoever holds them, and a hash that
 //! pins it all. Pure: the controller reads the users and policies, this decides.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
@@ -10,24 +10,7 @@ use super::PlanError;
 use super::sheet::RowRequest;
 use super::users::{ActionKind, Intent, Wanted};
 use crate::pbx::directory::{Directory, Move};
-use crate::pbx::{FieldWrite, NewValue, Secret, User, UserField};
-
-/// The policy names a PBX knows.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Policies {
-    pub caller_id: BTreeSet<String>,
-    pub voice_route: BTreeSet<String>,
-}
-
-impl Policies {
-    fn known(&self, field: UserField) -> Option<&BTreeSet<String>> {
-        match field {
-            UserField::CallerIdPolicy => Some(&self.caller_id),
-            UserField::VoiceRoutePolicy => Some(&self.voice_route),
-            _ => None,
-        }
-    }
-}
+use crate::pbx::{FieldWrite, NewValue, Policies, Secret, User, UserField};
 
 /// One CSV row in a plan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -28,7 +28,7 @@ pub const DEFAULT_MAX_BYTES: usize = 32 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SheetError {
     #[error(
-        "the CSV is {size} bytes, over the limit of {limit} bytes; split it into several BulkUserChanges (or raise the operator's --max-csv-bytes)"
+        "the CSV is over the size limit: {size} bytes or more, the limit is {limit} bytes; split it into several BulkUserChanges (or raise the operator's --max-csv-bytes)"
     )]
     TooLarge { size: usize, limit: usize },
     #[error(

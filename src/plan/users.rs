@@ -74,6 +74,7 @@ impl PlannedUser {
         (!self.writes.is_empty()).then(|| UserChange {
             extension: self.extension.clone(),
             writes: self.writes.clone(),
+            takes: vec![],
         })
     }
 }

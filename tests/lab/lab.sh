@@ -249,6 +249,11 @@ for my $i (0 .. $users - 1) {
   row('dbaliases (alias_username, alias_domain, username, domain)', sprintf("(%s, %s, %s, %s)",
     sqlq(sprintf('+1555010%04d', $u)), sqlq($dom), sqlq($u), sqlq($dom))) if $has_number;
 }
+# the policy catalogue: what a CSV may name (Reception and Internal are in it but unused)
+for my $p (['callerId', 'Default'], ['callerId', 'Anonymous'], ['callerId', 'Reception'],
+           ['voiceRoute', 'Domestic'], ['voiceRoute', 'International'], ['voiceRoute', 'Internal']) {
+  row('pbx_policy (kind, name, domain)', sprintf("(%s, %s, %s)", sqlq($p->[0]), sqlq($p->[1]), sqlq($dom)));
+}
 open(my $c, '>', $csv) or die "$csv: $!";
 print $c "extension,vendor,model,mac,behaviour,nat,user_agent\n";
 my $total = $phones + $silent + $noreboot;

@@ -13,9 +13,10 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 
 use super::schema::{self, Storage, TWO_FACTOR_ATTRIBUTE};
+use crate::pbx::directory::Directory;
 use crate::pbx::{
-    ActionOutcome, FieldWrite, NewValue, PbxError, Phone, PhoneField, Result, Secret, User,
-    UserAction, UserChange, UserField, UserRead, UserSelection, WriteOutcome,
+    ActionOutcome, FieldWrite, NewValue, PbxError, Phone, PhoneField, Policies, Result, Secret,
+    User, UserAction, UserChange, UserField, UserRead, UserSelection, WriteOutcome,
 };
 
 /// Rows per `IN (...)` list and per multi-row INSERT: well under every driver's parameter limit.
@@ -421,95 +422,215 @@ impl Db {
         Ok(outcomes)
     }
 
-    /// Within one transaction: re-reads the users, keeps only changes whose `from` values still
-    /// hold, and writes those.
+    /// Within one transaction: re-reads the users (and whoever holds a number being given), then
+    /// takes the changes in order, each checked against the state the ones before it leave:
+    /// a change applies only if its `from` values still hold and every number it sets is free
+    /// or held by a user it names in `takes`. Then writes what differs.
     async fn compare_and_write(
         &self,
         conn: &mut AnyConnection,
         changes: &[UserChange],
     ) -> Result<Vec<WriteOutcome>> {
+        let given: Vec<String> = changes
+            .iter()
+            .flat_map(|c| c.writes.iter().filter_map(given_number))
+            .map(str::to_string)
+            .collect();
+        let mut extensions: Vec<String> = changes.iter().map(|c| c.extension.clone()).collect();
+        if !given.is_empty() {
+            extensions.extend(
+                self.number_holders_on(conn, &given)
+                    .await?
+                    .into_iter()
+                    .map(|(_, holder)| holder),
+            );
+        }
+        extensions.sort();
+        extensions.dedup();
         let selection = UserSelection {
             groups: vec![],
-            extensions: changes.iter().map(|c| c.extension.clone()).collect(),
+            extensions,
         };
         let current = self.read_users_on(conn, &selection).await?;
-        let by_ext: HashMap<&str, &User> = current
-            .users
-            .iter()
-            .map(|u| (u.extension.as_str(), u))
-            .collect();
+        let mut dir = Directory::new(current.users);
+        let fingerprint = |e: &str, f: UserField, s: &Secret| self.fingerprint(e, f, s);
+        let mut passwords: HashMap<String, Secret> = HashMap::new();
         let mut outcomes = Vec::with_capacity(changes.len());
-        let mut apply = Vec::new();
         for change in changes {
-            let Some(user) = by_ext.get(change.extension.as_str()) else {
+            let ext = change.extension.as_str();
+            let Some(user) = dir.get(ext) else {
                 outcomes.push(WriteOutcome::NotFound);
                 continue;
             };
-            let conflict = change
+            if let Some(w) = change
                 .writes
                 .iter()
-                .find(|w| user.get(w.field) != w.from.as_deref());
-            match conflict {
-                Some(w) => outcomes.push(WriteOutcome::Conflict {
+                .find(|w| user.get(w.field) != w.from.as_deref())
+            {
+                outcomes.push(WriteOutcome::Conflict {
                     field: w.field,
                     expected: w.from.clone(),
                     found: user.get(w.field).map(str::to_string),
-                }),
-                None => {
-                    outcomes.push(WriteOutcome::Applied);
-                    apply.push(change);
+                });
+                continue;
+            }
+            let held = change.writes.iter().find_map(|w| {
+                let n = given_number(w)?;
+                let holder = dir.holder_other_than(n, ext)?;
+                let planned = change
+                    .takes
+                    .iter()
+                    .any(|t| t.number == n && t.holder == holder);
+                (!planned).then(|| WriteOutcome::NumberHeld {
+                    field: w.field,
+                    number: n.to_string(),
+                    holder: holder.to_string(),
+                })
+            });
+            if let Some(o) = held {
+                outcomes.push(o);
+                continue;
+            }
+            if change
+                .writes
+                .iter()
+                .any(|w| w.field == UserField::Password && !matches!(w.to, NewValue::Secret(_)))
+            {
+                outcomes.push(WriteOutcome::Failed(
+                    "a password can only be set from a Secret".into(),
+                ));
+                continue;
+            }
+            for w in &change.writes {
+                if let (UserField::Password, NewValue::Secret(s)) = (w.field, &w.to) {
+                    passwords.insert(ext.to_string(), s.clone());
+                }
+                for m in dir.apply(ext, w.field, &w.to, &fingerprint) {
+                    tracing::info!(number = %m.number, from = %m.holder, to = ext, "number moved");
                 }
             }
+            outcomes.push(WriteOutcome::Applied);
         }
-        self.write(conn, &apply).await?;
+        self.write_changed(conn, &dir, &passwords).await?;
         Ok(outcomes)
     }
 
-    async fn write(&self, conn: &mut AnyConnection, changes: &[&UserChange]) -> Result<()> {
+    /// Who holds each of `numbers`: as a routing alias (dbaliases) or as the private number.
+    pub(super) async fn number_holders_on(
+        &self,
+        conn: &mut AnyConnection,
+        numbers: &[String],
+    ) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for chunk in numbers.chunks(CHUNK) {
+            let list = placeholders(2, chunk.len());
+            for q in [
+                format!(
+                    "SELECT alias_username, username FROM dbaliases WHERE domain = $1 AND alias_username IN ({list})"
+                ),
+                format!(
+                    "SELECT value, username FROM usr_preferences WHERE domain = $1 AND attribute = 'pbx.private_number' AND value IN ({list})"
+                ),
+            ] {
+                for row in self.fetch_in(conn, &q, chunk).await? {
+                    out.push((
+                        text(&row, 0).map_err(|e| self.err(e))?,
+                        text(&row, 1).map_err(|e| self.err(e))?,
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn number_holders(&self, numbers: &[String]) -> Result<Vec<(String, String)>> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        self.number_holders_on(&mut conn, numbers).await
+    }
+
+    /// Every extension of the tenant, in extension order.
+    pub async fn extensions(&self) -> Result<Vec<String>> {
+        let rows = sqlx::query(self.sql("SELECT username FROM subscriber WHERE domain = $1"))
+            .bind(&self.domain)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out = rows
+            .iter()
+            .map(|r| text(r, 0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        out.sort_by(|a, b| crate::plan::selection::extension_order(a, b));
+        Ok(out)
+    }
+
+    /// The policy names of the tenant: the pbx_policy catalogue, and names users already have
+    /// (so a PBX whose catalogue is still empty does not refuse what it runs with today).
+    pub async fn policies(&self) -> Result<Policies> {
+        let mut p = Policies::default();
+        let q = "SELECT kind, name FROM pbx_policy WHERE domain = $1 OR domain = '' UNION SELECT attribute, value FROM usr_preferences WHERE domain = $1 AND attribute IN ('pbx.caller_id_policy', 'pbx.voice_route_policy')";
+        let rows = sqlx::query(self.sql(q))
+            .bind(&self.domain)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let kind = text(&row, 0).map_err(|e| self.err(e))?;
+            let name = text(&row, 1).map_err(|e| self.err(e))?;
+            match kind.as_str() {
+                "callerId" | "pbx.caller_id_policy" => p.caller_id.insert(name),
+                "voiceRoute" | "pbx.voice_route_policy" => p.voice_route.insert(name),
+                _ => false,
+            };
+        }
+        Ok(p)
+    }
+
+    /// Writes what differs between each changed user as read and as it is now.
+    async fn write_changed(
+        &self,
+        conn: &mut AnyConnection,
+        dir: &Directory,
+        passwords: &HashMap<String, Secret>,
+    ) -> Result<()> {
+        let mut changed: Vec<(&User, &User)> = dir.changed().collect();
+        changed.sort_by(|a, b| a.1.extension.cmp(&b.1.extension));
         let mut attributes: BTreeMap<&'static str, Vec<(&str, Option<String>)>> = BTreeMap::new();
         let mut groups: Vec<(&str, Vec<String>)> = Vec::new();
-        for change in changes {
-            let ext = change.extension.as_str();
-            for FieldWrite { field, from, to } in &change.writes {
-                match (schema::storage(*field), to) {
-                    (Storage::Attribute(attr), NewValue::Clear) => {
-                        attributes.entry(attr).or_default().push((ext, None))
-                    }
-                    (Storage::Attribute(attr), NewValue::Set(v)) => attributes
+        let mut aliases: Vec<(&str, &[String])> = Vec::new();
+        for (before, now) in changed {
+            let ext = now.extension.as_str();
+            for field in UserField::ALL {
+                let value = now.get(field);
+                if before.get(field) == value {
+                    continue;
+                }
+                match schema::storage(field) {
+                    Storage::Attribute(attr) => attributes
                         .entry(attr)
                         .or_default()
-                        .push((ext, Some(schema::stored(*field, v)))),
-                    (Storage::Attribute(attr), NewValue::Secret(s)) => attributes
-                        .entry(attr)
-                        .or_default()
-                        .push((ext, Some(self.fingerprint(ext, *field, s)))),
-                    (Storage::SubscriberHa1, NewValue::Secret(s)) => {
-                        self.set_password(conn, ext, s).await?
+                        .push((ext, value.map(|v| schema::stored(field, v)))),
+                    Storage::SubscriberHa1 => {
+                        if let Some(s) = passwords.get(ext) {
+                            self.set_password(conn, ext, s).await?
+                        }
                     }
-                    (Storage::SubscriberHa1, _) => {
-                        return Err(PbxError::Unsafe {
-                            what: "password".into(),
-                            reason: "a password can only be set from a Secret".into(),
-                        });
-                    }
-                    (Storage::GroupRows, NewValue::Set(v)) => groups.push((
+                    Storage::GroupRows => groups.push((
                         ext,
-                        v.split(',')
+                        value
+                            .unwrap_or("")
+                            .split(',')
                             .map(str::trim)
                             .filter(|g| !g.is_empty())
                             .map(str::to_string)
                             .collect(),
                     )),
-                    (Storage::GroupRows, _) => groups.push((ext, vec![])),
-                    (Storage::PrimaryAlias, to) => {
-                        let new = match to {
-                            NewValue::Set(v) => Some(v.as_str()),
-                            _ => None,
-                        };
-                        self.set_primary_number(conn, ext, from.as_deref(), new)
-                            .await?
-                    }
+                    // Written with the whole number list below.
+                    Storage::PrimaryAlias => {}
                 }
+            }
+            if before.numbers != now.numbers {
+                aliases.push((ext, &now.numbers));
             }
         }
         for (attribute, rows) in attributes {
@@ -539,6 +660,35 @@ impl Db {
                 let mut query = sqlx::query(self.sql(&q)).bind(&self.domain);
                 for (e, g) in chunk {
                     query = query.bind(*e).bind(*g);
+                }
+                query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
+            }
+        }
+        if !aliases.is_empty() {
+            // The primary number is the first alias by id, so a user's list is written anew in order.
+            let exts: Vec<String> = aliases.iter().map(|(e, _)| e.to_string()).collect();
+            for chunk in exts.chunks(CHUNK) {
+                let q = format!(
+                    "DELETE FROM dbaliases WHERE domain = $1 AND username IN ({})",
+                    placeholders(2, chunk.len())
+                );
+                self.execute_in(conn, &q, chunk).await?;
+            }
+            let rows: Vec<(&str, &str)> = aliases
+                .iter()
+                .flat_map(|(e, ns)| ns.iter().map(move |n| (*e, n.as_str())))
+                .collect();
+            for chunk in rows.chunks(CHUNK) {
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("(${}, $1, ${}, $1)", 3 + 2 * i, 2 + 2 * i))
+                    .collect();
+                let q = format!(
+                    "INSERT INTO dbaliases (alias_username, alias_domain, username, domain) VALUES {}",
+                    values.join(", ")
+                );
+                let mut query = sqlx::query(self.sql(&q)).bind(&self.domain);
+                for (e, n) in chunk {
+                    query = query.bind(*e).bind(*n);
                 }
                 query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
             }
@@ -639,47 +789,6 @@ impl Db {
             .execute(&mut *conn)
             .await
             .map_err(|e| self.err(e))?;
-        Ok(())
-    }
-
-    /// The primary number is the user's first alias; it is updated in place so it stays first.
-    async fn set_primary_number(
-        &self,
-        conn: &mut AnyConnection,
-        ext: &str,
-        old: Option<&str>,
-        new: Option<&str>,
-    ) -> Result<()> {
-        let q = match (old, new) {
-            (Some(_), Some(_)) => {
-                "UPDATE dbaliases SET alias_username = $1 WHERE domain = $2 AND username = $3 AND alias_username = $4"
-            }
-            (Some(_), None) => {
-                "DELETE FROM dbaliases WHERE domain = $1 AND username = $2 AND alias_username = $3"
-            }
-            (None, Some(_)) => {
-                "INSERT INTO dbaliases (alias_username, alias_domain, username, domain) VALUES ($1, $2, $3, $4)"
-            }
-            (None, None) => return Ok(()),
-        };
-        let query = match (old, new) {
-            (Some(o), Some(n)) => sqlx::query(self.sql(q))
-                .bind(n)
-                .bind(&self.domain)
-                .bind(ext)
-                .bind(o),
-            (Some(o), None) => sqlx::query(self.sql(q))
-                .bind(&self.domain)
-                .bind(ext)
-                .bind(o),
-            (None, Some(n)) => sqlx::query(self.sql(q))
-                .bind(n)
-                .bind(&self.domain)
-                .bind(ext)
-                .bind(&self.domain),
-            (None, None) => return Ok(()),
-        };
-        query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -860,6 +969,14 @@ impl Db {
         }
         tx.commit().await.map_err(|e| self.err(e))?;
         Ok(outcomes)
+    }
+}
+
+/// The number a write gives its user, if it gives one.
+fn given_number(w: &FieldWrite) -> Option<&str> {
+    match (w.field, &w.to) {
+        (UserField::PrimaryNumber | UserField::PrivateNumber, NewValue::Set(n)) => Some(n),
+        _ => None,
     }
 }
 

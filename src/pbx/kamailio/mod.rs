@@ -10,9 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::pbx::{
-    ActionOutcome, Capabilities, NewIdentity, PbxBackend, PbxError, Phone, PhoneField, Probe,
-    Registration, ResetOutcome, Result, SipAnswer, UserAction, UserChange, UserField, UserRead,
-    UserReset, UserSelection, WriteOutcome, sip,
+    ActionOutcome, Capabilities, NewIdentity, PbxBackend, PbxError, Phone, PhoneField, Policies,
+    Probe, Registration, ResetOutcome, Result, SipAnswer, UserAction, UserChange, UserField,
+    UserRead, UserReset, UserSelection, WriteOutcome, sip,
 };
 
 /// Where a Kamailio tenant lives.
@@ -127,6 +127,18 @@ impl PbxBackend for Kamailio {
 
     async fn read_users(&self, selection: &UserSelection) -> Result<UserRead> {
         self.db.read_users(selection).await
+    }
+
+    async fn extensions(&self) -> Result<Vec<String>> {
+        self.db.extensions().await
+    }
+
+    async fn number_holders(&self, numbers: &[String]) -> Result<Vec<(String, String)>> {
+        self.db.number_holders(numbers).await
+    }
+
+    async fn policies(&self) -> Result<Policies> {
+        self.db.policies().await
     }
 
     async fn apply_user_changes(

@@ -10,3 +10,13 @@ CREATE TABLE IF NOT EXISTS pbx_phone (
     CONSTRAINT pbx_phone_mac_idx UNIQUE (mac),
     INDEX pbx_phone_owner_idx (domain, owner_username)
 );
+
+-- pbx-operator's own table: the policy catalogue (caller ID and voice route policies a user may
+-- be given). kind is callerId or voiceRoute, and domain '' applies to every tenant.
+CREATE TABLE IF NOT EXISTS pbx_policy (
+    kind VARCHAR(32) NOT NULL,
+    name VARCHAR(64) NOT NULL,
+    domain VARCHAR(64) DEFAULT '' NOT NULL,
+    description VARCHAR(255),
+    CONSTRAINT pbx_policy_idx UNIQUE (domain, kind, name)
+);

@@ -1,0 +1,131 @@
+//! Fetches the CSV a BulkUserChange names in `spec.source.csv`: a ConfigMap key (text in `data`,
+//! or bytes in `binaryData`, gzip allowed so large files fit the 1 MiB object limit) or a Secret
+//! key when the file holds sensitive columns. The size limit holds after gunzip.
+
+use std::io::Read;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::{Api, Client};
+
+use super::Error;
+use crate::api::user_change::CsvSource;
+use crate::plan::sheet::SheetError;
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+pub async fn fetch(
+    client: &Client,
+    namespace: &str,
+    source: &CsvSource,
+    max_bytes: usize,
+) -> Result<Vec<u8>, Error> {
+    let (what, name, key) = match (&source.config_map_key_ref, &source.secret_key_ref) {
+        (Some(c), _) => ("ConfigMap", c.name.clone(), c.key.clone()),
+        (None, Some(s)) => ("Secret", s.name.clone(), s.key.clone()),
+        (None, None) => {
+            return Err(Error::CsvSourceMissing {
+                what: "ConfigMap",
+                namespace: namespace.into(),
+                name: String::new(),
+                key: String::new(),
+                detail: "neither configMapKeyRef nor secretKeyRef is set".into(),
+            });
+        }
+    };
+    let missing = |detail: &str| Error::CsvSourceMissing {
+        what,
+        namespace: namespace.to_string(),
+        name: name.clone(),
+        key: key.clone(),
+        detail: detail.to_string(),
+    };
+    let not_readable = |e: kube::Error| match e {
+        kube::Error::Api(s) if s.code == 403 => missing("the operator may not read it (RBAC)"),
+        e => Error::Kube(e),
+    };
+    let bytes = if what == "ConfigMap" {
+        let cm = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+            .get_opt(&name)
+            .await
+            .map_err(not_readable)?
+            .ok_or_else(|| missing("it does not exist"))?;
+        let text = cm.data.and_then(|mut d| d.remove(&key));
+        match text {
+            Some(t) => t.into_bytes(),
+            None => cm
+                .binary_data
+                .and_then(|mut d| d.remove(&key))
+                .map(|b| b.0)
+                .ok_or_else(|| missing("it has no such key in data or binaryData"))?,
+        }
+    } else {
+        let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+            .get_opt(&name)
+            .await
+            .map_err(not_readable)?
+            .ok_or_else(|| missing("it does not exist"))?;
+        secret
+            .data
+            .and_then(|mut d| d.remove(&key))
+            .map(|b| b.0)
+            .ok_or_else(|| missing("it has no such key"))?
+    };
+    Ok(gunzip(bytes, max_bytes)?)
+}
+
+/// Gzip-compressed bytes are inflated, reading at most one byte past the limit, so a small
+/// upload cannot expand into a large allocation.
+pub fn gunzip(bytes: Vec<u8>, max_bytes: usize) -> Result<Vec<u8>, SheetError> {
+    if !bytes.starts_with(&GZIP_MAGIC) {
+        return Ok(bytes);
+    }
+    let mut out = Vec::new();
+    let limit = max_bytes as u64 + 1;
+    flate2::read::MultiGzDecoder::new(bytes.as_slice())
+        .take(limit)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            SheetError::NotCsv(format!(
+                "it looks gzip-compressed but does not inflate ({e})"
+            ))
+        })?;
+    if out.len() > max_bytes {
+        return Err(SheetError::TooLarge {
+            size: out.len(),
+            limit: max_bytes,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gz(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn gzip_is_inflated_within_the_limit() {
+        let text = b"extension,callerIdPolicy\n201,Default\n".to_vec();
+        assert_eq!(gunzip(gz(&text), 1000).unwrap(), text);
+        assert_eq!(
+            gunzip(text.clone(), 1000).unwrap(),
+            text,
+            "plain text passes"
+        );
+        let bomb = gz(&vec![b'a'; 100_000]);
+        assert!(matches!(
+            gunzip(bomb, 1000),
+            Err(SheetError::TooLarge { limit: 1000, .. })
+        ));
+        assert!(matches!(
+            gunzip(vec![0x1f, 0x8b, 1, 2, 3], 1000),
+            Err(SheetError::NotCsv(_))
+        ));
+    }
+}
