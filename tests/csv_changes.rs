@@ -437,16 +437,16 @@ async fn numbers_move_with_warnings_on_both_sides() {
 #[tokio::test]
 async fn every_row_error_is_a_note_and_bad_files_are_refused() {
     let env = Env::start_with("csv-errors", lab(), false, &["--max-csv-bytes", "2048"]).await;
-    let text = "extension,primaryNumber,callerIdPolicy,department\n\
-                205,+15550100995,Default,\n\
-                999,,Default,\n\
-                206,12345,,\n\
-                207,,Secret,\n\
-                208,,,Sales\n\
-                202,+15550100777,,\n\
-                203,+15550100777,,\n\
-                201,,Anonymous,\n\
-                201,,Default,\n";
+    let text = "extension,primaryNumber,callerIdPolicy,department,password\n\
+                205,+15550100995,Default,,\n\
+                999,,Default,,\n\
+                206,12345,,,\n\
+                207,,Secret,,\n\
+                208,,,Sales,\n\
+                202,+15550100777,,,\n\
+                203,+15550100777,,,\n\
+                201,,Anonymous,,\n\
+                201,,Default,,hunter2\n";
     config_map(&env, "errors", Some(text), None).await;
     change(&env, "errors", "errors", "Validate", "");
     let b = wait_phase(&env, "errors", &[Phase::Validated, Phase::Failed]).await;
@@ -456,7 +456,32 @@ async fn every_row_error_is_a_note_and_bad_files_are_refused() {
         status.plan.as_ref().unwrap().csv.as_ref().unwrap().invalid,
         8
     );
-    let (_, rows) = result_csv(&env, "errors");
+    let (header, rows) = result_csv(&env, "errors");
+    assert_eq!(
+        header,
+        [
+            "extension",
+            "primaryNumber",
+            "callerIdPolicy",
+            "department",
+            "password",
+            "Change OK",
+            "Notes"
+        ]
+    );
+    assert_eq!(
+        rows[8][4], "(redacted)",
+        "a secret cell is never echoed into results"
+    );
+    let (_, raw, _) = env.cli(&["results", "bulkuserchange/errors", "-n", &env.ns]);
+    assert!(!raw.contains("hunter2"));
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|mut r| {
+            r.remove(4);
+            r
+        })
+        .collect();
     let ok: Vec<&str> = rows.iter().map(|r| r[4].as_str()).collect();
     assert_eq!(
         ok,

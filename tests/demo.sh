@@ -56,6 +56,17 @@ sql() { sqlite3 "${LAB_DB_URL#sqlite://}" "$1"; }
 say "Before: call and pickup groups of 201 and 202 (straight from Kamailio's tables)"
 sql "SELECT username, attribute, value FROM usr_preferences WHERE attribute IN ('pbx.call_group','pbx.pickup_group') AND username IN ('201','202') ORDER BY 1,2"
 
+say "CSV: pbx-operator export users --connection acme/acme, edited (204 gets 201's number, 205 a new caller ID policy), uploaded as ConfigMap q4-numbers"
+"$bin" export users --connection acme/acme >"$demo/users.csv"
+head -n 6 "$demo/users.csv"
+{
+  "$bin" export users --template
+  echo '204,true,+15550100201,"Berlin, 3rd floor",,,,'
+  echo '205,,,,,,Anonymous,'
+  echo '206,,,,,,Secret,'
+} >"$demo/changes.csv"
+k create configmap q4-numbers -n acme --from-file=changes.csv="$demo/changes.csv" --dry-run=client -o yaml | k apply -f -
+
 say "Applying examples/ (the nightly restart window of phonerestart-window.yaml stays Scheduled)"
 for f in examples/bulkuserchange-*.yaml examples/bulkphonechange-*.yaml examples/phonerestart-now.yaml examples/phonerestart-window.yaml examples/userrecycle-*.yaml; do
   k apply -n acme -f "$f"
@@ -69,7 +80,7 @@ settled() {
     sleep 0.5
   done
 }
-for r in buc/call-group-201-202 buc/sales-operators buc/support-reset-2fa-unlock buc/engineering-pickup-group \
+for r in buc/q4-numbers buc/call-group-201-202 buc/sales-operators buc/support-reset-2fa-unlock buc/engineering-pickup-group \
   bpc/sales-yealink-t54w prs/sales-restart-now urc/leavers-2026-11 urc/new-hire-ana-diaz; do
   settled "$r"
 done
@@ -91,6 +102,19 @@ say "Executing exactly that plan: mode Execute, approvedPlanHash $hash"
 k patch buc engineering-pickup-group -n acme --type merge -p "{\"spec\":{\"mode\":\"Execute\",\"approvedPlanHash\":\"$hash\"}}"
 settled buc/engineering-pickup-group
 k get buc -n acme
+
+say "The CSV validated (nothing written): pbx-operator results bulkuserchange/q4-numbers (input + Change OK + Notes)"
+"$bin" results bulkuserchange/q4-numbers -n acme
+say "Executing the validated CSV rows: mode Execute"
+k patch buc q4-numbers -n acme --type merge -p '{"spec":{"mode":"Execute"}}'
+for _ in $(seq 1 120); do
+  case $(k get -n acme buc/q4-numbers -o jsonpath='{.status.phase}') in
+    Succeeded|PartiallyFailed|Failed) break ;;
+  esac
+  sleep 0.5
+done
+"$bin" results bulkuserchange/q4-numbers -n acme
+sql "SELECT username, alias_username FROM dbaliases WHERE username IN ('201','204') ORDER BY 1"
 
 say "Phones of the sales group restarted: pbx-operator results phonerestart/sales-restart-now"
 "$bin" results phonerestart/sales-restart-now -n acme

@@ -514,6 +514,11 @@ impl Run<'_> {
                 }
             }
         }
+        let sensitive: Vec<bool> = sheet
+            .header
+            .iter()
+            .map(|h| sheet::is_sensitive(h))
+            .collect();
         let invalid = plan.invalid() as u32;
         let changing = plan.changing() as u32;
         let mut rows: Vec<Row> = Vec::with_capacity(plan.rows.len() + plan.donors.len());
@@ -528,7 +533,13 @@ impl Run<'_> {
             }
             let line = rp.line;
             let taker = rp.extension.clone();
-            rows.push(csv_row(rp, sheet_row.cells));
+            let mut cells = sheet_row.cells;
+            for (cell, secret) in cells.iter_mut().zip(&sensitive) {
+                if *secret && !cell.is_empty() {
+                    *cell = "(redacted)".into();
+                }
+            }
+            rows.push(csv_row(rp, cells));
             for d in mine {
                 rows.push(Row {
                     target: d.extension.clone(),

@@ -24,10 +24,20 @@ pub struct Directory {
     holders: HashMap<String, String>,
     /// Users as they were before their first change, to write only what differs.
     originals: HashMap<String, User>,
+    /// Whether to keep `originals` (a writer needs them; a planner does not).
+    track: bool,
 }
 
 impl Directory {
+    /// A directory that remembers each changed user's first state, for [`Directory::changed`].
     pub fn new(users: impl IntoIterator<Item = User>) -> Directory {
+        let mut d = Directory::untracked(users);
+        d.track = true;
+        d
+    }
+
+    /// A directory for planning only: no copies of changed users are kept.
+    pub fn untracked(users: impl IntoIterator<Item = User>) -> Directory {
         let mut d = Directory::default();
         for u in users {
             for n in u
@@ -55,7 +65,7 @@ impl Directory {
     }
 
     fn remember(&mut self, extension: &str) {
-        if !self.originals.contains_key(extension) {
+        if self.track && !self.originals.contains_key(extension) {
             if let Some(u) = self.users.get(extension) {
                 self.originals.insert(extension.to_string(), u.clone());
             }

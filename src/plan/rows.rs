@@ -90,7 +90,7 @@ pub fn plan_rows(
                 .join(", "),
         });
     }
-    let mut dir = Directory::new(users);
+    let mut dir = Directory::untracked(users);
     let mut row_of: HashMap<String, usize> = HashMap::new();
     for (i, r) in requests.iter().enumerate() {
         row_of.entry(r.extension.clone()).or_insert(i);

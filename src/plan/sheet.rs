@@ -98,6 +98,18 @@ pub fn column(name: &str) -> Column {
     Column::Unknown(name.trim().to_string())
 }
 
+/// Columns whose cells are never echoed into results: a secret field's column, or a name that
+/// says it holds a secret. Their cells are replaced by `(redacted)` in the result CSV.
+pub fn is_sensitive(name: &str) -> bool {
+    let n = normalize(name);
+    UserField::ALL
+        .iter()
+        .any(|f| f.is_secret() && normalize(f.name()) == n)
+        || ["password", "secret", "pin", "token", "passwd"]
+            .iter()
+            .any(|w| n.contains(w))
+}
+
 /// Reads a CSV: UTF-8 with or without BOM, CRLF or LF, quoted fields with commas and newlines.
 /// Rows whose cells are all empty (a spreadsheet's trailing lines) are left out.
 pub fn read(bytes: &[u8], max_bytes: usize) -> Result<Sheet, SheetError> {
@@ -573,6 +585,16 @@ mod tests {
             r[0].warnings,
             ["callerIdPolicy not applied: spec.fields locks it Closed"]
         );
+    }
+
+    #[test]
+    fn secret_columns_are_recognised() {
+        for name in ["password", "Voicemail PIN", "voicemailPin", "sip_secret"] {
+            assert!(is_sensitive(name), "{name}");
+        }
+        for name in ["extension", "primaryNumber", "callerIdPolicy", "Notes"] {
+            assert!(!is_sensitive(name), "{name}");
+        }
     }
 
     #[test]

@@ -6,7 +6,11 @@
 //! 2. PhoneRestart of 500 registered SIPp phones, no rate limit: NOTIFYs per second and time to
 //!    all confirmed, beside a shell loop of JSON-RPC NOTIFYs (what an admin would script).
 //!
-//! Run: `cargo bench --bench operator` (BENCH_USERS, BENCH_PHONES, BENCH_LOOP_PHONES override sizes).
+//! 3. A CSV-sourced BulkUserChange of 20,000 rows (PostgreSQL): export, Validate, then Execute
+//!    of the validated rows; times, the result ConfigMaps' sizes and the operator's peak RSS.
+//!
+//! Run: `cargo bench --bench operator` (BENCH_USERS, BENCH_PHONES, BENCH_LOOP_PHONES,
+//! BENCH_CSV_ROWS override sizes; 0 skips a part).
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -200,6 +204,153 @@ spec:
     println!("  operator peak RSS (VmHWM)                      {rss:>8.1} MiB");
 }
 
+async fn csv_change(rows: usize) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{ListParams, Patch, PatchParams, PostParams};
+
+    let env = Env::start(
+        "bench-csv",
+        LabSpec {
+            db: "postgres",
+            users: rows,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let start = Instant::now();
+    let (ok, export, err) = env.cli(&[
+        "export",
+        "users",
+        "--connection",
+        &format!("{}/acme", env.ns),
+    ]);
+    assert!(ok, "{err}");
+    let export_took = start.elapsed();
+    // Every row: new policies; every 10th row: a new primary number.
+    let mut edited = String::with_capacity(export.len() + rows * 8);
+    for (i, line) in export.lines().enumerate() {
+        let mut cells: Vec<String> = line.split(',').map(String::from).collect();
+        if i > 0 {
+            cells[6] = "Anonymous".into();
+            cells[7] = "International".into();
+            if i % 10 == 0 {
+                cells[2] = format!("+1555099{i:04}");
+            }
+        }
+        edited.push_str(&cells.join(","));
+        edited.push('\n');
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, edited.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let cm = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some("sheet".into()),
+            ..Default::default()
+        },
+        binary_data: Some(
+            [(
+                "changes.csv".to_string(),
+                k8s_openapi::ByteString(gz.clone()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let start = Instant::now();
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: sheet }
+spec:
+  connectionRef: { name: acme }
+  source: { csv: { configMapKeyRef: { name: sheet, key: changes.csv } } }
+  mode: Validate
+"#,
+    );
+    let wait = |phases: &'static [Phase]| {
+        let api = api.clone();
+        async move {
+            support::eventually(Duration::from_secs(900), "the CSV change", || async {
+                let b = api.get("sheet").await.ok()?;
+                let s = b.status.as_ref()?;
+                (s.observed_generation == b.metadata.generation && phases.contains(&s.phase))
+                    .then_some(b)
+            })
+            .await
+        }
+    };
+    let validated = wait(&[Phase::Validated, Phase::Failed]).await;
+    let validate_took = start.elapsed();
+    let rss_validate = peak_rss_mib(env.operator.child.id());
+    let plan = validated.status.as_ref().unwrap().plan.clone().unwrap();
+    let start = Instant::now();
+    api.patch(
+        "sheet",
+        &PatchParams::default(),
+        &Patch::Merge(&serde_json::json!({ "spec": { "mode": "Execute" } })),
+    )
+    .await
+    .unwrap();
+    let done = wait(&[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed]).await;
+    let execute_took = start.elapsed();
+    let rss = peak_rss_mib(env.operator.child.id());
+    let s = done.status.unwrap();
+    let summary = s.summary.unwrap();
+    let mut largest = 0;
+    for cm in cms.list(&ListParams::default()).await.unwrap() {
+        if cm
+            .metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("sheet-results-"))
+        {
+            let size: usize = cm.data.unwrap_or_default().values().map(String::len).sum();
+            largest = largest.max(size);
+        }
+    }
+    let written = env.sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.caller_id_policy' AND value = 'Anonymous'").await;
+    println!(
+        "\nCSV BulkUserChange, {rows} rows, PostgreSQL (debug={})",
+        cfg!(debug_assertions)
+    );
+    println!(
+        "  export users (CLI, {} bytes)                 {:>8.2} s",
+        export.len(),
+        export_took.as_secs_f64()
+    );
+    println!(
+        "  upload: gzip in binaryData                    {:>8} bytes (from {})",
+        gz.len(),
+        edited.len()
+    );
+    println!(
+        "  Validate: create -> Validated, {} would change  {:>8.2} s   (invalid rows: {})",
+        plan.changes,
+        validate_took.as_secs_f64(),
+        plan.csv.map(|c| c.invalid).unwrap_or(0)
+    );
+    println!(
+        "  Execute: -> {:?}, {} changed               {:>8.2} s",
+        s.phase,
+        summary.changed,
+        execute_took.as_secs_f64()
+    );
+    println!(
+        "  result ConfigMaps: {}, largest {} bytes (limit 1 MiB)",
+        s.results_refs.len(),
+        largest
+    );
+    println!("  users with the new policy in SQL               {written:>8}");
+    println!("  operator peak RSS after Validate (VmHWM)       {rss_validate:>8.1} MiB");
+    println!("  operator peak RSS after Execute (VmHWM)        {rss:>8.1} MiB");
+}
+
 #[tokio::main]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -213,5 +364,9 @@ async fn main() {
     let phones = env_usize("BENCH_PHONES", 500);
     if phones > 0 {
         phone_restart(phones, env_usize("BENCH_LOOP_PHONES", 100)).await;
+    }
+    let csv_rows = env_usize("BENCH_CSV_ROWS", 20_000);
+    if csv_rows > 0 {
+        csv_change(csv_rows).await;
     }
 }
