@@ -328,6 +328,39 @@ pub fn add(a: &mut Summary, b: &Summary) {
     a.conflicts += b.conflicts;
 }
 
+/// A finished batch as status needs it: its counts, and the rows status may show (the first
+/// failures and the first others, each at most [`STATUS_RESULTS`]).
+#[derive(Clone, Debug, Default)]
+pub struct Digest {
+    pub summary: Summary,
+    pub shown: Vec<Row>,
+    pub rows: usize,
+}
+
+impl Digest {
+    pub fn of(rows: &[Row]) -> Digest {
+        let (mut failures, mut others) = (0, 0);
+        let shown = rows
+            .iter()
+            .filter(|r| {
+                let n = if r.is_failure() {
+                    &mut failures
+                } else {
+                    &mut others
+                };
+                *n += 1;
+                *n <= STATUS_RESULTS
+            })
+            .cloned()
+            .collect();
+        Digest {
+            summary: summarize(rows),
+            shown,
+            rows: rows.len(),
+        }
+    }
+}
+
 /// The results status shows: failures first, then the rest, capped; and whether it was cut.
 pub fn for_status<'a>(rows: impl IntoIterator<Item = &'a Row>) -> (Vec<TargetResult>, bool) {
     let mut failures = Vec::new();

@@ -447,6 +447,11 @@ impl Run<'_> {
         let sheet = sheet::read(&bytes, self.ctx.max_csv_bytes)?;
         drop(bytes);
         let intent = intent(&self.ctx.client, &self.namespace(), spec).await?;
+        let wanted_fields: Vec<UserField> = sheet::FIELDS
+            .iter()
+            .copied()
+            .chain(intent.fields.iter().map(|f| f.field))
+            .collect();
         let closed: Vec<UserField> = intent
             .fields
             .iter()
@@ -486,13 +491,18 @@ impl Run<'_> {
                 }),
             )
             .await?;
+        let mut users = read.users;
+        // Only the fields a CSV or spec.fields can set are planned: the rest need no memory.
+        for u in &mut users {
+            u.values.retain(|f, _| wanted_fields.contains(f));
+        }
         let policies = backend.policies().await?;
         let caps = backend.capabilities();
         let fp = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
         let atomic = spec.failure_policy == FailurePolicy::Atomic;
         let plan = row_plan::plan_rows(
             requests,
-            read.users,
+            users,
             &intent,
             &policies,
             &caps.user_fields,
@@ -620,11 +630,11 @@ impl Run<'_> {
         } else {
             batches.into_iter().map(|b| vec![b]).collect()
         };
-        // Rows of finished batches, kept in memory for the summary instead of re-reading every
-        // ConfigMap after every batch.
-        let mut done_rows: BTreeMap<usize, Vec<Row>> = BTreeMap::new();
+        // Finished batches as digests (counts and the rows status may show), so neither every
+        // ConfigMap is re-read after every batch nor every row of a large run kept in memory.
+        let mut done_rows: BTreeMap<usize, results::Digest> = BTreeMap::new();
         for i in 0..progress.done as usize {
-            done_rows.insert(i, self.store.read(i).await?);
+            done_rows.insert(i, results::Digest::of(&self.store.read(i).await?));
         }
         for group in groups {
             let mut loaded = Vec::new();
@@ -692,16 +702,23 @@ impl Run<'_> {
                 ..Summary::default()
             };
             for (index, rows, _) in loaded {
-                done_rows.insert(index, rows);
+                done_rows.insert(index, results::Digest::of(&rows));
             }
-            for rows in done_rows.values() {
-                let s = results::summarize(rows.iter());
-                results::add(summary, &Summary { targets: 0, ..s });
+            let mut total = 0;
+            for d in done_rows.values() {
+                results::add(
+                    summary,
+                    &Summary {
+                        targets: 0,
+                        ..d.summary.clone()
+                    },
+                );
+                total += d.rows;
             }
-            let shown_rows = done_rows.values().flatten();
+            let shown_rows = done_rows.values().flat_map(|d| d.shown.iter());
             let (shown, truncated) = results::for_status(shown_rows);
+            status.results_truncated = truncated || total > shown.len() || status.results_truncated;
             status.results = shown;
-            status.results_truncated = truncated || status.results_truncated;
             self.write_status(&status).await?;
             if failed_in_batch > 0 {
                 self.ctx
