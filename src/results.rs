@@ -338,6 +338,20 @@ pub struct Digest {
 }
 
 impl Digest {
+    /// Adds another batch, keeping at most [`STATUS_RESULTS`] failures and as many others.
+    pub fn merge(&mut self, other: Digest) {
+        add(&mut self.summary, &other.summary);
+        self.rows += other.rows;
+        let merged: Vec<Row> = std::mem::take(&mut self.shown)
+            .into_iter()
+            .chain(other.shown)
+            .collect();
+        *self = Digest {
+            shown: Digest::of(&merged).shown,
+            ..std::mem::take(self)
+        };
+    }
+
     pub fn of(rows: &[Row]) -> Digest {
         let (mut failures, mut others) = (0, 0);
         let shown = rows

@@ -158,15 +158,10 @@ impl Run<'_> {
                 .as_ref()
                 .is_some_and(|p| p.spec_hash == spec_hash)
             && !run_id.contains("-retry-");
+        // Executing a validation reuses its stored rows as they are: nothing is re-read or
+        // rewritten here, batches are read one at a time by execute().
         let (rows, plan) = if reuse_validated {
-            let plan = status.plan.clone().expect("checked above");
-            let batches = status
-                .progress
-                .as_ref()
-                .map(|p| p.batches as usize)
-                .unwrap_or(0);
-            let rows = self.store.read_all(batches).await?;
-            (rows, plan)
+            (None, status.plan.clone().expect("checked above"))
         } else {
             let retry_only = if run_id.contains("-retry-") {
                 let batches = status
@@ -179,7 +174,7 @@ impl Run<'_> {
                 None
             };
             match self.plan(backend.as_ref(), retry_only, &spec_hash).await {
-                Ok(p) => p,
+                Ok((rows, plan)) => (Some(rows), plan),
                 Err(e) => return self.blocked(status, &e).await,
             }
         };
@@ -197,13 +192,39 @@ impl Run<'_> {
                 }
             }
         }
-        let chunks = results::chunk(rows);
-        let mut refs = Vec::with_capacity(chunks.len());
-        for (i, chunk) in chunks.iter().enumerate() {
-            refs.push(self.write_rows(i, chunk, Some(&plan)).await?);
-        }
-        self.store.prune(chunks.len()).await?;
-        let all: Vec<&Row> = chunks.iter().flatten().collect();
+        let (refs, batches, digest) = match rows {
+            Some(rows) => {
+                let chunks = results::chunk(rows);
+                let batches = chunks.len();
+                let mut refs = Vec::with_capacity(batches);
+                let mut digest = results::Digest::default();
+                // Each chunk is dropped once written: status keeps counts and a few rows.
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    refs.push(self.write_rows(i, &chunk, Some(&plan)).await?);
+                    digest.merge(results::Digest::of(&chunk));
+                }
+                self.store.prune(batches).await?;
+                (refs, batches, digest)
+            }
+            None => {
+                // Counted again batch by batch as execute() goes.
+                let targets = status.summary.as_ref().map(|s| s.targets).unwrap_or(0);
+                let digest = results::Digest {
+                    rows: targets as usize,
+                    summary: Summary {
+                        targets,
+                        ..Summary::default()
+                    },
+                    shown: vec![],
+                };
+                let batches = status
+                    .progress
+                    .as_ref()
+                    .map(|p| p.batches as usize)
+                    .unwrap_or(0);
+                (status.results_refs.clone(), batches, digest)
+            }
+        };
         let now = conditions::now();
         let generation = self.buc.metadata.generation;
         let mut next = OperationStatus {
@@ -217,28 +238,31 @@ impl Run<'_> {
             warnings: warnings(&conn, self.spec()),
             ..Default::default()
         };
-        let (shown, truncated) = results::for_status(all.iter().copied());
-        next.results = shown;
-        next.results_truncated = truncated;
-        let done_rows: Vec<&Row> = all.iter().copied().filter(|r| r.is_final()).collect();
+        if reuse_validated {
+            next.results = status.results.clone();
+            next.results_truncated = status.results_truncated;
+        } else {
+            let (shown, truncated) = results::for_status(digest.shown.iter());
+            next.results_truncated = truncated || digest.rows > shown.len();
+            next.results = shown;
+        }
+        let targets = digest.rows as u32;
         if self.spec().mode == Mode::Validate {
             next.phase = Phase::Validated;
             next.summary = Some(Summary {
-                targets: all.len() as u32,
+                targets,
                 changed: plan.changes,
-                ..results::summarize(done_rows.iter().copied())
+                ..digest.summary.clone()
             });
             next.progress = Some(Progress {
                 run: run_id,
-                batches: chunks.len() as u32,
-                done: chunks.len() as u32,
+                batches: batches as u32,
+                done: batches as u32,
             });
             next.completion_time = Some(now.clone());
             let message = format!(
                 "planned: {} targets, {} would change; plan hash {}",
-                all.len(),
-                plan.changes,
-                plan.hash
+                targets, plan.changes, plan.hash
             );
             conditions::upsert(
                 &mut next.conditions,
@@ -273,7 +297,7 @@ impl Run<'_> {
                     "Validate",
                     Some(format!(
                         "{} targets, {} would change, plan hash {}{}",
-                        all.len(),
+                        targets,
                         plan.changes,
                         plan.hash,
                         self.requested_by()
@@ -284,15 +308,15 @@ impl Run<'_> {
         }
         next.phase = Phase::Running;
         next.summary = Some(Summary {
-            targets: all.len() as u32,
-            ..results::summarize(done_rows.iter().copied())
+            targets,
+            ..digest.summary.clone()
         });
         next.progress = Some(Progress {
             run: run_id,
-            batches: chunks.len() as u32,
+            batches: batches as u32,
             done: 0,
         });
-        let message = format!("executing plan {} on {} targets", plan.hash, all.len());
+        let message = format!("executing plan {} on {} targets", plan.hash, targets);
         conditions::upsert(
             &mut next.conditions,
             Desired {
@@ -485,17 +509,17 @@ impl Run<'_> {
             .metrics
             .pbx_call(
                 "read_users",
-                backend.read_users(&UserSelection {
-                    groups: vec![],
-                    extensions,
-                }),
+                // Only the fields a CSV or spec.fields can set are planned: the rest need no memory.
+                backend.read_user_fields(
+                    &UserSelection {
+                        groups: vec![],
+                        extensions,
+                    },
+                    &wanted_fields,
+                ),
             )
             .await?;
-        let mut users = read.users;
-        // Only the fields a CSV or spec.fields can set are planned: the rest need no memory.
-        for u in &mut users {
-            u.values.retain(|f, _| wanted_fields.contains(f));
-        }
+        let users = read.users;
         let policies = backend.policies().await?;
         let caps = backend.capabilities();
         let fp = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);

@@ -82,6 +82,16 @@ pub trait PbxBackend: Send + Sync {
     /// Reads every selected user (group members and listed extensions) in one go.
     async fn read_users(&self, selection: &UserSelection) -> Result<UserRead>;
 
+    /// Like [`PbxBackend::read_users`], with only `fields` (and every user's numbers) read.
+    async fn read_user_fields(
+        &self,
+        selection: &UserSelection,
+        fields: &[UserField],
+    ) -> Result<UserRead> {
+        let _ = fields;
+        self.read_users(selection).await
+    }
+
     /// Every extension of the tenant, in extension order (for exports).
     async fn extensions(&self) -> Result<Vec<String>>;
 

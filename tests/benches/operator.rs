@@ -219,6 +219,7 @@ async fn csv_change(rows: usize) {
         false,
     )
     .await;
+    let rss_at_rest = peak_rss_mib(env.operator.child.id());
     let start = Instant::now();
     let (ok, export, err) = env.cli(&[
         "export",
@@ -347,6 +348,7 @@ spec:
         largest
     );
     println!("  users with the new policy in SQL               {written:>8}");
+    println!("  operator peak RSS before the change (VmHWM)    {rss_at_rest:>8.1} MiB");
     println!("  operator peak RSS after Validate (VmHWM)       {rss_validate:>8.1} MiB");
     println!("  operator peak RSS after Execute (VmHWM)        {rss:>8.1} MiB");
 }

@@ -223,6 +223,27 @@ impl Db {
         conn: &mut AnyConnection,
         selection: &UserSelection,
     ) -> Result<UserRead> {
+        self.read_users_only(conn, selection, None).await
+    }
+
+    /// Reads users with only `fields` (and their numbers), for plans that need no more.
+    pub async fn read_user_fields(
+        &self,
+        selection: &UserSelection,
+        fields: &[UserField],
+    ) -> Result<UserRead> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        self.read_users_only(&mut conn, selection, Some(fields))
+            .await
+    }
+
+    async fn read_users_only(
+        &self,
+        conn: &mut AnyConnection,
+        selection: &UserSelection,
+        only: Option<&[UserField]>,
+    ) -> Result<UserRead> {
+        let wanted_field = |f: UserField| only.is_none_or(|o| o.contains(&f));
         let mut wanted: BTreeSet<String> = selection.extensions.iter().cloned().collect();
         let mut empty_groups = Vec::new();
         if !selection.groups.is_empty() {
@@ -263,12 +284,12 @@ impl Db {
                     extension: extension.clone(),
                     ..Default::default()
                 };
-                for field in UserField::ALL {
+                for field in UserField::ALL.into_iter().filter(|f| wanted_field(*f)) {
                     if let Some(d) = schema::default_value(field) {
                         user.values.insert(field, d.to_string());
                     }
                 }
-                if !ha1.is_empty() {
+                if !ha1.is_empty() && wanted_field(UserField::Password) {
                     user.values
                         .insert(UserField::Password, format!("ha1:{ha1}"));
                 }
@@ -279,6 +300,7 @@ impl Db {
             );
             let by_attribute: HashMap<&str, UserField> = UserField::ALL
                 .into_iter()
+                .filter(|f| wanted_field(*f))
                 .filter_map(|f| match schema::storage(f) {
                     Storage::Attribute(a) => Some((a, f)),
                     _ => None,
@@ -301,7 +323,12 @@ impl Db {
                 "SELECT username, grp FROM grp WHERE domain = $1 AND username IN ({list}) ORDER BY grp"
             );
             let mut groups: HashMap<String, Vec<String>> = HashMap::new();
-            for row in self.fetch_in(conn, &q, chunk).await? {
+            let group_rows = if wanted_field(UserField::Groups) {
+                self.fetch_in(conn, &q, chunk).await?
+            } else {
+                vec![]
+            };
+            for row in group_rows {
                 groups
                     .entry(text(&row, 0).map_err(|e| self.err(e))?)
                     .or_default()

@@ -129,6 +129,14 @@ impl PbxBackend for Kamailio {
         self.db.read_users(selection).await
     }
 
+    async fn read_user_fields(
+        &self,
+        selection: &UserSelection,
+        fields: &[UserField],
+    ) -> Result<UserRead> {
+        self.db.read_user_fields(selection, fields).await
+    }
+
     async fn extensions(&self) -> Result<Vec<String>> {
         self.db.extensions().await
     }
