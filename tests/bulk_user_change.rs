@@ -11,21 +11,6 @@ use support::eventually;
 use support::lab::LabSpec;
 use support::pbx::Env;
 
-async fn wait_phase(env: &Env, name: &str, phases: &[Phase]) -> BulkUserChange {
-    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
-    eventually(
-        Duration::from_secs(60),
-        &format!("{name} to reach {phases:?}"),
-        || async {
-            let b = api.get(name).await.ok()?;
-            let s = b.status.as_ref()?;
-            (s.observed_generation == b.metadata.generation && phases.contains(&s.phase))
-                .then_some(b)
-        },
-    )
-    .await
-}
-
 fn condition(b: &BulkUserChange, type_: &str) -> (String, String, String) {
     let c = b
         .status
@@ -77,7 +62,9 @@ async fn seed_call_groups_validate_then_execute() {
     )
     .unwrap();
     env.apply(&format!("{example}  mode: Validate\n"));
-    let b = wait_phase(&env, "call-group-201-202", &[Phase::Validated]).await;
+    let b = env
+        .wait_buc("call-group-201-202", &[Phase::Validated])
+        .await;
     let plan = b.status.as_ref().unwrap().plan.clone().unwrap();
     assert_eq!(
         plan.common_values.get("callGroup"),
@@ -116,12 +103,12 @@ async fn seed_call_groups_validate_then_execute() {
         serde_json::json!({ "mode": "Execute" }),
     )
     .await;
-    let b = wait_phase(
-        &env,
-        "call-group-201-202",
-        &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed],
-    )
-    .await;
+    let b = env
+        .wait_buc(
+            "call-group-201-202",
+            &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed],
+        )
+        .await;
     let status = b.status.clone().unwrap();
     assert_eq!(status.phase, Phase::Succeeded, "{:?}", status.results);
     let summary = status.summary.unwrap();
@@ -195,11 +182,11 @@ spec:
   mode: Validate
 "#,
     );
-    wait_phase(&env, "operators", &[Phase::Validated]).await;
+    env.wait_buc("operators", &[Phase::Validated]).await;
     // Somebody edits 203 in the console between review and execution.
     env.set_attribute("203", "pbx.role", "Operator").await;
     patch_spec(&env, "operators", serde_json::json!({ "mode": "Execute" })).await;
-    let b = wait_phase(&env, "operators", &[Phase::PartiallyFailed]).await;
+    let b = env.wait_buc("operators", &[Phase::PartiallyFailed]).await;
     let status = b.status.clone().unwrap();
     assert_eq!(status.results[0].target, "203", "failures come first");
     assert_eq!(status.results[0].outcome, Outcome::Conflict);
@@ -276,7 +263,7 @@ spec:
   approvedPlanHash: "0000000000000000000000000000000000000000000000000000000000000abc"
 "#,
     );
-    let b = wait_phase(&env, "sales-roles", &[Phase::Failed]).await;
+    let b = env.wait_buc("sales-roles", &[Phase::Failed]).await;
     let (_, reason, message) = condition(&b, "Stalled");
     assert_eq!(reason, "PlanHashMismatch", "{message}");
     let real = b
@@ -304,7 +291,7 @@ spec:
         serde_json::json!({ "approvedPlanHash": real }),
     )
     .await;
-    let b = wait_phase(&env, "sales-roles", &[Phase::Succeeded]).await;
+    let b = env.wait_buc("sales-roles", &[Phase::Succeeded]).await;
     assert!(b.status.unwrap().summary.unwrap().changed >= 3);
     assert_eq!(
         env.attribute("203", "pbx.role").await.as_deref(),
@@ -321,7 +308,7 @@ spec:
   fields: { role: { value: Admin, lock: Open } }
 "#,
     );
-    let b = wait_phase(&env, "too-many", &[Phase::Failed]).await;
+    let b = env.wait_buc("too-many", &[Phase::Failed]).await;
     let (_, reason, message) = condition(&b, "Stalled");
     assert_eq!(reason, "TooManyTargets");
     assert!(message.contains("Verify your selection"), "{message}");
@@ -351,11 +338,11 @@ spec:
   mode: Validate
 "#,
     );
-    wait_phase(&env, "atomic", &[Phase::Validated]).await;
+    env.wait_buc("atomic", &[Phase::Validated]).await;
     env.set_attribute("206", "pbx.caller_id_policy", "Custom")
         .await;
     patch_spec(&env, "atomic", serde_json::json!({ "mode": "Execute" })).await;
-    let b = wait_phase(&env, "atomic", &[Phase::Failed]).await;
+    let b = env.wait_buc("atomic", &[Phase::Failed]).await;
     let results = b.status.unwrap().results;
     assert!(
         results
@@ -427,12 +414,12 @@ spec:
   actions: [Remove]
 "#,
     );
-    let b = wait_phase(
-        &env,
-        "support-team",
-        &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed],
-    )
-    .await;
+    let b = env
+        .wait_buc(
+            "support-team",
+            &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed],
+        )
+        .await;
     let status = b.status.clone().unwrap();
     assert_eq!(status.phase, Phase::Succeeded, "{:?}", status.results);
     assert_eq!(
@@ -495,12 +482,12 @@ spec:
     );
 
     // Remove skips a user who still owns numbers; 209 (no number in the seed) goes.
-    let b = wait_phase(
-        &env,
-        "remove-leavers",
-        &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed],
-    )
-    .await;
+    let b = env
+        .wait_buc(
+            "remove-leavers",
+            &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed],
+        )
+        .await;
     let results = b.status.unwrap().results;
     let r208 = results.iter().find(|r| r.target == "208").unwrap();
     assert_eq!(r208.outcome, Outcome::Skipped);
@@ -547,7 +534,7 @@ spec:
   interval: 2s
 "#,
     );
-    wait_phase(&env, "keep-voice-routes", &[Phase::Succeeded]).await;
+    env.wait_buc("keep-voice-routes", &[Phase::Succeeded]).await;
     assert_eq!(
         env.attribute("202", "pbx.voice_route_policy")
             .await

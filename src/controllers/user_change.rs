@@ -482,18 +482,23 @@ impl Run<'_> {
             .filter(|f| !f.open)
             .map(|f| f.field)
             .collect();
-        let requests = sheet::requests(&sheet, &closed);
-        let numbers: Vec<String> = requests
-            .iter()
-            .flat_map(|r| r.values.iter())
-            .filter(|(f, _)| matches!(f, UserField::PrimaryNumber | UserField::PrivateNumber))
-            .map(|(_, v)| v.clone())
-            .collect();
-        let mut extensions: Vec<String> = requests
-            .iter()
-            .filter(|r| r.errors.is_empty())
-            .map(|r| r.extension.clone())
-            .collect();
+        // A first pass for who is involved; the rows are checked again as they are planned, so
+        // no pass holds every row's request at once.
+        let mut numbers: Vec<String> = Vec::new();
+        let mut extensions: Vec<String> = Vec::new();
+        for r in sheet::requests(&sheet, &closed) {
+            if r.errors.is_empty() {
+                extensions.push(r.extension);
+            }
+            numbers.extend(
+                r.values
+                    .into_iter()
+                    .filter(|(f, _)| {
+                        matches!(f, UserField::PrimaryNumber | UserField::PrivateNumber)
+                    })
+                    .map(|(_, v)| v),
+            );
+        }
         if !numbers.is_empty() {
             let holders = self
                 .ctx
@@ -525,7 +530,8 @@ impl Run<'_> {
         let fp = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
         let atomic = spec.failure_policy == FailurePolicy::Atomic;
         let plan = row_plan::plan_rows(
-            requests,
+            sheet::requests(&sheet, &closed),
+            &sheet.first_rows(),
             users,
             &intent,
             &policies,
@@ -556,7 +562,7 @@ impl Run<'_> {
         let invalid = plan.invalid() as u32;
         let changing = plan.changing() as u32;
         let mut rows: Vec<Row> = Vec::with_capacity(plan.rows.len() + plan.donors.len());
-        for ((i, rp), sheet_row) in plan.rows.into_iter().enumerate().zip(sheet.rows) {
+        for ((i, rp), sheet_row) in plan.rows.into_iter().enumerate().zip(sheet.rows()) {
             let mine: Vec<&row_plan::Donor> =
                 std::iter::from_fn(|| donors.next_if(|d| d.row == i)).collect();
             if let Some(old) = previous_rows.remove(&rp.line) {

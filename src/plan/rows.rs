@@ -8,6 +8,8 @@ use sha2::{Digest, Sha256};
 
 use super::PlanError;
 use super::sheet::RowRequest;
+#[cfg(doc)]
+use super::sheet::Sheet;
 use super::users::{ActionKind, Intent, Wanted};
 use crate::pbx::directory::{Directory, Move};
 use crate::pbx::{FieldWrite, NewValue, Policies, Secret, User, UserField};
@@ -68,11 +70,13 @@ pub fn holder_note(number: &str, taker: &str, line: u64) -> String {
     format!("warning: number {number} moves from this user to {taker} (CSV line {line})")
 }
 
-/// Plans the rows in order. `users`: the rows' users and every holder of a number the rows give;
+/// Plans the rows in order. `row_of`: each extension's first row ([`Sheet::first_rows`]);
+/// `users`: the rows' users and every holder of a number the rows give;
 /// `base`: what spec.fields (Open) and spec.actions add to every valid row; `atomic`: one invalid
 /// row stops every row.
 pub fn plan_rows(
-    requests: Vec<RowRequest>,
+    requests: impl IntoIterator<Item = RowRequest>,
+    row_of: &HashMap<String, usize>,
     users: Vec<User>,
     base: &Intent,
     policies: &Policies,
@@ -80,25 +84,12 @@ pub fn plan_rows(
     fingerprint: &dyn Fn(&str, UserField, &Secret) -> String,
     atomic: bool,
 ) -> Result<RowsPlan, PlanError> {
-    if let Some(f) = base.fields.iter().find(|f| !supported.contains(&f.field)) {
-        return Err(PlanError::UnsupportedField {
-            field: f.field.name().into(),
-            supported: supported
-                .iter()
-                .map(|f| f.name())
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
-    }
+    base.check_supported(supported)?;
     let mut dir = Directory::untracked(users);
-    let mut row_of: HashMap<String, usize> = HashMap::new();
-    for (i, r) in requests.iter().enumerate() {
-        row_of.entry(r.extension.clone()).or_insert(i);
-    }
     let mut actions = base.actions.clone();
     actions.sort();
     actions.dedup();
-    let mut rows = Vec::with_capacity(requests.len());
+    let mut rows = Vec::new();
     let mut donors = Vec::new();
     let mut holder_notes: Vec<(usize, String)> = Vec::new();
     for (i, req) in requests.into_iter().enumerate() {
@@ -291,6 +282,7 @@ mod tests {
         let reqs = sheet::requests(&s, &[]);
         plan_rows(
             reqs,
+            &s.first_rows(),
             users,
             &Intent::default(),
             &policies(),

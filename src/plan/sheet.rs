@@ -57,12 +57,75 @@ pub enum Column {
     Unknown(String),
 }
 
-/// A parsed CSV: the header as written, what each column means, and the data rows.
+/// A checked CSV: the header as written and what each column means. The data rows stay in the
+/// file's own bytes and are parsed again on each pass, so a large file is held once, not as
+/// one string per cell.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sheet {
     pub header: Vec<String>,
     pub columns: Vec<Column>,
-    pub rows: Vec<SheetRow>,
+    /// Data rows (blank ones not counted).
+    pub len: usize,
+    text: Vec<u8>,
+}
+
+impl Sheet {
+    /// Each extension's first data row (by index among the data rows).
+    pub fn first_rows(&self) -> HashMap<String, usize> {
+        let col = self
+            .columns
+            .iter()
+            .position(|c| *c == Column::Extension)
+            .unwrap_or(0);
+        let mut out = HashMap::new();
+        for (i, row) in self.rows().enumerate() {
+            if let Some(e) = row.cells.get(col) {
+                out.entry(e.trim().to_string()).or_insert(i);
+            }
+        }
+        out
+    }
+
+    /// The data rows, in file order.
+    pub fn rows(&self) -> impl Iterator<Item = SheetRow> + '_ {
+        records(&self.text)
+            .skip(1)
+            .filter_map(Result::ok)
+            .filter_map(|(line, record)| {
+                (!record.iter().all(|c| c.trim().is_empty())).then(|| SheetRow {
+                    line,
+                    cells: record.iter().map(str::to_string).collect(),
+                })
+            })
+    }
+}
+
+/// Every record with the file line it starts on. Lines are counted here: the reader's own
+/// count is off by one after CRLF line ends.
+fn records(text: &[u8]) -> impl Iterator<Item = Result<(u64, csv::StringRecord), csv::Error>> + '_ {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text);
+    let (mut counted_to, mut line) = (0usize, 1u64);
+    let mut record = csv::StringRecord::new();
+    std::iter::from_fn(move || match reader.read_record(&mut record) {
+        Ok(false) => None,
+        Err(e) => Some(Err(e)),
+        Ok(true) => {
+            let mut start = record.position().map(|p| p.byte() as usize).unwrap_or(0);
+            while text.get(start).is_some_and(|b| *b == b'\r' || *b == b'\n') {
+                start += 1;
+            }
+            let start = start.min(text.len()).max(counted_to);
+            line += text[counted_to..start]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count() as u64;
+            counted_to = start;
+            Some(Ok((line, record.clone())))
+        }
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,13 +197,9 @@ pub fn read(bytes: &[u8], max_bytes: usize) -> Result<Sheet, SheetError> {
             e.valid_up_to()
         )));
     }
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(bytes);
-    let mut records = reader.records();
-    let header: Vec<String> = match records.next() {
-        Some(Ok(h)) => h.iter().map(|c| c.trim().to_string()).collect(),
+    let mut all = records(bytes);
+    let header: Vec<String> = match all.next() {
+        Some(Ok((_, h))) => h.iter().map(|c| c.trim().to_string()).collect(),
         Some(Err(e)) => return Err(SheetError::NotCsv(e.to_string())),
         None => return Err(SheetError::Empty),
     };
@@ -158,33 +217,18 @@ pub fn read(bytes: &[u8], max_bytes: usize) -> Result<Sheet, SheetError> {
             return Err(SheetError::DuplicateColumn(h.clone()));
         }
     }
-    let mut rows = Vec::new();
-    // Lines are counted here: the reader's own count is off by one after CRLF line ends.
-    let (mut counted_to, mut line) = (0usize, 1u64);
-    for record in records {
-        let record = record.map_err(|e| SheetError::NotCsv(e.to_string()))?;
-        let mut start = record.position().map(|p| p.byte() as usize).unwrap_or(0);
-        while bytes.get(start).is_some_and(|b| *b == b'\r' || *b == b'\n') {
-            start += 1;
+    let mut len = 0;
+    for record in all {
+        let (_, record) = record.map_err(|e| SheetError::NotCsv(e.to_string()))?;
+        if !record.iter().all(|c| c.trim().is_empty()) {
+            len += 1;
         }
-        let start = start.min(bytes.len()).max(counted_to);
-        line += bytes[counted_to..start]
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count() as u64;
-        counted_to = start;
-        if record.iter().all(|c| c.trim().is_empty()) {
-            continue;
-        }
-        rows.push(SheetRow {
-            line,
-            cells: record.iter().map(str::to_string).collect(),
-        });
     }
     Ok(Sheet {
         header,
         columns,
-        rows,
+        len,
+        text: bytes.to_vec(),
     })
 }
 
@@ -202,135 +246,155 @@ pub struct RowRequest {
 
 /// Checks every row: cell count, extension, unknown columns, value formats, and rows that clash
 /// with each other (one user twice, one number given twice). `closed`: columns that
-/// `spec.fields` locks Closed; their cells are reported and not applied.
-pub fn requests(sheet: &Sheet, closed: &[UserField]) -> Vec<RowRequest> {
+/// `spec.fields` locks Closed; their cells are reported and not applied. The rows come one at a
+/// time; only the clash bookkeeping is held for the whole file.
+pub fn requests<'a>(
+    sheet: &'a Sheet,
+    closed: &'a [UserField],
+) -> impl Iterator<Item = RowRequest> + 'a {
     let ext_col = sheet
         .columns
         .iter()
         .position(|c| *c == Column::Extension)
         .unwrap_or(0);
-    let mut out: Vec<RowRequest> = Vec::with_capacity(sheet.rows.len());
-    for row in &sheet.rows {
-        let mut r = RowRequest {
-            line: row.line,
-            extension: row
-                .cells
-                .get(ext_col)
-                .map(|c| c.trim().to_string())
-                .unwrap_or_default(),
-            ..Default::default()
-        };
-        if row.cells.len() != sheet.header.len() {
-            r.errors.push(format!(
-                "the row has {} cells but the header has {} columns; check for a missing or extra comma",
-                row.cells.len(),
-                sheet.header.len()
-            ));
-        }
-        if r.extension.is_empty() {
-            r.errors
-                .push("no extension: every row names its user in the extension column".into());
-        } else if !valid_extension(&r.extension) {
-            r.errors.push(format!(
-                "extension `{}` is not a valid extension (letters, digits, . _ - +; at most 64)",
-                clip(&r.extension)
-            ));
-        }
-        for (cell, col) in row.cells.iter().zip(&sheet.columns) {
-            let cell = cell.trim();
-            if cell.is_empty() {
-                continue;
-            }
-            match col {
-                Column::Extension | Column::Ignored => {}
-                Column::Unknown(name) => r.errors.push(format!(
-                    "unknown column `{}`: not a field a CSV can set (columns: extension, {}); remove the column or empty its cells",
-                    clip(name),
-                    FIELDS.map(|f| f.name()).join(", ")
-                )),
-                Column::Unsupported(name) => r.errors.push(format!(
-                    "column `{}` cannot be set from a CSV yet (columns: extension, {}); use spec.fields for it",
-                    clip(name),
-                    FIELDS.map(|f| f.name()).join(", ")
-                )),
-                Column::Field(f) if closed.contains(f) => r.warnings.push(format!(
-                    "{f} not applied: spec.fields locks it Closed"
-                )),
-                Column::Field(f) => match canonical(*f, cell) {
-                    Ok(v) => r.values.push((*f, v)),
-                    Err(e) => r.errors.push(e),
-                },
-            }
-        }
-        out.push(r);
+    let mut clashes = clashes(sheet, closed, ext_col);
+    sheet.rows().enumerate().map(move |(i, row)| {
+        let mut r = request(sheet, &row, closed, ext_col);
+        r.errors.extend(clashes.remove(&i).unwrap_or_default());
+        r
+    })
+}
+
+fn request(sheet: &Sheet, row: &SheetRow, closed: &[UserField], ext_col: usize) -> RowRequest {
+    let mut r = RowRequest {
+        line: row.line,
+        extension: row
+            .cells
+            .get(ext_col)
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    if row.cells.len() != sheet.header.len() {
+        r.errors.push(format!(
+            "the row has {} cells but the header has {} columns; check for a missing or extra comma",
+            row.cells.len(),
+            sheet.header.len()
+        ));
     }
-    flag_duplicates(&mut out);
-    out
+    if r.extension.is_empty() {
+        r.errors
+            .push("no extension: every row names its user in the extension column".into());
+    } else if !valid_extension(&r.extension) {
+        r.errors.push(format!(
+            "extension `{}` is not a valid extension (letters, digits, . _ - +; at most 64)",
+            clip(&r.extension)
+        ));
+    }
+    for (cell, col) in row.cells.iter().zip(&sheet.columns) {
+        let cell = cell.trim();
+        if cell.is_empty() {
+            continue;
+        }
+        match col {
+            Column::Extension | Column::Ignored => {}
+            Column::Unknown(name) => r.errors.push(format!(
+                "unknown column `{}`: not a field a CSV can set (columns: extension, {}); remove the column or empty its cells",
+                clip(name),
+                FIELDS.map(|f| f.name()).join(", ")
+            )),
+            Column::Unsupported(name) => r.errors.push(format!(
+                "column `{}` cannot be set from a CSV yet (columns: extension, {}); use spec.fields for it",
+                clip(name),
+                FIELDS.map(|f| f.name()).join(", ")
+            )),
+            Column::Field(f) if closed.contains(f) => r.warnings.push(format!(
+                "{f} not applied: spec.fields locks it Closed"
+            )),
+            Column::Field(f) => match canonical(*f, cell) {
+                Ok(v) => r.values.push((*f, v)),
+                Err(e) => r.errors.push(e),
+            },
+        }
+    }
+    let mut given: Vec<&str> = r
+        .values
+        .iter()
+        .filter(|(f, _)| matches!(f, UserField::PrimaryNumber | UserField::PrivateNumber))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let n = given.len();
+    given.dedup();
+    if given.len() < n {
+        r.errors.push(
+            "the same number is given as primaryNumber and privateNumber; a user holds a number once"
+                .into(),
+        );
+    }
+    r
 }
 
 /// One user in two rows, or one number given by two rows: which should win is a person's call,
-/// so none of the rows involved is applied.
-fn flag_duplicates(rows: &mut [RowRequest]) {
-    let mut by_extension: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    let mut by_number: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, r) in rows.iter().enumerate() {
-        if !r.extension.is_empty() {
-            by_extension.entry(&r.extension).or_default().push(i);
+/// so none of the rows involved is applied. Returns the notes by row index.
+fn clashes(sheet: &Sheet, closed: &[UserField], ext_col: usize) -> HashMap<usize, Vec<String>> {
+    let mut by_extension: BTreeMap<String, Vec<(usize, u64)>> = BTreeMap::new();
+    let mut by_number: BTreeMap<String, Vec<(usize, u64)>> = BTreeMap::new();
+    for (i, row) in sheet.rows().enumerate() {
+        if let Some(e) = row
+            .cells
+            .get(ext_col)
+            .map(|c| c.trim())
+            .filter(|e| !e.is_empty())
+        {
+            by_extension
+                .entry(e.to_string())
+                .or_default()
+                .push((i, row.line));
         }
-        let mut numbers: Vec<&str> = r
-            .values
+        let mut numbers: Vec<String> = row
+            .cells
             .iter()
-            .filter(|(f, _)| matches!(f, UserField::PrimaryNumber | UserField::PrivateNumber))
-            .map(|(_, v)| v.as_str())
+            .zip(&sheet.columns)
+            .filter_map(|(cell, col)| match col {
+                Column::Field(f @ (UserField::PrimaryNumber | UserField::PrivateNumber))
+                    if !closed.contains(f) =>
+                {
+                    e164(cell.trim())
+                }
+                _ => None,
+            })
             .collect();
+        numbers.sort();
         numbers.dedup();
         for n in numbers {
-            by_number.entry(n).or_default().push(i);
+            by_number.entry(n).or_default().push((i, row.line));
         }
     }
-    let lines = |rows: &[RowRequest], is: &[usize], except: usize| -> String {
-        is.iter()
-            .filter(|i| **i != except)
-            .map(|i| rows[*i].line.to_string())
+    let others = |rows: &[(usize, u64)], except: usize| -> String {
+        rows.iter()
+            .filter(|(i, _)| *i != except)
+            .map(|(_, line)| line.to_string())
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let mut notes: Vec<(usize, String)> = Vec::new();
-    for (ext, is) in by_extension.iter().filter(|(_, is)| is.len() > 1) {
-        for &i in is {
-            notes.push((i, format!(
+    let mut notes: HashMap<usize, Vec<String>> = HashMap::new();
+    for (ext, rows) in by_extension.iter().filter(|(_, r)| r.len() > 1) {
+        for &(i, _) in rows {
+            notes.entry(i).or_default().push(format!(
                 "extension {ext} also has a row on line {}: none of its rows is applied; keep one row per user",
-                lines(rows, is, i)
-            )));
+                others(rows, i)
+            ));
         }
     }
-    for (number, is) in by_number.iter().filter(|(_, is)| is.len() > 1) {
-        for &i in is {
-            notes.push((i, format!(
+    for (number, rows) in by_number.iter().filter(|(_, r)| r.len() > 1) {
+        for &(i, _) in rows {
+            notes.entry(i).or_default().push(format!(
                 "number {number} is also given on line {}: a number belongs to one user; keep it in one row",
-                lines(rows, is, i)
-            )));
+                others(rows, i)
+            ));
         }
     }
-    for r in rows.iter_mut() {
-        let mut given: Vec<&str> = r
-            .values
-            .iter()
-            .filter(|(f, _)| matches!(f, UserField::PrimaryNumber | UserField::PrivateNumber))
-            .map(|(_, v)| v.as_str())
-            .collect();
-        let n = given.len();
-        given.dedup();
-        if given.len() < n {
-            r.errors.push(
-                "the same number is given as primaryNumber and privateNumber; a user holds a number once"
-                    .into(),
-            );
-        }
-    }
-    for (i, n) in notes {
-        rows[i].errors.push(n);
-    }
+    notes
 }
 
 fn valid_extension(e: &str) -> bool {
@@ -428,10 +492,11 @@ mod tests {
         let s = sheet(text);
         assert_eq!(s.header, ["extension", "primaryNumberLocation"]);
         assert_eq!(s.columns[0], Column::Extension);
-        assert_eq!(s.rows.len(), 2);
-        assert_eq!(s.rows[0].cells[1], "Berlin, 3rd floor");
-        assert_eq!(s.rows[1].cells[1], "New\nYork");
-        assert_eq!((s.rows[0].line, s.rows[1].line), (2, 3));
+        let rows: Vec<SheetRow> = s.rows().collect();
+        assert_eq!((s.len, rows.len()), (2, 2));
+        assert_eq!(rows[0].cells[1], "Berlin, 3rd floor");
+        assert_eq!(rows[1].cells[1], "New\nYork");
+        assert_eq!((rows[0].line, rows[1].line), (2, 3));
     }
 
     #[test]
@@ -449,7 +514,7 @@ mod tests {
                 Column::Ignored
             ]
         );
-        let r = requests(&s, &[]);
+        let r: Vec<RowRequest> = requests(&s, &[]).collect();
         assert!(r[0].errors.is_empty(), "{:?}", r[0].errors);
         assert_eq!(
             r[0].values,
@@ -489,8 +554,8 @@ mod tests {
     #[test]
     fn empty_cells_leave_fields_alone_and_blank_rows_are_dropped() {
         let s = sheet(&format!("{HEADER}\n201,,,,,,Anonymous,\n,,,,,,,\n"));
-        assert_eq!(s.rows.len(), 1);
-        let r = requests(&s, &[]);
+        assert_eq!(s.len, 1);
+        let r: Vec<RowRequest> = requests(&s, &[]).collect();
         assert_eq!(
             r[0].values,
             [(UserField::CallerIdPolicy, "Anonymous".into())]
@@ -507,7 +572,7 @@ mod tests {
              20 4,,,,,\n\
              205,,,,,Anon ymous\n",
         );
-        let r = requests(&s, &[]);
+        let r: Vec<RowRequest> = requests(&s, &[]).collect();
         let all = |i: usize| r[i].errors.join(" | ");
         assert!(all(0).contains("not an E.164 number"), "{}", all(0));
         assert!(all(0).contains("not true or false"), "{}", all(0));
@@ -530,7 +595,7 @@ mod tests {
     #[test]
     fn an_unknown_column_with_empty_cells_is_harmless() {
         let s = sheet("extension,department,callerIdPolicy\n201,,Default\n");
-        assert!(requests(&s, &[])[0].errors.is_empty());
+        assert!(requests(&s, &[]).next().unwrap().errors.is_empty());
     }
 
     #[test]
@@ -543,7 +608,7 @@ mod tests {
              204,+15550100204,+15550100204\n\
              205,+15550100205,\n",
         );
-        let r = requests(&s, &[]);
+        let r: Vec<RowRequest> = requests(&s, &[]).collect();
         assert!(
             r[0].errors
                 .iter()
@@ -575,7 +640,7 @@ mod tests {
     #[test]
     fn closed_columns_are_reported_not_applied() {
         let s = sheet("extension,callerIdPolicy,voiceRoutePolicy\n201,Anonymous,Domestic\n");
-        let r = requests(&s, &[UserField::CallerIdPolicy]);
+        let r: Vec<RowRequest> = requests(&s, &[UserField::CallerIdPolicy]).collect();
         assert!(r[0].errors.is_empty());
         assert_eq!(
             r[0].values,
@@ -623,8 +688,8 @@ mod tests {
             #[test]
             fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
                 if let Ok(s) = read(&bytes, DEFAULT_MAX_BYTES) {
-                    let r = requests(&s, &[UserField::CallerIdPolicy]);
-                    prop_assert_eq!(r.len(), s.rows.len());
+                    let r: Vec<RowRequest> = requests(&s, &[UserField::CallerIdPolicy]).collect();
+                    prop_assert_eq!(r.len(), s.len);
                 }
             }
 
@@ -640,8 +705,8 @@ mod tests {
                 ], 0..64)) {
                 let text: String = parts.concat();
                 if let Ok(s) = read(text.as_bytes(), DEFAULT_MAX_BYTES) {
-                    let r = requests(&s, &[]);
-                    prop_assert_eq!(r.len(), s.rows.len());
+                    let r: Vec<RowRequest> = requests(&s, &[]).collect();
+                    prop_assert_eq!(r.len(), s.len);
                     for req in &r {
                         for (f, v) in &req.values {
                             let again = canonical(*f, v);

@@ -57,6 +57,23 @@ pub struct Intent {
     pub actions: Vec<ActionKind>,
 }
 
+impl Intent {
+    /// A field the backend cannot store is refused before anything is planned, not dropped.
+    pub fn check_supported(&self, supported: &[UserField]) -> Result<(), PlanError> {
+        match self.fields.iter().find(|f| !supported.contains(&f.field)) {
+            Some(f) => Err(PlanError::UnsupportedField {
+                field: f.field.name().into(),
+                supported: supported
+                    .iter()
+                    .map(|f| f.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// One user in a plan: the writes its Open fields need and the actions it gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedUser {
@@ -140,16 +157,7 @@ pub fn plan(
     supported: &[UserField],
     fingerprint: &dyn Fn(&str, UserField, &Secret) -> String,
 ) -> Result<UserPlan, PlanError> {
-    if let Some(f) = intent.fields.iter().find(|f| !supported.contains(&f.field)) {
-        return Err(PlanError::UnsupportedField {
-            field: f.field.name().into(),
-            supported: supported
-                .iter()
-                .map(|f| f.name())
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
-    }
+    intent.check_supported(supported)?;
     let users: BTreeMap<&str, &User> = read
         .users
         .iter()

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use kube::{Api, Client};
-use pbx_operator::api::PbxConnection;
+use pbx_operator::api::{BulkUserChange, PbxConnection, Phase};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 use super::lab::{Lab, LabSpec};
@@ -107,6 +107,22 @@ spec:
             &control_plane().admin_kubeconfig,
             &["--namespace", &self.ns],
         );
+    }
+
+    /// Waits until BulkUserChange `name` has seen its latest generation and is in one of `phases`.
+    pub async fn wait_buc(&self, name: &str, phases: &[Phase]) -> BulkUserChange {
+        let api: Api<BulkUserChange> = Api::namespaced(self.client.clone(), &self.ns);
+        eventually(
+            Duration::from_secs(90),
+            &format!("{name} to reach {phases:?}"),
+            || async {
+                let b = api.get(name).await.ok()?;
+                let s = b.status.as_ref()?;
+                (s.observed_generation == b.metadata.generation && phases.contains(&s.phase))
+                    .then_some(b)
+            },
+        )
+        .await
     }
 
     pub fn apply(&self, manifest: &str) {
