@@ -112,24 +112,44 @@ impl Row {
 /// Splits rows into chunks of at most [`CHUNK_ROWS`] rows and about [`CHUNK_BYTES`].
 pub fn chunk(rows: Vec<Row>) -> Vec<Vec<Row>> {
     let mut chunks = Vec::new();
-    let mut current = Vec::new();
-    let mut bytes = 0;
+    let mut chunker = Chunker::default();
     for row in rows {
+        chunks.extend(chunker.push(row));
+    }
+    let last = chunker.finish();
+    if !last.is_empty() || chunks.is_empty() {
+        chunks.push(last);
+    }
+    chunks
+}
+
+/// Cuts a stream of rows into chunks as they come, so no caller needs every row at once.
+#[derive(Default)]
+pub struct Chunker {
+    current: Vec<Row>,
+    bytes: usize,
+}
+
+impl Chunker {
+    /// Adds a row; returns the previous chunk when this row starts a new one.
+    pub fn push(&mut self, row: Row) -> Option<Vec<Row>> {
         // JSON line plus CSV line, roughly twice the JSON.
         let size = 2 * serde_json::to_string(&row).map(|s| s.len()).unwrap_or(1024) + 2;
         // A giving row stays in the batch of the row that takes its number.
-        let full = current.len() >= CHUNK_ROWS || bytes + size > CHUNK_BYTES;
-        if !current.is_empty() && full && row.gives.is_empty() {
-            chunks.push(std::mem::take(&mut current));
-            bytes = 0;
-        }
-        bytes += size;
-        current.push(row);
+        let full = self.current.len() >= CHUNK_ROWS || self.bytes + size > CHUNK_BYTES;
+        let done = (!self.current.is_empty() && full && row.gives.is_empty()).then(|| {
+            self.bytes = 0;
+            std::mem::take(&mut self.current)
+        });
+        self.bytes += size;
+        self.current.push(row);
+        done
     }
-    if !current.is_empty() || chunks.is_empty() {
-        chunks.push(current);
+
+    /// The last chunk (empty if no row came after the last full one).
+    pub fn finish(self) -> Vec<Row> {
+        self.current
     }
-    chunks
 }
 
 pub fn to_jsonl(rows: &[Row]) -> String {

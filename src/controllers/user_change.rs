@@ -194,15 +194,23 @@ impl Run<'_> {
         }
         let (refs, batches, digest) = match rows {
             Some(rows) => {
-                let chunks = results::chunk(rows);
-                let batches = chunks.len();
-                let mut refs = Vec::with_capacity(batches);
+                // Rows are made, written a chunk at a time and dropped: status keeps counts and
+                // a few rows, so a large run is never in memory as a whole.
+                let mut chunker = results::Chunker::default();
+                let mut refs = Vec::new();
                 let mut digest = results::Digest::default();
-                // Each chunk is dropped once written: status keeps counts and a few rows.
-                for (i, chunk) in chunks.into_iter().enumerate() {
-                    refs.push(self.write_rows(i, &chunk, Some(&plan)).await?);
-                    digest.merge(results::Digest::of(&chunk));
+                for row in rows.into_rows() {
+                    if let Some(chunk) = chunker.push(row) {
+                        refs.push(self.write_rows(refs.len(), &chunk, Some(&plan)).await?);
+                        digest.merge(results::Digest::of(&chunk));
+                    }
                 }
+                let last = chunker.finish();
+                if !last.is_empty() || refs.is_empty() {
+                    refs.push(self.write_rows(refs.len(), &last, Some(&plan)).await?);
+                    digest.merge(results::Digest::of(&last));
+                }
+                let batches = refs.len();
                 self.store.prune(batches).await?;
                 (refs, batches, digest)
             }
@@ -368,7 +376,7 @@ impl Run<'_> {
         backend: &Kamailio,
         retry_only: Option<Vec<Row>>,
         spec_hash: &str,
-    ) -> Result<(Vec<Row>, Plan), Error> {
+    ) -> Result<(PlannedRows, Plan), Error> {
         if self.spec().source.is_some() {
             return self.plan_csv(backend, retry_only, spec_hash).await;
         }
@@ -445,7 +453,7 @@ impl Run<'_> {
         }
         kept.extend(rows);
         kept.sort_by(|a, b| crate::plan::selection::extension_order(&a.target, &b.target));
-        Ok((kept, status_plan))
+        Ok((PlannedRows::All(kept), status_plan))
     }
 
     /// Plans a CSV-sourced change: reads the file, checks each row, reads the rows' users and
@@ -457,7 +465,7 @@ impl Run<'_> {
         backend: &Kamailio,
         previous: Option<Vec<Row>>,
         spec_hash: &str,
-    ) -> Result<(Vec<Row>, Plan), Error> {
+    ) -> Result<(PlannedRows, Plan), Error> {
         let spec = self.spec();
         let source = &spec.source.as_ref().expect("checked by the caller").csv;
         let bytes = csv_source::fetch(
@@ -539,7 +547,6 @@ impl Run<'_> {
             &fp,
             atomic,
         )?;
-        let mut donors = plan.donors.iter().peekable();
         let mut previous_rows: HashMap<u64, Vec<Row>> = HashMap::new();
         if let Some(rows) = previous {
             let mut last: Option<u64> = None;
@@ -561,63 +568,43 @@ impl Run<'_> {
             .collect();
         let invalid = plan.invalid() as u32;
         let changing = plan.changing() as u32;
-        let mut rows: Vec<Row> = Vec::with_capacity(plan.rows.len() + plan.donors.len());
-        for ((i, rp), sheet_row) in plan.rows.into_iter().enumerate().zip(sheet.rows()) {
-            let mine: Vec<&row_plan::Donor> =
-                std::iter::from_fn(|| donors.next_if(|d| d.row == i)).collect();
-            if let Some(old) = previous_rows.remove(&rp.line) {
-                if old.first().is_some_and(|r| r.is_final() && !r.is_failure()) {
-                    rows.extend(old);
-                    continue;
-                }
-            }
-            let line = rp.line;
-            let taker = rp.extension.clone();
-            let mut cells = sheet_row.cells;
-            for (cell, secret) in cells.iter_mut().zip(&sensitive) {
-                if *secret && !cell.is_empty() {
-                    *cell = "(redacted)".into();
-                }
-            }
-            rows.push(csv_row(rp, cells));
-            for d in mine {
-                rows.push(Row {
-                    target: d.extension.clone(),
-                    outcome: Outcome::Planned,
-                    notes: vec![row_plan::holder_note(&d.number, &taker, line)],
-                    gives: vec![d.number.clone()],
-                    ..Default::default()
-                });
-            }
-        }
-        let targets = rows.iter().filter(|r| r.source.is_some()).count() as u32;
+        let targets = plan.rows.len() as u32;
+        let resolved = plan
+            .rows
+            .iter()
+            .filter(|r| !r.extension.is_empty())
+            .take(1000)
+            .map(|r| r.extension.chars().take(128).collect())
+            .collect();
+        let columns = sheet
+            .header
+            .iter()
+            .take(64)
+            .map(|h| h.chars().take(128).collect())
+            .collect();
         let status_plan = Plan {
-            hash: plan.hash,
+            hash: plan.hash.clone(),
             generation: self.buc.metadata.generation.unwrap_or(0),
             targets,
-            resolved: rows
-                .iter()
-                .filter(|r| r.source.is_some() && !r.target.is_empty())
-                .take(1000)
-                .map(|r| r.target.chars().take(128).collect())
-                .collect(),
+            resolved,
             closed_fields: closed.iter().map(|f| f.name().to_string()).collect(),
             changes: changing,
             spec_hash: spec_hash.to_string(),
             csv: Some(CsvPlan {
                 sha256,
-                columns: sheet
-                    .header
-                    .iter()
-                    .take(64)
-                    .map(|h| h.chars().take(128).collect())
-                    .collect(),
+                columns,
                 rows: targets,
                 invalid,
             }),
             ..Default::default()
         };
-        Ok((rows, status_plan))
+        let rows = CsvRows {
+            plan,
+            sheet,
+            sensitive,
+            previous: previous_rows,
+        };
+        Ok((PlannedRows::Csv(rows), status_plan))
     }
 
     /// Writes one chunk of results; CSV-sourced plans echo the input columns.
@@ -889,7 +876,7 @@ impl Run<'_> {
             Err(e) => return self.blocked(status, &e).await,
         };
         let drifted: Vec<Row> = rows
-            .into_iter()
+            .into_rows()
             .filter(|r| r.outcome == Outcome::Planned && !r.writes.is_empty())
             .collect();
         if drifted.is_empty() {
@@ -949,6 +936,75 @@ impl Run<'_> {
             return Ok(Action::requeue(interval));
         }
         Ok(Action::await_change())
+    }
+}
+
+/// A plan's result rows, as they will be stored.
+enum PlannedRows {
+    All(Vec<Row>),
+    /// CSV rows are made from the row plan and the file when they are written, one at a time.
+    Csv(CsvRows),
+}
+
+impl PlannedRows {
+    fn into_rows(self) -> Box<dyn Iterator<Item = Row> + Send> {
+        match self {
+            PlannedRows::All(rows) => Box::new(rows.into_iter()),
+            PlannedRows::Csv(rows) => Box::new(rows.into_rows()),
+        }
+    }
+}
+
+struct CsvRows {
+    plan: row_plan::RowsPlan,
+    sheet: sheet::Sheet,
+    /// Columns whose cells are redacted in results.
+    sensitive: Vec<bool>,
+    /// A retry: the earlier rows by CSV line, each with the rows that followed it.
+    previous: HashMap<u64, Vec<Row>>,
+}
+
+impl CsvRows {
+    /// The input rows in file order, each followed by the users giving it a number; a retried
+    /// row that succeeded before keeps its earlier rows.
+    fn into_rows(self) -> impl Iterator<Item = Row> + Send {
+        let CsvRows {
+            plan,
+            sheet,
+            sensitive,
+            mut previous,
+        } = self;
+        let mut donors = plan.donors.into_iter().peekable();
+        plan.rows
+            .into_iter()
+            .enumerate()
+            .zip(sheet.into_rows())
+            .flat_map(move |((i, rp), sheet_row)| {
+                let mine: Vec<row_plan::Donor> =
+                    std::iter::from_fn(|| donors.next_if(|d| d.row == i)).collect();
+                if let Some(old) = previous.remove(&rp.line) {
+                    if old.first().is_some_and(|r| r.is_final() && !r.is_failure()) {
+                        return old;
+                    }
+                }
+                let line = rp.line;
+                let taker = rp.extension.clone();
+                let mut cells = sheet_row.cells;
+                for (cell, secret) in cells.iter_mut().zip(&sensitive) {
+                    if *secret && !cell.is_empty() {
+                        *cell = "(redacted)".into();
+                    }
+                }
+                let mut out = vec![csv_row(rp, cells)];
+                out.extend(mine.into_iter().map(|d| Row {
+                    target: d.extension,
+                    outcome: Outcome::Planned,
+                    notes: vec![row_plan::holder_note(&d.number, &taker, line)],
+                    gives: vec![d.number],
+                    ..Default::default()
+                }));
+                out
+            })
     }
 }
 

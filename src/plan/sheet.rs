@@ -88,31 +88,45 @@ impl Sheet {
 
     /// The data rows, in file order.
     pub fn rows(&self) -> impl Iterator<Item = SheetRow> + '_ {
-        records(&self.text)
-            .skip(1)
-            .filter_map(Result::ok)
-            .filter_map(|(line, record)| {
-                (!record.iter().all(|c| c.trim().is_empty())).then(|| SheetRow {
-                    line,
-                    cells: record.iter().map(str::to_string).collect(),
-                })
-            })
+        data_rows(records(self.text.as_slice()))
     }
+
+    /// The data rows, in file order, owning the file: for a pass that outlives the sheet.
+    pub fn into_rows(self) -> impl Iterator<Item = SheetRow> + Send + 'static {
+        data_rows(records(self.text))
+    }
+}
+
+fn data_rows(
+    records: impl Iterator<Item = Result<(u64, csv::StringRecord), csv::Error>>,
+) -> impl Iterator<Item = SheetRow> {
+    records
+        .skip(1)
+        .filter_map(Result::ok)
+        .filter_map(|(line, record)| {
+            (!record.iter().all(|c| c.trim().is_empty())).then(|| SheetRow {
+                line,
+                cells: record.iter().map(str::to_string).collect(),
+            })
+        })
 }
 
 /// Every record with the file line it starts on. Lines are counted here: the reader's own
 /// count is off by one after CRLF line ends.
-fn records(text: &[u8]) -> impl Iterator<Item = Result<(u64, csv::StringRecord), csv::Error>> + '_ {
+fn records<T: AsRef<[u8]>>(
+    text: T,
+) -> impl Iterator<Item = Result<(u64, csv::StringRecord), csv::Error>> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_reader(text);
+        .from_reader(std::io::Cursor::new(text));
     let (mut counted_to, mut line) = (0usize, 1u64);
     let mut record = csv::StringRecord::new();
     std::iter::from_fn(move || match reader.read_record(&mut record) {
         Ok(false) => None,
         Err(e) => Some(Err(e)),
         Ok(true) => {
+            let text = reader.get_ref().get_ref().as_ref();
             let mut start = record.position().map(|p| p.byte() as usize).unwrap_or(0);
             while text.get(start).is_some_and(|b| *b == b'\r' || *b == b'\n') {
                 start += 1;
