@@ -486,6 +486,74 @@ mod tests {
     }
 
     #[test]
+    fn a_giving_row_stays_with_the_row_that_takes_its_number() {
+        let mut rows: Vec<Row> = (0..CHUNK_ROWS)
+            .map(|i| row(&format!("{i}"), Outcome::Planned))
+            .collect();
+        rows.push(Row {
+            gives: vec!["+15550100201".into()],
+            ..row("giver", Outcome::Planned)
+        });
+        rows.push(row("next", Outcome::Planned));
+        let chunks = chunk(rows);
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].last().unwrap().target, "giver");
+        assert_eq!(chunks[1][0].target, "next");
+    }
+
+    #[test]
+    fn digests_keep_counts_and_a_capped_few_rows() {
+        let batch = |n: usize, outcome| -> Vec<Row> {
+            (0..n).map(|i| row(&format!("{i}"), outcome)).collect()
+        };
+        let mut d = Digest::default();
+        d.merge(Digest::of(&batch(150, Outcome::Changed)));
+        d.merge(Digest::of(&batch(120, Outcome::Failed)));
+        assert_eq!(d.rows, 270);
+        assert_eq!((d.summary.changed, d.summary.failed), (150, 120));
+        assert_eq!(d.shown.len(), 2 * STATUS_RESULTS);
+        let (shown, _) = for_status(&d.shown);
+        assert_eq!(shown[0].outcome, Outcome::Failed, "failures first");
+    }
+
+    #[test]
+    fn source_csv_is_the_input_plus_change_ok_and_notes() {
+        let header: Vec<String> = ["extension", "callerIdPolicy", "Change OK", "Notes"]
+            .map(String::from)
+            .to_vec();
+        let mut ok = row("201", Outcome::Changed);
+        ok.source = Some(SourceRow {
+            line: 2,
+            cells: ["201", "Anonymous", "old", "old"]
+                .map(String::from)
+                .to_vec(),
+        });
+        ok.changes = vec![FieldChange {
+            field: "callerIdPolicy".into(),
+            from: Some("Default".into()),
+            to: Some("Anonymous".into()),
+        }];
+        let mut bad = row("999", Outcome::Failed);
+        bad.source = Some(SourceRow {
+            line: 3,
+            cells: ["999", "Default", "", ""].map(String::from).to_vec(),
+        });
+        bad.notes = vec!["extension 999 does not exist on the PBX".into()];
+        let giver = Row {
+            gives: vec!["+15550100201".into()],
+            ..row("205", Outcome::Changed)
+        };
+        let csv = to_source_csv(&header, &[ok, giver, bad]);
+        assert_eq!(
+            csv,
+            "extension,callerIdPolicy,Change OK,Notes\n\
+             201,Anonymous,true,updated: callerIdPolicy (Default -> Anonymous)\n\
+             999,Default,false,extension 999 does not exist on the PBX\n",
+            "an uploaded result's own columns are replaced, and rows not in the input are left out"
+        );
+    }
+
+    #[test]
     fn csv_quotes_and_joins() {
         let mut r = row("201", Outcome::Changed);
         r.changes = vec![FieldChange {

@@ -171,5 +171,10 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.stop();
+        // A passing test leaves nothing behind (a PostgreSQL lab's data is some 350 MB, and a
+        // full run starts dozens); a failing one keeps its directory and logs to look at.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
