@@ -171,11 +171,10 @@ pub async fn export_users(args: &ExportUsersArgs) -> Result<(), CliError> {
 
     let mut header = vec![EXTENSION];
     header.extend(FIELDS.iter().map(|f| f.name()));
-    let stdout = std::io::stdout();
-    let mut out = csv::Writer::from_writer(stdout.lock());
     let io = |e: csv::Error| CliError::Usage(format!("cannot write the CSV: {e}"));
-    out.write_record(&header).map_err(io)?;
     if args.template {
+        let mut out = csv::Writer::from_writer(std::io::stdout().lock());
+        out.write_record(&header).map_err(io)?;
         out.flush().map_err(|e| io(e.into()))?;
         return Ok(());
     }
@@ -212,6 +211,10 @@ pub async fn export_users(args: &ExportUsersArgs) -> Result<(), CliError> {
     db.check_tables()
         .await
         .map_err(crate::controllers::Error::Pbx)?;
+    // Connected: only now is anything printed, so a failed export prints no header alone.
+    let stdout = std::io::stdout();
+    let mut out = csv::Writer::from_writer(stdout.lock());
+    out.write_record(&header).map_err(io)?;
     let extensions = db
         .extensions()
         .await
