@@ -330,6 +330,8 @@ fn deployment_is_locked_down_and_runs_the_operator() {
             "4",
             "--secret-check-interval",
             "30s",
+            "--max-csv-bytes",
+            "33554432",
             "--leader-election"
         ]
     );

@@ -549,6 +549,49 @@ async fn every_row_error_is_a_note_and_bad_files_are_refused() {
         Some("Default")
     );
 
+    // A CSV with sensitive columns comes from a Secret instead of a ConfigMap.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("sheet".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "changes.csv".to_string(),
+            "extension,callerIdPolicy\n205,Anonymous\n".to_string(),
+        )])),
+        ..Default::default()
+    };
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: from-secret }
+spec:
+  connectionRef: { name: acme }
+  source: { csv: { secretKeyRef: { name: sheet, key: changes.csv } } }
+  mode: Validate
+"#,
+    );
+    let b = env
+        .wait_buc("from-secret", &[Phase::Validated, Phase::Failed])
+        .await;
+    assert_eq!(b.status.as_ref().unwrap().phase, Phase::Validated);
+    let (_, rows) = result_csv(&env, "from-secret");
+    assert_eq!(
+        rows,
+        [[
+            "205",
+            "Anonymous",
+            "true",
+            "would update: callerIdPolicy (Default -> Anonymous)"
+        ]]
+    );
+
     // The API server refuses a CSV change that also names targets.
     let (ok, _, err) = support::try_kubectl(
         &support::control_plane().admin_kubeconfig,
