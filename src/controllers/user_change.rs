@@ -537,15 +537,18 @@ impl Run<'_> {
         let caps = backend.capabilities();
         let fp = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
         let atomic = spec.failure_policy == FailurePolicy::Atomic;
+        let rules = row_plan::Rules {
+            base: &intent,
+            policies: &policies,
+            supported: &caps.user_fields,
+            fingerprint: &fp,
+            atomic,
+        };
         let plan = row_plan::plan_rows(
             sheet::requests(&sheet, &closed),
             &sheet.first_rows(),
             users,
-            &intent,
-            &policies,
-            &caps.user_fields,
-            &fp,
-            atomic,
+            &rules,
         )?;
         let mut previous_rows: HashMap<u64, Vec<Row>> = HashMap::new();
         if let Some(rows) = previous {

@@ -65,10 +65,11 @@ impl Directory {
     }
 
     fn remember(&mut self, extension: &str) {
-        if self.track && !self.originals.contains_key(extension) {
-            if let Some(u) = self.users.get(extension) {
-                self.originals.insert(extension.to_string(), u.clone());
-            }
+        if self.track
+            && !self.originals.contains_key(extension)
+            && let Some(u) = self.users.get(extension)
+        {
+            self.originals.insert(extension.to_string(), u.clone());
         }
     }
 
@@ -84,10 +85,10 @@ impl Directory {
     /// number from whoever else holds it. Returns the moves it made.
     pub fn set(&mut self, extension: &str, field: UserField, value: Option<&str>) -> Vec<Move> {
         let mut moves = Vec::new();
-        if let (UserField::PrimaryNumber | UserField::PrivateNumber, Some(n)) = (field, value) {
-            if let Some(holder) = self.holder_other_than(n, extension).map(str::to_string) {
-                moves.push(self.take(n, &holder));
-            }
+        if let (UserField::PrimaryNumber | UserField::PrivateNumber, Some(n)) = (field, value)
+            && let Some(holder) = self.holder_other_than(n, extension).map(str::to_string)
+        {
+            moves.push(self.take(n, &holder));
         }
         self.remember(extension);
         let Some(user) = self.users.get_mut(extension) else {
@@ -112,10 +113,10 @@ impl Directory {
                 };
             }
             UserField::PrivateNumber => {
-                if let Some(old) = user.values.remove(&field) {
-                    if !user.numbers.contains(&old) {
-                        self.holders.remove(&old);
-                    }
+                if let Some(old) = user.values.remove(&field)
+                    && !user.numbers.contains(&old)
+                {
+                    self.holders.remove(&old);
                 }
                 if let Some(n) = value {
                     user.values.insert(field, n.to_string());

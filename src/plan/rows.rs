@@ -70,20 +70,34 @@ pub fn holder_note(number: &str, taker: &str, line: u64) -> String {
     format!("warning: number {number} moves from this user to {taker} (CSV line {line})")
 }
 
+/// What every row is planned against, besides the PBX's users.
+pub struct Rules<'a> {
+    /// What spec.fields (Open) and spec.actions add to every valid row.
+    pub base: &'a Intent,
+    pub policies: &'a Policies,
+    /// The fields the backend can store.
+    pub supported: &'a [UserField],
+    /// How the backend stores a secret, to compare it with the current one.
+    pub fingerprint: &'a dyn Fn(&str, UserField, &Secret) -> String,
+    /// One invalid row stops every row.
+    pub atomic: bool,
+}
+
 /// Plans the rows in order. `row_of`: each extension's first row ([`Sheet::first_rows`]);
-/// `users`: the rows' users and every holder of a number the rows give;
-/// `base`: what spec.fields (Open) and spec.actions add to every valid row; `atomic`: one invalid
-/// row stops every row.
+/// `users`: the rows' users and every holder of a number the rows give.
 pub fn plan_rows(
     requests: impl IntoIterator<Item = RowRequest>,
     row_of: &HashMap<String, usize>,
     users: Vec<User>,
-    base: &Intent,
-    policies: &Policies,
-    supported: &[UserField],
-    fingerprint: &dyn Fn(&str, UserField, &Secret) -> String,
-    atomic: bool,
+    rules: &Rules,
 ) -> Result<RowsPlan, PlanError> {
+    let Rules {
+        base,
+        policies,
+        supported,
+        fingerprint,
+        atomic,
+    } = *rules;
     base.check_supported(supported)?;
     let mut dir = Directory::untracked(users);
     let mut actions = base.actions.clone();
@@ -280,17 +294,14 @@ mod tests {
     fn plan(csv: &str, users: Vec<User>, atomic: bool) -> RowsPlan {
         let s = sheet::read(csv.as_bytes(), DEFAULT_MAX_BYTES).unwrap();
         let reqs = sheet::requests(&s, &[]);
-        plan_rows(
-            reqs,
-            &s.first_rows(),
-            users,
-            &Intent::default(),
-            &policies(),
-            &UserField::ALL,
-            &fp,
+        let rules = Rules {
+            base: &Intent::default(),
+            policies: &policies(),
+            supported: &UserField::ALL,
+            fingerprint: &fp,
             atomic,
-        )
-        .unwrap()
+        };
+        plan_rows(reqs, &s.first_rows(), users, &rules).unwrap()
     }
 
     fn users() -> Vec<User> {
