@@ -666,3 +666,102 @@ async fn a_gzipped_csv_in_several_batches_atomic() {
     seen.dedup();
     assert_eq!(seen.len(), 2500);
 }
+
+#[tokio::test]
+async fn sigkill_mid_csv_change_moves_each_number_once() {
+    const USERS: usize = 4000;
+    let mut env = Env::start(
+        "csv-crash",
+        LabSpec {
+            db: "postgres",
+            users: USERS,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    // Every row: caller ID Anonymous; every 10th row also takes the number of the user after it
+    // (who has no row of its own that gives a number): 400 moves.
+    let mut text = String::from("extension,primaryNumber,callerIdPolicy\n");
+    for i in 0..USERS {
+        let ext = 200 + i;
+        let take = if i % 10 == 0 {
+            format!("+1555010{:04}", ext + 1)
+        } else {
+            String::new()
+        };
+        text.push_str(&format!("{ext},{take},Anonymous\n"));
+    }
+    config_map(&env, "all", Some(&text), None).await;
+    change(&env, "all", "all", "Execute", "");
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut kills = Vec::new();
+    for round in 0..2u64 {
+        eventually(
+            Duration::from_secs(60),
+            "the change to be executing",
+            || async {
+                let s = api.get("all").await.ok()?.status?;
+                matches!(s.phase, Phase::Running | Phase::Succeeded).then_some(())
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(150 * round)).await;
+        let s = api.get("all").await.unwrap().status.unwrap_or_default();
+        if s.phase != Phase::Running {
+            break;
+        }
+        kills.push(s.progress.map(|p| format!("{}/{}", p.done, p.batches)));
+        env.kill_and_restart_operator();
+    }
+    eprintln!("SIGKILLed the operator at batches {kills:?}");
+    let b = env
+        .wait_buc(
+            "all",
+            &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed],
+        )
+        .await;
+    let status = b.status.unwrap();
+    assert_eq!(
+        status.phase,
+        Phase::Succeeded,
+        "{:?}",
+        status.results.first()
+    );
+    let s = status.summary.unwrap();
+    assert_eq!(
+        (s.targets, s.changed + s.unchanged, s.failed, s.conflicts),
+        (USERS as u32, USERS as u32, 0, 0),
+        "every row once (users already Anonymous without a move are unchanged)"
+    );
+    let (_, rows) = result_csv(&env, "all");
+    assert_eq!(rows.len(), USERS, "every input row once");
+    let unique: std::collections::BTreeSet<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(unique.len(), USERS);
+    assert!(
+        rows.iter().all(|r| r[3] == "true"),
+        "{:?}",
+        rows.iter().find(|r| r[3] != "true")
+    );
+    assert!(rows[0][4].contains("was held by 201"), "{}", rows[0][4]);
+    assert!(
+        rows[1][4].contains("number +15550100201 moves from this user to 200 (CSV line 2)"),
+        "{}",
+        rows[1][4]
+    );
+    assert_eq!(
+        env.sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.caller_id_policy' AND value = 'Anonymous'").await,
+        USERS.to_string()
+    );
+    assert_eq!(
+        env.sql_one("SELECT COUNT(*) FROM (SELECT alias_username FROM dbaliases GROUP BY alias_username HAVING COUNT(*) > 1) d").await,
+        "0",
+        "no number has two holders"
+    );
+    // 800 users never had a number (i % 5 == 4); 400 gave theirs away.
+    assert_eq!(
+        env.sql_one("SELECT COUNT(*) FROM subscriber s WHERE NOT EXISTS (SELECT 1 FROM dbaliases d WHERE d.username = s.username)").await,
+        "1200"
+    );
+}
