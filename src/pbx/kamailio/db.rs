@@ -595,8 +595,9 @@ impl Db {
     /// (so a PBX whose catalogue is still empty does not refuse what it runs with today).
     pub async fn policies(&self) -> Result<Policies> {
         let mut p = Policies::default();
-        let q = "SELECT kind, name FROM pbx_policy WHERE domain = $1 OR domain = '' UNION SELECT attribute, value FROM usr_preferences WHERE domain = $1 AND attribute IN ('pbx.caller_id_policy', 'pbx.voice_route_policy')";
+        let q = "SELECT kind, name FROM pbx_policy WHERE domain = $1 OR domain = '' UNION SELECT attribute, value FROM usr_preferences WHERE domain = $2 AND attribute IN ('pbx.caller_id_policy', 'pbx.voice_route_policy')";
         let rows = sqlx::query(self.sql(q))
+            .bind(&self.domain)
             .bind(&self.domain)
             .fetch_all(&self.pool)
             .await
@@ -677,16 +678,13 @@ impl Db {
                 .flat_map(|(e, gs)| gs.iter().map(move |g| (*e, g.as_str())))
                 .collect();
             for chunk in rows.chunks(CHUNK) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("(${}, $1, ${}, CURRENT_TIMESTAMP)", 2 + 2 * i, 3 + 2 * i))
-                    .collect();
+                let values = tuples(chunk.len(), 3, |p| format!("({p}, CURRENT_TIMESTAMP)"));
                 let q = format!(
-                    "INSERT INTO grp (username, domain, grp, last_modified) VALUES {}",
-                    values.join(", ")
+                    "INSERT INTO grp (username, domain, grp, last_modified) VALUES {values}"
                 );
-                let mut query = sqlx::query(self.sql(&q)).bind(&self.domain);
+                let mut query = sqlx::query(self.sql(&q));
                 for (e, g) in chunk {
-                    query = query.bind(*e).bind(*g);
+                    query = query.bind(*e).bind(&self.domain).bind(*g);
                 }
                 query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
             }
@@ -706,16 +704,17 @@ impl Db {
                 .flat_map(|(e, ns)| ns.iter().map(move |n| (*e, n.as_str())))
                 .collect();
             for chunk in rows.chunks(CHUNK) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("(${}, $1, ${}, $1)", 3 + 2 * i, 2 + 2 * i))
-                    .collect();
+                let values = tuples(chunk.len(), 4, |p| format!("({p})"));
                 let q = format!(
-                    "INSERT INTO dbaliases (alias_username, alias_domain, username, domain) VALUES {}",
-                    values.join(", ")
+                    "INSERT INTO dbaliases (alias_username, alias_domain, username, domain) VALUES {values}"
                 );
-                let mut query = sqlx::query(self.sql(&q)).bind(&self.domain);
+                let mut query = sqlx::query(self.sql(&q));
                 for (e, n) in chunk {
-                    query = query.bind(*e).bind(*n);
+                    query = query
+                        .bind(*n)
+                        .bind(&self.domain)
+                        .bind(*e)
+                        .bind(&self.domain);
                 }
                 query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
             }
@@ -773,22 +772,20 @@ impl Db {
             if set.is_empty() {
                 continue;
             }
-            let values: Vec<String> = (0..set.len())
-                .map(|i| {
-                    format!(
-                        "(${}, $1, $2, 2, ${}, CURRENT_TIMESTAMP)",
-                        3 + 2 * i,
-                        4 + 2 * i
-                    )
-                })
-                .collect();
+            let values = tuples(set.len(), 4, |p| {
+                let (head, value) = p.rsplit_once(", ").expect("four placeholders");
+                format!("({head}, 2, {value}, CURRENT_TIMESTAMP)")
+            });
             let q = format!(
-                "INSERT INTO usr_preferences (username, domain, attribute, type, value, last_modified) VALUES {}",
-                values.join(", ")
+                "INSERT INTO usr_preferences (username, domain, attribute, type, value, last_modified) VALUES {values}"
             );
-            let mut query = sqlx::query(self.sql(&q)).bind(&self.domain).bind(attribute);
+            let mut query = sqlx::query(self.sql(&q));
             for (ext, value) in &set {
-                query = query.bind(*ext).bind(*value);
+                query = query
+                    .bind(*ext)
+                    .bind(&self.domain)
+                    .bind(attribute)
+                    .bind(*value);
             }
             query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
         }
@@ -1007,6 +1004,16 @@ fn given_number(w: &FieldWrite) -> Option<&str> {
     }
 }
 
+/// `rows` tuples of `width` placeholders numbered in the order they are written, so the values
+/// bind in that order on every database (MySQL's `?` cannot refer back to an earlier one).
+/// `shape` turns one row's placeholders (`$1, $2, ...`) into its tuple.
+fn tuples(rows: usize, width: usize, shape: impl Fn(&str) -> String) -> String {
+    (0..rows)
+        .map(|r| shape(&placeholders(1 + r * width, width)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn placeholders(start: usize, n: usize) -> String {
     (start..start + n)
         .map(|i| format!("${i}"))
@@ -1102,6 +1109,14 @@ mod tests {
             "sqlite:/var/lib/kamailio/k.db"
         );
         assert!(!redacted_target("mysql://root:pw@h/k").contains("pw"));
+    }
+
+    #[test]
+    fn tuples_number_placeholders_in_writing_order() {
+        assert_eq!(
+            tuples(2, 3, |p| format!("({p}, CURRENT_TIMESTAMP)")),
+            "($1, $2, $3, CURRENT_TIMESTAMP), ($4, $5, $6, CURRENT_TIMESTAMP)"
+        );
     }
 
     #[test]
