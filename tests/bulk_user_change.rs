@@ -567,3 +567,50 @@ spec:
     .await;
     assert!(env.events().contains("DriftCorrected"));
 }
+
+#[tokio::test]
+async fn a_number_another_user_holds_is_a_conflict_not_a_silent_move() {
+    let env = Env::start(
+        "buc-number",
+        LabSpec {
+            users: 10,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    // 204 has no number; 201 holds +15550100201.
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: steal }
+spec:
+  connectionRef: { name: acme }
+  targets: { extensions: ["204"] }
+  fields: { primaryNumber: { value: { number: "+15550100201" }, lock: Open } }
+"#,
+    );
+    let b = env
+        .wait_buc(
+            "steal",
+            &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed],
+        )
+        .await;
+    let status = b.status.unwrap();
+    assert_eq!(status.phase, Phase::Failed);
+    let r = &status.results[0];
+    assert_eq!(r.outcome, Outcome::Conflict);
+    assert!(
+        r.notes[0]
+            .contains("primaryNumber +15550100201 is held by 201, which the plan did not expect"),
+        "{:?}",
+        r.notes
+    );
+    assert_eq!(
+        env.sql_one("SELECT username FROM dbaliases WHERE alias_username = '+15550100201'")
+            .await,
+        "201",
+        "nothing moved"
+    );
+}

@@ -442,3 +442,88 @@ async fn connection_errors_say_what_to_fix() {
     assert_eq!(err.reason(), "MissingTables", "{err}");
     assert!(err.to_string().contains("grp"), "{err}");
 }
+
+/// A number has one holder: a change may take it only from the holder it names, and then the
+/// holder loses it (and its location) in the same transaction.
+async fn numbers_move_only_from_the_named_holder(db: &'static str) {
+    use pbx_operator::pbx::directory::Move;
+    let lab = Lab::start(LabSpec {
+        db,
+        users: 10,
+        phones: 0,
+        ..Default::default()
+    });
+    let pbx = backend(&lab).await;
+    let pool = sql_pool(&lab).await;
+    let give = |takes: Vec<Move>| UserChange {
+        extension: "204".into(),
+        writes: vec![FieldWrite {
+            field: UserField::PrimaryNumber,
+            from: None,
+            to: NewValue::Set("+15550100201".into()),
+        }],
+        takes,
+    };
+    // 201's number, without naming 201: refused, nothing written.
+    let out = pbx
+        .apply_user_changes(&[give(vec![])], false)
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [WriteOutcome::NumberHeld {
+            field: UserField::PrimaryNumber,
+            number: "+15550100201".into(),
+            holder: "201".into()
+        }]
+    );
+    // Naming someone else is refused too.
+    let wrong = Move {
+        number: "+15550100201".into(),
+        holder: "202".into(),
+        held_as: UserField::PrimaryNumber,
+    };
+    let out = pbx
+        .apply_user_changes(&[give(vec![wrong])], false)
+        .await
+        .unwrap();
+    assert!(matches!(out[0], WriteOutcome::NumberHeld { .. }), "{out:?}");
+    // Naming 201: the number moves.
+    let right = Move {
+        number: "+15550100201".into(),
+        holder: "201".into(),
+        held_as: UserField::PrimaryNumber,
+    };
+    let out = pbx
+        .apply_user_changes(&[give(vec![right])], true)
+        .await
+        .unwrap();
+    assert_eq!(out, [WriteOutcome::Applied]);
+    let holders: Vec<String> = sqlx::query(AssertSqlSafe(
+        "SELECT username FROM dbaliases WHERE alias_username = '+15550100201'".to_string(),
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get::<String, _>(0))
+    .collect();
+    assert_eq!(holders, ["204"]);
+    assert_eq!(
+        attribute(&pool, "201", "pbx.primary_number_location").await,
+        None
+    );
+    let read = pbx.read_users(&all(10)).await.unwrap();
+    let u201 = read.users.iter().find(|u| u.extension == "201").unwrap();
+    assert!(u201.numbers.is_empty());
+}
+
+#[tokio::test]
+async fn sqlite_numbers_move_only_from_the_named_holder() {
+    numbers_move_only_from_the_named_holder("sqlite").await;
+}
+
+#[tokio::test]
+async fn postgres_numbers_move_only_from_the_named_holder() {
+    numbers_move_only_from_the_named_holder("postgres").await;
+}

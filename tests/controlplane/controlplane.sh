@@ -15,8 +15,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 log() { echo "controlplane: $*" >&2; }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+# N distinct free loopback ports: all held open until every one is chosen.
+free_ports() {
+  python3 -c 'import socket,sys
+socks=[socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks: s.bind(("127.0.0.1",0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
 }
 
 wait_for() { # url timeout_s [curl args...]
@@ -111,7 +115,8 @@ cmd_up() {
     "$admin_token" "$user_token" > "$pki/tokens.csv"
 
   local etcd_port etcd_peer api_port
-  etcd_port=$(free_port); etcd_peer=$(free_port); api_port=$(free_port)
+  # Three distinct ports from one call: separate calls may be handed the same port again.
+  read -r etcd_port etcd_peer api_port < <(free_ports 3)
   local etcd_url="http://127.0.0.1:$etcd_port"
 
   "$bin/etcd" --name pbx-test --data-dir "$dir/etcd" \

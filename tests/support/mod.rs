@@ -33,24 +33,32 @@ static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
 /// The control plane of this test binary, started on first use with the CRDs installed.
 pub fn control_plane() -> &'static ControlPlane {
     CONTROL_PLANE.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("pbx-cp-")
-            .tempdir()
-            .expect("temp dir")
-            .keep();
         let script = repo_root().join("tests/controlplane/controlplane.sh");
-        let status = Command::new("bash")
-            .arg(&script)
-            .args(["up", "--dir"])
-            .arg(&dir)
-            .args(["--owner-pid", &std::process::id().to_string()])
-            .status()
-            .expect("running tests/controlplane/controlplane.sh");
-        assert!(
-            status.success(),
-            "the control plane did not start; logs are in {}",
-            dir.display()
-        );
+        // A free port can be taken by another process between choosing and binding it; a second
+        // attempt on fresh ports is what a person would do too.
+        let mut failed = Vec::new();
+        let dir = loop {
+            let dir = tempfile::Builder::new()
+                .prefix("pbx-cp-")
+                .tempdir()
+                .expect("temp dir")
+                .keep();
+            let status = Command::new("bash")
+                .arg(&script)
+                .args(["up", "--dir"])
+                .arg(&dir)
+                .args(["--owner-pid", &std::process::id().to_string()])
+                .status()
+                .expect("running tests/controlplane/controlplane.sh");
+            if status.success() {
+                break dir;
+            }
+            failed.push(dir.display().to_string());
+            assert!(
+                failed.len() < 3,
+                "the control plane did not start; logs are in {failed:?}"
+            );
+        };
         let cp = ControlPlane {
             admin_kubeconfig: dir.join("admin.kubeconfig"),
             user_kubeconfig: dir.join("user.kubeconfig"),
