@@ -494,16 +494,16 @@ impl Run<'_> {
         // no pass holds every row's request at once.
         let mut numbers: Vec<String> = Vec::new();
         let mut extensions: Vec<String> = Vec::new();
-        for r in sheet::requests(&sheet, &closed) {
+        let mut row_of: HashMap<String, usize> = HashMap::new();
+        for (i, r) in sheet::requests(&sheet, &closed).enumerate() {
+            row_of.entry(r.extension.clone()).or_insert(i);
             if r.errors.is_empty() {
                 extensions.push(r.extension);
             }
             numbers.extend(
                 r.values
                     .into_iter()
-                    .filter(|(f, _)| {
-                        matches!(f, UserField::PrimaryNumber | UserField::PrivateNumber)
-                    })
+                    .filter(|(f, _)| f.is_number())
                     .map(|(_, v)| v),
             );
         }
@@ -544,12 +544,7 @@ impl Run<'_> {
             fingerprint: &fp,
             atomic,
         };
-        let plan = row_plan::plan_rows(
-            sheet::requests(&sheet, &closed),
-            &sheet.first_rows(),
-            users,
-            &rules,
-        )?;
+        let plan = row_plan::plan_rows(sheet::requests(&sheet, &closed), &row_of, users, &rules)?;
         let mut previous_rows: HashMap<u64, Vec<Row>> = HashMap::new();
         if let Some(rows) = previous {
             let mut last: Option<u64> = None;

@@ -85,7 +85,7 @@ impl Directory {
     /// number from whoever else holds it. Returns the moves it made.
     pub fn set(&mut self, extension: &str, field: UserField, value: Option<&str>) -> Vec<Move> {
         let mut moves = Vec::new();
-        if let (UserField::PrimaryNumber | UserField::PrivateNumber, Some(n)) = (field, value)
+        if let Some(n) = value.filter(|_| field.is_number())
             && let Some(holder) = self.holder_other_than(n, extension).map(str::to_string)
         {
             moves.push(self.take(n, &holder));

@@ -81,6 +81,11 @@ impl UserField {
         UserField::ALL.into_iter().find(|f| f.name() == name)
     }
 
+    /// A phone number a user holds; a number has one holder at a time.
+    pub fn is_number(self) -> bool {
+        matches!(self, UserField::PrimaryNumber | UserField::PrivateNumber)
+    }
+
     /// Secret fields are written from Secrets and read back only as a fingerprint.
     pub fn is_secret(self) -> bool {
         matches!(self, UserField::VoicemailPin | UserField::Password)

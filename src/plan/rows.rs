@@ -8,8 +8,6 @@ use sha2::{Digest, Sha256};
 
 use super::PlanError;
 use super::sheet::RowRequest;
-#[cfg(doc)]
-use super::sheet::Sheet;
 use super::users::{ActionKind, Intent, Wanted};
 use crate::pbx::directory::{Directory, Move};
 use crate::pbx::{FieldWrite, NewValue, Policies, Secret, User, UserField};
@@ -83,7 +81,7 @@ pub struct Rules<'a> {
     pub atomic: bool,
 }
 
-/// Plans the rows in order. `row_of`: each extension's first row ([`Sheet::first_rows`]);
+/// Plans the rows in order. `row_of`: each extension's first row (index among the rows);
 /// `users`: the rows' users and every holder of a number the rows give.
 pub fn plan_rows(
     requests: impl IntoIterator<Item = RowRequest>,
@@ -293,7 +291,11 @@ mod tests {
 
     fn plan(csv: &str, users: Vec<User>, atomic: bool) -> RowsPlan {
         let s = sheet::read(csv.as_bytes(), DEFAULT_MAX_BYTES).unwrap();
-        let reqs = sheet::requests(&s, &[]);
+        let reqs: Vec<RowRequest> = sheet::requests(&s, &[]).collect();
+        let mut row_of = HashMap::new();
+        for (i, r) in reqs.iter().enumerate() {
+            row_of.entry(r.extension.clone()).or_insert(i);
+        }
         let rules = Rules {
             base: &Intent::default(),
             policies: &policies(),
@@ -301,7 +303,7 @@ mod tests {
             fingerprint: &fp,
             atomic,
         };
-        plan_rows(reqs, &s.first_rows(), users, &rules).unwrap()
+        plan_rows(reqs, &row_of, users, &rules).unwrap()
     }
 
     fn users() -> Vec<User> {

@@ -70,20 +70,12 @@ pub struct Sheet {
 }
 
 impl Sheet {
-    /// Each extension's first data row (by index among the data rows).
-    pub fn first_rows(&self) -> HashMap<String, usize> {
-        let col = self
-            .columns
+    /// Which column names the user.
+    fn extension_column(&self) -> usize {
+        self.columns
             .iter()
             .position(|c| *c == Column::Extension)
-            .unwrap_or(0);
-        let mut out = HashMap::new();
-        for (i, row) in self.rows().enumerate() {
-            if let Some(e) = row.cells.get(col) {
-                out.entry(e.trim().to_string()).or_insert(i);
-            }
-        }
-        out
+            .unwrap_or(0)
     }
 
     /// The data rows, in file order.
@@ -266,11 +258,7 @@ pub fn requests<'a>(
     sheet: &'a Sheet,
     closed: &'a [UserField],
 ) -> impl Iterator<Item = RowRequest> + 'a {
-    let ext_col = sheet
-        .columns
-        .iter()
-        .position(|c| *c == Column::Extension)
-        .unwrap_or(0);
+    let ext_col = sheet.extension_column();
     let mut clashes = clashes(sheet, closed, ext_col);
     sheet.rows().enumerate().map(move |(i, row)| {
         let mut r = request(sheet, &row, closed, ext_col);
@@ -334,7 +322,7 @@ fn request(sheet: &Sheet, row: &SheetRow, closed: &[UserField], ext_col: usize) 
     let mut given: Vec<&str> = r
         .values
         .iter()
-        .filter(|(f, _)| matches!(f, UserField::PrimaryNumber | UserField::PrivateNumber))
+        .filter(|(f, _)| f.is_number())
         .map(|(_, v)| v.as_str())
         .collect();
     let n = given.len();
@@ -370,11 +358,7 @@ fn clashes(sheet: &Sheet, closed: &[UserField], ext_col: usize) -> HashMap<usize
             .iter()
             .zip(&sheet.columns)
             .filter_map(|(cell, col)| match col {
-                Column::Field(f @ (UserField::PrimaryNumber | UserField::PrivateNumber))
-                    if !closed.contains(f) =>
-                {
-                    e164(cell.trim())
-                }
+                Column::Field(f) if f.is_number() && !closed.contains(f) => e164(cell.trim()),
                 _ => None,
             })
             .collect();

@@ -666,13 +666,7 @@ impl Db {
         }
         if !groups.is_empty() {
             let exts: Vec<String> = groups.iter().map(|(e, _)| e.to_string()).collect();
-            for chunk in exts.chunks(CHUNK) {
-                let q = format!(
-                    "DELETE FROM grp WHERE domain = $1 AND username IN ({})",
-                    placeholders(2, chunk.len())
-                );
-                self.execute_in(conn, &q, chunk).await?;
-            }
+            self.delete_rows_of(conn, "grp", &exts).await?;
             let rows: Vec<(&str, &str)> = groups
                 .iter()
                 .flat_map(|(e, gs)| gs.iter().map(move |g| (*e, g.as_str())))
@@ -692,13 +686,7 @@ impl Db {
         if !aliases.is_empty() {
             // The primary number is the first alias by id, so a user's list is written anew in order.
             let exts: Vec<String> = aliases.iter().map(|(e, _)| e.to_string()).collect();
-            for chunk in exts.chunks(CHUNK) {
-                let q = format!(
-                    "DELETE FROM dbaliases WHERE domain = $1 AND username IN ({})",
-                    placeholders(2, chunk.len())
-                );
-                self.execute_in(conn, &q, chunk).await?;
-            }
+            self.delete_rows_of(conn, "dbaliases", &exts).await?;
             let rows: Vec<(&str, &str)> = aliases
                 .iter()
                 .flat_map(|(e, ns)| ns.iter().map(move |n| (*e, n.as_str())))
@@ -718,6 +706,24 @@ impl Db {
                 }
                 query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Deletes every row of `table` (grp, dbaliases: tables keyed by username and domain) of the
+    /// given users, one statement per chunk.
+    async fn delete_rows_of(
+        &self,
+        conn: &mut AnyConnection,
+        table: &'static str,
+        extensions: &[String],
+    ) -> Result<()> {
+        for chunk in extensions.chunks(CHUNK) {
+            let q = format!(
+                "DELETE FROM {table} WHERE domain = $1 AND username IN ({})",
+                placeholders(2, chunk.len())
+            );
+            self.execute_in(conn, &q, chunk).await?;
         }
         Ok(())
     }
@@ -999,7 +1005,7 @@ impl Db {
 /// The number a write gives its user, if it gives one.
 fn given_number(w: &FieldWrite) -> Option<&str> {
     match (w.field, &w.to) {
-        (UserField::PrimaryNumber | UserField::PrivateNumber, NewValue::Set(n)) => Some(n),
+        (f, NewValue::Set(n)) if f.is_number() => Some(n),
         _ => None,
     }
 }
