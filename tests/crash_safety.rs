@@ -25,12 +25,11 @@ spec:
 "#;
 
 async fn finished(env: &Env, timeout: Duration) -> BulkUserChange {
-    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
-    eventually(timeout, "the change to finish", || async {
-        let b = api.get("everyone").await.ok()?;
-        let p = b.status.as_ref()?.phase;
-        matches!(p, Phase::Succeeded | Phase::PartiallyFailed | Phase::Failed).then_some(b)
-    })
+    env.wait_buc_for(
+        "everyone",
+        &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed],
+        timeout,
+    )
     .await
 }
 

@@ -202,39 +202,22 @@ async fn export_round_trip_validate_execute_and_retry() {
         "{:?}",
         b.status
     );
-    assert_eq!(
-        env.attribute("201", "pbx.caller_id_policy")
-            .await
-            .as_deref(),
-        Some("Anonymous")
-    );
-    assert_eq!(
-        env.attribute("201", "pbx.voice_route_policy")
-            .await
-            .as_deref(),
-        Some("International")
-    );
-    assert_eq!(
-        env.attribute("204", "pbx.enterprise_voice")
-            .await
-            .as_deref(),
-        Some("true")
-    );
+    for (ext, attribute, value) in [
+        ("201", "pbx.caller_id_policy", "Anonymous"),
+        ("201", "pbx.voice_route_policy", "International"),
+        ("204", "pbx.enterprise_voice", "true"),
+        ("204", "pbx.primary_number_location", "Berlin, Building 2"),
+        ("202", "pbx.caller_id_policy", "Reception"),
+    ] {
+        assert_eq!(
+            env.attribute(ext, attribute).await.as_deref(),
+            Some(value),
+            "{ext} {attribute}"
+        );
+    }
     assert_eq!(
         primary_number(&env, "204").await.as_deref(),
         Some("+15550100994")
-    );
-    assert_eq!(
-        env.attribute("204", "pbx.primary_number_location")
-            .await
-            .as_deref(),
-        Some("Berlin, Building 2")
-    );
-    assert_eq!(
-        env.attribute("202", "pbx.caller_id_policy")
-            .await
-            .as_deref(),
-        Some("Reception")
     );
     let (_, rows) = result_csv(&env, "seed");
     assert_eq!(rows.len(), 3);

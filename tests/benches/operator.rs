@@ -274,18 +274,8 @@ spec:
   mode: Validate
 "#,
     );
-    let wait = |phases: &'static [Phase]| {
-        let api = api.clone();
-        async move {
-            support::eventually(Duration::from_secs(900), "the CSV change", || async {
-                let b = api.get("sheet").await.ok()?;
-                let s = b.status.as_ref()?;
-                (s.observed_generation == b.metadata.generation && phases.contains(&s.phase))
-                    .then_some(b)
-            })
-            .await
-        }
-    };
+    let wait =
+        |phases: &'static [Phase]| env.wait_buc_for("sheet", phases, Duration::from_secs(900));
     let validated = wait(&[Phase::Validated, Phase::Failed]).await;
     let validate_took = start.elapsed();
     let rss_validate = peak_rss_mib(env.operator.child.id());

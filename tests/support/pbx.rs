@@ -111,17 +111,24 @@ spec:
 
     /// Waits until BulkUserChange `name` has seen its latest generation and is in one of `phases`.
     pub async fn wait_buc(&self, name: &str, phases: &[Phase]) -> BulkUserChange {
+        self.wait_buc_for(name, phases, Duration::from_secs(90))
+            .await
+    }
+
+    /// [`Env::wait_buc`] with a timeout for large changes.
+    pub async fn wait_buc_for(
+        &self,
+        name: &str,
+        phases: &[Phase],
+        timeout: Duration,
+    ) -> BulkUserChange {
         let api: Api<BulkUserChange> = Api::namespaced(self.client.clone(), &self.ns);
-        eventually(
-            Duration::from_secs(90),
-            &format!("{name} to reach {phases:?}"),
-            || async {
-                let b = api.get(name).await.ok()?;
-                let s = b.status.as_ref()?;
-                (s.observed_generation == b.metadata.generation && phases.contains(&s.phase))
-                    .then_some(b)
-            },
-        )
+        eventually(timeout, &format!("{name} to reach {phases:?}"), || async {
+            let b = api.get(name).await.ok()?;
+            let s = b.status.as_ref()?;
+            (s.observed_generation == b.metadata.generation && phases.contains(&s.phase))
+                .then_some(b)
+        })
         .await
     }
 
