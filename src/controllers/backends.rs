@@ -61,6 +61,22 @@ pub(crate) async fn secret_value(
     namespace: &str,
     r: &SecretKeyRef,
 ) -> Result<String, Error> {
+    let bytes = secret_bytes(client, namespace, r).await?;
+    let text = String::from_utf8(bytes).map_err(|_| Error::SecretMissing {
+        namespace: namespace.to_string(),
+        name: r.name.clone(),
+        key: r.key.clone(),
+        detail: "the value is not UTF-8 text".into(),
+    })?;
+    Ok(text.trim().to_string())
+}
+
+/// A Secret key's bytes as stored (a CSV, say), read with `get` on that one Secret.
+pub(crate) async fn secret_bytes(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+) -> Result<Vec<u8>, Error> {
     let missing = |detail: &str| Error::SecretMissing {
         namespace: namespace.to_string(),
         name: r.name.clone(),
@@ -91,8 +107,7 @@ pub(crate) async fn secret_value(
                 .map(|s| s.clone().into_bytes())
         })
         .ok_or_else(|| missing("the Secret has no such key"))?;
-    let text = String::from_utf8(bytes).map_err(|_| missing("the value is not UTF-8 text"))?;
-    Ok(text.trim().to_string())
+    Ok(bytes)
 }
 
 /// The Kamailio settings a connection resolves to, with its Secrets read.

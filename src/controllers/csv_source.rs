@@ -1,13 +1,15 @@
 //! Fetches the CSV a BulkUserChange names in `spec.source.csv`: a ConfigMap key (text in `data`,
 //! or bytes in `binaryData`, gzip allowed so large files fit the 1 MiB object limit) or a Secret
-//! key when the file holds sensitive columns. The size limit holds after gunzip.
+//! key when the file holds sensitive columns (read like every other Secret: `get` on that one).
+//! The size limit holds after gunzip.
 
 use std::io::Read;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{Api, Client};
 
 use super::Error;
+use crate::api::ConfigMapKeyRef;
 use crate::api::user_change::CsvSource;
 use crate::plan::sheet::SheetError;
 
@@ -19,12 +21,11 @@ pub async fn fetch(
     source: &CsvSource,
     max_bytes: usize,
 ) -> Result<Vec<u8>, Error> {
-    let (what, name, key) = match (&source.config_map_key_ref, &source.secret_key_ref) {
-        (Some(c), _) => ("ConfigMap", c.name.clone(), c.key.clone()),
-        (None, Some(s)) => ("Secret", s.name.clone(), s.key.clone()),
+    let bytes = match (&source.config_map_key_ref, &source.secret_key_ref) {
+        (Some(c), _) => config_map_bytes(client, namespace, c).await?,
+        (None, Some(s)) => super::backends::secret_bytes(client, namespace, s).await?,
         (None, None) => {
             return Err(Error::CsvSourceMissing {
-                what: "ConfigMap",
                 namespace: namespace.into(),
                 name: String::new(),
                 key: String::new(),
@@ -32,45 +33,40 @@ pub async fn fetch(
             });
         }
     };
+    Ok(gunzip(bytes, max_bytes)?)
+}
+
+/// A ConfigMap key's text (`data`) or bytes (`binaryData`).
+async fn config_map_bytes(
+    client: &Client,
+    namespace: &str,
+    r: &ConfigMapKeyRef,
+) -> Result<Vec<u8>, Error> {
     let missing = |detail: &str| Error::CsvSourceMissing {
-        what,
         namespace: namespace.to_string(),
-        name: name.clone(),
-        key: key.clone(),
+        name: r.name.clone(),
+        key: r.key.clone(),
         detail: detail.to_string(),
     };
-    let not_readable = |e: kube::Error| match e {
-        kube::Error::Api(s) if s.code == 403 => missing("the operator may not read it (RBAC)"),
-        e => Error::Kube(e),
-    };
-    let bytes = if what == "ConfigMap" {
-        let cm = Api::<ConfigMap>::namespaced(client.clone(), namespace)
-            .get_opt(&name)
-            .await
-            .map_err(not_readable)?
-            .ok_or_else(|| missing("it does not exist"))?;
-        let text = cm.data.and_then(|mut d| d.remove(&key));
-        match text {
-            Some(t) => t.into_bytes(),
-            None => cm
-                .binary_data
-                .and_then(|mut d| d.remove(&key))
-                .map(|b| b.0)
-                .ok_or_else(|| missing("it has no such key in data or binaryData"))?,
+    let cm = match Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .get_opt(&r.name)
+        .await
+    {
+        Ok(Some(cm)) => cm,
+        Ok(None) => return Err(missing("it does not exist")),
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            return Err(missing("the operator may not read it (RBAC)"));
         }
-    } else {
-        let secret = Api::<Secret>::namespaced(client.clone(), namespace)
-            .get_opt(&name)
-            .await
-            .map_err(not_readable)?
-            .ok_or_else(|| missing("it does not exist"))?;
-        secret
-            .data
-            .and_then(|mut d| d.remove(&key))
-            .map(|b| b.0)
-            .ok_or_else(|| missing("it has no such key"))?
+        Err(e) => return Err(Error::Kube(e)),
     };
-    Ok(gunzip(bytes, max_bytes)?)
+    match cm.data.and_then(|mut d| d.remove(&r.key)) {
+        Some(text) => Ok(text.into_bytes()),
+        None => cm
+            .binary_data
+            .and_then(|mut d| d.remove(&r.key))
+            .map(|b| b.0)
+            .ok_or_else(|| missing("it has no such key in data or binaryData")),
+    }
 }
 
 /// Gzip-compressed bytes are inflated, reading at most one byte past the limit, so a small

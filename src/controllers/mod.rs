@@ -79,10 +79,9 @@ pub enum Error {
     )]
     ResultsLost { name: String },
     #[error(
-        "cannot read spec.source.csv from {what} {namespace}/{name} key {key:?}: {detail}; create it or fix the reference"
+        "cannot read spec.source.csv from ConfigMap {namespace}/{name} key {key:?}: {detail}; create it or fix the reference"
     )]
     CsvSourceMissing {
-        what: &'static str,
         namespace: String,
         name: String,
         key: String,
