@@ -458,6 +458,42 @@ where
     Ok(())
 }
 
+/// A run that cannot start or go on: records why in conditions (phase Failed when a person must
+/// act and nothing has run yet), writes status if that changed it, and retries with backoff.
+/// Transient causes keep an interrupted batch's rows InProgress, to be resumed.
+pub(crate) async fn block_run<K, S>(
+    ctx: &Context,
+    obj: &K,
+    current: Option<&crate::api::OperationStatus<S>>,
+    mut status: crate::api::OperationStatus<S>,
+    err: &Error,
+) -> Result<Action>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+{
+    status.observed_generation = obj.meta().generation;
+    let transient = mark_blocked(&mut status.conditions, err, status.observed_generation);
+    if !transient && status.progress.is_none() {
+        status.phase = crate::api::Phase::Failed;
+    }
+    if Some(&status) != current {
+        apply_status(ctx, obj, &status).await?;
+    }
+    let uid = obj.meta().uid.clone().unwrap_or_default();
+    Ok(Action::requeue(ctx.backoff(&uid, transient)))
+}
+
+/// How Events name who asked: " (requested by alice)", or nothing.
+pub(crate) fn requested_by_note(requested_by: Option<&str>) -> String {
+    requested_by
+        .map(|u| format!(" (requested by {u})"))
+        .unwrap_or_default()
+}
+
 /// Records why a run cannot go on: Ready=False, plus Reconciling when waiting may fix it (the
 /// PBX is down) or Stalled when a person must act. Returns whether it is transient.
 pub(crate) fn mark_blocked(

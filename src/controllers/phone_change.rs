@@ -178,12 +178,7 @@ pub(crate) async fn reconcile(b: Arc<BulkPhoneChange>, ctx: Arc<Context>) -> Res
     let reason = format!("{:?}", next.phase);
     super::mark_finished(&mut next.conditions, ok, &reason, &message, generation);
     write_status(&b, &ctx, &next).await?;
-    let who = b
-        .spec
-        .requested_by
-        .as_deref()
-        .map(|u| format!(" (requested by {u})"))
-        .unwrap_or_default();
+    let who = super::requested_by_note(b.spec.requested_by.as_deref());
     ctx.publish(
         &*b,
         if ok {

@@ -84,20 +84,8 @@ impl Run<'_> {
         Ok(b)
     }
 
-    async fn blocked(&self, mut status: PhoneRestartStatus, err: &Error) -> Result<Action, Error> {
-        status.observed_generation = self.pr.metadata.generation;
-        let transient =
-            super::mark_blocked(&mut status.conditions, err, status.observed_generation);
-        if !transient && status.progress.is_none() {
-            status.phase = Phase::Failed;
-        }
-        if Some(&status) != self.pr.status.as_ref() {
-            self.write_status(&status).await?;
-        }
-        Ok(Action::requeue(
-            self.ctx
-                .backoff(&self.pr.uid().unwrap_or_default(), transient),
-        ))
+    async fn blocked(&self, status: PhoneRestartStatus, err: &Error) -> Result<Action, Error> {
+        super::block_run(self.ctx, self.pr, self.pr.status.as_ref(), status, err).await
     }
 
     /// Before the window: wait without a busy loop. In it: plan and start. After it: Expired.
@@ -206,13 +194,7 @@ impl Run<'_> {
         );
         conditions::remove(&mut next.conditions, conditions::STALLED);
         self.write_status(&next).await?;
-        let who = self
-            .pr
-            .spec
-            .requested_by
-            .as_deref()
-            .map(|u| format!(" (requested by {u})"))
-            .unwrap_or_default();
+        let who = super::requested_by_note(self.pr.spec.requested_by.as_deref());
         self.ctx
             .publish(
                 self.pr,

@@ -128,20 +128,8 @@ impl Run<'_> {
     }
 
     /// Records a failure to start or continue in conditions. Transient ones retry with backoff.
-    async fn blocked(&self, mut status: OperationStatus, err: &Error) -> Result<Action, Error> {
-        status.observed_generation = self.buc.metadata.generation;
-        let transient =
-            super::mark_blocked(&mut status.conditions, err, status.observed_generation);
-        if !transient && status.progress.is_none() {
-            status.phase = Phase::Failed;
-        }
-        if Some(&status) != self.buc.status.as_ref() {
-            self.write_status(&status).await?;
-        }
-        Ok(Action::requeue(
-            self.ctx
-                .backoff(&self.buc.uid().unwrap_or_default(), transient),
-        ))
+    async fn blocked(&self, status: OperationStatus, err: &Error) -> Result<Action, Error> {
+        super::block_run(self.ctx, self.buc, self.buc.status.as_ref(), status, err).await
     }
 
     /// Plans a new run (or reuses the validated plan), stores it, and starts executing.
@@ -362,11 +350,7 @@ impl Run<'_> {
     }
 
     fn requested_by(&self) -> String {
-        self.spec()
-            .requested_by
-            .as_deref()
-            .map(|u| format!(" (requested by {u})"))
-            .unwrap_or_default()
+        super::requested_by_note(self.spec().requested_by.as_deref())
     }
 
     /// Reads the targets and builds the plan rows. With `retry_only`, targets whose earlier

@@ -108,11 +108,7 @@ impl Run<'_> {
     }
 
     fn requested_by(&self) -> String {
-        self.spec()
-            .requested_by
-            .as_deref()
-            .map(|u| format!(" (requested by {u})"))
-            .unwrap_or_default()
+        super::requested_by_note(self.spec().requested_by.as_deref())
     }
 
     async fn backend(&self) -> Result<(PbxConnection, Arc<Kamailio>), Error> {
@@ -133,20 +129,8 @@ impl Run<'_> {
 
     /// Records why the run cannot start or continue. Transient causes retry with backoff; the
     /// rows of an interrupted batch stay InProgress and are resumed step by step.
-    async fn blocked(&self, mut status: OperationStatus, err: &Error) -> Result<Action, Error> {
-        status.observed_generation = self.urc.metadata.generation;
-        let transient =
-            super::mark_blocked(&mut status.conditions, err, status.observed_generation);
-        if !transient && status.progress.is_none() {
-            status.phase = Phase::Failed;
-        }
-        if Some(&status) != self.urc.status.as_ref() {
-            self.write_status(&status).await?;
-        }
-        Ok(Action::requeue(
-            self.ctx
-                .backoff(&self.urc.uid().unwrap_or_default(), transient),
-        ))
+    async fn blocked(&self, status: OperationStatus, err: &Error) -> Result<Action, Error> {
+        super::block_run(self.ctx, self.urc, self.urc.status.as_ref(), status, err).await
     }
 
     /// Plans a new run, stores its rows, and starts executing.
