@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cli;
 pub mod controllers;
+pub mod engine;
 pub mod mail;
 pub mod pbx;
 pub mod plan;

@@ -3,7 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use sha2::{Digest as _, Sha256};
+
 use crate::api::{FieldChange, Outcome, Summary, TargetResult};
+use crate::engine::steps::Step;
 
 /// How many result rows status shows; the rest are in the ConfigMaps.
 pub const STATUS_RESULTS: usize = 100;
@@ -51,6 +54,9 @@ pub struct Row {
     /// A user without a row of its own that gives these numbers to the row before it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gives: Vec<String>,
+    /// The side effects planned for this target and where each stands: the run's journal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<Step>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -105,8 +111,25 @@ impl Row {
     }
 
     pub fn is_failure(&self) -> bool {
-        matches!(self.outcome, Outcome::Failed | Outcome::Conflict)
+        matches!(
+            self.outcome,
+            Outcome::Failed | Outcome::Conflict | Outcome::Uncertain
+        )
     }
+}
+
+/// sha256 of what a batch of rows plans to do: each target with its writes, actions, number
+/// moves and step kinds, not how far they got. Recorded in status when the batch is stored and
+/// checked before it runs, so an edited results ConfigMap cannot add a target or an action.
+pub fn plan_digest(rows: &[Row]) -> String {
+    let mut h = Sha256::new();
+    for r in rows {
+        let kinds: Vec<_> = r.steps.iter().map(|s| s.kind).collect();
+        let plan = serde_json::json!([r.target, r.writes, r.actions, kinds, r.takes, r.gives]);
+        h.update(plan.to_string().as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
 }
 
 /// Splits rows into chunks of at most [`CHUNK_ROWS`] rows and about [`CHUNK_BYTES`].
@@ -314,6 +337,7 @@ pub fn summarize<'a>(rows: impl IntoIterator<Item = &'a Row>) -> Summary {
             Outcome::Failed => s.failed += 1,
             Outcome::Skipped | Outcome::NotRegistered | Outcome::Expired => s.skipped += 1,
             Outcome::Conflict => s.conflicts += 1,
+            Outcome::Uncertain => s.uncertain += 1,
             Outcome::Planned | Outcome::InProgress | Outcome::Restarted | Outcome::Accepted => {}
         }
     }
@@ -346,6 +370,7 @@ pub fn add(a: &mut Summary, b: &Summary) {
     a.failed += b.failed;
     a.skipped += b.skipped;
     a.conflicts += b.conflicts;
+    a.uncertain += b.uncertain;
 }
 
 /// A finished batch as status needs it: its counts, and the rows status may show (the first

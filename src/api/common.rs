@@ -194,6 +194,9 @@ pub enum Outcome {
     NotRegistered,
     /// Phones: notAfter passed before the NOTIFY could be sent.
     Expired,
+    /// A step that cannot be observed (a mail) was under way when the operator stopped: it may
+    /// or may not have happened. The retry annotation does exactly such steps again.
+    Uncertain,
 }
 
 /// One field of one target: its value before and after (secret values are never shown).
@@ -239,6 +242,9 @@ pub struct Summary {
     pub skipped: u32,
     #[serde(default)]
     pub conflicts: u32,
+    /// Targets with a step that may or may not have happened (see outcome Uncertain).
+    #[serde(default)]
+    pub uncertain: u32,
 }
 
 /// Counts over all phones of a restart.
@@ -296,6 +302,11 @@ pub struct Plan {
     /// CSV-sourced changes: the file this plan was made from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csv: Option<CsvPlan>,
+    /// sha256 of what each stored batch of the plan does (targets, writes, steps), recorded by
+    /// the operator when it stored them: a batch that no longer matches is never executed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000), inner(length(max = 64)))]
+    pub batch_digests: Vec<String>,
 }
 
 /// The CSV a plan was made from: which file (by content hash), its columns, how many rows.

@@ -75,9 +75,15 @@ pub enum Error {
     )]
     PlanChanged { approved: String, current: String },
     #[error(
-        "the results ConfigMap {name} is missing or unreadable; delete and re-create the resource to start over"
+        "the results ConfigMap {name} is missing or unreadable, so what this run did cannot be known; nothing was changed or deleted. Restore it, or delete and re-create the resource to start over"
     )]
     ResultsLost { name: String },
+    #[error(
+        "the stored plan in ConfigMap {name} is not the one the operator stored (it was edited since; status.plan.batchDigests records each batch): nothing of it was executed. Change the spec or re-create the resource to plan again, and find out who edited it"
+    )]
+    PlanTampered { name: String },
+    #[error(transparent)]
+    Engine(#[from] crate::engine::Error),
     #[error(
         "cannot read spec.source.csv from ConfigMap {namespace}/{name} key {key:?}: {detail}; create it or fix the reference"
     )]
@@ -107,6 +113,9 @@ impl Error {
             Error::Plan(_) => "plan",
             Error::PlanChanged { .. } => "plan_changed",
             Error::ResultsLost { .. } => "results_lost",
+            Error::PlanTampered { .. } => "plan_tampered",
+            Error::Engine(crate::engine::Error::Pbx(e)) => e.reason(),
+            Error::Engine(_) => "journal",
             Error::CsvSourceMissing { .. } => "csv_source_missing",
             Error::Csv(_) => "csv_refused",
         }
@@ -127,6 +136,9 @@ impl Error {
             Error::Plan(_) => "InvalidChange",
             Error::PlanChanged { .. } => "PlanHashMismatch",
             Error::ResultsLost { .. } => "ResultsLost",
+            Error::PlanTampered { .. } => "PlanTampered",
+            Error::Engine(crate::engine::Error::Pbx(e)) => e.reason(),
+            Error::Engine(_) => "JournalNotWritable",
             Error::CsvSourceMissing { .. } => "CsvSourceNotReadable",
             Error::Csv(_) => "CsvRefused",
         }
@@ -137,6 +149,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Pbx(e) => e.is_transient(),
+            Error::Engine(e) => e.is_transient(),
             Error::Kube(_) => true,
             Error::ConnectionMissing { .. }
             | Error::SecretMissing { .. }
@@ -163,6 +176,8 @@ pub struct Context {
     /// The last probe of each PbxConnection (namespace, name).
     pub probes:
         std::sync::Mutex<std::collections::HashMap<(String, String), connection::ProbeMemo>>,
+    /// Set at SIGTERM: runs finish and record the step in flight and start nothing new.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
@@ -172,6 +187,10 @@ impl Context {
         let n = map.entry(uid.to_string()).or_default();
         *n += 1;
         *n - 1
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn reset_failures(&self, uid: &str) {
@@ -194,6 +213,7 @@ impl Context {
             secret_check_interval,
             max_csv_bytes: crate::plan::sheet::DEFAULT_MAX_BYTES,
             probes: Default::default(),
+            stopping: false.into(),
         }
     }
 
@@ -249,7 +269,9 @@ fn shutdown_signal() -> Shutdown {
     .shared()
 }
 
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long in-flight steps may take to finish and be recorded after SIGTERM; below the 30 s
+/// Kubernetes gives a Pod before SIGKILL.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Runs every controller until SIGTERM or SIGINT (or, with leader election, until the Lease
 /// is lost: the process then exits and its restart waits to be leader again).
@@ -264,6 +286,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ready: false.into(),
         leader: false.into(),
     });
+    {
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.await;
+            ctx.stopping
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
     let mut registry = prometheus_client::registry::Registry::default();
     ctx.metrics.register(&mut registry);
     server::serve(args.metrics_addr, registry, health.clone())

@@ -334,6 +334,7 @@ async fn plan(
             .count() as u32,
         spec_hash: spec_hash(b),
         csv: None,
+        batch_digests: vec![],
     };
     Ok((rows, plan))
 }

@@ -25,13 +25,13 @@ use crate::api::{
     OperationStatus, Outcome, Phase, Plan, Policy, Progress, SecretField, Summary,
     UserAction as SpecAction, UserFields,
 };
-use crate::mail::{self, Mailer};
-use crate::pbx::directory::Move;
-use crate::pbx::kamailio::Kamailio;
-use crate::pbx::{
-    ActionOutcome, FieldWrite, NewValue, PbxBackend, Secret, User, UserAction, UserChange,
-    UserField, UserSelection, WriteOutcome,
+use crate::engine::{
+    self, Ended, steps,
+    users::{Batch, UserExec},
 };
+use crate::mail::Mailer;
+use crate::pbx::kamailio::Kamailio;
+use crate::pbx::{NewValue, PbxBackend, Secret, UserField, UserSelection};
 use crate::plan::rows as row_plan;
 use crate::plan::selection::Selector;
 use crate::plan::sheet;
@@ -148,8 +148,18 @@ impl Run<'_> {
             && !run_id.contains("-retry-");
         // Executing a validation reuses its stored rows as they are: nothing is re-read or
         // rewritten here, batches are read one at a time by execute().
-        let (rows, plan) = if reuse_validated {
-            (None, status.plan.clone().expect("checked above"))
+        let (rows, mut plan) = if reuse_validated {
+            let plan = status.plan.clone().expect("checked above");
+            let batches = status.progress.as_ref().map(|p| p.batches).unwrap_or(0);
+            // The stored rows are what runs: they must be the ones validated.
+            for index in 0..batches as usize {
+                if let Err(e) = self.verified(index, &plan.batch_digests).await {
+                    let mut status = status;
+                    status.phase = Phase::Failed;
+                    return self.blocked(status, &e).await;
+                }
+            }
+            (None, plan)
         } else {
             let retry_only = if run_id.contains("-retry-") {
                 let batches = status
@@ -157,7 +167,12 @@ impl Run<'_> {
                     .as_ref()
                     .map(|p| p.batches as usize)
                     .unwrap_or(0);
-                Some(self.store.read_all(batches).await.unwrap_or_default())
+                // What the earlier run did decides what the retry does: without it, nothing
+                // is planned, changed or pruned.
+                match self.store.read_all(batches).await {
+                    Ok(rows) => Some(rows),
+                    Err(e) => return self.blocked(status, &e).await,
+                }
             } else {
                 None
             };
@@ -187,17 +202,21 @@ impl Run<'_> {
                 let mut chunker = results::Chunker::default();
                 let mut refs = Vec::new();
                 let mut digest = results::Digest::default();
+                let mut batch_digests = Vec::new();
                 for row in rows.into_rows() {
                     if let Some(chunk) = chunker.push(row) {
                         refs.push(self.write_rows(refs.len(), &chunk, Some(&plan)).await?);
+                        batch_digests.push(results::plan_digest(&chunk));
                         digest.merge(results::Digest::of(&chunk));
                     }
                 }
                 let last = chunker.finish();
                 if !last.is_empty() || refs.is_empty() {
                     refs.push(self.write_rows(refs.len(), &last, Some(&plan)).await?);
+                    batch_digests.push(results::plan_digest(&last));
                     digest.merge(results::Digest::of(&last));
                 }
+                plan.batch_digests = batch_digests;
                 let batches = refs.len();
                 self.store.prune(batches).await?;
                 (refs, batches, digest)
@@ -369,15 +388,22 @@ impl Run<'_> {
         let targets = spec.targets.clone().unwrap_or_default();
         let (mut kept, selection) = match &retry_only {
             Some(rows) => {
-                let (failed, ok): (Vec<Row>, Vec<Row>) = rows
-                    .iter()
-                    .cloned()
-                    .partition(|r| r.is_failure() || !r.is_final());
+                let mut kept = Vec::new();
+                let mut again = Vec::new();
+                for r in rows {
+                    if let Some(carried) = carried(r) {
+                        kept.push(carried);
+                    } else if r.is_failure() || !r.is_final() {
+                        again.push(r.target.clone());
+                    } else {
+                        kept.push(r.clone());
+                    }
+                }
                 let selection = UserSelection {
                     groups: vec![],
-                    extensions: failed.iter().map(|r| r.target.clone()).collect(),
+                    extensions: again,
                 };
-                (ok, selection)
+                (kept, selection)
             }
             None => (
                 vec![],
@@ -431,6 +457,7 @@ impl Run<'_> {
             changes: plan.changing() as u32,
             spec_hash: spec_hash.to_string(),
             csv: None,
+            batch_digests: vec![],
         };
         if !plan.empty_groups.is_empty() {
             tracing::info!(groups = ?plan.empty_groups, "groups without members");
@@ -602,7 +629,25 @@ impl Run<'_> {
         self.store.write_with(index, rows, header).await
     }
 
-    /// Executes the unfinished batches of the current run, recording each before and after.
+    /// Reads one stored batch and checks it is the batch the operator stored for this plan: a
+    /// results ConfigMap edited since (a target or an action added) is never executed.
+    async fn verified(&self, index: usize, digests: &[String]) -> Result<Vec<Row>, Error> {
+        let mut rows = self.store.read(index).await?;
+        if digests.is_empty() {
+            // Stored by an operator from before steps were recorded: it runs as planned then.
+            rows.iter_mut().for_each(engine::users::upgrade_legacy);
+            return Ok(rows);
+        }
+        if digests.get(index) != Some(&results::plan_digest(&rows)) {
+            return Err(Error::PlanTampered {
+                name: super::results_store::name(&self.buc.name_any(), index),
+            });
+        }
+        Ok(rows)
+    }
+
+    /// Executes the unfinished batches of the current run through the engine, which records
+    /// each step of each target before its side effect and its outcome after.
     async fn execute(&self, mut status: OperationStatus) -> Result<Action, Error> {
         let (conn, backend) = match self.backend().await {
             Ok(b) => b,
@@ -622,6 +667,11 @@ impl Run<'_> {
             .collect();
         let mailer = mailer(&self.ctx.client, &self.namespace(), &conn).await;
         let progress = status.progress.clone().expect("execute runs with progress");
+        let digests = status
+            .plan
+            .as_ref()
+            .map(|p| p.batch_digests.clone())
+            .unwrap_or_default();
         let atomic = self.spec().failure_policy == FailurePolicy::Atomic;
         let batches: Vec<usize> = (progress.done as usize..progress.batches as usize).collect();
         let groups: Vec<Vec<usize>> = if atomic {
@@ -635,51 +685,47 @@ impl Run<'_> {
         for i in 0..progress.done as usize {
             done_rows.insert(i, results::Digest::of(&self.store.read(i).await?));
         }
+        let journal = ResultsJournal {
+            run: self,
+            plan: status.plan.clone(),
+        };
+        let fingerprint = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
+        let stopping = || self.ctx.is_stopping();
+        let exec = UserExec {
+            backend: backend.as_ref(),
+            secrets: &secrets,
+            mailer: mailer.as_ref(),
+            domain: &conn.spec.domain,
+            atomic,
+            fingerprint: &fingerprint,
+            journal: &journal,
+            stopping: &stopping,
+        };
         for group in groups {
+            if self.ctx.is_stopping() {
+                return Ok(Action::requeue(Duration::from_secs(5)));
+            }
             let mut loaded = Vec::new();
             for &index in &group {
-                let mut rows = self.store.read(index).await?;
-                let resumed: Vec<bool> = rows
-                    .iter()
-                    .map(|r| r.outcome == Outcome::InProgress)
-                    .collect();
-                if rows.iter().any(|r| r.outcome == Outcome::Planned) {
-                    for r in rows.iter_mut().filter(|r| r.outcome == Outcome::Planned) {
-                        r.outcome = Outcome::InProgress;
-                    }
-                    // The intent is recorded before any side effect of this batch.
-                    self.write_rows(index, &rows, status.plan.as_ref()).await?;
-                }
-                loaded.push((index, rows, resumed));
-            }
-            let mut work: Vec<(&mut Row, bool)> = Vec::new();
-            for (_, rows, resumed) in loaded.iter_mut() {
-                for (row, was) in rows.iter_mut().zip(resumed.iter()) {
-                    if row.outcome == Outcome::InProgress {
-                        work.push((row, *was));
-                    }
+                match self.verified(index, &digests).await {
+                    Ok(rows) => loaded.push(Batch::new(index, rows)),
+                    Err(e) => return self.blocked(status, &e).await,
                 }
             }
-            let ctx = Exec {
-                backend: backend.as_ref(),
-                secrets: &secrets,
-                mailer: mailer.as_ref(),
-                domain: &conn.spec.domain,
-                atomic,
-                metrics: &self.ctx.metrics,
-            };
-            if let Err(e) = ctx.run(work).await {
-                // The PBX went away mid-batch: the rows stay InProgress and are checked on resume.
-                return self.blocked(status, &e).await;
+            match exec.run(&mut loaded).await {
+                Ok(Ended::Finished) => {}
+                // The step in flight is recorded; the next operator goes on from there.
+                Ok(Ended::Stopped) => return Ok(Action::requeue(Duration::from_secs(5))),
+                // The PBX went away mid-batch: the journal says which steps are done.
+                Err(e) => return self.blocked(status, &Error::Engine(e)).await,
             }
             let mut batch_summary = Summary::default();
             let mut failed_in_batch = 0;
-            for (index, rows, _) in &loaded {
-                self.write_rows(*index, rows, status.plan.as_ref()).await?;
-                let s = results::summarize(rows.iter());
-                failed_in_batch += s.failed + s.conflicts;
+            for batch in &loaded {
+                let s = results::summarize(batch.rows.iter());
+                failed_in_batch += s.failed + s.conflicts + s.uncertain;
                 results::add(&mut batch_summary, &s);
-                for r in rows {
+                for r in &batch.rows {
                     self.ctx
                         .metrics
                         .targets
@@ -700,8 +746,8 @@ impl Run<'_> {
                 targets,
                 ..Summary::default()
             };
-            for (index, rows, _) in loaded {
-                done_rows.insert(index, results::Digest::of(&rows));
+            for batch in loaded {
+                done_rows.insert(batch.index, results::Digest::of(&batch.rows));
             }
             let mut total = 0;
             for d in done_rows.values() {
@@ -721,7 +767,7 @@ impl Run<'_> {
             self.write_status(&status).await?;
             if failed_in_batch > 0 {
                 self.ctx
-                    .publish(self.buc, EventType::Warning, "BatchFailed", "Execute", Some(format!("batch {} of {}: {failed_in_batch} targets failed or conflicted; see status.results", done_so_far, status.progress.as_ref().map(|p| p.batches).unwrap_or(0))))
+                    .publish(self.buc, EventType::Warning, "BatchFailed", "Execute", Some(format!("batch {} of {}: {failed_in_batch} targets failed, conflicted or are uncertain; see status.results", done_so_far, status.progress.as_ref().map(|p| p.batches).unwrap_or(0))))
                     .await;
             }
         }
@@ -732,7 +778,7 @@ impl Run<'_> {
         let now = conditions::now();
         let generation = self.buc.metadata.generation;
         let summary = status.summary.clone().unwrap_or_default();
-        let bad = summary.failed + summary.conflicts;
+        let bad = summary.failed + summary.conflicts + summary.uncertain;
         status.phase = if bad == 0 {
             Phase::Succeeded
         } else if bad < summary.targets {
@@ -741,7 +787,7 @@ impl Run<'_> {
             Phase::Failed
         };
         status.completion_time = Some(now.clone());
-        let message = format!(
+        let mut message = format!(
             "{} targets: {} changed, {} unchanged, {} failed, {} conflicts, {} skipped",
             summary.targets,
             summary.changed,
@@ -750,6 +796,12 @@ impl Run<'_> {
             summary.conflicts,
             summary.skipped
         );
+        if summary.uncertain > 0 {
+            message.push_str(&format!(
+                ", {} uncertain (a mail was being sent when the operator stopped: it may not have gone out)",
+                summary.uncertain
+            ));
+        }
         conditions::remove(&mut status.conditions, conditions::RECONCILING);
         if bad == 0 {
             conditions::upsert(
@@ -766,7 +818,7 @@ impl Run<'_> {
             conditions::remove(&mut status.conditions, conditions::STALLED);
         } else {
             let hint = format!(
-                "{message}; fix the causes in status.results, then set annotation {RETRY_ANNOTATION} to re-run only the failed targets"
+                "{message}; fix the causes in status.results, then set annotation {RETRY_ANNOTATION} to re-run only the failed and uncertain steps"
             );
             let reason = if status.phase == Phase::Failed {
                 "Failed"
@@ -871,9 +923,11 @@ impl Run<'_> {
         let run_id = format!("{lineage}-check-{}", jiff::Timestamp::now().as_second());
         let chunks = results::chunk(drifted);
         let mut refs = Vec::new();
+        let mut plan = plan;
         for (i, c) in chunks.iter().enumerate() {
             refs.push(self.write_rows(i, c, Some(&plan)).await?);
         }
+        plan.batch_digests = chunks.iter().map(|c| results::plan_digest(c)).collect();
         self.store.prune(chunks.len()).await?;
         status.corrections = Some(status.corrections.unwrap_or(0) + n);
         status.results_refs = refs;
@@ -964,7 +1018,11 @@ impl CsvRows {
             .flat_map(move |((i, rp), sheet_row)| {
                 let mine: Vec<row_plan::Donor> =
                     std::iter::from_fn(|| donors.next_if(|d| d.row == i)).collect();
-                if let Some(old) = previous.remove(&rp.line) {
+                if let Some(mut old) = previous.remove(&rp.line) {
+                    if let Some(again) = old.first().and_then(carried) {
+                        old[0] = again;
+                        return old;
+                    }
                     if old.first().is_some_and(|r| r.is_final() && !r.is_failure()) {
                         return old;
                     }
@@ -1007,6 +1065,7 @@ fn warnings(conn: &crate::api::PbxConnection, spec: &BulkUserChangeSpec) -> Vec<
 
 /// A plan row: the writes of a target, with secrets never stored.
 fn planned_row(t: &user_plan::PlannedUser) -> Row {
+    let actions: Vec<String> = t.actions.iter().map(|a| a.name().to_string()).collect();
     Row {
         target: t.extension.clone(),
         outcome: if t.changes_anything() {
@@ -1031,7 +1090,6 @@ fn planned_row(t: &user_plan::PlannedUser) -> Row {
                 secret: w.field.is_secret(),
             })
             .collect(),
-        actions: t.actions.iter().map(|a| a.name().to_string()).collect(),
         changes: t
             .writes
             .iter()
@@ -1041,6 +1099,12 @@ fn planned_row(t: &user_plan::PlannedUser) -> Row {
                 to: user_plan::shown_new(w.field, &w.to),
             })
             .collect(),
+        steps: if t.changes_anything() {
+            steps::user_steps(!t.writes.is_empty(), &actions)
+        } else {
+            vec![]
+        },
+        actions,
         notes: vec![],
         phone: None,
         ..Default::default()
@@ -1059,7 +1123,9 @@ fn csv_row(rp: row_plan::RowPlan, cells: Vec<String>) -> Row {
         row.target = format!("(line {})", rp.line);
     }
     if !rp.errors.is_empty() {
+        // An invalid row does nothing: no step is stored that an edited outcome could start.
         row.outcome = Outcome::Failed;
+        row.steps.clear();
     }
     row.notes = rp.errors;
     row.notes.extend(rp.warnings);
@@ -1237,330 +1303,33 @@ async fn mailer(
     }
 }
 
-/// Executes rows against the PBX: field writes with compare-and-set, then actions and mail.
-struct Exec<'a> {
-    backend: &'a Kamailio,
-    secrets: &'a HashMap<UserField, Secret>,
-    mailer: Option<&'a Mailer>,
-    domain: &'a str,
-    atomic: bool,
-    metrics: &'a super::metrics::Metrics,
+/// The run's journal in its results ConfigMaps: the engine records each batch's steps there.
+struct ResultsJournal<'r, 'a> {
+    run: &'r Run<'a>,
+    plan: Option<Plan>,
 }
 
-impl Exec<'_> {
-    /// `work`: rows and whether each was already InProgress before this attempt (a resume).
-    async fn run(&self, mut work: Vec<(&mut Row, bool)>) -> Result<(), Error> {
-        if work.is_empty() {
-            return Ok(());
-        }
-        let selection = UserSelection {
-            groups: vec![],
-            extensions: work.iter().map(|(r, _)| r.target.clone()).collect(),
-        };
-        let current: BTreeMap<String, User> = self
-            .backend
-            .read_users(&selection)
-            .await?
-            .users
-            .into_iter()
-            .map(|u| (u.extension.clone(), u))
-            .collect();
-        let fp = |e: &str, f: UserField, s: &Secret| self.backend.fingerprint(e, f, s);
-
-        // Field writes.
-        let mut changes = Vec::new();
-        let mut change_of = Vec::new();
-        for (i, (row, resumed)) in work.iter().enumerate() {
-            let Some(user) = current.get(&row.target) else {
-                continue;
-            };
-            let mut writes = Vec::new();
-            for w in &row.writes {
-                let Some(field) = UserField::from_name(&w.field) else {
-                    continue;
-                };
-                let to = if w.secret {
-                    match self.secrets.get(&field) {
-                        Some(s) => NewValue::Secret(s.clone()),
-                        None => continue,
-                    }
-                } else {
-                    w.to.clone().map(NewValue::Set).unwrap_or(NewValue::Clear)
-                };
-                // Secrets are not stored in the plan, so their compare-and-set is against now.
-                let from = if w.secret {
-                    user.get(field).map(str::to_string)
-                } else {
-                    w.from.clone()
-                };
-                writes.push(FieldWrite { field, from, to });
-            }
-            if *resumed {
-                let planned = user_plan::PlannedUser {
-                    extension: row.target.clone(),
-                    writes,
-                    actions: vec![],
-                };
-                writes = user_plan::remaining_writes(&planned, user, &fp);
-            }
-            if !writes.is_empty() {
-                change_of.push(i);
-                changes.push(UserChange {
-                    extension: row.target.clone(),
-                    writes,
-                    takes: row
-                        .takes
-                        .iter()
-                        .map(|t| Move {
-                            number: t.number.clone(),
-                            holder: t.holder.clone(),
-                            held_as: UserField::from_name(&t.held_as)
-                                .unwrap_or(UserField::PrimaryNumber),
-                        })
-                        .collect(),
-                });
-            }
-        }
-        let mut write_outcome: HashMap<usize, WriteOutcome> = HashMap::new();
-        // Rows where something really happened: a write landed or an action did something.
-        let mut effective: std::collections::HashSet<usize> = std::collections::HashSet::new();
-        if !changes.is_empty() {
-            let outcomes = self
-                .backend
-                .apply_user_changes(&changes, self.atomic)
-                .await?;
-            for (i, o) in change_of.into_iter().zip(outcomes) {
-                if o == WriteOutcome::Applied {
-                    effective.insert(i);
-                }
-                write_outcome.insert(i, o);
-            }
-        }
-        for (i, (row, resumed)) in work.iter_mut().enumerate() {
-            if !current.contains_key(&row.target) {
-                let already_removed = *resumed && row.actions.iter().any(|a| a == "Remove");
-                if already_removed {
-                    row.outcome = Outcome::Changed;
-                    row.notes.push("removed".into());
-                } else {
-                    row.outcome = Outcome::Failed;
-                    row.notes.push(format!(
-                        "extension {} no longer exists on the PBX",
-                        row.target
-                    ));
-                }
-                continue;
-            }
-            row.outcome = match write_outcome.remove(&i) {
-                None | Some(WriteOutcome::Applied) => {
-                    if row.writes.is_empty() && row.actions.is_empty() {
-                        Outcome::Unchanged
-                    } else {
-                        Outcome::Changed
-                    }
-                }
-                Some(WriteOutcome::Conflict {
-                    field,
-                    expected,
-                    found,
-                }) => {
-                    let show = |v: Option<String>| {
-                        user_plan::shown(field, v.as_deref()).unwrap_or_else(|| "(unset)".into())
-                    };
-                    row.notes.push(format!(
-                        "{field} changed from {} to {} since the plan was made; left alone (review, then retry)",
-                        show(expected),
-                        show(found)
-                    ));
-                    Outcome::Conflict
-                }
-                Some(WriteOutcome::NotFound) => {
-                    row.notes.push("no longer exists on the PBX".into());
-                    Outcome::Failed
-                }
-                Some(WriteOutcome::NumberHeld {
-                    field,
-                    number,
-                    holder,
-                }) => {
-                    row.notes.push(format!(
-                        "{field} {number} is held by {holder}, which the plan did not expect; left alone (review, then retry)"
-                    ));
-                    Outcome::Conflict
-                }
-                Some(WriteOutcome::Failed(e)) => {
-                    row.notes.push(e);
-                    Outcome::Failed
-                }
-                Some(WriteOutcome::RolledBack) => {
-                    row.notes.push(
-                        "rolled back: another target of this Atomic change failed or conflicted"
-                            .into(),
-                    );
-                    Outcome::Failed
-                }
-            };
-        }
-
-        // Actions, in a fixed order, for targets whose writes went through.
-        let mut by_kind: BTreeMap<ActionKind, Vec<usize>> = BTreeMap::new();
-        for (i, (row, _)) in work.iter().enumerate() {
-            if row.outcome != Outcome::Changed {
-                continue;
-            }
-            for a in &row.actions {
-                if let Some(kind) = action_kind(a) {
-                    by_kind.entry(kind).or_default().push(i);
-                }
-            }
-        }
-        for (kind, indexes) in by_kind {
-            match kind {
-                ActionKind::SendWelcomeEmail => {
-                    for i in indexes {
-                        let (row, resumed) = &mut work[i];
-                        if *resumed {
-                            row.notes.push("welcome email not re-sent: the operator restarted during this batch and cannot tell whether it went out; retry to send it".into());
-                            continue;
-                        }
-                        let user = &current[&row.target];
-                        let name = user.get(UserField::FirstName).unwrap_or("");
-                        let (subject, body) = mail::welcome(&row.target, name, self.domain);
-                        let note = self.mail(user, &subject, body).await;
-                        if let Err(n) = &note {
-                            row.outcome = Outcome::Failed;
-                            row.notes.push(n.clone());
-                        } else {
-                            effective.insert(i);
-                            row.notes.push("welcome email sent".into());
-                        }
-                    }
-                }
-                _ => {
-                    let mut calls = Vec::new();
-                    let mut secrets_for = Vec::new();
-                    for &i in &indexes {
-                        let (row, resumed) = &work[i];
-                        let user = &current[&row.target];
-                        // A resumed reset that already happened is not done twice.
-                        if kind == ActionKind::ResetPassword
-                            && *resumed
-                            && user.get(UserField::Status) == Some("PasswordRequired")
-                        {
-                            continue;
-                        }
-                        let action = match kind {
-                            ActionKind::ResetPassword => {
-                                let s = Secret::generate();
-                                secrets_for.push(i);
-                                UserAction::ResetPassword(s)
-                            }
-                            ActionKind::ResetTwoFactor => UserAction::ResetTwoFactor,
-                            ActionKind::Unlock => UserAction::Unlock,
-                            ActionKind::Lock => UserAction::Lock,
-                            ActionKind::Remove => UserAction::Remove,
-                            ActionKind::SendWelcomeEmail => unreachable!(),
-                        };
-                        calls.push((i, (row.target.clone(), action)));
-                    }
-                    let list: Vec<(String, UserAction)> =
-                        calls.iter().map(|(_, c)| c.clone()).collect();
-                    let outcomes = self
-                        .metrics
-                        .pbx_call("apply_actions", self.backend.apply_actions(&list))
-                        .await?;
-                    for ((i, _), outcome) in calls.iter().zip(outcomes) {
-                        let (row, _) = &mut work[*i];
-                        match outcome {
-                            ActionOutcome::Done => {
-                                effective.insert(*i);
-                                row.notes.push(format!("{}: done", kind.name()))
-                            }
-                            ActionOutcome::Unchanged => {
-                                row.notes.push(format!("{}: nothing to do", kind.name()))
-                            }
-                            ActionOutcome::Skipped(why) => {
-                                row.outcome = Outcome::Skipped;
-                                row.notes.push(format!("{}: skipped: {why}", kind.name()));
-                            }
-                            ActionOutcome::NotFound => {
-                                row.outcome = Outcome::Failed;
-                                row.notes
-                                    .push(format!("{}: no such extension", kind.name()));
-                            }
-                            ActionOutcome::Failed(e) => {
-                                row.outcome = Outcome::Failed;
-                                row.notes.push(format!("{}: {e}", kind.name()));
-                            }
-                        }
-                        if kind == ActionKind::ResetPassword && row.outcome == Outcome::Changed {
-                            let user = &current[&row.target];
-                            let name = user.get(UserField::FirstName).unwrap_or("");
-                            let (subject, body) =
-                                mail::reset_instructions(&row.target, name, self.domain);
-                            match self.mail(user, &subject, body).await {
-                                Ok(()) => row.notes.push("reset instructions sent".into()),
-                                Err(n) => row.notes.push(n),
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // Already-applied writes found on resume count as done by this run.
-        for (i, (row, resumed)) in work.iter_mut().enumerate() {
-            if row.outcome == Outcome::Changed
-                && !effective.contains(&i)
-                && !(*resumed && !row.writes.is_empty())
-            {
-                row.outcome = Outcome::Unchanged;
-            }
-        }
-        // A user giving a number changed when the row that takes it did.
-        let taken: std::collections::HashSet<(String, String)> = work
-            .iter()
-            .filter(|(r, _)| r.outcome == Outcome::Changed)
-            .flat_map(|(r, _)| r.takes.iter().map(|t| (t.number.clone(), t.holder.clone())))
-            .collect();
-        for (row, _) in work.iter_mut().filter(|(r, _)| !r.gives.is_empty()) {
-            let all_taken = row
-                .gives
-                .iter()
-                .all(|n| taken.contains(&(n.clone(), row.target.clone())));
-            if all_taken {
-                row.outcome = Outcome::Changed;
-            } else {
-                row.outcome = Outcome::Unchanged;
-                row.notes
-                    .push("kept the number: the row taking it did not apply".into());
-            }
-        }
-        Ok(())
-    }
-
-    async fn mail(&self, user: &User, subject: &str, body: String) -> Result<(), String> {
-        let Some(to) = user.get(UserField::Email).filter(|e| !e.is_empty()) else {
-            return Err("no email address on file: mail not sent".into());
-        };
-        let Some(mailer) = self.mailer else {
-            return Err("the PbxConnection has no usable spec.smtp: mail not sent".into());
-        };
-        mailer
-            .send(to, subject, body)
+#[async_trait::async_trait]
+impl engine::Journal for ResultsJournal<'_, '_> {
+    async fn record(&self, index: usize, rows: &[Row]) -> Result<(), engine::Error> {
+        self.run
+            .write_rows(index, rows, self.plan.as_ref())
             .await
-            .map_err(|e| e.to_string())
+            .map(|_| ())
+            .map_err(|e| engine::Error::Journal(e.to_string()))
     }
 }
 
-fn action_kind(name: &str) -> Option<ActionKind> {
-    [
-        ActionKind::Unlock,
-        ActionKind::ResetTwoFactor,
-        ActionKind::ResetPassword,
-        ActionKind::SendWelcomeEmail,
-        ActionKind::Lock,
-        ActionKind::Remove,
-    ]
-    .into_iter()
-    .find(|k| k.name() == name)
+/// A retry's view of a target from the earlier run: the row carried over with exactly its
+/// failed, uncertain and unreached steps to do again, or None to plan the target afresh.
+fn carried(row: &Row) -> Option<Row> {
+    let mut steps = row.steps.clone();
+    if !row.is_final() {
+        engine::steps::resume(&mut steps);
+    }
+    let steps = engine::steps::carry_over(&steps)?;
+    let mut again = row.clone();
+    again.outcome = Outcome::Planned;
+    again.steps = steps;
+    Some(again)
 }

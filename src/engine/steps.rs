@@ -1,0 +1,309 @@
+//! The typed steps of a target and their recorded states: what a run does to each target, what
+//! it has recorded of it, and what a restart may do with a step it finds begun but not finished.
+//! Pure: the executor and the result rows build on it, and every rule is unit-tested here.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::Outcome;
+
+/// One side effect on one target. Steps run in the order of this enum.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StepKind {
+    /// The field writes, compare-and-set against the planned values.
+    Write,
+    Unlock,
+    ResetTwoFactor,
+    /// Rotate the SIP secret to one nobody knows and mark the user PasswordRequired.
+    ResetPassword,
+    Lock,
+    Remove,
+    /// Mail the reset instructions (after ResetPassword).
+    ResetMail,
+    WelcomeMail,
+}
+
+/// What a restart does with a step recorded as intended but without an outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnResume {
+    /// Doing it again leaves the same state (a compare-and-set write, an unlock, a new random
+    /// secret nobody is told): do it again, checking first where the state shows it is done.
+    Redo,
+    /// Its effect cannot be observed and doing it twice is visible to a person (a mail):
+    /// report it as uncertain; only a retry does it again.
+    Uncertain,
+}
+
+impl StepKind {
+    pub fn on_resume(self) -> OnResume {
+        match self {
+            StepKind::ResetMail | StepKind::WelcomeMail => OnResume::Uncertain,
+            _ => OnResume::Redo,
+        }
+    }
+
+    pub fn is_mail(self) -> bool {
+        matches!(self, StepKind::ResetMail | StepKind::WelcomeMail)
+    }
+
+    /// The name an action has in the spec, for the actions of a BulkUserChange.
+    pub fn from_action(name: &str) -> Option<StepKind> {
+        Some(match name {
+            "Unlock" => StepKind::Unlock,
+            "ResetTwoFactor" => StepKind::ResetTwoFactor,
+            "ResetPassword" => StepKind::ResetPassword,
+            "Lock" => StepKind::Lock,
+            "Remove" => StepKind::Remove,
+            "SendWelcomeEmail" => StepKind::WelcomeMail,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKind::Write => "write fields",
+            StepKind::Unlock => "Unlock",
+            StepKind::ResetTwoFactor => "ResetTwoFactor",
+            StepKind::ResetPassword => "ResetPassword",
+            StepKind::Lock => "Lock",
+            StepKind::Remove => "Remove",
+            StepKind::ResetMail => "reset instructions mail",
+            StepKind::WelcomeMail => "welcome email",
+        }
+    }
+}
+
+/// Where a step stands, as recorded in the run's journal.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StepState {
+    #[default]
+    Pending,
+    /// Recorded before the side effect; an outcome follows once it is known.
+    Intended,
+    Done,
+    /// Nothing to do: the target already was as wanted.
+    NoOp,
+    /// Refused on purpose (e.g. Remove of a user who owns numbers), or not reached because an
+    /// earlier step made it moot.
+    Skipped,
+    Failed,
+    /// The write found a value moved since planning and left the target alone.
+    Conflict,
+    /// Begun before a crash and not observable: it may or may not have happened.
+    Uncertain,
+}
+
+impl StepState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, StepState::Pending | StepState::Intended)
+    }
+
+    /// Whether a retry does this step again.
+    pub fn needs_retry(self) -> bool {
+        matches!(self, StepState::Failed | StepState::Uncertain)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub kind: StepKind,
+    #[serde(default)]
+    pub state: StepState,
+}
+
+impl Step {
+    pub fn pending(kind: StepKind) -> Step {
+        Step {
+            kind,
+            state: StepState::Pending,
+        }
+    }
+}
+
+/// The steps a user change runs for a target: its writes, then its actions in their fixed
+/// order; a password reset is followed by the mail that tells the user.
+pub fn user_steps(has_writes: bool, actions: &[String]) -> Vec<Step> {
+    let mut kinds: Vec<StepKind> = actions
+        .iter()
+        .filter_map(|a| StepKind::from_action(a))
+        .collect();
+    if kinds.contains(&StepKind::ResetPassword) {
+        kinds.push(StepKind::ResetMail);
+    }
+    if has_writes {
+        kinds.push(StepKind::Write);
+    }
+    kinds.sort();
+    kinds.dedup();
+    kinds.into_iter().map(Step::pending).collect()
+}
+
+/// A restart found these steps: an intended step that cannot be observed becomes uncertain.
+/// Returns the kinds that were intended and are to be redone (checked against the PBX first).
+pub fn resume(steps: &mut [Step]) -> Vec<StepKind> {
+    let mut redo = Vec::new();
+    for s in steps.iter_mut().filter(|s| s.state == StepState::Intended) {
+        match s.kind.on_resume() {
+            OnResume::Redo => redo.push(s.kind),
+            OnResume::Uncertain => s.state = StepState::Uncertain,
+        }
+    }
+    redo
+}
+
+/// A target's outcome once its steps are final: a conflict or failure wins, then uncertainty,
+/// then a deliberate skip; otherwise Changed if anything was done.
+pub fn outcome(steps: &[Step]) -> Outcome {
+    let any = |st: StepState| steps.iter().any(|s| s.state == st);
+    if any(StepState::Conflict) {
+        Outcome::Conflict
+    } else if any(StepState::Failed) {
+        Outcome::Failed
+    } else if any(StepState::Uncertain) {
+        Outcome::Uncertain
+    } else if steps
+        .iter()
+        .any(|s| s.state == StepState::Skipped && s.kind == StepKind::Remove)
+    {
+        Outcome::Skipped
+    } else if any(StepState::Done) {
+        Outcome::Changed
+    } else {
+        Outcome::Unchanged
+    }
+}
+
+/// A retry of a target: when its writes went through (or it has none), it keeps what was done
+/// and redoes exactly the steps that failed, are uncertain, or were not reached (a mail that may
+/// not have gone out is sent, the password is not reset again). None when the target must be
+/// planned afresh (its writes did not go through) or has nothing to redo. A refused Remove
+/// stays refused: it is a decision, not a failure.
+pub fn carry_over(steps: &[Step]) -> Option<Vec<Step>> {
+    let write_done = steps
+        .iter()
+        .filter(|s| s.kind == StepKind::Write)
+        .all(|s| matches!(s.state, StepState::Done | StepState::NoOp));
+    if steps.is_empty() || !write_done {
+        return None;
+    }
+    let again: Vec<Step> = steps
+        .iter()
+        .map(|s| match s.state {
+            StepState::Skipped if s.kind == StepKind::Remove => *s,
+            StepState::Done | StepState::NoOp => *s,
+            _ => Step::pending(s.kind),
+        })
+        .collect();
+    again
+        .iter()
+        .any(|s| s.state == StepState::Pending)
+        .then_some(again)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps(list: &[(StepKind, StepState)]) -> Vec<Step> {
+        list.iter()
+            .map(|(kind, state)| Step {
+                kind: *kind,
+                state: *state,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reset_is_followed_by_its_mail_and_writes_come_first() {
+        let s = user_steps(true, &["Remove".into(), "ResetPassword".into()]);
+        let kinds: Vec<StepKind> = s.iter().map(|s| s.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                StepKind::Write,
+                StepKind::ResetPassword,
+                StepKind::Remove,
+                StepKind::ResetMail
+            ]
+        );
+        assert!(s.iter().all(|s| s.state == StepState::Pending));
+    }
+
+    #[test]
+    fn resume_makes_an_intended_mail_uncertain_and_redoes_the_rest() {
+        let mut s = steps(&[
+            (StepKind::Write, StepState::Intended),
+            (StepKind::ResetPassword, StepState::Intended),
+            (StepKind::ResetMail, StepState::Intended),
+            (StepKind::WelcomeMail, StepState::Pending),
+        ]);
+        let redo = resume(&mut s);
+        assert_eq!(redo, [StepKind::Write, StepKind::ResetPassword]);
+        assert_eq!(s[2].state, StepState::Uncertain);
+        assert_eq!(
+            s[3].state,
+            StepState::Pending,
+            "a mail never begun is still to do"
+        );
+    }
+
+    #[test]
+    fn outcome_names_the_worst_step() {
+        use StepKind::*;
+        use StepState::*;
+        assert_eq!(
+            outcome(&steps(&[(Write, Done), (ResetMail, Uncertain)])),
+            Outcome::Uncertain
+        );
+        assert_eq!(
+            outcome(&steps(&[(Write, Conflict), (ResetMail, Skipped)])),
+            Outcome::Conflict
+        );
+        assert_eq!(
+            outcome(&steps(&[(ResetPassword, Done), (ResetMail, Failed)])),
+            Outcome::Failed
+        );
+        assert_eq!(outcome(&steps(&[(Remove, Skipped)])), Outcome::Skipped);
+        assert_eq!(outcome(&steps(&[(Unlock, NoOp)])), Outcome::Unchanged);
+        assert_eq!(
+            outcome(&steps(&[(Unlock, NoOp), (Lock, Done)])),
+            Outcome::Changed
+        );
+    }
+
+    #[test]
+    fn a_retry_redoes_exactly_the_uncertain_and_failed_steps() {
+        use StepKind::*;
+        use StepState::*;
+        let carried = carry_over(&steps(&[
+            (Write, Done),
+            (ResetPassword, Done),
+            (ResetMail, Uncertain),
+        ]))
+        .unwrap();
+        assert_eq!(
+            carried,
+            steps(&[(Write, Done), (ResetPassword, Done), (ResetMail, Pending)])
+        );
+        assert_eq!(
+            carry_over(&steps(&[(Write, Conflict), (ResetMail, Skipped)])),
+            None,
+            "a conflicted write is planned afresh"
+        );
+        assert_eq!(
+            carry_over(&steps(&[(Write, Done), (Lock, Done)])),
+            None,
+            "nothing to redo"
+        );
+        assert_eq!(
+            carry_over(&steps(&[(ResetPassword, Failed), (ResetMail, Skipped)])).unwrap(),
+            steps(&[(ResetPassword, Pending), (ResetMail, Pending)]),
+            "a mail not reached because its reset failed is sent once the reset is redone"
+        );
+        assert_eq!(
+            carry_over(&steps(&[(Remove, Skipped), (WelcomeMail, Done)])),
+            None,
+            "a refused Remove stays refused"
+        );
+        assert_eq!(carry_over(&[]), None);
+    }
+}

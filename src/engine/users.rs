@@ -1,0 +1,565 @@
+//! Executes stored user-change rows: field writes (compare-and-set), then one-shot actions, then
+//! mail, each step recorded as intended before it runs and with its outcome after.
+//!
+//! A batch first moves its rows from Planned to InProgress; a row found InProgress was begun by
+//! an earlier attempt and is resumed step by step (see [`steps::resume`]): its writes are
+//! checked against the PBX, its actions redone (each is idempotent), and a mail that was under
+//! way is reported Uncertain instead of being sent twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::steps::{self, StepKind, StepState};
+use super::{Ended, Error, Journal};
+use crate::api::Outcome;
+use crate::mail::{self, Mailer};
+use crate::pbx::directory::Move;
+use crate::pbx::{
+    ActionOutcome, FieldWrite, NewValue, PbxBackend, Secret, User, UserAction, UserChange,
+    UserField, UserSelection, WriteOutcome,
+};
+use crate::plan::users as user_plan;
+use crate::results::Row;
+
+/// Mails sent between two records: a crash leaves at most this many uncertain.
+pub const MAIL_FLIGHT: usize = 20;
+
+/// One stored batch of rows, as loaded from the journal.
+pub struct Batch {
+    pub index: usize,
+    pub rows: Vec<Row>,
+    dirty: bool,
+}
+
+impl Batch {
+    pub fn new(index: usize, rows: Vec<Row>) -> Batch {
+        Batch {
+            index,
+            rows,
+            dirty: false,
+        }
+    }
+}
+
+/// A row of a batch: (batch position, row position).
+type At = (usize, usize);
+
+pub struct UserExec<'a> {
+    pub backend: &'a dyn PbxBackend,
+    /// Secret field values, read from their Secrets for this attempt (never stored).
+    pub secrets: &'a HashMap<UserField, Secret>,
+    pub mailer: Option<&'a Mailer>,
+    pub domain: &'a str,
+    /// All batches' writes in one transaction: any failure or conflict rolls back all.
+    pub atomic: bool,
+    pub fingerprint: &'a (dyn Fn(&str, UserField, &Secret) -> String + Sync),
+    pub journal: &'a dyn Journal,
+    /// Asked between steps: true once the operator is stopping.
+    pub stopping: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl UserExec<'_> {
+    /// Runs the unfinished rows of `batches` to their outcomes, or until a stop is asked for.
+    pub async fn run(&self, batches: &mut [Batch]) -> Result<Ended, Error> {
+        let mut redo: HashMap<At, Vec<StepKind>> = HashMap::new();
+        for batch in batches.iter_mut() {
+            for row in batch.rows.iter_mut() {
+                if row.outcome == Outcome::Planned {
+                    row.outcome = Outcome::InProgress;
+                    batch.dirty = true;
+                }
+            }
+        }
+        for (b, batch) in batches.iter_mut().enumerate() {
+            for (i, row) in batch.rows.iter_mut().enumerate() {
+                if row.outcome != Outcome::InProgress {
+                    continue;
+                }
+                let again = steps::resume(&mut row.steps);
+                if !again.is_empty() {
+                    redo.insert((b, i), again);
+                }
+                // The writes' intent is recorded with the batch's, before anything is written.
+                for s in row.steps.iter_mut() {
+                    if s.kind == StepKind::Write && s.state == StepState::Pending {
+                        s.state = StepState::Intended;
+                        batch.dirty = true;
+                    }
+                }
+            }
+        }
+        self.save(batches).await?;
+        let work: Vec<At> = at_all(batches, |r| r.outcome == Outcome::InProgress);
+        if work.is_empty() {
+            return Ok(Ended::Finished);
+        }
+        let extensions = work
+            .iter()
+            .map(|&(b, i)| batches[b].rows[i].target.clone())
+            .filter(|t| !t.is_empty())
+            .collect();
+        let current: BTreeMap<String, User> = self
+            .backend
+            .read_users(&UserSelection {
+                groups: vec![],
+                extensions,
+            })
+            .await?
+            .users
+            .into_iter()
+            .map(|u| (u.extension.clone(), u))
+            .collect();
+        self.gone(batches, &work, &current, &redo);
+        self.write(batches, &work, &current, &redo).await?;
+        if (self.stopping)() {
+            return Ok(Ended::Stopped);
+        }
+        for kind in [
+            StepKind::Unlock,
+            StepKind::ResetTwoFactor,
+            StepKind::ResetPassword,
+            StepKind::Lock,
+            StepKind::Remove,
+        ] {
+            self.action(kind, batches, &work, &current, &redo).await?;
+            if (self.stopping)() {
+                return Ok(Ended::Stopped);
+            }
+        }
+        for kind in [StepKind::ResetMail, StepKind::WelcomeMail] {
+            if self.mail(kind, batches, &work, &current).await? == Ended::Stopped {
+                return Ok(Ended::Stopped);
+            }
+        }
+        finish(batches, &work);
+        self.save(batches).await?;
+        Ok(Ended::Finished)
+    }
+
+    /// Writes every batch changed since the last record.
+    async fn save(&self, batches: &mut [Batch]) -> Result<(), Error> {
+        for batch in batches.iter_mut().filter(|b| b.dirty) {
+            self.journal.record(batch.index, &batch.rows).await?;
+            batch.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Targets no longer on the PBX: a Remove begun before a restart is done; anything else
+    /// cannot go on.
+    fn gone(
+        &self,
+        batches: &mut [Batch],
+        work: &[At],
+        current: &BTreeMap<String, User>,
+        redo: &HashMap<At, Vec<StepKind>>,
+    ) {
+        for &(b, i) in work {
+            let batch = &mut batches[b];
+            let row = &mut batch.rows[i];
+            if row.steps.is_empty() || current.contains_key(&row.target) {
+                continue;
+            }
+            batch.dirty = true;
+            let removed = row.steps.iter().any(|s| {
+                s.kind == StepKind::Remove
+                    && (s.state == StepState::Done
+                        || (s.state == StepState::Intended
+                            && redo.get(&(b, i)).is_some_and(|k| k.contains(&s.kind))))
+            });
+            let mut noted = false;
+            for s in row.steps.iter_mut().filter(|s| !s.state.is_final()) {
+                if removed && s.kind == StepKind::Remove {
+                    s.state = StepState::Done;
+                    row.notes.push("Remove: done".into());
+                } else if removed {
+                    s.state = StepState::Skipped;
+                    row.notes
+                        .push(format!("{}: not done: the user was removed", s.kind.name()));
+                } else {
+                    s.state = if noted {
+                        StepState::Skipped
+                    } else {
+                        StepState::Failed
+                    };
+                    if !noted {
+                        row.notes.push(format!(
+                            "extension {} no longer exists on the PBX",
+                            row.target
+                        ));
+                    }
+                    noted = true;
+                }
+            }
+        }
+    }
+
+    /// The field writes of every row that has them, compare-and-set, in one call.
+    async fn write(
+        &self,
+        batches: &mut [Batch],
+        work: &[At],
+        current: &BTreeMap<String, User>,
+        redo: &HashMap<At, Vec<StepKind>>,
+    ) -> Result<(), Error> {
+        let mut changes = Vec::new();
+        let mut change_of = Vec::new();
+        let mut already: Vec<At> = Vec::new();
+        for &at in work {
+            let row = &batches[at.0].rows[at.1];
+            if state_of(row, StepKind::Write) != Some(StepState::Intended) {
+                continue;
+            }
+            let Some(user) = current.get(&row.target) else {
+                continue;
+            };
+            let mut writes = planned_writes(row, user, self.secrets);
+            if writes.is_empty() {
+                already.push(at);
+                continue;
+            }
+            if redo.get(&at).is_some_and(|k| k.contains(&StepKind::Write)) {
+                let planned = user_plan::PlannedUser {
+                    extension: row.target.clone(),
+                    writes,
+                    actions: vec![],
+                };
+                writes = user_plan::remaining_writes(&planned, user, self.fingerprint);
+                if writes.is_empty() {
+                    // Written by the attempt that was interrupted: done by this run.
+                    already.push(at);
+                    continue;
+                }
+            }
+            change_of.push(at);
+            changes.push(UserChange {
+                extension: row.target.clone(),
+                writes,
+                takes: row
+                    .takes
+                    .iter()
+                    .map(|t| Move {
+                        number: t.number.clone(),
+                        holder: t.holder.clone(),
+                        held_as: UserField::from_name(&t.held_as)
+                            .unwrap_or(UserField::PrimaryNumber),
+                    })
+                    .collect(),
+            });
+        }
+        for (b, i) in already {
+            set(&mut batches[b], i, StepKind::Write, StepState::Done);
+        }
+        if !changes.is_empty() {
+            let outcomes = self
+                .backend
+                .apply_user_changes(&changes, self.atomic)
+                .await?;
+            for ((b, i), outcome) in change_of.into_iter().zip(outcomes) {
+                let (state, note) = write_state(outcome);
+                let batch = &mut batches[b];
+                set(batch, i, StepKind::Write, state);
+                batch.rows[i].notes.extend(note);
+            }
+        }
+        self.save(batches).await
+    }
+
+    /// One kind of action for every row that has it and whose earlier steps went through.
+    async fn action(
+        &self,
+        kind: StepKind,
+        batches: &mut [Batch],
+        work: &[At],
+        current: &BTreeMap<String, User>,
+        redo: &HashMap<At, Vec<StepKind>>,
+    ) -> Result<(), Error> {
+        let mut due: Vec<At> = Vec::new();
+        for &(b, i) in work {
+            let batch = &mut batches[b];
+            let row = &mut batch.rows[i];
+            let Some(state) = state_of(row, kind) else {
+                continue;
+            };
+            if state.is_final() || !current.contains_key(&row.target) {
+                continue;
+            }
+            if blocked(row) {
+                set(batch, i, kind, StepState::Skipped);
+                continue;
+            }
+            if state == StepState::Pending {
+                set(batch, i, kind, StepState::Intended);
+            }
+            due.push((b, i));
+        }
+        if due.is_empty() {
+            return Ok(());
+        }
+        // Recorded as intended before any of them runs.
+        self.save(batches).await?;
+        let calls: Vec<(String, UserAction)> = due
+            .iter()
+            .map(|&(b, i)| {
+                let action = match kind {
+                    // Done again after a restart, it rotates to another secret nobody knows.
+                    StepKind::ResetPassword => UserAction::ResetPassword(Secret::generate()),
+                    StepKind::ResetTwoFactor => UserAction::ResetTwoFactor,
+                    StepKind::Unlock => UserAction::Unlock,
+                    StepKind::Lock => UserAction::Lock,
+                    _ => UserAction::Remove,
+                };
+                (batches[b].rows[i].target.clone(), action)
+            })
+            .collect();
+        let outcomes = self.backend.apply_actions(&calls).await?;
+        for ((b, i), outcome) in due.into_iter().zip(outcomes) {
+            let resumed = redo.get(&(b, i)).is_some_and(|k| k.contains(&kind));
+            let (state, note) = match outcome {
+                ActionOutcome::Done => (StepState::Done, "done".to_string()),
+                ActionOutcome::Unchanged => (StepState::NoOp, "nothing to do".into()),
+                ActionOutcome::Skipped(why) => (StepState::Skipped, format!("skipped: {why}")),
+                ActionOutcome::NotFound if resumed && kind == StepKind::Remove => {
+                    (StepState::Done, "done".into())
+                }
+                ActionOutcome::NotFound => (StepState::Failed, "no such extension".into()),
+                ActionOutcome::Failed(e) => (StepState::Failed, e),
+            };
+            let batch = &mut batches[b];
+            set(batch, i, kind, state);
+            batch.rows[i].notes.push(format!("{}: {note}", kind.name()));
+        }
+        self.save(batches).await
+    }
+
+    /// One kind of mail, a flight at a time: the flight is recorded as intended, sent, and its
+    /// outcomes recorded, so a crash leaves at most one flight uncertain.
+    async fn mail(
+        &self,
+        kind: StepKind,
+        batches: &mut [Batch],
+        work: &[At],
+        current: &BTreeMap<String, User>,
+    ) -> Result<Ended, Error> {
+        let mut due: Vec<At> = Vec::new();
+        for &(b, i) in work {
+            let batch = &mut batches[b];
+            let row = &mut batch.rows[i];
+            if state_of(row, kind) != Some(StepState::Pending) {
+                continue;
+            }
+            let reset_done = state_of(row, StepKind::ResetPassword) == Some(StepState::Done);
+            if blocked(row) || (kind == StepKind::ResetMail && !reset_done) {
+                set(batch, i, kind, StepState::Skipped);
+                continue;
+            }
+            if !current.contains_key(&row.target) {
+                row.notes
+                    .push(format!("{}: not sent: the user was removed", kind.name()));
+                set(batch, i, kind, StepState::Skipped);
+                continue;
+            }
+            due.push((b, i));
+        }
+        for flight in due.chunks(MAIL_FLIGHT) {
+            if (self.stopping)() {
+                self.save(batches).await?;
+                return Ok(Ended::Stopped);
+            }
+            for &(b, i) in flight {
+                set(&mut batches[b], i, kind, StepState::Intended);
+            }
+            self.save(batches).await?;
+            let sends = flight.iter().map(|&(b, i)| {
+                let extension = &batches[b].rows[i].target;
+                let user = &current[extension];
+                let name = user.get(UserField::FirstName).unwrap_or("");
+                let (subject, body) = match kind {
+                    StepKind::ResetMail => mail::reset_instructions(extension, name, self.domain),
+                    _ => mail::welcome(extension, name, self.domain),
+                };
+                self.send(user, subject, body)
+            });
+            let sent = futures::future::join_all(sends).await;
+            for (&(b, i), result) in flight.iter().zip(sent) {
+                let batch = &mut batches[b];
+                match result {
+                    Ok(()) => {
+                        set(batch, i, kind, StepState::Done);
+                        batch.rows[i].notes.push(format!("{} sent", kind.name()));
+                    }
+                    Err(why) => {
+                        set(batch, i, kind, StepState::Failed);
+                        batch.rows[i].notes.push(format!("{}: {why}", kind.name()));
+                    }
+                }
+            }
+            self.save(batches).await?;
+        }
+        Ok(Ended::Finished)
+    }
+
+    async fn send(&self, user: &User, subject: String, body: String) -> Result<(), String> {
+        let Some(to) = user.get(UserField::Email).filter(|e| !e.is_empty()) else {
+            return Err("no email address on file: not sent".into());
+        };
+        let Some(mailer) = self.mailer else {
+            return Err("the PbxConnection has no usable spec.smtp: not sent".into());
+        };
+        mailer
+            .send(to, &subject, body)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Every row's outcome from its steps; a user giving a number changed when the row taking it did.
+fn finish(batches: &mut [Batch], work: &[At]) {
+    for &(b, i) in work {
+        let row = &mut batches[b].rows[i];
+        if row.gives.is_empty() {
+            row.outcome = steps::outcome(&row.steps);
+            batches[b].dirty = true;
+        }
+    }
+    let taken: HashSet<(String, String)> = work
+        .iter()
+        .map(|&(b, i)| &batches[b].rows[i])
+        .filter(|r| r.outcome == Outcome::Changed)
+        .flat_map(|r| r.takes.iter().map(|t| (t.number.clone(), t.holder.clone())))
+        .collect();
+    for &(b, i) in work {
+        let row = &mut batches[b].rows[i];
+        if row.gives.is_empty() {
+            continue;
+        }
+        if row
+            .gives
+            .iter()
+            .all(|n| taken.contains(&(n.clone(), row.target.clone())))
+        {
+            row.outcome = Outcome::Changed;
+        } else {
+            row.outcome = Outcome::Unchanged;
+            row.notes
+                .push("kept the number: the row taking it did not apply".into());
+        }
+        batches[b].dirty = true;
+    }
+}
+
+fn at_all(batches: &[Batch], keep: impl Fn(&Row) -> bool) -> Vec<At> {
+    batches
+        .iter()
+        .enumerate()
+        .flat_map(|(b, batch)| {
+            batch
+                .rows
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| keep(r))
+                .map(move |(i, _)| (b, i))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn state_of(row: &Row, kind: StepKind) -> Option<StepState> {
+    row.steps.iter().find(|s| s.kind == kind).map(|s| s.state)
+}
+
+fn set(batch: &mut Batch, i: usize, kind: StepKind, state: StepState) {
+    if let Some(s) = batch.rows[i].steps.iter_mut().find(|s| s.kind == kind) {
+        s.state = state;
+        batch.dirty = true;
+    }
+}
+
+/// An earlier step failed or conflicted: the later ones are not done.
+fn blocked(row: &Row) -> bool {
+    row.steps
+        .iter()
+        .any(|s| matches!(s.state, StepState::Failed | StepState::Conflict))
+}
+
+/// The writes a row plans, with secret values from their Secrets (they are never stored).
+fn planned_writes(row: &Row, user: &User, secrets: &HashMap<UserField, Secret>) -> Vec<FieldWrite> {
+    let mut writes = Vec::new();
+    for w in &row.writes {
+        let Some(field) = UserField::from_name(&w.field) else {
+            continue;
+        };
+        let to = if w.secret {
+            match secrets.get(&field) {
+                Some(s) => NewValue::Secret(s.clone()),
+                None => continue,
+            }
+        } else {
+            w.to.clone().map(NewValue::Set).unwrap_or(NewValue::Clear)
+        };
+        // Secrets are not stored in the plan, so their compare-and-set is against now.
+        let from = if w.secret {
+            user.get(field).map(str::to_string)
+        } else {
+            w.from.clone()
+        };
+        writes.push(FieldWrite { field, from, to });
+    }
+    writes
+}
+
+/// A write's outcome as a step state and a note for people.
+fn write_state(outcome: WriteOutcome) -> (StepState, Option<String>) {
+    match outcome {
+        WriteOutcome::Applied => (StepState::Done, None),
+        WriteOutcome::Conflict {
+            field,
+            expected,
+            found,
+        } => {
+            let show = |v: Option<String>| {
+                user_plan::shown(field, v.as_deref()).unwrap_or_else(|| "(unset)".into())
+            };
+            (
+                StepState::Conflict,
+                Some(format!(
+                    "{field} changed from {} to {} since the plan was made; left alone (review, then retry)",
+                    show(expected),
+                    show(found)
+                )),
+            )
+        }
+        WriteOutcome::NotFound => (
+            StepState::Failed,
+            Some("no longer exists on the PBX".into()),
+        ),
+        WriteOutcome::NumberHeld {
+            field,
+            number,
+            holder,
+        } => (
+            StepState::Conflict,
+            Some(format!(
+                "{field} {number} is held by {holder}, which the plan did not expect; left alone (review, then retry)"
+            )),
+        ),
+        WriteOutcome::Failed(e) => (StepState::Failed, Some(e)),
+        WriteOutcome::RolledBack => (
+            StepState::Failed,
+            Some("rolled back: another target of this Atomic change failed or conflicted".into()),
+        ),
+    }
+}
+
+/// Rows stored before steps were recorded (an operator upgraded mid-run) get them from their
+/// writes and actions; an InProgress row's steps are then taken as begun.
+pub fn upgrade_legacy(row: &mut Row) {
+    if !row.steps.is_empty() || row.is_final() || !row.gives.is_empty() {
+        return;
+    }
+    row.steps = steps::user_steps(!row.writes.is_empty(), &row.actions);
+    if row.outcome == Outcome::InProgress {
+        for s in row.steps.iter_mut() {
+            s.state = StepState::Intended;
+        }
+    }
+}
