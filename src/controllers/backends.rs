@@ -116,8 +116,9 @@ pub(crate) async fn change_secret_bytes(
         Err(e) => return Err(Error::Kube(e)),
     };
     // A missing Secret gets the same answer, so a change cannot probe which Secrets exist.
-    if !meta.is_some_and(|m| m.labels().get(USABLE_BY_CHANGES).map(String::as_str) == Some("true"))
-    {
+    let usable =
+        meta.is_some_and(|m| m.labels().get(USABLE_BY_CHANGES).map(String::as_str) == Some("true"));
+    if !usable {
         return Err(Error::SecretNotUsable {
             namespace: namespace.to_string(),
             name: r.name.clone(),
