@@ -391,7 +391,9 @@ async fn actions_mail_and_secrets() {
     env.apply(
         r#"apiVersion: v1
 kind: Secret
-metadata: { name: pins }
+metadata:
+  name: pins
+  labels: { pbx-operator.io/usable-by-changes: "true" }
 stringData: { pin: "864209" }
 ---
 apiVersion: pbx-operator.io/v1alpha1

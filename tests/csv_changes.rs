@@ -257,9 +257,8 @@ async fn export_round_trip_validate_execute_and_retry() {
         ("true", "false")
     );
     assert!(
-        rows[1][9].starts_with(
-            "unknown callerIdPolicy `Operators`; the PBX knows: Anonymous, Default, Reception"
-        ),
+        rows[1][9]
+            .starts_with("unknown callerIdPolicy; the PBX knows: Anonymous, Default, Reception"),
         "{}",
         rows[1][9]
     );
@@ -464,20 +463,20 @@ async fn every_row_error_is_a_note_and_bad_files_are_refused() {
     let notes: Vec<&str> = rows.iter().map(|r| r[5].as_str()).collect();
     let expected = [
         "would update: primaryNumber (+15550100205 -> +15550100995)",
-        "extension 999 does not exist on the PBX",
-        "primaryNumber `12345` is not an E.164 number",
-        "unknown callerIdPolicy `Secret`; the PBX knows: Anonymous, Default, Reception",
-        "unknown column `department`",
-        "number +15550100777 is also given on line 8",
-        "number +15550100777 is also given on line 7",
-        "extension 201 also has a row on line 10",
-        "extension 201 also has a row on line 9",
+        "this row's extension does not exist on the PBX",
+        "primaryNumber is not an E.164 number",
+        "unknown callerIdPolicy; the PBX knows: Anonymous, Default, Reception",
+        "unknown column 4",
+        "a number of this row is also given on line 8",
+        "a number of this row is also given on line 7",
+        "this row's extension also has a row on line 10",
+        "this row's extension also has a row on line 9",
     ];
     for (i, (note, want)) in notes.iter().zip(expected).enumerate() {
         assert!(note.contains(want), "row {i}: {note:?} lacks {want:?}");
     }
     assert!(
-        notes[8].contains("column `password` cannot be set from a CSV"),
+        notes[8].contains("column 5 (password) cannot be set from a CSV"),
         "{}",
         notes[8]
     );
@@ -532,12 +531,17 @@ async fn every_row_error_is_a_note_and_bad_files_are_refused() {
         Some("Default")
     );
 
-    // A CSV with sensitive columns comes from a Secret instead of a ConfigMap.
+    // A CSV with sensitive columns comes from a Secret instead of a ConfigMap; its owner lets
+    // changes use it with the label.
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(env.client.clone(), &env.ns);
     let secret = k8s_openapi::api::core::v1::Secret {
         metadata: kube::api::ObjectMeta {
             name: Some("sheet".into()),
+            labels: Some(BTreeMap::from([(
+                "pbx-operator.io/usable-by-changes".to_string(),
+                "true".to_string(),
+            )])),
             ..Default::default()
         },
         string_data: Some(BTreeMap::from([(

@@ -50,7 +50,8 @@ pub struct ConfigMapKeyRef {
     pub key: String,
 }
 
-/// Where a secret value comes from. Only Secret references: a literal would end up in Git.
+/// Where a secret value comes from. Only Secret references: a literal would end up in Git. The
+/// Secret must carry the label `pbx-operator.io/usable-by-changes: "true"` (its owner's consent).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretValueSource {

@@ -33,7 +33,8 @@ pub enum UserAction {
 pub struct CsvSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map_key_ref: Option<ConfigMapKeyRef>,
-    /// Use a Secret when the CSV holds sensitive columns.
+    /// Use a Secret when the CSV holds sensitive columns. The Secret must carry the label
+    /// `pbx-operator.io/usable-by-changes: "true"` (its owner's consent), else the change is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_key_ref: Option<SecretKeyRef>,
 }

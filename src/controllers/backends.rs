@@ -56,12 +56,33 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     (!text.is_empty()).then_some(total)
 }
 
+/// The label by which a Secret's owner lets changes (BulkUserChange `spec.source.csv` and
+/// `spec.fields.*.valueFrom`) name it. Whoever may write the Secret sets it: that is the consent.
+pub const USABLE_BY_CHANGES: &str = "pbx-operator.io/usable-by-changes";
+
+/// A Secret key's text, trimmed, for the operator's own use (a PbxConnection's Secrets, which
+/// admins create).
 pub(crate) async fn secret_value(
     client: &Client,
     namespace: &str,
     r: &SecretKeyRef,
 ) -> Result<String, Error> {
     let bytes = secret_bytes(client, namespace, r).await?;
+    text(bytes, namespace, r)
+}
+
+/// A Secret key's text, trimmed, for a change that names it in `field`: see [`change_secret_bytes`].
+pub(crate) async fn change_secret_value(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+    field: &str,
+) -> Result<String, Error> {
+    let bytes = change_secret_bytes(client, namespace, r, field).await?;
+    text(bytes, namespace, r)
+}
+
+fn text(bytes: Vec<u8>, namespace: &str, r: &SecretKeyRef) -> Result<String, Error> {
     let text = String::from_utf8(bytes).map_err(|_| Error::SecretMissing {
         namespace: namespace.to_string(),
         name: r.name.clone(),
@@ -71,7 +92,45 @@ pub(crate) async fn secret_value(
     Ok(text.trim().to_string())
 }
 
-/// A Secret key's bytes as stored (a CSV, say), read with `get` on that one Secret.
+/// A Secret key's bytes for a change that names it in `field`. The operator can read every
+/// Secret of the namespace and the change's author may not: it is never their deputy, so the
+/// Secret is used only when it carries [`USABLE_BY_CHANGES`]` = "true"`. Its metadata is
+/// checked first; without the label the data is never fetched.
+pub(crate) async fn change_secret_bytes(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+    field: &str,
+) -> Result<Vec<u8>, Error> {
+    let api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let meta = match api.get_metadata_opt(&r.name).await {
+        Ok(m) => m,
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            return Err(Error::SecretMissing {
+                namespace: namespace.to_string(),
+                name: r.name.clone(),
+                key: r.key.clone(),
+                detail: "the operator may not read it (RBAC)".into(),
+            });
+        }
+        Err(e) => return Err(Error::Kube(e)),
+    };
+    // A missing Secret gets the same answer, so a change cannot probe which Secrets exist.
+    let usable =
+        meta.is_some_and(|m| m.labels().get(USABLE_BY_CHANGES).map(String::as_str) == Some("true"));
+    if !usable {
+        return Err(Error::SecretNotUsable {
+            namespace: namespace.to_string(),
+            name: r.name.clone(),
+            key: r.key.clone(),
+            field: field.to_string(),
+        });
+    }
+    secret_bytes(client, namespace, r).await
+}
+
+/// A Secret key's bytes as stored (a CSV, say), read with `get` on that one Secret. For the
+/// operator's own use; a Secret a change names goes through [`change_secret_bytes`].
 pub(crate) async fn secret_bytes(
     client: &Client,
     namespace: &str,

@@ -1,6 +1,7 @@
 //! Fetches the CSV a BulkUserChange names in `spec.source.csv`: a ConfigMap key (text in `data`,
 //! or bytes in `binaryData`, gzip allowed so large files fit the 1 MiB object limit) or a Secret
-//! key when the file holds sensitive columns (read like every other Secret: `get` on that one).
+//! key when the file holds sensitive columns (only a Secret labelled usable by changes, see
+//! [`super::backends::change_secret_bytes`]).
 //! The size limit holds after gunzip.
 
 use std::io::Read;
@@ -23,7 +24,15 @@ pub async fn fetch(
 ) -> Result<Vec<u8>, Error> {
     let bytes = match (&source.config_map_key_ref, &source.secret_key_ref) {
         (Some(c), _) => config_map_bytes(client, namespace, c).await?,
-        (None, Some(s)) => super::backends::secret_bytes(client, namespace, s).await?,
+        (None, Some(s)) => {
+            super::backends::change_secret_bytes(
+                client,
+                namespace,
+                s,
+                "spec.source.csv.secretKeyRef",
+            )
+            .await?
+        }
         (None, None) => {
             return Err(Error::CsvSourceMissing {
                 namespace: namespace.into(),

@@ -63,6 +63,15 @@ pub enum Error {
         detail: String,
     },
     #[error(
+        "Secret {namespace}/{name} (key {key:?}, named in {field}) does not exist or is not usable by changes: it lacks the label pbx-operator.io/usable-by-changes=\"true\". Nothing was read or changed. If the Secret's owner agrees that changes in {namespace} may use it, they add the label (kubectl label secret -n {namespace} {name} pbx-operator.io/usable-by-changes=true) and the change is retried within 5 minutes; otherwise name a Secret meant for changes"
+    )]
+    SecretNotUsable {
+        namespace: String,
+        name: String,
+        key: String,
+        field: String,
+    },
+    #[error(
         "PbxConnection {namespace}/{name} does not exist; create it or fix spec.connectionRef.name"
     )]
     ConnectionMissing { namespace: String, name: String },
@@ -108,6 +117,7 @@ impl Error {
             Error::LeaderElection(_) => "leader_election",
             Error::LeadershipLost => "leadership_lost",
             Error::SecretMissing { .. } => "secret_missing",
+            Error::SecretNotUsable { .. } => "secret_not_usable",
             Error::ConnectionMissing { .. } => "connection_missing",
             Error::Pbx(e) => e.reason(),
             Error::Plan(_) => "plan",
@@ -130,6 +140,7 @@ impl Error {
             Error::Serve(..) => "ServeFailed",
             Error::LeaderElection(_) | Error::LeadershipLost => "LeaderElection",
             Error::SecretMissing { .. } => "SecretNotReadable",
+            Error::SecretNotUsable { .. } => "SecretNotUsable",
             Error::ConnectionMissing { .. } => "ConnectionNotFound",
             Error::Pbx(e) => e.reason(),
             Error::Plan(crate::plan::PlanError::TooManyTargets { .. }) => "TooManyTargets",

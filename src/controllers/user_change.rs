@@ -15,7 +15,7 @@ use kube::{
 };
 use sha2::{Digest, Sha256};
 
-use super::backends::{parse_duration, secret_value};
+use super::backends::{change_secret_value, parse_duration, secret_value};
 use super::conditions::{self, Desired};
 use super::csv_source;
 use super::results_store::Store;
@@ -1164,7 +1164,9 @@ pub async fn intent(
                 ..
             }) = secret
             {
-                let value = secret_value(client, namespace, &from.secret_key_ref).await?;
+                let named_in = format!("spec.fields.{}.valueFrom.secretKeyRef", field.name());
+                let value =
+                    change_secret_value(client, namespace, &from.secret_key_ref, &named_in).await?;
                 fields.push(FieldIntent {
                     field,
                     wanted: Wanted::Secret(Secret::new(value)),

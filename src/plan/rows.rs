@@ -113,10 +113,8 @@ pub fn plan_rows(
             ..Default::default()
         };
         if row.errors.is_empty() && dir.get(&row.extension).is_none() {
-            row.errors.push(format!(
-                "extension {} does not exist on the PBX",
-                row.extension
-            ));
+            row.errors
+                .push("this row's extension does not exist on the PBX".into());
         }
         for (field, value) in &req.values {
             if !supported.contains(field) {
@@ -128,7 +126,7 @@ pub fn plan_rows(
                 let current = dir.get(&row.extension).and_then(|u| u.get(*field));
                 if !known.contains(value) && current != Some(value.as_str()) {
                     row.errors.push(format!(
-                        "unknown {field} `{value}`; the PBX knows: {}",
+                        "unknown {field}; the PBX knows: {}",
                         known.iter().cloned().collect::<Vec<_>>().join(", ")
                     ));
                 }
@@ -383,11 +381,11 @@ mod tests {
         );
         assert_eq!(
             p.rows[0].errors,
-            ["extension 999 does not exist on the PBX"]
+            ["this row's extension does not exist on the PBX"]
         );
         assert!(
             p.rows[1].errors[0]
-                .starts_with("unknown callerIdPolicy `Secret`; the PBX knows: Anonymous, Default")
+                .starts_with("unknown callerIdPolicy; the PBX knows: Anonymous, Default")
         );
         assert!(p.rows[2].errors.is_empty());
         assert_eq!(

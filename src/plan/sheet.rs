@@ -24,7 +24,9 @@ pub const NOTES: &str = "Notes";
 /// The default for `run --max-csv-bytes`.
 pub const DEFAULT_MAX_BYTES: usize = 32 * 1024 * 1024;
 
-/// Why a whole file is refused. Nothing of it is applied.
+/// Why a whole file is refused. Nothing of it is applied. Messages here and in row errors say
+/// where (line, column, field) and what is wrong, never a cell or header as written: the file
+/// may be a Secret the reader of status may not see.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SheetError {
     #[error(
@@ -38,11 +40,11 @@ pub enum SheetError {
     #[error("not a CSV file: {0}; save the sheet as CSV (comma-separated, UTF-8) and upload that")]
     NotCsv(String),
     #[error(
-        "the CSV has no header row naming an `extension` column (its first line is `{first_line}`); put the header first, as `pbx-operator export users --template` prints it"
+        "the CSV has no header row naming an `extension` column (none of the {columns} columns of its line 1 is `extension`); put the header first, as `pbx-operator export users --template` prints it"
     )]
-    NoHeader { first_line: String },
-    #[error("column `{0}` appears twice in the header; keep one")]
-    DuplicateColumn(String),
+    NoHeader { columns: usize },
+    #[error("columns {first} and {second} of the header name the same field; keep one")]
+    DuplicateColumn { first: usize, second: usize },
 }
 
 /// What a header cell names.
@@ -52,7 +54,7 @@ pub enum Column {
     Field(UserField),
     /// `Change OK` and `Notes` of a result CSV uploaded again: not input.
     Ignored,
-    /// A field the operator knows but a CSV cannot set (yet).
+    /// A field the operator knows but a CSV cannot set (yet), by its canonical name.
     Unsupported(String),
     Unknown(String),
 }
@@ -161,8 +163,8 @@ pub fn column(name: &str) -> Column {
     if let Some(f) = FIELDS.iter().find(|f| normalize(f.name()) == n) {
         return Column::Field(*f);
     }
-    if UserField::ALL.iter().any(|f| normalize(f.name()) == n) {
-        return Column::Unsupported(name.trim().to_string());
+    if let Some(f) = UserField::ALL.iter().find(|f| normalize(f.name()) == n) {
+        return Column::Unsupported(f.name().to_string());
     }
     Column::Unknown(name.trim().to_string())
 }
@@ -206,26 +208,30 @@ pub fn read(bytes: &[u8], max_bytes: usize) -> Result<Sheet, SheetError> {
     let mut all = records(bytes);
     let header: Vec<String> = match all.next() {
         Some(Ok((_, h))) => h.iter().map(|c| c.trim().to_string()).collect(),
-        Some(Err(e)) => return Err(SheetError::NotCsv(e.to_string())),
+        Some(Err(e)) => return Err(parse_error(&e)),
         None => return Err(SheetError::Empty),
     };
     let columns: Vec<Column> = header.iter().map(|h| column(h)).collect();
     if !columns.contains(&Column::Extension) {
-        let first_line: String = header.join(",").chars().take(80).collect();
-        return Err(SheetError::NoHeader { first_line });
+        return Err(SheetError::NoHeader {
+            columns: header.len(),
+        });
     }
     let mut seen = HashMap::new();
-    for (h, c) in header.iter().zip(&columns) {
+    for (i, (h, c)) in header.iter().zip(&columns).enumerate() {
         if matches!(c, Column::Ignored) {
             continue;
         }
-        if seen.insert(normalize(h), ()).is_some() {
-            return Err(SheetError::DuplicateColumn(h.clone()));
+        if let Some(first) = seen.insert(normalize(h), i + 1) {
+            return Err(SheetError::DuplicateColumn {
+                first,
+                second: i + 1,
+            });
         }
     }
     let mut len = 0;
     for record in all {
-        let (_, record) = record.map_err(|e| SheetError::NotCsv(e.to_string()))?;
+        let (_, record) = record.map_err(|e| parse_error(&e))?;
         if !record.iter().all(|c| c.trim().is_empty()) {
             len += 1;
         }
@@ -235,6 +241,14 @@ pub fn read(bytes: &[u8], max_bytes: usize) -> Result<Sheet, SheetError> {
         columns,
         len,
         text: bytes.to_vec(),
+    })
+}
+
+/// Where the CSV reader gave up, without the text it read.
+fn parse_error(e: &csv::Error) -> SheetError {
+    SheetError::NotCsv(match e.position() {
+        Some(p) => format!("it cannot be read as CSV at line {}", p.line()),
+        None => "it cannot be read as CSV".into(),
     })
 }
 
@@ -289,25 +303,25 @@ fn request(sheet: &Sheet, row: &SheetRow, closed: &[UserField], ext_col: usize) 
             .push("no extension: every row names its user in the extension column".into());
     } else if !valid_extension(&r.extension) {
         r.errors.push(format!(
-            "extension `{}` is not a valid extension (letters, digits, . _ - +; at most 64)",
-            clip(&r.extension)
+            "the extension (column {}) is not a valid extension (letters, digits, . _ - +; at most 64)",
+            ext_col + 1
         ));
     }
-    for (cell, col) in row.cells.iter().zip(&sheet.columns) {
+    for (i, (cell, col)) in row.cells.iter().zip(&sheet.columns).enumerate() {
         let cell = cell.trim();
         if cell.is_empty() {
             continue;
         }
         match col {
             Column::Extension | Column::Ignored => {}
-            Column::Unknown(name) => r.errors.push(format!(
-                "unknown column `{}`: not a field a CSV can set (columns: extension, {}); remove the column or empty its cells",
-                clip(name),
+            Column::Unknown(_) => r.errors.push(format!(
+                "unknown column {}: its header is not a field a CSV can set (columns: extension, {}); remove the column or empty its cells",
+                i + 1,
                 FIELDS.map(|f| f.name()).join(", ")
             )),
             Column::Unsupported(name) => r.errors.push(format!(
-                "column `{}` cannot be set from a CSV yet (columns: extension, {}); use spec.fields for it",
-                clip(name),
+                "column {} ({name}) cannot be set from a CSV yet (columns: extension, {}); use spec.fields for it",
+                i + 1,
                 FIELDS.map(|f| f.name()).join(", ")
             )),
             Column::Field(f) if closed.contains(f) => r.warnings.push(format!(
@@ -376,18 +390,18 @@ fn clashes(sheet: &Sheet, closed: &[UserField], ext_col: usize) -> HashMap<usize
             .join(", ")
     };
     let mut notes: HashMap<usize, Vec<String>> = HashMap::new();
-    for (ext, rows) in by_extension.iter().filter(|(_, r)| r.len() > 1) {
+    for rows in by_extension.values().filter(|r| r.len() > 1) {
         for &(i, _) in rows {
             notes.entry(i).or_default().push(format!(
-                "extension {ext} also has a row on line {}: none of its rows is applied; keep one row per user",
+                "this row's extension also has a row on line {}: none of its rows is applied; keep one row per user",
                 others(rows, i)
             ));
         }
     }
-    for (number, rows) in by_number.iter().filter(|(_, r)| r.len() > 1) {
+    for rows in by_number.values().filter(|r| r.len() > 1) {
         for &(i, _) in rows {
             notes.entry(i).or_default().push(format!(
-                "number {number} is also given on line {}: a number belongs to one user; keep it in one row",
+                "a number of this row is also given on line {}: a number belongs to one user; keep it in one row",
                 others(rows, i)
             ));
         }
@@ -401,31 +415,18 @@ fn valid_extension(e: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
 }
 
-/// Values in error messages are cut, so a pasted paragraph does not flood the notes.
-fn clip(s: &str) -> String {
-    if s.chars().count() <= 40 {
-        s.to_string()
-    } else {
-        format!("{}...", s.chars().take(40).collect::<String>())
-    }
-}
-
 /// A cell's value in the canonical form the PBX stores and `export users` prints.
 pub fn canonical(field: UserField, cell: &str) -> Result<String, String> {
     match field {
         UserField::PrimaryNumber | UserField::PrivateNumber => e164(cell).ok_or_else(|| {
-            format!(
-                "{field} `{}` is not an E.164 number (a + and 7 to 15 digits, e.g. +15550100201)",
-                clip(cell)
-            )
+            format!("{field} is not an E.164 number (a + and 7 to 15 digits, e.g. +15550100201)")
         }),
         UserField::EnterpriseVoice | UserField::Locked => {
             match cell.to_ascii_lowercase().as_str() {
                 "true" | "yes" | "1" | "on" | "enabled" => Ok("true".into()),
                 "false" | "no" | "0" | "off" | "disabled" => Ok("false".into()),
                 _ => Err(format!(
-                    "{field} `{}` is not true or false (yes/no and 1/0 work too)",
-                    clip(cell)
+                    "{field} is not true or false (yes/no and 1/0 work too)"
                 )),
             }
         }
@@ -442,8 +443,7 @@ pub fn canonical(field: UserField, cell: &str) -> Result<String, String> {
                 Ok(cell.to_string())
             } else {
                 Err(format!(
-                    "{field} `{}` is not a policy name (letters, digits, . _ -; at most 64)",
-                    clip(cell)
+                    "{field} is not a policy name (letters, digits, . _ -; at most 64)"
                 ))
             }
         }
@@ -539,13 +539,14 @@ mod tests {
             Err(SheetError::NotCsv(_))
         ));
         let e = read(b"201,+15550100201\n202,+15550100202\n", 100).unwrap_err();
-        assert!(
-            matches!(&e, SheetError::NoHeader { first_line } if first_line == "201,+15550100201")
-        );
+        assert_eq!(e, SheetError::NoHeader { columns: 2 });
         assert!(e.to_string().contains("export users --template"));
         assert_eq!(
             read(b"extension,primaryNumber,Primary Number\n", 100),
-            Err(SheetError::DuplicateColumn("Primary Number".into()))
+            Err(SheetError::DuplicateColumn {
+                first: 2,
+                second: 3
+            })
         );
     }
 
@@ -574,9 +575,9 @@ mod tests {
         let all = |i: usize| r[i].errors.join(" | ");
         assert!(all(0).contains("not an E.164 number"), "{}", all(0));
         assert!(all(0).contains("not true or false"), "{}", all(0));
-        assert!(all(0).contains("unknown column `department`"), "{}", all(0));
+        assert!(all(0).contains("unknown column 4"), "{}", all(0));
         assert!(
-            all(0).contains("column `firstName` cannot be set from a CSV"),
+            all(0).contains("column 5 (firstName) cannot be set from a CSV"),
             "{}",
             all(0)
         );
@@ -586,8 +587,40 @@ mod tests {
             "{}",
             all(2)
         );
-        assert!(all(3).contains("not a valid extension"), "{}", all(3));
+        assert!(
+            all(3).contains("extension (column 1) is not a valid extension"),
+            "{}",
+            all(3)
+        );
         assert!(all(4).contains("not a policy name"), "{}", all(4));
+    }
+
+    /// The file may be a Secret: no refusal or row error repeats what it holds.
+    #[test]
+    fn messages_never_quote_the_file() {
+        const T: &str = "s3cr3tT0ken";
+        let refusals = [
+            read(format!("postgres://pbx:{T}@db/pbx\n").as_bytes(), 1000),
+            read(format!("extension,x{T},X{T}\n").as_bytes(), 1000),
+            read(&[T.as_bytes(), b"\xff\n"].concat(), 1000),
+        ];
+        for r in refusals {
+            let e = r.unwrap_err().to_string();
+            assert!(!e.to_lowercase().contains(&T.to_lowercase()), "{e}");
+        }
+        let s = sheet(&format!(
+            "extension,{T},enterpriseVoice,primaryNumber,callerIdPolicy,primaryNumberLocation\n\
+             {T}!,{T},{T},+1{T},{T}!,{T}{}\n\
+             {T},,,,{T}/,\n\
+             {T},,,,,\n",
+            "x".repeat(200)
+        ));
+        for r in requests(&s, &[]) {
+            for e in &r.errors {
+                assert!(!e.contains(T), "line {}: {e}", r.line);
+            }
+            assert!(!r.errors.is_empty(), "line {}", r.line);
+        }
     }
 
     #[test]
@@ -610,22 +643,22 @@ mod tests {
         assert!(
             r[0].errors
                 .iter()
-                .any(|e| e.contains("extension 201 also has a row on line 4"))
+                .any(|e| e.contains("extension also has a row on line 4"))
         );
         assert!(
             r[2].errors
                 .iter()
-                .any(|e| e.contains("extension 201 also has a row on line 2"))
+                .any(|e| e.contains("extension also has a row on line 2"))
         );
         assert!(
             r[0].errors
                 .iter()
-                .any(|e| e.contains("number +15550100201 is also given on line 3"))
+                .any(|e| e.contains("number of this row is also given on line 3"))
         );
         assert!(
             r[1].errors
                 .iter()
-                .any(|e| e.contains("number +15550100201 is also given on line 2"))
+                .any(|e| e.contains("number of this row is also given on line 2"))
         );
         assert!(
             r[3].errors
