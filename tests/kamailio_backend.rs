@@ -1,12 +1,46 @@
-//! The Kamailio backend against a real Kamailio, PostgreSQL or SQLite, and SIPp phones.
+//! The Kamailio backend against a real Kamailio, on each database it supports (PostgreSQL, SQLite,
+//! MySQL/MariaDB), and SIPp phones. Each scenario is one `async fn(db)`; `on_every_database!`
+//! turns it into one test per database, named `<scenario>::<database>`.
 
 mod support;
+
+/// One `#[tokio::test]` per database for each scenario: `cargo test --test kamailio_backend mysql`
+/// runs every scenario on MySQL, `... numbers_move` one scenario on all three.
+macro_rules! on_every_database {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn postgres() {
+                super::$scenario("postgres").await
+            }
+            #[tokio::test]
+            async fn sqlite() {
+                super::$scenario("sqlite").await
+            }
+            #[tokio::test]
+            async fn mysql() {
+                super::$scenario("mysql").await
+            }
+        }
+    )*};
+}
+
+on_every_database!(
+    bulk_read_and_atomic_write,
+    conflicts_and_literal_values,
+    locked_users_are_refused_at_register,
+    notify_reboots_a_phone_and_a_silent_one_does_not_block_others,
+    header_injection_through_a_contact_is_refused,
+    connection_errors_say_what_to_fix,
+    numbers_move_only_from_the_named_holder,
+    phones_are_read_and_changed_with_compare_and_set,
+);
 
 use std::time::{Duration, Instant};
 
 use pbx_operator::pbx::kamailio::{Kamailio, KamailioConfig};
 use pbx_operator::pbx::{
-    ActionOutcome, FieldWrite, NewValue, PbxBackend, UserAction, UserChange, UserField,
+    ActionOutcome, FieldWrite, NewValue, PbxBackend, PhoneField, UserAction, UserChange, UserField,
     UserSelection, WriteOutcome,
 };
 use sqlx::{AnyPool, AssertSqlSafe, Row};
@@ -161,16 +195,6 @@ async fn bulk_read_and_atomic_write(db: &'static str) {
     assert_eq!(n, 0, "nothing of a rolled-back batch is written");
 }
 
-#[tokio::test]
-async fn postgres_bulk_read_and_atomic_write() {
-    bulk_read_and_atomic_write("postgres").await;
-}
-
-#[tokio::test]
-async fn sqlite_bulk_read_and_atomic_write() {
-    bulk_read_and_atomic_write("sqlite").await;
-}
-
 async fn conflicts_and_literal_values(db: &'static str) {
     let lab = Lab::start(LabSpec {
         db,
@@ -260,20 +284,9 @@ async fn conflicts_and_literal_values(db: &'static str) {
     );
 }
 
-#[tokio::test]
-async fn postgres_conflicts_and_literal_values() {
-    conflicts_and_literal_values("postgres").await;
-}
-
-#[tokio::test]
-async fn sqlite_conflicts_and_literal_values() {
-    conflicts_and_literal_values("sqlite").await;
-}
-
-#[tokio::test]
-async fn locked_users_are_refused_at_register() {
+async fn locked_users_are_refused_at_register(db: &'static str) {
     let lab = Lab::start(LabSpec {
-        db: "sqlite",
+        db,
         users: 5,
         phones: 2,
         ..Default::default()
@@ -303,10 +316,9 @@ async fn locked_users_are_refused_at_register() {
     assert_eq!(lab.register_once("201"), 200);
 }
 
-#[tokio::test]
-async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others() {
+async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others(db: &'static str) {
     let lab = Lab::start(LabSpec {
-        db: "postgres",
+        db,
         users: 10,
         phones: 3,
         silent: 1,
@@ -370,10 +382,9 @@ async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others() {
     assert_eq!(counts.get(&phones[1]), Some(&0), "{counts:?}");
 }
 
-#[tokio::test]
-async fn header_injection_through_a_contact_is_refused() {
+async fn header_injection_through_a_contact_is_refused(db: &'static str) {
     let lab = Lab::start(LabSpec {
-        db: "sqlite",
+        db,
         users: 3,
         phones: 1,
         ..Default::default()
@@ -398,27 +409,35 @@ async fn header_injection_through_a_contact_is_refused() {
     );
 }
 
-#[tokio::test]
-async fn connection_errors_say_what_to_fix() {
+async fn connection_errors_say_what_to_fix(db: &'static str) {
     let lab = Lab::start(LabSpec {
-        db: "postgres",
+        db,
         users: 1,
         phones: 0,
         ..Default::default()
     });
-    let bad_password = lab.db_url().replacen("kamailio:", "kamailio:wrong", 1);
-    let err = Kamailio::connect(KamailioConfig::new(
-        &bad_password,
-        lab.rpc_url(),
-        lab.domain(),
-    ))
-    .await
-    .unwrap_err();
-    assert_eq!(err.reason(), "DatabaseAuthFailed", "{err}");
-    assert!(
-        !err.to_string().contains("wrong"),
-        "the password leaked into the message: {err}"
-    );
+    if db == "sqlite" {
+        // No login: the mistake to report is a file that is not there.
+        let missing = lab.db_url().replace("kamailio.db", "missing.db");
+        let err = Kamailio::connect(KamailioConfig::new(&missing, lab.rpc_url(), lab.domain()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "DatabaseUnreachable", "{err}");
+    } else {
+        let bad_password = lab.db_url().replacen("kamailio:", "kamailio:wrong", 1);
+        let err = Kamailio::connect(KamailioConfig::new(
+            &bad_password,
+            lab.rpc_url(),
+            lab.domain(),
+        ))
+        .await
+        .unwrap_err();
+        assert_eq!(err.reason(), "DatabaseAuthFailed", "{err}");
+        assert!(
+            !err.to_string().contains("wrong"),
+            "the password leaked into the message: {err}"
+        );
+    }
 
     let pbx = Kamailio::connect(KamailioConfig::new(
         lab.db_url(),
@@ -518,12 +537,64 @@ async fn numbers_move_only_from_the_named_holder(db: &'static str) {
     assert!(u201.numbers.is_empty());
 }
 
-#[tokio::test]
-async fn sqlite_numbers_move_only_from_the_named_holder() {
-    numbers_move_only_from_the_named_holder("sqlite").await;
-}
+/// pbx_phone (the operator's own table) on each database: read by owner, a model changed only
+/// where it is still what was read, a label set where there was none.
+async fn phones_are_read_and_changed_with_compare_and_set(db: &'static str) {
+    let lab = Lab::start(LabSpec {
+        db,
+        users: 6,
+        phones: 4,
+        ..Default::default()
+    });
+    let pbx = backend(&lab).await;
+    let pool = sql_pool(&lab).await;
+    let phones = pbx.read_phones(&all(6)).await.unwrap();
+    assert_eq!(phones.len(), 4, "{phones:?}");
+    let yealink = phones.iter().find(|p| p.vendor == "Yealink").unwrap();
+    assert_eq!(yealink.owner.as_deref(), Some("200"));
+    assert_eq!(yealink.model, "SIP-T46S");
+    assert!(yealink.mac.starts_with("805ec0"), "{yealink:?}");
+    let poly = phones.iter().find(|p| p.vendor == "Poly").unwrap();
 
-#[tokio::test]
-async fn postgres_numbers_move_only_from_the_named_holder() {
-    numbers_move_only_from_the_named_holder("postgres").await;
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE pbx_phone SET model = 'VVX 250' WHERE id = {}",
+        poly.id
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let out = pbx
+        .apply_phone_changes(&[
+            (
+                yealink.id,
+                PhoneField::Model,
+                "SIP-T46S".into(),
+                "SIP-T54W".into(),
+            ),
+            (
+                poly.id,
+                PhoneField::Model,
+                "VVX 450".into(),
+                "VVX 350".into(),
+            ),
+            (
+                yealink.id,
+                PhoneField::Label,
+                "Desk 200".into(),
+                "Desk 200".into(),
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0], WriteOutcome::Applied);
+    assert!(matches!(out[1], WriteOutcome::Conflict { .. }), "{out:?}");
+    assert_eq!(
+        out[2],
+        WriteOutcome::Applied,
+        "setting the value it has is no conflict"
+    );
+    let now = pbx.read_phones(&all(6)).await.unwrap();
+    let model = |id: i64| now.iter().find(|p| p.id == id).unwrap().model.clone();
+    assert_eq!(model(yealink.id), "SIP-T54W");
+    assert_eq!(model(poly.id), "VVX 250", "a conflict is not overwritten");
 }

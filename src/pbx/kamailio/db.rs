@@ -1069,13 +1069,17 @@ fn classify(target: &str, e: sqlx::Error) -> PbxError {
                     target,
                     detail: msg,
                 }
-            } else if matches!(code.as_str(), "42P01" | "1146") || lower.contains("no such table") {
+            } else if matches!(code.as_str(), "42P01" | "1146" | "42S02") // 42S02: MySQL
+                || lower.contains("no such table")
+            {
                 PbxError::MissingTables {
                     target,
                     missing: msg,
                 }
             } else if matches!(code.as_str(), "3D000" | "1049" | "14")
                 || lower.contains("unable to open database")
+                || lower.contains("unknown database")
+            // MySQL 1049, whose SQLSTATE (42000) is generic
             {
                 PbxError::DatabaseUnreachable {
                     target,
