@@ -34,6 +34,7 @@ on_every_database!(
     connection_errors_say_what_to_fix,
     numbers_move_only_from_the_named_holder,
     phones_are_read_and_changed_with_compare_and_set,
+    catalogue_export_and_reset,
 );
 
 use std::time::{Duration, Instant};
@@ -597,4 +598,142 @@ async fn phones_are_read_and_changed_with_compare_and_set(db: &'static str) {
     let model = |id: i64| now.iter().find(|p| p.id == id).unwrap().model.clone();
     assert_eq!(model(yealink.id), "SIP-T54W");
     assert_eq!(model(poly.id), "VVX 250", "a conflict is not overwritten");
+}
+
+/// The rest of what the controllers read and write, on each database: the policy catalogue
+/// (a UNION of the operator's table and Kamailio's), the extension list, the probe's counts,
+/// and a full UserRecycle reset of a user who owns a phone and a number.
+async fn catalogue_export_and_reset(db: &'static str) {
+    use pbx_operator::pbx::{ResetOutcome, ResetPart, UserReset};
+    let lab = Lab::start(LabSpec {
+        db,
+        users: 6,
+        phones: 2,
+        ..Default::default()
+    });
+    let pbx = backend(&lab).await;
+    let pool = sql_pool(&lab).await;
+    let p = pbx.policies().await.unwrap();
+    assert!(
+        ["Default", "Anonymous", "Reception"]
+            .iter()
+            .all(|n| p.caller_id.contains(*n)),
+        "{p:?}"
+    );
+    assert!(
+        ["Domestic", "International", "Internal"]
+            .iter()
+            .all(|n| p.voice_route.contains(*n)),
+        "{p:?}"
+    );
+    assert_eq!(
+        pbx.extensions().await.unwrap(),
+        ["200", "201", "202", "203", "204", "205"]
+    );
+    let probe = pbx.probe().await.unwrap();
+    assert_eq!((probe.users, probe.registered_phones), (6, 2), "{probe:?}");
+
+    let all_parts = vec![
+        ResetPart::Name,
+        ResetPart::Email,
+        ResetPart::Password,
+        ResetPart::VoicemailPin,
+        ResetPart::Devices,
+        ResetPart::Role,
+        ResetPart::Groups,
+        ResetPart::Numbers,
+        ResetPart::CallGroup,
+        ResetPart::PickupGroup,
+    ];
+    let out = pbx
+        .reset_users(&[UserReset {
+            extension: "201".into(),
+            parts: all_parts,
+        }])
+        .await
+        .unwrap();
+    let [ResetOutcome::Done { before, unassigned }] = out.as_slice() else {
+        panic!("{out:?}");
+    };
+    assert_eq!(before.numbers, ["+15550100201"]);
+    assert_eq!(unassigned.len(), 1, "{unassigned:?}");
+    let read = pbx.read_users(&all(6)).await.unwrap();
+    let u = read.users.iter().find(|u| u.extension == "201").unwrap();
+    assert_eq!(u.get(UserField::FirstName), None, "{u:?}");
+    assert_eq!(u.get(UserField::Status), Some("SetupRequired"), "{u:?}");
+    assert!(u.numbers.is_empty(), "{u:?}");
+    let owners: i64 = sqlx::query("SELECT COUNT(*) FROM pbx_phone WHERE owner_username = '201'")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owners, 0, "the phone is unassigned");
+    assert_eq!(
+        attribute(&pool, "202", "pbx.first_name").await.as_deref(),
+        Some("Chloe"),
+        "other users are untouched"
+    );
+}
+
+/// A MySQL server outside strict mode cuts a value too long for its column short, silently.
+/// The backend's sessions are strict whatever the server says: the too-long value fails its user
+/// (nothing of it written) and the others apply, as on PostgreSQL.
+#[tokio::test]
+async fn mysql_never_stores_a_value_cut_short() {
+    let lab = Lab::start(LabSpec {
+        db: "mysql",
+        users: 3,
+        phones: 0,
+        ..Default::default()
+    });
+    sqlx::any::install_default_drivers();
+    let admin = AnyPool::connect(lab.get("LAB_DB_ADMIN_URL")).await.unwrap();
+    sqlx::query("SET GLOBAL sql_mode = ''")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let long = "x".repeat(200); // usr_preferences.value is VARCHAR(128)
+    // A plain session now truncates: the server really is lax.
+    let lax = sql_pool(&lab).await;
+    let q = format!(
+        "UPDATE usr_preferences SET value = '{long}' WHERE username = '202' AND attribute = 'pbx.email'"
+    );
+    sqlx::query(AssertSqlSafe(q)).execute(&lax).await.unwrap();
+    assert_eq!(
+        attribute(&lax, "202", "pbx.email").await.map(|v| v.len()),
+        Some(128)
+    );
+
+    let pbx = backend(&lab).await;
+    let read = pbx.read_users(&all(2)).await.unwrap();
+    let change = |ext: &str, to: &str| UserChange {
+        extension: ext.into(),
+        takes: vec![],
+        writes: vec![FieldWrite {
+            field: UserField::LastName,
+            from: read
+                .users
+                .iter()
+                .find(|u| u.extension == ext)
+                .unwrap()
+                .get(UserField::LastName)
+                .map(Into::into),
+            to: NewValue::Set(to.into()),
+        }],
+    };
+    let out = pbx
+        .apply_user_changes(&[change("200", &long), change("201", "Short")], false)
+        .await
+        .unwrap();
+    assert!(matches!(&out[0], WriteOutcome::Failed(_)), "{out:?}");
+    assert_eq!(out[1], WriteOutcome::Applied);
+    assert_eq!(
+        attribute(&lax, "200", "pbx.last_name").await.as_deref(),
+        Some("Diaz"),
+        "nothing of the failed user is written"
+    );
+    assert_eq!(
+        attribute(&lax, "201", "pbx.last_name").await.as_deref(),
+        Some("Short")
+    );
 }
