@@ -25,6 +25,24 @@ macro_rules! on_every_database {
     )*};
 }
 
+/// The same for the databases that run as a server of their own (outages, logins).
+macro_rules! on_database_servers {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn postgres() {
+                super::$scenario("postgres").await
+            }
+            #[tokio::test]
+            async fn mysql() {
+                super::$scenario("mysql").await
+            }
+        }
+    )*};
+}
+
+on_database_servers!(an_outage_is_reported_and_the_backend_recovers);
+
 on_every_database!(
     bulk_read_and_atomic_write,
     conflicts_and_literal_values,
@@ -736,4 +754,37 @@ async fn mysql_never_stores_a_value_cut_short() {
         attribute(&lax, "201", "pbx.last_name").await.as_deref(),
         Some("Short")
     );
+}
+
+/// The database server stops (lab `db-stop`) and starts again: meanwhile reads fail as
+/// DatabaseUnreachable (transient: the controllers retry), afterwards the same backend works
+/// again without being rebuilt.
+async fn an_outage_is_reported_and_the_backend_recovers(db: &'static str) {
+    let lab = Lab::start(LabSpec {
+        db,
+        users: 5,
+        phones: 0,
+        ..Default::default()
+    });
+    let pbx = backend(&lab).await;
+    assert_eq!(pbx.read_users(&all(5)).await.unwrap().users.len(), 5);
+    lab.database(false);
+    let err = pbx.read_users(&all(5)).await.unwrap_err();
+    assert_eq!(err.reason(), "DatabaseUnreachable", "{err}");
+    assert!(err.is_transient(), "{err}");
+    lab.database(true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match pbx.read_users(&all(5)).await {
+            Ok(read) => {
+                assert_eq!(read.users.len(), 5);
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the backend did not recover: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
