@@ -25,29 +25,29 @@ pub struct Backends {
 /// [`RateLimit::acquire`] reserves the next free slot (1/per_second after the one before) and
 /// sleeps until it. No burst: any one-second window holds at most `per_second` + 1 slots.
 pub struct RateLimit {
-    per_second: u32,
-    next: std::sync::Mutex<tokio::time::Instant>,
+    /// Events per second, and when the next slot is free.
+    state: std::sync::Mutex<(u32, tokio::time::Instant)>,
 }
 
 impl RateLimit {
     pub fn new(per_second: u32) -> RateLimit {
         RateLimit {
-            per_second: per_second.max(1),
-            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+            state: std::sync::Mutex::new((per_second.max(1), tokio::time::Instant::now())),
         }
     }
 
-    pub fn per_second(&self) -> u32 {
-        self.per_second
+    /// Changes the rate for every holder at once, from the next slot on.
+    pub fn set_per_second(&self, per_second: u32) {
+        self.state.lock().expect("not poisoned").0 = per_second.max(1);
     }
 
     /// Waits for this caller's slot.
     pub async fn acquire(&self) {
-        let gap = Duration::from_secs_f64(1.0 / f64::from(self.per_second));
         let slot = {
-            let mut next = self.next.lock().expect("not poisoned");
-            let slot = (*next).max(tokio::time::Instant::now());
-            *next = slot + gap;
+            let mut state = self.state.lock().expect("not poisoned");
+            let (per_second, next) = *state;
+            let slot = next.max(tokio::time::Instant::now());
+            state.1 = slot + Duration::from_secs_f64(1.0 / f64::from(per_second));
             slot
         };
         tokio::time::sleep_until(slot).await;
@@ -219,7 +219,8 @@ impl Backends {
     }
 
     /// The NOTIFY limit of a connection (`spec.rateLimits.notifiesPerSecond`), one per
-    /// PbxConnection, so that restarts running at once share it; None when it sets none.
+    /// PbxConnection, so that restarts running at once share it; None when it sets none. A
+    /// changed rate is applied to the same limit, so restarts already holding it follow too.
     pub fn notify_limit(&self, conn: &PbxConnection) -> Option<Arc<RateLimit>> {
         let key = (conn.namespace().unwrap_or_default(), conn.name_any());
         let wanted = conn
@@ -234,11 +235,7 @@ impl Backends {
         };
         let limit = limits
             .entry(key)
-            .and_modify(|l| {
-                if l.per_second != per_second {
-                    *l = Arc::new(RateLimit::new(per_second));
-                }
-            })
+            .and_modify(|l| l.set_per_second(per_second))
             .or_insert_with(|| Arc::new(RateLimit::new(per_second)));
         Some(limit.clone())
     }
@@ -282,5 +279,35 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn one_notify_limit_per_connection_follows_its_spec() {
+        let conn = |rate: Option<u32>| -> PbxConnection {
+            let mut spec = serde_json::json!({
+                "domain": "pbx.test",
+                "database": { "urlSecretRef": { "name": "s", "key": "db" } },
+                "rpc": { "urlSecretRef": { "name": "s", "key": "rpc" } },
+            });
+            if let Some(r) = rate {
+                spec["rateLimits"] = serde_json::json!({ "notifiesPerSecond": r });
+            }
+            let mut c = PbxConnection::new("acme", serde_json::from_value(spec).unwrap());
+            c.metadata.namespace = Some("ns".into());
+            c
+        };
+        let backends = Backends::default();
+        let a = backends.notify_limit(&conn(Some(5))).unwrap();
+        let b = backends.notify_limit(&conn(Some(20))).unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "restarts on one connection share one limit"
+        );
+        assert_eq!(
+            a.state.lock().unwrap().0,
+            20,
+            "a changed rate applies to it"
+        );
+        assert!(backends.notify_limit(&conn(None)).is_none());
     }
 }
