@@ -202,10 +202,10 @@ spec:
             && position(true, false) < position(false, true),
         "the two restarts did not run at once: {offsets:?}"
     );
-    // 16 NOTIFYs evenly spaced at 4/s span 3.75 s; two restarts at 3/s each without the shared
-    // limit: some 2.4 s, with up to 6 in one second.
+    // 16 NOTIFYs evenly spaced at 4/s span 3.75 s (3.0 leaves room for a loaded machine); two
+    // restarts at 3/s each without the shared limit: some 2.4 s, with up to 6 in one second.
     let span = times[15].0 - first;
-    assert!(span >= 3.5, "16 NOTIFYs in {span:.3} s: {offsets:?}");
+    assert!(span >= 3.0, "16 NOTIFYs in {span:.3} s: {offsets:?}");
     // No one-second window holds more than the limit (one more for timing jitter at its edges).
     for (i, (t, _)) in times.iter().enumerate() {
         let in_window = times[i..].iter().take_while(|(u, _)| *u < t + 1.0).count();
