@@ -273,16 +273,16 @@ spec:
         &["spec.fields.model.value", "should match"],
     ),
     (
-        "bpc-bad-failure-policy",
+        "bpc-failure-policy-is-not-a-field",
         r#"
 kind: BulkPhoneChange
 spec:
   connectionRef: { name: acme }
   targets: { groups: [sales] }
   fields: { model: { value: SIP-T54W, lock: Open } }
-  failurePolicy: Sometimes
+  failurePolicy: Atomic
 "#,
-        &["spec.failurePolicy", "Unsupported value"],
+        &["unknown field \"spec.failurePolicy\""],
     ),
     // PhoneRestart
     (

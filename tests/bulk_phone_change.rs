@@ -7,9 +7,9 @@ use std::time::Duration;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use pbx_operator::api::{BulkPhoneChange, Phase};
-use support::eventually;
 use support::lab::LabSpec;
 use support::pbx::Env;
+use support::{control_plane, eventually, try_kubectl};
 
 async fn settled(env: &Env, name: &str) -> BulkPhoneChange {
     let api: Api<BulkPhoneChange> = Api::namespaced(env.client.clone(), &env.ns);
@@ -115,4 +115,68 @@ spec:
     );
     let (ok, csv, _) = env.cli(&["results", "bulkphonechange/yealinks", "-n", &env.ns]);
     assert!(ok && csv.contains("model: SIP-T46S -> SIP-T54W"), "{csv}");
+}
+
+/// Fields that were once in the schema but did nothing are refused, so whoever sets them learns
+/// it: BulkPhoneChange `failurePolicy`, `policy` and `interval`, PbxConnection
+/// `rateLimits.writesPerSecond` (kubectl validates strictly: unknown fields are errors).
+#[tokio::test]
+async fn fields_that_did_nothing_are_refused() {
+    let cp = control_plane();
+    let ns = support::namespace(&support::admin().await, "bpc-fields").await;
+    let apply = |manifest: &str| {
+        try_kubectl(
+            &cp.admin_kubeconfig,
+            &["apply", "--validate=strict", "-n", &ns, "-f", "-"],
+            manifest.as_bytes(),
+        )
+    };
+    let bpc = |extra: &str| {
+        format!(
+            r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkPhoneChange
+metadata: {{ name: models }}
+spec:
+  connectionRef: {{ name: acme }}
+  targets: {{ groups: [sales], vendors: [Yealink] }}
+  fields: {{ model: {{ value: SIP-T54W, lock: Open }} }}
+{extra}"#
+        )
+    };
+    for (extra, field) in [
+        ("  failurePolicy: Atomic\n", "spec.failurePolicy"),
+        ("  policy: Enforce\n", "spec.policy"),
+        ("  policy: Enforce\n  interval: 1h\n", "spec.interval"),
+    ] {
+        let (ok, _, err) = apply(&bpc(extra));
+        assert!(!ok, "{field} was accepted");
+        assert!(
+            err.contains(&format!("unknown field \"{field}\"")),
+            "{field}: {err}"
+        );
+    }
+    let (ok, _, err) = apply(&bpc(""));
+    assert!(ok, "the same change without them is accepted: {err}");
+
+    let connection = |limits: &str| {
+        format!(
+            r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PbxConnection
+metadata: {{ name: acme }}
+spec:
+  domain: pbx.test
+  database: {{ urlSecretRef: {{ name: acme-pbx, key: database-url }} }}
+  rpc: {{ urlSecretRef: {{ name: acme-pbx, key: rpc-url }} }}
+  rateLimits: {limits}
+"#
+        )
+    };
+    let (ok, _, err) = apply(&connection("{ writesPerSecond: 100 }"));
+    assert!(!ok, "writesPerSecond was accepted");
+    assert!(
+        err.contains("unknown field \"spec.rateLimits.writesPerSecond\""),
+        "{err}"
+    );
+    let (ok, _, err) = apply(&connection("{ notifiesPerSecond: 100 }"));
+    assert!(ok, "notifiesPerSecond is a real limit: {err}");
 }

@@ -1,12 +1,65 @@
-//! The Kamailio backend against a real Kamailio, PostgreSQL or SQLite, and SIPp phones.
+//! The Kamailio backend against a real Kamailio, on each database it supports (PostgreSQL, SQLite,
+//! MySQL/MariaDB), and SIPp phones. Each scenario is one `async fn(db)`; `on_every_database!`
+//! turns it into one test per database, named `<scenario>::<database>`.
 
 mod support;
+
+/// One `#[tokio::test]` per database for each scenario: `cargo test --test kamailio_backend mysql`
+/// runs every scenario on MySQL, `... numbers_move` one scenario on all three.
+macro_rules! on_every_database {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn postgres() {
+                super::$scenario("postgres").await
+            }
+            #[tokio::test]
+            async fn sqlite() {
+                super::$scenario("sqlite").await
+            }
+            #[tokio::test]
+            async fn mysql() {
+                super::$scenario("mysql").await
+            }
+        }
+    )*};
+}
+
+/// The same for the databases that run as a server of their own (outages, logins).
+macro_rules! on_database_servers {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn postgres() {
+                super::$scenario("postgres").await
+            }
+            #[tokio::test]
+            async fn mysql() {
+                super::$scenario("mysql").await
+            }
+        }
+    )*};
+}
+
+on_database_servers!(an_outage_is_reported_and_the_backend_recovers);
+
+on_every_database!(
+    bulk_read_and_atomic_write,
+    conflicts_and_literal_values,
+    locked_users_are_refused_at_register,
+    notify_reboots_a_phone_and_a_silent_one_does_not_block_others,
+    header_injection_through_a_contact_is_refused,
+    connection_errors_say_what_to_fix,
+    numbers_move_only_from_the_named_holder,
+    phones_are_read_and_changed_with_compare_and_set,
+    catalogue_export_and_reset,
+);
 
 use std::time::{Duration, Instant};
 
 use pbx_operator::pbx::kamailio::{Kamailio, KamailioConfig};
 use pbx_operator::pbx::{
-    ActionOutcome, FieldWrite, NewValue, PbxBackend, UserAction, UserChange, UserField,
+    ActionOutcome, FieldWrite, NewValue, PbxBackend, PhoneField, UserAction, UserChange, UserField,
     UserSelection, WriteOutcome,
 };
 use sqlx::{AnyPool, AssertSqlSafe, Row};
@@ -161,16 +214,6 @@ async fn bulk_read_and_atomic_write(db: &'static str) {
     assert_eq!(n, 0, "nothing of a rolled-back batch is written");
 }
 
-#[tokio::test]
-async fn postgres_bulk_read_and_atomic_write() {
-    bulk_read_and_atomic_write("postgres").await;
-}
-
-#[tokio::test]
-async fn sqlite_bulk_read_and_atomic_write() {
-    bulk_read_and_atomic_write("sqlite").await;
-}
-
 async fn conflicts_and_literal_values(db: &'static str) {
     let lab = Lab::start(LabSpec {
         db,
@@ -260,20 +303,9 @@ async fn conflicts_and_literal_values(db: &'static str) {
     );
 }
 
-#[tokio::test]
-async fn postgres_conflicts_and_literal_values() {
-    conflicts_and_literal_values("postgres").await;
-}
-
-#[tokio::test]
-async fn sqlite_conflicts_and_literal_values() {
-    conflicts_and_literal_values("sqlite").await;
-}
-
-#[tokio::test]
-async fn locked_users_are_refused_at_register() {
+async fn locked_users_are_refused_at_register(db: &'static str) {
     let lab = Lab::start(LabSpec {
-        db: "sqlite",
+        db,
         users: 5,
         phones: 2,
         ..Default::default()
@@ -303,10 +335,9 @@ async fn locked_users_are_refused_at_register() {
     assert_eq!(lab.register_once("201"), 200);
 }
 
-#[tokio::test]
-async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others() {
+async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others(db: &'static str) {
     let lab = Lab::start(LabSpec {
-        db: "postgres",
+        db,
         users: 10,
         phones: 3,
         silent: 1,
@@ -370,10 +401,9 @@ async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others() {
     assert_eq!(counts.get(&phones[1]), Some(&0), "{counts:?}");
 }
 
-#[tokio::test]
-async fn header_injection_through_a_contact_is_refused() {
+async fn header_injection_through_a_contact_is_refused(db: &'static str) {
     let lab = Lab::start(LabSpec {
-        db: "sqlite",
+        db,
         users: 3,
         phones: 1,
         ..Default::default()
@@ -398,27 +428,35 @@ async fn header_injection_through_a_contact_is_refused() {
     );
 }
 
-#[tokio::test]
-async fn connection_errors_say_what_to_fix() {
+async fn connection_errors_say_what_to_fix(db: &'static str) {
     let lab = Lab::start(LabSpec {
-        db: "postgres",
+        db,
         users: 1,
         phones: 0,
         ..Default::default()
     });
-    let bad_password = lab.db_url().replacen("kamailio:", "kamailio:wrong", 1);
-    let err = Kamailio::connect(KamailioConfig::new(
-        &bad_password,
-        lab.rpc_url(),
-        lab.domain(),
-    ))
-    .await
-    .unwrap_err();
-    assert_eq!(err.reason(), "DatabaseAuthFailed", "{err}");
-    assert!(
-        !err.to_string().contains("wrong"),
-        "the password leaked into the message: {err}"
-    );
+    if db == "sqlite" {
+        // No login: the mistake to report is a file that is not there.
+        let missing = lab.db_url().replace("kamailio.db", "missing.db");
+        let err = Kamailio::connect(KamailioConfig::new(&missing, lab.rpc_url(), lab.domain()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "DatabaseUnreachable", "{err}");
+    } else {
+        let bad_password = lab.db_url().replacen("kamailio:", "kamailio:wrong", 1);
+        let err = Kamailio::connect(KamailioConfig::new(
+            &bad_password,
+            lab.rpc_url(),
+            lab.domain(),
+        ))
+        .await
+        .unwrap_err();
+        assert_eq!(err.reason(), "DatabaseAuthFailed", "{err}");
+        assert!(
+            !err.to_string().contains("wrong"),
+            "the password leaked into the message: {err}"
+        );
+    }
 
     let pbx = Kamailio::connect(KamailioConfig::new(
         lab.db_url(),
@@ -518,12 +556,235 @@ async fn numbers_move_only_from_the_named_holder(db: &'static str) {
     assert!(u201.numbers.is_empty());
 }
 
-#[tokio::test]
-async fn sqlite_numbers_move_only_from_the_named_holder() {
-    numbers_move_only_from_the_named_holder("sqlite").await;
+/// pbx_phone (the operator's own table) on each database: read by owner, a model changed only
+/// where it is still what was read, a label set where there was none.
+async fn phones_are_read_and_changed_with_compare_and_set(db: &'static str) {
+    let lab = Lab::start(LabSpec {
+        db,
+        users: 6,
+        phones: 4,
+        ..Default::default()
+    });
+    let pbx = backend(&lab).await;
+    let pool = sql_pool(&lab).await;
+    let phones = pbx.read_phones(&all(6)).await.unwrap();
+    assert_eq!(phones.len(), 4, "{phones:?}");
+    let yealink = phones.iter().find(|p| p.vendor == "Yealink").unwrap();
+    assert_eq!(yealink.owner.as_deref(), Some("200"));
+    assert_eq!(yealink.model, "SIP-T46S");
+    assert!(yealink.mac.starts_with("805ec0"), "{yealink:?}");
+    let poly = phones.iter().find(|p| p.vendor == "Poly").unwrap();
+
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE pbx_phone SET model = 'VVX 250' WHERE id = {}",
+        poly.id
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let out = pbx
+        .apply_phone_changes(&[
+            (
+                yealink.id,
+                PhoneField::Model,
+                "SIP-T46S".into(),
+                "SIP-T54W".into(),
+            ),
+            (
+                poly.id,
+                PhoneField::Model,
+                "VVX 450".into(),
+                "VVX 350".into(),
+            ),
+            (
+                yealink.id,
+                PhoneField::Label,
+                "Desk 200".into(),
+                "Desk 200".into(),
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0], WriteOutcome::Applied);
+    assert!(matches!(out[1], WriteOutcome::Conflict { .. }), "{out:?}");
+    assert_eq!(
+        out[2],
+        WriteOutcome::Applied,
+        "setting the value it has is no conflict"
+    );
+    let now = pbx.read_phones(&all(6)).await.unwrap();
+    let model = |id: i64| now.iter().find(|p| p.id == id).unwrap().model.clone();
+    assert_eq!(model(yealink.id), "SIP-T54W");
+    assert_eq!(model(poly.id), "VVX 250", "a conflict is not overwritten");
 }
 
+/// The rest of what the controllers read and write, on each database: the policy catalogue
+/// (a UNION of the operator's table and Kamailio's), the extension list, the probe's counts,
+/// and a full UserRecycle reset of a user who owns a phone and a number.
+async fn catalogue_export_and_reset(db: &'static str) {
+    use pbx_operator::pbx::{ResetOutcome, ResetPart, UserReset};
+    let lab = Lab::start(LabSpec {
+        db,
+        users: 6,
+        phones: 2,
+        ..Default::default()
+    });
+    let pbx = backend(&lab).await;
+    let pool = sql_pool(&lab).await;
+    let p = pbx.policies().await.unwrap();
+    assert!(
+        ["Default", "Anonymous", "Reception"]
+            .iter()
+            .all(|n| p.caller_id.contains(*n)),
+        "{p:?}"
+    );
+    assert!(
+        ["Domestic", "International", "Internal"]
+            .iter()
+            .all(|n| p.voice_route.contains(*n)),
+        "{p:?}"
+    );
+    assert_eq!(
+        pbx.extensions().await.unwrap(),
+        ["200", "201", "202", "203", "204", "205"]
+    );
+    let probe = pbx.probe().await.unwrap();
+    assert_eq!((probe.users, probe.registered_phones), (6, 2), "{probe:?}");
+
+    let all_parts = vec![
+        ResetPart::Name,
+        ResetPart::Email,
+        ResetPart::Password,
+        ResetPart::VoicemailPin,
+        ResetPart::Devices,
+        ResetPart::Role,
+        ResetPart::Groups,
+        ResetPart::Numbers,
+        ResetPart::CallGroup,
+        ResetPart::PickupGroup,
+    ];
+    let out = pbx
+        .reset_users(&[UserReset {
+            extension: "201".into(),
+            parts: all_parts,
+        }])
+        .await
+        .unwrap();
+    let [ResetOutcome::Done { before, unassigned }] = out.as_slice() else {
+        panic!("{out:?}");
+    };
+    assert_eq!(before.numbers, ["+15550100201"]);
+    assert_eq!(unassigned.len(), 1, "{unassigned:?}");
+    let read = pbx.read_users(&all(6)).await.unwrap();
+    let u = read.users.iter().find(|u| u.extension == "201").unwrap();
+    assert_eq!(u.get(UserField::FirstName), None, "{u:?}");
+    assert_eq!(u.get(UserField::Status), Some("SetupRequired"), "{u:?}");
+    assert!(u.numbers.is_empty(), "{u:?}");
+    let owners: i64 = sqlx::query("SELECT COUNT(*) FROM pbx_phone WHERE owner_username = '201'")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owners, 0, "the phone is unassigned");
+    assert_eq!(
+        attribute(&pool, "202", "pbx.first_name").await.as_deref(),
+        Some("Chloe"),
+        "other users are untouched"
+    );
+}
+
+/// A MySQL server outside strict mode cuts a value too long for its column short, silently.
+/// The backend's sessions are strict whatever the server says: the too-long value fails its user
+/// (nothing of it written) and the others apply, as on PostgreSQL.
 #[tokio::test]
-async fn postgres_numbers_move_only_from_the_named_holder() {
-    numbers_move_only_from_the_named_holder("postgres").await;
+async fn mysql_never_stores_a_value_cut_short() {
+    let lab = Lab::start(LabSpec {
+        db: "mysql",
+        users: 3,
+        phones: 0,
+        ..Default::default()
+    });
+    sqlx::any::install_default_drivers();
+    let admin = AnyPool::connect(lab.get("LAB_DB_ADMIN_URL")).await.unwrap();
+    sqlx::query("SET GLOBAL sql_mode = ''")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let long = "x".repeat(200); // usr_preferences.value is VARCHAR(128)
+    // A plain session now truncates: the server really is lax.
+    let lax = sql_pool(&lab).await;
+    let q = format!(
+        "UPDATE usr_preferences SET value = '{long}' WHERE username = '202' AND attribute = 'pbx.email'"
+    );
+    sqlx::query(AssertSqlSafe(q)).execute(&lax).await.unwrap();
+    assert_eq!(
+        attribute(&lax, "202", "pbx.email").await.map(|v| v.len()),
+        Some(128)
+    );
+
+    let pbx = backend(&lab).await;
+    let read = pbx.read_users(&all(2)).await.unwrap();
+    let change = |ext: &str, to: &str| UserChange {
+        extension: ext.into(),
+        takes: vec![],
+        writes: vec![FieldWrite {
+            field: UserField::LastName,
+            from: read
+                .users
+                .iter()
+                .find(|u| u.extension == ext)
+                .unwrap()
+                .get(UserField::LastName)
+                .map(Into::into),
+            to: NewValue::Set(to.into()),
+        }],
+    };
+    let out = pbx
+        .apply_user_changes(&[change("200", &long), change("201", "Short")], false)
+        .await
+        .unwrap();
+    assert!(matches!(&out[0], WriteOutcome::Failed(_)), "{out:?}");
+    assert_eq!(out[1], WriteOutcome::Applied);
+    assert_eq!(
+        attribute(&lax, "200", "pbx.last_name").await.as_deref(),
+        Some("Diaz"),
+        "nothing of the failed user is written"
+    );
+    assert_eq!(
+        attribute(&lax, "201", "pbx.last_name").await.as_deref(),
+        Some("Short")
+    );
+}
+
+/// The database server stops (lab `db-stop`) and starts again: meanwhile reads fail as
+/// DatabaseUnreachable (transient: the controllers retry), afterwards the same backend works
+/// again without being rebuilt.
+async fn an_outage_is_reported_and_the_backend_recovers(db: &'static str) {
+    let lab = Lab::start(LabSpec {
+        db,
+        users: 5,
+        phones: 0,
+        ..Default::default()
+    });
+    let pbx = backend(&lab).await;
+    assert_eq!(pbx.read_users(&all(5)).await.unwrap().users.len(), 5);
+    lab.database(false);
+    let err = pbx.read_users(&all(5)).await.unwrap_err();
+    assert_eq!(err.reason(), "DatabaseUnreachable", "{err}");
+    assert!(err.is_transient(), "{err}");
+    lab.database(true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match pbx.read_users(&all(5)).await {
+            Ok(read) => {
+                assert_eq!(read.users.len(), 5);
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the backend did not recover: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

@@ -5,7 +5,8 @@ mod support;
 use std::time::Duration;
 
 use kube::Api;
-use pbx_operator::api::{Outcome, Phase, PhoneRestart};
+use kube::api::{Patch, PatchParams};
+use pbx_operator::api::{Outcome, PbxConnection, Phase, PhoneRestart};
 use support::lab::LabSpec;
 use support::pbx::Env;
 use support::{control_plane, eventually};
@@ -118,6 +119,102 @@ spec:
     );
     let (ok, csv, _) = env.cli(&["results", "phonerestart/everyone-now", "-n", &env.ns]);
     assert!(ok && csv.lines().count() == 9, "{csv}");
+}
+
+/// `rateLimits.notifiesPerSecond` bounds all restarts on one connection together. Two restarts
+/// run at once, each allowed 3 NOTIFYs/s by its own `perSecond` (6/s together); the connection
+/// allows 4/s. The rate is measured where the NOTIFYs arrive: the SIPp phones' wall-clock log
+/// timestamps, not the operator's counters.
+#[tokio::test]
+async fn two_restarts_at_once_share_the_connections_notify_rate() {
+    const PER_SECOND: usize = 4;
+    let env = Env::start(
+        "prs-rate",
+        LabSpec {
+            db: "sqlite",
+            users: 16,
+            phones: 16,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let conns: Api<PbxConnection> = Api::namespaced(env.client.clone(), &env.ns);
+    conns
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+                "spec": { "rateLimits": { "notifiesPerSecond": PER_SECOND } }
+            })),
+        )
+        .await
+        .unwrap();
+    let phones = env.lab.list("LAB_PHONES_REBOOT");
+    assert_eq!(phones.len(), 16);
+    let restart = |name: &str, exts: &[String]| {
+        format!(
+            r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PhoneRestart
+metadata: {{ name: {name} }}
+spec:
+  connectionRef: {{ name: acme }}
+  targets: {{ extensions: [{}] }}
+  rollout: {{ maxInFlight: 8, perSecond: 3 }}
+  confirm: {{ timeout: 10s }}
+"#,
+            exts.iter()
+                .map(|e| format!("\"{e}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    env.apply(&format!(
+        "{}---\n{}",
+        restart("first-half", &phones[..8]),
+        restart("second-half", &phones[8..])
+    ));
+    for name in ["first-half", "second-half"] {
+        let p = finished(&env, name, Duration::from_secs(90)).await;
+        let s = p.status.unwrap();
+        assert_eq!(s.phase, Phase::Succeeded, "{name}: {:?}", s.results);
+    }
+
+    let times = env.lab.notify_times();
+    assert_eq!(times.len(), 16, "one NOTIFY per phone: {times:?}");
+    let first = times[0].0;
+    let offsets: Vec<String> = times
+        .iter()
+        .map(|(t, ext)| format!("{ext}@{:.3}", t - first))
+        .collect();
+    // Both restarts were sending during the same time: their NOTIFYs interleave.
+    let first_half = |ext: &String| phones[..8].contains(ext);
+    let position = |of_first: bool, last: bool| {
+        let mut it = times.iter().map(|(_, e)| first_half(e) == of_first);
+        if last {
+            times.len() - 1 - it.rev().position(|x| x).unwrap()
+        } else {
+            it.position(|x| x).unwrap()
+        }
+    };
+    assert!(
+        position(false, false) < position(true, true)
+            && position(true, false) < position(false, true),
+        "the two restarts did not run at once: {offsets:?}"
+    );
+    // 16 NOTIFYs evenly spaced at 4/s span 3.75 s (3.0 leaves room for a loaded machine); two
+    // restarts at 3/s each without the shared limit: some 2.4 s, with up to 6 in one second.
+    let span = times[15].0 - first;
+    assert!(span >= 3.0, "16 NOTIFYs in {span:.3} s: {offsets:?}");
+    // No one-second window holds more than the limit (one more for timing jitter at its edges).
+    for (i, (t, _)) in times.iter().enumerate() {
+        let in_window = times[i..].iter().take_while(|(u, _)| *u < t + 1.0).count();
+        assert!(
+            in_window <= PER_SECOND + 1,
+            "{in_window} NOTIFYs within 1 s of {:.3}: {offsets:?}",
+            t - first
+        );
+    }
 }
 
 #[tokio::test]

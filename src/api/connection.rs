@@ -72,7 +72,7 @@ pub struct PbxConnectionSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseEndpoint {
-    /// Secret key holding the URL: `postgres://user:pass@host/db`, `mysql://...` or `sqlite:///path`.
+    /// Secret key holding the URL: `postgres://user:pass@host/db`, `mysql://user:pass@host:3306/db` (MySQL or MariaDB) or `sqlite:///path`.
     pub url_secret_ref: SecretKeyRef,
     /// Connections kept open to the database (default 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,11 +125,8 @@ pub struct SmtpSettings {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimits {
-    /// Users written per second at most (default: unbounded, batched).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1000000))]
-    pub writes_per_second: Option<u32>,
-    /// NOTIFYs sent per second at most across all restarts on this connection.
+    /// NOTIFYs sent per second at most, evenly spaced, by all PhoneRestarts on this connection
+    /// together (each restart's `rollout.perSecond` still applies to it). Default: no shared limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub notifies_per_second: Option<u32>,

@@ -3,12 +3,12 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::common::{
-    ConnectionRef, DURATION_PATTERN, FailurePolicy, Mode, OperationStatus, PhoneTargets, Policy,
-};
+use super::common::{ConnectionRef, Mode, OperationStatus, PhoneTargets};
 use super::fields::PhoneFields;
 
 /// Set fields on many phones. A model is assigned only when all selected phones share a vendor.
+/// A run is one pass (no `policy: Enforce`, no `interval`) and each phone's write stands on its
+/// own (no `failurePolicy`): the API server refuses those fields as unknown.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "pbx-operator.io",
@@ -46,9 +46,6 @@ use super::fields::PhoneFields;
     "!has(self.approvedPlanHash) || !has(self.mode) || self.mode == 'Execute'"
 ).message("spec.approvedPlanHash only applies to mode Execute: remove it or set mode: Execute")
 .field_path(".approvedPlanHash"))]
-#[x_kube(validation = kube::core::Rule::new("!has(self.interval) || (has(self.policy) && self.policy == 'Enforce')")
-    .message("spec.interval only applies to policy Enforce: set policy: Enforce or remove interval")
-    .field_path(".interval"))]
 pub struct BulkPhoneChangeSpec {
     pub connection_ref: ConnectionRef,
     pub targets: PhoneTargets,
@@ -59,13 +56,6 @@ pub struct BulkPhoneChangeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^[0-9a-f]{64}$"), length(max = 64))]
     pub approved_plan_hash: Option<String>,
-    #[serde(default)]
-    pub failure_policy: FailurePolicy,
-    #[serde(default)]
-    pub policy: Policy,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), pattern(DURATION_PATTERN))]
-    pub interval: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub requested_by: Option<String>,

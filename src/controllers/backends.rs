@@ -1,5 +1,7 @@
 //! PBX backends per PbxConnection, built from the connection's spec and Secrets and kept while
 //! they stay the same. A changed Secret yields a new fingerprint, hence a new backend: no restart.
+//! Also one NOTIFY rate limit per PbxConnection (`spec.rateLimits.notifiesPerSecond`), shared by
+//! every PhoneRestart on it and kept across backend reconnects.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +18,40 @@ use crate::pbx::kamailio::{Kamailio, KamailioConfig};
 
 pub struct Backends {
     cache: Mutex<HashMap<(String, String), Cached>>,
+    notify_limits: std::sync::Mutex<HashMap<(String, String), Arc<RateLimit>>>,
+}
+
+/// At most `per_second` events per second, evenly spaced, for every caller together: each
+/// [`RateLimit::acquire`] reserves the next free slot (1/per_second after the one before) and
+/// sleeps until it. No burst: any one-second window holds at most `per_second` + 1 slots.
+pub struct RateLimit {
+    /// Events per second, and when the next slot is free.
+    state: std::sync::Mutex<(u32, tokio::time::Instant)>,
+}
+
+impl RateLimit {
+    pub fn new(per_second: u32) -> RateLimit {
+        RateLimit {
+            state: std::sync::Mutex::new((per_second.max(1), tokio::time::Instant::now())),
+        }
+    }
+
+    /// Changes the rate for every holder at once, from the next slot on.
+    pub fn set_per_second(&self, per_second: u32) {
+        self.state.lock().expect("not poisoned").0 = per_second.max(1);
+    }
+
+    /// Waits for this caller's slot.
+    pub async fn acquire(&self) {
+        let slot = {
+            let mut state = self.state.lock().expect("not poisoned");
+            let (per_second, next) = *state;
+            let slot = next.max(tokio::time::Instant::now());
+            state.1 = slot + Duration::from_secs_f64(1.0 / f64::from(per_second));
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
 }
 
 struct Cached {
@@ -27,6 +63,7 @@ impl Default for Backends {
     fn default() -> Self {
         Backends {
             cache: Mutex::new(HashMap::new()),
+            notify_limits: std::sync::Mutex::new(HashMap::new()),
         }
     }
 }
@@ -240,6 +277,29 @@ impl Backends {
         Ok((conn, backend))
     }
 
+    /// The NOTIFY limit of a connection (`spec.rateLimits.notifiesPerSecond`), one per
+    /// PbxConnection, so that restarts running at once share it; None when it sets none. A
+    /// changed rate is applied to the same limit, so restarts already holding it follow too.
+    pub fn notify_limit(&self, conn: &PbxConnection) -> Option<Arc<RateLimit>> {
+        let key = (conn.namespace().unwrap_or_default(), conn.name_any());
+        let wanted = conn
+            .spec
+            .rate_limits
+            .as_ref()
+            .and_then(|r| r.notifies_per_second);
+        let mut limits = self.notify_limits.lock().expect("not poisoned");
+        let Some(per_second) = wanted else {
+            limits.remove(&key);
+            return None;
+        };
+        let limit = limits
+            .entry(key)
+            .and_modify(|l| l.set_per_second(per_second))
+            .or_insert_with(|| Arc::new(RateLimit::new(per_second)));
+        Some(limit.clone())
+    }
+
+    /// Drops the cached backend (not the NOTIFY limit: restarts may be waiting on its slots).
     pub async fn forget(&self, namespace: &str, name: &str) {
         self.cache
             .lock()
@@ -260,5 +320,53 @@ mod tests {
         assert_eq!(parse_duration(""), None);
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("5d"), None);
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_spaces_all_its_callers() {
+        let limit = Arc::new(RateLimit::new(50));
+        let start = tokio::time::Instant::now();
+        let caller = |limit: Arc<RateLimit>| async move {
+            for _ in 0..10 {
+                limit.acquire().await;
+            }
+        };
+        tokio::join!(caller(limit.clone()), caller(limit.clone()));
+        // 20 slots 20 ms apart, the first at once: 380 ms at least.
+        assert!(
+            start.elapsed() >= Duration::from_millis(380),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn one_notify_limit_per_connection_follows_its_spec() {
+        let conn = |rate: Option<u32>| -> PbxConnection {
+            let mut spec = serde_json::json!({
+                "domain": "pbx.test",
+                "database": { "urlSecretRef": { "name": "s", "key": "db" } },
+                "rpc": { "urlSecretRef": { "name": "s", "key": "rpc" } },
+            });
+            if let Some(r) = rate {
+                spec["rateLimits"] = serde_json::json!({ "notifiesPerSecond": r });
+            }
+            let mut c = PbxConnection::new("acme", serde_json::from_value(spec).unwrap());
+            c.metadata.namespace = Some("ns".into());
+            c
+        };
+        let backends = Backends::default();
+        let a = backends.notify_limit(&conn(Some(5))).unwrap();
+        let b = backends.notify_limit(&conn(Some(20))).unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "restarts on one connection share one limit"
+        );
+        assert_eq!(
+            a.state.lock().unwrap().0,
+            20,
+            "a changed rate applies to it"
+        );
+        assert!(backends.notify_limit(&conn(None)).is_none());
     }
 }

@@ -16,7 +16,7 @@ use kube::{
     runtime::{controller::Action, events::EventType},
 };
 
-use super::backends::parse_duration;
+use super::backends::{RateLimit, parse_duration};
 use super::conditions::{self, Desired};
 use super::results_store::Store;
 use super::{Context, Error};
@@ -56,6 +56,13 @@ pub(crate) async fn reconcile(pr: Arc<PhoneRestart>, ctx: Arc<Context>) -> Resul
     }
 }
 
+/// The rates a NOTIFY waits for: its restart's own, then its connection's.
+#[derive(Clone, Copy)]
+struct Limits<'a> {
+    own: &'a RateLimit,
+    shared: Option<&'a RateLimit>,
+}
+
 struct Run<'a> {
     pr: &'a PhoneRestart,
     ctx: &'a Context,
@@ -72,7 +79,12 @@ impl Run<'_> {
     }
 
     async fn backend(&self) -> Result<Arc<Kamailio>, Error> {
-        let (_, b) = self
+        Ok(self.connection().await?.0)
+    }
+
+    /// The connection's backend and its NOTIFY limit (shared with every other restart on it).
+    async fn connection(&self) -> Result<(Arc<Kamailio>, Option<Arc<RateLimit>>), Error> {
+        let (conn, b) = self
             .ctx
             .backends
             .by_name(
@@ -81,7 +93,7 @@ impl Run<'_> {
                 &self.pr.spec.connection_ref.name,
             )
             .await?;
-        Ok(b)
+        Ok((b, self.ctx.backends.notify_limit(&conn)))
     }
 
     async fn blocked(&self, status: PhoneRestartStatus, err: &Error) -> Result<Action, Error> {
@@ -272,7 +284,7 @@ impl Run<'_> {
     }
 
     async fn execute(&self, mut status: PhoneRestartStatus) -> Result<Action, Error> {
-        let backend = match self.backend().await {
+        let (backend, shared_limit) = match self.connection().await {
             Ok(b) => b,
             Err(e) => return self.blocked(status, &e).await,
         };
@@ -289,6 +301,12 @@ impl Run<'_> {
             .and_then(|r| r.per_second)
             .unwrap_or(DEFAULT_PER_SECOND)
             .max(1);
+        // This restart's own pace; the connection's limit (if any) is awaited after it.
+        let own_limit = RateLimit::new(per_second);
+        let limits = Limits {
+            own: &own_limit,
+            shared: shared_limit.as_deref(),
+        };
         let confirm = spec
             .confirm
             .as_ref()
@@ -329,7 +347,7 @@ impl Run<'_> {
                 }
                 // The intent is recorded before any NOTIFY of this wave leaves.
                 self.store.write(index, &rows).await?;
-                self.send(&backend, &mut rows, wave, per_second).await;
+                self.send(&backend, &mut rows, wave, limits).await;
                 let sent: Vec<usize> = wave
                     .iter()
                     .copied()
@@ -347,15 +365,12 @@ impl Run<'_> {
         self.finish(status).await
     }
 
-    /// Sends one NOTIFY to each row, at most `per_second` per second, all of a wave concurrently.
-    async fn send(&self, backend: &Kamailio, rows: &mut [Row], wave: &[usize], per_second: u32) {
+    /// Sends one NOTIFY to each row of a wave, all concurrently, each leaving only when both
+    /// this restart's `perSecond` and the connection's `notifiesPerSecond` give it a slot.
+    async fn send(&self, backend: &Kamailio, rows: &mut [Row], wave: &[usize], limits: Limits<'_>) {
         let reboot = self.pr.spec.reboot;
-        let gap = Duration::from_secs_f64(1.0 / per_second as f64);
-        let mut ticker = tokio::time::interval(gap);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sends = futures::stream::FuturesUnordered::new();
         for &i in wave {
-            ticker.tick().await;
             let p = rows[i].phone.clone().unwrap_or_default();
             let registration = Registration {
                 extension: p.extension.clone(),
@@ -372,10 +387,21 @@ impl Run<'_> {
                 .clone()
                 .or_else(|| sip::vendor_from_user_agent(&p.user_agent).map(str::to_string));
             let event = sip::notify_event(vendor.as_deref(), reboot);
-            sends.push(async move { (i, backend.notify(&registration, event).await) });
+            sends.push(async move {
+                limits.own.acquire().await;
+                if let Some(shared) = limits.shared {
+                    shared.acquire().await;
+                }
+                let sent_at = now().as_second();
+                (i, sent_at, backend.notify(&registration, event).await)
+            });
         }
-        while let Some((i, answer)) = sends.next().await {
+        while let Some((i, sent_at, answer)) = sends.next().await {
             let row = &mut rows[i];
+            // Confirmation counts from when the NOTIFY left, which a rate limit may delay.
+            if let Some(p) = row.phone.as_mut() {
+                p.sent_at = Some(sent_at);
+            }
             match answer {
                 Ok(a) => {
                     let label = super::metrics::CodeLabel {

@@ -1,33 +1,40 @@
 #!/usr/bin/env bash
 # pbx-operator PBX test lab: a real Kamailio 5.6 (tests/lab/kamailio.cfg) on
-# PostgreSQL or SQLite, seeded with users and phones, and SIPp processes that
+# PostgreSQL, MySQL (MariaDB) or SQLite, seeded with users and phones, and SIPp processes that
 # behave like registered desk phones (answer NOTIFY, reboot, re-register).
 # Everything of one lab lives in one directory; several labs can run at once.
 #
 #   lab.sh install                      apt packages (idempotent)
-#   lab.sh up --dir DIR --db sqlite|postgres --users N --phones M
+#   lab.sh up --dir DIR --db sqlite|postgres|mysql --users N --phones M
 #             [--silent K] [--no-reboot K] [--domain D] [--boot-ms MS]
 #             [--fr-timer MS] [--rate R] [--no-nat]
 #   lab.sh notify-counts --dir DIR      "<ext> <NOTIFYs received>" per phone
+#   lab.sh notify-times --dir DIR       "<unix time> <ext> <call-id>" per NOTIFY, by time
 #   lab.sh notify --dir DIR --ext E [--event EV]   NAT-aware tm.t_uac_wait NOTIFY
 #   lab.sh rpc --dir DIR METHOD [ARG...] JSON-RPC call, string params
 #   lab.sh sip-register --dir DIR --ext E [--expires S] [--password P]
 #                                       one REGISTER, prints the final code
-#   lab.sh db-stop|db-start --dir DIR   stop / start the lab's PostgreSQL (outage drills)
+#   lab.sh db-stop|db-start --dir DIR   stop / start the lab's PostgreSQL or MariaDB (outage drills)
 #   lab.sh down --dir DIR               stop everything (safe to repeat)
 #
 # See README.md next to this file.
 set -euo pipefail
 
 LAB_HOME=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PACKAGES=(kamailio kamailio-postgres-modules kamailio-sqlite-modules
-	kamailio-json-modules kamailio-utils-modules postgresql sip-tester
+PACKAGES=(kamailio kamailio-postgres-modules kamailio-sqlite-modules kamailio-mysql-modules
+	kamailio-json-modules kamailio-utils-modules postgresql mariadb-server sip-tester
 	sqlite3 curl jq perl iproute2 util-linux)
 # Kamailio table schemas; `standard` first (it creates `version`).
 KAM_SCHEMAS=(standard auth_db avpops group alias_db usrloc)
 PORT_MIN=20000 # below the Linux ephemeral range (32768-60999)
 PORT_SPAN=12000
 FIRST_EXT=200
+# mariadbd settings of a throw-away lab (also given to mariadb-install-db): small files, no
+# fsync, no binary log; utf8mb4 so any text the operator writes fits.
+MYSQLD_OPTS=(--skip-name-resolve --skip-log-bin --innodb-buffer-pool-size=32M
+	--innodb-log-file-size=8M --innodb-data-file-path=ibdata1:12M:autoextend
+	--innodb-flush-method=nosync --innodb-doublewrite=0 --innodb-flush-log-at-trx-commit=0
+	--character-set-server=utf8mb4 --max-connections=200)
 
 die() { echo "lab: $*" >&2; exit 1; }
 log() { echo "lab: $*" >&2; }
@@ -165,6 +172,11 @@ do_down() {
 			stopped=$((stopped + 1))
 		fi
 		rm -f "$DIR/run/kamailio.pid"
+	fi
+	if [ -f "$DIR/run/mysql.pid" ]; then
+		pid=$(cat "$DIR/run/mysql.pid")
+		if ours "$pid" mariadbd; then stop_pid mariadbd "$pid"; stopped=$((stopped + 1)); fi
+		rm -f "$DIR/run/mysql.pid"
 	fi
 	if [ -f "$DIR/run/pg.pwfile" ]; then rm -f "$(cat "$DIR/run/pg.pwfile")" "$DIR/run/pg.pwfile"; fi
 	if [ -f "$DIR/run/pg.datadir" ]; then
@@ -361,6 +373,99 @@ EOF
 	PG_ADMIN_URL="postgres://postgres:$superpw@127.0.0.1:$PG_PORT/postgres"
 }
 
+# mariadbd as a plain process of this lab (not the system service): own datadir, socket and
+# port on 127.0.0.1. Its settings are in DIR/run/mysql.* so db-start can start it again.
+start_mysqld() {
+	local sock i pid
+	sock=$(cat "$DIR/run/mysql.socket")
+	setsid mariadbd --no-defaults --user="$(id -un)" --datadir="$(cat "$DIR/run/mysql.datadir")" \
+		--socket="$sock" --port="$(cat "$DIR/run/mysql.port")" --bind-address=127.0.0.1 \
+		--pid-file="$DIR/run/mysqld.pid" --log-error="$DIR/logs/mysql.log" \
+		"${MYSQLD_OPTS[@]}" </dev/null >>"$DIR/logs/mysql.log" 2>&1 9>&- &
+	pid=$!
+	echo "$pid" >"$DIR/run/mysql.pid"
+	for ((i = 0; i < 300; i++)); do
+		alive "$pid" || { tail -20 "$DIR/logs/mysql.log" >&2; die "mariadbd exited, see $DIR/logs/mysql.log"; }
+		mariadb-admin --no-defaults --socket="$sock" -u root ping >/dev/null 2>&1 && return 0
+		sleep 0.1
+	done
+	die "mariadbd did not answer, see $DIR/logs/mysql.log"
+}
+
+# The schema a MariaDB lab starts with: Kamailio's tables and the operator's own.
+mysql_schema() {
+	local s
+	for s in "${KAM_SCHEMAS[@]}"; do cat "/usr/share/kamailio/mysql/$s-create.sql"; done
+	cat "$LAB_HOME/../../src/pbx/kamailio/migrations/mysql.sql"
+}
+
+# A MariaDB data directory holding database `kamailio` with that schema and nothing else, made
+# once per machine (per MariaDB version, schema and settings) under a lock and copied into each
+# lab: mariadb-install-db and the DDL take seconds, a copy some 0.1 s. Prints its path.
+mysql_template() {
+	local key cache dir tmp sock pid i
+	key=$({ mariadbd --version; mysql_schema; printf '%s\n' "${MYSQLD_OPTS[@]}"; } | md5sum | cut -c1-16)
+	cache=${XDG_CACHE_HOME:-$HOME/.cache}/pbx-operator/lab
+	dir=$cache/mariadb-$key
+	[ -d "$dir" ] && { echo "$dir"; return 0; }
+	mkdir -p "$cache"
+	exec 8>"$cache/.mariadb.lock"
+	flock 8
+	if [ ! -d "$dir" ]; then
+		tmp=$(mktemp -d "$cache/.mariadb-XXXXXX")
+		sock=$(mktemp -u "${TMPDIR:-/tmp}/pbx-lab-my.XXXXXX.sock")
+		mariadb-install-db --no-defaults --user="$(id -un)" --datadir="$tmp/data" --skip-test-db \
+			--auth-root-authentication-method=normal "${MYSQLD_OPTS[@]}" >"$tmp/install.log" 2>&1 ||
+			{ cat "$tmp/install.log" >&2; rm -rf "$tmp"; die "mariadb-install-db failed"; }
+		mariadbd --no-defaults --user="$(id -un)" --datadir="$tmp/data" --socket="$sock" \
+			--skip-networking --log-error="$tmp/mysql.log" "${MYSQLD_OPTS[@]}" </dev/null >/dev/null 2>&1 8>&- 9>&- &
+		pid=$!
+		for ((i = 0; i < 300; i++)); do
+			mariadb-admin --no-defaults --socket="$sock" -u root ping >/dev/null 2>&1 && break
+			alive "$pid" || break
+			sleep 0.1
+		done
+		{ echo "CREATE DATABASE kamailio; USE kamailio;"; mysql_schema; } |
+			mariadb --no-defaults --socket="$sock" -u root ||
+			{ kill "$pid"; cat "$tmp/mysql.log" >&2; rm -rf "$tmp"; die "could not build the MariaDB template"; }
+		mariadb-admin --no-defaults --socket="$sock" -u root shutdown
+		for ((i = 0; i < 300; i++)); do alive "$pid" || break; sleep 0.1; done
+		mv "$tmp/data" "$dir"
+		rm -rf "$tmp"
+	fi
+	flock -u 8
+	exec 8>&-
+	echo "$dir"
+}
+
+setup_mysql() {
+	local data=$DIR/mysql sock=$DIR/run/mysqld.sock rootpw
+	pick_port MYSQL_PORT
+	# a Unix socket path has at most 107 bytes
+	[ ${#sock} -le 100 ] || sock=$(mktemp -u "${TMPDIR:-/tmp}/pbx-lab-my.XXXXXX.sock")
+	rm -rf "$data"
+	cp -a "$MYSQL_TEMPLATE" "$data"
+	echo "$data" >"$DIR/run/mysql.datadir"
+	echo "$sock" >"$DIR/run/mysql.socket"
+	echo "$MYSQL_PORT" >"$DIR/run/mysql.port"
+	start_mysqld
+	MYSQL_PASSWORD=$(randhex 12)
+	rootpw=$(randhex 12)
+	# root@localhost (the socket, no password) sets up; tests get password logins over TCP.
+	{
+		cat <<SQL
+CREATE USER 'kamailio'@'%' IDENTIFIED BY '$MYSQL_PASSWORD';
+GRANT ALL ON kamailio.* TO 'kamailio'@'%';
+CREATE OR REPLACE USER 'root'@'127.0.0.1' IDENTIFIED BY '$rootpw';
+GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
+USE kamailio;
+SQL
+		cat "$DIR/seed.sql"
+	} | mariadb --no-defaults --socket="$sock" -u root
+	DB_URL="mysql://kamailio:$MYSQL_PASSWORD@127.0.0.1:$MYSQL_PORT/kamailio"
+	DB_ADMIN_URL="mysql://root:$rootpw@127.0.0.1:$MYSQL_PORT/mysql"
+}
+
 start_kamailio() {
 	local -a defs=(-A "DBURL=\"$DB_URL\"" -A "SIP_ADDR=127.0.0.1" -A "SIP_PORT=$SIP_PORT"
 		-A "RPC_ADDR=127.0.0.1" -A "RPC_PORT=$RPC_PORT" -A "FR_TIMER=$FR_TIMER")
@@ -368,6 +473,7 @@ start_kamailio() {
 	# writing `location` at once fail with "database is locked" (REGISTER
 	# answered 500). One SIP worker serialises the writes.
 	[ "$DB" = sqlite ] && defs+=(-A WITH_SQLITE -A UDP_CHILDREN=1)
+	[ "$DB" = mysql ] && defs+=(-A WITH_MYSQL)
 	# -DD: the main process stays in the foreground (its pid is ours);
 	# setsid: its own process group, so down can stop every worker.
 	setsid kamailio -f "$LAB_HOME/kamailio.cfg" "${defs[@]}" -Y "$DIR/run" \
@@ -458,7 +564,7 @@ cmd_up() {
 		esac
 	done
 	[ -n "${DIR:-}" ] || die "up: --dir is required"
-	case "$DB" in sqlite | postgres) ;; *) die "up: --db sqlite|postgres is required" ;; esac
+	case "$DB" in sqlite | postgres | mysql) ;; *) die "up: --db sqlite|postgres|mysql is required" ;; esac
 	for v in "$phones" "$silent" "$noreboot" "$BOOT_MS" "$FR_TIMER" "$RATE" ${users:+"$users"}; do
 		[[ "$v" =~ ^[0-9]+$ ]] || die "up: not a number: $v"
 	done
@@ -487,12 +593,22 @@ cmd_up() {
 	PHONE_PASSWORD=$(randhex 8)
 	gen_seed "$users" "$phones" "$silent" "$noreboot" "$DOMAIN" "$PHONE_PASSWORD" "$NAT" >"$DIR/seed.sql"
 
+	if [ "$DB" = mysql ]; then
+		command -v mariadbd >/dev/null && command -v mariadb-install-db >/dev/null ||
+			die "MariaDB server not found (lab.sh install)"
+		MYSQL_TEMPLATE=$(mysql_template) || die "could not prepare the MariaDB template"
+	fi
+
 	# Ports are chosen and bound under one machine-wide lock, so labs
 	# starting at the same moment do not pick the same ones.
 	exec 9>/tmp/pbx-lab-ports.lock
 	flock 9
-	PG_PORT="" PG_PASSWORD="" PG_ADMIN_URL=""
-	if [ "$DB" = postgres ]; then setup_postgres; else setup_sqlite; fi
+	PG_PORT="" PG_PASSWORD="" PG_ADMIN_URL="" MYSQL_PORT="" DB_ADMIN_URL=""
+	case "$DB" in
+	postgres) setup_postgres; DB_ADMIN_URL=$PG_ADMIN_URL ;;
+	mysql) setup_mysql ;;
+	*) setup_sqlite ;;
+	esac
 	pick_port SIP_PORT
 	pick_port RPC_PORT
 	RPC_URL="http://127.0.0.1:$RPC_PORT/RPC"
@@ -514,6 +630,8 @@ LAB_DB=$DB
 LAB_DB_URL=$DB_URL
 LAB_PG_PORT=$PG_PORT
 LAB_PG_ADMIN_URL=$PG_ADMIN_URL
+LAB_MYSQL_PORT=$MYSQL_PORT
+LAB_DB_ADMIN_URL=$DB_ADMIN_URL
 LAB_RPC_URL=$RPC_URL
 LAB_RPC_PORT=$RPC_PORT
 LAB_DOMAIN=$DOMAIN
@@ -552,6 +670,12 @@ cmd_notify_counts() {
 	} | awk '$1=="P" {order[++n]=$2; c[$2]=0; next}
 		$1=="N" && !seen[$2" "$3]++ {c[$2]++}
 		END {for (i=1;i<=n;i++) print order[i], c[order[i]]}'
+}
+
+# When each NOTIFY reached its phone, by the phones' wall clock (SIPp's [timestamp], the last
+# field of a NOTIFY log line): one line per NOTIFY transaction, earliest first.
+cmd_notify_times() {
+	cat "$DIR"/sipp/*.log 2>/dev/null | awk '$2=="NOTIFY" && !seen[$3" "$4]++ {print $NF, $3, $4}' | sort -n
 }
 
 # ----------------------------------------------------------------- notify --
@@ -628,9 +752,19 @@ cmd_sip_register() {
 
 # -------------------------------------------------------- db-stop/start --
 
-# Outage drills: stop and start the lab's PostgreSQL, keeping its data.
+# Outage drills: stop and start the lab's PostgreSQL or MariaDB, keeping its data.
 cmd_db() { # cmd_db stop|start
-	[ -f "$DIR/run/pg.datadir" ] || die "db-$1: this lab has no PostgreSQL of its own"
+	if [ -f "$DIR/run/mysql.datadir" ]; then
+		local pid
+		pid=$(cat "$DIR/run/mysql.pid" 2>/dev/null || true)
+		case "$1" in
+		stop) if ours "$pid" mariadbd; then stop_pid mariadbd "$pid"; fi ;;
+		start) ours "$pid" mariadbd || start_mysqld ;;
+		esac
+		log "db-$1: done"
+		return 0
+	fi
+	[ -f "$DIR/run/pg.datadir" ] || die "db-$1: this lab has no database server of its own"
 	local data
 	data=$(cat "$DIR/run/pg.datadir")
 	case "$1" in
@@ -650,7 +784,7 @@ main() {
 	install) cmd_install ;;
 	up) cmd_up "$@" ;;
 	-h | --help | help) usage ;;
-	down | notify-counts | notify | rpc | sip-register | db-stop | db-start)
+	down | notify-counts | notify-times | notify | rpc | sip-register | db-stop | db-start)
 		DIR=""
 		local rest=()
 		while [ $# -gt 0 ]; do
@@ -662,6 +796,7 @@ main() {
 		case "$cmd" in
 		down) cmd_down ;;
 		notify-counts) cmd_notify_counts ;;
+		notify-times) cmd_notify_times ;;
 		notify) cmd_notify "${rest[@]}" ;;
 		rpc) cmd_rpc "${rest[@]}" ;;
 		sip-register) cmd_sip_register "${rest[@]}" ;;

@@ -5,11 +5,11 @@
 # -> 403, ul.rm, down leaves no process. Prints what it saw; exits 1 on the
 # first mismatch (after taking the lab down).
 #
-#   tests/lab/selftest.sh sqlite|postgres [DIR]
+#   tests/lab/selftest.sh sqlite|postgres|mysql [DIR]
 set -euo pipefail
 
 LAB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lab.sh
-DB=${1:?usage: selftest.sh sqlite|postgres [DIR]}
+DB=${1:?usage: selftest.sh sqlite|postgres|mysql [DIR]}
 D=${2:-/tmp/pbx-lab-selftest-$DB}
 
 fail() { echo "FAIL: $*" >&2; "$LAB" down --dir "$D" >/dev/null 2>&1 || true; exit 1; }
@@ -31,7 +31,13 @@ notify() { # notify EXT -> result code (NAT-aware next hop and socket)
 		'{jsonrpc:"2.0",id:1,method:"tm.t_uac_wait",params:["NOTIFY",$a,$h,$s,$hd]}')" | jq -r '.result[0]'
 }
 sql() {
-	if [ "$LAB_DB" = sqlite ]; then sqlite3 "${LAB_DB_URL#sqlite://}" "$1"; else psql -X -Atq "$LAB_DB_URL" -c "$1"; fi
+	case "$LAB_DB" in
+	sqlite) sqlite3 "${LAB_DB_URL#sqlite://}" "$1" ;;
+	mysql) # mysql://kamailio:PASS@127.0.0.1:PORT/kamailio
+		local pw=${LAB_DB_URL#mysql://kamailio:}
+		MYSQL_PWD=${pw%%@*} mariadb --no-defaults -N -B -h 127.0.0.1 -P "$LAB_MYSQL_PORT" -u kamailio kamailio -e "$1" ;;
+	*) psql -X -Atq "$LAB_DB_URL" -c "$1" ;;
+	esac
 }
 
 rpc '{"jsonrpc":"2.0","method":"core.version","id":1}' | grep -q '"kamailio 5' || fail core.version
@@ -96,6 +102,6 @@ ok "ul.rm removed $LAB_PHONES_NO_REBOOT from memory and SQL"
 
 "$LAB" down --dir "$D"
 "$LAB" down --dir "$D"
-left=$(ps -eo stat=,comm=,args= | awk -v d="$D" '$1 !~ /Z/ && $2 ~ /^(kamailio|sipp|postgres)$/ && index($0, d)' | wc -l)
+left=$(ps -eo stat=,comm=,args= | awk -v d="$D" '$1 !~ /Z/ && $2 ~ /^(kamailio|sipp|postgres|mariadbd)$/ && index($0, d)' | wc -l)
 [ "$left" = 0 ] || fail "$left processes of $D left after down"
 ok "down: no process left (up took ${LAB_UP_SECONDS}s)"

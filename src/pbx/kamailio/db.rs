@@ -75,9 +75,25 @@ impl Db {
         sqlx::any::install_default_drivers();
         crate::tls::install_crypto_provider();
         let target = redacted_target(&url);
-        let pool = AnyPoolOptions::new()
+        let mut options = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(std::time::Duration::from_secs(10))
+            .acquire_timeout(std::time::Duration::from_secs(10));
+        if dialect == Dialect::MySql {
+            // A MySQL server outside strict mode stores a value too long for its column cut short
+            // (and every later compare-and-set would then meet a value nobody wrote): refuse it
+            // instead, as PostgreSQL does, whatever the server's own sql_mode.
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "SET SESSION sql_mode = (SELECT CONCAT(@@sql_mode, ',STRICT_ALL_TABLES'))",
+                    )
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+                })
+            });
+        }
+        let pool = options
             .connect(&url)
             .await
             .map_err(|e| classify(&target, e))?;
@@ -1069,13 +1085,17 @@ fn classify(target: &str, e: sqlx::Error) -> PbxError {
                     target,
                     detail: msg,
                 }
-            } else if matches!(code.as_str(), "42P01" | "1146") || lower.contains("no such table") {
+            } else if matches!(code.as_str(), "42P01" | "1146" | "42S02") // 42S02: MySQL
+                || lower.contains("no such table")
+            {
                 PbxError::MissingTables {
                     target,
                     missing: msg,
                 }
             } else if matches!(code.as_str(), "3D000" | "1049" | "14")
                 || lower.contains("unable to open database")
+                || lower.contains("unknown database")
+            // MySQL 1049, whose SQLSTATE (42000) is generic
             {
                 PbxError::DatabaseUnreachable {
                     target,
