@@ -9,6 +9,7 @@
 #             [--silent K] [--no-reboot K] [--domain D] [--boot-ms MS]
 #             [--fr-timer MS] [--rate R] [--no-nat]
 #   lab.sh notify-counts --dir DIR      "<ext> <NOTIFYs received>" per phone
+#   lab.sh notify-times --dir DIR       "<unix time> <ext> <call-id>" per NOTIFY, by time
 #   lab.sh notify --dir DIR --ext E [--event EV]   NAT-aware tm.t_uac_wait NOTIFY
 #   lab.sh rpc --dir DIR METHOD [ARG...] JSON-RPC call, string params
 #   lab.sh sip-register --dir DIR --ext E [--expires S] [--password P]
@@ -554,6 +555,12 @@ cmd_notify_counts() {
 		END {for (i=1;i<=n;i++) print order[i], c[order[i]]}'
 }
 
+# When each NOTIFY reached its phone, by the phones' wall clock (SIPp's [timestamp], the last
+# field of a NOTIFY log line): one line per NOTIFY transaction, earliest first.
+cmd_notify_times() {
+	cat "$DIR"/sipp/*.log 2>/dev/null | awk '$2=="NOTIFY" && !seen[$3" "$4]++ {print $NF, $3, $4}' | sort -n
+}
+
 # ----------------------------------------------------------------- notify --
 
 # The call the operator makes: look the phone up, send to its Received
@@ -650,7 +657,7 @@ main() {
 	install) cmd_install ;;
 	up) cmd_up "$@" ;;
 	-h | --help | help) usage ;;
-	down | notify-counts | notify | rpc | sip-register | db-stop | db-start)
+	down | notify-counts | notify-times | notify | rpc | sip-register | db-stop | db-start)
 		DIR=""
 		local rest=()
 		while [ $# -gt 0 ]; do
@@ -662,6 +669,7 @@ main() {
 		case "$cmd" in
 		down) cmd_down ;;
 		notify-counts) cmd_notify_counts ;;
+		notify-times) cmd_notify_times ;;
 		notify) cmd_notify "${rest[@]}" ;;
 		rpc) cmd_rpc "${rest[@]}" ;;
 		sip-register) cmd_sip_register "${rest[@]}" ;;

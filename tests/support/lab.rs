@@ -1,4 +1,4 @@
-//! The PBX lab (tests/lab/lab.sh): a real Kamailio with PostgreSQL or SQLite, seeded users and
+//! The PBX lab (tests/lab/lab.sh): a real Kamailio with PostgreSQL, MySQL or SQLite, seeded users and
 //! phones, and SIPp phones. Stopped when dropped, and by a watchdog if the test binary dies.
 #![allow(dead_code)]
 
@@ -144,6 +144,19 @@ impl Lab {
             .collect()
     }
 
+    /// When each NOTIFY reached its phone (Unix seconds, by the SIPp phones' clock) and to which
+    /// extension, earliest first; retransmissions of one NOTIFY count once.
+    pub fn notify_times(&self) -> Vec<(f64, String)> {
+        let dir = self.dir.to_string_lossy().into_owned();
+        self.run(&["notify-times", "--dir", &dir])
+            .lines()
+            .filter_map(|l| {
+                let mut parts = l.split_whitespace();
+                Some((parts.next()?.parse().ok()?, parts.next()?.to_string()))
+            })
+            .collect()
+    }
+
     /// One REGISTER from `extension` with the lab password; the final SIP code.
     pub fn register_once(&self, extension: &str) -> u16 {
         let dir = self.dir.to_string_lossy().into_owned();
@@ -153,7 +166,7 @@ impl Lab {
             .unwrap_or(0)
     }
 
-    /// Stops (false) or starts (true) the lab's PostgreSQL, keeping its data.
+    /// Stops (false) or starts (true) the lab's PostgreSQL or MariaDB, keeping its data.
     pub fn database(&self, up: bool) {
         let dir = self.dir.to_string_lossy().into_owned();
         self.run(&[if up { "db-start" } else { "db-stop" }, "--dir", &dir]);
