@@ -221,20 +221,54 @@ spec:
   confirm: { timeout: 10s }
 "#,
     );
+    const KILLS: usize = 2;
     let api: Api<PhoneRestart> = Api::namespaced(env.client.clone(), &env.ns);
-    for _ in 0..2 {
+    // Phase, phones with a final outcome, targets.
+    let seen = || async {
+        let s = api
+            .get("all-fifty")
+            .await
+            .ok()
+            .and_then(|p| p.status)
+            .unwrap_or_default();
+        let m = s.summary.unwrap_or_default();
+        let settled = m.restarted + m.accepted + m.not_registered + m.failed + m.expired;
+        (s.phase, settled, m.targets)
+    };
+    // Each kill lands while NOTIFYs are going out: Running, some phones restarted since the
+    // previous kill, some still to do, read right before the kill and again with the operator
+    // down.
+    let mut kills = Vec::new();
+    let mut last = 0;
+    for _ in 0..KILLS {
         eventually(
             Duration::from_secs(60),
             "NOTIFYs to be going out",
             || async {
-                let s = api.get("all-fifty").await.ok()?.status?;
-                (s.phase == Phase::Running && s.summary?.restarted > 0).then_some(())
+                let (phase, settled, targets) = seen().await;
+                (phase == Phase::Running && settled > last && settled < targets).then_some(())
             },
         )
         .await;
         tokio::time::sleep(Duration::from_millis(700)).await;
-        env.kill_and_restart_operator();
+        let before = seen().await;
+        env.kill_operator();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = seen().await;
+        let mid_run = before.0 == Phase::Running
+            && before.1 < before.2
+            && after.0 == Phase::Running
+            && after.1 < after.2;
+        kills.push((before, after, mid_run));
+        last = after.1;
+        env.start_operator();
     }
+    eprintln!("SIGKILLs (phase, phones settled, targets) before and after: {kills:?}");
+    assert_eq!(
+        kills.iter().filter(|k| k.2).count(),
+        KILLS,
+        "every SIGKILL must land mid-rollout: {kills:?}"
+    );
     let p = finished(&env, "all-fifty", Duration::from_secs(180)).await;
     let counts = env.lab.notify_counts();
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
