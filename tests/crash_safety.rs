@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use kube::Api;
 use pbx_operator::api::{BulkUserChange, Phase};
+use sqlx::AssertSqlSafe;
 use support::eventually;
 use support::lab::LabSpec;
 use support::pbx::Env;
@@ -83,7 +84,10 @@ async fn check_complete(env: &Env, b: &BulkUserChange, users: usize) {
 
 #[tokio::test]
 async fn sigkill_mid_change_resumes_and_reports_each_target_once() {
-    const USERS: usize = 5000;
+    // 6 batches of 1000 users: the three kills land after 0, 1 and 2 more recorded batches at
+    // the earliest, with room to spare on a loaded 2-core machine.
+    const USERS: usize = 6000;
+    const KILLS: usize = 3;
     let mut env = Env::start(
         "crash",
         LabSpec {
@@ -95,61 +99,44 @@ async fn sigkill_mid_change_resumes_and_reports_each_target_once() {
         false,
     )
     .await;
-    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
     env.apply(CHANGE);
     let started = Instant::now();
-    // Kill at pseudo-random moments while the change runs; print them so a failure can be replayed.
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
-    let mut kills = Vec::new();
-    for round in 0..3 {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let jitter = Duration::from_millis((seed >> 33) % 400);
-        // The first kill may land while planning; the others while batches are being written.
-        if round > 0 {
-            eventually(
-                Duration::from_secs(60),
-                "the change to be executing",
-                || async {
-                    let s = api.get("everyone").await.ok()?.status?;
-                    (s.phase == Phase::Running || s.phase == Phase::Succeeded).then_some(())
-                },
-            )
-            .await;
-        }
-        tokio::time::sleep(jitter).await;
-        let status = api
-            .get("everyone")
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
-        if matches!(
-            status.phase,
-            Phase::Succeeded | Phase::PartiallyFailed | Phase::Failed
-        ) {
-            break;
-        }
-        let done = status
-            .progress
-            .map(|p| format!("{}/{}", p.done, p.batches))
-            .unwrap_or_else(|| "planning".into());
-        kills.push(format!("{:?} (batches {done})", started.elapsed()));
-        env.kill_and_restart_operator();
-    }
-    eprintln!("SIGKILLed the operator at {kills:?}");
-    let b = finished(&env, Duration::from_secs(180)).await;
+    // Pseudo-random moments inside batches; the seed is printed so a failure can be replayed.
+    let seed = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+        });
+    eprintln!("CRASH_SEED={seed}");
+    let kills = env
+        .kill_mid_run(
+            "everyone",
+            KILLS,
+            Duration::from_millis(700),
+            seed,
+            CALL_GROUP_9,
+        )
+        .await;
+    eprintln!("SIGKILLs: {kills:#?}");
+    assert_eq!(
+        kills.iter().filter(|k| k.landed_mid_run).count(),
+        KILLS,
+        "every SIGKILL must interrupt the running change (make the change bigger if it finished first): {kills:#?}"
+    );
+    let b = finished(&env, Duration::from_secs(300)).await;
     eprintln!(
-        "finished {USERS} users x 3 fields in {:?} with {} kills",
-        started.elapsed(),
-        kills.len()
+        "finished {USERS} users x 3 fields in {:?} with {KILLS} kills mid-run",
+        started.elapsed()
     );
     check_complete(&env, &b, USERS).await;
 }
+
+const CALL_GROUP_9: &str =
+    "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '9'";
 
 #[tokio::test]
 async fn database_outage_mid_run_waits_and_completes() {
@@ -165,26 +152,73 @@ async fn database_outage_mid_run_waits_and_completes() {
         false,
     )
     .await;
-    env.lab.database(false);
+    // A row lock on one user of the last of three batches (1000 users each, in extension order):
+    // the operator commits the batches before it, then waits on that user inside its write, so
+    // the outage lands with part of the run written and a batch open, on a fast machine or a
+    // slow one.
+    let held = 200 + USERS * 2 / 3 + 10;
+    let mut lock = env.pool.begin().await.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT id FROM usr_preferences WHERE username = '{held}' FOR UPDATE"
+    )))
+    .fetch_all(&mut *lock)
+    .await
+    .unwrap();
     env.apply(CHANGE);
     let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
-    let message = eventually(
-        Duration::from_secs(60),
-        "Reconciling with a message while the database is down",
+    eventually(
+        Duration::from_secs(120),
+        "some rows written and the operator's write waiting inside a batch",
         || async {
-            let b = api.get("everyone").await.ok()?;
-            let c = b
-                .status?
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "Reconciling" && c.status == "True")?;
-            Some(c.message)
+            let written: usize = env.sql_one(CALL_GROUP_9).await.parse().unwrap();
+            let waiting: usize = env
+                .sql_one("SELECT COUNT(*) FROM pg_locks WHERE NOT granted")
+                .await
+                .parse()
+                .unwrap();
+            (written > 0 && waiting > 0).then_some(())
         },
     )
     .await;
+    // Nothing can commit past the lock: what is counted now is what is written when the
+    // database stops.
+    let written: usize = env.sql_one(CALL_GROUP_9).await.parse().unwrap();
+    let progress = api
+        .get("everyone")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.progress)
+        .expect("a run in progress");
+    eprintln!(
+        "database stopped with {written} of {USERS} users written, batches {}/{}",
+        progress.done, progress.batches
+    );
     assert!(
-        message.contains("database") && message.contains("retry"),
-        "{message}"
+        0 < written && written < USERS,
+        "the outage must come mid-run: {written} of {USERS} written"
+    );
+    assert!(progress.done < progress.batches, "{progress:?}");
+    env.lab.database(false);
+    drop(lock);
+    let (message, done) = eventually(
+        Duration::from_secs(60),
+        "Reconciling naming the database while it is down",
+        || async {
+            let s = api.get("everyone").await.ok()?.status?;
+            let c = s.conditions.iter().find(|c| {
+                c.type_ == "Reconciling" && c.status == "True" && c.message.contains("database")
+            })?;
+            Some((c.message.clone(), s.progress.as_ref()?.done))
+        },
+    )
+    .await;
+    eprintln!("while the database is down: {message}");
+    assert!(message.contains("retry"), "{message}");
+    assert!(
+        done < progress.batches,
+        "the run is not finished while the database is down: {done}/{}",
+        progress.batches
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.lab.database(true);

@@ -656,7 +656,9 @@ async fn a_gzipped_csv_in_several_batches_atomic() {
 
 #[tokio::test]
 async fn sigkill_mid_csv_change_moves_each_number_once() {
-    const USERS: usize = 4000;
+    // 5 batches of 1000 rows: two kills, after 0 and 1 more recorded batches at the earliest.
+    const USERS: usize = 5000;
+    const KILLS: usize = 2;
     let mut env = Env::start(
         "csv-crash",
         LabSpec {
@@ -669,7 +671,7 @@ async fn sigkill_mid_csv_change_moves_each_number_once() {
     )
     .await;
     // Every row: caller ID Anonymous; every 10th row also takes the number of the user after it
-    // (who has no row of its own that gives a number): 400 moves.
+    // (who has no row of its own that gives a number): USERS / 10 moves.
     let mut text = String::from("extension,primaryNumber,callerIdPolicy\n");
     for i in 0..USERS {
         let ext = 200 + i;
@@ -682,31 +684,30 @@ async fn sigkill_mid_csv_change_moves_each_number_once() {
     }
     config_map(&env, "all", Some(&text), None).await;
     change(&env, "all", "all", "Execute", "");
-    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
-    let mut kills = Vec::new();
-    for round in 0..2u64 {
-        eventually(
-            Duration::from_secs(60),
-            "the change to be executing",
-            || async {
-                let s = api.get("all").await.ok()?.status?;
-                matches!(s.phase, Phase::Running | Phase::Succeeded).then_some(())
-            },
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let kills = env
+        .kill_mid_run(
+            "all",
+            KILLS,
+            Duration::from_millis(500),
+            seed,
+            "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.caller_id_policy' AND value = 'Anonymous'",
         )
         .await;
-        tokio::time::sleep(Duration::from_millis(150 * round)).await;
-        let s = api.get("all").await.unwrap().status.unwrap_or_default();
-        if s.phase != Phase::Running {
-            break;
-        }
-        kills.push(s.progress.map(|p| format!("{}/{}", p.done, p.batches)));
-        env.kill_and_restart_operator();
-    }
-    eprintln!("SIGKILLed the operator at batches {kills:?}");
+    eprintln!("SIGKILLs (seed {seed}): {kills:#?}");
+    assert_eq!(
+        kills.iter().filter(|k| k.landed_mid_run).count(),
+        KILLS,
+        "every SIGKILL must interrupt the running change (make the CSV longer if it finished first): {kills:#?}"
+    );
     let b = env
-        .wait_buc(
+        .wait_buc_for(
             "all",
             &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed],
+            Duration::from_secs(300),
         )
         .await;
     let status = b.status.unwrap();
@@ -746,9 +747,9 @@ async fn sigkill_mid_csv_change_moves_each_number_once() {
         "0",
         "no number has two holders"
     );
-    // 800 users never had a number (i % 5 == 4); 400 gave theirs away.
+    // A fifth of the users never had a number (i % 5 == 4); a tenth gave theirs away.
     assert_eq!(
         env.sql_one("SELECT COUNT(*) FROM subscriber s WHERE NOT EXISTS (SELECT 1 FROM dbaliases d WHERE d.username = s.username)").await,
-        "1200"
+        (USERS / 5 + USERS / 10).to_string()
     );
 }

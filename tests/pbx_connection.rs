@@ -2,12 +2,13 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use pbx_operator::api::PbxConnection;
+use sqlx::AssertSqlSafe;
 use support::eventually;
 use support::lab::LabSpec;
 use support::pbx::Env;
@@ -130,8 +131,27 @@ async fn kube_condition(env: &Env, type_: &str) -> Option<String> {
         .map(|c| c.status)
 }
 
+/// Ready condition (status, reason), users and last probe time of connection `name`.
+async fn seen(env: &Env, name: &str) -> Option<(String, String, Option<u64>, Option<String>)> {
+    let api: Api<PbxConnection> = Api::namespaced(env.client.clone(), &env.ns);
+    let s = api.get(name).await.ok()?.status?;
+    let r = s.conditions.iter().find(|c| c.type_ == "Ready")?;
+    Some((
+        r.status.clone(),
+        r.reason.clone(),
+        s.users,
+        s.last_probe_time.map(|t| t.0.to_string()),
+    ))
+}
+
+/// Nothing but `probeInterval` makes a probe here: the spec and the Secret stay as they are while
+/// the PBX changes under them (a user added in SQL, then a table dropped). A connection probed
+/// every 2s follows within that interval plus a margin; the other one (the default 5m) does not
+/// move in four times that.
 #[tokio::test]
-async fn missing_tables_are_named() {
+async fn probe_interval_alone_picks_up_changes_and_names_missing_tables() {
+    const FAST: Duration = Duration::from_secs(2);
+    const MARGIN: Duration = Duration::from_secs(4);
     let env = Env::start(
         "pbxc-tables",
         LabSpec {
@@ -144,27 +164,87 @@ async fn missing_tables_are_named() {
     )
     .await;
     ready(&env, "True", "Connected").await;
+    env.apply(&format!(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PbxConnection
+metadata: {{ name: fast }}
+spec:
+  domain: {domain}
+  database: {{ urlSecretRef: {{ name: acme-pbx, key: database-url }} }}
+  rpc: {{ urlSecretRef: {{ name: acme-pbx, key: rpc-url }} }}
+  probeInterval: 2s
+"#,
+        domain = env.lab.domain()
+    ));
+    eventually(Duration::from_secs(60), "fast to be Ready", || async {
+        let s = seen(&env, "fast").await?;
+        (s.0 == "True" && s.2 == Some(3)).then_some(())
+    })
+    .await;
+    let slow_before = seen(&env, "acme").await.unwrap();
+    assert_eq!(slow_before.2, Some(3), "{slow_before:?}");
+
+    // A user added behind the operator's back.
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO subscriber (username, domain) VALUES ('9999', '{}')",
+        env.lab.domain()
+    )))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    eventually(
+        FAST + MARGIN,
+        "fast to count the new user within its probeInterval",
+        || async { (seen(&env, "fast").await?.2 == Some(4)).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "probeInterval 2s: the new user counted after {:?}",
+        t0.elapsed()
+    );
+    tokio::time::sleep((FAST * 4).saturating_sub(t0.elapsed())).await;
+    assert_eq!(
+        seen(&env, "acme").await.unwrap(),
+        slow_before,
+        "a connection with the default probeInterval (5m) was probed again within {:?}",
+        FAST * 4
+    );
+
+    // A table dropped behind the operator's back.
     sqlx::query("DROP TABLE dbaliases")
         .execute(&env.pool)
         .await
         .unwrap();
-    // Probe often from now on (a spec change also re-probes at once).
+    let t1 = Instant::now();
     let api: Api<PbxConnection> = Api::namespaced(env.client.clone(), &env.ns);
-    let patch = serde_json::json!({ "spec": { "probeInterval": "1s" } });
-    api.patch("acme", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
-    let c = ready(&env, "False", "MissingTables").await;
-    let message = c
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap()
-        .message;
+    let message = eventually(
+        FAST + MARGIN,
+        "fast to be MissingTables within its probeInterval",
+        || async {
+            let c = api.get("fast").await.ok()?;
+            let r = c
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            (r.status == "False" && r.reason == "MissingTables").then_some(r.message)
+        },
+    )
+    .await;
+    eprintln!(
+        "probeInterval 2s: the dropped table named after {:?}",
+        t1.elapsed()
+    );
     assert!(
         message.contains("dbaliases") && message.contains("load Kamailio's schema"),
         "{message}"
+    );
+    tokio::time::sleep((FAST * 4).saturating_sub(t1.elapsed())).await;
+    assert_eq!(
+        seen(&env, "acme").await.unwrap(),
+        slow_before,
+        "a connection with the default probeInterval (5m) was probed again within {:?}",
+        FAST * 4
     );
 }

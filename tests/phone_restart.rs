@@ -318,20 +318,54 @@ spec:
   confirm: { timeout: 10s }
 "#,
     );
+    const KILLS: usize = 2;
     let api: Api<PhoneRestart> = Api::namespaced(env.client.clone(), &env.ns);
-    for _ in 0..2 {
+    // Phase, phones with a final outcome, targets.
+    let seen = || async {
+        let s = api
+            .get("all-fifty")
+            .await
+            .ok()
+            .and_then(|p| p.status)
+            .unwrap_or_default();
+        let m = s.summary.unwrap_or_default();
+        let settled = m.restarted + m.accepted + m.not_registered + m.failed + m.expired;
+        (s.phase, settled, m.targets)
+    };
+    // Each kill lands while NOTIFYs are going out: Running, some phones restarted since the
+    // previous kill, some still to do, read right before the kill and again with the operator
+    // down.
+    let mut kills = Vec::new();
+    let mut last = 0;
+    for _ in 0..KILLS {
         eventually(
             Duration::from_secs(60),
             "NOTIFYs to be going out",
             || async {
-                let s = api.get("all-fifty").await.ok()?.status?;
-                (s.phase == Phase::Running && s.summary?.restarted > 0).then_some(())
+                let (phase, settled, targets) = seen().await;
+                (phase == Phase::Running && settled > last && settled < targets).then_some(())
             },
         )
         .await;
         tokio::time::sleep(Duration::from_millis(700)).await;
-        env.kill_and_restart_operator();
+        let before = seen().await;
+        env.kill_operator();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = seen().await;
+        let mid_run = before.0 == Phase::Running
+            && before.1 < before.2
+            && after.0 == Phase::Running
+            && after.1 < after.2;
+        kills.push((before, after, mid_run));
+        last = after.1;
+        env.start_operator();
     }
+    eprintln!("SIGKILLs (phase, phones settled, targets) before and after: {kills:?}");
+    assert_eq!(
+        kills.iter().filter(|k| k.2).count(),
+        KILLS,
+        "every SIGKILL must land mid-rollout: {kills:?}"
+    );
     let p = finished(&env, "all-fifty", Duration::from_secs(180)).await;
     let counts = env.lab.notify_counts();
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
@@ -423,4 +457,126 @@ async fn create_phone_restart_twice_makes_one_and_the_cronjob_runs_it() {
         },
     )
     .await;
+}
+
+/// The most restarts under way at one moment, as the phones saw them: from a NOTIFY's arrival to
+/// the fresh REGISTER of the reboot it caused (a NOTIFY without one counts until the end). The
+/// operator's own "in flight" (sent, not yet confirmed) spans each of these and more, so this
+/// never counts more than the operator had outstanding.
+fn max_restarting(events: &[support::lab::PhoneEvent]) -> (usize, f64) {
+    let mut edges: Vec<(f64, i32)> = Vec::new();
+    for n in events.iter().filter(|e| e.what == "NOTIFY") {
+        edges.push((n.at, 1));
+        if let Some(r) = events
+            .iter()
+            .find(|e| e.what == "REBOOTED" && e.call_id == n.call_id)
+        {
+            edges.push((r.at, -1));
+        }
+    }
+    // At the same instant an end comes before a start.
+    edges.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (mut now, mut max, mut at) = (0i32, 0i32, 0.0);
+    for (t, d) in edges {
+        now += d;
+        if now > max {
+            (max, at) = (now, t);
+        }
+    }
+    (max as usize, at)
+}
+
+/// The most NOTIFYs that arrived within any one second (a window opening at each arrival).
+fn max_per_second(events: &[support::lab::PhoneEvent]) -> (usize, f64) {
+    let times: Vec<f64> = events
+        .iter()
+        .filter(|e| e.what == "NOTIFY")
+        .map(|e| e.at)
+        .collect();
+    let mut best = (0, 0.0);
+    for (i, t) in times.iter().enumerate() {
+        let n = times[i..].iter().take_while(|u| **u < t + 1.0).count();
+        if n > best.0 {
+            best = (n, *t);
+        }
+    }
+    best
+}
+
+/// `maxInFlight` and `perSecond` measured where they matter, at the phones (SIPp's log of each
+/// NOTIFY and of the REGISTER that ends the reboot, on one clock). The numbers make both limits
+/// bind: the phones take 4 s to boot, so at 4 NOTIFYs/s without `maxInFlight` some 16 would be
+/// restarting at once; a wave of 8 sent without `perSecond` would arrive within a second.
+#[tokio::test]
+async fn rollout_limits_hold_at_the_phones() {
+    const PHONES: usize = 20;
+    const MAX_IN_FLIGHT: usize = 8;
+    const PER_SECOND: usize = 4;
+    let env = Env::start_full(
+        "prs-limits",
+        LabSpec {
+            db: "sqlite",
+            users: PHONES,
+            phones: PHONES,
+            ..Default::default()
+        },
+        &["--boot-ms", "4000"],
+        false,
+        &[],
+    )
+    .await;
+    env.apply(&format!(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PhoneRestart
+metadata: {{ name: limited }}
+spec:
+  connectionRef: {{ name: acme }}
+  targets: {{ groups: [sales, support, engineering] }}
+  rollout: {{ maxInFlight: {MAX_IN_FLIGHT}, perSecond: {PER_SECOND} }}
+  confirm: {{ timeout: 30s }}
+"#
+    ));
+    let p = finished(&env, "limited", Duration::from_secs(180)).await;
+    let s = p.status.clone().unwrap();
+    let summary = s.summary.clone().unwrap();
+    assert_eq!(
+        (summary.targets, summary.restarted),
+        (PHONES as u32, PHONES as u32),
+        "{:?}",
+        s.results
+    );
+    let events = env.lab.phone_events();
+    let counts = env.lab.notify_counts();
+    assert!(
+        counts.values().all(|n| *n == 1) && counts.len() == PHONES,
+        "one NOTIFY per phone: {counts:?}"
+    );
+    let (in_flight, at) = max_restarting(&events);
+    let (rate, from) = max_per_second(&events);
+    eprintln!(
+        "at the phones: at most {in_flight} restarting at once (at {at:.3}), at most {rate} NOTIFYs in one second (from {from:.3})"
+    );
+    let timeline: Vec<String> = events
+        .iter()
+        .map(|e| format!("{:.3} {} {}", e.at, e.what, e.extension))
+        .collect();
+    assert!(
+        in_flight <= MAX_IN_FLIGHT,
+        "{in_flight} phones restarting at once, maxInFlight is {MAX_IN_FLIGHT}: {timeline:#?}"
+    );
+    // A NOTIFY's way from the operator through Kamailio to a phone varies by some milliseconds:
+    // one more than perSecond in a second is that jitter, two more is a broken limit.
+    assert!(
+        rate <= PER_SECOND + 1,
+        "{rate} NOTIFYs within one second, perSecond is {PER_SECOND}: {timeline:#?}"
+    );
+    // And the limits were reached, or the test could not tell a broken one.
+    assert_eq!(
+        in_flight, MAX_IN_FLIGHT,
+        "the rollout never filled maxInFlight: {timeline:#?}"
+    );
+    assert!(
+        rate >= PER_SECOND - 1,
+        "the rollout never came near perSecond: {timeline:#?}"
+    );
 }

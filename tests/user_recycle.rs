@@ -431,6 +431,19 @@ async fn recycle_gives_the_extension_to_a_new_hire_with_a_welcome_email() {
         "1",
         "209 has a desk phone to unassign"
     );
+    // More secrets for the check below: TOTP secrets, the HA1B, 213's HA1, and the stored PIN's
+    // hash (the part after its scheme), as the PBX holds them before the recycle.
+    const TOTP: &str = "JBSWY3DPEHPK3PXPQ7Z2M4TAKZ3XW5NB";
+    env.set_attribute("209", "pbx.totp_secret", TOTP).await;
+    env.set_attribute("213", "pbx.totp_secret", &TOTP.to_lowercase())
+        .await;
+    let old_ha1b = ha1b(&env, "209").await;
+    let old_ha1_213 = ha1(&env, "213").await;
+    let pin_stored = env
+        .attribute("209", "pbx.voicemail_pin")
+        .await
+        .expect("209 has a voicemail PIN");
+    let pin_hash = pin_stored.rsplit([':', '$']).next().unwrap().to_string();
     let new_hire =
         std::fs::read_to_string(support::repo_root().join("examples/userrecycle-new-hire.yaml"))
             .unwrap();
@@ -508,7 +521,8 @@ spec:
         env.lab.get("LAB_PHONE_PASSWORD"),
         &new_ha1,
         &old_ha1,
-        "0123abcd",
+        &pin_hash,
+        TOTP,
     ] {
         assert!(!mail.contains(secret), "the mail holds a secret: {mail}");
     }
@@ -551,6 +565,51 @@ spec:
         );
     }
 
+    // No secret anywhere the operator writes: every mail sent, its log, the UserRecycles (with
+    // status), the Events and every ConfigMap (the results) of the namespace. The secrets are
+    // read from where they live: SQL after the recycle (the rotated HA1 / HA1B nobody is told),
+    // the values seeded before it, and the database password from the connection's Secret.
+    let secrets: Vec<(&str, String)> = vec![
+        (
+            "the lab's SIP password",
+            env.lab.get("LAB_PHONE_PASSWORD").to_string(),
+        ),
+        ("209's HA1 before", old_ha1.clone()),
+        ("209's HA1B before", old_ha1b.clone()),
+        ("209's HA1 after", new_ha1.clone()),
+        ("209's HA1B after", ha1b(&env, "209").await),
+        ("213's HA1 before", old_ha1_213.clone()),
+        ("213's HA1 after", ha1(&env, "213").await),
+        ("213's HA1B after", ha1b(&env, "213").await),
+        ("209's voicemail PIN hash", pin_hash.clone()),
+        ("209's TOTP secret", TOTP.to_string()),
+        ("213's TOTP secret", TOTP.to_lowercase()),
+        ("the database password", database_password(&env).await),
+    ];
+    assert_ne!(secrets[3].1, secrets[1].1, "209's HA1 was rotated");
+    assert_ne!(secrets[6].1, secrets[5].1, "213's HA1 was rotated");
+    let mut places: Vec<(String, String)> = smtp
+        .messages()
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (format!("mail {i}"), support::smtp::decoded(m)))
+        .collect();
+    assert_eq!(places.len(), 1, "one mail sent (to Ana)");
+    places.push(("the operator's log".into(), env.operator.log_text()));
+    places.extend(namespace_objects(&env).await);
+    for (what, secret) in &secrets {
+        assert!(
+            secret.len() >= 8,
+            "{what} is too short to search for: {secret:?}"
+        );
+        for (place, text) in &places {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{what} ({secret}) appears in {place}:\n{text}"
+            );
+        }
+    }
+
     // A finished recycle stays finished across a restart: nothing is reset or sent again.
     let api: Api<UserRecycle> = Api::namespaced(env.client.clone(), &env.ns);
     let finished_at = api
@@ -588,6 +647,95 @@ async fn ha1(env: &Env, ext: &str) -> String {
         "SELECT ha1 FROM subscriber WHERE username = '{ext}'"
     ))
     .await
+}
+
+async fn ha1b(env: &Env, ext: &str) -> String {
+    env.sql_one(&format!(
+        "SELECT ha1b FROM subscriber WHERE username = '{ext}'"
+    ))
+    .await
+}
+
+/// The password in the connection's database URL, read from its Secret.
+async fn database_password(env: &Env) -> String {
+    use k8s_openapi::api::core::v1::Secret;
+    let secret = Api::<Secret>::namespaced(env.client.clone(), &env.ns)
+        .get("acme-pbx")
+        .await
+        .unwrap();
+    let url = String::from_utf8(secret.data.unwrap()["database-url"].0.clone()).unwrap();
+    let userinfo = url.split_once("://").unwrap().1.split_once('@').unwrap().0;
+    userinfo.split_once(':').unwrap().1.to_string()
+}
+
+/// Everything of the namespace a person or a pipeline reads, as text: the UserRecycles with
+/// their status, the PbxConnection, the Events and every ConfigMap (binaryData unzipped).
+async fn namespace_objects(env: &Env) -> Vec<(String, String)> {
+    use k8s_openapi::api::core::v1::Event;
+    use pbx_operator::api::PbxConnection;
+    let mut out = Vec::new();
+    for u in Api::<UserRecycle>::namespaced(env.client.clone(), &env.ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        out.push((
+            format!(
+                "UserRecycle {}",
+                u.metadata.name.clone().unwrap_or_default()
+            ),
+            serde_json::to_string(&u).unwrap(),
+        ));
+    }
+    for c in Api::<PbxConnection>::namespaced(env.client.clone(), &env.ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        out.push((
+            "the PbxConnection".into(),
+            serde_json::to_string(&c).unwrap(),
+        ));
+    }
+    let events = Api::<Event>::namespaced(env.client.clone(), &env.ns)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(!events.items.is_empty(), "the operator records Events");
+    out.push((
+        "the Events".into(),
+        serde_json::to_string(&events.items).unwrap(),
+    ));
+    let cms = Api::<ConfigMap>::namespaced(env.client.clone(), &env.ns)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(
+        cms.items.iter().any(|c| c
+            .metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("new-hire-ana-diaz-results-"))),
+        "the results are in ConfigMaps"
+    );
+    for cm in cms {
+        let name = format!("ConfigMap {}", cm.metadata.name.clone().unwrap_or_default());
+        let mut text = serde_json::to_string(&cm).unwrap();
+        for bytes in cm.binary_data.iter().flat_map(|d| d.values()) {
+            let mut unzipped = String::new();
+            use std::io::Read;
+            if flate2::read::GzDecoder::new(&bytes.0[..])
+                .read_to_string(&mut unzipped)
+                .is_ok()
+            {
+                text.push_str(&unzipped);
+            } else {
+                text.push_str(&String::from_utf8_lossy(&bytes.0));
+            }
+        }
+        out.push((name, text));
+    }
+    out
 }
 
 fn smtp_count(env: &Env) -> usize {

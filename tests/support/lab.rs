@@ -39,8 +39,24 @@ fn script() -> PathBuf {
     repo_root().join("tests/lab/lab.sh")
 }
 
+/// One line of `lab.sh notify-times`: what a lab phone saw, and when (Unix seconds).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PhoneEvent {
+    pub at: f64,
+    /// `NOTIFY` (the first copy of one) or `REBOOTED` (the fresh REGISTER after it was accepted).
+    pub what: String,
+    pub extension: String,
+    /// The NOTIFY's Call-ID; the REBOOTED of that restart has the same one.
+    pub call_id: String,
+}
+
 impl Lab {
     pub fn start(spec: LabSpec) -> Lab {
+        Lab::start_with_args(spec, &[])
+    }
+
+    /// Like [`Lab::start`], with more `lab.sh up` options (e.g. `--boot-ms 4000`).
+    pub fn start_with_args(spec: LabSpec, up_args: &[&str]) -> Lab {
         let dir = tempfile::Builder::new()
             .prefix("pbx-lab-")
             .tempdir()
@@ -64,6 +80,7 @@ impl Lab {
                 "--no-reboot",
                 &spec.no_reboot.to_string(),
             ])
+            .args(up_args)
             .output()
             .expect("running tests/lab/lab.sh");
         assert!(
@@ -178,6 +195,47 @@ impl Lab {
             .arg(script())
             .args(["down", "--dir", &dir])
             .status();
+    }
+
+    /// Every NOTIFY the phones received (the first copy of each; UDP retransmissions are not new
+    /// NOTIFYs) and every reboot they finished (the 200 to the fresh REGISTER; it has the
+    /// NOTIFY's Call-ID), in time order. Read from the SIPp logs (`DIR/sipp/*.log`), whose
+    /// NOTIFY and REBOOTED lines end in SIPp's wall-clock `[timestamp]`: one clock for all SIPp
+    /// processes, unlike `[clock_tick]`.
+    pub fn phone_events(&self) -> Vec<PhoneEvent> {
+        let mut out: Vec<PhoneEvent> = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let logs = std::fs::read_dir(self.dir.join("sipp")).expect("the lab's sipp directory");
+        for entry in logs.flatten() {
+            if entry.path().extension().is_none_or(|e| e != "log") {
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            for line in text.lines() {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let (Some(what), Some(ext), Some(call_id), Some(at)) =
+                    (fields.get(1), fields.get(2), fields.get(3), fields.last())
+                else {
+                    continue;
+                };
+                if !matches!(*what, "NOTIFY" | "REBOOTED") {
+                    continue;
+                }
+                if *what == "NOTIFY" && !seen.insert(call_id.to_string()) {
+                    continue;
+                }
+                out.push(PhoneEvent {
+                    at: at
+                        .parse()
+                        .unwrap_or_else(|_| panic!("no timestamp in {line:?}")),
+                    what: what.to_string(),
+                    extension: ext.to_string(),
+                    call_id: call_id.to_string(),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.at.total_cmp(&b.at));
+        out
     }
 }
 

@@ -22,6 +22,21 @@ pub struct Env {
     pub pool: AnyPool,
 }
 
+/// One SIGKILL of [`Env::kill_mid_run`].
+#[derive(Clone, Debug)]
+pub struct Kill {
+    /// Since the kills began.
+    pub at: Duration,
+    /// Phase and batches done/total, read right before the kill.
+    pub before: String,
+    /// The same, read after the kill with no operator running.
+    pub after: String,
+    /// `sql_progress` right after the kill.
+    pub rows_written: String,
+    /// Running with batches left before, and not finished after: the kill interrupted the run.
+    pub landed_mid_run: bool,
+}
+
 impl Env {
     pub async fn start(prefix: &str, spec: LabSpec, with_smtp: bool) -> Env {
         Env::start_with(prefix, spec, with_smtp, &[]).await
@@ -34,10 +49,21 @@ impl Env {
         with_smtp: bool,
         run_args: &[&str],
     ) -> Env {
+        Env::start_full(prefix, spec, &[], with_smtp, run_args).await
+    }
+
+    /// Like [`Env::start_with`], with more `lab.sh up` options for the lab (e.g. `--boot-ms`).
+    pub async fn start_full(
+        prefix: &str,
+        spec: LabSpec,
+        lab_args: &[&str],
+        with_smtp: bool,
+        run_args: &[&str],
+    ) -> Env {
         let cp = control_plane();
         let client = super::admin().await;
         let ns = super::namespace(&client, prefix).await;
-        let lab = Lab::start(spec);
+        let lab = Lab::start_with_args(spec, lab_args);
         let smtp = with_smtp.then(Smtp::start);
         let smtp_yaml = smtp
             .as_ref()
@@ -101,12 +127,104 @@ spec:
 
     /// SIGKILLs the operator and starts a fresh one, as a node failure would.
     pub fn kill_and_restart_operator(&mut self) {
+        self.kill_operator();
+        self.start_operator();
+    }
+
+    /// SIGKILLs the operator and leaves it down (see [`Env::start_operator`]).
+    pub fn kill_operator(&mut self) {
         let _ = self.operator.child.kill();
         let _ = self.operator.child.wait();
+    }
+
+    /// Starts a fresh operator for this namespace (after [`Env::kill_operator`]).
+    pub fn start_operator(&mut self) {
         self.operator = Operator::start(
             &control_plane().admin_kubeconfig,
             &["--namespace", &self.ns],
         );
+    }
+
+    /// SIGKILLs the operator `kills` times while BulkUserChange `name` runs, restarting it after
+    /// each, and reports every kill. A kill is aimed only at a run that is Running with batches
+    /// left and, from the second one on, only after the restarted operator recorded a batch more
+    /// than at the previous kill (so every kill interrupts real work, not a start-up); then a
+    /// pseudo-random pause (up to `jitter`, seeded by `seed`, so a failure can be replayed) lets
+    /// it land inside a batch. It stops early when the run finished before the next kill: a
+    /// caller asserts on how many kills landed mid-run.
+    /// `sql_progress`, a `SELECT COUNT(*)` of rows at their new value, is recorded at each kill.
+    pub async fn kill_mid_run(
+        &mut self,
+        name: &str,
+        kills: usize,
+        jitter: Duration,
+        mut seed: u64,
+        sql_progress: &str,
+    ) -> Vec<Kill> {
+        let api: Api<BulkUserChange> = Api::namespaced(self.client.clone(), &self.ns);
+        let started = std::time::Instant::now();
+        let status = |b: Option<BulkUserChange>| {
+            let s = b.and_then(|b| b.status).unwrap_or_default();
+            let (done, batches) = s
+                .progress
+                .as_ref()
+                .map(|p| (p.done, p.batches))
+                .unwrap_or((0, 0));
+            (s.phase, done, batches)
+        };
+        let finished =
+            |p: &Phase| matches!(p, Phase::Succeeded | Phase::PartiallyFailed | Phase::Failed);
+        let mut out: Vec<Kill> = Vec::new();
+        let mut last_done: Option<u32> = None;
+        while out.len() < kills {
+            // Aim: Running, batches left, and (after a kill) a batch more recorded since.
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let (phase, done, batches) = status(api.get(name).await.ok());
+                if finished(&phase) {
+                    return out;
+                }
+                let moved_on = last_done.is_none_or(|d| done > d);
+                if phase == Phase::Running && batches > 0 && done < batches && moved_on {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{name} made no progress for 2 minutes after kill {}: {phase:?} {done}/{batches}",
+                    out.len()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let pause = Duration::from_millis((seed >> 33) % (jitter.as_millis() as u64 + 1));
+            tokio::time::sleep(pause).await;
+            // Read right before the kill, read again with no operator running.
+            let before = status(api.get(name).await.ok());
+            if finished(&before.0) {
+                return out;
+            }
+            self.kill_operator();
+            // A request the operator sent just before it died may still be applied: let it land.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after = status(api.get(name).await.ok());
+            let rows = self.sql_one(sql_progress).await;
+            let landed_mid_run = before.0 == Phase::Running
+                && before.1 < before.2
+                && !finished(&after.0)
+                && after.1 < after.2;
+            out.push(Kill {
+                at: started.elapsed(),
+                before: format!("{:?} {}/{}", before.0, before.1, before.2),
+                after: format!("{:?} {}/{}", after.0, after.1, after.2),
+                rows_written: rows,
+                landed_mid_run,
+            });
+            last_done = Some(after.1);
+            self.start_operator();
+        }
+        out
     }
 
     /// Waits until BulkUserChange `name` has seen its latest generation and is in one of `phases`.

@@ -64,6 +64,72 @@ impl Smtp {
     }
 }
 
+/// A raw message with its body also decoded (base64 or quoted-printable, as lettre picks by
+/// content), so a search for a secret finds it however the message was encoded.
+pub fn decoded(raw: &str) -> String {
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .or_else(|| raw.split_once("\n\n"))
+        .unwrap_or((raw, ""));
+    let encoding = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-transfer-encoding:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let text = match encoding.as_str() {
+        "base64" => String::from_utf8_lossy(&base64(body)).into_owned(),
+        "quoted-printable" => quoted_printable(body),
+        _ => return raw.to_string(),
+    };
+    format!("{raw}\n{text}")
+}
+
+fn base64(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0);
+    for v in text.bytes().filter_map(value) {
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+fn quoted_printable(text: &str) -> String {
+    let text = text.replace("=\r\n", "").replace("=\n", "");
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'='
+            && i + 2 < bytes.len()
+            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl Drop for Smtp {
     fn drop(&mut self) {
         let _ = self.child.kill();
