@@ -61,14 +61,24 @@ pub(crate) async fn secret_value(
     namespace: &str,
     r: &SecretKeyRef,
 ) -> Result<String, Error> {
-    let bytes = secret_bytes(client, namespace, r).await?;
+    Ok(secret_value_versioned(client, namespace, r).await?.0)
+}
+
+/// A Secret key's text and the Secret's resourceVersion (which changes with its data, and is
+/// not secret: plans pin it instead of the value).
+pub(crate) async fn secret_value_versioned(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+) -> Result<(String, String), Error> {
+    let (bytes, version) = secret_bytes_versioned(client, namespace, r).await?;
     let text = String::from_utf8(bytes).map_err(|_| Error::SecretMissing {
         namespace: namespace.to_string(),
         name: r.name.clone(),
         key: r.key.clone(),
         detail: "the value is not UTF-8 text".into(),
     })?;
-    Ok(text.trim().to_string())
+    Ok((text.trim().to_string(), version))
 }
 
 /// A Secret key's bytes as stored (a CSV, say), read with `get` on that one Secret.
@@ -77,6 +87,14 @@ pub(crate) async fn secret_bytes(
     namespace: &str,
     r: &SecretKeyRef,
 ) -> Result<Vec<u8>, Error> {
+    Ok(secret_bytes_versioned(client, namespace, r).await?.0)
+}
+
+async fn secret_bytes_versioned(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+) -> Result<(Vec<u8>, String), Error> {
     let missing = |detail: &str| Error::SecretMissing {
         namespace: namespace.to_string(),
         name: r.name.clone(),
@@ -107,7 +125,8 @@ pub(crate) async fn secret_bytes(
                 .map(|s| s.clone().into_bytes())
         })
         .ok_or_else(|| missing("the Secret has no such key"))?;
-    Ok(bytes)
+    let version = secret.metadata.resource_version.clone().unwrap_or_default();
+    Ok((bytes, version))
 }
 
 /// The Kamailio settings a connection resolves to, with its Secrets read.

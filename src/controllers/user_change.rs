@@ -15,7 +15,7 @@ use kube::{
 };
 use sha2::{Digest, Sha256};
 
-use super::backends::{parse_duration, secret_value};
+use super::backends::{parse_duration, secret_value, secret_value_versioned};
 use super::conditions::{self, Desired};
 use super::csv_source;
 use super::results_store::Store;
@@ -138,7 +138,10 @@ impl Run<'_> {
             Ok(b) => b,
             Err(e) => return self.blocked(status, &e).await,
         };
-        let spec_hash = spec_hash(self.spec());
+        let spec_hash = match self.request_hash().await {
+            Ok(h) => h,
+            Err(e) => return self.blocked(status, &e).await,
+        };
         let reuse_validated = self.spec().mode == Mode::Execute
             && status.phase == Phase::Validated
             && status
@@ -349,6 +352,16 @@ impl Run<'_> {
         self.execute(next).await
     }
 
+    /// [`spec_hash`] with the references (name, key, resourceVersion) of the Secrets the spec
+    /// reads: a Secret changed after validation is a new request, planned (and hashed) anew.
+    async fn request_hash(&self) -> Result<String, Error> {
+        let intent = intent(&self.ctx.client, &self.namespace(), self.spec()).await?;
+        Ok(user_plan::with_secret_references(
+            &spec_hash(self.spec()),
+            &intent,
+        ))
+    }
+
     fn requested_by(&self) -> String {
         super::requested_by_note(self.spec().requested_by.as_deref())
     }
@@ -403,8 +416,7 @@ impl Run<'_> {
             },
         };
         let caps = backend.capabilities();
-        let fp = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
-        let plan = user_plan::plan(&read, &selector, &intent, &caps.user_fields, &fp)?;
+        let plan = user_plan::plan(&read, &selector, &intent, &caps.user_fields)?;
         let mut rows: Vec<Row> = plan.targets.iter().map(planned_row).collect();
         rows.extend(plan.unknown_extensions.iter().map(|e| Row {
             target: e.clone(),
@@ -519,13 +531,11 @@ impl Run<'_> {
         let users = read.users;
         let policies = backend.policies().await?;
         let caps = backend.capabilities();
-        let fp = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
         let atomic = spec.failure_policy == FailurePolicy::Atomic;
         let rules = row_plan::Rules {
             base: &intent,
             policies: &policies,
             supported: &caps.user_fields,
-            fingerprint: &fp,
             atomic,
         };
         let plan = row_plan::plan_rows(sheet::requests(&sheet, &closed), &row_of, users, &rules)?;
@@ -850,16 +860,24 @@ impl Run<'_> {
             Ok(b) => b,
             Err(e) => return self.blocked(status, &e).await,
         };
-        let (rows, plan) = match self
-            .plan(backend.as_ref(), None, &spec_hash(self.spec()))
-            .await
-        {
+        let planned = match self.request_hash().await {
+            Ok(h) => self.plan(backend.as_ref(), None, &h).await,
+            Err(e) => Err(e),
+        };
+        let (rows, plan) = match planned {
             Ok(p) => p,
             Err(e) => return self.blocked(status, &e).await,
         };
+        // Secret fields are not enforced: what the PBX stores for them (salted hashes) cannot be
+        // compared with the Secret, so every plan writes them; they are set by runs, not drift.
         let drifted: Vec<Row> = rows
             .into_rows()
-            .filter(|r| r.outcome == Outcome::Planned && !r.writes.is_empty())
+            .filter_map(|mut r| {
+                r.writes.retain(|w| !w.secret);
+                r.changes
+                    .retain(|c| !UserField::from_name(&c.field).is_some_and(UserField::is_secret));
+                (r.outcome == Outcome::Planned && !r.writes.is_empty()).then_some(r)
+            })
             .collect();
         if drifted.is_empty() {
             status.last_checked_time = Some(conditions::now());
@@ -1098,10 +1116,13 @@ pub async fn intent(
                 ..
             }) = secret
             {
-                let value = secret_value(client, namespace, &from.secret_key_ref).await?;
+                let r = &from.secret_key_ref;
+                let (value, version) = secret_value_versioned(client, namespace, r).await?;
+                let reference =
+                    format!("Secret {} key {} resourceVersion {version}", r.name, r.key);
                 fields.push(FieldIntent {
                     field,
-                    wanted: Wanted::Secret(Secret::new(value)),
+                    wanted: Wanted::Secret(Secret::with_reference(value, reference)),
                     open: *lock == Lock::Open,
                 });
             }
@@ -1265,8 +1286,6 @@ impl Exec<'_> {
             .into_iter()
             .map(|u| (u.extension.clone(), u))
             .collect();
-        let fp = |e: &str, f: UserField, s: &Secret| self.backend.fingerprint(e, f, s);
-
         // Field writes.
         let mut changes = Vec::new();
         let mut change_of = Vec::new();
@@ -1301,7 +1320,7 @@ impl Exec<'_> {
                     writes,
                     actions: vec![],
                 };
-                writes = user_plan::remaining_writes(&planned, user, &fp);
+                writes = user_plan::remaining_writes(&planned, user);
             }
             if !writes.is_empty() {
                 change_of.push(i);
