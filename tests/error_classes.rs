@@ -20,16 +20,18 @@ const EXTENSIONS: [&str; 10] = [
 /// Bounded: on a build that retries a refusal forever the change never finishes.
 const FINISH_WITHIN: Duration = Duration::from_secs(60);
 
-/// A trigger that refuses any call group written for extension 205.
-async fn freeze_205(env: &Env, db: &str) {
+/// A trigger that refuses any call group written for extension 205. On SQLite, `raise` is the
+/// RAISE action: ABORT ends the statement, ROLLBACK the whole transaction.
+async fn freeze_205(env: &Env, db: &str, raise: &str) {
+    let sqlite = format!(
+        "CREATE TRIGGER pbx_test_frozen BEFORE INSERT ON usr_preferences WHEN NEW.username = '205' AND NEW.attribute = 'pbx.call_group' BEGIN SELECT RAISE({raise}, 'extension 205 is frozen by policy'); END"
+    );
     let statements: &[&str] = match db {
         "postgres" => &[
             "CREATE FUNCTION pbx_test_frozen() RETURNS trigger AS $$ BEGIN IF NEW.username = '205' AND NEW.attribute = 'pbx.call_group' THEN RAISE EXCEPTION 'extension 205 is frozen by policy'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
             "CREATE TRIGGER pbx_test_frozen BEFORE INSERT OR UPDATE ON usr_preferences FOR EACH ROW EXECUTE FUNCTION pbx_test_frozen()",
         ],
-        _ => &[
-            "CREATE TRIGGER pbx_test_frozen BEFORE INSERT ON usr_preferences WHEN NEW.username = '205' AND NEW.attribute = 'pbx.call_group' BEGIN SELECT RAISE(ABORT, 'extension 205 is frozen by policy'); END",
-        ],
+        _ => &[sqlite.as_str()],
     };
     for q in statements {
         sqlx::query(AssertSqlSafe(q.to_string()))
@@ -72,9 +74,9 @@ fn condition(b: &BulkUserChange, type_: &str) -> Option<(String, String)> {
         .map(|c| (c.status.clone(), c.message.clone()))
 }
 
-async fn refused_by_a_trigger(db: &'static str) {
+async fn refused_by_a_trigger(db: &'static str, raise: &str) {
     let env = Env::start(
-        &format!("refused-{db}"),
+        &format!("refused-{db}{}", raise.to_lowercase()),
         LabSpec {
             db,
             users: 10,
@@ -84,7 +86,7 @@ async fn refused_by_a_trigger(db: &'static str) {
         false,
     )
     .await;
-    freeze_205(&env, db).await;
+    freeze_205(&env, db, raise).await;
     let before = call_groups(&env).await;
     assert!(before.iter().all(|g| g.as_deref() != Some("7")));
 
@@ -161,10 +163,16 @@ async fn refused_by_a_trigger(db: &'static str) {
 
 #[tokio::test]
 async fn atomic_change_refused_by_a_trigger_fails_on_postgres() {
-    refused_by_a_trigger("postgres").await;
+    refused_by_a_trigger("postgres", "").await;
 }
 
 #[tokio::test]
 async fn atomic_change_refused_by_a_trigger_fails_on_sqlite() {
-    refused_by_a_trigger("sqlite").await;
+    refused_by_a_trigger("sqlite", "ABORT").await;
+}
+
+/// RAISE(ROLLBACK) ends the transaction itself: the refusal is still named, nothing written.
+#[tokio::test]
+async fn atomic_change_refused_by_a_rolling_back_trigger_fails_on_sqlite() {
+    refused_by_a_trigger("sqlite", "ROLLBACK").await;
 }

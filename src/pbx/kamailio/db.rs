@@ -79,6 +79,12 @@ impl Db {
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(std::time::Duration::from_secs(10))
+            // A transaction the database ended by itself (SQLite's RAISE(ROLLBACK) in a trigger)
+            // leaves the driver counting it as open and unable to roll it back: such a
+            // connection is closed instead of handed out again.
+            .before_acquire(|conn, _| {
+                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+            })
             .connect(&url)
             .await
             .map_err(|e| classify(&target, e))?;
@@ -420,48 +426,45 @@ impl Db {
             let secrets = self.stored_secrets(changes).await?;
             let mut tx = self.begin().await.map_err(|e| self.err(e))?;
             // One pass over all users: reads and writes chunk their lists internally.
-            let mut outcomes = match self.compare_and_write(&mut tx, changes, &secrets).await {
-                Ok(outcomes) => outcomes,
-                Err(e) if e.is_transient() => return Err(e),
-                Err(_) => {
-                    // The database refused something in a bulk statement: find out whose data it
-                    // is by replaying the users one by one, then roll everything back.
+            let written = match self.compare_and_write(&mut tx, changes, &secrets).await {
+                Ok(outcomes) if outcomes.iter().all(|o| *o == WriteOutcome::Applied) => tx
+                    .commit()
+                    .await
+                    .map_err(|e| self.err(e))
+                    .map(|()| outcomes),
+                Ok(mut outcomes) => {
+                    tx.rollback().await.map_err(|e| self.err(e))?;
+                    roll_back(&mut outcomes);
+                    return Ok(outcomes);
+                }
+                Err(e) => {
                     let _ = tx.rollback().await;
-                    return self.apply_atomic_one_by_one(changes, &secrets).await;
+                    Err(e)
                 }
             };
-            if outcomes.iter().all(|o| *o == WriteOutcome::Applied) {
-                tx.commit().await.map_err(|e| self.err(e))?;
-            } else {
-                tx.rollback().await.map_err(|e| self.err(e))?;
-                roll_back(&mut outcomes);
-            }
-            return Ok(outcomes);
+            return match written {
+                Ok(outcomes) => Ok(outcomes),
+                Err(e) if e.is_transient() => Err(e),
+                // The database refused something in a bulk statement: find out whose data it
+                // is by replaying the users one by one, then roll everything back.
+                Err(_) => self.apply_atomic_one_by_one(changes, &secrets).await,
+            };
         }
         let mut outcomes = Vec::with_capacity(changes.len());
         for chunk in changes.chunks(WRITE_CHUNK) {
             let secrets = self.stored_secrets(chunk).await?;
-            let mut tx = self.begin().await.map_err(|e| self.err(e))?;
-            match self.compare_and_write(&mut tx, chunk, &secrets).await {
-                Ok(chunk_outcomes) => {
-                    tx.commit().await.map_err(|e| self.err(e))?;
-                    outcomes.extend(chunk_outcomes);
-                }
+            match self.write_committed(chunk, &secrets).await {
+                Ok(chunk_outcomes) => outcomes.extend(chunk_outcomes),
                 Err(e) if e.is_transient() => return Err(e),
                 Err(_) => {
                     // One bad row fails the whole statement: redo this chunk user by user,
                     // so only the user whose data the database refuses fails.
-                    drop(tx);
                     for change in chunk {
-                        let mut tx = self.begin().await.map_err(|e| self.err(e))?;
                         match self
-                            .compare_and_write(&mut tx, std::slice::from_ref(change), &secrets)
+                            .write_committed(std::slice::from_ref(change), &secrets)
                             .await
                         {
-                            Ok(mut o) => {
-                                tx.commit().await.map_err(|e| self.err(e))?;
-                                outcomes.push(o.remove(0));
-                            }
+                            Ok(mut o) => outcomes.push(o.remove(0)),
                             // Users before it are committed and recorded by the caller's
                             // resume check; the rest wait for the database.
                             Err(e) if e.is_transient() => return Err(e),
@@ -471,6 +474,25 @@ impl Db {
                 }
             }
         }
+        Ok(outcomes)
+    }
+
+    /// [`Db::compare_and_write`] in a transaction of its own, committed (a refusal at commit,
+    /// such as a deferred constraint, is an error like one at a statement).
+    async fn write_committed(
+        &self,
+        changes: &[UserChange],
+        secrets: &StoredSecrets,
+    ) -> Result<Vec<WriteOutcome>> {
+        let mut tx = self.begin().await.map_err(|e| self.err(e))?;
+        let outcomes = match self.compare_and_write(&mut tx, changes, secrets).await {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        };
+        tx.commit().await.map_err(|e| self.err(e))?;
         Ok(outcomes)
     }
 
@@ -499,14 +521,26 @@ impl Db {
                 }
                 Err(e) if e.is_transient() => return Err(e),
                 Err(e) => {
-                    savepoint.rollback().await.map_err(|e| self.err(e))?;
                     tracing::info!(extension = %change.extension, error = %e, "the database refused a target of an Atomic change");
                     outcomes.push(WriteOutcome::Failed(e.to_string()));
+                    if savepoint.rollback().await.is_err() {
+                        // The refusal ended the whole transaction (SQLite's RAISE(ROLLBACK)):
+                        // nothing of the batch stands, and the rest cannot be tried in it.
+                        drop(tx);
+                        outcomes.resize(changes.len(), WriteOutcome::RolledBack);
+                        roll_back(&mut outcomes);
+                        return Ok(outcomes);
+                    }
                 }
             }
         }
         if outcomes.iter().all(|o| *o == WriteOutcome::Applied) {
-            tx.commit().await.map_err(|e| self.err(e))?;
+            match tx.commit().await.map_err(|e| self.err(e)) {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                // Refused at commit (a deferred constraint): it names no one target.
+                Err(e) => outcomes.fill(WriteOutcome::Failed(e.to_string())),
+            }
         } else {
             tx.rollback().await.map_err(|e| self.err(e))?;
             roll_back(&mut outcomes);
@@ -1296,7 +1330,7 @@ fn class_of(
                 10 | 14 | 26 => Class::Unreachable,
                 // SQLITE_CONSTRAINT (with RAISE() in triggers: SQLITE_CONSTRAINT_TRIGGER),
                 // SQLITE_MISMATCH, SQLITE_TOOBIG
-                19 | 20 | 18 => Class::Refused,
+                18..=20 => Class::Refused,
                 _ if lower.contains("no such table") => Class::MissingTables,
                 _ => Class::Other,
             }
