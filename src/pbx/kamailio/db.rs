@@ -406,12 +406,29 @@ impl Db {
         }
         let domain = self.domain.clone();
         tokio::task::spawn_blocking(move || {
-            work.into_iter()
-                .map(|(ext, field, secret)| {
-                    let stored = stored_secret(&domain, &ext, field, &secret);
-                    ((ext, field), stored)
-                })
-                .collect::<StoredSecrets>()
+            // On every core: a bulk PIN change is hashing-bound.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let per_thread = work.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let parts: Vec<_> = work
+                    .chunks(per_thread)
+                    .map(|part| {
+                        let domain = &domain;
+                        scope.spawn(move || {
+                            part.iter()
+                                .map(|(ext, field, secret)| {
+                                    let stored = stored_secret(domain, ext, *field, secret);
+                                    ((ext.clone(), *field), stored)
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|p| p.join().expect("hashing a secret does not panic"))
+                    .collect::<StoredSecrets>()
+            })
         })
         .await
         .map_err(|e| PbxError::Database(format!("hashing the secrets to store failed: {e}")))
