@@ -485,7 +485,7 @@ impl Db {
                             // Users before it are committed and recorded by the caller's
                             // resume check; the rest wait for the database.
                             Err(e) if e.is_transient() => return Err(e),
-                            Err(e) => outcomes.push(WriteOutcome::Failed(e.to_string())),
+                            Err(e) => outcomes.push(WriteOutcome::Failed(redacted(&e, &secrets))),
                         }
                     }
                 }
@@ -539,7 +539,7 @@ impl Db {
                 Err(e) if e.is_transient() => return Err(e),
                 Err(e) => {
                     tracing::info!(extension = %change.extension, error = %e, "the database refused a target of an Atomic change");
-                    outcomes.push(WriteOutcome::Failed(e.to_string()));
+                    outcomes.push(WriteOutcome::Failed(redacted(&e, secrets)));
                     if savepoint.rollback().await.is_err() {
                         // The refusal ended the whole transaction (SQLite's RAISE(ROLLBACK)):
                         // nothing of the batch stands, and the rest cannot be tried in it.
@@ -556,7 +556,7 @@ impl Db {
                 Ok(()) => {}
                 Err(e) if e.is_transient() => return Err(e),
                 // Refused at commit (a deferred constraint): it names no one target.
-                Err(e) => outcomes.fill(WriteOutcome::Failed(e.to_string())),
+                Err(e) => outcomes.fill(WriteOutcome::Failed(redacted(&e, secrets))),
             }
         } else {
             tx.rollback().await.map_err(|e| self.err(e))?;
@@ -1138,6 +1138,19 @@ fn stored_secret(domain: &str, extension: &str, field: UserField, secret: &Secre
     }
 }
 
+/// An error's message for a target's result, without any stored secret the batch wrote (a
+/// database may quote the refused value, e.g. MySQL's "Duplicate entry '...'").
+fn redacted(e: &PbxError, secrets: &StoredSecrets) -> String {
+    let mut message = e.to_string();
+    for stored in secrets.values() {
+        let value = stored.strip_prefix("ha1:").unwrap_or(stored);
+        if !value.is_empty() {
+            message = message.replace(value, "(secret)");
+        }
+    }
+    message
+}
+
 /// An Atomic batch that did not commit: what had applied is rolled back.
 fn roll_back(outcomes: &mut [WriteOutcome]) {
     for o in outcomes.iter_mut().filter(|o| **o == WriteOutcome::Applied) {
@@ -1531,6 +1544,32 @@ mod tests {
         );
         assert!(matches!(e, PbxError::Refused(_)), "{e:?}");
         assert!(classify("sqlite:/x", sqlx::Error::PoolTimedOut).is_transient());
+    }
+
+    #[test]
+    fn result_messages_never_quote_a_stored_secret() {
+        let pin = stored_secret(
+            "pbx.test",
+            "205",
+            UserField::VoicemailPin,
+            &Secret::new("1234"),
+        );
+        let ha1 = stored_secret("pbx.test", "205", UserField::Password, &Secret::new("pw"));
+        let secrets: StoredSecrets = [
+            (("205".to_string(), UserField::VoicemailPin), pin.clone()),
+            (("205".to_string(), UserField::Password), ha1.clone()),
+        ]
+        .into();
+        let e = PbxError::Refused(format!(
+            "Duplicate entry '{pin}' for key 'x'; Duplicate entry '{}'",
+            ha1.trim_start_matches("ha1:")
+        ));
+        let m = redacted(&e, &secrets);
+        assert!(
+            !m.contains(&pin) && !m.contains(ha1.trim_start_matches("ha1:")),
+            "{m}"
+        );
+        assert!(m.contains("Duplicate entry '(secret)'"), "{m}");
     }
 
     #[test]
