@@ -450,8 +450,8 @@ spec:
     );
     let pin = env.attribute("204", "pbx.voicemail_pin").await.unwrap();
     assert!(
-        pin.starts_with("sha256:") && !pin.contains("864209"),
-        "the PIN is stored hashed: {pin}"
+        pin.starts_with("pbkdf2-sha256$") && !pin.contains("864209"),
+        "the PIN is stored as a salted slow hash: {pin}"
     );
 
     // Reset instructions reached each user's mailbox, without any secret.

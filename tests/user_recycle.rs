@@ -172,8 +172,12 @@ async fn reset_clears_what_is_named_and_nothing_else() {
     // Things the seed does not have: a voicemail PIN to clear, and a two-factor secret that no
     // reset item names (it must stay).
     for ext in ["210", "211", "203"] {
-        env.set_attribute(ext, "pbx.voicemail_pin", "sha256:0123abcd")
-            .await;
+        env.set_attribute(
+            ext,
+            "pbx.voicemail_pin",
+            "pbkdf2-sha256$100000$c2FsdHNhbHQ$aGFzaGhhc2g",
+        )
+        .await;
         env.set_attribute(ext, "pbx.totp_secret", "JBSWY3DPEHPK3PXP")
             .await;
     }
@@ -422,8 +426,12 @@ async fn recycle_gives_the_extension_to_a_new_hire_with_a_welcome_email() {
         true,
     )
     .await;
-    env.set_attribute("209", "pbx.voicemail_pin", "sha256:0123abcd")
-        .await;
+    env.set_attribute(
+        "209",
+        "pbx.voicemail_pin",
+        "pbkdf2-sha256$100000$c2FsdHNhbHQ$aGFzaGhhc2g",
+    )
+    .await;
     let old_ha1 = ha1(&env, "209").await;
     assert_eq!(
         env.sql_one("SELECT COUNT(*) FROM pbx_phone WHERE owner_username = '209'")

@@ -104,19 +104,30 @@ pub(crate) async fn secret_value(
     namespace: &str,
     r: &SecretKeyRef,
 ) -> Result<String, Error> {
-    let bytes = secret_bytes(client, namespace, r).await?;
-    text(bytes, namespace, r)
+    Ok(secret_value_versioned(client, namespace, r).await?.0)
 }
 
-/// A Secret key's text, trimmed, for a change that names it in `field`: see [`change_secret_bytes`].
-pub(crate) async fn change_secret_value(
+/// A Secret key's text and the Secret's resourceVersion (which changes with its data, and is
+/// not secret: plans pin it instead of the value). For the operator's own use.
+pub(crate) async fn secret_value_versioned(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+) -> Result<(String, String), Error> {
+    let (bytes, version) = secret_bytes_versioned(client, namespace, r).await?;
+    Ok((text(bytes, namespace, r)?, version))
+}
+
+/// A Secret key's text, trimmed, and its resourceVersion, for a change that names it in
+/// `field`: see [`change_secret_bytes`].
+pub(crate) async fn change_secret_value_versioned(
     client: &Client,
     namespace: &str,
     r: &SecretKeyRef,
     field: &str,
-) -> Result<String, Error> {
-    let bytes = change_secret_bytes(client, namespace, r, field).await?;
-    text(bytes, namespace, r)
+) -> Result<(String, String), Error> {
+    let (bytes, version) = change_secret_bytes_versioned(client, namespace, r, field).await?;
+    Ok((text(bytes, namespace, r)?, version))
 }
 
 fn text(bytes: Vec<u8>, namespace: &str, r: &SecretKeyRef) -> Result<String, Error> {
@@ -139,6 +150,17 @@ pub(crate) async fn change_secret_bytes(
     r: &SecretKeyRef,
     field: &str,
 ) -> Result<Vec<u8>, Error> {
+    Ok(change_secret_bytes_versioned(client, namespace, r, field)
+        .await?
+        .0)
+}
+
+async fn change_secret_bytes_versioned(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+    field: &str,
+) -> Result<(Vec<u8>, String), Error> {
     let api = Api::<Secret>::namespaced(client.clone(), namespace);
     let meta = match api.get_metadata_opt(&r.name).await {
         Ok(m) => m,
@@ -163,16 +185,14 @@ pub(crate) async fn change_secret_bytes(
             field: field.to_string(),
         });
     }
-    secret_bytes(client, namespace, r).await
+    secret_bytes_versioned(client, namespace, r).await
 }
 
-/// A Secret key's bytes as stored (a CSV, say), read with `get` on that one Secret. For the
-/// operator's own use; a Secret a change names goes through [`change_secret_bytes`].
-pub(crate) async fn secret_bytes(
+async fn secret_bytes_versioned(
     client: &Client,
     namespace: &str,
     r: &SecretKeyRef,
-) -> Result<Vec<u8>, Error> {
+) -> Result<(Vec<u8>, String), Error> {
     let missing = |detail: &str| Error::SecretMissing {
         namespace: namespace.to_string(),
         name: r.name.clone(),
@@ -203,7 +223,8 @@ pub(crate) async fn secret_bytes(
                 .map(|s| s.clone().into_bytes())
         })
         .ok_or_else(|| missing("the Secret has no such key"))?;
-    Ok(bytes)
+    let version = secret.metadata.resource_version.clone().unwrap_or_default();
+    Ok((bytes, version))
 }
 
 /// The Kamailio settings a connection resolves to, with its Secrets read.

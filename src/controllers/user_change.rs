@@ -15,7 +15,7 @@ use kube::{
 };
 use sha2::{Digest, Sha256};
 
-use super::backends::{change_secret_value, parse_duration, secret_value};
+use super::backends::{change_secret_value_versioned, parse_duration, secret_value};
 use super::conditions::{self, Desired};
 use super::csv_source;
 use super::results_store::Store;
@@ -138,7 +138,10 @@ impl Run<'_> {
             Ok(b) => b,
             Err(e) => return self.blocked(status, &e).await,
         };
-        let spec_hash = spec_hash(self.spec());
+        let spec_hash = match self.request_hash().await {
+            Ok(h) => h,
+            Err(e) => return self.blocked(status, &e).await,
+        };
         let reuse_validated = self.spec().mode == Mode::Execute
             && status.phase == Phase::Validated
             && status
@@ -368,6 +371,16 @@ impl Run<'_> {
         self.execute(next).await
     }
 
+    /// [`spec_hash`] with the references (name, key, resourceVersion) of the Secrets the spec
+    /// reads: a Secret changed after validation is a new request, planned (and hashed) anew.
+    async fn request_hash(&self) -> Result<String, Error> {
+        let intent = intent(&self.ctx.client, &self.namespace(), self.spec()).await?;
+        Ok(user_plan::with_secret_references(
+            &spec_hash(self.spec()),
+            &intent,
+        ))
+    }
+
     fn requested_by(&self) -> String {
         super::requested_by_note(self.spec().requested_by.as_deref())
     }
@@ -429,8 +442,7 @@ impl Run<'_> {
             },
         };
         let caps = backend.capabilities();
-        let fp = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
-        let plan = user_plan::plan(&read, &selector, &intent, &caps.user_fields, &fp)?;
+        let plan = user_plan::plan(&read, &selector, &intent, &caps.user_fields)?;
         let mut rows: Vec<Row> = plan.targets.iter().map(planned_row).collect();
         rows.extend(plan.unknown_extensions.iter().map(|e| Row {
             target: e.clone(),
@@ -546,13 +558,11 @@ impl Run<'_> {
         let users = read.users;
         let policies = backend.policies().await?;
         let caps = backend.capabilities();
-        let fp = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
         let atomic = spec.failure_policy == FailurePolicy::Atomic;
         let rules = row_plan::Rules {
             base: &intent,
             policies: &policies,
             supported: &caps.user_fields,
-            fingerprint: &fp,
             atomic,
         };
         let plan = row_plan::plan_rows(sheet::requests(&sheet, &closed), &row_of, users, &rules)?;
@@ -689,7 +699,6 @@ impl Run<'_> {
             run: self,
             plan: status.plan.clone(),
         };
-        let fingerprint = |e: &str, f: UserField, s: &Secret| backend.fingerprint(e, f, s);
         let stopping = || self.ctx.is_stopping();
         let exec = UserExec {
             backend: backend.as_ref(),
@@ -697,7 +706,6 @@ impl Run<'_> {
             mailer: mailer.as_ref(),
             domain: &conn.spec.domain,
             atomic,
-            fingerprint: &fingerprint,
             journal: &journal,
             stopping: &stopping,
         };
@@ -902,16 +910,24 @@ impl Run<'_> {
             Ok(b) => b,
             Err(e) => return self.blocked(status, &e).await,
         };
-        let (rows, plan) = match self
-            .plan(backend.as_ref(), None, &spec_hash(self.spec()))
-            .await
-        {
+        let planned = match self.request_hash().await {
+            Ok(h) => self.plan(backend.as_ref(), None, &h).await,
+            Err(e) => Err(e),
+        };
+        let (rows, plan) = match planned {
             Ok(p) => p,
             Err(e) => return self.blocked(status, &e).await,
         };
+        // Secret fields are not enforced: what the PBX stores for them (salted hashes) cannot be
+        // compared with the Secret, so every plan writes them; they are set by runs, not drift.
         let drifted: Vec<Row> = rows
             .into_rows()
-            .filter(|r| r.outcome == Outcome::Planned && !r.writes.is_empty())
+            .filter_map(|mut r| {
+                r.writes.retain(|w| !w.secret);
+                r.changes
+                    .retain(|c| !UserField::from_name(&c.field).is_some_and(UserField::is_secret));
+                (r.outcome == Outcome::Planned && !r.writes.is_empty()).then_some(r)
+            })
             .collect();
         if drifted.is_empty() {
             status.last_checked_time = Some(conditions::now());
@@ -1165,11 +1181,14 @@ pub async fn intent(
             }) = secret
             {
                 let named_in = format!("spec.fields.{}.valueFrom.secretKeyRef", field.name());
-                let value =
-                    change_secret_value(client, namespace, &from.secret_key_ref, &named_in).await?;
+                let r = &from.secret_key_ref;
+                let (value, version) =
+                    change_secret_value_versioned(client, namespace, r, &named_in).await?;
+                let reference =
+                    format!("Secret {} key {} resourceVersion {version}", r.name, r.key);
                 fields.push(FieldIntent {
                     field,
-                    wanted: Wanted::Secret(Secret::new(value)),
+                    wanted: Wanted::Secret(Secret::with_reference(value, reference)),
                     open: *lock == Lock::Open,
                 });
             }

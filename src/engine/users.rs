@@ -51,7 +51,6 @@ pub struct UserExec<'a> {
     pub domain: &'a str,
     /// All batches' writes in one transaction: any failure or conflict rolls back all.
     pub atomic: bool,
-    pub fingerprint: &'a (dyn Fn(&str, UserField, &Secret) -> String + Sync),
     pub journal: &'a dyn Journal,
     /// Asked between steps: true once the operator is stopping.
     pub stopping: &'a (dyn Fn() -> bool + Sync),
@@ -223,7 +222,7 @@ impl UserExec<'_> {
                     writes,
                     actions: vec![],
                 };
-                writes = user_plan::remaining_writes(&planned, user, self.fingerprint);
+                writes = user_plan::remaining_writes(&planned, user);
                 if writes.is_empty() {
                     // Written by the attempt that was interrupted: done by this run.
                     already.push(at);

@@ -26,6 +26,19 @@ pub enum PbxError {
         "the database at {target} lacks Kamailio's tables ({missing}); load Kamailio's schema into it (kamdbctl create, or /usr/share/kamailio/<db>/*-create.sql)"
     )]
     MissingTables { target: String, missing: String },
+    /// The database could not take the work now (deadlock, serialization failure, lock or
+    /// statement timeout, too busy): the same work may well succeed on a retry.
+    #[error(
+        "the database at {target} could not take the change now: {detail}; the operator retries with backoff, nothing to do unless it persists"
+    )]
+    DatabaseBusy { target: String, detail: String },
+    /// The database refused the data itself (a constraint, a bad value, an exception raised by a
+    /// trigger): the same write fails the same way again, so it is not retried.
+    #[error(
+        "the database refused the change: {0}; correct the value, or the database rule (constraint or trigger) that refuses it, then retry the failed targets"
+    )]
+    Refused(String),
+    /// Any other database error (permissions, an unexpected schema): a person must look.
     #[error("database error: {0}")]
     Database(String),
     #[error(
@@ -41,14 +54,15 @@ pub enum PbxError {
 }
 
 impl PbxError {
-    /// Whether retrying later may help (the PBX or its database is down), as opposed to a
-    /// configuration error a person must fix.
+    /// Whether retrying later may help (the PBX or its database is down or busy), as opposed to
+    /// data the database refuses or a configuration error a person must fix. Database errors are
+    /// classed once, where the driver's error becomes a PbxError (`kamailio::db::classify`).
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
             PbxError::DatabaseUnreachable { .. }
+                | PbxError::DatabaseBusy { .. }
                 | PbxError::RpcUnreachable { .. }
-                | PbxError::Database(_)
                 | PbxError::Rpc { .. }
         )
     }
@@ -59,6 +73,8 @@ impl PbxError {
             PbxError::DatabaseUnreachable { .. } => "DatabaseUnreachable",
             PbxError::DatabaseAuth { .. } => "DatabaseAuthFailed",
             PbxError::MissingTables { .. } => "MissingTables",
+            PbxError::DatabaseBusy { .. } => "DatabaseBusy",
+            PbxError::Refused(_) => "RefusedByDatabase",
             PbxError::Database(_) => "DatabaseError",
             PbxError::RpcUnreachable { .. } => "RpcUnreachable",
             PbxError::Rpc { .. } => "RpcError",

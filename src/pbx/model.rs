@@ -86,7 +86,8 @@ impl UserField {
         matches!(self, UserField::PrimaryNumber | UserField::PrivateNumber)
     }
 
-    /// Secret fields are written from Secrets and read back only as a fingerprint.
+    /// Secret fields are written from Secrets and read back only as stored (hashed): they are
+    /// always written when asked for, never compared with the desired value.
     pub fn is_secret(self) -> bool {
         matches!(self, UserField::VoicemailPin | UserField::Password)
     }
@@ -117,26 +118,47 @@ impl PhoneField {
 
 /// A secret value (password, PIN). Its Debug and Display never show the value, so it cannot
 /// leak into logs, events or status by accident.
+///
+/// A secret read from a Kubernetes Secret also carries its `reference`: the Secret's name, key
+/// and resourceVersion. That is not secret, and it is what a plan hash pins in place of the
+/// value (or anything derived from it), so changing the Secret changes the plan.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct Secret {
+    value: String,
+    reference: Option<String>,
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
+        Secret {
+            value: value.into(),
+            reference: None,
+        }
+    }
+    /// A secret read from a Kubernetes Secret, with where it was read (never the value).
+    pub fn with_reference(value: impl Into<String>, reference: impl Into<String>) -> Secret {
+        Secret {
+            value: value.into(),
+            reference: Some(reference.into()),
+        }
     }
     /// The value itself: only for hashing it or sending it where it belongs.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.value
+    }
+    /// Where the value was read from (name, key, resourceVersion), if it came from a Secret.
+    pub fn reference(&self) -> Option<&str> {
+        self.reference.as_deref()
     }
     /// An unguessable secret: 24 characters from a CSPRNG, about 143 bits.
     pub fn generate() -> Secret {
         use rand::Rng;
         const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
         let mut rng = rand::rng();
-        Secret(
+        Secret::new(
             (0..24)
                 .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-                .collect(),
+                .collect::<String>(),
         )
     }
 }
@@ -148,7 +170,8 @@ impl fmt::Debug for Secret {
 }
 
 /// A user as read from the PBX. Values are canonical text; an absent key means unset.
-/// Secret fields hold a fingerprint (e.g. an HA1 hash), never the secret.
+/// Secret fields hold what is stored (a salted PIN hash, the HA1), never the secret: such a
+/// value stays in memory for compare-and-set and is never shown, logged or hashed into a plan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct User {
     pub extension: String,
@@ -190,7 +213,7 @@ pub enum NewValue {
     Secret(Secret),
 }
 
-/// One field of one user: expected current value (`from`, a fingerprint for secrets) and the new one.
+/// One field of one user: expected current value (`from`, as stored for secrets) and the new one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldWrite {
     pub field: UserField,

@@ -8,9 +8,9 @@ use sha2::{Digest, Sha256};
 
 use super::PlanError;
 use super::sheet::RowRequest;
-use super::users::{ActionKind, Intent, Wanted};
+use super::users::{ActionKind, Intent, Wanted, secret_pin};
 use crate::pbx::directory::{Directory, Move};
-use crate::pbx::{FieldWrite, NewValue, Policies, Secret, User, UserField};
+use crate::pbx::{FieldWrite, NewValue, Policies, User, UserField};
 
 /// One CSV row in a plan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -75,8 +75,6 @@ pub struct Rules<'a> {
     pub policies: &'a Policies,
     /// The fields the backend can store.
     pub supported: &'a [UserField],
-    /// How the backend stores a secret, to compare it with the current one.
-    pub fingerprint: &'a dyn Fn(&str, UserField, &Secret) -> String,
     /// One invalid row stops every row.
     pub atomic: bool,
 }
@@ -93,7 +91,6 @@ pub fn plan_rows(
         base,
         policies,
         supported,
-        fingerprint,
         atomic,
     } = *rules;
     base.check_supported(supported)?;
@@ -159,15 +156,16 @@ pub fn plan_rows(
                 .get(&row.extension)
                 .and_then(|u| u.get(field))
                 .map(str::to_string);
-            let target = match &to {
-                NewValue::Set(v) => Some(v.clone()),
-                NewValue::Clear => None,
-                NewValue::Secret(s) => Some(fingerprint(&row.extension, field, s)),
+            // A secret is always written: what is stored for it cannot be compared cheaply.
+            let unchanged = match &to {
+                NewValue::Set(v) => current.as_deref() == Some(v.as_str()),
+                NewValue::Clear => current.is_none(),
+                NewValue::Secret(_) => false,
             };
-            if current == target {
+            if unchanged {
                 continue;
             }
-            for m in dir.apply(&row.extension, field, &to, fingerprint) {
+            for m in dir.apply(&row.extension, field, &to, &|_, _, _| NEW_SECRET.into()) {
                 row.warnings.push(taker_note(field, &m));
                 match row_of.get(&m.holder) {
                     Some(&j) => {
@@ -216,11 +214,16 @@ pub fn plan_rows(
             r.warnings.retain(|w| !w.starts_with("warning: number "));
         }
     }
-    let hash = hash(&rows, fingerprint);
+    let hash = hash(&rows);
     Ok(RowsPlan { rows, donors, hash })
 }
 
-fn hash(rows: &[RowPlan], fingerprint: &dyn Fn(&str, UserField, &Secret) -> String) -> String {
+/// What the planner's directory holds for a secret it will write (nothing of its value).
+const NEW_SECRET: &str = "(new secret)";
+
+/// sha256 over the rows; a secret write contributes its Secret's reference only, never its
+/// value, a digest of it, or what the PBX stores for it now.
+fn hash(rows: &[RowPlan]) -> String {
     let mut hasher = Sha256::new();
     let mut line = |parts: &[&str]| {
         hasher.update(parts.join("\t").as_bytes());
@@ -229,17 +232,18 @@ fn hash(rows: &[RowPlan], fingerprint: &dyn Fn(&str, UserField, &Secret) -> Stri
     for r in rows {
         line(&["row", &r.line.to_string(), &r.extension]);
         for w in &r.writes {
-            let to = match &w.to {
-                NewValue::Set(v) => v.clone(),
-                NewValue::Clear => "\u{0}".into(),
-                NewValue::Secret(s) => fingerprint(&r.extension, w.field, s),
-            };
-            line(&[
-                "field",
-                w.field.name(),
-                w.from.as_deref().unwrap_or("\u{0}"),
-                &to,
-            ]);
+            match &w.to {
+                NewValue::Secret(s) => line(&["secret", w.field.name(), secret_pin(s)]),
+                to => line(&[
+                    "field",
+                    w.field.name(),
+                    w.from.as_deref().unwrap_or("\u{0}"),
+                    match to {
+                        NewValue::Set(v) => v,
+                        _ => "\u{0}",
+                    },
+                ]),
+            }
         }
         for t in &r.takes {
             line(&["take", &t.number, &t.holder]);
@@ -283,10 +287,6 @@ mod tests {
         }
     }
 
-    fn fp(ext: &str, f: UserField, s: &Secret) -> String {
-        format!("{ext}:{f}:{}", s.expose())
-    }
-
     fn plan(csv: &str, users: Vec<User>, atomic: bool) -> RowsPlan {
         let s = sheet::read(csv.as_bytes(), DEFAULT_MAX_BYTES).unwrap();
         let reqs: Vec<RowRequest> = sheet::requests(&s, &[]).collect();
@@ -298,7 +298,6 @@ mod tests {
             base: &Intent::default(),
             policies: &policies(),
             supported: &UserField::ALL,
-            fingerprint: &fp,
             atomic,
         };
         plan_rows(reqs, &row_of, users, &rules).unwrap()

@@ -14,7 +14,8 @@ use crate::pbx::{FieldWrite, NewValue, Secret, User, UserChange, UserField, User
 pub enum Wanted {
     /// A canonical value; None clears the field.
     Value(Option<String>),
-    /// A secret from a Secret; compared through its fingerprint, never shown.
+    /// A secret from a Secret: always written (what is stored is a salted hash or an HA1, not
+    /// comparable without the same slow work per user), never shown; plans pin its reference.
     Secret(Secret),
 }
 
@@ -108,7 +109,8 @@ pub struct UserPlan {
     /// or None where they differ. Secrets show only whether they are set.
     pub common_values: BTreeMap<String, Option<String>>,
     pub closed_fields: Vec<String>,
-    /// sha256 over targets, their current values and the intended values.
+    /// sha256 over targets, their current values and the intended values; for secret fields
+    /// only the Secret's reference (name, key, resourceVersion), never a value or a digest of one.
     pub hash: String,
 }
 
@@ -148,14 +150,43 @@ pub fn canonical_groups<'a>(groups: impl IntoIterator<Item = &'a str>) -> String
         .join(",")
 }
 
-/// Builds the plan. `fingerprint(extension, field, secret)` says how the backend would store a
-/// secret, so a secret that is already in place is not rewritten.
+/// What a plan hash records for a secret: where it comes from, never what it is.
+pub fn secret_pin(secret: &Secret) -> &str {
+    secret.reference().unwrap_or("(secret without a reference)")
+}
+
+/// A request's hash (the spec's) extended with the references of the Secrets it reads (name,
+/// key, resourceVersion): a Secret changed after validation makes it another request, so the
+/// validated plan is not reused and the plan hash moves. Unchanged when no secret is read.
+pub fn with_secret_references(spec_hash: &str, intent: &Intent) -> String {
+    let references: Vec<String> = intent
+        .fields
+        .iter()
+        .filter_map(|f| match &f.wanted {
+            Wanted::Secret(s) => Some(format!("{}\t{}", f.field.name(), secret_pin(s))),
+            Wanted::Value(_) => None,
+        })
+        .collect();
+    if references.is_empty() {
+        return spec_hash.to_string();
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(spec_hash.as_bytes());
+    for r in references {
+        hasher.update(b"\n");
+        hasher.update(r.as_bytes());
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// Builds the plan. A secret field is always written (shown as "(new secret)"): what the PBX
+/// stores for it cannot be compared with the desired value cheaply, and its current stored value
+/// (a hash) is neither hashed into the plan nor shown.
 pub fn plan(
     read: &UserRead,
     selector: &Selector,
     intent: &Intent,
     supported: &[UserField],
-    fingerprint: &dyn Fn(&str, UserField, &Secret) -> String,
 ) -> Result<UserPlan, PlanError> {
     intent.check_supported(supported)?;
     let users: BTreeMap<&str, &User> = read
@@ -196,28 +227,31 @@ pub fn plan(
         let mut writes = Vec::new();
         for f in intent.fields.iter().filter(|f| f.open) {
             let current = user.get(f.field);
-            let (wanted_as_stored, to) = match &f.wanted {
-                Wanted::Value(v) => (
-                    v.clone(),
-                    v.clone().map(NewValue::Set).unwrap_or(NewValue::Clear),
-                ),
-                Wanted::Secret(s) => (
-                    Some(fingerprint(&user.extension, f.field, s)),
-                    NewValue::Secret(s.clone()),
-                ),
-            };
-            line(&[
-                "field",
-                f.field.name(),
-                current.unwrap_or("\u{0}"),
-                wanted_as_stored.as_deref().unwrap_or("\u{0}"),
-            ]);
-            if current != wanted_as_stored.as_deref() {
-                writes.push(FieldWrite {
-                    field: f.field,
-                    from: current.map(str::to_string),
-                    to,
-                });
+            match &f.wanted {
+                Wanted::Value(v) => {
+                    line(&[
+                        "field",
+                        f.field.name(),
+                        current.unwrap_or("\u{0}"),
+                        v.as_deref().unwrap_or("\u{0}"),
+                    ]);
+                    if current != v.as_deref() {
+                        writes.push(FieldWrite {
+                            field: f.field,
+                            from: current.map(str::to_string),
+                            to: v.clone().map(NewValue::Set).unwrap_or(NewValue::Clear),
+                        });
+                    }
+                }
+                Wanted::Secret(s) => {
+                    line(&["secret", f.field.name(), secret_pin(s)]);
+                    writes.push(FieldWrite {
+                        field: f.field,
+                        // For compare-and-set in memory only: never stored, shown or hashed.
+                        from: current.map(str::to_string),
+                        to: NewValue::Secret(s.clone()),
+                    });
+                }
             }
         }
         let mut actions = intent.actions.clone();
@@ -246,22 +280,17 @@ pub fn plan(
 }
 
 /// After a crash, a batch may already be (partly) applied. Drops the writes whose field already
-/// holds the planned value; what remains still goes through compare-and-set.
-pub fn remaining_writes(
-    planned: &PlannedUser,
-    now: &User,
-    fingerprint: &dyn Fn(&str, UserField, &Secret) -> String,
-) -> Vec<FieldWrite> {
+/// holds the planned value; what remains still goes through compare-and-set. A secret write
+/// always remains: whether it landed cannot be told from its salted hash, and setting it again
+/// is harmless.
+pub fn remaining_writes(planned: &PlannedUser, now: &User) -> Vec<FieldWrite> {
     planned
         .writes
         .iter()
-        .filter(|w| {
-            let target = match &w.to {
-                NewValue::Set(v) => Some(v.clone()),
-                NewValue::Clear => None,
-                NewValue::Secret(s) => Some(fingerprint(&planned.extension, w.field, s)),
-            };
-            now.get(w.field) != target.as_deref()
+        .filter(|w| match &w.to {
+            NewValue::Set(v) => now.get(w.field) != Some(v.as_str()),
+            NewValue::Clear => now.get(w.field).is_some(),
+            NewValue::Secret(_) => true,
         })
         .cloned()
         .collect()
@@ -292,10 +321,6 @@ mod tests {
             wanted: Wanted::Value(Some(value.into())),
             open,
         }
-    }
-
-    fn fp(ext: &str, field: UserField, s: &Secret) -> String {
-        format!("fp:{ext}:{}:{}", field.name(), s.expose())
     }
 
     fn extensions(exts: &[&str]) -> Selector {
@@ -330,7 +355,6 @@ mod tests {
             &extensions(&["201", "202"]),
             &intent,
             &UserField::ALL,
-            &fp,
         )
         .unwrap();
         assert_eq!(
@@ -351,7 +375,6 @@ mod tests {
             &extensions(&["201", "202"]),
             &intent,
             &UserField::ALL,
-            &fp,
         )
         .unwrap();
         assert!(p.targets.iter().all(|t| t.writes.is_empty()));
@@ -373,7 +396,6 @@ mod tests {
             &extensions(&["201", "202"]),
             &intent,
             &UserField::ALL,
-            &fp,
         )
         .unwrap();
         let writes: Vec<_> = p
@@ -419,61 +441,169 @@ mod tests {
             fields: vec![field(UserField::Role, "Admin", true)],
             actions: vec![],
         };
-        let p = plan(
-            &r,
-            &extensions(&["201", "202"]),
-            &intent,
-            &UserField::ALL,
-            &fp,
-        )
-        .unwrap();
+        let p = plan(&r, &extensions(&["201", "202"]), &intent, &UserField::ALL).unwrap();
         assert!(p.targets[0].writes.is_empty());
         assert_eq!(p.targets[1].writes.len(), 1);
         assert_eq!(p.changing(), 1);
     }
 
-    #[test]
-    fn secrets_compare_by_fingerprint_and_never_show() {
-        let s = Secret::new("1234");
-        let r = read(vec![
-            user(
-                "201",
-                &[(UserField::VoicemailPin, "fp:201:voicemailPin:1234")],
-            ),
-            user(
-                "202",
-                &[(UserField::VoicemailPin, "fp:202:voicemailPin:0000")],
-            ),
-        ]);
-        let intent = Intent {
+    fn pin_intent(secret: Secret) -> Intent {
+        Intent {
             fields: vec![FieldIntent {
                 field: UserField::VoicemailPin,
-                wanted: Wanted::Secret(s),
+                wanted: Wanted::Secret(secret),
                 open: true,
             }],
             actions: vec![],
-        };
+        }
+    }
+
+    /// Users 201 and 202 with stored PIN hashes and HA1s (what the PBX returns for them).
+    fn with_secrets(pin_201: &str, ha1_202: &str) -> UserRead {
+        read(vec![
+            user(
+                "201",
+                &[
+                    (UserField::VoicemailPin, pin_201),
+                    (UserField::Password, "ha1:0cc175b9c0f1b6a831c399e269772661"),
+                ],
+            ),
+            user("202", &[(UserField::Password, ha1_202)]),
+        ])
+    }
+
+    #[test]
+    fn secrets_are_always_written_and_never_show() {
+        let s = Secret::with_reference("1234", "Secret pins key pin resourceVersion 7");
+        let r = with_secrets("pbkdf2-sha256$100000$c2FsdA$aGFzaA", "ha1:x");
         let p = plan(
             &r,
             &extensions(&["201", "202"]),
-            &intent,
+            &pin_intent(s),
             &UserField::ALL,
-            &fp,
         )
         .unwrap();
-        assert!(
-            p.targets[0].writes.is_empty(),
-            "the same PIN is not rewritten"
-        );
-        assert_eq!(p.targets[1].writes.len(), 1);
+        for t in &p.targets {
+            assert_eq!(t.writes.len(), 1, "a secret cannot be compared: always set");
+            assert!(matches!(t.writes[0].to, NewValue::Secret(_)));
+            assert_eq!(
+                shown_new(t.writes[0].field, &t.writes[0].to).as_deref(),
+                Some("(new secret)")
+            );
+        }
         assert_eq!(
             p.common_values.get("voicemailPin"),
-            Some(&Some("(set)".into()))
+            Some(&None),
+            "set / unset"
         );
         assert!(
             !format!("{p:?}").contains("1234"),
             "the secret must not appear in the plan's Debug output"
         );
+    }
+
+    #[test]
+    fn the_hash_pins_a_secrets_reference_not_its_value() {
+        let sel = extensions(&["201", "202"]);
+        let reference = "Secret pins key pin resourceVersion 7";
+        let h =
+            |r: &UserRead, s: Secret| plan(r, &sel, &pin_intent(s), &UserField::ALL).unwrap().hash;
+        let r = with_secrets("pbkdf2-sha256$100000$c2FsdA$aGFzaA", "ha1:x");
+        let a = h(&r, Secret::with_reference("1234", reference));
+        let b = h(&r, Secret::with_reference("987654", reference));
+        assert_eq!(a, b, "two PINs with the same Secret reference: one plan");
+        let changed = h(
+            &r,
+            Secret::with_reference("1234", "Secret pins key pin resourceVersion 8"),
+        );
+        assert_ne!(
+            a, changed,
+            "the Secret changed after approval: another plan"
+        );
+        // What the PBX stores for secrets (salted PIN hashes, HA1s) does not feed the hash.
+        let other = with_secrets("pbkdf2-sha256$100000$b3RoZXI$b3RoZXI", "ha1:y");
+        assert_eq!(a, h(&other, Secret::with_reference("1234", reference)));
+    }
+
+    #[test]
+    fn no_digest_of_a_pin_reaches_the_plan() {
+        use sha2::{Digest, Sha256};
+        let pin = "4711";
+        let p = plan(
+            &with_secrets("x", "ha1:x"),
+            &extensions(&["201", "202"]),
+            &pin_intent(Secret::with_reference(
+                pin,
+                "Secret pins key pin resourceVersion 1",
+            )),
+            &UserField::ALL,
+        )
+        .unwrap();
+        let shown = format!("{p:?}{:?}", p.common_values);
+        for ext in ["201", "202"] {
+            for domain in ["pbx.test", "acme.test"] {
+                let old = hex::encode(Sha256::digest(format!("{domain}:{ext}:{pin}")));
+                assert!(!p.hash.contains(&old) && !shown.contains(&old));
+            }
+        }
+        assert!(!shown.contains(pin));
+        // The hash is over lines that hold no value of the PIN: the same plan for every PIN.
+        for other in ["0000", "123456"] {
+            let q = plan(
+                &with_secrets("x", "ha1:x"),
+                &extensions(&["201", "202"]),
+                &pin_intent(Secret::with_reference(
+                    other,
+                    "Secret pins key pin resourceVersion 1",
+                )),
+                &UserField::ALL,
+            )
+            .unwrap();
+            assert_eq!(p.hash, q.hash);
+        }
+    }
+
+    #[test]
+    fn request_hashes_move_with_the_secret_not_its_value() {
+        let base = "abc";
+        assert_eq!(with_secret_references(base, &Intent::default()), base);
+        let a = with_secret_references(
+            base,
+            &pin_intent(Secret::with_reference(
+                "1234",
+                "Secret pins key pin resourceVersion 1",
+            )),
+        );
+        let b = with_secret_references(
+            base,
+            &pin_intent(Secret::with_reference(
+                "5678",
+                "Secret pins key pin resourceVersion 1",
+            )),
+        );
+        let c = with_secret_references(
+            base,
+            &pin_intent(Secret::with_reference(
+                "1234",
+                "Secret pins key pin resourceVersion 2",
+            )),
+        );
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, base);
+    }
+
+    #[test]
+    fn resumed_secret_writes_are_redone() {
+        let p = plan(
+            &with_secrets("x", "ha1:x"),
+            &extensions(&["201"]),
+            &pin_intent(Secret::new("1234")),
+            &UserField::ALL,
+        )
+        .unwrap();
+        let now = user("201", &[(UserField::VoicemailPin, "anything")]);
+        assert_eq!(remaining_writes(&p.targets[0], &now).len(), 1);
     }
 
     #[test]
@@ -483,7 +613,7 @@ mod tests {
             actions: vec![],
         };
         let sel = extensions(&["201", "202"]);
-        let h = |r: &UserRead, i: &Intent| plan(r, &sel, i, &UserField::ALL, &fp).unwrap().hash;
+        let h = |r: &UserRead, i: &Intent| plan(r, &sel, i, &UserField::ALL).unwrap().hash;
         let base = h(&seed(), &intent);
         assert_eq!(base, h(&seed(), &intent), "deterministic");
         assert_eq!(base.len(), 64);
@@ -534,7 +664,6 @@ mod tests {
             &extensions(&["201", "202", "299"]),
             &intent,
             &UserField::ALL,
-            &fp,
         )
         .unwrap();
         assert_eq!(p.targets.len(), 2);
@@ -553,7 +682,6 @@ mod tests {
             &extensions(&["201"]),
             &intent,
             &[UserField::CallGroup],
-            &fp,
         )
         .unwrap_err();
         assert!(err.to_string().contains("cannot store field role"), "{err}");
@@ -571,7 +699,7 @@ mod tests {
             fields: vec![field(UserField::CallGroup, "3", true)],
             actions: vec![],
         };
-        let p = plan(&seed(), &sel, &intent, &UserField::ALL, &fp).unwrap();
+        let p = plan(&seed(), &sel, &intent, &UserField::ALL).unwrap();
         assert_eq!(
             p.targets
                 .iter()
@@ -584,7 +712,7 @@ mod tests {
             ..extensions(&["201", "202"])
         };
         assert!(matches!(
-            plan(&seed(), &too_many, &intent, &UserField::ALL, &fp),
+            plan(&seed(), &too_many, &intent, &UserField::ALL),
             Err(PlanError::TooManyTargets { .. })
         ));
     }
@@ -598,19 +726,12 @@ mod tests {
             ],
             actions: vec![],
         };
-        let p = plan(
-            &seed(),
-            &extensions(&["201"]),
-            &intent,
-            &UserField::ALL,
-            &fp,
-        )
-        .unwrap();
+        let p = plan(&seed(), &extensions(&["201"]), &intent, &UserField::ALL).unwrap();
         let after_crash = user(
             "201",
             &[(UserField::CallGroup, "3"), (UserField::PickupGroup, "3")],
         );
-        let left = remaining_writes(&p.targets[0], &after_crash, &fp);
+        let left = remaining_writes(&p.targets[0], &after_crash);
         assert_eq!(
             left.iter().map(|w| w.field).collect::<Vec<_>>(),
             [UserField::Role]

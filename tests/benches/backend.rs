@@ -204,10 +204,7 @@ async fn operator_run(pbx: &Kamailio, users: usize, g: &Gen, mem: &mut Memory) -
         ],
         actions: vec![],
     };
-    let p = plan(&read, &selector, &intent, &UserField::ALL, &|e, f, s| {
-        pbx.fingerprint(e, f, s)
-    })
-    .expect("plan");
+    let p = plan(&read, &selector, &intent, &UserField::ALL).expect("plan");
     let changes: Vec<UserChange> = p.targets.iter().filter_map(|t| t.change()).collect();
     let t_plan = t1.elapsed();
     let writes: usize = changes.iter().map(|c| c.writes.len()).sum();

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use md5::{Digest, Md5};
 use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::error::ErrorKind;
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 
 use super::schema::{self, Storage, TWO_FACTOR_ATTRIBUTE};
@@ -77,7 +78,13 @@ impl Db {
         let target = redacted_target(&url);
         let mut options = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(std::time::Duration::from_secs(10));
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            // A transaction the database ended by itself (SQLite's RAISE(ROLLBACK) in a trigger)
+            // leaves the driver counting it as open and unable to roll it back: such a
+            // connection is closed instead of handed out again.
+            .before_acquire(|conn, _| {
+                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+            });
         if dialect == Dialect::MySql {
             // A MySQL server outside strict mode stores a value too long for its column cut short
             // (and every later compare-and-set would then meet a value nobody wrote): refuse it
@@ -398,20 +405,49 @@ impl Db {
         query.fetch_all(&mut *conn).await.map_err(|e| self.err(e))
     }
 
-    /// The fingerprint a secret has once stored, to compare a desired secret with the current one.
-    pub fn fingerprint(&self, extension: &str, field: UserField, secret: &Secret) -> String {
-        match field {
-            UserField::Password => format!(
-                "ha1:{}",
-                md5_hex(&format!("{extension}:{}:{}", self.domain, secret.expose()))
-            ),
-            _ => {
-                use sha2::Sha256;
-                let mut h = Sha256::new();
-                h.update(format!("{}:{extension}:{}", self.domain, secret.expose()));
-                format!("sha256:{}", hex::encode(h.finalize()))
-            }
+    /// The stored forms of the secrets `changes` write, made before any transaction opens: a
+    /// PIN's hash is slow on purpose (see [`super::pin`]), and no database lock waits for it.
+    async fn stored_secrets(&self, changes: &[UserChange]) -> Result<StoredSecrets> {
+        let work: Vec<(String, UserField, Secret)> = changes
+            .iter()
+            .flat_map(|c| {
+                c.writes.iter().filter_map(|w| match &w.to {
+                    NewValue::Secret(s) => Some((c.extension.clone(), w.field, s.clone())),
+                    _ => None,
+                })
+            })
+            .collect();
+        if work.is_empty() {
+            return Ok(StoredSecrets::new());
         }
+        let domain = self.domain.clone();
+        tokio::task::spawn_blocking(move || {
+            // On every core: a bulk PIN change is hashing-bound.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let per_thread = work.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let parts: Vec<_> = work
+                    .chunks(per_thread)
+                    .map(|part| {
+                        let domain = &domain;
+                        scope.spawn(move || {
+                            part.iter()
+                                .map(|(ext, field, secret)| {
+                                    let stored = stored_secret(domain, ext, *field, secret);
+                                    ((ext.clone(), *field), stored)
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|p| p.join().expect("hashing a secret does not panic"))
+                    .collect::<StoredSecrets>()
+            })
+        })
+        .await
+        .map_err(|e| PbxError::Database(format!("hashing the secrets to store failed: {e}")))
     }
 
     pub async fn apply_user_changes(
@@ -420,47 +456,127 @@ impl Db {
         atomic: bool,
     ) -> Result<Vec<WriteOutcome>> {
         if atomic {
+            let secrets = self.stored_secrets(changes).await?;
             let mut tx = self.begin().await.map_err(|e| self.err(e))?;
             // One pass over all users: reads and writes chunk their lists internally.
-            let mut outcomes = self.compare_and_write(&mut tx, changes).await?;
-            if outcomes.iter().all(|o| *o == WriteOutcome::Applied) {
-                tx.commit().await.map_err(|e| self.err(e))?;
-            } else {
-                tx.rollback().await.map_err(|e| self.err(e))?;
-                for o in outcomes.iter_mut().filter(|o| **o == WriteOutcome::Applied) {
-                    *o = WriteOutcome::RolledBack;
+            let written = match self.compare_and_write(&mut tx, changes, &secrets).await {
+                Ok(outcomes) if outcomes.iter().all(|o| *o == WriteOutcome::Applied) => tx
+                    .commit()
+                    .await
+                    .map_err(|e| self.err(e))
+                    .map(|()| outcomes),
+                Ok(mut outcomes) => {
+                    tx.rollback().await.map_err(|e| self.err(e))?;
+                    roll_back(&mut outcomes);
+                    return Ok(outcomes);
                 }
-            }
-            return Ok(outcomes);
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    Err(e)
+                }
+            };
+            return match written {
+                Ok(outcomes) => Ok(outcomes),
+                Err(e) if e.is_transient() => Err(e),
+                // The database refused something in a bulk statement: find out whose data it
+                // is by replaying the users one by one, then roll everything back.
+                Err(_) => self.apply_atomic_one_by_one(changes, &secrets).await,
+            };
         }
         let mut outcomes = Vec::with_capacity(changes.len());
         for chunk in changes.chunks(WRITE_CHUNK) {
-            let mut tx = self.begin().await.map_err(|e| self.err(e))?;
-            match self.compare_and_write(&mut tx, chunk).await {
-                Ok(chunk_outcomes) => {
-                    tx.commit().await.map_err(|e| self.err(e))?;
-                    outcomes.extend(chunk_outcomes);
-                }
-                Err(e) if e.is_transient() && !matches!(e, PbxError::Database(_)) => return Err(e),
+            let secrets = self.stored_secrets(chunk).await?;
+            match self.write_committed(chunk, &secrets).await {
+                Ok(chunk_outcomes) => outcomes.extend(chunk_outcomes),
+                Err(e) if e.is_transient() => return Err(e),
                 Err(_) => {
                     // One bad row fails the whole statement: redo this chunk user by user,
                     // so only the user whose data the database refuses fails.
-                    drop(tx);
                     for change in chunk {
-                        let mut tx = self.begin().await.map_err(|e| self.err(e))?;
                         match self
-                            .compare_and_write(&mut tx, std::slice::from_ref(change))
+                            .write_committed(std::slice::from_ref(change), &secrets)
                             .await
                         {
-                            Ok(mut o) => {
-                                tx.commit().await.map_err(|e| self.err(e))?;
-                                outcomes.push(o.remove(0));
-                            }
-                            Err(e) => outcomes.push(WriteOutcome::Failed(e.to_string())),
+                            Ok(mut o) => outcomes.push(o.remove(0)),
+                            // Users before it are committed and recorded by the caller's
+                            // resume check; the rest wait for the database.
+                            Err(e) if e.is_transient() => return Err(e),
+                            Err(e) => outcomes.push(WriteOutcome::Failed(redacted(&e, &secrets))),
                         }
                     }
                 }
             }
+        }
+        Ok(outcomes)
+    }
+
+    /// [`Db::compare_and_write`] in a transaction of its own, committed (a refusal at commit,
+    /// such as a deferred constraint, is an error like one at a statement).
+    async fn write_committed(
+        &self,
+        changes: &[UserChange],
+        secrets: &StoredSecrets,
+    ) -> Result<Vec<WriteOutcome>> {
+        let mut tx = self.begin().await.map_err(|e| self.err(e))?;
+        let outcomes = match self.compare_and_write(&mut tx, changes, secrets).await {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        };
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(outcomes)
+    }
+
+    /// An Atomic batch the database refused: replays it user by user in one transaction, each
+    /// user behind a savepoint, so every user whose data is refused is named with the database's
+    /// message (Failed) while the others report RolledBack. Commits only if, this time, every
+    /// user applied (the refusal did not recur).
+    async fn apply_atomic_one_by_one(
+        &self,
+        changes: &[UserChange],
+        secrets: &StoredSecrets,
+    ) -> Result<Vec<WriteOutcome>> {
+        let mut tx = self.begin().await.map_err(|e| self.err(e))?;
+        let mut outcomes = Vec::with_capacity(changes.len());
+        for change in changes {
+            let mut savepoint = sqlx::Connection::begin(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+            match self
+                .compare_and_write(&mut savepoint, std::slice::from_ref(change), secrets)
+                .await
+            {
+                Ok(mut o) => {
+                    savepoint.commit().await.map_err(|e| self.err(e))?;
+                    outcomes.push(o.remove(0));
+                }
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    tracing::info!(extension = %change.extension, error = %e, "the database refused a target of an Atomic change");
+                    outcomes.push(WriteOutcome::Failed(redacted(&e, secrets)));
+                    if savepoint.rollback().await.is_err() {
+                        // The refusal ended the whole transaction (SQLite's RAISE(ROLLBACK)):
+                        // nothing of the batch stands, and the rest cannot be tried in it.
+                        drop(tx);
+                        outcomes.resize(changes.len(), WriteOutcome::RolledBack);
+                        roll_back(&mut outcomes);
+                        return Ok(outcomes);
+                    }
+                }
+            }
+        }
+        if outcomes.iter().all(|o| *o == WriteOutcome::Applied) {
+            match tx.commit().await.map_err(|e| self.err(e)) {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                // Refused at commit (a deferred constraint): it names no one target.
+                Err(e) => outcomes.fill(WriteOutcome::Failed(redacted(&e, secrets))),
+            }
+        } else {
+            tx.rollback().await.map_err(|e| self.err(e))?;
+            roll_back(&mut outcomes);
         }
         Ok(outcomes)
     }
@@ -473,6 +589,7 @@ impl Db {
         &self,
         conn: &mut AnyConnection,
         changes: &[UserChange],
+        secrets: &StoredSecrets,
     ) -> Result<Vec<WriteOutcome>> {
         let given: Vec<String> = changes
             .iter()
@@ -496,7 +613,10 @@ impl Db {
         };
         let current = self.read_users_on(conn, &selection).await?;
         let mut dir = Directory::new(current.users);
-        let fingerprint = |e: &str, f: UserField, s: &Secret| self.fingerprint(e, f, s);
+        let stored = |e: &str, f: UserField, s: &Secret| match secrets.get(&(e.to_string(), f)) {
+            Some(v) => v.clone(),
+            None => stored_secret(&self.domain, e, f, s),
+        };
         let mut passwords: HashMap<String, Secret> = HashMap::new();
         let mut outcomes = Vec::with_capacity(changes.len());
         for change in changes {
@@ -548,7 +668,7 @@ impl Db {
                 if let (UserField::Password, NewValue::Secret(s)) = (w.field, &w.to) {
                     passwords.insert(ext.to_string(), s.clone());
                 }
-                for m in dir.apply(ext, w.field, &w.to, &fingerprint) {
+                for m in dir.apply(ext, w.field, &w.to, &stored) {
                     tracing::info!(number = %m.number, from = %m.holder, to = ext, "number moved");
                 }
             }
@@ -874,7 +994,7 @@ impl Db {
             };
             let outcome = match self.action_on(&mut tx, user, action).await {
                 Ok(o) => o,
-                Err(e) if e.is_transient() && !matches!(e, PbxError::Database(_)) => return Err(e),
+                Err(e) if e.is_transient() => return Err(e),
                 Err(e) => ActionOutcome::Failed(e.to_string()),
             };
             if matches!(outcome, ActionOutcome::Done) {
@@ -1018,6 +1138,42 @@ impl Db {
     }
 }
 
+/// The stored form of each secret a batch writes, by (extension, field).
+type StoredSecrets = HashMap<(String, UserField), String>;
+
+/// What a secret becomes once stored. A PIN: salted PBKDF2 ([`super::pin`]). The SIP password:
+/// `ha1:` and its HA1 as Kamailio's digest auth needs it; that value only tells the writer which
+/// users' `ha1`/`ha1b` to set (`set_password` writes them) and never leaves this module.
+fn stored_secret(domain: &str, extension: &str, field: UserField, secret: &Secret) -> String {
+    match field {
+        UserField::Password => format!(
+            "ha1:{}",
+            md5_hex(&format!("{extension}:{domain}:{}", secret.expose()))
+        ),
+        _ => super::pin::hash(secret),
+    }
+}
+
+/// An error's message for a target's result, without any stored secret the batch wrote (a
+/// database may quote the refused value, e.g. MySQL's "Duplicate entry '...'").
+fn redacted(e: &PbxError, secrets: &StoredSecrets) -> String {
+    let mut message = e.to_string();
+    for stored in secrets.values() {
+        let value = stored.strip_prefix("ha1:").unwrap_or(stored);
+        if !value.is_empty() {
+            message = message.replace(value, "(secret)");
+        }
+    }
+    message
+}
+
+/// An Atomic batch that did not commit: what had applied is rolled back.
+fn roll_back(outcomes: &mut [WriteOutcome]) {
+    for o in outcomes.iter_mut().filter(|o| **o == WriteOutcome::Applied) {
+        *o = WriteOutcome::RolledBack;
+    }
+}
+
 /// The number a write gives its user, if it gives one.
 fn given_number(w: &FieldWrite) -> Option<&str> {
     match (w.field, &w.to) {
@@ -1070,44 +1226,51 @@ fn phone(row: &AnyRow) -> Result<Phone, sqlx::Error> {
     })
 }
 
-/// Turns a driver error into one that says what to fix. Never includes the URL's credentials.
-fn classify(target: &str, e: sqlx::Error) -> PbxError {
+/// Turns a driver error into one that says what to fix, classed once here for every caller:
+/// the database being unreachable or busy is transient (retried with backoff); data the database
+/// refuses (constraints, bad values, exceptions raised by triggers) is permanent and fails the
+/// targets it belongs to. Never includes the URL's credentials.
+pub(crate) fn classify(target: &str, e: sqlx::Error) -> PbxError {
     let target = target.to_string();
     match &e {
         sqlx::Error::Database(db) => {
-            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-            let msg = db.message().to_string();
-            let lower = msg.to_lowercase();
-            if matches!(code.as_str(), "28P01" | "28000" | "1045")
-                || lower.contains("password authentication failed")
+            let engine = if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
             {
-                PbxError::DatabaseAuth {
-                    target,
-                    detail: msg,
-                }
-            } else if matches!(code.as_str(), "42P01" | "1146" | "42S02") // 42S02: MySQL
-                || lower.contains("no such table")
+                Engine::Postgres
+            } else if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                Engine::Sqlite
+            } else if db
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .is_some()
             {
-                PbxError::MissingTables {
-                    target,
-                    missing: msg,
-                }
-            } else if matches!(code.as_str(), "3D000" | "1049" | "14")
-                || lower.contains("unable to open database")
-                || lower.contains("unknown database")
-            // MySQL 1049, whose SQLSTATE (42000) is generic
-            {
-                PbxError::DatabaseUnreachable {
-                    target,
-                    detail: msg,
-                }
+                Engine::MySql
             } else {
-                PbxError::Database(msg)
+                Engine::Unknown
+            };
+            let number = db
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .map(|m| m.number())
+                .unwrap_or(0);
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let detail = db.message().to_string();
+            match class_of(engine, &code, number, db.kind(), &detail) {
+                Class::Auth => PbxError::DatabaseAuth { target, detail },
+                Class::MissingTables => PbxError::MissingTables {
+                    target,
+                    missing: detail,
+                },
+                Class::Unreachable => PbxError::DatabaseUnreachable { target, detail },
+                Class::Busy => PbxError::DatabaseBusy { target, detail },
+                Class::Refused => PbxError::Refused(detail),
+                Class::Other => PbxError::Database(detail),
             }
         }
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_) => PbxError::DatabaseUnreachable {
             target,
@@ -1117,6 +1280,122 @@ fn classify(target: &str, e: sqlx::Error) -> PbxError {
             PbxError::InvalidUrl(format!("the database URL is not usable: {e}"))
         }
         _ => PbxError::Database(e.to_string()),
+    }
+}
+
+/// Which database raised an error (its codes mean different things).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Postgres,
+    MySql,
+    Sqlite,
+    Unknown,
+}
+
+/// What an error the database raised means for the operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    /// Wrong user or password.
+    Auth,
+    /// Kamailio's schema is not loaded.
+    MissingTables,
+    /// The connection is gone, the server shuts down or the database does not exist.
+    Unreachable,
+    /// Deadlock, serialization failure, lock or statement timeout, resources: retry later.
+    Busy,
+    /// The data itself is refused: retrying fails the same way.
+    Refused,
+    Other,
+}
+
+/// Classes an error by the database's own code: PostgreSQL's SQLSTATE (class 08 connection,
+/// 40 transaction rollback, 53 resources, 57 operator intervention, 55P03 lock not available are
+/// transient; 22 data, 23 integrity, P0 raised by PL/pgSQL are refusals); MySQL/MariaDB's error
+/// number with its SQLSTATE; SQLite's extended result code (primary code in the low byte).
+fn class_of(
+    engine: Engine,
+    code: &str,
+    mysql_number: u16,
+    kind: ErrorKind,
+    message: &str,
+) -> Class {
+    let lower = message.to_lowercase();
+    let class = |prefixes: &[&str]| prefixes.iter().any(|p| code.starts_with(p));
+    match engine {
+        Engine::Postgres => match code {
+            "28P01" | "28000" => Class::Auth,
+            "42P01" => Class::MissingTables,
+            "3D000" | "57P01" | "57P02" | "57P03" => Class::Unreachable,
+            "55P03" | "57014" => Class::Busy,
+            _ if class(&["08"]) => Class::Unreachable,
+            _ if class(&["40", "53"]) => Class::Busy,
+            _ if class(&["22", "23", "P0", "44"]) => Class::Refused,
+            _ => Class::Other,
+        },
+        Engine::MySql => match mysql_number {
+            1045 | 1698 => Class::Auth,
+            1146 => Class::MissingTables,
+            // Unknown database, too many connections, shutdown, lost or killed connections.
+            1049
+            | 1040
+            | 1053
+            | 1077
+            | 1152
+            | 1158..=1161
+            | 1927
+            | 2002
+            | 2003
+            | 2006
+            | 2013
+            | 4031 => Class::Unreachable,
+            // Lock wait timeout, deadlock, interrupted, statement time limits (MySQL, MariaDB),
+            // NOWAIT lock, XA deadlock.
+            1205 | 1213 | 1317 | 3024 | 1969 | 3572 | 1614 => Class::Busy,
+            // Duplicate key, NULL, foreign keys, data too long, out of range, bad value,
+            // SIGNAL from a trigger, CHECK (MySQL 3819, MariaDB 4025).
+            1022 | 1062 | 1169 | 1586 | 1048 | 1364 | 1216 | 1217 | 1451 | 1452 | 1406 | 1264
+            | 1265 | 1292 | 1366 | 1644 | 3819 | 4025 => Class::Refused,
+            _ => match code {
+                "28000" => Class::Auth,
+                "42S02" => Class::MissingTables,
+                "45000" => Class::Refused,
+                _ if class(&["08"]) => Class::Unreachable,
+                _ if class(&["40"]) => Class::Busy,
+                _ if class(&["22", "23"]) => Class::Refused,
+                _ => Class::Other,
+            },
+        },
+        Engine::Sqlite => {
+            let extended: i64 = code.parse().unwrap_or(1);
+            match extended & 0xff {
+                // SQLITE_AUTH
+                23 => Class::Auth,
+                // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_INTERRUPT, SQLITE_FULL, SQLITE_PROTOCOL
+                5 | 6 | 9 | 13 | 15 => Class::Busy,
+                // SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_NOTADB
+                10 | 14 | 26 => Class::Unreachable,
+                // SQLITE_CONSTRAINT (with RAISE() in triggers: SQLITE_CONSTRAINT_TRIGGER),
+                // SQLITE_MISMATCH, SQLITE_TOOBIG
+                18..=20 => Class::Refused,
+                _ if lower.contains("no such table") => Class::MissingTables,
+                _ => Class::Other,
+            }
+        }
+        Engine::Unknown => {
+            if kind != ErrorKind::Other {
+                Class::Refused
+            } else if lower.contains("password authentication failed") {
+                Class::Auth
+            } else if lower.contains("no such table") {
+                Class::MissingTables
+            } else if lower.contains("unable to open database") {
+                Class::Unreachable
+            } else if lower.contains("database is locked") || lower.contains("deadlock") {
+                Class::Busy
+            } else {
+                Class::Other
+            }
+        }
     }
 }
 
@@ -1143,6 +1422,170 @@ mod tests {
             tuples(2, 3, |p| format!("({p}, CURRENT_TIMESTAMP)")),
             "($1, $2, $3, CURRENT_TIMESTAMP), ($4, $5, $6, CURRENT_TIMESTAMP)"
         );
+    }
+
+    #[test]
+    fn postgres_errors_class_by_sqlstate() {
+        let c = |code| class_of(Engine::Postgres, code, 0, ErrorKind::Other, "m");
+        for transient in ["40001", "40P01", "55P03", "57014", "53300"] {
+            assert_eq!(c(transient), Class::Busy, "{transient}");
+        }
+        for gone in ["08006", "08001", "57P01", "3D000"] {
+            assert_eq!(c(gone), Class::Unreachable, "{gone}");
+        }
+        // Data (22), integrity (23), RAISE EXCEPTION in PL/pgSQL (P0001), ASSERT (P0004).
+        for refused in [
+            "22001", "22P02", "23505", "23503", "23502", "23514", "P0001", "P0004",
+        ] {
+            assert_eq!(c(refused), Class::Refused, "{refused}");
+        }
+        assert_eq!(c("28P01"), Class::Auth);
+        assert_eq!(c("42P01"), Class::MissingTables);
+        assert_eq!(
+            c("42501"),
+            Class::Other,
+            "permission denied: a person must look"
+        );
+    }
+
+    #[test]
+    fn mysql_errors_class_by_number_then_sqlstate() {
+        let c = |number, state| class_of(Engine::MySql, state, number, ErrorKind::Other, "m");
+        assert_eq!(c(1213, "40001"), Class::Busy, "deadlock");
+        assert_eq!(c(1205, "HY000"), Class::Busy, "lock wait timeout");
+        assert_eq!(c(1969, "70100"), Class::Busy, "MariaDB max_statement_time");
+        assert_eq!(c(2013, "HY000"), Class::Unreachable, "lost connection");
+        for (number, state) in [
+            (1062, "23000"), // duplicate entry
+            (1048, "23000"), // column cannot be null
+            (1452, "23000"), // foreign key
+            (1406, "22001"), // data too long
+            (1644, "45000"), // SIGNAL in a trigger
+            (1644, "HY000"),
+            (3819, "HY000"), // CHECK (MySQL)
+            (4025, "23000"), // CHECK (MariaDB)
+            (1366, "HY000"), // incorrect value
+        ] {
+            assert_eq!(c(number, state), Class::Refused, "{number} {state}");
+        }
+        assert_eq!(
+            c(9999, "45000"),
+            Class::Refused,
+            "an unknown number's SQLSTATE decides"
+        );
+        assert_eq!(c(9999, "23000"), Class::Refused);
+        assert_eq!(c(9999, "40001"), Class::Busy);
+        assert_eq!(c(1045, "28000"), Class::Auth);
+        assert_eq!(c(1146, "42S02"), Class::MissingTables);
+        assert_eq!(c(1142, "42000"), Class::Other, "command denied");
+    }
+
+    #[test]
+    fn sqlite_errors_class_by_extended_code() {
+        let c = |code: &str| class_of(Engine::Sqlite, code, 0, ErrorKind::Other, "m");
+        assert_eq!(c("5"), Class::Busy, "SQLITE_BUSY");
+        assert_eq!(c("517"), Class::Busy, "SQLITE_BUSY_SNAPSHOT");
+        assert_eq!(c("6"), Class::Busy, "SQLITE_LOCKED");
+        assert_eq!(
+            c("1811"),
+            Class::Refused,
+            "SQLITE_CONSTRAINT_TRIGGER (RAISE)"
+        );
+        assert_eq!(c("2067"), Class::Refused, "SQLITE_CONSTRAINT_UNIQUE");
+        assert_eq!(c("1299"), Class::Refused, "SQLITE_CONSTRAINT_NOTNULL");
+        assert_eq!(c("275"), Class::Refused, "SQLITE_CONSTRAINT_CHECK");
+        assert_eq!(c("14"), Class::Unreachable, "SQLITE_CANTOPEN");
+        assert_eq!(
+            class_of(
+                Engine::Sqlite,
+                "1",
+                0,
+                ErrorKind::Other,
+                "no such table: grp"
+            ),
+            Class::MissingTables
+        );
+        assert_eq!(c("1"), Class::Other);
+    }
+
+    #[test]
+    fn unknown_engines_class_by_kind() {
+        let c = |kind, message| class_of(Engine::Unknown, "", 0, kind, message);
+        assert_eq!(c(ErrorKind::UniqueViolation, "dup"), Class::Refused);
+        assert_eq!(c(ErrorKind::Other, "database is locked"), Class::Busy);
+        assert_eq!(c(ErrorKind::Other, "something"), Class::Other);
+    }
+
+    /// The classifier on errors a real database raised (SQLite in memory, through the Any
+    /// driver the backend uses): a trigger's RAISE and a constraint are refusals, permanent.
+    #[tokio::test]
+    async fn real_sqlite_refusals_are_permanent() {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        for q in [
+            "CREATE TABLE usr_preferences (username TEXT NOT NULL, value TEXT, UNIQUE (username))",
+            "CREATE TRIGGER frozen BEFORE INSERT ON usr_preferences WHEN NEW.username = '205' BEGIN SELECT RAISE(ABORT, 'extension 205 is frozen by policy'); END",
+        ] {
+            sqlx::query(q).execute(&pool).await.unwrap();
+        }
+        let insert = |u: &'static str| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query("INSERT INTO usr_preferences (username, value) VALUES ($1, 'x')")
+                    .bind(u)
+                    .execute(&pool)
+                    .await
+            }
+        };
+        let e = classify("sqlite:/x", insert("205").await.unwrap_err());
+        assert!(
+            matches!(&e, PbxError::Refused(m) if m.contains("extension 205 is frozen by policy")),
+            "{e:?}"
+        );
+        assert!(!e.is_transient());
+        assert!(e.to_string().contains("correct the value"), "{e}");
+        insert("201").await.unwrap();
+        let e = classify("sqlite:/x", insert("201").await.unwrap_err());
+        assert!(matches!(e, PbxError::Refused(_)), "{e:?}");
+        let e = classify(
+            "sqlite:/x",
+            sqlx::query("INSERT INTO usr_preferences (username) VALUES (NULL)")
+                .execute(&pool)
+                .await
+                .unwrap_err(),
+        );
+        assert!(matches!(e, PbxError::Refused(_)), "{e:?}");
+        assert!(classify("sqlite:/x", sqlx::Error::PoolTimedOut).is_transient());
+    }
+
+    #[test]
+    fn result_messages_never_quote_a_stored_secret() {
+        let pin = stored_secret(
+            "pbx.test",
+            "205",
+            UserField::VoicemailPin,
+            &Secret::new("1234"),
+        );
+        let ha1 = stored_secret("pbx.test", "205", UserField::Password, &Secret::new("pw"));
+        let secrets: StoredSecrets = [
+            (("205".to_string(), UserField::VoicemailPin), pin.clone()),
+            (("205".to_string(), UserField::Password), ha1.clone()),
+        ]
+        .into();
+        let e = PbxError::Refused(format!(
+            "Duplicate entry '{pin}' for key 'x'; Duplicate entry '{}'",
+            ha1.trim_start_matches("ha1:")
+        ));
+        let m = redacted(&e, &secrets);
+        assert!(
+            !m.contains(&pin) && !m.contains(ha1.trim_start_matches("ha1:")),
+            "{m}"
+        );
+        assert!(m.contains("Duplicate entry '(secret)'"), "{m}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The Kamailio backend: provisioning in its SQL database, live state through its JSON-RPC.
 
 pub mod db;
+pub mod pin;
 pub mod recycle;
 pub mod rpc;
 pub mod schema;
@@ -81,16 +82,6 @@ impl Kamailio {
 
     fn aor(&self, extension: &str) -> String {
         format!("{extension}@{}", self.config.domain)
-    }
-
-    /// The fingerprint a secret has once stored (see [`db::Db::fingerprint`]).
-    pub fn fingerprint(
-        &self,
-        extension: &str,
-        field: UserField,
-        secret: &crate::pbx::Secret,
-    ) -> String {
-        self.db.fingerprint(extension, field, secret)
     }
 }
 

@@ -26,8 +26,8 @@ use super::db::Db;
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
 use super::schema::{self, Storage};
 use crate::pbx::{
-    NewIdentity, PbxError, Phone, ResetOutcome, ResetPart, Result, Secret, User, UserField,
-    UserReset, UserSelection,
+    NewIdentity, Phone, ResetOutcome, ResetPart, Result, Secret, User, UserField, UserReset,
+    UserSelection,
 };
 
 /// Status a reset user has: the extension waits for a new person.
@@ -121,7 +121,7 @@ impl Db {
                 tx.commit().await.map_err(|e| self.err(e))?;
                 Ok(ResetOutcome::Done { before, unassigned })
             }
-            Err(e) if e.is_transient() && !matches!(e, PbxError::Database(_)) => Err(e),
+            Err(e) if e.is_transient() => Err(e),
             Err(e) => Ok(ResetOutcome::Failed(e.to_string())),
         }
     }
