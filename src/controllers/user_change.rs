@@ -157,8 +157,13 @@ impl Run<'_> {
             // The stored rows are what runs: they must be the ones validated.
             for index in 0..batches as usize {
                 if let Err(e) = self.verified(index, &plan.batch_digests).await {
+                    // The refusal belongs to this run: the next reconcile must not plan afresh
+                    // and execute what nobody reviewed.
                     let mut status = status;
                     status.phase = Phase::Failed;
+                    if let Some(p) = status.progress.as_mut() {
+                        p.run = run_id;
+                    }
                     return self.blocked(status, &e).await;
                 }
             }
