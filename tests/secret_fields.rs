@@ -33,7 +33,7 @@ spec:
 
 fn secret(pin: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{ name: vm-pins }}\nstringData: {{ pin: \"{pin}\" }}\n"
+        "apiVersion: v1\nkind: Secret\nmetadata: {{ name: vm-pins, labels: {{ pbx-operator.io/usable-by-changes: \"true\" }} }}\nstringData: {{ pin: \"{pin}\" }}\n"
     )
 }
 

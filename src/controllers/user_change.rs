@@ -708,7 +708,7 @@ impl Run<'_> {
         let exec = UserExec {
             backend: backend.as_ref(),
             secrets: &secrets,
-            mailer: mailer.as_ref(),
+            mailer: mailer.as_ref().map(|m| m as &dyn engine::users::Outbox),
             domain: &conn.spec.domain,
             atomic,
             journal: &journal,

@@ -141,12 +141,11 @@ impl Run<'_> {
         };
         let retry_only = if run_id.contains("-retry-") {
             let batches = status.progress.as_ref().map(|p| p.batches).unwrap_or(0);
-            Some(
-                self.store
-                    .read_all(batches as usize)
-                    .await
-                    .unwrap_or_default(),
-            )
+            // Without what the earlier run did, a retry plans, changes and prunes nothing.
+            match self.store.read_all(batches as usize).await {
+                Ok(rows) => Some(rows),
+                Err(e) => return self.blocked(status, &e).await,
+            }
         } else {
             None
         };
@@ -322,7 +321,6 @@ impl Run<'_> {
                         n.starts_with(STEP_RESET)
                             || n.starts_with(STEP_RECYCLE)
                             || n.starts_with(MAIL_SENT)
-                            || n.starts_with(MAIL_UNKNOWN)
                     })
                     .cloned()
                     .collect();
@@ -465,7 +463,7 @@ impl Run<'_> {
         let now = conditions::now();
         let generation = self.urc.metadata.generation;
         let summary = status.summary.clone().unwrap_or_default();
-        let bad = summary.failed + summary.conflicts;
+        let bad = summary.failed + summary.conflicts + summary.uncertain;
         status.phase = if bad == 0 {
             Phase::Succeeded
         } else if bad < summary.targets {
@@ -475,8 +473,13 @@ impl Run<'_> {
         };
         status.completion_time = Some(now.clone());
         let message = format!(
-            "{} targets: {} changed, {} unchanged, {} failed, {} skipped",
-            summary.targets, summary.changed, summary.unchanged, summary.failed, summary.skipped
+            "{} targets: {} changed, {} unchanged, {} failed, {} skipped, {} uncertain",
+            summary.targets,
+            summary.changed,
+            summary.unchanged,
+            summary.failed,
+            summary.skipped,
+            summary.uncertain
         );
         conditions::remove(&mut status.conditions, conditions::RECONCILING);
         if bad == 0 {
@@ -689,8 +692,10 @@ impl Batch<'_> {
             }
             if let Some(note) = row.notes.iter_mut().find(|n| *n == MAIL_SENDING) {
                 *note = format!(
-                    "{MAIL_UNKNOWN}: the operator restarted while sending it and cannot tell whether it went out"
+                    "{MAIL_UNKNOWN}: the operator restarted while sending it and cannot tell whether it went out; retry to send it"
                 );
+                // Neither Changed nor Unchanged: the person may not have been told.
+                row.outcome = Outcome::Uncertain;
                 continue;
             }
             let Some(id) = identity_of(row) else { continue };

@@ -6,6 +6,8 @@
 //! checked against the PBX, its actions redone (each is idempotent), and a mail that was under
 //! way is reported Uncertain instead of being sent twice.
 
+#[cfg(test)]
+use std::collections::BTreeSet;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::steps::{self, StepKind, StepState};
@@ -22,6 +24,21 @@ use crate::results::Row;
 
 /// Mails sent between two records: a crash leaves at most this many uncertain.
 pub const MAIL_FLIGHT: usize = 20;
+
+/// Where mail goes: the connection's SMTP relay ([`Mailer`]).
+#[async_trait::async_trait]
+pub trait Outbox: Send + Sync {
+    async fn send(&self, to: &str, subject: &str, body: String) -> Result<(), String>;
+}
+
+#[async_trait::async_trait]
+impl Outbox for Mailer {
+    async fn send(&self, to: &str, subject: &str, body: String) -> Result<(), String> {
+        Mailer::send(self, to, subject, body)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
 
 /// One stored batch of rows, as loaded from the journal.
 pub struct Batch {
@@ -47,7 +64,7 @@ pub struct UserExec<'a> {
     pub backend: &'a dyn PbxBackend,
     /// Secret field values, read from their Secrets for this attempt (never stored).
     pub secrets: &'a HashMap<UserField, Secret>,
-    pub mailer: Option<&'a Mailer>,
+    pub mailer: Option<&'a dyn Outbox>,
     pub domain: &'a str,
     /// All batches' writes in one transaction: any failure or conflict rolls back all.
     pub atomic: bool,
@@ -404,10 +421,7 @@ impl UserExec<'_> {
         let Some(mailer) = self.mailer else {
             return Err("the PbxConnection has no usable spec.smtp: not sent".into());
         };
-        mailer
-            .send(to, &subject, body)
-            .await
-            .map_err(|e| e.to_string())
+        mailer.send(to, &subject, body).await
     }
 }
 
@@ -560,5 +574,444 @@ pub fn upgrade_legacy(row: &mut Row) {
         for s in row.steps.iter_mut() {
             s.state = StepState::Intended;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The executor driven through a crash at every record it makes, against an in-memory PBX,
+    //! journal and outbox (test doubles for the engine only; integration tests use real servers).
+
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::pbx::{
+        Capabilities, NewIdentity, Phone, PhoneField, Policies, Probe, Registration, ResetOutcome,
+        SipAnswer, UserRead, UserReset,
+    };
+    use crate::results::StoredWrite;
+
+    #[derive(Default)]
+    struct Pbx {
+        users: Mutex<BTreeMap<String, User>>,
+        resets: Mutex<BTreeMap<String, u32>>,
+    }
+
+    fn user(ext: &str) -> User {
+        User {
+            extension: ext.into(),
+            values: [
+                (UserField::Email, format!("u{ext}@acme.test")),
+                (UserField::CallGroup, "1".into()),
+            ]
+            .into_iter()
+            .collect(),
+            numbers: vec![],
+        }
+    }
+
+    #[async_trait]
+    impl PbxBackend for Pbx {
+        fn capabilities(&self) -> Capabilities {
+            unimplemented!("not used by the engine")
+        }
+        async fn probe(&self) -> crate::pbx::Result<Probe> {
+            unimplemented!("not used by the engine")
+        }
+        async fn read_users(&self, s: &UserSelection) -> crate::pbx::Result<UserRead> {
+            let users = self.users.lock().unwrap();
+            Ok(UserRead {
+                users: s
+                    .extensions
+                    .iter()
+                    .filter_map(|e| users.get(e).cloned())
+                    .collect(),
+                ..Default::default()
+            })
+        }
+        async fn extensions(&self) -> crate::pbx::Result<Vec<String>> {
+            unimplemented!("not used by the engine")
+        }
+        async fn number_holders(&self, _: &[String]) -> crate::pbx::Result<Vec<(String, String)>> {
+            unimplemented!("not used by the engine")
+        }
+        async fn policies(&self) -> crate::pbx::Result<Policies> {
+            unimplemented!("not used by the engine")
+        }
+        async fn apply_user_changes(
+            &self,
+            changes: &[UserChange],
+            _atomic: bool,
+        ) -> crate::pbx::Result<Vec<WriteOutcome>> {
+            let mut users = self.users.lock().unwrap();
+            Ok(changes
+                .iter()
+                .map(|c| {
+                    let Some(u) = users.get_mut(&c.extension) else {
+                        return WriteOutcome::NotFound;
+                    };
+                    for w in &c.writes {
+                        if u.get(w.field).map(str::to_string) != w.from {
+                            return WriteOutcome::Conflict {
+                                field: w.field,
+                                expected: w.from.clone(),
+                                found: u.get(w.field).map(str::to_string),
+                            };
+                        }
+                    }
+                    for w in &c.writes {
+                        if let NewValue::Set(v) = &w.to {
+                            u.values.insert(w.field, v.clone());
+                        }
+                    }
+                    WriteOutcome::Applied
+                })
+                .collect())
+        }
+        async fn apply_actions(
+            &self,
+            actions: &[(String, UserAction)],
+        ) -> crate::pbx::Result<Vec<ActionOutcome>> {
+            let mut users = self.users.lock().unwrap();
+            Ok(actions
+                .iter()
+                .map(|(ext, a)| {
+                    if !users.contains_key(ext) {
+                        return ActionOutcome::NotFound;
+                    }
+                    match a {
+                        UserAction::Remove => {
+                            users.remove(ext);
+                        }
+                        UserAction::ResetPassword(_) => {
+                            *self.resets.lock().unwrap().entry(ext.clone()).or_default() += 1;
+                        }
+                        _ => {}
+                    }
+                    ActionOutcome::Done
+                })
+                .collect())
+        }
+        async fn read_phones(&self, _: &UserSelection) -> crate::pbx::Result<Vec<Phone>> {
+            unimplemented!("not used by the engine")
+        }
+        async fn apply_phone_changes(
+            &self,
+            _: &[(i64, PhoneField, String, String)],
+        ) -> crate::pbx::Result<Vec<WriteOutcome>> {
+            unimplemented!("not used by the engine")
+        }
+        async fn registrations(&self) -> crate::pbx::Result<Vec<Registration>> {
+            unimplemented!("not used by the engine")
+        }
+        async fn lookup(&self, _: &str) -> crate::pbx::Result<Vec<Registration>> {
+            unimplemented!("not used by the engine")
+        }
+        async fn notify(&self, _: &Registration, _: &str) -> crate::pbx::Result<SipAnswer> {
+            unimplemented!("not used by the engine")
+        }
+        async fn drop_registrations(&self, _: &str) -> crate::pbx::Result<()> {
+            unimplemented!("not used by the engine")
+        }
+        async fn reset_users(&self, _: &[UserReset]) -> crate::pbx::Result<Vec<ResetOutcome>> {
+            unimplemented!("not used by the engine")
+        }
+        async fn recycle_users(&self, _: &[NewIdentity]) -> crate::pbx::Result<Vec<ResetOutcome>> {
+            unimplemented!("not used by the engine")
+        }
+    }
+
+    #[derive(Default)]
+    struct Outbox {
+        sent: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl super::Outbox for Outbox {
+        async fn send(&self, to: &str, _: &str, _: String) -> Result<(), String> {
+            self.sent.lock().unwrap().push(to.to_string());
+            Ok(())
+        }
+    }
+
+    /// A journal whose writes fail from the `crash_at`-th on: the process died there, so the
+    /// side effects before it happened and its record did not.
+    struct Journal {
+        batches: Mutex<BTreeMap<usize, Vec<Row>>>,
+        writes: AtomicUsize,
+        crash_at: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl super::Journal for Journal {
+        async fn record(&self, index: usize, rows: &[Row]) -> Result<(), Error> {
+            if self.writes.fetch_add(1, Ordering::SeqCst) >= self.crash_at.load(Ordering::SeqCst) {
+                return Err(Error::Journal("killed".into()));
+            }
+            self.batches.lock().unwrap().insert(index, rows.to_vec());
+            Ok(())
+        }
+    }
+
+    fn row(ext: &str, writes: bool, actions: &[&str]) -> Row {
+        let actions: Vec<String> = actions.iter().map(|a| a.to_string()).collect();
+        Row {
+            target: ext.into(),
+            outcome: Outcome::Planned,
+            writes: if writes {
+                vec![StoredWrite {
+                    field: "callGroup".into(),
+                    from: Some("1".into()),
+                    to: Some("9".into()),
+                    secret: false,
+                }]
+            } else {
+                vec![]
+            },
+            steps: steps::user_steps(writes, &actions),
+            actions,
+            ..Default::default()
+        }
+    }
+
+    /// Runs `plan` with a crash at record `crash_at`, then restarts until it finishes.
+    /// Returns the final rows, the PBX, the mails sent and how many crashes happened.
+    async fn run_with_crash(plan: Vec<Row>, crash_at: usize) -> (Vec<Row>, Pbx, Vec<String>, u32) {
+        let pbx = Pbx::default();
+        for r in &plan {
+            pbx.users
+                .lock()
+                .unwrap()
+                .insert(r.target.clone(), user(&r.target));
+        }
+        let outbox = Outbox::default();
+        let journal = Journal {
+            batches: Mutex::new(BTreeMap::from([(0, plan)])),
+            writes: AtomicUsize::new(0),
+            crash_at: AtomicUsize::new(crash_at),
+        };
+        let secrets = HashMap::new();
+        let never = || false;
+        let mut crashes = 0;
+        loop {
+            let exec = UserExec {
+                backend: &pbx,
+                secrets: &secrets,
+                mailer: Some(&outbox),
+                domain: "acme.test",
+                atomic: false,
+                journal: &journal,
+                stopping: &never,
+            };
+            let rows = journal.batches.lock().unwrap()[&0].clone();
+            let mut batches = vec![Batch::new(0, rows)];
+            match exec.run(&mut batches).await {
+                Ok(Ended::Finished) => break,
+                Ok(Ended::Stopped) => unreachable!("nobody asked to stop"),
+                Err(_) => {
+                    crashes += 1;
+                    journal.crash_at.store(usize::MAX, Ordering::SeqCst);
+                }
+            }
+        }
+        let rows = journal.batches.lock().unwrap()[&0].clone();
+        let sent = outbox.sent.lock().unwrap().clone();
+        (rows, pbx, sent, crashes)
+    }
+
+    fn plan() -> Vec<Row> {
+        let mut rows: Vec<Row> = (0..45)
+            .map(|i| row(&format!("{}", 200 + i), true, &["ResetPassword"]))
+            .collect();
+        rows.extend((0..5).map(|i| row(&format!("{}", 300 + i), false, &["Remove"])));
+        rows.push(row("400", true, &["SendWelcomeEmail", "Unlock"]));
+        rows
+    }
+
+    #[tokio::test]
+    async fn a_crash_at_any_record_leaves_every_target_one_outcome_and_no_mail_twice() {
+        // An undisturbed run of this plan makes fewer than 40 records: crash at each of them.
+        for crash_at in 0..40 {
+            let (rows, pbx, sent, crashes) = run_with_crash(plan(), crash_at).await;
+            let targets: BTreeSet<&String> = rows.iter().map(|r| &r.target).collect();
+            assert_eq!(targets.len(), rows.len(), "each target once");
+            let mut mails: BTreeMap<&str, u32> = BTreeMap::new();
+            for to in &sent {
+                *mails.entry(to.as_str()).or_default() += 1;
+            }
+            for r in &rows {
+                assert!(
+                    r.is_final(),
+                    "crash at {crash_at}: {} still {:?}",
+                    r.target,
+                    r.outcome
+                );
+                assert!(r.steps.iter().all(|s| s.state.is_final()), "{r:?}");
+                let to = format!("u{}@acme.test", r.target);
+                let n = mails.get(to.as_str()).copied().unwrap_or(0);
+                assert!(n <= 1, "crash at {crash_at}: {} mailed {n} times", r.target);
+                let mails_wanted = r.steps.iter().any(|s| s.kind.is_mail());
+                match r.outcome {
+                    Outcome::Changed if mails_wanted => assert_eq!(n, 1, "{r:?}"),
+                    Outcome::Changed => {}
+                    Outcome::Uncertain => {
+                        assert!(crashes > 0);
+                        assert!(r.steps.iter().any(|s| s.state == StepState::Uncertain));
+                    }
+                    other => panic!(
+                        "crash at {crash_at}: {} ended {other:?}: {:?}",
+                        r.target, r.notes
+                    ),
+                }
+            }
+            let users = pbx.users.lock().unwrap();
+            assert!(
+                (300..305).all(|e| !users.contains_key(&e.to_string())),
+                "removed"
+            );
+            assert!(
+                users
+                    .values()
+                    .all(|u| u.get(UserField::CallGroup) == Some("9")),
+                "every write landed"
+            );
+            let uncertain = rows
+                .iter()
+                .filter(|r| r.outcome == Outcome::Uncertain)
+                .count();
+            assert!(
+                uncertain <= MAIL_FLIGHT,
+                "at most one flight uncertain: {uncertain}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_sends_exactly_the_uncertain_mails_and_resets_nobody_again() {
+        // Crash right after the first flight of mails went out, before its outcome was recorded.
+        let mut crash_at = 0;
+        let (rows, pbx, sent) = loop {
+            let (rows, pbx, sent, _) = run_with_crash(plan(), crash_at).await;
+            if rows.iter().any(|r| r.outcome == Outcome::Uncertain) {
+                break (rows, pbx, sent);
+            }
+            crash_at += 1;
+            assert!(crash_at < 40, "no crash left a mail uncertain");
+        };
+        let uncertain: Vec<String> = rows
+            .iter()
+            .filter(|r| r.outcome == Outcome::Uncertain)
+            .map(|r| r.target.clone())
+            .collect();
+        let resets_before = pbx.resets.lock().unwrap().clone();
+        let again: Vec<Row> = rows
+            .iter()
+            .map(|r| match steps::carry_over(&r.steps) {
+                Some(steps) => Row {
+                    outcome: Outcome::Planned,
+                    steps,
+                    ..r.clone()
+                },
+                None => r.clone(),
+            })
+            .collect();
+        let outbox = Outbox::default();
+        let journal = Journal {
+            batches: Mutex::new(BTreeMap::from([(0, again)])),
+            writes: AtomicUsize::new(0),
+            crash_at: AtomicUsize::new(usize::MAX),
+        };
+        let secrets = HashMap::new();
+        let never = || false;
+        let exec = UserExec {
+            backend: &pbx,
+            secrets: &secrets,
+            mailer: Some(&outbox),
+            domain: "acme.test",
+            atomic: false,
+            journal: &journal,
+            stopping: &never,
+        };
+        let mut batches = vec![Batch::new(0, journal.batches.lock().unwrap()[&0].clone())];
+        assert_eq!(exec.run(&mut batches).await.unwrap(), Ended::Finished);
+        let resent = outbox.sent.lock().unwrap().clone();
+        let expected: Vec<String> = uncertain
+            .iter()
+            .map(|e| format!("u{e}@acme.test"))
+            .collect();
+        assert_eq!(resent, expected, "exactly the uncertain mails");
+        assert!(
+            batches[0]
+                .rows
+                .iter()
+                .all(|r| r.outcome == Outcome::Changed)
+        );
+        assert_eq!(
+            *pbx.resets.lock().unwrap(),
+            resets_before,
+            "no password reset again"
+        );
+        assert!(!sent.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stop_finishes_the_step_in_flight_and_leaves_nothing_uncertain() {
+        let pbx = Pbx::default();
+        let plan = plan();
+        for r in &plan {
+            pbx.users
+                .lock()
+                .unwrap()
+                .insert(r.target.clone(), user(&r.target));
+        }
+        let outbox = Outbox::default();
+        let journal = Journal {
+            batches: Mutex::new(BTreeMap::from([(0, plan)])),
+            writes: AtomicUsize::new(0),
+            crash_at: AtomicUsize::new(usize::MAX),
+        };
+        let secrets = HashMap::new();
+        // Asked to stop once the first flight of mails is out.
+        let stop = || !outbox.sent.lock().unwrap().is_empty();
+        let exec = UserExec {
+            backend: &pbx,
+            secrets: &secrets,
+            mailer: Some(&outbox),
+            domain: "acme.test",
+            atomic: false,
+            journal: &journal,
+            stopping: &stop,
+        };
+        let mut batches = vec![Batch::new(0, journal.batches.lock().unwrap()[&0].clone())];
+        assert_eq!(exec.run(&mut batches).await.unwrap(), Ended::Stopped);
+        let first = outbox.sent.lock().unwrap().len();
+        assert_eq!(
+            first, MAIL_FLIGHT,
+            "the flight in flight finished, no other began"
+        );
+        let never = || false;
+        let exec = UserExec {
+            stopping: &never,
+            ..exec
+        };
+        let mut batches = vec![Batch::new(0, journal.batches.lock().unwrap()[&0].clone())];
+        assert_eq!(exec.run(&mut batches).await.unwrap(), Ended::Finished);
+        let sent = outbox.sent.lock().unwrap().clone();
+        let distinct: BTreeSet<&String> = sent.iter().collect();
+        assert_eq!(
+            (sent.len(), distinct.len()),
+            (46, 46),
+            "everyone mailed once"
+        );
+        assert!(
+            batches[0]
+                .rows
+                .iter()
+                .all(|r| r.outcome == Outcome::Changed),
+            "nothing uncertain after a graceful stop"
+        );
     }
 }
