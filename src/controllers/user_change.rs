@@ -169,7 +169,7 @@ impl Run<'_> {
             }
             (None, plan)
         } else {
-            let retry_only = if run_id.contains("-retry-") {
+            let retry_only = if run_id.contains("-retry-") && status.progress.is_some() {
                 let batches = status
                     .progress
                     .as_ref()

@@ -139,7 +139,7 @@ impl Run<'_> {
             Ok(b) => b,
             Err(e) => return self.blocked(status, &e).await,
         };
-        let retry_only = if run_id.contains("-retry-") {
+        let retry_only = if run_id.contains("-retry-") && status.progress.is_some() {
             let batches = status.progress.as_ref().map(|p| p.batches).unwrap_or(0);
             // Without what the earlier run did, a retry plans, changes and prunes nothing.
             match self.store.read_all(batches as usize).await {
