@@ -777,6 +777,39 @@ mod tests {
         }
     }
 
+    fn journal(rows: Vec<Row>, crash_at: usize) -> Journal {
+        Journal {
+            batches: Mutex::new(BTreeMap::from([(0, rows)])),
+            writes: AtomicUsize::new(0),
+            crash_at: AtomicUsize::new(crash_at),
+        }
+    }
+
+    static NO_SECRETS: std::sync::LazyLock<HashMap<UserField, Secret>> =
+        std::sync::LazyLock::new(HashMap::new);
+
+    fn exec<'a>(
+        pbx: &'a Pbx,
+        outbox: &'a Outbox,
+        journal: &'a Journal,
+        stopping: &'a (dyn Fn() -> bool + Sync),
+    ) -> UserExec<'a> {
+        UserExec {
+            backend: pbx,
+            secrets: &NO_SECRETS,
+            mailer: Some(outbox),
+            domain: "acme.test",
+            atomic: false,
+            journal,
+            stopping,
+        }
+    }
+
+    /// The journal's batch as a restarted operator reads it.
+    fn reload(journal: &Journal) -> Vec<Batch> {
+        vec![Batch::new(0, journal.batches.lock().unwrap()[&0].clone())]
+    }
+
     /// Runs `plan` with a crash at record `crash_at`, then restarts until it finishes.
     /// Returns the final rows, the PBX, the mails sent and how many crashes happened.
     async fn run_with_crash(plan: Vec<Row>, crash_at: usize) -> (Vec<Row>, Pbx, Vec<String>, u32) {
@@ -788,26 +821,12 @@ mod tests {
                 .insert(r.target.clone(), user(&r.target));
         }
         let outbox = Outbox::default();
-        let journal = Journal {
-            batches: Mutex::new(BTreeMap::from([(0, plan)])),
-            writes: AtomicUsize::new(0),
-            crash_at: AtomicUsize::new(crash_at),
-        };
-        let secrets = HashMap::new();
+        let journal = journal(plan, crash_at);
         let never = || false;
         let mut crashes = 0;
         loop {
-            let exec = UserExec {
-                backend: &pbx,
-                secrets: &secrets,
-                mailer: Some(&outbox),
-                domain: "acme.test",
-                atomic: false,
-                journal: &journal,
-                stopping: &never,
-            };
-            let rows = journal.batches.lock().unwrap()[&0].clone();
-            let mut batches = vec![Batch::new(0, rows)];
+            let exec = exec(&pbx, &outbox, &journal, &never);
+            let mut batches = reload(&journal);
             match exec.run(&mut batches).await {
                 Ok(Ended::Finished) => break,
                 Ok(Ended::Stopped) => unreachable!("nobody asked to stop"),
@@ -919,23 +938,10 @@ mod tests {
             })
             .collect();
         let outbox = Outbox::default();
-        let journal = Journal {
-            batches: Mutex::new(BTreeMap::from([(0, again)])),
-            writes: AtomicUsize::new(0),
-            crash_at: AtomicUsize::new(usize::MAX),
-        };
-        let secrets = HashMap::new();
+        let journal = journal(again, usize::MAX);
         let never = || false;
-        let exec = UserExec {
-            backend: &pbx,
-            secrets: &secrets,
-            mailer: Some(&outbox),
-            domain: "acme.test",
-            atomic: false,
-            journal: &journal,
-            stopping: &never,
-        };
-        let mut batches = vec![Batch::new(0, journal.batches.lock().unwrap()[&0].clone())];
+        let exec = exec(&pbx, &outbox, &journal, &never);
+        let mut batches = reload(&journal);
         assert_eq!(exec.run(&mut batches).await.unwrap(), Ended::Finished);
         let resent = outbox.sent.lock().unwrap().clone();
         let expected: Vec<String> = uncertain
@@ -968,24 +974,11 @@ mod tests {
                 .insert(r.target.clone(), user(&r.target));
         }
         let outbox = Outbox::default();
-        let journal = Journal {
-            batches: Mutex::new(BTreeMap::from([(0, plan)])),
-            writes: AtomicUsize::new(0),
-            crash_at: AtomicUsize::new(usize::MAX),
-        };
-        let secrets = HashMap::new();
+        let journal = journal(plan, usize::MAX);
         // Asked to stop once the first flight of mails is out.
         let stop = || !outbox.sent.lock().unwrap().is_empty();
-        let exec = UserExec {
-            backend: &pbx,
-            secrets: &secrets,
-            mailer: Some(&outbox),
-            domain: "acme.test",
-            atomic: false,
-            journal: &journal,
-            stopping: &stop,
-        };
-        let mut batches = vec![Batch::new(0, journal.batches.lock().unwrap()[&0].clone())];
+        let exec = exec(&pbx, &outbox, &journal, &stop);
+        let mut batches = reload(&journal);
         assert_eq!(exec.run(&mut batches).await.unwrap(), Ended::Stopped);
         let first = outbox.sent.lock().unwrap().len();
         assert_eq!(
@@ -997,7 +990,7 @@ mod tests {
             stopping: &never,
             ..exec
         };
-        let mut batches = vec![Batch::new(0, journal.batches.lock().unwrap()[&0].clone())];
+        let mut batches = reload(&journal);
         assert_eq!(exec.run(&mut batches).await.unwrap(), Ended::Finished);
         let sent = outbox.sent.lock().unwrap().clone();
         let distinct: BTreeSet<&String> = sent.iter().collect();
