@@ -368,7 +368,8 @@ impl UserExec<'_> {
                 set(batch, i, kind, StepState::Skipped);
                 continue;
             }
-            if !current.contains_key(&row.target) {
+            let removed = state_of(row, StepKind::Remove) == Some(StepState::Done);
+            if removed || !current.contains_key(&row.target) {
                 row.notes
                     .push(format!("{}: not sent: the user was removed", kind.name()));
                 set(batch, i, kind, StepState::Skipped);
