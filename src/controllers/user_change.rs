@@ -169,18 +169,28 @@ impl Run<'_> {
             }
             (None, plan)
         } else {
-            let retry_only = if run_id.contains("-retry-") && status.progress.is_some() {
-                let batches = status
-                    .progress
+            // A retry builds on the earlier run of the same spec generation; a spec edited
+            // since, or never run, is planned whole.
+            let earlier = status
+                .progress
+                .as_ref()
+                .filter(|p| run_id.contains("-retry-") && super::same_generation(&p.run, &run_id));
+            let retry_only = if let Some(progress) = earlier {
+                // What the earlier run did decides what the retry does: without it (or with it
+                // edited), nothing is planned, changed or pruned.
+                let digests = status
+                    .plan
                     .as_ref()
-                    .map(|p| p.batches as usize)
-                    .unwrap_or(0);
-                // What the earlier run did decides what the retry does: without it, nothing
-                // is planned, changed or pruned.
-                match self.store.read_all(batches).await {
-                    Ok(rows) => Some(rows),
-                    Err(e) => return self.blocked(status, &e).await,
+                    .map(|p| p.batch_digests.clone())
+                    .unwrap_or_default();
+                let mut rows = Vec::new();
+                for index in 0..progress.batches as usize {
+                    match self.verified(index, &digests).await {
+                        Ok(batch) => rows.extend(batch),
+                        Err(e) => return self.blocked(status, &e).await,
+                    }
                 }
+                Some(rows)
             } else {
                 None
             };
@@ -884,7 +894,9 @@ impl Run<'_> {
 
     /// A finished run: nothing to do unless the policy is Enforce and a check is due.
     async fn finished(&self, status: OperationStatus) -> Result<Action, Error> {
-        if self.spec().policy != Policy::Enforce || self.spec().mode != Mode::Execute {
+        // A refused run (an edited plan, a changed approval) is not a desired state to enforce.
+        let executed = matches!(status.phase, Phase::Succeeded | Phase::PartiallyFailed);
+        if self.spec().policy != Policy::Enforce || self.spec().mode != Mode::Execute || !executed {
             return Ok(Action::await_change());
         }
         let interval = self
@@ -929,6 +941,9 @@ impl Run<'_> {
             .into_rows()
             .filter_map(|mut r| {
                 r.writes.retain(|w| !w.secret);
+                // A drift repair writes fields; it never repeats the change's actions or mail.
+                r.actions.clear();
+                r.steps.retain(|s| s.kind == engine::steps::StepKind::Write);
                 r.changes
                     .retain(|c| !UserField::from_name(&c.field).is_some_and(UserField::is_secret));
                 (r.outcome == Outcome::Planned && !r.writes.is_empty()).then_some(r)

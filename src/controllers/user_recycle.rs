@@ -139,7 +139,12 @@ impl Run<'_> {
             Ok(b) => b,
             Err(e) => return self.blocked(status, &e).await,
         };
-        let retry_only = if run_id.contains("-retry-") && status.progress.is_some() {
+        let retry_only = if run_id.contains("-retry-")
+            && status
+                .progress
+                .as_ref()
+                .is_some_and(|p| super::same_generation(&p.run, &run_id))
+        {
             let batches = status.progress.as_ref().map(|p| p.batches).unwrap_or(0);
             // Without what the earlier run did, a retry plans, changes and prunes nothing.
             match self.store.read_all(batches as usize).await {
@@ -306,7 +311,8 @@ impl Run<'_> {
             let owned = phones_of.get(ext).map(Vec::as_slice).unwrap_or_default();
             hashed.push(json!({
                 "target": ext,
-                "values": user.values,
+                // Secret fields (HA1, PIN hash) stay out of the hash in status.
+                "values": user.values.iter().filter(|(f, _)| !f.is_secret()).collect::<BTreeMap<_, _>>(),
                 "numbers": user.numbers,
                 "phones": owned.iter().map(|p| &p.mac).collect::<Vec<_>>(),
                 "recycle": identity.as_ref().map(|i| (&i.first_name, &i.last_name, &i.email)),

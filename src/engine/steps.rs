@@ -190,13 +190,12 @@ pub fn carry_over(steps: &[Step]) -> Option<Vec<Step>> {
         .map(|s| match s.state {
             StepState::Skipped if s.kind == StepKind::Remove => *s,
             StepState::Done | StepState::NoOp => *s,
+            // Begun and to be redone after a check (a Remove whose user may be gone already).
+            StepState::Intended if s.kind.on_resume() == OnResume::Redo => *s,
             _ => Step::pending(s.kind),
         })
         .collect();
-    again
-        .iter()
-        .any(|s| s.state == StepState::Pending)
-        .then_some(again)
+    again.iter().any(|s| !s.state.is_final()).then_some(again)
 }
 
 #[cfg(test)]
@@ -267,6 +266,16 @@ mod tests {
         assert_eq!(
             outcome(&steps(&[(Unlock, NoOp), (Lock, Done)])),
             Outcome::Changed
+        );
+    }
+
+    #[test]
+    fn a_retried_remove_begun_before_a_crash_is_checked_not_failed() {
+        use StepKind::*;
+        use StepState::*;
+        assert_eq!(
+            carry_over(&steps(&[(Remove, Intended)])).unwrap(),
+            steps(&[(Remove, Intended)])
         );
     }
 

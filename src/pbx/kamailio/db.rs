@@ -477,10 +477,12 @@ impl Db {
             };
             return match written {
                 Ok(outcomes) => Ok(outcomes),
-                Err(e) if e.is_transient() => Err(e),
                 // The database refused something in a bulk statement: find out whose data it
                 // is by replaying the users one by one, then roll everything back.
-                Err(_) => self.apply_atomic_one_by_one(changes, &secrets).await,
+                Err(PbxError::Refused(_)) => self.apply_atomic_one_by_one(changes, &secrets).await,
+                // Down, busy, or misconfigured (tables, permissions): the run waits or stalls;
+                // no target is failed for it.
+                Err(e) => Err(e),
             };
         }
         let mut outcomes = Vec::with_capacity(changes.len());
@@ -488,7 +490,7 @@ impl Db {
             let secrets = self.stored_secrets(chunk).await?;
             match self.write_committed(chunk, &secrets).await {
                 Ok(chunk_outcomes) => outcomes.extend(chunk_outcomes),
-                Err(e) if e.is_transient() => return Err(e),
+                Err(e) if !matches!(e, PbxError::Refused(_)) => return Err(e),
                 Err(_) => {
                     // One bad row fails the whole statement: redo this chunk user by user,
                     // so only the user whose data the database refuses fails.
@@ -554,8 +556,9 @@ impl Db {
                 }
                 Err(e) if e.is_transient() => return Err(e),
                 Err(e) => {
-                    tracing::info!(extension = %change.extension, error = %e, "the database refused a target of an Atomic change");
-                    outcomes.push(WriteOutcome::Failed(redacted(&e, secrets)));
+                    let message = redacted(&e, secrets);
+                    tracing::info!(extension = %change.extension, error = %message, "the database refused a target of an Atomic change");
+                    outcomes.push(WriteOutcome::Failed(message));
                     if savepoint.rollback().await.is_err() {
                         // The refusal ended the whole transaction (SQLite's RAISE(ROLLBACK)):
                         // nothing of the batch stands, and the rest cannot be tried in it.
