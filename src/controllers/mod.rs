@@ -189,6 +189,8 @@ pub struct Context {
         std::sync::Mutex<std::collections::HashMap<(String, String), connection::ProbeMemo>>,
     /// Set at SIGTERM: runs finish and record the step in flight and start nothing new.
     stopping: std::sync::atomic::AtomicBool,
+    /// Runs executing side effects right now: shutdown waits for them, not for idle watches.
+    executing: std::sync::atomic::AtomicUsize,
 }
 
 impl Context {
@@ -225,6 +227,27 @@ impl Context {
             max_csv_bytes: crate::plan::sheet::DEFAULT_MAX_BYTES,
             probes: Default::default(),
             stopping: false.into(),
+            executing: 0.into(),
+        }
+    }
+
+    /// Marks a run as executing side effects until the guard is dropped.
+    pub(crate) fn executing(&self) -> Executing<'_> {
+        self.executing
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Executing(self)
+    }
+
+    /// After a stop signal: resolves once no run is executing (after a short settle time), or
+    /// at [`SHUTDOWN_GRACE`] at the latest.
+    async fn drained(&self) {
+        let start = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let idle = self.executing.load(std::sync::atomic::Ordering::SeqCst) == 0;
+            if start.elapsed() >= SHUTDOWN_GRACE || (idle && start.elapsed() >= SHUTDOWN_IDLE) {
+                return;
+            }
         }
     }
 
@@ -283,6 +306,19 @@ fn shutdown_signal() -> Shutdown {
 /// How long in-flight steps may take to finish and be recorded after SIGTERM; below the 30 s
 /// Kubernetes gives a Pod before SIGKILL.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// How long an operator with no run executing waits for its controllers to stop.
+const SHUTDOWN_IDLE: Duration = Duration::from_secs(3);
+
+/// Held while a run executes side effects (see [`Context::executing`]).
+pub(crate) struct Executing<'a>(&'a Context);
+
+impl Drop for Executing<'_> {
+    fn drop(&mut self) {
+        self.0
+            .executing
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 /// Runs every controller until SIGTERM or SIGINT (or, with leader election, until the Lease
 /// is lost: the process then exits and its restart waits to be leader again).
@@ -398,8 +434,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // side effect, so the next start resumes where this one stopped.
     tokio::select! {
         _ = controllers => {}
-        _ = async { shutdown.clone().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-            tracing::warn!("controllers did not stop within {SHUTDOWN_GRACE:?} of the signal; exiting anyway");
+        _ = async { shutdown.clone().await; ctx.drained().await } => {
+            tracing::warn!("controllers did not stop after the signal; no run is executing (or {SHUTDOWN_GRACE:?} passed): exiting anyway");
         }
         _ = lost => {
             // Another replica may already be working: stop at once rather than race it.

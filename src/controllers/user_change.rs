@@ -710,6 +710,7 @@ impl Run<'_> {
         for i in 0..progress.done as usize {
             done_rows.insert(i, results::Digest::of(&self.store.read(i).await?));
         }
+        let _executing = self.ctx.executing();
         let journal = ResultsJournal {
             run: self,
             plan: status.plan.clone(),
