@@ -104,18 +104,8 @@ pub(crate) async fn secret_value(
     namespace: &str,
     r: &SecretKeyRef,
 ) -> Result<String, Error> {
-    Ok(secret_value_versioned(client, namespace, r).await?.0)
-}
-
-/// A Secret key's text and the Secret's resourceVersion (which changes with its data, and is
-/// not secret: plans pin it instead of the value). For the operator's own use.
-pub(crate) async fn secret_value_versioned(
-    client: &Client,
-    namespace: &str,
-    r: &SecretKeyRef,
-) -> Result<(String, String), Error> {
-    let (bytes, version) = secret_bytes_versioned(client, namespace, r).await?;
-    Ok((text(bytes, namespace, r)?, version))
+    let (bytes, _) = secret_bytes_versioned(client, namespace, r).await?;
+    text(bytes, namespace, r)
 }
 
 /// A Secret key's text, trimmed, and its resourceVersion, for a change that names it in
@@ -326,6 +316,39 @@ impl Backends {
             .lock()
             .await
             .remove(&(namespace.to_string(), name.to_string()));
+    }
+}
+
+/// The connection's SMTP relay, with its credentials from the connection's Secret; None when
+/// the connection has no (usable) `spec.smtp`.
+pub(crate) async fn mailer(
+    client: &Client,
+    namespace: &str,
+    conn: &crate::api::PbxConnection,
+) -> Option<crate::mail::Mailer> {
+    let smtp = conn.spec.smtp.as_ref()?;
+    let credentials = match &smtp.credentials_secret {
+        Some(name) => {
+            let key = |key: &str| crate::api::SecretKeyRef {
+                name: name.clone(),
+                key: key.into(),
+            };
+            let user = secret_value(client, namespace, &key("username"))
+                .await
+                .ok()?;
+            let pass = secret_value(client, namespace, &key("password"))
+                .await
+                .ok()?;
+            Some((user, crate::pbx::Secret::new(pass)))
+        }
+        None => None,
+    };
+    match crate::mail::Mailer::new(smtp, credentials) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "SMTP settings unusable");
+            None
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use kube::{
 };
 use sha2::{Digest, Sha256};
 
-use super::backends::{change_secret_value_versioned, parse_duration, secret_value};
+use super::backends::{change_secret_value_versioned, mailer, parse_duration};
 use super::conditions::{self, Desired};
 use super::csv_source;
 use super::results_store::Store;
@@ -29,7 +29,6 @@ use crate::engine::{
     self, Ended, steps,
     users::{Batch, UserExec},
 };
-use crate::mail::Mailer;
 use crate::pbx::kamailio::Kamailio;
 use crate::pbx::{NewValue, PbxBackend, Secret, UserField, UserSelection};
 use crate::plan::rows as row_plan;
@@ -1302,47 +1301,6 @@ pub fn plain_fields(f: &UserFields) -> Vec<FieldIntent> {
         }
     }
     out
-}
-
-async fn mailer(
-    client: &kube::Client,
-    namespace: &str,
-    conn: &crate::api::PbxConnection,
-) -> Option<Mailer> {
-    let smtp = conn.spec.smtp.as_ref()?;
-    let credentials = match &smtp.credentials_secret {
-        Some(name) => {
-            let user = secret_value(
-                client,
-                namespace,
-                &crate::api::SecretKeyRef {
-                    name: name.clone(),
-                    key: "username".into(),
-                },
-            )
-            .await
-            .ok()?;
-            let pass = secret_value(
-                client,
-                namespace,
-                &crate::api::SecretKeyRef {
-                    name: name.clone(),
-                    key: "password".into(),
-                },
-            )
-            .await
-            .ok()?;
-            Some((user, Secret::new(pass)))
-        }
-        None => None,
-    };
-    match Mailer::new(smtp, credentials) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            tracing::warn!(error = %e, "SMTP settings unusable");
-            None
-        }
-    }
 }
 
 /// The run's journal in its results ConfigMaps: the engine records each batch's steps there.

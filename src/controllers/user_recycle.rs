@@ -25,7 +25,7 @@ use kube::{
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::backends::secret_value;
+use super::backends::mailer;
 use super::conditions::{self, Desired};
 use super::results_store::Store;
 use super::user_change::RETRY_ANNOTATION;
@@ -38,7 +38,7 @@ use crate::mail::{self, Mailer};
 use crate::pbx::kamailio::Kamailio;
 use crate::pbx::kamailio::recycle::{PASSWORD_REQUIRED, SETUP_REQUIRED};
 use crate::pbx::{
-    NewIdentity, PbxBackend, Phone, ResetOutcome, ResetPart, Secret, User, UserField, UserReset,
+    NewIdentity, PbxBackend, Phone, ResetOutcome, ResetPart, User, UserField, UserReset,
     UserSelection,
 };
 use crate::plan::selection::extension_order;
@@ -994,33 +994,6 @@ fn warnings(conn: &PbxConnection, spec: &UserRecycleSpec) -> Vec<String> {
         );
     }
     out
-}
-
-async fn mailer(client: &kube::Client, namespace: &str, conn: &PbxConnection) -> Option<Mailer> {
-    let smtp = conn.spec.smtp.as_ref()?;
-    let credentials = match &smtp.credentials_secret {
-        Some(name) => {
-            let key = |key: &str| crate::api::SecretKeyRef {
-                name: name.clone(),
-                key: key.into(),
-            };
-            let user = secret_value(client, namespace, &key("username"))
-                .await
-                .ok()?;
-            let pass = secret_value(client, namespace, &key("password"))
-                .await
-                .ok()?;
-            Some((user, Secret::new(pass)))
-        }
-        None => None,
-    };
-    match Mailer::new(smtp, credentials) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            tracing::warn!(error = %e, "SMTP settings unusable");
-            None
-        }
-    }
 }
 
 #[cfg(test)]
