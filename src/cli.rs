@@ -134,8 +134,21 @@ pub struct RunArgs {
     pub max_csv_bytes: usize,
 }
 
+impl From<RunArgs> for crate::controllers::Settings {
+    fn from(a: RunArgs) -> Self {
+        crate::controllers::Settings {
+            namespace: a.namespace,
+            concurrency: a.concurrency,
+            metrics_addr: a.metrics_addr,
+            leader_election: a.leader_election,
+            secret_check_interval: a.secret_check_interval,
+            max_csv_bytes: a.max_csv_bytes,
+        }
+    }
+}
+
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
-    crate::controllers::backends::parse_duration(s)
+    crate::api::parse_duration(s)
         .ok_or_else(|| format!("{s:?} is not a duration like 30s, 5m or 1h"))
 }
 
@@ -228,7 +241,7 @@ pub async fn export_users(args: &ExportUsersArgs) -> Result<(), CliError> {
             .await
             .map_err(crate::controllers::Error::Pbx)?;
         let mut users = read.users;
-        users.sort_by(|a, b| crate::plan::selection::extension_order(&a.extension, &b.extension));
+        users.sort_by(|a, b| crate::pbx::extension_order(&a.extension, &b.extension));
         for u in users {
             let mut record = vec![u.extension.as_str()];
             record.extend(FIELDS.iter().map(|f| u.get(*f).unwrap_or("")));
@@ -295,7 +308,7 @@ pub async fn print_results(args: &ResultsArgs) -> Result<(), CliError> {
                 .unwrap_or_default(),
         );
     }
-    let csv = crate::results::join_csv(parts.iter().map(String::as_str));
+    let csv = crate::engine::results::join_csv(parts.iter().map(String::as_str));
     let mut out = std::io::stdout().lock();
     out.write_all(csv.as_bytes())
         .map_err(|source| CliError::Write {

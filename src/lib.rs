@@ -11,7 +11,6 @@ pub mod engine;
 pub mod mail;
 pub mod pbx;
 pub mod plan;
-pub mod results;
 pub mod schedule;
 pub mod telemetry;
 pub mod tls;

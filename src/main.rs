@@ -9,7 +9,7 @@ async fn main() -> ExitCode {
     telemetry::init(cli.log_format);
     let outcome = match cli.command {
         Command::Crds(args) => pbx_operator::cli::print_crds(&api::crds(), args.out_dir.as_deref()),
-        Command::Run(args) => controllers::run(args).await.map_err(Into::into),
+        Command::Run(args) => controllers::run(args.into()).await.map_err(Into::into),
         Command::Results(args) => pbx_operator::cli::print_results(&args).await,
         Command::Create(pbx_operator::cli::CreateCommand::PhoneRestart(args)) => {
             pbx_operator::cli::create_phone_restart(&args).await

@@ -9,7 +9,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use pbx_operator::api::{Outcome, Phase, UserRecycle};
-use pbx_operator::results::{Row, from_jsonl};
+use pbx_operator::plan::stored::{Row, from_jsonl};
 use sqlx::{AssertSqlSafe, Row as _};
 use support::eventually;
 use support::lab::LabSpec;

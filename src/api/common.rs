@@ -383,3 +383,44 @@ pub struct OperationStatus<S = Summary> {
     #[schemars(length(max = 32), inner(length(max = 1024)))]
     pub warnings: Vec<String>,
 }
+
+/// Parses the Go-style durations the CRDs accept (`30s`, `5m`, `1h30m`, `250ms`).
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let mut total = std::time::Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (std::time::Duration::from_millis(n), 2)
+        } else if rest.starts_with('s') {
+            (std::time::Duration::from_secs(n), 1)
+        } else if rest.starts_with('m') {
+            (std::time::Duration::from_secs(n * 60), 1)
+        } else if rest.starts_with('h') {
+            (std::time::Duration::from_secs(n * 3600), 1)
+        } else {
+            return None;
+        };
+        total += unit;
+        rest = &rest[len..];
+    }
+    (!text.is_empty()).then_some(total)
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration(""), None);
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("5d"), None);
+    }
+}

@@ -68,31 +68,6 @@ impl Default for Backends {
     }
 }
 
-/// Parses the Go-style durations the CRDs accept (`30s`, `5m`, `1h30m`, `250ms`).
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
-        let n: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let (unit, len) = if rest.starts_with("ms") {
-            (Duration::from_millis(n), 2)
-        } else if rest.starts_with('s') {
-            (Duration::from_secs(n), 1)
-        } else if rest.starts_with('m') {
-            (Duration::from_secs(n * 60), 1)
-        } else if rest.starts_with('h') {
-            (Duration::from_secs(n * 3600), 1)
-        } else {
-            return None;
-        };
-        total += unit;
-        rest = &rest[len..];
-    }
-    (!text.is_empty()).then_some(total)
-}
-
 /// The label by which a Secret's owner lets changes (BulkUserChange `spec.source.csv` and
 /// `spec.fields.*.valueFrom`) name it. Whoever may write the Secret sets it: that is the consent.
 pub const USABLE_BY_CHANGES: &str = "pbx-operator.io/usable-by-changes";
@@ -227,7 +202,13 @@ pub async fn config_for(client: &Client, conn: &PbxConnection) -> Result<Kamaili
     if let Some(n) = conn.spec.database.max_connections {
         config.max_connections = n;
     }
-    if let Some(t) = conn.spec.rpc.timeout.as_deref().and_then(parse_duration) {
+    if let Some(t) = conn
+        .spec
+        .rpc
+        .timeout
+        .as_deref()
+        .and_then(crate::api::parse_duration)
+    {
         config.rpc_timeout = t;
     }
     Ok(config)
@@ -355,16 +336,6 @@ pub(crate) async fn mailer(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration(""), None);
-        assert_eq!(parse_duration("5"), None);
-        assert_eq!(parse_duration("5d"), None);
-    }
 
     #[tokio::test]
     async fn a_rate_limit_spaces_all_its_callers() {

@@ -12,9 +12,10 @@ use kube::{
 };
 use serde_json::json;
 
-use super::backends::{config_for, fingerprint, parse_duration};
+use super::backends::{config_for, fingerprint};
 use super::conditions::{self, Desired};
 use super::{Context, Error};
+use crate::api::parse_duration;
 use crate::api::{PbxConnection, PbxConnectionStatus, connection::Capabilities};
 use crate::pbx::{PbxBackend, Probe};
 

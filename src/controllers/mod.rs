@@ -30,7 +30,6 @@ use kube::{
 };
 
 use crate::api::{BulkPhoneChange, BulkUserChange, PbxConnection, PhoneRestart, UserRecycle};
-use crate::cli::RunArgs;
 
 /// Errors of the controllers, each saying what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -320,9 +319,22 @@ impl Drop for Executing<'_> {
     }
 }
 
+/// How the controllers run: the `pbx-operator run` flags, as the controllers see them.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Watch only this namespace (None: all).
+    pub namespace: Option<String>,
+    /// Resources of one kind reconciled at the same time.
+    pub concurrency: u16,
+    pub metrics_addr: std::net::SocketAddr,
+    pub leader_election: bool,
+    pub secret_check_interval: Duration,
+    pub max_csv_bytes: usize,
+}
+
 /// Runs every controller until SIGTERM or SIGINT (or, with leader election, until the Lease
 /// is lost: the process then exits and its restart waits to be leader again).
-pub async fn run(args: RunArgs) -> Result<()> {
+pub async fn run(args: Settings) -> Result<()> {
     let client = Client::try_default().await.map_err(Error::NoCluster)?;
     let shutdown = shutdown_signal();
     let ctx = Arc::new(Context {
@@ -449,7 +461,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn api<K>(client: &Client, args: &RunArgs) -> Api<K>
+fn api<K>(client: &Client, args: &Settings) -> Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
 {
@@ -460,7 +472,7 @@ where
 }
 
 /// Fails fast with an actionable message when a CRD is missing, instead of a watch error loop.
-async fn check_crd<K>(client: &Client, args: &RunArgs) -> Result<()>
+async fn check_crd<K>(client: &Client, args: &Settings) -> Result<()>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone

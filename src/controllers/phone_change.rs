@@ -17,11 +17,12 @@ use crate::api::{
     BulkPhoneChange, FieldChange, Lock, Mode, OperationStatus, Outcome, Phase, Plan, Progress,
     Summary,
 };
+use crate::engine::results;
 use crate::pbx::kamailio::Kamailio;
 use crate::pbx::{PbxBackend, PhoneField, UserSelection, WriteOutcome};
 use crate::plan::PlanError;
 use crate::plan::phones::{self, PhoneFilter};
-use crate::results::{self, PhoneTarget, Row, StoredWrite};
+use crate::plan::stored::{self, PhoneTarget, Row, StoredWrite};
 
 const KIND: &str = "BulkPhoneChange";
 
@@ -124,7 +125,7 @@ pub(crate) async fn reconcile(b: Arc<BulkPhoneChange>, ctx: Arc<Context>) -> Res
             .await
             .map_err(Error::Pbx)?;
     }
-    let chunks = results::chunk(rows);
+    let chunks = stored::chunk(rows);
     for (i, c) in chunks.iter().enumerate() {
         next.results_refs.push(store.write(i, c).await?);
     }

@@ -16,15 +16,17 @@ use kube::{
     runtime::{controller::Action, events::EventType},
 };
 
-use super::backends::{RateLimit, parse_duration};
+use super::backends::RateLimit;
 use super::conditions::{self, Desired};
 use super::results_store::Store;
 use super::{Context, Error};
+use crate::api::parse_duration;
 use crate::api::{Outcome, Phase, PhoneRestart, PhoneRestartStatus, Progress, RestartSummary};
+use crate::engine::results;
 use crate::pbx::kamailio::Kamailio;
 use crate::pbx::{PbxBackend, Registration, UserSelection, sip};
 use crate::plan::phones::{self, PhoneFilter};
-use crate::results::{self, PhoneTarget, Row};
+use crate::plan::stored::{self, PhoneTarget, Row};
 
 const KIND: &str = "PhoneRestart";
 const RUN: &str = "restart";
@@ -149,7 +151,7 @@ impl Run<'_> {
             Ok(r) => r,
             Err(e) => return self.blocked(status, &e).await,
         };
-        let chunks = results::chunk(rows);
+        let chunks = stored::chunk(rows);
         let mut refs = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
             refs.push(self.store.write(i, c).await?);

@@ -8,7 +8,8 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::Error;
-use crate::results::{self, Row};
+use crate::engine::results;
+use crate::plan::stored::{self, Row};
 
 pub const MANAGER: &str = "pbx-operator";
 const OWNER_LABEL: &str = "pbx-operator.io/owner";
@@ -51,7 +52,7 @@ impl<'a, K: Resource<DynamicType = ()>> Store<'a, K> {
             None => results::to_csv(rows),
         };
         data.insert("results.csv".to_string(), csv);
-        data.insert("rows.jsonl".to_string(), results::to_jsonl(rows));
+        data.insert("rows.jsonl".to_string(), stored::to_jsonl(rows));
         let owner_ref = self
             .owner
             .controller_owner_ref(&())
@@ -100,7 +101,7 @@ impl<'a, K: Resource<DynamicType = ()>> Store<'a, K> {
             .and_then(|d| d.get("rows.jsonl"))
             .map(String::as_str)
             .unwrap_or("");
-        results::from_jsonl(text).map_err(|_| Error::ResultsLost { name: cm_name })
+        stored::from_jsonl(text).map_err(|_| Error::ResultsLost { name: cm_name })
     }
 
     pub async fn read_all(&self, count: usize) -> Result<Vec<Row>, Error> {

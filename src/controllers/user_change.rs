@@ -15,18 +15,20 @@ use kube::{
 };
 use sha2::{Digest, Sha256};
 
-use super::backends::{change_secret_value_versioned, mailer, parse_duration};
+use super::backends::{change_secret_value_versioned, mailer};
 use super::conditions::{self, Desired};
 use super::csv_source;
 use super::results_store::Store;
 use super::{Context, Error};
+use crate::api::parse_duration;
 use crate::api::{
     BulkUserChange, BulkUserChangeSpec, CsvPlan, FailurePolicy, FieldChange, Lock, Mode,
     OperationStatus, Outcome, Phase, Plan, Policy, Progress, SecretField, Summary,
     UserAction as SpecAction, UserFields,
 };
+use crate::engine::results;
 use crate::engine::{
-    self, Ended, steps,
+    self, Ended,
     users::{Batch, UserExec},
 };
 use crate::pbx::kamailio::Kamailio;
@@ -34,8 +36,8 @@ use crate::pbx::{NewValue, PbxBackend, Secret, UserField, UserSelection};
 use crate::plan::rows as row_plan;
 use crate::plan::selection::Selector;
 use crate::plan::sheet;
+use crate::plan::stored::{self, Row, SourceRow, StoredTake, StoredWrite};
 use crate::plan::users::{self as user_plan, ActionKind, FieldIntent, Intent, Wanted};
-use crate::results::{self, Row, SourceRow, StoredTake, StoredWrite};
 
 pub const RETRY_ANNOTATION: &str = "pbx-operator.io/retry";
 const KIND: &str = "BulkUserChange";
@@ -216,21 +218,21 @@ impl Run<'_> {
             Some(rows) => {
                 // Rows are made, written a chunk at a time and dropped: status keeps counts and
                 // a few rows, so a large run is never in memory as a whole.
-                let mut chunker = results::Chunker::default();
+                let mut chunker = stored::Chunker::default();
                 let mut refs = Vec::new();
                 let mut digest = results::Digest::default();
                 let mut batch_digests = Vec::new();
                 for row in rows.into_rows() {
                     if let Some(chunk) = chunker.push(row) {
                         refs.push(self.write_rows(refs.len(), &chunk, Some(&plan)).await?);
-                        batch_digests.push(results::plan_digest(&chunk));
+                        batch_digests.push(stored::plan_digest(&chunk));
                         digest.merge(results::Digest::of(&chunk));
                     }
                 }
                 let last = chunker.finish();
                 if !last.is_empty() || refs.is_empty() {
                     refs.push(self.write_rows(refs.len(), &last, Some(&plan)).await?);
-                    batch_digests.push(results::plan_digest(&last));
+                    batch_digests.push(stored::plan_digest(&last));
                     digest.merge(results::Digest::of(&last));
                 }
                 plan.batch_digests = batch_digests;
@@ -489,7 +491,7 @@ impl Run<'_> {
             tracing::info!(groups = ?plan.empty_groups, "groups without members");
         }
         kept.extend(rows);
-        kept.sort_by(|a, b| crate::plan::selection::extension_order(&a.target, &b.target));
+        kept.sort_by(|a, b| crate::pbx::extension_order(&a.target, &b.target));
         Ok((PlannedRows::All(kept), status_plan))
     }
 
@@ -662,7 +664,7 @@ impl Run<'_> {
             rows.iter_mut().for_each(engine::users::upgrade_legacy);
             return Ok(rows);
         }
-        if digests.get(index) != Some(&results::plan_digest(&rows)) {
+        if digests.get(index) != Some(&stored::plan_digest(&rows)) {
             return Err(Error::PlanTampered {
                 name: super::results_store::name(&self.buc.name_any(), index),
             });
@@ -943,7 +945,7 @@ impl Run<'_> {
                 r.writes.retain(|w| !w.secret);
                 // A drift repair writes fields; it never repeats the change's actions or mail.
                 r.actions.clear();
-                r.steps.retain(|s| s.kind == engine::steps::StepKind::Write);
+                r.steps.retain(|s| s.kind == stored::StepKind::Write);
                 r.changes
                     .retain(|c| !UserField::from_name(&c.field).is_some_and(UserField::is_secret));
                 (r.outcome == Outcome::Planned && !r.writes.is_empty()).then_some(r)
@@ -957,13 +959,13 @@ impl Run<'_> {
         let n = drifted.len() as u64;
         let lineage = lineage(self.buc);
         let run_id = format!("{lineage}-check-{}", jiff::Timestamp::now().as_second());
-        let chunks = results::chunk(drifted);
+        let chunks = stored::chunk(drifted);
         let mut refs = Vec::new();
         let mut plan = plan;
         for (i, c) in chunks.iter().enumerate() {
             refs.push(self.write_rows(i, c, Some(&plan)).await?);
         }
-        plan.batch_digests = chunks.iter().map(|c| results::plan_digest(c)).collect();
+        plan.batch_digests = chunks.iter().map(|c| stored::plan_digest(c)).collect();
         self.store.prune(chunks.len()).await?;
         status.corrections = Some(status.corrections.unwrap_or(0) + n);
         status.results_refs = refs;
@@ -1136,7 +1138,7 @@ fn planned_row(t: &user_plan::PlannedUser) -> Row {
             })
             .collect(),
         steps: if t.changes_anything() {
-            steps::user_steps(!t.writes.is_empty(), &actions)
+            stored::user_steps(!t.writes.is_empty(), &actions)
         } else {
             vec![]
         },

@@ -34,16 +34,17 @@ use crate::api::{
     FieldChange, OperationStatus, Outcome, PbxConnection, Phase, Plan, Progress, ResetItem,
     Summary, UserRecycle, UserRecycleSpec, user_recycle::RecycleEntry,
 };
+use crate::engine::results;
 use crate::mail::{self, Mailer};
+use crate::pbx::extension_order;
 use crate::pbx::kamailio::Kamailio;
 use crate::pbx::kamailio::recycle::{PASSWORD_REQUIRED, SETUP_REQUIRED};
 use crate::pbx::{
     NewIdentity, PbxBackend, Phone, ResetOutcome, ResetPart, User, UserField, UserReset,
     UserSelection,
 };
-use crate::plan::selection::extension_order;
+use crate::plan::stored::{self, Row, StoredWrite};
 use crate::plan::users as user_plan;
-use crate::results::{self, Row, StoredWrite};
 
 const KIND: &str = "UserRecycle";
 
@@ -158,7 +159,7 @@ impl Run<'_> {
             Ok(p) => p,
             Err(e) => return self.blocked(status, &e).await,
         };
-        let chunks = results::chunk(rows);
+        let chunks = stored::chunk(rows);
         let mut refs = Vec::with_capacity(chunks.len());
         for (i, chunk) in chunks.iter().enumerate() {
             refs.push(self.store.write(i, chunk).await?);
@@ -1124,7 +1125,7 @@ mod tests {
             phone: None,
             ..Default::default()
         };
-        let back = results::from_jsonl(&results::to_jsonl(&[row])).unwrap();
+        let back = stored::from_jsonl(&stored::to_jsonl(&[row])).unwrap();
         assert_eq!(identity_of(&back[0]), Some(id));
     }
 }

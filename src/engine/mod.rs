@@ -8,6 +8,7 @@
 //! - [`steps`]: the typed steps of a target, their states, and what a restart does with them;
 //! - [`users`]: the executor of user changes (writes, actions, mail).
 
+pub mod results;
 pub mod steps;
 pub mod users;
 
@@ -37,7 +38,7 @@ impl Error {
 /// Where a run records its rows: each batch by its index, written whole.
 #[async_trait]
 pub trait Journal: Send + Sync {
-    async fn record(&self, index: usize, rows: &[crate::results::Row]) -> Result<(), Error>;
+    async fn record(&self, index: usize, rows: &[crate::plan::stored::Row]) -> Result<(), Error>;
 }
 
 /// How a call to the engine ended.

@@ -2,140 +2,8 @@
 //! it has recorded of it, and what a restart may do with a step it finds begun but not finished.
 //! Pure: the executor and the result rows build on it, and every rule is unit-tested here.
 
-use serde::{Deserialize, Serialize};
-
 use crate::api::Outcome;
-
-/// One side effect on one target. Steps run in the order of this enum.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum StepKind {
-    /// The field writes, compare-and-set against the planned values.
-    Write,
-    Unlock,
-    ResetTwoFactor,
-    /// Rotate the SIP secret to one nobody knows and mark the user PasswordRequired.
-    ResetPassword,
-    Lock,
-    Remove,
-    /// Mail the reset instructions (after ResetPassword).
-    ResetMail,
-    WelcomeMail,
-}
-
-/// What a restart does with a step recorded as intended but without an outcome.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnResume {
-    /// Doing it again leaves the same state (a compare-and-set write, an unlock, a new random
-    /// secret nobody is told): do it again, checking first where the state shows it is done.
-    Redo,
-    /// Its effect cannot be observed and doing it twice is visible to a person (a mail):
-    /// report it as uncertain; only a retry does it again.
-    Uncertain,
-}
-
-impl StepKind {
-    pub fn on_resume(self) -> OnResume {
-        match self {
-            StepKind::ResetMail | StepKind::WelcomeMail => OnResume::Uncertain,
-            _ => OnResume::Redo,
-        }
-    }
-
-    pub fn is_mail(self) -> bool {
-        matches!(self, StepKind::ResetMail | StepKind::WelcomeMail)
-    }
-
-    /// The name an action has in the spec, for the actions of a BulkUserChange.
-    pub fn from_action(name: &str) -> Option<StepKind> {
-        Some(match name {
-            "Unlock" => StepKind::Unlock,
-            "ResetTwoFactor" => StepKind::ResetTwoFactor,
-            "ResetPassword" => StepKind::ResetPassword,
-            "Lock" => StepKind::Lock,
-            "Remove" => StepKind::Remove,
-            "SendWelcomeEmail" => StepKind::WelcomeMail,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            StepKind::Write => "write fields",
-            StepKind::Unlock => "Unlock",
-            StepKind::ResetTwoFactor => "ResetTwoFactor",
-            StepKind::ResetPassword => "ResetPassword",
-            StepKind::Lock => "Lock",
-            StepKind::Remove => "Remove",
-            StepKind::ResetMail => "reset instructions mail",
-            StepKind::WelcomeMail => "welcome email",
-        }
-    }
-}
-
-/// Where a step stands, as recorded in the run's journal.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum StepState {
-    #[default]
-    Pending,
-    /// Recorded before the side effect; an outcome follows once it is known.
-    Intended,
-    Done,
-    /// Nothing to do: the target already was as wanted.
-    NoOp,
-    /// Refused on purpose (e.g. Remove of a user who owns numbers), or not reached because an
-    /// earlier step made it moot.
-    Skipped,
-    Failed,
-    /// The write found a value moved since planning and left the target alone.
-    Conflict,
-    /// Begun before a crash and not observable: it may or may not have happened.
-    Uncertain,
-}
-
-impl StepState {
-    pub fn is_final(self) -> bool {
-        !matches!(self, StepState::Pending | StepState::Intended)
-    }
-
-    /// Whether a retry does this step again.
-    pub fn needs_retry(self) -> bool {
-        matches!(self, StepState::Failed | StepState::Uncertain)
-    }
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Step {
-    pub kind: StepKind,
-    #[serde(default)]
-    pub state: StepState,
-}
-
-impl Step {
-    pub fn pending(kind: StepKind) -> Step {
-        Step {
-            kind,
-            state: StepState::Pending,
-        }
-    }
-}
-
-/// The steps a user change runs for a target: its writes, then its actions in their fixed
-/// order; a password reset is followed by the mail that tells the user.
-pub fn user_steps(has_writes: bool, actions: &[String]) -> Vec<Step> {
-    let mut kinds: Vec<StepKind> = actions
-        .iter()
-        .filter_map(|a| StepKind::from_action(a))
-        .collect();
-    if kinds.contains(&StepKind::ResetPassword) {
-        kinds.push(StepKind::ResetMail);
-    }
-    if has_writes {
-        kinds.push(StepKind::Write);
-    }
-    kinds.sort();
-    kinds.dedup();
-    kinds.into_iter().map(Step::pending).collect()
-}
+use crate::plan::stored::{OnResume, Step, StepKind, StepState};
 
 /// A restart found these steps: an intended step that cannot be observed becomes uncertain.
 /// Returns the kinds that were intended and are to be redone (checked against the PBX first).
@@ -201,6 +69,7 @@ pub fn carry_over(steps: &[Step]) -> Option<Vec<Step>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::stored::user_steps;
 
     fn steps(list: &[(StepKind, StepState)]) -> Vec<Step> {
         list.iter()

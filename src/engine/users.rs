@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::steps::{self, StepKind, StepState};
+use super::steps;
 use super::{Ended, Error, Journal};
 use crate::api::Outcome;
 use crate::mail::{self, Mailer};
@@ -19,8 +19,9 @@ use crate::pbx::{
     ActionOutcome, FieldWrite, NewValue, PbxBackend, Secret, User, UserAction, UserChange,
     UserField, UserSelection, WriteOutcome,
 };
+use crate::plan::stored::Row;
+use crate::plan::stored::{StepKind, StepState, user_steps};
 use crate::plan::users as user_plan;
-use crate::results::Row;
 
 /// Mails sent between two records: a crash leaves at most this many uncertain.
 pub const MAIL_FLIGHT: usize = 20;
@@ -570,7 +571,7 @@ pub fn upgrade_legacy(row: &mut Row) {
     if !row.steps.is_empty() || row.is_final() || !row.gives.is_empty() {
         return;
     }
-    row.steps = steps::user_steps(!row.writes.is_empty(), &row.actions);
+    row.steps = user_steps(!row.writes.is_empty(), &row.actions);
     if row.outcome == Outcome::InProgress {
         for s in row.steps.iter_mut() {
             s.state = StepState::Intended;
@@ -593,7 +594,7 @@ mod tests {
         Capabilities, NewIdentity, Phone, PhoneField, Policies, Probe, Registration, ResetOutcome,
         SipAnswer, UserRead, UserReset,
     };
-    use crate::results::StoredWrite;
+    use crate::plan::stored::StoredWrite;
 
     #[derive(Default)]
     struct Pbx {
@@ -772,7 +773,7 @@ mod tests {
             } else {
                 vec![]
             },
-            steps: steps::user_steps(writes, &actions),
+            steps: user_steps(writes, &actions),
             actions,
             ..Default::default()
         }

@@ -355,3 +355,11 @@ pub struct Capabilities {
     pub actions: Vec<&'static str>,
     pub transactions: bool,
 }
+
+/// Sorts extensions the way people read them: numerically when both are numbers.
+pub fn extension_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y).then(a.cmp(b)),
+        _ => a.cmp(b),
+    }
+}

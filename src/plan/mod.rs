@@ -8,6 +8,7 @@ pub mod phones;
 pub mod rows;
 pub mod selection;
 pub mod sheet;
+pub mod stored;
 pub mod users;
 
 /// Why a plan cannot be made. Each message says what to change.

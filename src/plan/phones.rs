@@ -124,8 +124,7 @@ pub fn select(
         vendor_ok && model_ok
     });
     out.sort_by(|a, b| {
-        super::selection::extension_order(&a.extension, &b.extension)
-            .then(a.target().cmp(&b.target()))
+        crate::pbx::extension_order(&a.extension, &b.extension).then(a.target().cmp(&b.target()))
     });
     if let Some(max) = filter.max_targets {
         if out.len() > max as usize {

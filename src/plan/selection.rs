@@ -33,14 +33,6 @@ pub fn resolve<'a>(
     Ok(targets.into_iter().map(str::to_string).collect())
 }
 
-/// Sorts extensions the way people read them: numerically when both are numbers.
-pub fn extension_order(a: &str, b: &str) -> std::cmp::Ordering {
-    match (a.parse::<u64>(), b.parse::<u64>()) {
-        (Ok(x), Ok(y)) => x.cmp(&y).then(a.cmp(b)),
-        _ => a.cmp(b),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,7 +67,7 @@ mod tests {
     #[test]
     fn numeric_order() {
         let mut v = vec!["1000", "201", "99", "abc"];
-        v.sort_by(|a, b| extension_order(a, b));
+        v.sort_by(|a, b| crate::pbx::extension_order(a, b));
         assert_eq!(v, ["99", "201", "1000", "abc"]);
     }
 }

@@ -195,7 +195,7 @@ pub fn plan(
         .map(|u| (u.extension.as_str(), u))
         .collect();
     let mut extensions = selection::resolve(selector, users.keys().copied())?;
-    extensions.sort_by(|a, b| selection::extension_order(a, b));
+    extensions.sort_by(|a, b| crate::pbx::extension_order(a, b));
     let selected: Vec<&User> = extensions.iter().map(|e| users[e.as_str()]).collect();
 
     let mut common_values = BTreeMap::new();

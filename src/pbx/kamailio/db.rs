@@ -726,7 +726,7 @@ impl Db {
             .map(|r| text(r, 0))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.err(e))?;
-        out.sort_by(|a, b| crate::plan::selection::extension_order(a, b));
+        out.sort_by(|a, b| crate::pbx::extension_order(a, b));
         Ok(out)
     }
 

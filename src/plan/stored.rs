@@ -1,0 +1,321 @@
+//! The plan as stored: one row per target with what is planned for it and its typed steps, whose
+//! states the run's journal records; the plan's digest; and the chunking into batches (stored as
+//! ConfigMaps far below the 1 MiB object limit). Pure data: the engine executes it.
+
+use serde::{Deserialize, Serialize};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::api::{FieldChange, Outcome};
+
+/// A ConfigMap's payload at most (both keys together); the API limit is 1 MiB.
+pub const CHUNK_BYTES: usize = 600 * 1024;
+/// Rows per ConfigMap at most; also the batch size of an execution.
+pub const CHUNK_ROWS: usize = 1000;
+
+/// One planned field write, as stored between planning and execution. Secret values are never
+/// stored: `to` is None and `secret` is true, and the value is read from its Secret again.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct StoredWrite {
+    pub field: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secret: bool,
+}
+
+/// A target and what is planned for it or happened to it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Row {
+    pub target: String,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writes: Vec<StoredWrite>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<String>,
+    /// Fields as shown to people: secrets as "(set)" / "(new secret)".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<FieldChange>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    /// Phone operations: the registration the row is about, as planned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<PhoneTarget>,
+    /// CSV-sourced changes: the input row this row is about, echoed in the result CSV.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceRow>,
+    /// Numbers this row takes from other users, as planned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub takes: Vec<StoredTake>,
+    /// A user without a row of its own that gives these numbers to the row before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gives: Vec<String>,
+    /// The side effects planned for this target and where each stands: the run's journal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<Step>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceRow {
+    pub line: u64,
+    pub cells: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredTake {
+    pub number: String,
+    pub holder: String,
+    pub held_as: String,
+}
+
+/// A phone as a restart plans it: who owns it, how it is reached, and how its registration
+/// looked before the NOTIFY (to recognise the fresh REGISTER after it).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PhoneTarget {
+    /// The provisioning record (pbx_phone.id), for phones the PBX knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    pub extension: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user_agent: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub call_id: String,
+    #[serde(default)]
+    pub last_modified: i64,
+    /// Unix seconds when the NOTIFY was (about to be) sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<i64>,
+}
+
+impl Row {
+    pub fn is_final(&self) -> bool {
+        !matches!(self.outcome, Outcome::Planned | Outcome::InProgress)
+    }
+
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self.outcome,
+            Outcome::Failed | Outcome::Conflict | Outcome::Uncertain
+        )
+    }
+}
+
+/// sha256 of what a batch of rows plans to do: each target with its writes, actions, number
+/// moves and step kinds, not how far they got. Recorded in status when the batch is stored and
+/// checked before it runs, so an edited results ConfigMap cannot add a target or an action.
+pub fn plan_digest(rows: &[Row]) -> String {
+    let mut h = Sha256::new();
+    for r in rows {
+        let kinds: Vec<_> = r.steps.iter().map(|s| s.kind).collect();
+        let plan = serde_json::json!([r.target, r.writes, r.actions, kinds, r.takes, r.gives]);
+        h.update(plan.to_string().as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// Splits rows into chunks of at most [`CHUNK_ROWS`] rows and about [`CHUNK_BYTES`].
+pub fn chunk(rows: Vec<Row>) -> Vec<Vec<Row>> {
+    let mut chunks = Vec::new();
+    let mut chunker = Chunker::default();
+    for row in rows {
+        chunks.extend(chunker.push(row));
+    }
+    let last = chunker.finish();
+    if !last.is_empty() || chunks.is_empty() {
+        chunks.push(last);
+    }
+    chunks
+}
+
+/// Cuts a stream of rows into chunks as they come, so no caller needs every row at once.
+#[derive(Default)]
+pub struct Chunker {
+    current: Vec<Row>,
+    bytes: usize,
+}
+
+impl Chunker {
+    /// Adds a row; returns the previous chunk when this row starts a new one.
+    pub fn push(&mut self, row: Row) -> Option<Vec<Row>> {
+        // JSON line plus CSV line, roughly twice the JSON.
+        let size = 2 * serde_json::to_string(&row).map(|s| s.len()).unwrap_or(1024) + 2;
+        // A giving row stays in the batch of the row that takes its number.
+        let full = self.current.len() >= CHUNK_ROWS || self.bytes + size > CHUNK_BYTES;
+        let done = (!self.current.is_empty() && full && row.gives.is_empty()).then(|| {
+            self.bytes = 0;
+            std::mem::take(&mut self.current)
+        });
+        self.bytes += size;
+        self.current.push(row);
+        done
+    }
+
+    /// The last chunk (empty if no row came after the last full one).
+    pub fn finish(self) -> Vec<Row> {
+        self.current
+    }
+}
+
+pub fn to_jsonl(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        out.push_str(&serde_json::to_string(r).expect("rows serialize"));
+        out.push('\n');
+    }
+    out
+}
+
+pub fn from_jsonl(text: &str) -> Result<Vec<Row>, serde_json::Error> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect()
+}
+
+/// One side effect on one target. Steps run in the order of this enum.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StepKind {
+    /// The field writes, compare-and-set against the planned values.
+    Write,
+    Unlock,
+    ResetTwoFactor,
+    /// Rotate the SIP secret to one nobody knows and mark the user PasswordRequired.
+    ResetPassword,
+    Lock,
+    Remove,
+    /// Mail the reset instructions (after ResetPassword).
+    ResetMail,
+    WelcomeMail,
+}
+
+/// What a restart does with a step recorded as intended but without an outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnResume {
+    /// Doing it again leaves the same state (a compare-and-set write, an unlock, a new random
+    /// secret nobody is told): do it again, checking first where the state shows it is done.
+    Redo,
+    /// Its effect cannot be observed and doing it twice is visible to a person (a mail):
+    /// report it as uncertain; only a retry does it again.
+    Uncertain,
+}
+
+impl StepKind {
+    pub fn on_resume(self) -> OnResume {
+        match self {
+            StepKind::ResetMail | StepKind::WelcomeMail => OnResume::Uncertain,
+            _ => OnResume::Redo,
+        }
+    }
+
+    pub fn is_mail(self) -> bool {
+        matches!(self, StepKind::ResetMail | StepKind::WelcomeMail)
+    }
+
+    /// The name an action has in the spec, for the actions of a BulkUserChange.
+    pub fn from_action(name: &str) -> Option<StepKind> {
+        Some(match name {
+            "Unlock" => StepKind::Unlock,
+            "ResetTwoFactor" => StepKind::ResetTwoFactor,
+            "ResetPassword" => StepKind::ResetPassword,
+            "Lock" => StepKind::Lock,
+            "Remove" => StepKind::Remove,
+            "SendWelcomeEmail" => StepKind::WelcomeMail,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKind::Write => "write fields",
+            StepKind::Unlock => "Unlock",
+            StepKind::ResetTwoFactor => "ResetTwoFactor",
+            StepKind::ResetPassword => "ResetPassword",
+            StepKind::Lock => "Lock",
+            StepKind::Remove => "Remove",
+            StepKind::ResetMail => "reset instructions mail",
+            StepKind::WelcomeMail => "welcome email",
+        }
+    }
+}
+
+/// Where a step stands, as recorded in the run's journal.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StepState {
+    #[default]
+    Pending,
+    /// Recorded before the side effect; an outcome follows once it is known.
+    Intended,
+    Done,
+    /// Nothing to do: the target already was as wanted.
+    NoOp,
+    /// Refused on purpose (e.g. Remove of a user who owns numbers), or not reached because an
+    /// earlier step made it moot.
+    Skipped,
+    Failed,
+    /// The write found a value moved since planning and left the target alone.
+    Conflict,
+    /// Begun before a crash and not observable: it may or may not have happened.
+    Uncertain,
+}
+
+impl StepState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, StepState::Pending | StepState::Intended)
+    }
+
+    /// Whether a retry does this step again.
+    pub fn needs_retry(self) -> bool {
+        matches!(self, StepState::Failed | StepState::Uncertain)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub kind: StepKind,
+    #[serde(default)]
+    pub state: StepState,
+}
+
+impl Step {
+    pub fn pending(kind: StepKind) -> Step {
+        Step {
+            kind,
+            state: StepState::Pending,
+        }
+    }
+}
+
+/// The steps a user change runs for a target: its writes, then its actions in their fixed
+/// order; a password reset is followed by the mail that tells the user.
+pub fn user_steps(has_writes: bool, actions: &[String]) -> Vec<Step> {
+    let mut kinds: Vec<StepKind> = actions
+        .iter()
+        .filter_map(|a| StepKind::from_action(a))
+        .collect();
+    if kinds.contains(&StepKind::ResetPassword) {
+        kinds.push(StepKind::ResetMail);
+    }
+    if has_writes {
+        kinds.push(StepKind::Write);
+    }
+    kinds.sort();
+    kinds.dedup();
+    kinds.into_iter().map(Step::pending).collect()
+}
