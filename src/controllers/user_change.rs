@@ -27,10 +27,7 @@ use crate::api::{
     UserAction as SpecAction, UserFields,
 };
 use crate::engine::results;
-use crate::engine::{
-    self, Ended,
-    users::{Batch, UserExec},
-};
+use crate::engine::{self, Batch, Ended, Executor, users::UserExec};
 use crate::pbx::kamailio::Kamailio;
 use crate::pbx::{NewValue, PbxBackend, Secret, UserField, UserSelection};
 use crate::plan::rows as row_plan;
@@ -250,6 +247,7 @@ impl Run<'_> {
                         ..Summary::default()
                     },
                     shown: vec![],
+                    ..Default::default()
                 };
                 let batches = status
                     .progress

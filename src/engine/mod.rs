@@ -5,14 +5,20 @@
 //! Nothing here knows Kubernetes: the journal is a trait the controllers implement (result
 //! ConfigMaps today), the PBX is [`crate::pbx::PbxBackend`].
 //!
-//! - [`steps`]: the typed steps of a target, their states, and what a restart does with them;
+//! - [`run`]: the driver of every kind's run: batches read back and verified against the plan's
+//!   digests, handed to the kind's executor, and counted for status;
+//! - [`steps`]: what a restart does with a step, and a target's outcome from its steps;
+//! - [`results`]: the result CSV, counts and status rows, the same for every kind;
 //! - [`users`]: the executor of user changes (writes, actions, mail).
 
 pub mod results;
+pub mod run;
 pub mod steps;
 pub mod users;
 
 use async_trait::async_trait;
+
+use crate::plan::stored::Row;
 
 /// Errors of a run that stop it for now; the journal keeps what was done.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +29,9 @@ pub enum Error {
         "cannot record the run's progress: {0}; it resumes from the last record once this is fixed"
     )]
     Journal(String),
+    /// A stored batch is not the one recorded when the plan was stored (edited since).
+    #[error("stored batch {index} differs from the plan that was stored; it is not executed")]
+    Tampered { index: usize },
 }
 
 impl Error {
@@ -31,6 +40,7 @@ impl Error {
         match self {
             Error::Pbx(e) => e.is_transient(),
             Error::Journal(_) => true,
+            Error::Tampered { .. } => false,
         }
     }
 }
@@ -38,7 +48,47 @@ impl Error {
 /// Where a run records its rows: each batch by its index, written whole.
 #[async_trait]
 pub trait Journal: Send + Sync {
-    async fn record(&self, index: usize, rows: &[crate::plan::stored::Row]) -> Result<(), Error>;
+    async fn record(&self, index: usize, rows: &[Row]) -> Result<(), Error>;
+}
+
+/// The journal read back: a batch as it was last recorded.
+#[async_trait]
+pub trait Store: Journal {
+    async fn load(&self, index: usize) -> Result<Vec<Row>, Error>;
+}
+
+/// One kind's side effects: moves the unfinished rows of some batches to their outcomes,
+/// recording each step's intent before it and its outcome after, until done or asked to stop.
+#[async_trait]
+pub trait Executor: Send + Sync {
+    async fn run(&self, batches: &mut [Batch]) -> Result<Ended, Error>;
+}
+
+/// One stored batch of rows, as loaded from the journal.
+pub struct Batch {
+    pub index: usize,
+    pub rows: Vec<Row>,
+    /// Changed since it was last recorded.
+    pub dirty: bool,
+}
+
+impl Batch {
+    pub fn new(index: usize, rows: Vec<Row>) -> Batch {
+        Batch {
+            index,
+            rows,
+            dirty: false,
+        }
+    }
+}
+
+/// Records every batch changed since its last record.
+pub async fn save(journal: &dyn Journal, batches: &mut [Batch]) -> Result<(), Error> {
+    for batch in batches.iter_mut().filter(|b| b.dirty) {
+        journal.record(batch.index, &batch.rows).await?;
+        batch.dirty = false;
+    }
+    Ok(())
 }
 
 /// How a call to the engine ended.

@@ -1,7 +1,7 @@
 //! Results for people, made from a run's journal the same way for every kind: the result CSV,
 //! the counts in status.summary, and the few rows status shows.
 
-use crate::api::{FieldChange, Outcome, Summary, TargetResult};
+use crate::api::{FieldChange, Outcome, RestartSummary, Summary, TargetResult};
 use crate::plan::stored::Row;
 
 /// How many result rows status shows; the rest are in the ConfigMaps.
@@ -161,8 +161,8 @@ pub fn summarize<'a>(rows: impl IntoIterator<Item = &'a Row>) -> Summary {
 }
 
 /// Counts of a restart's rows.
-pub fn restart_summary<'a>(rows: impl IntoIterator<Item = &'a Row>) -> crate::api::RestartSummary {
-    let mut s = crate::api::RestartSummary::default();
+pub fn restart_summary<'a>(rows: impl IntoIterator<Item = &'a Row>) -> RestartSummary {
+    let mut s = RestartSummary::default();
     for r in rows {
         s.targets += 1;
         match r.outcome {
@@ -189,11 +189,23 @@ pub fn add(a: &mut Summary, b: &Summary) {
     a.uncertain += b.uncertain;
 }
 
+fn add_restart(a: &mut RestartSummary, b: &RestartSummary) {
+    a.targets += b.targets;
+    a.restarted += b.restarted;
+    a.accepted += b.accepted;
+    a.not_registered += b.not_registered;
+    a.expired += b.expired;
+    a.failed += b.failed;
+    a.in_flight += b.in_flight;
+}
+
 /// A finished batch as status needs it: its counts, and the rows status may show (the first
 /// failures and the first others, each at most [`STATUS_RESULTS`]).
 #[derive(Clone, Debug, Default)]
 pub struct Digest {
     pub summary: Summary,
+    /// The same rows counted as a phone restart counts them.
+    pub restart: RestartSummary,
     pub shown: Vec<Row>,
     pub rows: usize,
 }
@@ -202,6 +214,7 @@ impl Digest {
     /// Adds another batch, keeping at most [`STATUS_RESULTS`] failures and as many others.
     pub fn merge(&mut self, other: Digest) {
         add(&mut self.summary, &other.summary);
+        add_restart(&mut self.restart, &other.restart);
         self.rows += other.rows;
         let merged: Vec<Row> = std::mem::take(&mut self.shown)
             .into_iter()
@@ -230,6 +243,7 @@ impl Digest {
             .collect();
         Digest {
             summary: summarize(rows),
+            restart: restart_summary(rows),
             shown,
             rows: rows.len(),
         }

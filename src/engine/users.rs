@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::steps;
-use super::{Ended, Error, Journal};
+use super::{Batch, Ended, Error, Executor, Journal};
 use crate::api::Outcome;
 use crate::mail::{self, Mailer};
 use crate::pbx::directory::Move;
@@ -41,23 +41,6 @@ impl Outbox for Mailer {
     }
 }
 
-/// One stored batch of rows, as loaded from the journal.
-pub struct Batch {
-    pub index: usize,
-    pub rows: Vec<Row>,
-    dirty: bool,
-}
-
-impl Batch {
-    pub fn new(index: usize, rows: Vec<Row>) -> Batch {
-        Batch {
-            index,
-            rows,
-            dirty: false,
-        }
-    }
-}
-
 /// A row of a batch: (batch position, row position).
 type At = (usize, usize);
 
@@ -74,12 +57,15 @@ pub struct UserExec<'a> {
     pub stopping: &'a (dyn Fn() -> bool + Sync),
 }
 
-impl UserExec<'_> {
+#[async_trait::async_trait]
+impl Executor for UserExec<'_> {
     /// Runs the unfinished rows of `batches` to their outcomes, or until a stop is asked for.
-    pub async fn run(&self, batches: &mut [Batch]) -> Result<Ended, Error> {
+    async fn run(&self, batches: &mut [Batch]) -> Result<Ended, Error> {
         let mut redo: HashMap<At, Vec<StepKind>> = HashMap::new();
         for batch in batches.iter_mut() {
             for row in batch.rows.iter_mut() {
+                // Stored by an operator from before steps were recorded.
+                upgrade_legacy(row);
                 if row.outcome == Outcome::Planned {
                     row.outcome = Outcome::InProgress;
                     batch.dirty = true;
@@ -151,14 +137,11 @@ impl UserExec<'_> {
         self.save(batches).await?;
         Ok(Ended::Finished)
     }
+}
 
-    /// Writes every batch changed since the last record.
+impl UserExec<'_> {
     async fn save(&self, batches: &mut [Batch]) -> Result<(), Error> {
-        for batch in batches.iter_mut().filter(|b| b.dirty) {
-            self.journal.record(batch.index, &batch.rows).await?;
-            batch.dirty = false;
-        }
-        Ok(())
+        super::save(self.journal, batches).await
     }
 
     /// Targets no longer on the PBX: a Remove begun before a restart is done; anything else
