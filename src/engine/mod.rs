@@ -11,6 +11,8 @@
 //! - [`results`]: the result CSV, counts and status rows, the same for every kind;
 //! - [`users`]: the executor of user changes (writes, actions, mail).
 
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod results;
 pub mod run;
 pub mod steps;
