@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod phone_change;
 pub mod phone_restart;
 mod results_store;
+mod run;
 mod server;
 pub mod user_change;
 pub mod user_recycle;

@@ -5,6 +5,7 @@
 
 use super::results::Digest;
 use super::{Batch, Ended, Error, Executor, Store};
+use crate::api::Outcome;
 use crate::plan::stored::{Row, plan_digest};
 
 /// A run's stored batches from `done` to `batches`, executed in order.
@@ -24,8 +25,12 @@ pub struct Runner<'a> {
 /// What one call to [`Runner::next`] did.
 #[derive(Debug)]
 pub enum Next {
-    /// These batches finished; their rows counted in `batch` (and in [`Runner::done`]).
-    Finished { batches: usize, batch: Digest },
+    /// The next batch (or, together, all the rest) finished: its rows counted in `batch` (and
+    /// in [`Runner::done`]), and each row's outcome.
+    Finished {
+        batch: Digest,
+        outcomes: Vec<Outcome>,
+    },
     /// A stop was asked for: what is under way is recorded, the rest left for the next operator.
     Stopped,
     /// Every batch has finished.
@@ -94,10 +99,11 @@ impl<'a> Runner<'a> {
         }
         self.done.merge(batch.clone());
         self.next = last;
-        Ok(Next::Finished {
-            batches: group.len(),
-            batch,
-        })
+        let outcomes = group
+            .iter()
+            .flat_map(|b| b.rows.iter().map(|r| r.outcome))
+            .collect();
+        Ok(Next::Finished { batch, outcomes })
     }
 }
 

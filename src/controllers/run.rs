@@ -1,0 +1,378 @@
+//! The Kubernetes side of a run, the same for every kind: the plan's rows stored in results
+//! ConfigMaps with their digests in status, the batches executed through the engine with status
+//! written after each, one finish path and one blocked path. A kind's controller maps its spec
+//! to planned rows and an executor, and the engine's counts to its summary.
+
+use std::time::Duration;
+
+use kube::runtime::{controller::Action, events::EventType};
+use kube::{Resource, ResourceExt};
+
+use super::conditions::{self, Desired};
+use super::results_store::{self, Store};
+use super::{Context, Error};
+use crate::api::{OperationStatus, Phase, Progress};
+use crate::engine::results::{self, Digest};
+use crate::engine::run::{Next, Runner};
+use crate::engine::{self, Executor};
+use crate::plan::stored::{self, Row};
+
+/// What the shared lifecycle needs to know of a kind.
+pub(crate) trait RunKind:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+{
+    /// The kind's summary in status (users or phones).
+    type Summary: serde::Serialize + PartialEq + Clone + Default + Send + Sync;
+
+    const KIND: &'static str;
+
+    /// Who asked, as the spec records it (for Events).
+    fn requested_by(&self) -> Option<&str>;
+
+    fn status(&self) -> Option<&OperationStatus<Self::Summary>>;
+
+    /// The counts status shows: the journal's finished batches, in the summary `before` (made
+    /// when the run started, which knows how many targets it has).
+    fn summary(done: &Digest, before: Option<&Self::Summary>) -> Self::Summary;
+
+    /// How a finished run reads: its phase and a one-line account for people.
+    fn verdict(summary: &Self::Summary) -> (Phase, String);
+
+    /// What a person does about a run that did not succeed.
+    fn retry_hint(&self) -> String;
+}
+
+/// A plan stored as the run's journal.
+pub(crate) struct StoredPlan {
+    pub refs: Vec<String>,
+    pub digests: Vec<String>,
+    /// Counts and the rows status shows.
+    pub digest: Digest,
+}
+
+/// One resource's run: its results ConfigMaps are the engine's journal.
+pub(crate) struct Run<'a, K: RunKind> {
+    pub ctx: &'a Context,
+    pub obj: &'a K,
+    store: Store<'a, K>,
+    /// CSV-sourced changes: the input header, echoed in the result CSV.
+    header: Option<Vec<String>>,
+}
+
+impl<'a, K: RunKind> Run<'a, K> {
+    pub fn new(ctx: &'a Context, obj: &'a K, header: Option<Vec<String>>) -> Self {
+        Run {
+            ctx,
+            obj,
+            store: Store::new(&ctx.client, obj),
+            header,
+        }
+    }
+
+    pub fn namespace(&self) -> String {
+        self.obj.namespace().unwrap_or_default()
+    }
+
+    pub fn requested_by(&self) -> String {
+        super::requested_by_note(self.obj.requested_by())
+    }
+
+    /// Server-side applies the whole status: fields a run no longer sets are removed.
+    pub async fn write_status(&self, status: &OperationStatus<K::Summary>) -> Result<(), Error> {
+        super::apply_status(self.ctx, self.obj, status).await
+    }
+
+    /// The one blocked path: why the run cannot start or go on, in conditions; transient
+    /// causes retry with backoff and the journal keeps what was done.
+    pub async fn blocked(
+        &self,
+        status: OperationStatus<K::Summary>,
+        err: &Error,
+    ) -> Result<Action, Error> {
+        super::block_run(self.ctx, self.obj, self.obj.status(), status, err).await
+    }
+
+    /// Stores planned rows as they come, a chunk at a time (no run is in memory as a whole),
+    /// records each batch's digest, and removes result ConfigMaps of an earlier, longer run.
+    pub async fn store_plan(&self, rows: impl Iterator<Item = Row>) -> Result<StoredPlan, Error> {
+        let mut chunker = stored::Chunker::default();
+        let mut out = StoredPlan {
+            refs: vec![],
+            digests: vec![],
+            digest: Digest::default(),
+        };
+        for row in rows {
+            if let Some(chunk) = chunker.push(row) {
+                self.store_chunk(&mut out, &chunk).await?;
+            }
+        }
+        let last = chunker.finish();
+        if !last.is_empty() || out.refs.is_empty() {
+            self.store_chunk(&mut out, &last).await?;
+        }
+        self.store.prune(out.refs.len()).await?;
+        Ok(out)
+    }
+
+    async fn store_chunk(&self, out: &mut StoredPlan, chunk: &[Row]) -> Result<(), Error> {
+        let index = out.refs.len();
+        out.refs.push(
+            self.store
+                .write_with(index, chunk, self.header.as_deref())
+                .await?,
+        );
+        out.digests.push(stored::plan_digest(chunk));
+        out.digest.merge(Digest::of(chunk));
+        Ok(())
+    }
+
+    /// Reads a stored batch and checks it is the one stored for this plan.
+    pub async fn verified(&self, index: usize, digests: &[String]) -> Result<Vec<Row>, Error> {
+        engine::run::verified(self, digests, index)
+            .await
+            .map_err(|e| self.engine_error(e))
+    }
+
+    /// Every stored row of the run, verified (a retry builds on them; small runs only).
+    pub async fn verified_all(
+        &self,
+        batches: usize,
+        digests: &[String],
+    ) -> Result<Vec<Row>, Error> {
+        let mut rows = Vec::new();
+        for index in 0..batches {
+            rows.extend(self.verified(index, digests).await?);
+        }
+        Ok(rows)
+    }
+
+    fn engine_error(&self, e: engine::Error) -> Error {
+        match e {
+            engine::Error::Tampered { index } => Error::PlanTampered {
+                name: results_store::name(&self.obj.name_any(), index),
+            },
+            e => Error::Engine(e),
+        }
+    }
+
+    /// Marks status as executing `message` (Ready=False, Reconciling) and publishes `Started`.
+    pub async fn started(
+        &self,
+        status: &mut OperationStatus<K::Summary>,
+        reason: &str,
+        action: &str,
+        message: String,
+    ) -> Result<(), Error> {
+        let now = conditions::now();
+        let generation = self.obj.meta().generation;
+        for (type_, on) in [(conditions::RECONCILING, true), (conditions::READY, false)] {
+            conditions::upsert(
+                &mut status.conditions,
+                Desired {
+                    type_,
+                    status: on,
+                    reason,
+                    message: message.clone(),
+                },
+                generation,
+                &now,
+            );
+        }
+        conditions::remove(&mut status.conditions, conditions::STALLED);
+        self.write_status(status).await?;
+        self.ctx
+            .publish(
+                self.obj,
+                EventType::Normal,
+                "Started",
+                action,
+                Some(format!("{message}{}", self.requested_by())),
+            )
+            .await;
+        Ok(())
+    }
+
+    /// Executes the unfinished batches of the run in `status` through `exec`, writing status
+    /// after every batch; `together` runs them all in one call (Atomic). Ends in [`Run::finish`],
+    /// or with a requeue when the operator is stopping or the run is blocked.
+    pub async fn execute(
+        &self,
+        mut status: OperationStatus<K::Summary>,
+        exec: &dyn Executor,
+        together: bool,
+    ) -> Result<Result<OperationStatus<K::Summary>, Action>, Error> {
+        let progress = status.progress.clone().unwrap_or_default();
+        let digests = status
+            .plan
+            .as_ref()
+            .map(|p| p.batch_digests.clone())
+            .unwrap_or_default();
+        let _executing = self.ctx.executing();
+        let mut runner = match Runner::new(
+            self,
+            &digests,
+            progress.done as usize,
+            progress.batches as usize,
+            together,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(self.blocked(status, &self.engine_error(e)).await?)),
+        };
+        loop {
+            if self.ctx.is_stopping() {
+                return Ok(Err(Action::requeue(Duration::from_secs(5))));
+            }
+            let next = runner.next(exec).await;
+            let (batch, outcomes) = match next {
+                Ok(Next::Complete) => break,
+                // The step in flight is recorded; the next operator goes on from there.
+                Ok(Next::Stopped) => return Ok(Err(Action::requeue(Duration::from_secs(5)))),
+                Ok(Next::Finished { batch, outcomes }) => (batch, outcomes),
+                Err(e) => return Ok(Err(self.blocked(status, &self.engine_error(e)).await?)),
+            };
+            for outcome in outcomes {
+                self.ctx
+                    .metrics
+                    .targets
+                    .get_or_create(&super::metrics::OutcomeLabel {
+                        kind: K::KIND.into(),
+                        outcome: format!("{outcome:?}"),
+                    })
+                    .inc();
+            }
+            let done = runner.done();
+            let p = status.progress.get_or_insert_with(Progress::default);
+            p.done = runner.position() as u32;
+            let (position, batches) = (p.done, p.batches);
+            status.summary = Some(K::summary(done, status.summary.as_ref()));
+            let (shown, truncated) = results::for_status(done.shown.iter());
+            status.results_truncated = truncated || done.rows > shown.len();
+            status.results = shown;
+            self.write_status(&status).await?;
+            let bad = batch.summary.failed + batch.summary.conflicts + batch.summary.uncertain;
+            if bad > 0 {
+                self.ctx
+                    .publish(
+                        self.obj,
+                        EventType::Warning,
+                        "BatchFailed",
+                        "Execute",
+                        Some(format!(
+                            "batch {position} of {batches}: {bad} targets failed, conflicted or are uncertain; see status.results"
+                        )),
+                    )
+                    .await;
+            }
+        }
+        Ok(Ok(status))
+    }
+
+    /// The one finish path: phase and conditions from the counts, `Finished` published.
+    pub async fn finish(
+        &self,
+        mut status: OperationStatus<K::Summary>,
+        action: &str,
+    ) -> Result<OperationStatus<K::Summary>, Error> {
+        let summary = status.summary.clone().unwrap_or_default();
+        let (phase, message) = K::verdict(&summary);
+        let ok = phase == Phase::Succeeded;
+        status.phase = phase;
+        status.completion_time = Some(conditions::now());
+        let (reason, text) = if ok {
+            ("Succeeded".to_string(), message.clone())
+        } else {
+            (
+                format!("{phase:?}"),
+                format!("{message}; {}", self.obj.retry_hint()),
+            )
+        };
+        super::mark_finished(
+            &mut status.conditions,
+            ok,
+            &reason,
+            &text,
+            self.obj.meta().generation,
+        );
+        self.write_status(&status).await?;
+        let type_ = if ok {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        self.ctx
+            .publish(
+                self.obj,
+                type_,
+                "Finished",
+                action,
+                Some(format!("{message}{}", self.requested_by())),
+            )
+            .await;
+        self.ctx
+            .reset_failures(&self.obj.meta().uid.clone().unwrap_or_default());
+        Ok(status)
+    }
+}
+
+#[async_trait::async_trait]
+impl<K: RunKind> engine::Journal for Run<'_, K> {
+    async fn record(&self, index: usize, rows: &[Row]) -> Result<(), engine::Error> {
+        self.store
+            .write_with(index, rows, self.header.as_deref())
+            .await
+            .map(|_| ())
+            .map_err(|e| engine::Error::Journal(e.to_string()))
+    }
+}
+
+#[async_trait::async_trait]
+impl<K: RunKind> engine::Store for Run<'_, K> {
+    async fn load(&self, index: usize) -> Result<Vec<Row>, engine::Error> {
+        self.store.read(index).await.map_err(|e| match e {
+            Error::ResultsLost { .. } => engine::Error::Lost(e.to_string()),
+            e => engine::Error::Journal(e.to_string()),
+        })
+    }
+}
+
+/// A user-kind finished run: Succeeded, PartiallyFailed or Failed from the counts.
+pub(crate) fn user_verdict(s: &crate::api::Summary) -> (Phase, String) {
+    let bad = s.failed + s.conflicts + s.uncertain;
+    let phase = if bad == 0 {
+        Phase::Succeeded
+    } else if bad < s.targets {
+        Phase::PartiallyFailed
+    } else {
+        Phase::Failed
+    };
+    let mut message = format!(
+        "{} targets: {} changed, {} unchanged, {} failed, {} conflicts, {} skipped",
+        s.targets, s.changed, s.unchanged, s.failed, s.conflicts, s.skipped
+    );
+    if s.uncertain > 0 {
+        message.push_str(&format!(
+            ", {} uncertain (a mail was being sent when the operator stopped: it may not have gone out)",
+            s.uncertain
+        ));
+    }
+    (phase, message)
+}
+
+/// A user-kind summary: the run's targets and the counts of its finished batches.
+pub(crate) fn user_summary(
+    done: &Digest,
+    before: Option<&crate::api::Summary>,
+) -> crate::api::Summary {
+    let targets = before.map(|s| s.targets).unwrap_or(0);
+    crate::api::Summary {
+        targets: targets.max(done.rows as u32),
+        ..done.summary.clone()
+    }
+}
