@@ -13,6 +13,7 @@
 
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod phones;
 pub mod results;
 pub mod run;
 pub mod steps;

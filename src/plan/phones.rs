@@ -1,10 +1,16 @@
-//! Phone selection: the phones of the selected users, matched to their live registrations,
-//! narrowed by model and vendor. Provisioning data and the User-Agent both tell the vendor.
+//! Phone planning: the phones of the selected users, matched to their live registrations,
+//! narrowed by model and vendor (provisioning data and the User-Agent both tell the vendor);
+//! the stored rows of a PhoneRestart (and of its retry) and of a BulkPhoneChange, with the
+//! BulkPhoneChange's plan: its Open fields, the one-vendor rule for a model, and its hash.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use sha2::{Digest as _, Sha256};
 
 use super::PlanError;
-use crate::pbx::{Phone, Registration, sip};
+use super::stored::{PhoneTarget, Row, Step, StepKind, StoredWrite};
+use crate::api::{BulkPhoneChangeSpec, FieldChange, Lock, Outcome, Plan};
+use crate::pbx::{Phone, PhoneField, Registration, sip};
 
 /// Filters of a phone selection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -140,6 +146,257 @@ pub fn select(
 /// The vendors among the selected phones (BulkPhoneChange assigns a model only to one vendor).
 pub fn vendors(phones: &[SelectedPhone]) -> BTreeSet<String> {
     phones.iter().filter_map(|p| p.vendor.clone()).collect()
+}
+
+/// The steps of a phone restart: the NOTIFY, then the watch for the phone's fresh REGISTER.
+pub fn restart_steps() -> Vec<Step> {
+    vec![
+        Step::pending(StepKind::Notify),
+        Step::pending(StepKind::Confirm),
+    ]
+}
+
+/// A selected phone as a PhoneRestart stores it: a registered phone is Planned with its steps and
+/// its registration as it was (to recognise the fresh REGISTER); another is NotRegistered.
+pub fn restart_row(p: SelectedPhone) -> Row {
+    let target = p.target();
+    let r = p.registration;
+    let (outcome, notes, steps) = match &r {
+        Some(_) => (Outcome::Planned, vec![], restart_steps()),
+        None => (
+            Outcome::NotRegistered,
+            vec!["no live SIP registration: not restarted".into()],
+            vec![],
+        ),
+    };
+    Row {
+        target,
+        outcome,
+        notes,
+        steps,
+        phone: Some(PhoneTarget {
+            id: p.id,
+            extension: p.extension,
+            mac: p.mac,
+            vendor: p.vendor,
+            model: p.model,
+            contact: r.as_ref().map(|r| r.contact.clone()),
+            received: r.as_ref().and_then(|r| r.received.clone()),
+            socket: r.as_ref().and_then(|r| r.socket.clone()),
+            user_agent: r.as_ref().map(|r| r.user_agent.clone()).unwrap_or_default(),
+            call_id: r.as_ref().map(|r| r.call_id.clone()).unwrap_or_default(),
+            last_modified: r.as_ref().map(|r| r.last_modified).unwrap_or(0),
+            sent_at: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Whether a retry sends a phone's NOTIFY once more: only when it failed, or may not have been
+/// sent (Uncertain). A phone that restarted or accepted its NOTIFY is never sent another.
+pub fn needs_retry(row: &Row) -> bool {
+    matches!(row.outcome, Outcome::Failed | Outcome::Uncertain)
+}
+
+/// A retry of a restart: the earlier run's rows, each kept as it ended except those that
+/// [`needs_retry`], which are planned again from `fresh` (the same phones as selected and
+/// registered now: a phone that rebooted since has a new registration to recognise). A phone to
+/// retry that is no longer selected keeps its earlier row, with a note.
+pub fn retry_rows(earlier: Vec<Row>, fresh: Vec<Row>) -> Vec<Row> {
+    let mut fresh: HashMap<String, Row> =
+        fresh.into_iter().map(|r| (r.target.clone(), r)).collect();
+    earlier
+        .into_iter()
+        .map(|old| {
+            if !needs_retry(&old) {
+                return old;
+            }
+            match fresh.remove(&old.target) {
+                Some(mut again) => {
+                    again.notes.insert(
+                        0,
+                        format!("retried: was {:?} ({})", old.outcome, old.notes.join("; ")),
+                    );
+                    again
+                }
+                None => {
+                    let mut kept = old;
+                    kept.notes
+                        .push("not retried: the phone is no longer selected".into());
+                    kept
+                }
+            }
+        })
+        .collect()
+}
+
+/// A digest of a restart's stored batches, shown as its plan hash.
+pub fn restart_plan(rows: &[Row], generation: i64, batch_digests: Vec<String>) -> Plan {
+    let mut h = Sha256::new();
+    for d in &batch_digests {
+        h.update(d.as_bytes());
+    }
+    Plan {
+        hash: hex::encode(h.finalize()),
+        generation,
+        targets: rows.len() as u32,
+        resolved: rows.iter().take(1000).map(|r| r.target.clone()).collect(),
+        changes: rows
+            .iter()
+            .filter(|r| r.outcome == Outcome::Planned)
+            .count() as u32,
+        batch_digests,
+        ..Default::default()
+    }
+}
+
+/// A fingerprint of what a BulkPhoneChange asks, without how (mode) or who (requestedBy), so
+/// that switching a validated change to Execute executes exactly the validated plan.
+pub fn change_spec_hash(spec: &BulkPhoneChangeSpec) -> String {
+    let mut v = serde_json::to_value(spec).expect("specs serialize");
+    if let Some(o) = v.as_object_mut() {
+        for k in ["mode", "approvedPlanHash", "requestedBy"] {
+            o.remove(k);
+        }
+    }
+    hex::encode(Sha256::digest(v.to_string().as_bytes()))
+}
+
+/// The fields a BulkPhoneChange names, each with whether its lock is Open (only those are
+/// written) and its value.
+fn named_fields(spec: &BulkPhoneChangeSpec) -> Vec<(PhoneField, bool, String)> {
+    let f = &spec.fields;
+    let mut out = Vec::new();
+    if let Some(m) = &f.model {
+        out.push((PhoneField::Model, m.lock == Lock::Open, m.value.0.clone()));
+    }
+    if let Some(l) = &f.label {
+        out.push((PhoneField::Label, l.lock == Lock::Open, l.value.0.clone()));
+    }
+    out
+}
+
+/// The Open fields of a change, as (field, value).
+pub fn open_fields(spec: &BulkPhoneChangeSpec) -> Vec<(PhoneField, String)> {
+    named_fields(spec)
+        .into_iter()
+        .filter(|(_, open, _)| *open)
+        .map(|(f, _, v)| (f, v))
+        .collect()
+}
+
+pub fn phone_field(name: &str) -> Option<PhoneField> {
+    [PhoneField::Model, PhoneField::Label]
+        .into_iter()
+        .find(|f| f.name() == name)
+}
+
+/// The plan of a BulkPhoneChange over the selected phones (provisioned ones only: a write needs
+/// the provisioning record): per phone, compare-and-set writes of its Open fields that differ,
+/// and a [`StepKind::PhoneWrite`] step when there are any. A model is assigned only when every
+/// selected phone has the same vendor.
+pub fn plan_change(
+    spec: &BulkPhoneChangeSpec,
+    generation: i64,
+    selected: &[SelectedPhone],
+    provisioned: &[Phone],
+) -> Result<(Vec<Row>, Plan), PlanError> {
+    let selected: Vec<&SelectedPhone> = selected.iter().filter(|p| p.id.is_some()).collect();
+    let named = named_fields(spec);
+    let open = open_fields(spec);
+    let vendors: BTreeSet<String> = selected.iter().filter_map(|p| p.vendor.clone()).collect();
+    if open.iter().any(|(f, _)| *f == PhoneField::Model) && vendors.len() > 1 {
+        let list = vendors.into_iter().collect::<Vec<_>>().join(", ");
+        return Err(PlanError::Invalid(format!(
+            "a model can only be assigned to phones of one vendor, and the selection has phones of {list}: narrow spec.targets.vendors to one of them; nothing was changed"
+        )));
+    }
+    let labels: HashMap<i64, &str> = provisioned
+        .iter()
+        .map(|x| (x.id, x.label.as_deref().unwrap_or_default()))
+        .collect();
+    let current = |p: &SelectedPhone, f: PhoneField| -> String {
+        match f {
+            PhoneField::Model => p.model.clone().unwrap_or_default(),
+            PhoneField::Label => {
+                p.id.and_then(|id| labels.get(&id))
+                    .map(|l| l.to_string())
+                    .unwrap_or_default()
+            }
+        }
+    };
+    let mut common = BTreeMap::new();
+    for (f, _, _) in &named {
+        let mut values = selected.iter().map(|p| current(p, *f));
+        if let Some(first) = values.next() {
+            let same = values.all(|v| v == first);
+            common.insert(f.name().to_string(), same.then_some(first));
+        }
+    }
+    let mut hasher = Sha256::new();
+    let mut rows = Vec::new();
+    for p in &selected {
+        let mut writes = Vec::new();
+        let mut changes = Vec::new();
+        for (f, value) in &open {
+            let from = current(p, *f);
+            hasher.update(format!("{}\t{}\t{from}\t{value}\n", p.target(), f.name()).as_bytes());
+            if from != *value {
+                writes.push(StoredWrite {
+                    field: f.name().into(),
+                    from: Some(from.clone()),
+                    to: Some(value.clone()),
+                    secret: false,
+                });
+                changes.push(FieldChange {
+                    field: f.name().into(),
+                    from: Some(from),
+                    to: Some(value.clone()),
+                });
+            }
+        }
+        let (outcome, steps) = if writes.is_empty() {
+            (Outcome::Unchanged, vec![])
+        } else {
+            (Outcome::Planned, vec![Step::pending(StepKind::PhoneWrite)])
+        };
+        rows.push(Row {
+            target: p.target(),
+            outcome,
+            writes,
+            changes,
+            steps,
+            phone: Some(PhoneTarget {
+                id: p.id,
+                extension: p.extension.clone(),
+                mac: p.mac.clone(),
+                vendor: p.vendor.clone(),
+                model: p.model.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let plan = Plan {
+        hash: hex::encode(hasher.finalize()),
+        generation,
+        targets: rows.len() as u32,
+        resolved: rows.iter().take(1000).map(|r| r.target.clone()).collect(),
+        common_values: common,
+        closed_fields: named
+            .iter()
+            .filter(|(_, open, _)| !open)
+            .map(|(f, _, _)| f.name().to_string())
+            .collect(),
+        changes: rows
+            .iter()
+            .filter(|r| r.outcome == Outcome::Planned)
+            .count() as u32,
+        spec_hash: change_spec_hash(spec),
+        csv: None,
+        batch_digests: vec![],
+    };
+    Ok((rows, plan))
 }
 
 #[cfg(test)]

@@ -203,6 +203,17 @@ pub enum StepKind {
     /// Mail the reset instructions (after ResetPassword).
     ResetMail,
     WelcomeMail,
+    // Phones
+    /// A NOTIFY that makes a phone resync or reboot (PhoneRestart). It cannot be observed
+    /// directly and a second one reboots the phone again, in front of its user: a NOTIFY found
+    /// under way after a restart is never sent again; a fresh REGISTER confirms it, or it is
+    /// reported uncertain and only a retry sends it once more.
+    Notify,
+    /// Watching for the phone's fresh REGISTER after its NOTIFY (no side effect): Done when one
+    /// came (Restarted), Skipped when the wait ended without one or there was nothing to watch.
+    Confirm,
+    /// BulkPhoneChange's field writes, compare-and-set against the planned values.
+    PhoneWrite,
 }
 
 /// What a restart does with a step recorded as intended but without an outcome.
@@ -219,7 +230,7 @@ pub enum OnResume {
 impl StepKind {
     pub fn on_resume(self) -> OnResume {
         match self {
-            StepKind::ResetMail | StepKind::WelcomeMail => OnResume::Uncertain,
+            StepKind::ResetMail | StepKind::WelcomeMail | StepKind::Notify => OnResume::Uncertain,
             _ => OnResume::Redo,
         }
     }
@@ -251,6 +262,9 @@ impl StepKind {
             StepKind::Remove => "Remove",
             StepKind::ResetMail => "reset instructions mail",
             StepKind::WelcomeMail => "welcome email",
+            StepKind::Notify => "NOTIFY",
+            StepKind::Confirm => "confirm by REGISTER",
+            StepKind::PhoneWrite => "write fields",
         }
     }
 }
