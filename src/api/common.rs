@@ -263,6 +263,10 @@ pub struct RestartSummary {
     pub failed: u32,
     #[serde(default)]
     pub expired: u32,
+    /// Phones whose NOTIFY was under way when the operator stopped and that did not register
+    /// again: it may or may not have been sent. The retry annotation sends exactly these again.
+    #[serde(default)]
+    pub uncertain: u32,
     /// NOTIFYs sent and not yet answered or confirmed.
     #[serde(default)]
     pub in_flight: u32,

@@ -20,6 +20,61 @@ use crate::plan::stored::Row;
 pub struct Pbx {
     pub users: Mutex<BTreeMap<String, User>>,
     pub resets: Mutex<BTreeMap<String, u32>>,
+    /// Provisioned phones by id.
+    pub phones: Mutex<BTreeMap<i64, Phone>>,
+    /// Live registrations.
+    pub registered: Mutex<Vec<Registration>>,
+    /// NOTIFYs each extension's phone received.
+    pub notifies: Mutex<BTreeMap<String, u32>>,
+    /// How each extension's phone answers a NOTIFY (default: it reboots).
+    pub answers: Mutex<BTreeMap<String, Answer>>,
+    /// Phone ids whose writes the database refuses (the whole transaction fails).
+    pub refuse: Mutex<std::collections::BTreeSet<i64>>,
+    /// This many next calls of `registrations`, `notify` and `apply_phone_changes` (each its own
+    /// counter) fail as an unreachable PBX does.
+    pub down_registrations: AtomicUsize,
+    pub down_notify: AtomicUsize,
+    pub down_writes: AtomicUsize,
+}
+
+/// How a fake phone answers a NOTIFY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// 200, then it registers again with a new Call-ID.
+    Reboot,
+    /// 200, and it does not register again.
+    Stays,
+    /// No answer: 408.
+    Silent,
+    /// A value the backend refuses to put into SIP (a permanent error).
+    Unsafe,
+}
+
+/// A registered phone of `ext`.
+pub fn registration(ext: &str) -> Registration {
+    Registration {
+        extension: ext.into(),
+        contact: format!("sip:{ext}@192.0.2.1:5060"),
+        received: None,
+        socket: None,
+        user_agent: "Yealink SIP-T46S 66.86.0.15".into(),
+        call_id: format!("cid-{ext}-1"),
+        last_modified: 1,
+        expires: 3600,
+    }
+}
+
+fn take(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+fn down() -> crate::pbx::PbxError {
+    crate::pbx::PbxError::RpcUnreachable {
+        url: "http://pbx.test".into(),
+        detail: "connection refused or unreachable".into(),
+    }
 }
 
 pub fn user(ext: &str) -> User {
@@ -117,23 +172,123 @@ impl PbxBackend for Pbx {
             })
             .collect())
     }
-    async fn read_phones(&self, _: &UserSelection) -> crate::pbx::Result<Vec<Phone>> {
-        unimplemented!("not used by the engine")
+    async fn read_phones(&self, s: &UserSelection) -> crate::pbx::Result<Vec<Phone>> {
+        Ok(self
+            .phones
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|p| p.owner.as_ref().is_some_and(|o| s.extensions.contains(o)))
+            .cloned()
+            .collect())
     }
     async fn apply_phone_changes(
         &self,
-        _: &[(i64, PhoneField, String, String)],
+        changes: &[(i64, PhoneField, String, String)],
     ) -> crate::pbx::Result<Vec<WriteOutcome>> {
-        unimplemented!("not used by the engine")
+        if take(&self.down_writes) {
+            return Err(crate::pbx::PbxError::DatabaseUnreachable {
+                target: "db.test".into(),
+                detail: "connection refused".into(),
+            });
+        }
+        let refuse = self.refuse.lock().unwrap();
+        if let Some(id) = changes.iter().map(|c| c.0).find(|id| refuse.contains(id)) {
+            return Err(crate::pbx::PbxError::Refused(format!(
+                "phone {id}: value refused"
+            )));
+        }
+        // One transaction: every write or none.
+        let mut phones = self.phones.lock().unwrap();
+        let mut after = phones.clone();
+        let outcomes = changes
+            .iter()
+            .map(|(id, field, from, to)| {
+                let Some(p) = after.get_mut(id) else {
+                    return WriteOutcome::NotFound;
+                };
+                let value = match field {
+                    PhoneField::Model => &mut p.model,
+                    PhoneField::Label => p.label.get_or_insert_with(String::new),
+                };
+                if value != from {
+                    return WriteOutcome::Conflict {
+                        field: UserField::Status,
+                        expected: Some(from.clone()),
+                        found: None,
+                    };
+                }
+                *value = to.clone();
+                WriteOutcome::Applied
+            })
+            .collect();
+        *phones = after;
+        Ok(outcomes)
     }
     async fn registrations(&self) -> crate::pbx::Result<Vec<Registration>> {
-        unimplemented!("not used by the engine")
+        if take(&self.down_registrations) {
+            return Err(down());
+        }
+        Ok(self.registered.lock().unwrap().clone())
     }
-    async fn lookup(&self, _: &str) -> crate::pbx::Result<Vec<Registration>> {
-        unimplemented!("not used by the engine")
+    async fn lookup(&self, ext: &str) -> crate::pbx::Result<Vec<Registration>> {
+        Ok(self
+            .registered
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.extension == ext)
+            .cloned()
+            .collect())
     }
-    async fn notify(&self, _: &Registration, _: &str) -> crate::pbx::Result<SipAnswer> {
-        unimplemented!("not used by the engine")
+    /// A NOTIFY while the PBX is "down" reached the phone, but its answer was lost: the worst
+    /// case for sending twice.
+    async fn notify(&self, to: &Registration, _: &str) -> crate::pbx::Result<SipAnswer> {
+        let answer = self
+            .answers
+            .lock()
+            .unwrap()
+            .get(&to.extension)
+            .copied()
+            .unwrap_or(Answer::Reboot);
+        if answer == Answer::Unsafe {
+            return Err(crate::pbx::PbxError::Unsafe {
+                what: "the registered contact".into(),
+                reason: "it is not a plain SIP URI".into(),
+            });
+        }
+        *self
+            .notifies
+            .lock()
+            .unwrap()
+            .entry(to.extension.clone())
+            .or_default() += 1;
+        let lost = take(&self.down_notify);
+        let answer = match answer {
+            Answer::Silent => SipAnswer {
+                code: 408,
+                reason: "Request Timeout".into(),
+            },
+            Answer::Reboot => {
+                let mut regs = self.registered.lock().unwrap();
+                for r in regs.iter_mut().filter(|r| r.extension == to.extension) {
+                    r.call_id = format!("{}-again", r.call_id);
+                    r.last_modified += 1;
+                }
+                SipAnswer {
+                    code: 200,
+                    reason: "OK".into(),
+                }
+            }
+            _ => SipAnswer {
+                code: 200,
+                reason: "OK".into(),
+            },
+        };
+        if lost {
+            return Err(down());
+        }
+        Ok(answer)
     }
     async fn drop_registrations(&self, _: &str) -> crate::pbx::Result<()> {
         unimplemented!("not used by the engine")

@@ -294,7 +294,7 @@ pub fn restart_outcome(steps: &[Step]) -> Outcome {
         (Some(StepState::Failed), _) => Outcome::Failed,
         (Some(StepState::Skipped), _) => Outcome::Expired,
         (_, Some(StepState::Done)) => Outcome::Restarted,
-        (Some(StepState::Uncertain), _) => Outcome::Uncertain,
+        (Some(StepState::Uncertain), Some(s)) if s.is_final() => Outcome::Uncertain,
         (Some(StepState::Done), Some(s)) if s.is_final() => Outcome::Accepted,
         _ => Outcome::InProgress,
     }
@@ -549,5 +549,619 @@ fn state_of(row: &Row, kind: StepKind) -> Option<StepState> {
 fn set(row: &mut Row, kind: StepKind, state: StepState) {
     if let Some(s) = row.steps.iter_mut().find(|s| s.kind == kind) {
         s.state = state;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The executors driven through a crash at every record they make, transient and permanent
+    //! PBX errors, stops and retries, against the engine's in-memory PBX and journal.
+
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::engine::fake::{Answer, Journal, Pbx, registration};
+    use crate::pbx::Phone;
+    use crate::plan::phones::{SelectedPhone, restart_row, retry_rows};
+    use crate::plan::stored::StoredWrite;
+
+    const IN_FLIGHT: usize = 4;
+
+    fn ext(i: usize) -> String {
+        format!("{}", 200 + i)
+    }
+
+    /// How phone `i` of the lab answers: most reboot, some stay up, some are silent, one's
+    /// contact cannot be used.
+    fn answer(i: usize) -> Answer {
+        match i {
+            3 => Answer::Unsafe,
+            _ if i % 5 == 1 => Answer::Stays,
+            _ if i % 7 == 2 => Answer::Silent,
+            _ => Answer::Reboot,
+        }
+    }
+
+    /// `n` registered phones and one that is not, and the restart's rows in two batches.
+    fn lab(n: usize) -> (Pbx, Vec<Vec<Row>>) {
+        let pbx = Pbx::default();
+        let mut rows = Vec::new();
+        for i in 0..=n {
+            let e = ext(i);
+            let registered = i < n;
+            if registered {
+                pbx.registered.lock().unwrap().push(registration(&e));
+                pbx.answers.lock().unwrap().insert(e.clone(), answer(i));
+            }
+            rows.push(restart_row(SelectedPhone {
+                id: Some(i as i64),
+                extension: e.clone(),
+                mac: Some(format!("mac{i}")),
+                vendor: Some("Yealink".into()),
+                model: Some("SIP-T46S".into()),
+                registration: registered.then(|| registration(&e)),
+            }));
+        }
+        let second = rows.split_off(rows.len() / 2 + 1);
+        (pbx, vec![rows, second])
+    }
+
+    fn journal(batches: Vec<Vec<Row>>, crash_at: usize) -> Journal {
+        Journal {
+            batches: Mutex::new(batches.into_iter().enumerate().collect()),
+            writes: AtomicUsize::new(0),
+            crash_at: AtomicUsize::new(crash_at),
+        }
+    }
+
+    fn stored(journal: &Journal) -> Vec<Row> {
+        journal
+            .batches
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    struct Count(AtomicUsize);
+
+    #[async_trait]
+    impl Pace for Count {
+        async fn acquire(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn restart<'a>(
+        pbx: &'a Pbx,
+        journal: &'a Journal,
+        stopping: &'a (dyn Fn() -> bool + Sync),
+    ) -> RestartExec<'a> {
+        RestartExec {
+            backend: pbx,
+            journal,
+            stopping,
+            reboot: true,
+            max_in_flight: IN_FLIGHT,
+            paces: vec![],
+            confirm: Duration::ZERO,
+            not_after: None,
+            poll: Duration::from_millis(1),
+            on_answer: &|_| {},
+        }
+    }
+
+    /// Runs every batch to its end as the Runner does, one batch at a time, restarting after
+    /// each crash: the n-th crash happens `crashes[n]` records after the restart before it.
+    /// Returns how many crashes (and other errors) there were.
+    async fn run_all(exec: &dyn Executor, journal: &Journal, crashes: &[usize]) -> usize {
+        let mut next = crashes.iter();
+        let arm = |next: &mut std::slice::Iter<usize>| {
+            let at = next
+                .next()
+                .map(|d| journal.writes.load(Ordering::SeqCst) + d)
+                .unwrap_or(usize::MAX);
+            journal.crash_at.store(at, Ordering::SeqCst);
+        };
+        arm(&mut next);
+        let mut errors = 0;
+        let indices: Vec<usize> = journal.batches.lock().unwrap().keys().copied().collect();
+        for index in indices {
+            loop {
+                let rows = journal.batches.lock().unwrap()[&index].clone();
+                let mut batch = [Batch::new(index, rows)];
+                match exec.run(&mut batch).await {
+                    Ok(Ended::Finished) => break,
+                    Ok(Ended::Stopped) => {}
+                    Err(_) => {
+                        errors += 1;
+                        arm(&mut next);
+                    }
+                }
+                assert!(errors < 100, "the run never finishes");
+            }
+        }
+        errors
+    }
+
+    /// What every run of the lab must hold, whatever crashed: one final outcome per phone, no
+    /// phone notified twice, and each outcome what the phone did.
+    fn check(rows: &[Row], pbx: &Pbx, crashes: usize) {
+        let notifies = pbx.notifies.lock().unwrap().clone();
+        let targets: HashSet<&String> = rows.iter().map(|r| &r.target).collect();
+        assert_eq!(targets.len(), rows.len(), "each phone once");
+        let mut uncertain = 0;
+        for (i, r) in rows.iter().enumerate() {
+            let n = notifies.get(&ext(i)).copied().unwrap_or(0);
+            assert!(n <= 1, "{} notified {n} times", r.target);
+            assert!(r.steps.iter().all(|s| s.state.is_final()), "{r:?}");
+            let want = if r.outcome == Outcome::NotRegistered {
+                Outcome::NotRegistered
+            } else {
+                match answer(i) {
+                    Answer::Reboot => Outcome::Restarted,
+                    // Tried, and its answer not recorded before a crash.
+                    Answer::Stays | Answer::Silent | Answer::Unsafe
+                        if r.outcome == Outcome::Uncertain =>
+                    {
+                        Outcome::Uncertain
+                    }
+                    Answer::Stays => Outcome::Accepted,
+                    Answer::Silent | Answer::Unsafe => Outcome::Failed,
+                }
+            };
+            assert_eq!(r.outcome, want, "{}: {:?}", r.target, r.notes);
+            let sent = !matches!(r.outcome, Outcome::NotRegistered) && answer(i) != Answer::Unsafe;
+            assert_eq!(n, u32::from(sent), "{}: {:?}", r.target, r.outcome);
+            if r.outcome == Outcome::Uncertain {
+                uncertain += 1;
+                assert!(r.notes.iter().any(|n| n == UNCONFIRMED), "{:?}", r.notes);
+            }
+        }
+        assert!(
+            uncertain <= IN_FLIGHT * crashes,
+            "at most one wave uncertain per crash: {uncertain}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crash_at_any_record_sends_no_phone_two_notifies() {
+        // An undisturbed run of this lab makes fewer than 40 records: crash at each of them.
+        for crash_at in 0..40 {
+            let (pbx, batches) = lab(14);
+            let journal = journal(batches, usize::MAX);
+            let never = || false;
+            let exec = restart(&pbx, &journal, &never);
+            let crashes = run_all(&exec, &journal, &[crash_at]).await;
+            check(&stored(&journal), &pbx, crashes);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn any_sequence_of_crashes_sends_no_phone_two_notifies(
+            crashes in proptest::collection::vec(0usize..10, 0..6)
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async {
+                let (pbx, batches) = lab(14);
+                let journal = journal(batches, usize::MAX);
+                let never = || false;
+                let exec = restart(&pbx, &journal, &never);
+                let n = run_all(&exec, &journal, &crashes).await;
+                check(&stored(&journal), &pbx, n);
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn an_undisturbed_run_paces_every_notify_and_reports_each_phone() {
+        let (pbx, batches) = lab(14);
+        let journal = journal(batches, usize::MAX);
+        let (own, shared) = (Count(AtomicUsize::new(0)), Count(AtomicUsize::new(0)));
+        let codes = Mutex::new(Vec::new());
+        let on_answer = |c: u16| codes.lock().unwrap().push(c);
+        let never = || false;
+        let exec = RestartExec {
+            paces: vec![&own, &shared],
+            on_answer: &on_answer,
+            ..restart(&pbx, &journal, &never)
+        };
+        assert_eq!(run_all(&exec, &journal, &[]).await, 0);
+        let records = journal.writes.load(Ordering::SeqCst);
+        assert!(
+            records < 40,
+            "the crash test covers every record: {records}"
+        );
+        let rows = stored(&journal);
+        check(&rows, &pbx, 0);
+        let sent: u32 = pbx.notifies.lock().unwrap().values().sum();
+        // Every NOTIFY attempted waited for both limits, the refused one too.
+        assert_eq!(own.0.load(Ordering::SeqCst), sent as usize + 1);
+        assert_eq!(shared.0.load(Ordering::SeqCst), sent as usize + 1);
+        assert_eq!(codes.lock().unwrap().len(), sent as usize);
+        let failed = |t: &str| rows.iter().find(|r| r.target.starts_with(t)).unwrap();
+        assert_eq!(failed("202/").notes, ["SIP 408 Request Timeout"]);
+        assert!(
+            failed("203/").notes[0].contains("refused"),
+            "{:?}",
+            failed("203/")
+        );
+        assert_eq!(
+            failed("201/").notes,
+            ["NOTIFY accepted, but no new REGISTER within 0s"]
+        );
+        assert!(
+            rows.iter()
+                .all(|r| r.phone.as_ref().unwrap().sent_at.is_some()
+                    || r.outcome == Outcome::NotRegistered)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_transient_error_stops_the_run_and_its_notify_is_never_sent_again() {
+        let (pbx, batches) = lab(6);
+        // The first NOTIFY reaches its phone (201 stays up), its answer is lost.
+        pbx.answers.lock().unwrap().insert(ext(0), Answer::Stays);
+        pbx.down_notify.store(1, Ordering::SeqCst);
+        let journal = journal(batches, usize::MAX);
+        let never = || false;
+        let exec = restart(&pbx, &journal, &never);
+        let rows = journal.batches.lock().unwrap()[&0].clone();
+        let mut batch = [Batch::new(0, rows)];
+        let err = exec.run(&mut batch).await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        let first = journal.batches.lock().unwrap()[&0][0].clone();
+        assert_eq!(
+            first.steps[0],
+            Step {
+                kind: StepKind::Notify,
+                state: StepState::Intended
+            },
+            "the journal keeps the NOTIFY under way"
+        );
+        run_all(&exec, &journal, &[]).await;
+        let rows = stored(&journal);
+        assert_eq!(rows[0].outcome, Outcome::Uncertain, "{:?}", rows[0]);
+        assert_eq!(pbx.notifies.lock().unwrap()[&ext(0)], 1, "not sent again");
+        assert!(
+            rows[1..6]
+                .iter()
+                .all(|r| r.outcome != Outcome::Uncertain && r.is_final()),
+            "the others of its wave were answered: {rows:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn registrations_unreadable_stop_the_run_and_the_answers_are_kept() {
+        let (pbx, batches) = lab(6);
+        pbx.down_registrations.store(3, Ordering::SeqCst);
+        let journal = journal(batches, usize::MAX);
+        let never = || false;
+        let exec = restart(&pbx, &journal, &never);
+        assert_eq!(run_all(&exec, &journal, &[]).await, 3);
+        check(&stored(&journal), &pbx, 0);
+        assert!(
+            stored(&journal)
+                .iter()
+                .all(|r| r.outcome != Outcome::Uncertain),
+            "answers recorded before the confirmation failed: nothing is uncertain"
+        );
+    }
+
+    #[tokio::test]
+    async fn after_not_after_nothing_is_sent() {
+        let (pbx, batches) = lab(6);
+        let journal = journal(batches, usize::MAX);
+        let never = || false;
+        let exec = RestartExec {
+            not_after: Some(now() - 60),
+            ..restart(&pbx, &journal, &never)
+        };
+        run_all(&exec, &journal, &[]).await;
+        let rows = stored(&journal);
+        assert!(pbx.notifies.lock().unwrap().is_empty());
+        assert_eq!(
+            rows.iter()
+                .filter(|r| r.outcome == Outcome::Expired)
+                .count(),
+            6
+        );
+        assert_eq!(restart_outcome(&rows[0].steps), Outcome::Expired);
+    }
+
+    #[tokio::test]
+    async fn a_stop_finishes_the_wave_in_flight_and_leaves_nothing_uncertain() {
+        let (pbx, batches) = lab(14);
+        let journal = journal(batches, usize::MAX);
+        // Asked to stop once the first NOTIFY went out.
+        let stop = || !pbx.notifies.lock().unwrap().is_empty();
+        let exec = restart(&pbx, &journal, &stop);
+        let rows = journal.batches.lock().unwrap()[&0].clone();
+        let mut batch = [Batch::new(0, rows)];
+        assert_eq!(exec.run(&mut batch).await.unwrap(), Ended::Stopped);
+        let sent: u32 = pbx.notifies.lock().unwrap().values().sum();
+        assert!(sent < IN_FLIGHT as u32 + 1, "no second wave: {sent}");
+        let never = || false;
+        let exec = restart(&pbx, &journal, &never);
+        run_all(&exec, &journal, &[]).await;
+        check(&stored(&journal), &pbx, 0);
+    }
+
+    #[tokio::test]
+    async fn a_retry_notifies_exactly_the_failed_and_uncertain_phones_once_more() {
+        // Crash right after the first wave went out, before its answers were recorded.
+        let mut crash_at = 0;
+        let (pbx, rows) = loop {
+            let (pbx, batches) = lab(14);
+            let journal = journal(batches, usize::MAX);
+            let never = || false;
+            let exec = restart(&pbx, &journal, &never);
+            run_all(&exec, &journal, &[crash_at]).await;
+            let rows = stored(&journal);
+            if rows.iter().any(|r| r.outcome == Outcome::Uncertain) {
+                break (pbx, rows);
+            }
+            crash_at += 1;
+            assert!(crash_at < 40, "no crash left a NOTIFY uncertain");
+        };
+        let before = pbx.notifies.lock().unwrap().clone();
+        let again: Vec<String> = rows
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Failed | Outcome::Uncertain))
+            .map(|r| r.target.clone())
+            .collect();
+        assert!(again.len() >= 3, "{rows:?}");
+        // Planned afresh from the registrations as they are now.
+        let fresh: Vec<Row> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let p = r.phone.clone().unwrap();
+                let reg = pbx
+                    .registered
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x.extension == p.extension)
+                    .cloned();
+                restart_row(SelectedPhone {
+                    id: Some(i as i64),
+                    extension: p.extension,
+                    mac: p.mac,
+                    vendor: p.vendor,
+                    model: p.model,
+                    registration: reg,
+                })
+            })
+            .collect();
+        let retry = retry_rows(rows.clone(), fresh);
+        let journal = journal(vec![retry], usize::MAX);
+        let never = || false;
+        let exec = restart(&pbx, &journal, &never);
+        run_all(&exec, &journal, &[]).await;
+        let after = pbx.notifies.lock().unwrap().clone();
+        let resent: Vec<String> = rows
+            .iter()
+            .filter(|r| {
+                let e = &r.phone.as_ref().unwrap().extension;
+                after.get(e) != before.get(e)
+            })
+            .map(|r| r.target.clone())
+            .collect();
+        let mut expected: Vec<String> = again
+            .iter()
+            .filter(|t| !t.starts_with("203/"))
+            .cloned()
+            .collect();
+        expected.sort();
+        let mut resent_sorted = resent.clone();
+        resent_sorted.sort();
+        assert_eq!(
+            resent_sorted, expected,
+            "exactly the failed and uncertain phones (203 cannot be sent to)"
+        );
+        assert!(after.values().all(|n| *n <= 2));
+        let retried = stored(&journal);
+        for (old, new) in rows.iter().zip(&retried) {
+            if matches!(
+                old.outcome,
+                Outcome::Restarted | Outcome::Accepted | Outcome::NotRegistered
+            ) {
+                assert_eq!(old, new, "kept as it ended");
+            } else {
+                assert!(new.notes[0].starts_with("retried: was"), "{:?}", new.notes);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_row_from_before_steps_in_progress_is_confirmed_not_sent() {
+        let (pbx, batches) = lab(2);
+        let mut rows = batches[0].clone();
+        for r in rows.iter_mut().take(2) {
+            r.steps.clear();
+            r.outcome = Outcome::InProgress;
+            r.phone.as_mut().unwrap().sent_at = Some(now());
+        }
+        // 200 rebooted since (its fresh REGISTER is there), 201 did not.
+        pbx.registered.lock().unwrap()[0].call_id = "cid-new".into();
+        let journal = journal(vec![rows], usize::MAX);
+        let never = || false;
+        let exec = restart(&pbx, &journal, &never);
+        run_all(&exec, &journal, &[]).await;
+        let rows = stored(&journal);
+        assert_eq!(rows[0].outcome, Outcome::Restarted);
+        assert_eq!(rows[1].outcome, Outcome::Uncertain);
+        assert!(pbx.notifies.lock().unwrap().is_empty(), "nothing sent");
+    }
+
+    #[test]
+    fn restart_outcomes_from_steps() {
+        use StepKind::{Confirm, Notify};
+        use StepState::*;
+        let of = |n, c| {
+            restart_outcome(&[
+                Step {
+                    kind: Notify,
+                    state: n,
+                },
+                Step {
+                    kind: Confirm,
+                    state: c,
+                },
+            ])
+        };
+        assert_eq!(of(Done, Done), Outcome::Restarted);
+        assert_eq!(of(Done, Skipped), Outcome::Accepted);
+        assert_eq!(of(Uncertain, Skipped), Outcome::Uncertain);
+        assert_eq!(of(Uncertain, Pending), Outcome::InProgress);
+        assert_eq!(of(Failed, Skipped), Outcome::Failed);
+        assert_eq!(of(Skipped, Skipped), Outcome::Expired);
+        assert_eq!(of(Intended, Pending), Outcome::InProgress);
+    }
+
+    // BulkPhoneChange's writes.
+
+    fn phone(i: usize, model: &str) -> Phone {
+        Phone {
+            id: i as i64,
+            mac: format!("mac{i}"),
+            vendor: "Yealink".into(),
+            model: model.into(),
+            owner: Some(ext(i)),
+            label: None,
+        }
+    }
+
+    /// `n` phones, each to get model SIP-T54W and a label.
+    fn change_lab(n: usize) -> (Pbx, Vec<Row>) {
+        let pbx = Pbx::default();
+        let mut rows = Vec::new();
+        for i in 0..n {
+            pbx.phones
+                .lock()
+                .unwrap()
+                .insert(i as i64, phone(i, "SIP-T46S"));
+            rows.push(Row {
+                target: format!("{}/mac{i}", ext(i)),
+                outcome: Outcome::Planned,
+                writes: vec![
+                    StoredWrite {
+                        field: "model".into(),
+                        from: Some("SIP-T46S".into()),
+                        to: Some("SIP-T54W".into()),
+                        secret: false,
+                    },
+                    StoredWrite {
+                        field: "label".into(),
+                        from: Some(String::new()),
+                        to: Some("3rd floor".into()),
+                        secret: false,
+                    },
+                ],
+                steps: vec![Step::pending(StepKind::PhoneWrite)],
+                phone: Some(crate::plan::stored::PhoneTarget {
+                    id: Some(i as i64),
+                    extension: ext(i),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        (pbx, rows)
+    }
+
+    fn written(pbx: &Pbx, i: usize) -> (String, Option<String>) {
+        let phones = pbx.phones.lock().unwrap();
+        (
+            phones[&(i as i64)].model.clone(),
+            phones[&(i as i64)].label.clone(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_crash_at_any_record_writes_every_phone_once() {
+        for crash_at in 0..6 {
+            let (pbx, rows) = change_lab(5);
+            let journal = journal(vec![rows], usize::MAX);
+            let exec = PhoneWriteExec {
+                backend: &pbx,
+                journal: &journal,
+            };
+            run_all(&exec, &journal, &[crash_at]).await;
+            for (i, r) in stored(&journal).iter().enumerate() {
+                assert_eq!(r.outcome, Outcome::Changed, "crash at {crash_at}: {r:?}");
+                assert_eq!(r.steps[0].state, StepState::Done);
+                assert_eq!(
+                    written(&pbx, i),
+                    ("SIP-T54W".into(), Some("3rd floor".into()))
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transient_write_error_stops_the_run_with_the_journal_intact() {
+        let (pbx, rows) = change_lab(3);
+        pbx.down_writes.store(1, Ordering::SeqCst);
+        let journal = journal(vec![rows], usize::MAX);
+        let exec = PhoneWriteExec {
+            backend: &pbx,
+            journal: &journal,
+        };
+        let mut batch = [Batch::new(0, journal.batches.lock().unwrap()[&0].clone())];
+        assert!(exec.run(&mut batch).await.unwrap_err().is_transient());
+        assert!(
+            stored(&journal).iter().all(
+                |r| r.outcome == Outcome::InProgress && r.steps[0].state == StepState::Intended
+            ),
+            "{:?}",
+            stored(&journal)
+        );
+        assert_eq!(written(&pbx, 0).0, "SIP-T46S", "nothing written");
+        run_all(&exec, &journal, &[]).await;
+        assert!(
+            stored(&journal)
+                .iter()
+                .all(|r| r.outcome == Outcome::Changed)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_phone_fails_alone_and_a_moved_value_conflicts() {
+        let (pbx, rows) = change_lab(4);
+        pbx.refuse.lock().unwrap().insert(1);
+        pbx.phones.lock().unwrap().get_mut(&2).unwrap().model = "SIP-T48U".into();
+        let journal = journal(vec![rows], usize::MAX);
+        let exec = PhoneWriteExec {
+            backend: &pbx,
+            journal: &journal,
+        };
+        run_all(&exec, &journal, &[]).await;
+        let rows = stored(&journal);
+        let outcomes: Vec<Outcome> = rows.iter().map(|r| r.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Changed,
+                Outcome::Failed,
+                Outcome::Conflict,
+                Outcome::Changed
+            ]
+        );
+        assert!(rows[1].notes[0].contains("refused"), "{:?}", rows[1].notes);
+        assert_eq!(
+            rows[2].notes,
+            ["model changed since the plan was made (was \"SIP-T46S\"); left alone"]
+        );
+        assert_eq!(written(&pbx, 1).0, "SIP-T46S");
+        assert_eq!(written(&pbx, 3).0, "SIP-T54W");
     }
 }

@@ -171,6 +171,7 @@ pub fn restart_summary<'a>(rows: impl IntoIterator<Item = &'a Row>) -> RestartSu
             Outcome::NotRegistered => s.not_registered += 1,
             Outcome::Expired => s.expired += 1,
             Outcome::Failed | Outcome::Conflict => s.failed += 1,
+            Outcome::Uncertain => s.uncertain += 1,
             Outcome::InProgress => s.in_flight += 1,
             _ => {}
         }
@@ -196,6 +197,7 @@ fn add_restart(a: &mut RestartSummary, b: &RestartSummary) {
     a.not_registered += b.not_registered;
     a.expired += b.expired;
     a.failed += b.failed;
+    a.uncertain += b.uncertain;
     a.in_flight += b.in_flight;
 }
 

@@ -402,6 +402,7 @@ pub fn plan_change(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{BulkPhoneChangeSpec, ConnectionRef, Field, Mode, PhoneFields, PhoneTargets};
 
     fn phone(id: i64, owner: &str, vendor: &str, model: &str) -> Phone {
         Phone {
@@ -513,5 +514,176 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    fn selected(id: i64, ext: &str, vendor: &str, model: &str, registered: bool) -> SelectedPhone {
+        SelectedPhone {
+            id: Some(id),
+            extension: ext.into(),
+            mac: Some(format!("mac{id}")),
+            vendor: Some(vendor.into()),
+            model: Some(model.into()),
+            registration: registered.then(|| reg(ext, &format!("{vendor} {model} 1"))),
+        }
+    }
+
+    #[test]
+    fn a_registered_phone_is_planned_with_its_steps_and_registration() {
+        let row = restart_row(selected(1, "201", "Yealink", "SIP-T46S", true));
+        assert_eq!(row.target, "201/mac1");
+        assert_eq!(row.outcome, Outcome::Planned);
+        assert_eq!(row.steps, restart_steps());
+        let p = row.phone.unwrap();
+        assert_eq!(
+            (p.call_id.as_str(), p.last_modified, p.sent_at),
+            ("cid-201", 1, None)
+        );
+        let off = restart_row(selected(2, "202", "Yealink", "SIP-T46S", false));
+        assert_eq!(off.outcome, Outcome::NotRegistered);
+        assert!(off.steps.is_empty(), "nothing to do for it");
+        assert_eq!(off.notes, ["no live SIP registration: not restarted"]);
+    }
+
+    #[test]
+    fn a_retry_plans_again_exactly_the_failed_and_uncertain_phones() {
+        let ended = |ext: &str, outcome| Row {
+            outcome,
+            notes: vec!["why".into()],
+            ..restart_row(selected(
+                ext.parse().unwrap(),
+                ext,
+                "Yealink",
+                "SIP-T46S",
+                true,
+            ))
+        };
+        let earlier = vec![
+            ended("201", Outcome::Restarted),
+            ended("202", Outcome::Accepted),
+            ended("203", Outcome::Failed),
+            ended("204", Outcome::Uncertain),
+            ended("205", Outcome::NotRegistered),
+            ended("206", Outcome::Expired),
+            ended("207", Outcome::Failed),
+        ];
+        // 207 is no longer selected; every other phone is, with its registration of now.
+        let fresh: Vec<Row> = (201..=206)
+            .map(|e| restart_row(selected(e, &e.to_string(), "Yealink", "SIP-T46S", true)))
+            .collect();
+        let rows = retry_rows(earlier.clone(), fresh);
+        let planned: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.outcome == Outcome::Planned)
+            .map(|r| r.target.as_str())
+            .collect();
+        assert_eq!(planned, ["203/mac203", "204/mac204"]);
+        assert_eq!(rows[2].notes, ["retried: was Failed (why)"]);
+        assert_eq!(rows[2].steps, restart_steps());
+        for i in [0, 1, 4, 5] {
+            assert_eq!(rows[i], earlier[i], "kept as it ended");
+        }
+        assert_eq!(rows[6].outcome, Outcome::Failed);
+        assert_eq!(
+            rows[6].notes,
+            ["why", "not retried: the phone is no longer selected"]
+        );
+    }
+
+    fn change(model: Option<Lock>, label: Option<Lock>) -> BulkPhoneChangeSpec {
+        BulkPhoneChangeSpec {
+            connection_ref: ConnectionRef {
+                name: "acme".into(),
+            },
+            targets: PhoneTargets::default(),
+            fields: PhoneFields {
+                model: model.map(|lock| Field {
+                    value: crate::api::fields::ModelName("SIP-T54W".into()),
+                    lock,
+                }),
+                label: label.map(|lock| Field {
+                    value: crate::api::fields::ShortText("3rd floor".into()),
+                    lock,
+                }),
+            },
+            mode: Mode::Validate,
+            approved_plan_hash: None,
+            requested_by: None,
+        }
+    }
+
+    #[test]
+    fn a_model_is_planned_only_for_phones_of_one_vendor() {
+        let spec = change(Some(Lock::Open), None);
+        let mixed = [
+            selected(1, "201", "Yealink", "SIP-T46S", false),
+            selected(2, "202", "Poly", "VVX 450", false),
+        ];
+        let err = plan_change(&spec, 1, &mixed, &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("one vendor") && err.to_string().contains("Poly, Yealink"),
+            "{err}"
+        );
+        // A closed model is only reported: any vendors may be selected.
+        let closed = change(Some(Lock::Closed), Some(Lock::Open));
+        let (rows, plan) = plan_change(&closed, 1, &mixed, &[]).unwrap();
+        assert_eq!(plan.closed_fields, ["model"]);
+        assert_eq!(plan.common_values["model"], None, "they differ");
+        assert!(
+            rows.iter()
+                .all(|r| r.writes.len() == 1 && r.writes[0].field == "label")
+        );
+    }
+
+    #[test]
+    fn a_change_plans_compare_and_set_writes_of_open_fields_that_differ() {
+        let spec = change(Some(Lock::Open), Some(Lock::Closed));
+        let phones = [
+            selected(1, "201", "Yealink", "SIP-T46S", true),
+            selected(2, "202", "Yealink", "SIP-T54W", false),
+            // Not provisioned: nothing to write to.
+            SelectedPhone {
+                id: None,
+                ..selected(3, "203", "Yealink", "SIP-T46S", true)
+            },
+        ];
+        let provisioned = [Phone {
+            label: Some("lobby".into()),
+            ..phone(1, "201", "Yealink", "SIP-T46S")
+        }];
+        let (rows, plan) = plan_change(&spec, 7, &phones, &provisioned).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].outcome, Outcome::Planned);
+        assert_eq!(rows[0].steps, [Step::pending(StepKind::PhoneWrite)]);
+        assert_eq!(
+            rows[0].writes,
+            [StoredWrite {
+                field: "model".into(),
+                from: Some("SIP-T46S".into()),
+                to: Some("SIP-T54W".into()),
+                secret: false
+            }]
+        );
+        assert_eq!(rows[1].outcome, Outcome::Unchanged);
+        assert!(rows[1].steps.is_empty());
+        assert_eq!((plan.targets, plan.changes, plan.generation), (2, 1, 7));
+        assert_eq!(plan.common_values["model"], None);
+        assert_eq!(plan.common_values["label"], None, "lobby and unset");
+        assert_eq!(plan.closed_fields, ["label"]);
+        assert_eq!(plan.spec_hash, change_spec_hash(&spec));
+        // The hash pins the targets and values, not how or who.
+        let again = BulkPhoneChangeSpec {
+            mode: Mode::Execute,
+            requested_by: Some("alice".into()),
+            ..spec.clone()
+        };
+        let (_, plan2) = plan_change(&again, 8, &phones, &provisioned).unwrap();
+        assert_eq!(
+            (plan2.hash, plan2.spec_hash),
+            (plan.hash.clone(), plan.spec_hash)
+        );
+        let (_, moved) = plan_change(&spec, 7, &phones[1..], &provisioned).unwrap();
+        assert_ne!(moved.hash, plan.hash);
+        assert_eq!(phone_field("label"), Some(PhoneField::Label));
+        assert_eq!(phone_field("mac"), None);
     }
 }
