@@ -1,225 +1,216 @@
 //! BulkPhoneChange: set fields on many phones (only Open locks), first of all the model, which is
-//! assigned only when every selected phone has the same vendor.
+//! assigned only when every selected phone has the same vendor. The plan is
+//! [`crate::plan::phones::plan_change`], the writes [`crate::engine::phones::PhoneWriteExec`],
+//! the lifecycle [`super::run`]; this file maps the spec to them.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kube::{
     ResourceExt,
     runtime::{controller::Action, events::EventType},
 };
-use sha2::{Digest, Sha256};
 
 use super::conditions::{self, Desired};
-use super::results_store::Store;
+use super::run::{self, Run, RunKind};
 use super::{Context, Error};
-use crate::api::{
-    BulkPhoneChange, FieldChange, Lock, Mode, OperationStatus, Outcome, Phase, Plan, Progress,
-    Summary,
-};
-use crate::engine::results;
-use crate::pbx::kamailio::Kamailio;
-use crate::pbx::{PbxBackend, PhoneField, UserSelection, WriteOutcome};
+use crate::api::{BulkPhoneChange, Mode, OperationStatus, Phase, Plan, Progress, Summary};
+use crate::engine::phones::PhoneWriteExec;
+use crate::engine::results::{self, Digest};
+use crate::pbx::{PbxBackend, UserSelection};
 use crate::plan::PlanError;
 use crate::plan::phones::{self, PhoneFilter};
-use crate::plan::stored::{self, PhoneTarget, Row, StoredWrite};
+use crate::plan::stored::Row;
 
-const KIND: &str = "BulkPhoneChange";
+impl RunKind for BulkPhoneChange {
+    type Summary = Summary;
+    const KIND: &'static str = "BulkPhoneChange";
 
-fn spec_hash(b: &BulkPhoneChange) -> String {
-    let mut v = serde_json::to_value(&b.spec).expect("specs serialize");
-    if let Some(o) = v.as_object_mut() {
-        for k in ["mode", "approvedPlanHash", "requestedBy"] {
-            o.remove(k);
-        }
+    fn requested_by(&self) -> Option<&str> {
+        self.spec.requested_by.as_deref()
     }
-    hex::encode(Sha256::digest(v.to_string().as_bytes()))
-}
 
-/// The Open fields of a change, as (field, value).
-fn open_fields(b: &BulkPhoneChange) -> Vec<(PhoneField, String)> {
-    let f = &b.spec.fields;
-    let mut out = Vec::new();
-    if let Some(m) = f.model.as_ref().filter(|m| m.lock == Lock::Open) {
-        out.push((PhoneField::Model, m.value.0.clone()));
+    fn status(&self) -> Option<&OperationStatus> {
+        self.status.as_ref()
     }
-    if let Some(l) = f.label.as_ref().filter(|l| l.lock == Lock::Open) {
-        out.push((PhoneField::Label, l.value.0.clone()));
+
+    fn summary(done: &Digest, before: Option<&Summary>) -> Summary {
+        run::user_summary(done, before)
     }
-    out
+
+    fn verdict(s: &Summary) -> (Phase, String) {
+        let (phase, _) = run::user_verdict(s);
+        let message = format!(
+            "{} phones: {} changed, {} unchanged, {} failed, {} conflicts",
+            s.targets, s.changed, s.unchanged, s.failed, s.conflicts
+        );
+        (phase, message)
+    }
+
+    fn retry_hint(&self) -> String {
+        "review status.results, then edit the spec: a new generation is planned again from the phones as they are".into()
+    }
 }
 
 #[tracing::instrument(skip_all, fields(change = %b.name_any(), namespace = b.namespace()))]
 pub(crate) async fn reconcile(b: Arc<BulkPhoneChange>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_timer(KIND);
+    let _timer = ctx.metrics.reconcile_timer(BulkPhoneChange::KIND);
     let status = b.status.clone().unwrap_or_default();
     let run_id = format!("g{}", b.metadata.generation.unwrap_or(0));
-    if status
-        .progress
-        .as_ref()
-        .is_some_and(|p| p.run == run_id && p.done >= p.batches)
-    {
-        return Ok(Action::await_change());
+    let run = Run::new(&ctx, &*b, None);
+    match &status.progress {
+        Some(p) if p.run == run_id && p.done >= p.batches => Ok(Action::await_change()),
+        Some(p) if p.run == run_id => execute(&run, status).await,
+        _ => start(&run, status, run_id).await,
     }
-    let ns = b.namespace().unwrap_or_default();
-    let store = Store::new(&ctx.client, &*b);
-    let outcome = async {
-        let (_, backend) = ctx
-            .backends
-            .by_name(&ctx.client, &ns, &b.spec.connection_ref.name)
-            .await
-            .map_err(|e| (e, None))?;
-        let validated = status.phase == Phase::Validated
-            && b.spec.mode == Mode::Execute
-            && status
-                .plan
-                .as_ref()
-                .is_some_and(|p| p.spec_hash == spec_hash(&b));
-        let (rows, plan) = if validated {
-            let n = status
-                .progress
-                .as_ref()
-                .map(|p| p.batches as usize)
-                .unwrap_or(0);
-            (
-                store.read_all(n).await.map_err(|e| (e, None))?,
-                status.plan.clone().expect("checked"),
-            )
-        } else {
-            plan(&b, &backend, &ctx).await?
+}
+
+/// Plans (or takes the validated plan), stores it, and validates or starts executing.
+async fn start(
+    run: &Run<'_, BulkPhoneChange>,
+    status: OperationStatus,
+    run_id: String,
+) -> Result<Action, Error> {
+    let b = run.obj;
+    let spec_hash = phones::change_spec_hash(&b.spec);
+    let validated = status.phase == Phase::Validated
+        && b.spec.mode == Mode::Execute
+        && status
+            .plan
+            .as_ref()
+            .is_some_and(|p| p.spec_hash == spec_hash);
+    let (plan, refs, digest) = if validated {
+        // The stored rows are what runs: they must be the ones validated.
+        let plan = status.plan.clone().expect("checked");
+        let batches = status.progress.as_ref().map(|p| p.batches).unwrap_or(0);
+        let mut digest = Digest::default();
+        for index in 0..batches as usize {
+            match run.verified(index, &plan.batch_digests).await {
+                Ok(rows) => digest.merge(Digest::of(&rows)),
+                Err(e) => return refuse(run, status, &e, None).await,
+            }
+        }
+        (plan, status.results_refs.clone(), digest)
+    } else {
+        let (rows, mut plan) = match plan(run).await {
+            Ok(p) => p,
+            Err(e) => return refuse(run, status, &e, None).await,
         };
-        if b.spec.mode == Mode::Execute {
-            if let Some(approved) = b
+        if b.spec.mode == Mode::Execute
+            && let Some(approved) = b
                 .spec
                 .approved_plan_hash
                 .as_ref()
                 .filter(|h| **h != plan.hash)
-            {
-                return Err((
-                    Error::PlanChanged {
-                        approved: approved.clone(),
-                        current: plan.hash.clone(),
-                    },
-                    Some(plan),
-                ));
-            }
+        {
+            let err = Error::PlanChanged {
+                approved: approved.clone(),
+                current: plan.hash.clone(),
+            };
+            return refuse(run, status, &err, Some(plan)).await;
         }
-        Ok((rows, plan, backend))
-    }
-    .await;
-    let (mut rows, plan, backend) = match outcome {
-        Ok(v) => v,
-        Err((e, plan)) => return blocked(&b, &ctx, status, &e, plan).await,
+        let stored = run.store_plan(rows.into_iter()).await?;
+        plan.batch_digests = stored.digests;
+        (plan, stored.refs, stored.digest)
     };
     let generation = b.metadata.generation;
-    let t = conditions::now();
+    let batches = refs.len() as u32;
+    let (shown, truncated) = results::for_status(digest.shown.iter());
     let mut next = OperationStatus {
         observed_generation: generation,
         plan: Some(plan.clone()),
-        start_time: Some(t.clone()),
+        results_refs: refs,
+        results: shown,
+        results_truncated: truncated || digest.rows > digest.shown.len(),
+        start_time: Some(conditions::now()),
         conditions: status.conditions.clone(),
+        summary: Some(Summary {
+            targets: plan.targets,
+            ..digest.summary.clone()
+        }),
+        progress: Some(Progress {
+            run: run_id,
+            batches,
+            done: 0,
+        }),
         ..Default::default()
     };
-    if b.spec.mode == Mode::Execute {
-        execute(&backend, &ctx, &mut rows)
-            .await
-            .map_err(Error::Pbx)?;
+    if b.spec.mode == Mode::Validate {
+        return validated_plan(run, next, &plan).await;
     }
-    let chunks = stored::chunk(rows);
-    for (i, c) in chunks.iter().enumerate() {
-        next.results_refs.push(store.write(i, c).await?);
+    next.phase = Phase::Running;
+    let message = format!("changing {} of {} phones", plan.changes, plan.targets);
+    run.started(&mut next, "Changing", "Change", message)
+        .await?;
+    execute(run, next).await
+}
+
+/// A validated plan: Ready and Validated, with the hash to approve.
+async fn validated_plan(
+    run: &Run<'_, BulkPhoneChange>,
+    mut next: OperationStatus,
+    plan: &Plan,
+) -> Result<Action, Error> {
+    let generation = run.obj.metadata.generation;
+    let now = conditions::now();
+    next.phase = Phase::Validated;
+    next.completion_time = Some(now.clone());
+    if let Some(p) = next.progress.as_mut() {
+        p.done = p.batches;
     }
-    store.prune(chunks.len()).await?;
-    let all: Vec<&Row> = chunks.iter().flatten().collect();
-    let (shown, truncated) = results::for_status(all.iter().copied());
-    next.results = shown;
-    next.results_truncated = truncated;
-    next.progress = Some(Progress {
-        run: run_id,
-        batches: chunks.len() as u32,
-        done: chunks.len() as u32,
-    });
-    next.completion_time = Some(t.clone());
-    let mut summary = results::summarize(all.iter().copied());
-    let (message, ok) = if b.spec.mode == Mode::Validate {
-        next.phase = Phase::Validated;
-        summary.changed = plan.changes;
-        let m = format!(
-            "planned: {} phones, {} would change; plan hash {}",
-            plan.targets, plan.changes, plan.hash
-        );
-        conditions::upsert(
-            &mut next.conditions,
-            Desired {
-                type_: conditions::VALIDATED,
-                status: true,
-                reason: "Planned",
-                message: m.clone(),
-            },
-            generation,
-            &t,
-        );
-        (m, true)
-    } else {
-        let bad = summary.failed + summary.conflicts;
-        next.phase = if bad == 0 {
-            Phase::Succeeded
-        } else if bad < summary.targets {
-            Phase::PartiallyFailed
-        } else {
-            Phase::Failed
-        };
-        let m = format!(
-            "{} phones: {} changed, {} unchanged, {} failed, {} conflicts",
-            summary.targets, summary.changed, summary.unchanged, summary.failed, summary.conflicts
-        );
-        (m, bad == 0)
+    if let Some(s) = next.summary.as_mut() {
+        s.changed = plan.changes;
+    }
+    let message = format!(
+        "planned: {} phones, {} would change; plan hash {}",
+        plan.targets, plan.changes, plan.hash
+    );
+    let desired = Desired {
+        type_: conditions::VALIDATED,
+        status: true,
+        reason: "Planned",
+        message: message.clone(),
     };
-    next.summary = Some(summary);
-    let reason = format!("{:?}", next.phase);
-    super::mark_finished(&mut next.conditions, ok, &reason, &message, generation);
-    write_status(&b, &ctx, &next).await?;
-    let who = super::requested_by_note(b.spec.requested_by.as_deref());
-    ctx.publish(
-        &*b,
-        if ok {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        },
-        if b.spec.mode == Mode::Validate {
-            "Validated"
-        } else {
-            "Finished"
-        },
-        "Change",
-        Some(format!("{message}{who}")),
-    )
-    .await;
-    ctx.reset_failures(&b.uid().unwrap_or_default());
+    conditions::upsert(&mut next.conditions, desired, generation, &now);
+    super::mark_finished(
+        &mut next.conditions,
+        true,
+        "Validated",
+        &message,
+        generation,
+    );
+    run.write_status(&next).await?;
+    run.ctx
+        .publish(
+            run.obj,
+            EventType::Normal,
+            "Validated",
+            "Change",
+            Some(format!("{message}{}", run.requested_by())),
+        )
+        .await;
+    run.ctx.reset_failures(&run.obj.uid().unwrap_or_default());
     Ok(Action::await_change())
 }
 
-async fn plan(
-    b: &BulkPhoneChange,
-    backend: &Kamailio,
-    ctx: &Context,
-) -> Result<(Vec<Row>, Plan), (Error, Option<Plan>)> {
+/// Reads the selected phones and plans their writes.
+async fn plan(run: &Run<'_, BulkPhoneChange>) -> Result<(Vec<Row>, Plan), Error> {
+    let (ctx, b) = (run.ctx, run.obj);
+    let (_, backend) = ctx
+        .backends
+        .by_name(&ctx.client, &run.namespace(), &b.spec.connection_ref.name)
+        .await?;
     let t = &b.spec.targets;
     let selection = UserSelection {
         groups: t.groups.clone(),
         extensions: t.extensions.clone(),
     };
     let m = &ctx.metrics;
-    let err = |e: crate::pbx::PbxError| (Error::Pbx(e), None);
     let users = m
         .pbx_call("read_users", backend.read_users(&selection))
-        .await
-        .map_err(err)?;
+        .await?;
     let provisioned = m
         .pbx_call("read_phones", backend.read_phones(&selection))
-        .await
-        .map_err(err)?;
+        .await?;
     let filter = PhoneFilter {
         exclude: t.exclude.clone(),
         models: t.models.clone(),
@@ -227,217 +218,68 @@ async fn plan(
         max_targets: t.max_targets,
     };
     let names: Vec<String> = users.users.iter().map(|u| u.extension.clone()).collect();
-    let selected: Vec<_> = phones::select(&names, &provisioned, &[], &filter)
-        .map_err(|e| (Error::Plan(e), None))?
-        .into_iter()
-        .filter(|p| p.id.is_some())
-        .collect();
-    let open = open_fields(b);
-    let vendors = phones::vendors(&selected);
-    if open.iter().any(|(f, _)| *f == PhoneField::Model) && vendors.len() > 1 {
-        let list = vendors.into_iter().collect::<Vec<_>>().join(", ");
-        return Err((
-            Error::Plan(PlanError::Invalid(format!(
-                "a model can only be assigned to phones of one vendor, and the selection has phones of {list}: narrow spec.targets.vendors to one of them; nothing was changed"
-            ))),
-            None,
-        ));
-    }
-    let current = |p: &phones::SelectedPhone, f: PhoneField| -> String {
-        match f {
-            PhoneField::Model => p.model.clone().unwrap_or_default(),
-            PhoneField::Label => provisioned
-                .iter()
-                .find(|x| Some(x.id) == p.id)
-                .and_then(|x| x.label.clone())
-                .unwrap_or_default(),
-        }
-    };
-    let mut common = BTreeMap::new();
-    let named: Vec<(PhoneField, bool)> = [
-        (
-            PhoneField::Model,
-            b.spec.fields.model.as_ref().map(|f| f.lock),
-        ),
-        (
-            PhoneField::Label,
-            b.spec.fields.label.as_ref().map(|f| f.lock),
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(f, l)| l.map(|l| (f, l == Lock::Open)))
-    .collect();
-    for (f, _) in &named {
-        let mut values = selected.iter().map(|p| current(p, *f));
-        if let Some(first) = values.next() {
-            let same = values.all(|v| v == first);
-            common.insert(f.name().to_string(), same.then_some(first));
-        }
-    }
-    let mut hasher = Sha256::new();
-    let mut rows = Vec::new();
-    for p in &selected {
-        let mut writes = Vec::new();
-        let mut changes = Vec::new();
-        for (f, value) in &open {
-            let from = current(p, *f);
-            hasher.update(format!("{}\t{}\t{from}\t{value}\n", p.target(), f.name()).as_bytes());
-            if from != *value {
-                writes.push(StoredWrite {
-                    field: f.name().into(),
-                    from: Some(from.clone()),
-                    to: Some(value.clone()),
-                    secret: false,
-                });
-                changes.push(FieldChange {
-                    field: f.name().into(),
-                    from: Some(from),
-                    to: Some(value.clone()),
-                });
-            }
-        }
-        rows.push(Row {
-            target: p.target(),
-            outcome: if writes.is_empty() {
-                Outcome::Unchanged
-            } else {
-                Outcome::Planned
-            },
-            writes,
-            actions: vec![],
-            changes,
-            notes: vec![],
-            phone: Some(PhoneTarget {
-                id: p.id,
-                extension: p.extension.clone(),
-                mac: p.mac.clone(),
-                vendor: p.vendor.clone(),
-                model: p.model.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-    }
-    let plan = Plan {
-        hash: hex::encode(hasher.finalize()),
-        generation: b.metadata.generation.unwrap_or(0),
-        targets: rows.len() as u32,
-        resolved: rows.iter().take(1000).map(|r| r.target.clone()).collect(),
-        common_values: common,
-        closed_fields: named
-            .iter()
-            .filter(|(_, open)| !open)
-            .map(|(f, _)| f.name().to_string())
-            .collect(),
-        changes: rows
-            .iter()
-            .filter(|r| r.outcome == Outcome::Planned)
-            .count() as u32,
-        spec_hash: spec_hash(b),
-        csv: None,
-        batch_digests: vec![],
-    };
-    Ok((rows, plan))
+    let selected = phones::select(&names, &provisioned, &[], &filter)?;
+    let generation = b.metadata.generation.unwrap_or(0);
+    Ok(phones::plan_change(
+        &b.spec,
+        generation,
+        &selected,
+        &provisioned,
+    )?)
 }
 
-/// Applies the planned writes with compare-and-set; a write already in place (a resumed run)
-/// counts as done.
-async fn execute(
-    backend: &Kamailio,
-    ctx: &Context,
-    rows: &mut [Row],
-) -> Result<(), crate::pbx::PbxError> {
-    let mut calls = Vec::new();
-    let mut owners = Vec::new();
-    for (i, r) in rows
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.outcome == Outcome::Planned)
+async fn execute(run: &Run<'_, BulkPhoneChange>, status: OperationStatus) -> Result<Action, Error> {
+    let ctx = run.ctx;
+    let backend = match ctx
+        .backends
+        .by_name(
+            &ctx.client,
+            &run.namespace(),
+            &run.obj.spec.connection_ref.name,
+        )
+        .await
     {
-        let Some(id) = r.phone.as_ref().and_then(|p| p.id) else {
-            continue;
-        };
-        for w in &r.writes {
-            let field = if w.field == "model" {
-                PhoneField::Model
-            } else {
-                PhoneField::Label
-            };
-            calls.push((
-                id,
-                field,
-                w.from.clone().unwrap_or_default(),
-                w.to.clone().unwrap_or_default(),
-            ));
-            owners.push(i);
+        Ok((_, backend)) => backend,
+        Err(e) => return run.blocked(status, &e).await,
+    };
+    let exec = PhoneWriteExec {
+        backend: backend.as_ref() as &dyn PbxBackend,
+        journal: run,
+    };
+    match run.execute(status, &exec, false).await? {
+        Ok(status) => {
+            run.finish(status, "Change").await?;
+            Ok(Action::await_change())
         }
+        Err(action) => Ok(action),
     }
-    if calls.is_empty() {
-        return Ok(());
-    }
-    let outcomes = ctx
-        .metrics
-        .pbx_call("apply_phone_changes", backend.apply_phone_changes(&calls))
-        .await?;
-    let mut failed: BTreeMap<usize, String> = BTreeMap::new();
-    for ((i, call), outcome) in owners.iter().zip(&calls).zip(outcomes) {
-        if outcome != WriteOutcome::Applied {
-            failed.insert(
-                *i,
-                format!(
-                    "{} changed since the plan was made (was {:?}); left alone",
-                    call.1.name(),
-                    call.2
-                ),
-            );
-        }
-    }
-    for (i, r) in rows.iter_mut().enumerate() {
-        if r.outcome != Outcome::Planned {
-            continue;
-        }
-        match failed.remove(&i) {
-            Some(note) => {
-                r.outcome = Outcome::Conflict;
-                r.notes.push(note);
-            }
-            None => r.outcome = Outcome::Changed,
-        }
-    }
-    Ok(())
 }
 
-async fn write_status(
-    b: &BulkPhoneChange,
-    ctx: &Context,
-    status: &OperationStatus,
-) -> Result<(), Error> {
-    super::apply_status(ctx, b, status).await
-}
-
-async fn blocked(
-    b: &BulkPhoneChange,
-    ctx: &Context,
+/// A change that cannot be planned or approved: why, in conditions (MixedVendors for the
+/// one-vendor rule), and the plan when there is one to review.
+async fn refuse(
+    run: &Run<'_, BulkPhoneChange>,
     mut status: OperationStatus,
     err: &Error,
     plan: Option<Plan>,
 ) -> Result<Action, Error> {
+    let b = run.obj;
     let generation = b.metadata.generation;
     status.observed_generation = generation;
     if plan.is_some() {
         status.plan = plan;
     }
     let transient = super::mark_blocked(&mut status.conditions, err, generation);
-    if let Error::Plan(PlanError::Invalid(m)) = err {
-        if m.contains("one vendor") {
-            // A more precise reason than InvalidChange, for people and for alerts.
-            for c in status
-                .conditions
-                .iter_mut()
-                .filter(|c| c.type_ != conditions::RECONCILING)
-            {
-                c.reason = "MixedVendors".into();
-            }
+    if let Error::Plan(PlanError::Invalid(m)) = err
+        && m.contains("one vendor")
+    {
+        // A more precise reason than InvalidChange, for people and for alerts.
+        for c in status
+            .conditions
+            .iter_mut()
+            .filter(|c| c.type_ != conditions::RECONCILING)
+        {
+            c.reason = "MixedVendors".into();
         }
     }
     if !transient {
@@ -445,9 +287,9 @@ async fn blocked(
         status.summary.get_or_insert_with(Summary::default);
     }
     if Some(&status) != b.status.as_ref() {
-        write_status(b, ctx, &status).await?;
+        run.write_status(&status).await?;
     }
     Ok(Action::requeue(
-        ctx.backoff(&b.uid().unwrap_or_default(), transient),
+        run.ctx.backoff(&b.uid().unwrap_or_default(), transient),
     ))
 }

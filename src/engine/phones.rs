@@ -89,8 +89,7 @@ impl Executor for RestartExec<'_> {
             return Ok(Ended::Stopped);
         }
         let planned = at_all(batches, |r| {
-            r.outcome == Outcome::InProgress
-                && state_of(r, StepKind::Notify) == Some(StepState::Pending)
+            !r.is_final() && state_of(r, StepKind::Notify) == Some(StepState::Pending)
         });
         for wave in planned.chunks(self.max_in_flight.max(1)) {
             if (self.stopping)() {
@@ -112,6 +111,7 @@ impl Executor for RestartExec<'_> {
             let sent_at = now();
             for &(b, i) in wave {
                 let row = &mut batches[b].rows[i];
+                row.outcome = Outcome::InProgress;
                 set(row, StepKind::Notify, StepState::Intended);
                 if let Some(p) = row.phone.as_mut() {
                     p.sent_at = Some(sent_at);
@@ -259,10 +259,10 @@ impl RestartExec<'_> {
     }
 }
 
-/// Moves a restart row into the run: Planned becomes InProgress with its steps; a NOTIFY
-/// recorded as under way becomes uncertain (see [`steps::resume`]). Rows stored by an operator
-/// from before steps get them (one InProgress was recorded before its NOTIFY). Returns whether
-/// the row changed.
+/// Readies a restart row: a NOTIFY recorded as under way becomes uncertain (see
+/// [`steps::resume`]). A row stays Planned until its wave (status counts InProgress as in
+/// flight). Rows stored by an operator from before steps get them (an InProgress one was
+/// recorded so before its NOTIFY). Returns whether the row changed.
 fn begin_restart(row: &mut Row) -> bool {
     let mut changed = false;
     if row.steps.is_empty() && !row.is_final() {
@@ -270,10 +270,6 @@ fn begin_restart(row: &mut Row) -> bool {
         if row.outcome == Outcome::InProgress {
             set(row, StepKind::Notify, StepState::Intended);
         }
-        changed = true;
-    }
-    if row.outcome == Outcome::Planned {
-        row.outcome = Outcome::InProgress;
         changed = true;
     }
     if row.outcome == Outcome::InProgress

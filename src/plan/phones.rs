@@ -230,14 +230,11 @@ pub fn retry_rows(earlier: Vec<Row>, fresh: Vec<Row>) -> Vec<Row> {
         .collect()
 }
 
-/// A digest of a restart's stored batches, shown as its plan hash.
-pub fn restart_plan(rows: &[Row], generation: i64, batch_digests: Vec<String>) -> Plan {
-    let mut h = Sha256::new();
-    for d in &batch_digests {
-        h.update(d.as_bytes());
-    }
+/// A restart's plan for status: its phones, how many are to be sent a NOTIFY, and as its hash
+/// the digest of every row's plan. The batch digests are added once the batches are stored.
+pub fn restart_plan(rows: &[Row], generation: i64) -> Plan {
     Plan {
-        hash: hex::encode(h.finalize()),
+        hash: super::stored::plan_digest(rows),
         generation,
         targets: rows.len() as u32,
         resolved: rows.iter().take(1000).map(|r| r.target.clone()).collect(),
@@ -245,7 +242,6 @@ pub fn restart_plan(rows: &[Row], generation: i64, batch_digests: Vec<String>) -
             .iter()
             .filter(|r| r.outcome == Outcome::Planned)
             .count() as u32,
-        batch_digests,
         ..Default::default()
     }
 }
