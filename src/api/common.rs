@@ -195,8 +195,9 @@ pub enum Outcome {
     NotRegistered,
     /// Phones: notAfter passed before the NOTIFY could be sent.
     Expired,
-    /// A step that cannot be observed (a mail) was under way when the operator stopped: it may
-    /// or may not have happened. The retry annotation does exactly such steps again.
+    /// A step that cannot be observed (a mail, a phone's NOTIFY without a fresh REGISTER after
+    /// it) was under way when the operator stopped: it may or may not have happened. The retry
+    /// annotation does exactly such steps again.
     Uncertain,
 }
 
