@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use super::backends::mailer;
 use super::conditions::{self, Desired};
 use super::results_store::Store;
-use super::user_change::RETRY_ANNOTATION;
+use super::run::RETRY_ANNOTATION;
 use super::{Context, Error};
 use crate::api::{
     FieldChange, OperationStatus, Outcome, PbxConnection, Phase, Plan, Progress, ResetItem,
@@ -180,6 +180,7 @@ impl Run<'_> {
                 run: run_id,
                 batches: chunks.len() as u32,
                 done: 0,
+                ..Default::default()
             }),
             ..Default::default()
         };
