@@ -683,3 +683,14 @@ impl Context {
 fn watcher_config() -> watcher::Config {
     watcher::Config::default().any_semantic()
 }
+
+impl From<crate::engine::planning::PlanningError> for Error {
+    fn from(e: crate::engine::planning::PlanningError) -> Self {
+        use crate::engine::planning::PlanningError;
+        match e {
+            PlanningError::Pbx(e) => Error::Pbx(e),
+            PlanningError::Plan(e) => Error::Plan(e),
+            PlanningError::Csv(e) => Error::Csv(e),
+        }
+    }
+}

@@ -152,6 +152,9 @@ impl<'a, K: RunKind> Run<'a, K> {
             engine::Error::Tampered { index } => Error::PlanTampered {
                 name: results_store::name(&self.obj.name_any(), index),
             },
+            engine::Error::Lost { index } => Error::ResultsLost {
+                name: results_store::name(&self.obj.name_any(), index),
+            },
             e => Error::Engine(e),
         }
     }
@@ -191,6 +194,47 @@ impl<'a, K: RunKind> Run<'a, K> {
             )
             .await;
         Ok(())
+    }
+
+    /// The one end of a Validate run: the plan is stored and described, nothing was changed.
+    /// `message` describes the plan (conditions); the `Validated` Event adds who asked.
+    pub async fn validated(
+        &self,
+        mut next: OperationStatus<K::Summary>,
+        message: String,
+    ) -> Result<OperationStatus<K::Summary>, Error> {
+        let now = conditions::now();
+        let generation = self.obj.meta().generation;
+        next.phase = Phase::Validated;
+        next.completion_time = Some(now.clone());
+        for (type_, reason) in [
+            (conditions::VALIDATED, "Planned"),
+            (conditions::READY, "Validated"),
+        ] {
+            let desired = Desired {
+                type_,
+                status: true,
+                reason,
+                message: message.clone(),
+            };
+            conditions::upsert(&mut next.conditions, desired, generation, &now);
+        }
+        conditions::remove(&mut next.conditions, conditions::RECONCILING);
+        conditions::remove(&mut next.conditions, conditions::STALLED);
+        self.write_status(&next).await?;
+        let note = format!("{message}{}", self.requested_by());
+        self.ctx
+            .publish(
+                self.obj,
+                EventType::Normal,
+                "Validated",
+                "Validate",
+                Some(note),
+            )
+            .await;
+        self.ctx
+            .reset_failures(&self.obj.meta().uid.clone().unwrap_or_default());
+        Ok(next)
     }
 
     /// Executes the unfinished batches of the run in `status` through `exec`, writing status
@@ -332,7 +376,7 @@ impl<K: RunKind> engine::Journal for Run<'_, K> {
 impl<K: RunKind> engine::Store for Run<'_, K> {
     async fn load(&self, index: usize) -> Result<Vec<Row>, engine::Error> {
         self.store.read(index).await.map_err(|e| match e {
-            Error::ResultsLost { .. } => engine::Error::Lost(e.to_string()),
+            Error::ResultsLost { .. } => engine::Error::Lost { index },
             e => engine::Error::Journal(e.to_string()),
         })
     }

@@ -8,30 +8,28 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::backends::{mailer, secret_fields};
+use super::conditions;
+use super::csv_source;
+use super::metrics::Timed;
+use super::run::{Lineage, RETRY_ANNOTATION, Run, RunKind};
+use super::{Context, Error};
+use crate::api::{
+    BulkUserChange, BulkUserChangeSpec, FailurePolicy, Mode, OperationStatus, Phase, Plan, Policy,
+    Summary, parse_duration,
+};
+use crate::engine::planning::{self, UserRequest};
+use crate::engine::results::{self, Digest as Counts};
+use crate::engine::users::{Outbox, UserExec};
+use crate::pbx::{PbxBackend, Secret, UserField};
+use crate::plan::selection::Selector;
+use crate::plan::stored::{Row, StepKind};
+use crate::plan::user_change::{self as request, PlannedRows};
+use crate::plan::users::{self as user_plan, Intent, Wanted};
 use kube::{
     ResourceExt,
     runtime::{controller::Action, events::EventType},
 };
-use sha2::{Digest, Sha256};
-
-use super::backends::{change_secret_value_versioned, mailer};
-use super::conditions::{self, Desired};
-use super::csv_source;
-use super::run::{Lineage, RETRY_ANNOTATION, Run, RunKind};
-use super::{Context, Error};
-use crate::api::{
-    BulkUserChange, BulkUserChangeSpec, FailurePolicy, Lock, Mode, OperationStatus, Phase, Plan,
-    Policy, SecretField, Summary, parse_duration,
-};
-use crate::engine::results::{self, Digest as Counts};
-use crate::engine::steps::kept_by_retry;
-use crate::engine::users::{Outbox, UserExec};
-use crate::pbx::{PbxBackend, Secret, UserField, UserSelection};
-use crate::plan::selection::Selector;
-use crate::plan::stored::{Row, StepKind};
-use crate::plan::user_change::{self as request, PlannedRows};
-use crate::plan::users::{self as user_plan, FieldIntent, Intent, Wanted};
-use crate::plan::{rows as row_plan, sheet};
 
 const KIND: &str = "BulkUserChange";
 const DEFAULT_ENFORCE_INTERVAL: Duration = Duration::from_secs(600);
@@ -115,30 +113,7 @@ impl Change<'_> {
             .map(request::plain_fields)
             .unwrap_or_default();
         if let Some(f) = &spec.fields {
-            for (field, secret) in [
-                (UserField::VoicemailPin, &f.voicemail_pin),
-                (UserField::Password, &f.password),
-            ] {
-                let Some(SecretField {
-                    value_from: Some(from),
-                    lock,
-                    ..
-                }) = secret
-                else {
-                    continue;
-                };
-                let named_in = format!("spec.fields.{}.valueFrom.secretKeyRef", field.name());
-                let r = &from.secret_key_ref;
-                let (value, version) =
-                    change_secret_value_versioned(&self.ctx.client, &ns, r, &named_in).await?;
-                let reference =
-                    format!("Secret {} key {} resourceVersion {version}", r.name, r.key);
-                fields.push(FieldIntent {
-                    field,
-                    wanted: Wanted::Secret(Secret::with_reference(value, reference)),
-                    open: *lock == Lock::Open,
-                });
-            }
+            fields.extend(secret_fields(&self.ctx.client, &ns, f).await?);
         }
         Ok(Intent {
             fields,
@@ -234,9 +209,14 @@ impl Change<'_> {
                 changed: plan.changes,
                 ..counts.summary
             });
+            let message = format!(
+                "planned: {targets} targets, {} would change; plan hash {}",
+                plan.changes, plan.hash
+            );
             next.plan = Some(plan);
             next.progress = Some(self.lineage.progress(batches, batches, None));
-            return self.validated(&run, next).await;
+            let next = run.validated(next, message).await?;
+            return self.after_finish(&next);
         }
         let message = format!("executing plan {} on {targets} targets", plan.hash);
         next.plan = Some(plan);
@@ -281,55 +261,6 @@ impl Change<'_> {
         self.execute(status).await
     }
 
-    /// A Validate run ends here: the plan is stored and described, nothing was changed.
-    async fn validated(
-        &self,
-        run: &Run<'_, BulkUserChange>,
-        mut next: OperationStatus,
-    ) -> Result<Action, Error> {
-        let now = conditions::now();
-        let generation = self.buc.metadata.generation;
-        let plan = next.plan.clone().unwrap_or_default();
-        let targets = next.summary.as_ref().map(|s| s.targets).unwrap_or(0);
-        next.phase = Phase::Validated;
-        next.completion_time = Some(now.clone());
-        let message = format!(
-            "planned: {targets} targets, {} would change; plan hash {}",
-            plan.changes, plan.hash
-        );
-        for (type_, reason) in [
-            (conditions::VALIDATED, "Planned"),
-            (conditions::READY, "Validated"),
-        ] {
-            let desired = Desired {
-                type_,
-                status: true,
-                reason,
-                message: message.clone(),
-            };
-            conditions::upsert(&mut next.conditions, desired, generation, &now);
-        }
-        conditions::remove(&mut next.conditions, conditions::RECONCILING);
-        conditions::remove(&mut next.conditions, conditions::STALLED);
-        run.write_status(&next).await?;
-        let note = format!(
-            "{targets} targets, {} would change, plan hash {}{}",
-            plan.changes,
-            plan.hash,
-            run.requested_by()
-        );
-        self.ctx
-            .publish(
-                self.buc,
-                EventType::Normal,
-                "Validated",
-                "Validate",
-                Some(note),
-            )
-            .await;
-        self.after_finish(&next)
-    }
-
     /// Executes the unfinished batches of the current run through the engine, which records
     /// each step of each target before its side effect and its outcome after.
     async fn execute(&self, status: OperationStatus) -> Result<Action, Error> {
@@ -355,8 +286,12 @@ impl Change<'_> {
         let mailer = mailer(&self.ctx.client, &ns, &conn).await;
         let atomic = self.spec().failure_policy == FailurePolicy::Atomic;
         let stopping = || self.ctx.is_stopping();
+        let timed = Timed {
+            inner: backend.as_ref(),
+            metrics: &self.ctx.metrics,
+        };
         let exec = UserExec {
-            backend: backend.as_ref(),
+            backend: &timed,
             secrets: &secrets,
             mailer: mailer.as_ref().map(|m| m as &dyn Outbox),
             domain: &conn.spec.domain,
@@ -467,8 +402,7 @@ impl Change<'_> {
         }
     }
 
-    /// Reads the targets and plans their rows. `kept`: a retry's earlier rows; targets whose
-    /// earlier steps went through keep them, the rest are planned afresh.
+    /// Reads the targets (or the CSV) and plans their rows. `kept`: a retry's earlier rows.
     async fn plan(
         &self,
         backend: &dyn PbxBackend,
@@ -476,123 +410,32 @@ impl Change<'_> {
         kept: Option<Vec<Row>>,
         spec_hash: &str,
     ) -> Result<(PlannedRows, Plan), Error> {
-        if self.spec().source.is_some() {
-            return self.plan_csv(backend, intent, kept, spec_hash).await;
-        }
-        let targets = self.spec().targets.clone().unwrap_or_default();
-        let mut selector = Selector {
-            groups: targets.groups.clone(),
-            extensions: targets.extensions.clone(),
-            exclude: targets.exclude.clone(),
-            max_targets: targets.max_targets,
-        };
-        let mut keep = Vec::new();
-        if let Some(rows) = kept {
-            selector.groups.clear();
-            selector.extensions.clear();
-            selector.max_targets = None;
-            for r in rows {
-                match kept_by_retry(&r) {
-                    Some(row) => keep.push(row),
-                    None => selector.extensions.push(r.target),
-                }
-            }
-        }
-        let selection = UserSelection {
-            groups: selector.groups.clone(),
-            extensions: selector.extensions.clone(),
-        };
-        let metrics = &self.ctx.metrics;
-        let read = metrics
-            .pbx_call("read_users", backend.read_users(&selection))
-            .await?;
-        let caps = backend.capabilities();
-        let plan = user_plan::plan(&read, &selector, intent, &caps.user_fields)?;
-        if !plan.empty_groups.is_empty() {
-            tracing::info!(groups = ?plan.empty_groups, "groups without members");
-        }
-        let generation = self.buc.metadata.generation.unwrap_or(0);
-        let status_plan = request::status_plan(&plan, generation, spec_hash);
-        Ok((
-            PlannedRows::All(request::user_rows(&plan, keep)),
-            status_plan,
-        ))
-    }
-
-    /// Plans a CSV-sourced change: reads the file, checks each row, reads the rows' users and
-    /// the holders of the numbers they give, and plans the rows in file order.
-    async fn plan_csv(
-        &self,
-        backend: &dyn PbxBackend,
-        intent: &Intent,
-        kept: Option<Vec<Row>>,
-        spec_hash: &str,
-    ) -> Result<(PlannedRows, Plan), Error> {
         let spec = self.spec();
-        let source = &spec.source.as_ref().expect("checked by the caller").csv;
-        let ns = self.buc.namespace().unwrap_or_default();
-        let max = self.ctx.max_csv_bytes;
-        let bytes = csv_source::fetch(&self.ctx.client, &ns, source, max).await?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let sheet = sheet::read(&bytes, max)?;
-        drop(bytes);
-        let closed: Vec<UserField> = intent
-            .fields
-            .iter()
-            .filter(|f| !f.open)
-            .map(|f| f.field)
-            .collect();
-        let mut involved = request::csv_involved(&sheet, &closed);
-        let metrics = &self.ctx.metrics;
-        if !involved.numbers.is_empty() {
-            let holders = metrics
-                .pbx_call("number_holders", backend.number_holders(&involved.numbers))
-                .await?;
-            involved
-                .extensions
-                .extend(holders.into_iter().map(|(_, h)| h));
-        }
-        involved.extensions.sort();
-        involved.extensions.dedup();
-        // Only the fields a CSV or spec.fields can set are planned: the rest need no memory.
-        let wanted: Vec<UserField> = sheet::FIELDS
-            .iter()
-            .copied()
-            .chain(intent.fields.iter().map(|f| f.field))
-            .collect();
-        let selection = UserSelection {
-            groups: vec![],
-            extensions: std::mem::take(&mut involved.extensions),
+        let backend = Timed {
+            inner: backend,
+            metrics: &self.ctx.metrics,
         };
-        let read = metrics
-            .pbx_call("read_users", backend.read_user_fields(&selection, &wanted))
-            .await?;
-        let policies = backend.policies().await?;
-        let caps = backend.capabilities();
-        let rules = row_plan::Rules {
-            base: intent,
-            policies: &policies,
-            supported: &caps.user_fields,
+        let req = UserRequest {
+            intent,
+            spec_hash,
+            generation: self.buc.metadata.generation.unwrap_or(0),
+            kept,
             atomic: spec.failure_policy == FailurePolicy::Atomic,
         };
-        let requests = sheet::requests(&sheet, &closed);
-        let plan = row_plan::plan_rows(requests, &involved.row_of, read.users, &rules)?;
-        // A line the earlier run finished keeps its rows; the rest are planned afresh.
-        let mut keep = request::by_line(kept.unwrap_or_default());
-        keep.retain(|_, rows| match rows.first().and_then(kept_by_retry) {
-            Some(first) => {
-                rows[0] = first;
-                true
-            }
-            None => false,
-        });
-        let generation = self.buc.metadata.generation.unwrap_or(0);
-        let status_plan =
-            request::csv_status_plan(&plan, &sheet, sha256, &closed, generation, spec_hash);
-        Ok((
-            PlannedRows::Csv(request::csv_rows(plan, sheet, keep)),
-            status_plan,
-        ))
+        if let Some(source) = &spec.source {
+            let ns = self.buc.namespace().unwrap_or_default();
+            let max = self.ctx.max_csv_bytes;
+            let bytes = csv_source::fetch(&self.ctx.client, &ns, &source.csv, max).await?;
+            return Ok(planning::plan_csv(&backend, bytes, max, req).await?);
+        }
+        let targets = spec.targets.clone().unwrap_or_default();
+        let selector = Selector {
+            groups: targets.groups,
+            extensions: targets.extensions,
+            exclude: targets.exclude,
+            max_targets: targets.max_targets,
+        };
+        Ok(planning::plan_users(&backend, selector, req).await?)
     }
 }
 
