@@ -11,15 +11,16 @@ use std::time::Duration;
 use super::backends::{mailer, secret_fields};
 use super::conditions;
 use super::csv_source;
+use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
-use super::run::{Lineage, RETRY_ANNOTATION, Run, RunKind};
+use super::run::{Run, RunKind};
 use super::{Context, Error};
 use crate::api::{
     BulkUserChange, BulkUserChangeSpec, FailurePolicy, Mode, OperationStatus, Phase, Plan, Policy,
     Summary, parse_duration,
 };
 use crate::engine::planning::{self, UserRequest};
-use crate::engine::results::{self, Digest as Counts};
+use crate::engine::results::Digest as Counts;
 use crate::engine::users::{Outbox, UserExec};
 use crate::pbx::{PbxBackend, Secret, UserField};
 use crate::plan::selection::Selector;
@@ -164,7 +165,7 @@ impl Change<'_> {
                 Err(e) => return run.blocked(status, &e).await,
             }
         }
-        let (rows, mut plan) = match self.plan(backend.as_ref(), &intent, kept, &spec_hash).await {
+        let (rows, plan) = match self.plan(backend.as_ref(), &intent, kept, &spec_hash).await {
             Ok(p) => p,
             Err(e) => return run.blocked(status, &e).await,
         };
@@ -182,46 +183,31 @@ impl Change<'_> {
         }
         let run = self.run(Some(&plan));
         let stored = run.store_plan(rows.into_rows()).await?;
-        plan.batch_digests = stored.digests;
         let batches = stored.refs.len();
-        let counts = stored.digest;
-        let (shown, truncated) = results::for_status(counts.shown.iter());
-        let targets = counts.rows as u32;
-        let mut next = OperationStatus {
-            observed_generation: self.buc.metadata.generation,
-            results_truncated: truncated || counts.rows > shown.len(),
-            results: shown,
-            results_refs: stored.refs,
-            start_time: Some(conditions::now()),
-            corrections: status.corrections,
-            last_checked_time: status.last_checked_time.clone(),
-            conditions: status.conditions.clone(),
-            warnings: request::warnings(&conn.name_any(), conn.spec.smtp.is_some(), self.spec()),
-            summary: Some(Summary {
-                targets,
-                ..counts.summary.clone()
-            }),
-            ..Default::default()
-        };
-        if self.spec().mode == Mode::Validate {
-            next.summary = Some(Summary {
-                targets,
-                changed: plan.changes,
-                ..counts.summary
-            });
-            let message = format!(
-                "planned: {targets} targets, {} would change; plan hash {}",
-                plan.changes, plan.hash
-            );
-            next.plan = Some(plan);
-            next.progress = Some(self.lineage.progress(batches, batches, None));
+        let validate = self.spec().mode == Mode::Validate;
+        let progress = self
+            .lineage
+            .progress(batches, if validate { batches } else { 0 }, None);
+        let mut next = run.stored_status(plan, stored, progress, &status);
+        next.corrections = status.corrections;
+        next.last_checked_time = status.last_checked_time.clone();
+        next.warnings = request::warnings(&conn.name_any(), conn.spec.smtp.is_some(), self.spec());
+        let (hash, changes) = next
+            .plan
+            .as_ref()
+            .map(|p| (p.hash.clone(), p.changes))
+            .unwrap_or_default();
+        let summary = next.summary.get_or_insert_with(Summary::default);
+        let targets = summary.targets;
+        if validate {
+            summary.changed = changes;
+            let message =
+                format!("planned: {targets} targets, {changes} would change; plan hash {hash}");
             let next = run.validated(next, message).await?;
             return self.after_finish(&next);
         }
-        let message = format!("executing plan {} on {targets} targets", plan.hash);
-        next.plan = Some(plan);
         next.phase = Phase::Running;
-        next.progress = Some(self.lineage.progress(batches, 0, None));
+        let message = format!("executing plan {hash} on {targets} targets");
         run.started(&mut next, "Executing", "Execute", message)
             .await?;
         self.execute(next).await
