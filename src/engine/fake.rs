@@ -510,6 +510,16 @@ impl DyingJournal {
             .collect()
     }
 
+    /// A target's row as last recorded.
+    pub fn row(&self, target: &str) -> Option<Row> {
+        let batches = self.batches.lock().unwrap();
+        batches
+            .values()
+            .flatten()
+            .find(|r| r.target == target)
+            .cloned()
+    }
+
     /// Stores a batch as something other than the engine would (an edit, a retry's plan).
     pub fn put(&self, index: usize, rows: Vec<Row>) {
         self.batches.lock().unwrap().insert(index, rows);

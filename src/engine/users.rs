@@ -892,10 +892,9 @@ mod tests {
                 Effect::Action(t, k) => (t.clone(), *k),
                 Effect::Mail(a, k) => (target_of(a), *k),
             };
-            let rows = journal.rows();
-            let row = rows.iter().find(|r| r.target == target);
+            let row = journal.row(&target);
             assert_eq!(
-                row.and_then(|r| state_of(r, kind)),
+                row.as_ref().and_then(|r| state_of(r, kind)),
                 Some(StepState::Intended),
                 "{e:?} attempted without its intent on record: {row:?}"
             );
@@ -1043,11 +1042,7 @@ mod tests {
         }
 
         fn row(&self, t: &str) -> Row {
-            self.journal
-                .rows()
-                .into_iter()
-                .find(|r| r.target == t)
-                .unwrap()
+            self.journal.row(t).unwrap()
         }
     }
 
