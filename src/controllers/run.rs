@@ -300,7 +300,9 @@ impl<'a, K: RunKind> Run<'a, K> {
                 Ok(Next::Complete) => break,
                 // The step in flight is recorded; the next operator goes on from there.
                 Ok(Next::Stopped) => return Ok(Err(Action::requeue(Duration::from_secs(5)))),
-                Ok(Next::Finished { batch, outcomes }) => (batch, outcomes),
+                Ok(Next::Finished {
+                    batch, outcomes, ..
+                }) => (batch, outcomes),
                 Err(e) => return Ok(Err(self.blocked(status, &self.engine_error(e)).await?)),
             };
             for outcome in outcomes {
