@@ -1622,9 +1622,11 @@ async fn all_kinds_survive_kills_outages_and_a_rolling_upgrade() {
         ));
     }
     eprintln!(
-        "chaos: {:.0}s in all; operator logs: {:?}",
+        "chaos: {:.0}s in all; operator logs (one per process, in order): {:?}; lab {} and mail {} (kept when the test fails)",
         t0.elapsed().as_secs_f64(),
-        chaos.logs
+        chaos.logs,
+        env.lab.dir.display(),
+        smtp.maildir.display()
     );
     assert!(
         failures.is_empty(),
