@@ -440,6 +440,16 @@ impl Chaos {
             if progress.is_some_and(|p| p > self.last_progress) && ready(&runs) {
                 return;
             }
+            let applied: Vec<&Run> = runs.values().filter(|r| r.phase.is_some()).collect();
+            assert!(
+                applied.is_empty() || !applied.iter().all(|r| r.finished()),
+                "chaos: every run finished before {what}: the workload is too small for this machine's speed; make it bigger\n{}",
+                self.events
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
             assert!(
                 Instant::now() < deadline,
                 "chaos: waited 2 minutes for {what} (progress {progress:?}, at the last disruption {}): [{}]\n{}",
@@ -532,8 +542,8 @@ impl Chaos {
         .await;
         let pause = self.next_pause();
         tokio::time::sleep(pause).await;
-        let at = self.elapsed();
         let before = self.runs().await;
+        let at = self.elapsed();
         self.env.kill_operator();
         // A request the operator sent just before it died may still land.
         tokio::time::sleep(Duration::from_millis(500)).await;
