@@ -331,7 +331,7 @@ spec:
 fn moves_csv() -> String {
     let mut csv = String::from("extension,primaryNumber,callerIdPolicy\n");
     for ext in CSV_FIRST..CSV_FIRST + CSV_ROWS {
-        let take = if (ext - CSV_FIRST) % 10 == 0 {
+        let take = if (ext - CSV_FIRST).is_multiple_of(10) {
             format!("+1555010{:04}", ext + 1)
         } else {
             String::new()
@@ -345,7 +345,7 @@ fn moves_csv() -> String {
 /// rest what the lab seeded (every user but i % 5 == 4 owns +1555010<ext>).
 fn planned_numbers(ext: u32) -> Vec<String> {
     let offset = ext - CSV_FIRST;
-    if offset % 10 == 0 {
+    if offset.is_multiple_of(10) {
         vec![format!("+1555010{:04}", ext + 1)]
     } else if offset % 10 == 1 || (ext - 200) % 5 == 4 {
         vec![]
