@@ -5,20 +5,18 @@
 
 use std::sync::Arc;
 
-use kube::{
-    ResourceExt,
-    runtime::{controller::Action, events::EventType},
-};
+use kube::{ResourceExt, runtime::controller::Action};
 
-use super::conditions::{self, Desired};
+use super::conditions;
+use super::lineage::Lineage;
+use super::metrics::Timed;
 use super::run::{self, Run, RunKind};
 use super::{Context, Error};
-use crate::api::{BulkPhoneChange, Mode, OperationStatus, Phase, Plan, Progress, Summary};
-use crate::engine::phones::PhoneWriteExec;
+use crate::api::{BulkPhoneChange, Mode, OperationStatus, Phase, Plan, Summary};
+use crate::engine::phones::{self as exec_phones, PhoneWriteExec};
 use crate::engine::results::{self, Digest};
-use crate::pbx::{PbxBackend, UserSelection};
 use crate::plan::PlanError;
-use crate::plan::phones::{self, PhoneFilter};
+use crate::plan::phones;
 use crate::plan::stored::Row;
 
 impl RunKind for BulkPhoneChange {
@@ -55,12 +53,16 @@ impl RunKind for BulkPhoneChange {
 pub(crate) async fn reconcile(b: Arc<BulkPhoneChange>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer(BulkPhoneChange::KIND);
     let status = b.status.clone().unwrap_or_default();
-    let run_id = format!("g{}", b.metadata.generation.unwrap_or(0));
+    // One pass per spec generation (no retry: an edited spec is planned again).
+    let wanted = Lineage {
+        retry: None,
+        ..Lineage::of(&*b)
+    };
     let run = Run::new(&ctx, &*b, None);
     match &status.progress {
-        Some(p) if p.run == run_id && p.done >= p.batches => Ok(Action::await_change()),
-        Some(p) if p.run == run_id => execute(&run, status).await,
-        _ => start(&run, status, run_id).await,
+        Some(p) if wanted.serves(p) && p.done >= p.batches => Ok(Action::await_change()),
+        Some(p) if wanted.serves(p) => execute(&run, status).await,
+        _ => start(&run, status, wanted).await,
     }
 }
 
@@ -68,7 +70,7 @@ pub(crate) async fn reconcile(b: Arc<BulkPhoneChange>, ctx: Arc<Context>) -> Res
 async fn start(
     run: &Run<'_, BulkPhoneChange>,
     status: OperationStatus,
-    run_id: String,
+    wanted: Lineage,
 ) -> Result<Action, Error> {
     let b = run.obj;
     let spec_hash = phones::change_spec_hash(&b.spec);
@@ -78,172 +80,126 @@ async fn start(
             .plan
             .as_ref()
             .is_some_and(|p| p.spec_hash == spec_hash);
-    let (plan, refs, digest) = if validated {
-        // The stored rows are what runs: they must be the ones validated.
-        let plan = status.plan.clone().expect("checked");
-        let batches = status.progress.as_ref().map(|p| p.batches).unwrap_or(0);
-        let mut digest = Digest::default();
-        for index in 0..batches as usize {
-            match run.verified(index, &plan.batch_digests).await {
-                Ok(rows) => digest.merge(Digest::of(&rows)),
-                Err(e) => return refuse(run, status, &e, None).await,
+    if validated {
+        return execute_validated(run, status, wanted).await;
+    }
+    let (rows, plan) = match plan(run).await {
+        Ok(p) => p,
+        Err(e) => return refuse(run, status, &e, None).await,
+    };
+    if b.spec.mode == Mode::Execute
+        && let Some(approved) = b
+            .spec
+            .approved_plan_hash
+            .as_ref()
+            .filter(|h| **h != plan.hash)
+    {
+        let err = Error::PlanChanged {
+            approved: approved.clone(),
+            current: plan.hash.clone(),
+        };
+        return refuse(run, status, &err, Some(plan)).await;
+    }
+    let (targets, changes, hash) = (plan.targets, plan.changes, plan.hash.clone());
+    let stored = run.store_plan(rows.into_iter()).await?;
+    let batches = stored.refs.len();
+    if b.spec.mode == Mode::Validate {
+        let progress = wanted.progress(batches, batches, None);
+        let mut next = run.stored_status(plan, stored, progress, &status);
+        if let Some(s) = next.summary.as_mut() {
+            s.changed = changes;
+        }
+        let message =
+            format!("planned: {targets} phones, {changes} would change; plan hash {hash}");
+        run.validated(next, message).await?;
+        return Ok(Action::await_change());
+    }
+    let progress = wanted.progress(batches, 0, None);
+    let next = run.stored_status(plan, stored, progress, &status);
+    begin(run, next, targets, changes).await
+}
+
+/// Executes exactly the plan that was validated: its stored rows, checked against their digests.
+async fn execute_validated(
+    run: &Run<'_, BulkPhoneChange>,
+    mut status: OperationStatus,
+    wanted: Lineage,
+) -> Result<Action, Error> {
+    let plan = status.plan.clone().unwrap_or_default();
+    let batches = status.progress.as_ref().map(|p| p.batches).unwrap_or(0) as usize;
+    let mut digest = Digest::default();
+    for index in 0..batches {
+        match run.verified(index, &plan.batch_digests).await {
+            Ok(rows) => digest.merge(Digest::of(&rows)),
+            Err(e) => {
+                // A refusal belongs to this run: the next reconcile must not plan afresh and
+                // execute what nobody reviewed. (A transient read error is only waited for.)
+                if !e.is_transient() {
+                    status.progress = Some(wanted.progress(batches, batches, None));
+                }
+                return refuse(run, status, &e, None).await;
             }
         }
-        (plan, status.results_refs.clone(), digest)
-    } else {
-        let (rows, mut plan) = match plan(run).await {
-            Ok(p) => p,
-            Err(e) => return refuse(run, status, &e, None).await,
-        };
-        if b.spec.mode == Mode::Execute
-            && let Some(approved) = b
-                .spec
-                .approved_plan_hash
-                .as_ref()
-                .filter(|h| **h != plan.hash)
-        {
-            let err = Error::PlanChanged {
-                approved: approved.clone(),
-                current: plan.hash.clone(),
-            };
-            return refuse(run, status, &err, Some(plan)).await;
-        }
-        let stored = run.store_plan(rows.into_iter()).await?;
-        plan.batch_digests = stored.digests;
-        (plan, stored.refs, stored.digest)
-    };
-    let generation = b.metadata.generation;
-    let batches = refs.len() as u32;
+    }
     let (shown, truncated) = results::for_status(digest.shown.iter());
-    let mut next = OperationStatus {
-        observed_generation: generation,
-        plan: Some(plan.clone()),
-        results_refs: refs,
+    let next = OperationStatus {
+        observed_generation: run.obj.metadata.generation,
         results: shown,
         results_truncated: truncated || digest.rows > digest.shown.len(),
+        results_refs: status.results_refs.clone(),
         start_time: Some(conditions::now()),
         conditions: status.conditions.clone(),
-        summary: Some(Summary {
-            targets: plan.targets,
-            ..digest.summary.clone()
-        }),
-        progress: Some(Progress {
-            run: run_id,
-            batches,
-            done: 0,
-        }),
+        summary: Some(BulkPhoneChange::summary(&digest, None)),
+        progress: Some(wanted.progress(batches, 0, None)),
+        plan: Some(plan.clone()),
         ..Default::default()
     };
-    if b.spec.mode == Mode::Validate {
-        return validated_plan(run, next, &plan).await;
-    }
+    begin(run, next, plan.targets, plan.changes).await
+}
+
+async fn begin(
+    run: &Run<'_, BulkPhoneChange>,
+    mut next: OperationStatus,
+    targets: u32,
+    changes: u32,
+) -> Result<Action, Error> {
     next.phase = Phase::Running;
-    let message = format!("changing {} of {} phones", plan.changes, plan.targets);
+    let message = format!("changing {changes} of {targets} phones");
     run.started(&mut next, "Changing", "Change", message)
         .await?;
     execute(run, next).await
 }
 
-/// A validated plan: Ready and Validated, with the hash to approve.
-async fn validated_plan(
-    run: &Run<'_, BulkPhoneChange>,
-    mut next: OperationStatus,
-    plan: &Plan,
-) -> Result<Action, Error> {
-    let generation = run.obj.metadata.generation;
-    let now = conditions::now();
-    next.phase = Phase::Validated;
-    next.completion_time = Some(now.clone());
-    if let Some(p) = next.progress.as_mut() {
-        p.done = p.batches;
-    }
-    if let Some(s) = next.summary.as_mut() {
-        s.changed = plan.changes;
-    }
-    let message = format!(
-        "planned: {} phones, {} would change; plan hash {}",
-        plan.targets, plan.changes, plan.hash
-    );
-    let desired = Desired {
-        type_: conditions::VALIDATED,
-        status: true,
-        reason: "Planned",
-        message: message.clone(),
-    };
-    conditions::upsert(&mut next.conditions, desired, generation, &now);
-    super::mark_finished(
-        &mut next.conditions,
-        true,
-        "Validated",
-        &message,
-        generation,
-    );
-    run.write_status(&next).await?;
-    run.ctx
-        .publish(
-            run.obj,
-            EventType::Normal,
-            "Validated",
-            "Change",
-            Some(format!("{message}{}", run.requested_by())),
-        )
-        .await;
-    run.ctx.reset_failures(&run.obj.uid().unwrap_or_default());
-    Ok(Action::await_change())
-}
-
 /// Reads the selected phones and plans their writes.
 async fn plan(run: &Run<'_, BulkPhoneChange>) -> Result<(Vec<Row>, Plan), Error> {
     let (ctx, b) = (run.ctx, run.obj);
+    let ns = b.namespace().unwrap_or_default();
     let (_, backend) = ctx
         .backends
-        .by_name(&ctx.client, &run.namespace(), &b.spec.connection_ref.name)
+        .by_name(&ctx.client, &ns, &b.spec.connection_ref.name)
         .await?;
-    let t = &b.spec.targets;
-    let selection = UserSelection {
-        groups: t.groups.clone(),
-        extensions: t.extensions.clone(),
+    let timed = Timed {
+        inner: backend.as_ref(),
+        metrics: &ctx.metrics,
     };
-    let m = &ctx.metrics;
-    let users = m
-        .pbx_call("read_users", backend.read_users(&selection))
-        .await?;
-    let provisioned = m
-        .pbx_call("read_phones", backend.read_phones(&selection))
-        .await?;
-    let filter = PhoneFilter {
-        exclude: t.exclude.clone(),
-        models: t.models.clone(),
-        vendors: t.vendors.clone(),
-        max_targets: t.max_targets,
-    };
-    let names: Vec<String> = users.users.iter().map(|u| u.extension.clone()).collect();
-    let selected = phones::select(&names, &provisioned, &[], &filter)?;
     let generation = b.metadata.generation.unwrap_or(0);
-    Ok(phones::plan_change(
-        &b.spec,
-        generation,
-        &selected,
-        &provisioned,
-    )?)
+    Ok(exec_phones::plan_change(&timed, &b.spec, generation).await?)
 }
 
 async fn execute(run: &Run<'_, BulkPhoneChange>, status: OperationStatus) -> Result<Action, Error> {
     let ctx = run.ctx;
-    let backend = match ctx
-        .backends
-        .by_name(
-            &ctx.client,
-            &run.namespace(),
-            &run.obj.spec.connection_ref.name,
-        )
-        .await
-    {
+    let ns = run.obj.namespace().unwrap_or_default();
+    let name = &run.obj.spec.connection_ref.name;
+    let backend = match ctx.backends.by_name(&ctx.client, &ns, name).await {
         Ok((_, backend)) => backend,
         Err(e) => return run.blocked(status, &e).await,
     };
+    let timed = Timed {
+        inner: backend.as_ref(),
+        metrics: &ctx.metrics,
+    };
     let exec = PhoneWriteExec {
-        backend: backend.as_ref() as &dyn PbxBackend,
+        backend: &timed,
         journal: run,
     };
     match run.execute(status, &exec, false).await? {

@@ -13,16 +13,16 @@ use kube::{ResourceExt, runtime::controller::Action};
 
 use super::backends::RateLimit;
 use super::conditions::{self, Desired};
+use super::lineage::{Lineage, RETRY_ANNOTATION};
+use super::metrics::Timed;
 use super::run::{Run, RunKind};
-use super::user_change::RETRY_ANNOTATION;
 use super::{Context, Error};
 use crate::api::{Outcome, parse_duration};
 use crate::api::{Phase, PhoneRestart, PhoneRestartStatus, Progress, RestartSummary};
 use crate::engine;
-use crate::engine::phones::{Pace, RestartExec};
+use crate::engine::phones::{self as exec_phones, Pace, RestartExec};
 use crate::engine::results::{self, Digest};
-use crate::pbx::{PbxBackend, UserSelection};
-use crate::plan::phones::{self, PhoneFilter};
+use crate::plan::phones;
 use crate::plan::stored::Row;
 
 const RUN: &str = "restart";
@@ -89,18 +89,16 @@ impl Pace for RateLimit {
     }
 }
 
-/// The run a resource asks for: the restart, or a retry of it named by the annotation.
-fn lineage(pr: &PhoneRestart) -> String {
-    match pr.annotations().get(RETRY_ANNOTATION) {
-        Some(retry) => {
-            let clean: String = retry
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .take(40)
-                .collect();
-            format!("{RUN}-retry-{clean}")
-        }
-        None => RUN.into(),
+/// A restart is sent once: a spec edited afterwards changes nothing, only a new value of the
+/// retry annotation runs again. Its run is named `restart[-retry-<value>]` for people.
+fn progress(wanted: &Lineage, batches: usize) -> Progress {
+    let mut run = RUN.to_string();
+    if let Some(r) = &wanted.retry {
+        run.push_str(&format!("-retry-{r}"));
+    }
+    Progress {
+        run,
+        ..wanted.progress(batches, 0, None)
     }
 }
 
@@ -109,14 +107,14 @@ pub(crate) async fn reconcile(pr: Arc<PhoneRestart>, ctx: Arc<Context>) -> Resul
     let _timer = ctx.metrics.reconcile_timer(PhoneRestart::KIND);
     let run = Run::new(&ctx, &*pr, None);
     let status = pr.status.clone().unwrap_or_default();
-    let lineage = lineage(&pr);
+    let wanted = Lineage::of(&*pr);
     match &status.progress {
         // A run under way finishes first, whatever the annotation says.
         Some(p) if p.done < p.batches => execute(&run, status).await,
-        // A spec edited after the run changes nothing: a restart is sent once; only a new retry
-        // annotation sends again.
-        Some(p) if p.run == lineage || !lineage.contains("-retry-") => Ok(Action::await_change()),
-        _ => start(&run, status, lineage).await,
+        Some(p) if wanted.retry.is_none() || Lineage::recorded(p).retry == wanted.retry => {
+            Ok(Action::await_change())
+        }
+        _ => start(&run, status, wanted).await,
     }
 }
 
@@ -124,7 +122,7 @@ pub(crate) async fn reconcile(pr: Arc<PhoneRestart>, ctx: Arc<Context>) -> Resul
 async fn start(
     run: &Run<'_, PhoneRestart>,
     mut status: PhoneRestartStatus,
-    lineage: String,
+    wanted: Lineage,
 ) -> Result<Action, Error> {
     let pr = run.obj;
     let generation = pr.metadata.generation;
@@ -154,91 +152,52 @@ async fn start(
         Ok(rows) => rows,
         Err(e) => return run.blocked(status, &e).await,
     };
-    let mut plan = phones::restart_plan(&rows, generation.unwrap_or(0));
+    let plan = phones::restart_plan(&rows, generation.unwrap_or(0));
     let to_send = rows
         .iter()
         .filter(|r| r.outcome == Outcome::Planned)
         .count();
     let stored = run.store_plan(rows.into_iter()).await?;
-    plan.batch_digests = stored.digests;
-    let batches = stored.refs.len() as u32;
-    let (shown, truncated) = results::for_status(stored.digest.shown.iter());
-    let mut next = PhoneRestartStatus {
-        observed_generation: generation,
-        phase: Phase::Running,
-        conditions: status.conditions.clone(),
-        plan: Some(plan),
-        results_refs: stored.refs,
-        results: shown,
-        results_truncated: truncated || stored.digest.rows > stored.digest.shown.len(),
-        start_time: Some(conditions::now()),
-        summary: Some(PhoneRestart::summary(&stored.digest, None)),
-        progress: Some(Progress {
-            run: lineage,
-            batches,
-            done: 0,
-        }),
-        ..Default::default()
-    };
-    let message = format!(
-        "restarting {to_send} registered phones of {} selected",
-        stored.digest.rows
-    );
+    let selected = stored.digest.rows;
+    let progress = progress(&wanted, stored.refs.len());
+    let mut next = run.stored_status(plan, stored, progress, &status);
+    next.phase = Phase::Running;
+    let message = format!("restarting {to_send} registered phones of {selected} selected");
     run.started(&mut next, "Restarting", "Restart", message)
         .await?;
     execute(run, next).await
 }
 
-/// The selected phones as planned rows; a retry keeps the earlier run's rows and plans again
-/// only those that failed or are uncertain.
+/// The selected phones as planned rows; a retry builds on the earlier run's rows (without
+/// them, nothing is planned or sent).
 async fn plan(run: &Run<'_, PhoneRestart>, status: &PhoneRestartStatus) -> Result<Vec<Row>, Error> {
     let (ctx, pr) = (run.ctx, run.obj);
+    let ns = pr.namespace().unwrap_or_default();
     let (_, backend) = ctx
         .backends
-        .by_name(&ctx.client, &run.namespace(), &pr.spec.connection_ref.name)
+        .by_name(&ctx.client, &ns, &pr.spec.connection_ref.name)
         .await?;
-    let targets = &pr.spec.targets;
-    let selection = UserSelection {
-        groups: targets.groups.clone(),
-        extensions: targets.extensions.clone(),
-    };
-    let m = &ctx.metrics;
-    let users = m
-        .pbx_call("read_users", backend.read_users(&selection))
-        .await?;
-    let provisioned = m
-        .pbx_call("read_phones", backend.read_phones(&selection))
-        .await?;
-    let registrations = m.pbx_call("registrations", backend.registrations()).await?;
-    let filter = PhoneFilter {
-        exclude: targets.exclude.clone(),
-        models: targets.models.clone(),
-        vendors: targets.vendors.clone(),
-        max_targets: targets.max_targets,
-    };
-    let names: Vec<String> = users.users.iter().map(|u| u.extension.clone()).collect();
-    let selected = phones::select(&names, &provisioned, &registrations, &filter)?;
-    let fresh: Vec<Row> = selected.into_iter().map(phones::restart_row).collect();
-    match &status.progress {
-        // What the earlier run did decides what the retry does: without it, nothing is sent.
-        Some(earlier) => {
-            let digests = status
-                .plan
-                .as_ref()
-                .map(|p| p.batch_digests.clone())
-                .unwrap_or_default();
-            let rows = run.verified_all(earlier.batches as usize, &digests).await?;
-            Ok(phones::retry_rows(rows, fresh))
+    let earlier = match &status.progress {
+        Some(p) => {
+            let digests = status.plan.as_ref().map(|p| p.batch_digests.clone());
+            let digests = digests.unwrap_or_default();
+            Some(run.verified_all(p.batches as usize, &digests).await?)
         }
-        None => Ok(fresh),
-    }
+        None => None,
+    };
+    let timed = Timed {
+        inner: backend.as_ref(),
+        metrics: &ctx.metrics,
+    };
+    Ok(exec_phones::plan_restart(&timed, &pr.spec.targets, earlier).await?)
 }
 
 async fn execute(run: &Run<'_, PhoneRestart>, status: PhoneRestartStatus) -> Result<Action, Error> {
     let (ctx, spec) = (run.ctx, &run.obj.spec);
+    let ns = run.obj.namespace().unwrap_or_default();
     let (backend, shared) = match ctx
         .backends
-        .by_name(&ctx.client, &run.namespace(), &spec.connection_ref.name)
+        .by_name(&ctx.client, &ns, &spec.connection_ref.name)
         .await
     {
         // The connection's NOTIFY limit is shared with every other restart on it.
@@ -264,8 +223,12 @@ async fn execute(run: &Run<'_, PhoneRestart>, status: PhoneRestartStatus) -> Res
         };
         ctx.metrics.notify_answers.get_or_create(&label).inc();
     };
+    let timed = Timed {
+        inner: backend.as_ref(),
+        metrics: &ctx.metrics,
+    };
     let exec = RestartExec {
-        backend: backend.as_ref() as &dyn PbxBackend,
+        backend: &timed,
         journal: &live,
         stopping: &stopping,
         reboot: spec.reboot,

@@ -11,11 +11,15 @@ use kube::{Resource, ResourceExt};
 use super::conditions::{self, Desired};
 use super::results_store::{self, Store};
 use super::{Context, Error};
-use crate::api::{OperationStatus, Phase, Progress};
+use crate::api::{OperationStatus, Phase, Plan, Progress};
 use crate::engine::results::{self, Digest};
 use crate::engine::run::{Next, Runner};
 use crate::engine::{self, Executor};
 use crate::plan::stored::{self, Row};
+
+/// How long a record of progress is retried before the run stops and leaves it to the next
+/// attempt (which reports what it cannot know as uncertain).
+const JOURNAL_PATIENCE: Duration = Duration::from_secs(60);
 
 /// What the shared lifecycle needs to know of a kind.
 pub(crate) trait RunKind:
@@ -74,10 +78,6 @@ impl<'a, K: RunKind> Run<'a, K> {
         }
     }
 
-    pub fn namespace(&self) -> String {
-        self.obj.namespace().unwrap_or_default()
-    }
-
     pub fn requested_by(&self) -> String {
         super::requested_by_note(self.obj.requested_by())
     }
@@ -131,6 +131,32 @@ impl<'a, K: RunKind> Run<'a, K> {
         Ok(())
     }
 
+    /// The status of a run starting from a plan just stored: its rows so far (counts and the
+    /// few status shows) and its progress. What a kind keeps across runs, the caller adds.
+    pub fn stored_status(
+        &self,
+        mut plan: Plan,
+        stored: StoredPlan,
+        progress: Progress,
+        before: &OperationStatus<K::Summary>,
+    ) -> OperationStatus<K::Summary> {
+        plan.batch_digests = stored.digests;
+        let counts = stored.digest;
+        let (shown, truncated) = results::for_status(counts.shown.iter());
+        OperationStatus {
+            observed_generation: self.obj.meta().generation,
+            plan: Some(plan),
+            summary: Some(K::summary(&counts, None)),
+            results_truncated: truncated || counts.rows > shown.len(),
+            results: shown,
+            results_refs: stored.refs,
+            start_time: Some(conditions::now()),
+            conditions: before.conditions.clone(),
+            progress: Some(progress),
+            ..Default::default()
+        }
+    }
+
     /// Reads a stored batch and checks it is the one stored for this plan.
     pub async fn verified(&self, index: usize, digests: &[String]) -> Result<Vec<Row>, Error> {
         engine::run::verified(self, digests, index)
@@ -154,6 +180,9 @@ impl<'a, K: RunKind> Run<'a, K> {
     fn engine_error(&self, e: engine::Error) -> Error {
         match e {
             engine::Error::Tampered { index } => Error::PlanTampered {
+                name: results_store::name(&self.obj.name_any(), index),
+            },
+            engine::Error::Lost { index } => Error::ResultsLost {
                 name: results_store::name(&self.obj.name_any(), index),
             },
             e => Error::Engine(e),
@@ -197,6 +226,47 @@ impl<'a, K: RunKind> Run<'a, K> {
         Ok(())
     }
 
+    /// The one end of a Validate run: the plan is stored and described, nothing was changed.
+    /// `message` describes the plan (conditions); the `Validated` Event adds who asked.
+    pub async fn validated(
+        &self,
+        mut next: OperationStatus<K::Summary>,
+        message: String,
+    ) -> Result<OperationStatus<K::Summary>, Error> {
+        let now = conditions::now();
+        let generation = self.obj.meta().generation;
+        next.phase = Phase::Validated;
+        next.completion_time = Some(now.clone());
+        for (type_, reason) in [
+            (conditions::VALIDATED, "Planned"),
+            (conditions::READY, "Validated"),
+        ] {
+            let desired = Desired {
+                type_,
+                status: true,
+                reason,
+                message: message.clone(),
+            };
+            conditions::upsert(&mut next.conditions, desired, generation, &now);
+        }
+        conditions::remove(&mut next.conditions, conditions::RECONCILING);
+        conditions::remove(&mut next.conditions, conditions::STALLED);
+        self.write_status(&next).await?;
+        let note = format!("{message}{}", self.requested_by());
+        self.ctx
+            .publish(
+                self.obj,
+                EventType::Normal,
+                "Validated",
+                "Validate",
+                Some(note),
+            )
+            .await;
+        self.ctx
+            .reset_failures(&self.obj.meta().uid.clone().unwrap_or_default());
+        Ok(next)
+    }
+
     /// Executes the unfinished batches of the run in `status` through `exec`, writing status
     /// after every batch; `together` runs them all in one call (Atomic). Ends in [`Run::finish`],
     /// or with a requeue when the operator is stopping or the run is blocked.
@@ -234,7 +304,9 @@ impl<'a, K: RunKind> Run<'a, K> {
                 Ok(Next::Complete) => break,
                 // The step in flight is recorded; the next operator goes on from there.
                 Ok(Next::Stopped) => return Ok(Err(Action::requeue(Duration::from_secs(5)))),
-                Ok(Next::Finished { batch, outcomes }) => (batch, outcomes),
+                Ok(Next::Finished {
+                    batch, outcomes, ..
+                }) => (batch, outcomes),
                 Err(e) => return Ok(Err(self.blocked(status, &self.engine_error(e)).await?)),
             };
             for outcome in outcomes {
@@ -323,12 +395,26 @@ impl<'a, K: RunKind> Run<'a, K> {
 
 #[async_trait::async_trait]
 impl<K: RunKind> engine::Journal for Run<'_, K> {
+    /// Keeps trying for a while when the API server is away (restarted, overloaded): the
+    /// outcomes in hand are known now, and given up they would be reported as uncertain.
     async fn record(&self, index: usize, rows: &[Row]) -> Result<(), engine::Error> {
-        self.store
-            .write_with(index, rows, self.header.as_deref())
-            .await
-            .map(|_| ())
-            .map_err(|e| engine::Error::Journal(e.to_string()))
+        let start = std::time::Instant::now();
+        let mut wait = Duration::from_millis(250);
+        loop {
+            match self
+                .store
+                .write_with(index, rows, self.header.as_deref())
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_transient() && start.elapsed() + wait < JOURNAL_PATIENCE => {
+                    tracing::warn!(error = %e, batch = index, "cannot record the run's progress yet; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(engine::Error::Journal(e.to_string())),
+            }
+        }
     }
 }
 
@@ -336,7 +422,7 @@ impl<K: RunKind> engine::Journal for Run<'_, K> {
 impl<K: RunKind> engine::Store for Run<'_, K> {
     async fn load(&self, index: usize) -> Result<Vec<Row>, engine::Error> {
         self.store.read(index).await.map_err(|e| match e {
-            Error::ResultsLost { .. } => engine::Error::Lost(e.to_string()),
+            Error::ResultsLost { .. } => engine::Error::Lost { index },
             e => engine::Error::Journal(e.to_string()),
         })
     }

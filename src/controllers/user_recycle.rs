@@ -27,8 +27,8 @@ use sha2::{Digest, Sha256};
 
 use super::backends::mailer;
 use super::conditions::{self, Desired};
+use super::lineage::RETRY_ANNOTATION;
 use super::results_store::Store;
-use super::user_change::RETRY_ANNOTATION;
 use super::{Context, Error};
 use crate::api::{
     FieldChange, OperationStatus, Outcome, PbxConnection, Phase, Plan, Progress, ResetItem,
@@ -180,6 +180,7 @@ impl Run<'_> {
                 run: run_id,
                 batches: chunks.len() as u32,
                 done: 0,
+                ..Default::default()
             }),
             ..Default::default()
         };

@@ -19,14 +19,74 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 
+use super::planning::PlanningError;
 use super::steps;
 use super::{Batch, Ended, Error, Executor, Journal};
-use crate::api::Outcome;
+use crate::api::{BulkPhoneChangeSpec, Outcome, PhoneTargets, Plan};
 use crate::pbx::{
     PbxBackend, PbxError, PhoneField, Registration, UserSelection, WriteOutcome, sip,
 };
-use crate::plan::phones::{phone_field, restart_steps};
+use crate::plan::phones::{self as phone_plan, PhoneFilter, phone_field, restart_steps};
 use crate::plan::stored::{Row, Step, StepKind, StepState};
+
+/// The selected users' phones, filtered, with their live registrations when `registered`.
+async fn selected(
+    backend: &dyn PbxBackend,
+    targets: &PhoneTargets,
+    registered: bool,
+) -> Result<(Vec<phone_plan::SelectedPhone>, Vec<crate::pbx::Phone>), PlanningError> {
+    let selection = UserSelection {
+        groups: targets.groups.clone(),
+        extensions: targets.extensions.clone(),
+    };
+    let users = backend.read_users(&selection).await?;
+    let provisioned = backend.read_phones(&selection).await?;
+    let registrations = if registered {
+        backend.registrations().await?
+    } else {
+        vec![]
+    };
+    let filter = PhoneFilter {
+        exclude: targets.exclude.clone(),
+        models: targets.models.clone(),
+        vendors: targets.vendors.clone(),
+        max_targets: targets.max_targets,
+    };
+    let names: Vec<String> = users.users.iter().map(|u| u.extension.clone()).collect();
+    let phones = phone_plan::select(&names, &provisioned, &registrations, &filter)?;
+    Ok((phones, provisioned))
+}
+
+/// Plans a PhoneRestart: every selected phone, registered ones to be sent a NOTIFY. A retry
+/// (`earlier`: the rows of the run before) keeps each phone as it ended and plans again only
+/// those that failed or are uncertain, from their registration as it is now.
+pub async fn plan_restart(
+    backend: &dyn PbxBackend,
+    targets: &PhoneTargets,
+    earlier: Option<Vec<Row>>,
+) -> Result<Vec<Row>, PlanningError> {
+    let (phones, _) = selected(backend, targets, true).await?;
+    let fresh: Vec<Row> = phones.into_iter().map(phone_plan::restart_row).collect();
+    Ok(match earlier {
+        Some(rows) => phone_plan::retry_rows(rows, fresh),
+        None => fresh,
+    })
+}
+
+/// Plans a BulkPhoneChange over the provisioned phones of its selection.
+pub async fn plan_change(
+    backend: &dyn PbxBackend,
+    spec: &BulkPhoneChangeSpec,
+    generation: i64,
+) -> Result<(Vec<Row>, Plan), PlanningError> {
+    let (phones, provisioned) = selected(backend, &spec.targets, false).await?;
+    Ok(phone_plan::plan_change(
+        spec,
+        generation,
+        &phones,
+        &provisioned,
+    )?)
+}
 
 /// A rate limit a NOTIFY waits for: its restart's `perSecond`, its connection's
 /// `notifiesPerSecond` (shared by every restart on the connection).
