@@ -132,13 +132,13 @@ pub fn select(
     out.sort_by(|a, b| {
         crate::pbx::extension_order(&a.extension, &b.extension).then(a.target().cmp(&b.target()))
     });
-    if let Some(max) = filter.max_targets {
-        if out.len() > max as usize {
-            return Err(PlanError::TooManyTargets {
-                found: out.len(),
-                max,
-            });
-        }
+    if let Some(max) = filter.max_targets
+        && out.len() > max as usize
+    {
+        return Err(PlanError::TooManyTargets {
+            found: out.len(),
+            max,
+        });
     }
     Ok(out)
 }
