@@ -13,6 +13,7 @@
 
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod recycle;
 pub mod results;
 pub mod run;
 pub mod steps;
