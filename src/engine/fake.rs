@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_trait::async_trait;
 
 use super::Error;
-use crate::pbx::kamailio::recycle::{PASSWORD_REQUIRED, SETUP_REQUIRED};
 use crate::pbx::{
     ActionOutcome, Capabilities, NewIdentity, NewValue, PbxBackend, Phone, PhoneField, Policies,
     Probe, Registration, ResetOutcome, SipAnswer, User, UserAction, UserChange, UserField,
     UserRead, UserReset, UserSelection, WriteOutcome,
 };
+use crate::plan::recycle::{PASSWORD_REQUIRED, SETUP_REQUIRED};
 use crate::plan::stored::Row;
 
 #[derive(Default)]
