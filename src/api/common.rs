@@ -330,9 +330,19 @@ pub struct CsvPlan {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Progress {
-    /// Which run this is: the generation, plus the retry annotation or Enforce check it serves.
+    /// Which run this is, for people: the generation, plus the retry or Enforce check it serves.
     #[schemars(length(max = 128))]
     pub run: String,
+    /// The spec generation the run serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    /// The value of the retry annotation the run serves, if it is a retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 40))]
+    pub retry: Option<String>,
+    /// An Enforce correction run: when its check found the drift (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<i64>,
     /// Result ConfigMaps (batches) of this run.
     pub batches: u32,
     /// Batches whose results are recorded.

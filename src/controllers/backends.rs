@@ -13,8 +13,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use super::Error;
-use crate::api::{PbxConnection, SecretKeyRef, connection::Backend};
+use crate::api::{Lock, PbxConnection, SecretField, SecretKeyRef, connection::Backend};
+use crate::pbx::UserField;
 use crate::pbx::kamailio::{Kamailio, KamailioConfig};
+use crate::plan::users::{FieldIntent, Wanted};
 
 pub struct Backends {
     cache: Mutex<HashMap<(String, String), Cached>>,
@@ -331,6 +333,41 @@ pub(crate) async fn mailer(
             None
         }
     }
+}
+
+/// The secret fields of a BulkUserChange, each read from its (opted-in) Secret with the
+/// reference (name, key, resourceVersion) that pins it in the plan hash: a Secret changed after
+/// validation is a new request.
+pub async fn secret_fields(
+    client: &Client,
+    namespace: &str,
+    fields: &crate::api::UserFields,
+) -> Result<Vec<FieldIntent>, Error> {
+    let mut out = Vec::new();
+    for (field, secret) in [
+        (UserField::VoicemailPin, &fields.voicemail_pin),
+        (UserField::Password, &fields.password),
+    ] {
+        let Some(SecretField {
+            value_from: Some(from),
+            lock,
+            ..
+        }) = secret
+        else {
+            continue;
+        };
+        let named_in = format!("spec.fields.{}.valueFrom.secretKeyRef", field.name());
+        let r = &from.secret_key_ref;
+        let (value, version) =
+            change_secret_value_versioned(client, namespace, r, &named_in).await?;
+        let reference = format!("Secret {} key {} resourceVersion {version}", r.name, r.key);
+        out.push(FieldIntent {
+            field,
+            wanted: Wanted::Secret(crate::pbx::Secret::with_reference(value, reference)),
+            open: *lock == Lock::Open,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

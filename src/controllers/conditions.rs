@@ -3,6 +3,8 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use super::Error;
+
 pub const READY: &str = "Ready";
 pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
@@ -113,5 +115,82 @@ mod tests {
             conds.iter().map(|c| c.type_.as_str()).collect::<Vec<_>>(),
             vec![READY]
         );
+    }
+}
+
+/// Records why a run cannot go on: Ready=False, plus Reconciling when waiting may fix it (the
+/// PBX is down) or Stalled when a person must act. Returns whether it is transient.
+pub(crate) fn mark_blocked(
+    conds: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    err: &Error,
+    generation: Option<i64>,
+) -> bool {
+    let now = now();
+    let reason = err.label_camel();
+    let transient = err.is_transient();
+    let message = err.to_string();
+    upsert(
+        conds,
+        Desired {
+            type_: READY,
+            status: false,
+            reason,
+            message: message.clone(),
+        },
+        generation,
+        &now,
+    );
+    let (set, clear, message) = if transient {
+        (
+            RECONCILING,
+            STALLED,
+            format!("waiting for the PBX, will retry: {message}"),
+        )
+    } else {
+        (STALLED, RECONCILING, message)
+    };
+    upsert(
+        conds,
+        Desired {
+            type_: set,
+            status: true,
+            reason,
+            message,
+        },
+        generation,
+        &now,
+    );
+    remove(conds, clear);
+    transient
+}
+
+/// Records a finished run: Reconciling gone, Ready=ok, and Stalled when it did not succeed
+/// (kstatus reads a failed one-shot run as needing a person).
+pub(crate) fn mark_finished(
+    conds: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let now = now();
+    remove(conds, RECONCILING);
+    let ready = Desired {
+        type_: READY,
+        status: ok,
+        reason,
+        message: message.to_string(),
+    };
+    upsert(conds, ready, generation, &now);
+    if ok {
+        remove(conds, STALLED);
+    } else {
+        let stalled = Desired {
+            type_: STALLED,
+            status: true,
+            reason,
+            message: message.to_string(),
+        };
+        upsert(conds, stalled, generation, &now);
     }
 }

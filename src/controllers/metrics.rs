@@ -2,6 +2,12 @@
 
 use std::time::Instant;
 
+use crate::pbx::{
+    self, ActionOutcome, Capabilities, NewIdentity, PbxBackend, Phone, PhoneField, Policies, Probe,
+    Registration, ResetOutcome, SipAnswer, UserAction, UserChange, UserField, UserRead, UserReset,
+    UserSelection, WriteOutcome,
+};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -166,5 +172,103 @@ pub struct ReconcileTimer {
 impl Drop for ReconcileTimer {
     fn drop(&mut self) {
         self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// A backend whose every call is timed and its failures counted (`pbx_call_*`): what the engine
+/// and the planners call goes through it, so no call site has to remember the metrics.
+pub struct Timed<'a> {
+    pub inner: &'a dyn PbxBackend,
+    pub metrics: &'a Metrics,
+}
+
+#[async_trait::async_trait]
+impl PbxBackend for Timed<'_> {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn probe(&self) -> pbx::Result<Probe> {
+        self.metrics.pbx_call("probe", self.inner.probe()).await
+    }
+    async fn read_users(&self, s: &UserSelection) -> pbx::Result<UserRead> {
+        self.metrics
+            .pbx_call("read_users", self.inner.read_users(s))
+            .await
+    }
+    async fn read_user_fields(
+        &self,
+        s: &UserSelection,
+        fields: &[UserField],
+    ) -> pbx::Result<UserRead> {
+        let call = self.inner.read_user_fields(s, fields);
+        self.metrics.pbx_call("read_users", call).await
+    }
+    async fn extensions(&self) -> pbx::Result<Vec<String>> {
+        self.metrics
+            .pbx_call("extensions", self.inner.extensions())
+            .await
+    }
+    async fn number_holders(&self, numbers: &[String]) -> pbx::Result<Vec<(String, String)>> {
+        let call = self.inner.number_holders(numbers);
+        self.metrics.pbx_call("number_holders", call).await
+    }
+    async fn policies(&self) -> pbx::Result<Policies> {
+        self.metrics
+            .pbx_call("policies", self.inner.policies())
+            .await
+    }
+    async fn apply_user_changes(
+        &self,
+        changes: &[UserChange],
+        atomic: bool,
+    ) -> pbx::Result<Vec<WriteOutcome>> {
+        let call = self.inner.apply_user_changes(changes, atomic);
+        self.metrics.pbx_call("apply_user_changes", call).await
+    }
+    async fn apply_actions(
+        &self,
+        actions: &[(String, UserAction)],
+    ) -> pbx::Result<Vec<ActionOutcome>> {
+        let call = self.inner.apply_actions(actions);
+        self.metrics.pbx_call("apply_actions", call).await
+    }
+    async fn read_phones(&self, s: &UserSelection) -> pbx::Result<Vec<Phone>> {
+        self.metrics
+            .pbx_call("read_phones", self.inner.read_phones(s))
+            .await
+    }
+    async fn apply_phone_changes(
+        &self,
+        changes: &[(i64, PhoneField, String, String)],
+    ) -> pbx::Result<Vec<WriteOutcome>> {
+        let call = self.inner.apply_phone_changes(changes);
+        self.metrics.pbx_call("apply_phone_changes", call).await
+    }
+    async fn registrations(&self) -> pbx::Result<Vec<Registration>> {
+        self.metrics
+            .pbx_call("registrations", self.inner.registrations())
+            .await
+    }
+    async fn lookup(&self, extension: &str) -> pbx::Result<Vec<Registration>> {
+        self.metrics
+            .pbx_call("lookup", self.inner.lookup(extension))
+            .await
+    }
+    async fn notify(&self, to: &Registration, event: &str) -> pbx::Result<SipAnswer> {
+        self.metrics
+            .pbx_call("notify", self.inner.notify(to, event))
+            .await
+    }
+    async fn drop_registrations(&self, extension: &str) -> pbx::Result<()> {
+        let call = self.inner.drop_registrations(extension);
+        self.metrics.pbx_call("drop_registrations", call).await
+    }
+    async fn reset_users(&self, resets: &[UserReset]) -> pbx::Result<Vec<ResetOutcome>> {
+        let call = self.inner.reset_users(resets);
+        self.metrics.pbx_call("reset_users", call).await
+    }
+    async fn recycle_users(&self, identities: &[NewIdentity]) -> pbx::Result<Vec<ResetOutcome>> {
+        let call = self.inner.recycle_users(identities);
+        self.metrics.pbx_call("recycle_users", call).await
     }
 }

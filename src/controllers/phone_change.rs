@@ -138,6 +138,7 @@ pub(crate) async fn reconcile(b: Arc<BulkPhoneChange>, ctx: Arc<Context>) -> Res
         run: run_id,
         batches: chunks.len() as u32,
         done: chunks.len() as u32,
+        ..Default::default()
     });
     next.completion_time = Some(t.clone());
     let mut summary = results::summarize(all.iter().copied());

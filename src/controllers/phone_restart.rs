@@ -176,6 +176,7 @@ impl Run<'_> {
                 run: RUN.into(),
                 batches: chunks.len() as u32,
                 done: 0,
+                ..Default::default()
             }),
             ..Default::default()
         };

@@ -11,7 +11,7 @@ use kube::{Resource, ResourceExt};
 use super::conditions::{self, Desired};
 use super::results_store::{self, Store};
 use super::{Context, Error};
-use crate::api::{OperationStatus, Phase, Progress};
+use crate::api::{OperationStatus, Phase, Plan, Progress};
 use crate::engine::results::{self, Digest};
 use crate::engine::run::{Next, Runner};
 use crate::engine::{self, Executor};
@@ -74,10 +74,6 @@ impl<'a, K: RunKind> Run<'a, K> {
         }
     }
 
-    pub fn namespace(&self) -> String {
-        self.obj.namespace().unwrap_or_default()
-    }
-
     pub fn requested_by(&self) -> String {
         super::requested_by_note(self.obj.requested_by())
     }
@@ -131,6 +127,32 @@ impl<'a, K: RunKind> Run<'a, K> {
         Ok(())
     }
 
+    /// The status of a run starting from a plan just stored: its rows so far (counts and the
+    /// few status shows) and its progress. What a kind keeps across runs, the caller adds.
+    pub fn stored_status(
+        &self,
+        mut plan: Plan,
+        stored: StoredPlan,
+        progress: Progress,
+        before: &OperationStatus<K::Summary>,
+    ) -> OperationStatus<K::Summary> {
+        plan.batch_digests = stored.digests;
+        let counts = stored.digest;
+        let (shown, truncated) = results::for_status(counts.shown.iter());
+        OperationStatus {
+            observed_generation: self.obj.meta().generation,
+            plan: Some(plan),
+            summary: Some(K::summary(&counts, None)),
+            results_truncated: truncated || counts.rows > shown.len(),
+            results: shown,
+            results_refs: stored.refs,
+            start_time: Some(conditions::now()),
+            conditions: before.conditions.clone(),
+            progress: Some(progress),
+            ..Default::default()
+        }
+    }
+
     /// Reads a stored batch and checks it is the one stored for this plan.
     pub async fn verified(&self, index: usize, digests: &[String]) -> Result<Vec<Row>, Error> {
         engine::run::verified(self, digests, index)
@@ -154,6 +176,9 @@ impl<'a, K: RunKind> Run<'a, K> {
     fn engine_error(&self, e: engine::Error) -> Error {
         match e {
             engine::Error::Tampered { index } => Error::PlanTampered {
+                name: results_store::name(&self.obj.name_any(), index),
+            },
+            engine::Error::Lost { index } => Error::ResultsLost {
                 name: results_store::name(&self.obj.name_any(), index),
             },
             e => Error::Engine(e),
@@ -195,6 +220,47 @@ impl<'a, K: RunKind> Run<'a, K> {
             )
             .await;
         Ok(())
+    }
+
+    /// The one end of a Validate run: the plan is stored and described, nothing was changed.
+    /// `message` describes the plan (conditions); the `Validated` Event adds who asked.
+    pub async fn validated(
+        &self,
+        mut next: OperationStatus<K::Summary>,
+        message: String,
+    ) -> Result<OperationStatus<K::Summary>, Error> {
+        let now = conditions::now();
+        let generation = self.obj.meta().generation;
+        next.phase = Phase::Validated;
+        next.completion_time = Some(now.clone());
+        for (type_, reason) in [
+            (conditions::VALIDATED, "Planned"),
+            (conditions::READY, "Validated"),
+        ] {
+            let desired = Desired {
+                type_,
+                status: true,
+                reason,
+                message: message.clone(),
+            };
+            conditions::upsert(&mut next.conditions, desired, generation, &now);
+        }
+        conditions::remove(&mut next.conditions, conditions::RECONCILING);
+        conditions::remove(&mut next.conditions, conditions::STALLED);
+        self.write_status(&next).await?;
+        let note = format!("{message}{}", self.requested_by());
+        self.ctx
+            .publish(
+                self.obj,
+                EventType::Normal,
+                "Validated",
+                "Validate",
+                Some(note),
+            )
+            .await;
+        self.ctx
+            .reset_failures(&self.obj.meta().uid.clone().unwrap_or_default());
+        Ok(next)
     }
 
     /// Executes the unfinished batches of the run in `status` through `exec`, writing status
@@ -336,7 +402,7 @@ impl<K: RunKind> engine::Journal for Run<'_, K> {
 impl<K: RunKind> engine::Store for Run<'_, K> {
     async fn load(&self, index: usize) -> Result<Vec<Row>, engine::Error> {
         self.store.read(index).await.map_err(|e| match e {
-            Error::ResultsLost { .. } => engine::Error::Lost(e.to_string()),
+            Error::ResultsLost { .. } => engine::Error::Lost { index },
             e => engine::Error::Journal(e.to_string()),
         })
     }

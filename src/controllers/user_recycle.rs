@@ -12,17 +12,16 @@ use std::sync::Arc;
 use kube::{ResourceExt, runtime::controller::Action};
 
 use super::backends::mailer;
+use super::lineage::{Lineage, RETRY_ANNOTATION};
+use super::metrics::Timed;
 use super::run::{self, Run, RunKind};
-use super::user_change::RETRY_ANNOTATION;
 use super::{Context, Error};
-use crate::api::{OperationStatus, PbxConnection, Phase, Progress, Summary, UserRecycle};
-use crate::engine::recycle::RecycleExec;
-use crate::engine::results::{self, Digest};
+use crate::api::{OperationStatus, PbxConnection, Phase, Summary, UserRecycle};
+use crate::engine::recycle::{RecycleExec, plan_recycle};
+use crate::engine::results::Digest;
 use crate::engine::users::Outbox;
-use crate::pbx::kamailio::Kamailio;
-use crate::pbx::{PbxBackend, UserSelection};
+use crate::pbx::PbxBackend;
 use crate::plan::recycle as plan;
-use crate::plan::stored::Row;
 
 const KIND: &str = "UserRecycle";
 
@@ -54,38 +53,26 @@ impl RunKind for UserRecycle {
     }
 }
 
-/// The run a resource asks for: its generation, plus the retry annotation when set.
-fn lineage(urc: &UserRecycle) -> String {
-    let mut run = format!("g{}", urc.metadata.generation.unwrap_or(0));
-    if let Some(retry) = urc.annotations().get(RETRY_ANNOTATION) {
-        let clean: String = retry
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-            .take(40)
-            .collect();
-        run.push_str(&format!("-retry-{clean}"));
-    }
-    run
-}
-
 #[tracing::instrument(skip_all, fields(recycle = %urc.name_any(), namespace = urc.namespace()))]
 pub(crate) async fn reconcile(urc: Arc<UserRecycle>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let status = urc.status.clone().unwrap_or_default();
-    let lineage = lineage(&urc);
+    let lineage = Lineage::of(&*urc);
     let run = Run::new(&ctx, &*urc, None);
     match &status.progress {
-        Some(p) if p.run == lineage && p.done < p.batches => execute(&run, status).await,
-        Some(p) if p.run == lineage => Ok(Action::await_change()),
+        Some(p) if lineage.serves(p) && p.done < p.batches => execute(&run, status).await,
+        Some(p) if lineage.serves(p) => Ok(Action::await_change()),
         _ => start(&run, status, lineage).await,
     }
 }
 
-async fn backend(run: &Run<'_, UserRecycle>) -> Result<(PbxConnection, Arc<Kamailio>), Error> {
+async fn backend(
+    run: &Run<'_, UserRecycle>,
+) -> Result<(PbxConnection, Arc<dyn PbxBackend>), Error> {
+    let ns = run.obj.namespace().unwrap_or_default();
     let name = &run.obj.spec.connection_ref.name;
-    (run.ctx.backends)
-        .by_name(&run.ctx.client, &run.namespace(), name)
-        .await
+    let (conn, backend) = run.ctx.backends.by_name(&run.ctx.client, &ns, name).await?;
+    Ok((conn, backend))
 }
 
 /// Plans a new run (or a retry of the failed targets of the last one), stores its rows, and
@@ -93,86 +80,53 @@ async fn backend(run: &Run<'_, UserRecycle>) -> Result<(PbxConnection, Arc<Kamai
 async fn start(
     run: &Run<'_, UserRecycle>,
     status: OperationStatus,
-    run_id: String,
+    lineage: Lineage,
 ) -> Result<Action, Error> {
     let (conn, backend) = match backend(run).await {
         Ok(b) => b,
         Err(e) => return run.blocked(status, &e).await,
     };
-    let earlier = match status.progress.as_ref() {
-        Some(p) if run_id.contains("-retry-") && super::same_generation(&p.run, &run_id) => {
-            let digests = status
-                .plan
-                .as_ref()
-                .map(|p| p.batch_digests.clone())
-                .unwrap_or_default();
-            // Without what the earlier run did, a retry plans, changes and prunes nothing.
+    // A retry builds on the earlier run of the same spec generation: without its results (or
+    // with them edited), nothing is planned, changed or pruned.
+    let earlier = status
+        .progress
+        .as_ref()
+        .filter(|p| lineage.retry.is_some() && lineage.same_generation(p));
+    let earlier = match earlier {
+        Some(p) => {
+            let digests = status.plan.as_ref().map(|p| p.batch_digests.clone());
+            let digests = digests.unwrap_or_default();
             match run.verified_all(p.batches as usize, &digests).await {
                 Ok(rows) => Some(rows),
                 Err(e) => return run.blocked(status, &e).await,
             }
         }
-        _ => None,
-    };
-    let (rows, mut plan) = match plan_rows(run, backend.as_ref(), earlier).await {
-        Ok(p) => p,
-        Err(e) => return run.blocked(status, &e).await,
+        None => None,
     };
     let spec = &run.obj.spec;
-    let stored = run.store_plan(rows.into_iter()).await?;
-    plan.batch_digests = stored.digests;
-    let (shown, truncated) = results::for_status(stored.digest.shown.iter());
+    let timed = Timed {
+        inner: backend.as_ref(),
+        metrics: &run.ctx.metrics,
+    };
+    let generation = run.obj.metadata.generation.unwrap_or(0);
+    let (rows, plan) = match plan_recycle(&timed, spec, generation, earlier).await {
+        Ok(p) => p,
+        Err(e) => return run.blocked(status, &e.into()).await,
+    };
     let message = format!(
         "resetting {} users ({} recycled to new people); plan {}",
         plan.changes,
         spec.recycle.len(),
         plan.hash
     );
-    let mut next = OperationStatus {
-        observed_generation: run.obj.metadata.generation,
-        phase: Phase::Running,
-        plan: Some(plan),
-        results_truncated: truncated || stored.digest.rows > shown.len(),
-        results: shown,
-        summary: Some(stored.digest.summary),
-        progress: Some(Progress {
-            run: run_id,
-            batches: stored.refs.len() as u32,
-            done: 0,
-        }),
-        results_refs: stored.refs,
-        start_time: Some(super::conditions::now()),
-        conditions: status.conditions.clone(),
-        warnings: plan::warnings(spec, &conn.name_any(), conn.spec.smtp.is_some()),
-        ..Default::default()
-    };
+    let stored = run.store_plan(rows.into_iter()).await?;
+    let progress = lineage.progress(stored.refs.len(), 0, None);
+    let mut next = run.stored_status(plan, stored, progress, &status);
+    next.phase = Phase::Running;
+    next.warnings = plan::warnings(spec, &conn.name_any(), conn.spec.smtp.is_some());
     run.started(&mut next, "Executing", "Execute", message)
         .await?;
     execute(run, next).await
-}
-
-/// Reads what the PBX holds of the targets and plans their rows.
-async fn plan_rows(
-    run: &Run<'_, UserRecycle>,
-    backend: &dyn PbxBackend,
-    earlier: Option<Vec<Row>>,
-) -> Result<(Vec<Row>, crate::api::Plan), Error> {
-    let spec = &run.obj.spec;
-    let scope = plan::scope(spec, earlier);
-    let selection = UserSelection {
-        groups: vec![],
-        extensions: scope.targets.clone(),
-    };
-    let metrics = &run.ctx.metrics;
-    let users = metrics
-        .pbx_call("read_users", backend.read_users(&selection))
-        .await?
-        .users;
-    let phones = metrics
-        .pbx_call("read_phones", backend.read_phones(&selection))
-        .await?;
-    let generation = run.obj.metadata.generation.unwrap_or(0);
-    Ok(plan::plan(spec, generation, scope, &users, &phones))
 }
 
 /// Executes the unfinished batches of the current run, then finishes it.
@@ -183,13 +137,20 @@ async fn execute(run: &Run<'_, UserRecycle>, status: OperationStatus) -> Result<
     };
     let spec = &run.obj.spec;
     let mailer = match spec.send_welcome_email {
-        true => mailer(&run.ctx.client, &run.namespace(), &conn).await,
+        true => {
+            let ns = run.obj.namespace().unwrap_or_default();
+            mailer(&run.ctx.client, &ns, &conn).await
+        }
         false => None,
     };
     let parts = plan::reset_parts(&spec.reset);
     let stopping = || run.ctx.is_stopping();
+    let timed = Timed {
+        inner: backend.as_ref(),
+        metrics: &run.ctx.metrics,
+    };
     let exec = RecycleExec {
-        backend: backend.as_ref(),
+        backend: &timed,
         parts: &parts,
         mailer: mailer.as_ref().map(|m| m as &dyn Outbox),
         domain: &conn.spec.domain,
@@ -210,37 +171,18 @@ mod tests {
     use super::*;
     use crate::api::UserRecycleSpec;
 
-    fn urc(generation: i64, retry: Option<&str>) -> UserRecycle {
+    fn urc() -> UserRecycle {
         let spec: UserRecycleSpec = serde_json::from_value(serde_json::json!({
             "connectionRef": { "name": "acme" },
             "targets": { "extensions": ["201"] },
         }))
         .unwrap();
-        let mut u = UserRecycle::new("leavers", spec);
-        u.metadata.generation = Some(generation);
-        if let Some(r) = retry {
-            u.annotations_mut()
-                .insert(RETRY_ANNOTATION.into(), r.into());
-        }
-        u
-    }
-
-    #[test]
-    fn a_run_is_named_by_its_generation_and_retry() {
-        assert_eq!(lineage(&urc(3, None)), "g3");
-        assert_eq!(
-            lineage(&urc(3, Some("2026-11-02 a/b"))),
-            "g3-retry-2026-11-02ab"
-        );
-        assert!(super::super::same_generation(
-            &lineage(&urc(3, None)),
-            &lineage(&urc(3, Some("1")))
-        ));
+        UserRecycle::new("leavers", spec)
     }
 
     #[test]
     fn a_failed_run_says_how_to_retry_only_the_failed_targets() {
-        let hint = urc(1, None).retry_hint();
+        let hint = urc().retry_hint();
         assert!(hint.contains(RETRY_ANNOTATION) && hint.contains("not repeated"));
         let (phase, message) = UserRecycle::verdict(&Summary {
             targets: 2,

@@ -13,6 +13,7 @@
 
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod planning;
 pub mod recycle;
 pub mod results;
 pub mod run;
@@ -32,9 +33,9 @@ pub enum Error {
         "cannot record the run's progress: {0}; it resumes from the last record once this is fixed"
     )]
     Journal(String),
-    /// The journal cannot be read back: what the run did cannot be known.
-    #[error("{0}")]
-    Lost(String),
+    /// A batch of the journal cannot be read back: what the run did cannot be known.
+    #[error("stored batch {index} of the run is missing or unreadable; nothing of it was executed")]
+    Lost { index: usize },
     /// A stored batch is not the one recorded when the plan was stored (edited since).
     #[error("stored batch {index} differs from the plan that was stored; it is not executed")]
     Tampered { index: usize },
@@ -46,7 +47,7 @@ impl Error {
         match self {
             Error::Pbx(e) => e.is_transient(),
             Error::Journal(_) => true,
-            Error::Tampered { .. } | Error::Lost(_) => false,
+            Error::Tampered { .. } | Error::Lost { .. } => false,
         }
     }
 }

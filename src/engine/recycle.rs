@@ -15,17 +15,35 @@ use std::collections::HashMap;
 use super::steps;
 use super::users::{MAIL_FLIGHT, Outbox};
 use super::{Batch, Ended, Error, Executor, Journal};
-use crate::api::Outcome;
+use crate::api::{Outcome, Plan, UserRecycleSpec};
 use crate::mail;
-use crate::pbx::{PbxBackend, ResetOutcome, ResetPart, UserReset, UserSelection};
+use crate::pbx::{PbxBackend, PbxError, ResetOutcome, ResetPart, UserReset, UserSelection};
 use crate::plan::recycle::{
-    PASSWORD_REQUIRED, SETUP_REQUIRED, already_recycled, identity_of, legacy_steps, merge_recycle,
-    reset_changes,
+    self as plan, PASSWORD_REQUIRED, SETUP_REQUIRED, already_recycled, identity_of, legacy_steps,
+    merge_recycle, reset_changes,
 };
 use crate::plan::stored::{Row, StepKind, StepState};
 
 /// A row of a batch: (batch position, row position).
 type At = (usize, usize);
+
+/// Reads what the PBX holds of the targets a run plans (all of the spec's, or on a retry those
+/// of `earlier` that did not finish well) and plans their rows; see [`plan::plan`].
+pub async fn plan_recycle(
+    backend: &dyn PbxBackend,
+    spec: &UserRecycleSpec,
+    generation: i64,
+    earlier: Option<Vec<Row>>,
+) -> Result<(Vec<Row>, Plan), PbxError> {
+    let scope = plan::scope(spec, earlier);
+    let selection = UserSelection {
+        groups: vec![],
+        extensions: scope.targets.clone(),
+    };
+    let users = backend.read_users(&selection).await?.users;
+    let phones = backend.read_phones(&selection).await?;
+    Ok(plan::plan(spec, generation, scope, &users, &phones))
+}
 
 pub struct RecycleExec<'a> {
     pub backend: &'a dyn PbxBackend,
@@ -421,7 +439,7 @@ mod tests {
     use crate::api::user_recycle::{RecycleEntry, RecycleTargets, UserRecycleSpec};
     use crate::engine::fake::{self, Fault, Journal, Pbx};
     use crate::pbx::{User, UserField};
-    use crate::plan::recycle::{self as plan, reset_parts};
+    use crate::plan::recycle::reset_parts;
 
     const RESET_ONLY: std::ops::Range<u32> = 200..205;
     const RECYCLED: std::ops::Range<u32> = 205..230;

@@ -3,7 +3,7 @@
 //! Pure: the executor and the result rows build on it, and every rule is unit-tested here.
 
 use crate::api::Outcome;
-use crate::plan::stored::{OnResume, Step, StepKind, StepState};
+use crate::plan::stored::{OnResume, Row, Step, StepKind, StepState};
 
 /// A restart found these steps: an intended step that cannot be observed becomes uncertain.
 /// Returns the kinds that were intended and are to be redone (checked against the PBX first).
@@ -69,6 +69,26 @@ pub fn carry_over(steps: &[Step]) -> Option<Vec<Step>> {
         })
         .collect();
     again.iter().any(|s| !s.state.is_final()).then_some(again)
+}
+
+/// A retry's view of a target from the earlier run: the row carried over with exactly its
+/// failed, uncertain and unreached steps to do again, or None to plan the target afresh.
+pub fn carried(row: &Row) -> Option<Row> {
+    let mut steps = row.steps.clone();
+    if !row.is_final() {
+        resume(&mut steps);
+    }
+    let steps = carry_over(&steps)?;
+    let mut again = row.clone();
+    again.outcome = Outcome::Planned;
+    again.steps = steps;
+    Some(again)
+}
+
+/// What a retry keeps of an earlier row: carried over with steps to redo, kept as it ended
+/// (final and not a failure), or None when the target is planned afresh.
+pub fn kept_by_retry(row: &Row) -> Option<Row> {
+    carried(row).or_else(|| (row.is_final() && !row.is_failure()).then(|| row.clone()))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod rows;
 pub mod selection;
 pub mod sheet;
 pub mod stored;
+pub mod user_change;
 pub mod users;
 
 /// Why a plan cannot be made. Each message says what to change.
