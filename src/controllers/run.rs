@@ -17,6 +17,10 @@ use crate::engine::run::{Next, Runner};
 use crate::engine::{self, Executor};
 use crate::plan::stored::{self, Row};
 
+/// How long a record of progress is retried before the run stops and leaves it to the next
+/// attempt (which reports what it cannot know as uncertain).
+const JOURNAL_PATIENCE: Duration = Duration::from_secs(60);
+
 /// What the shared lifecycle needs to know of a kind.
 pub(crate) trait RunKind:
     Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -300,7 +304,9 @@ impl<'a, K: RunKind> Run<'a, K> {
                 Ok(Next::Complete) => break,
                 // The step in flight is recorded; the next operator goes on from there.
                 Ok(Next::Stopped) => return Ok(Err(Action::requeue(Duration::from_secs(5)))),
-                Ok(Next::Finished { batch, outcomes }) => (batch, outcomes),
+                Ok(Next::Finished {
+                    batch, outcomes, ..
+                }) => (batch, outcomes),
                 Err(e) => return Ok(Err(self.blocked(status, &self.engine_error(e)).await?)),
             };
             for outcome in outcomes {
@@ -389,12 +395,26 @@ impl<'a, K: RunKind> Run<'a, K> {
 
 #[async_trait::async_trait]
 impl<K: RunKind> engine::Journal for Run<'_, K> {
+    /// Keeps trying for a while when the API server is away (restarted, overloaded): the
+    /// outcomes in hand are known now, and given up they would be reported as uncertain.
     async fn record(&self, index: usize, rows: &[Row]) -> Result<(), engine::Error> {
-        self.store
-            .write_with(index, rows, self.header.as_deref())
-            .await
-            .map(|_| ())
-            .map_err(|e| engine::Error::Journal(e.to_string()))
+        let start = std::time::Instant::now();
+        let mut wait = Duration::from_millis(250);
+        loop {
+            match self
+                .store
+                .write_with(index, rows, self.header.as_deref())
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_transient() && start.elapsed() + wait < JOURNAL_PATIENCE => {
+                    tracing::warn!(error = %e, batch = index, "cannot record the run's progress yet; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(engine::Error::Journal(e.to_string())),
+            }
+        }
     }
 }
 

@@ -341,3 +341,386 @@ impl crate::engine::Journal for Journal {
         Ok(())
     }
 }
+
+// Users: a PBX and a mail relay that fail on demand, and a journal that dies before or after a
+// record and can be read back. They log every side effect and show each to a witness first, so
+// a test can check that nothing runs twice and nothing runs before its intent is on record.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::AtomicBool;
+
+use crate::pbx::PbxError;
+use crate::plan::stored::StepKind;
+
+/// A side effect on a user, as the doubles below log it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// A user's field writes, committed.
+    Write(String),
+    /// An action that did something: (extension, its step).
+    Action(String, StepKind),
+    /// A mail the relay accepted: (address, its step).
+    Mail(String, StepKind),
+}
+
+/// Shown each side effect before it is attempted.
+pub type Witness = Box<dyn Fn(&Effect) + Send + Sync>;
+
+/// The step of an action.
+pub fn action_step(a: &UserAction) -> StepKind {
+    match a {
+        UserAction::ResetPassword(_) => StepKind::ResetPassword,
+        UserAction::ResetTwoFactor => StepKind::ResetTwoFactor,
+        UserAction::Lock => StepKind::Lock,
+        UserAction::Unlock => StepKind::Unlock,
+        UserAction::Remove => StepKind::Remove,
+    }
+}
+
+/// The in-memory PBX behind faults: chosen calls fail transiently (after part of their work, as
+/// a database going away mid-batch), chosen targets' writes are refused and chosen actions fail
+/// (permanently), and an Atomic change is all or nothing.
+#[derive(Default)]
+pub struct Faulty {
+    pub pbx: Pbx,
+    /// Every side effect done, in order.
+    pub effects: Mutex<Vec<Effect>>,
+    /// Calls (reads, writes and actions counted together from 0) that fail transiently, each
+    /// after this many of its targets were done.
+    transient: Mutex<BTreeMap<usize, usize>>,
+    calls: AtomicUsize,
+    /// Extensions whose writes the database refuses.
+    pub refused: Mutex<BTreeSet<String>>,
+    /// Actions that fail: (extension, step).
+    pub failing: Mutex<BTreeSet<(String, StepKind)>>,
+    pub witness: Option<Witness>,
+}
+
+impl Faulty {
+    /// Adds users with [`user`]'s values.
+    pub fn with_users<'a>(extensions: impl IntoIterator<Item = &'a str>) -> Faulty {
+        let f = Faulty::default();
+        for e in extensions {
+            f.pbx.users.lock().unwrap().insert(e.into(), user(e));
+        }
+        f
+    }
+
+    /// PBX calls made so far.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// The `call`-th call (counted from 0 over the PBX's life) fails transiently after doing
+    /// `after` of its targets (all of them if it has fewer).
+    pub fn fail_call(&self, call: usize, after: usize) {
+        self.transient.lock().unwrap().insert(call, after);
+    }
+
+    /// Forgets the transient faults not met yet.
+    pub fn forget_transient(&self) {
+        self.transient.lock().unwrap().clear();
+    }
+
+    /// Forgets every transient and permanent fault.
+    pub fn heal(&self) {
+        self.transient.lock().unwrap().clear();
+        self.refused.lock().unwrap().clear();
+        self.failing.lock().unwrap().clear();
+    }
+
+    /// This call's transient fault: after how many targets it fails.
+    fn fault(&self) -> Option<usize> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        self.transient.lock().unwrap().get(&call).copied()
+    }
+
+    fn witness(&self, e: &Effect) {
+        if let Some(w) = &self.witness {
+            w(e);
+        }
+    }
+}
+
+#[async_trait]
+impl PbxBackend for Faulty {
+    fn capabilities(&self) -> Capabilities {
+        self.pbx.capabilities()
+    }
+    async fn probe(&self) -> crate::pbx::Result<Probe> {
+        self.pbx.probe().await
+    }
+    async fn read_users(&self, s: &UserSelection) -> crate::pbx::Result<UserRead> {
+        if self.fault().is_some() {
+            return Err(PbxError::DatabaseUnreachable {
+                target: "fake".into(),
+                detail: "connection refused".into(),
+            });
+        }
+        self.pbx.read_users(s).await
+    }
+    async fn extensions(&self) -> crate::pbx::Result<Vec<String>> {
+        self.pbx.extensions().await
+    }
+    async fn number_holders(&self, n: &[String]) -> crate::pbx::Result<Vec<(String, String)>> {
+        self.pbx.number_holders(n).await
+    }
+    async fn policies(&self) -> crate::pbx::Result<Policies> {
+        self.pbx.policies().await
+    }
+    async fn apply_user_changes(
+        &self,
+        changes: &[UserChange],
+        atomic: bool,
+    ) -> crate::pbx::Result<Vec<WriteOutcome>> {
+        let fault = self.fault();
+        let before = self.pbx.users.lock().unwrap().clone();
+        let mut outcomes = Vec::new();
+        let mut written = Vec::new();
+        for c in changes.iter().take(fault.unwrap_or(usize::MAX)) {
+            let e = Effect::Write(c.extension.clone());
+            self.witness(&e);
+            let o = if self.refused.lock().unwrap().contains(&c.extension) {
+                WriteOutcome::Failed(
+                    PbxError::Refused("value violates check constraint".into()).to_string(),
+                )
+            } else {
+                self.pbx
+                    .apply_user_changes(std::slice::from_ref(c), atomic)
+                    .await?
+                    .remove(0)
+            };
+            if o == WriteOutcome::Applied {
+                written.push(e);
+            }
+            outcomes.push(o);
+        }
+        let failed = outcomes.iter().any(|o| *o != WriteOutcome::Applied);
+        if atomic && (fault.is_some() || failed) {
+            *self.pbx.users.lock().unwrap() = before;
+            written.clear();
+            for o in outcomes.iter_mut().filter(|o| **o == WriteOutcome::Applied) {
+                *o = WriteOutcome::RolledBack;
+            }
+        }
+        self.effects.lock().unwrap().extend(written);
+        if fault.is_some() {
+            return Err(PbxError::DatabaseBusy {
+                target: "fake".into(),
+                detail: "deadlock detected".into(),
+            });
+        }
+        Ok(outcomes)
+    }
+    async fn apply_actions(
+        &self,
+        actions: &[(String, UserAction)],
+    ) -> crate::pbx::Result<Vec<ActionOutcome>> {
+        let fault = self.fault();
+        let mut outcomes = Vec::new();
+        for (ext, a) in actions.iter().take(fault.unwrap_or(usize::MAX)) {
+            let e = Effect::Action(ext.clone(), action_step(a));
+            self.witness(&e);
+            let o = if self
+                .failing
+                .lock()
+                .unwrap()
+                .contains(&(ext.clone(), action_step(a)))
+            {
+                ActionOutcome::Failed("the PBX refused the action".into())
+            } else {
+                self.pbx
+                    .apply_actions(&[(ext.clone(), a.clone())])
+                    .await?
+                    .remove(0)
+            };
+            if o == ActionOutcome::Done {
+                self.effects.lock().unwrap().push(e);
+            }
+            outcomes.push(o);
+        }
+        if fault.is_some() {
+            return Err(PbxError::DatabaseUnreachable {
+                target: "fake".into(),
+                detail: "server closed the connection unexpectedly".into(),
+            });
+        }
+        Ok(outcomes)
+    }
+    async fn read_phones(&self, s: &UserSelection) -> crate::pbx::Result<Vec<Phone>> {
+        self.pbx.read_phones(s).await
+    }
+    async fn apply_phone_changes(
+        &self,
+        c: &[(i64, PhoneField, String, String)],
+    ) -> crate::pbx::Result<Vec<WriteOutcome>> {
+        self.pbx.apply_phone_changes(c).await
+    }
+    async fn registrations(&self) -> crate::pbx::Result<Vec<Registration>> {
+        self.pbx.registrations().await
+    }
+    async fn lookup(&self, e: &str) -> crate::pbx::Result<Vec<Registration>> {
+        self.pbx.lookup(e).await
+    }
+    async fn notify(&self, r: &Registration, e: &str) -> crate::pbx::Result<SipAnswer> {
+        self.pbx.notify(r, e).await
+    }
+    async fn drop_registrations(&self, e: &str) -> crate::pbx::Result<()> {
+        self.pbx.drop_registrations(e).await
+    }
+    async fn reset_users(&self, r: &[UserReset]) -> crate::pbx::Result<Vec<ResetOutcome>> {
+        self.pbx.reset_users(r).await
+    }
+    async fn recycle_users(&self, i: &[NewIdentity]) -> crate::pbx::Result<Vec<ResetOutcome>> {
+        self.pbx.recycle_users(i).await
+    }
+}
+
+/// A mail relay that refuses chosen addresses and logs what it accepts.
+#[derive(Default)]
+pub struct Mailbox {
+    /// Every mail accepted, in order.
+    pub sent: Mutex<Vec<Effect>>,
+    /// Addresses the relay refuses.
+    pub refused: Mutex<BTreeSet<String>>,
+    pub witness: Option<Witness>,
+}
+
+#[async_trait]
+impl crate::engine::users::Outbox for Mailbox {
+    async fn send(&self, to: &str, subject: &str, _: String) -> Result<(), String> {
+        // The subjects of crate::mail: the welcome mail's starts with "Welcome".
+        let kind = if subject.starts_with("Welcome") {
+            StepKind::WelcomeMail
+        } else {
+            StepKind::ResetMail
+        };
+        let e = Effect::Mail(to.into(), kind);
+        if let Some(w) = &self.witness {
+            w(&e);
+        }
+        if self.refused.lock().unwrap().contains(to) {
+            return Err(format!("550 5.1.1 <{to}>: mailbox unavailable"));
+        }
+        self.sent.lock().unwrap().push(e);
+        Ok(())
+    }
+}
+
+/// Where the process dies at the chosen record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kill {
+    /// Before the record reaches the journal: what it records happened, the record did not.
+    Before,
+    /// Right after the record is stored: what follows it did not happen.
+    After,
+}
+
+/// A journal, readable back as a [`crate::engine::Store`], whose process dies at a chosen
+/// record; once dead it records nothing until [`DyingJournal::restart`].
+#[derive(Default)]
+pub struct DyingJournal {
+    batches: Mutex<BTreeMap<usize, Vec<Row>>>,
+    /// Every record stored, in order: (batch index, rows).
+    log: Mutex<Vec<(usize, Vec<Row>)>>,
+    kill: Mutex<Option<(usize, Kill)>>,
+    dead: AtomicBool,
+}
+
+impl DyingJournal {
+    pub fn new(batches: Vec<Vec<Row>>) -> DyingJournal {
+        DyingJournal {
+            batches: Mutex::new(batches.into_iter().enumerate().collect()),
+            ..Default::default()
+        }
+    }
+
+    /// Dies at the `record`-th record (counted from 0 over the journal's life).
+    pub fn kill_at(&self, record: usize, kill: Kill) {
+        *self.kill.lock().unwrap() = Some((record, kill));
+    }
+
+    /// A new operator: alive, and dying nowhere until told.
+    pub fn restart(&self) {
+        *self.kill.lock().unwrap() = None;
+        self.dead.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    /// Records stored so far.
+    pub fn records(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    pub fn log(&self) -> Vec<(usize, Vec<Row>)> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn batch(&self, index: usize) -> Vec<Row> {
+        self.batches.lock().unwrap()[&index].clone()
+    }
+
+    /// Every batch's rows, in batch order.
+    pub fn rows(&self) -> Vec<Row> {
+        self.batches
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// A target's row as last recorded.
+    pub fn row(&self, target: &str) -> Option<Row> {
+        let batches = self.batches.lock().unwrap();
+        batches
+            .values()
+            .flatten()
+            .find(|r| r.target == target)
+            .cloned()
+    }
+
+    /// Stores a batch as something other than the engine would (an edit, a retry's plan).
+    pub fn put(&self, index: usize, rows: Vec<Row>) {
+        self.batches.lock().unwrap().insert(index, rows);
+    }
+}
+
+#[async_trait]
+impl crate::engine::Journal for DyingJournal {
+    async fn record(&self, index: usize, rows: &[Row]) -> Result<(), Error> {
+        if self.is_dead() {
+            return Err(Error::Journal("killed".into()));
+        }
+        let mut log = self.log.lock().unwrap();
+        let kill = *self.kill.lock().unwrap();
+        let dies = kill.filter(|(at, _)| *at == log.len()).map(|(_, k)| k);
+        if dies == Some(Kill::Before) {
+            self.dead.store(true, Ordering::SeqCst);
+            return Err(Error::Journal("killed".into()));
+        }
+        log.push((index, rows.to_vec()));
+        self.batches.lock().unwrap().insert(index, rows.to_vec());
+        if dies == Some(Kill::After) {
+            self.dead.store(true, Ordering::SeqCst);
+            return Err(Error::Journal("killed".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl crate::engine::Store for DyingJournal {
+    async fn load(&self, index: usize) -> Result<Vec<Row>, Error> {
+        self.batches
+            .lock()
+            .unwrap()
+            .get(&index)
+            .cloned()
+            .ok_or_else(|| Error::Journal(format!("no batch {index}")))
+    }
+}

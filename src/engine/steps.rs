@@ -60,8 +60,10 @@ pub fn carry_over(steps: &[Step]) -> Option<Vec<Step>> {
     }
     let again: Vec<Step> = steps
         .iter()
-        .map(|s| match s.state {
-            StepState::Skipped if s.kind == StepKind::Remove => *s,
+        .enumerate()
+        .map(|(i, s)| match s.state {
+            // Refused, not merely unreached because a step before it failed.
+            StepState::Skipped if s.kind == StepKind::Remove && !failed(&steps[..i]) => *s,
             StepState::Done | StepState::NoOp => *s,
             // Begun and to be redone after a check (a Remove whose user may be gone already).
             StepState::Intended if s.kind.on_resume() == OnResume::Redo => *s,
@@ -89,6 +91,13 @@ pub fn carried(row: &Row) -> Option<Row> {
 /// (final and not a failure), or None when the target is planned afresh.
 pub fn kept_by_retry(row: &Row) -> Option<Row> {
     carried(row).or_else(|| (row.is_final() && !row.is_failure()).then(|| row.clone()))
+}
+
+/// A step failed or conflicted: the steps after it were skipped, not refused.
+fn failed(steps: &[Step]) -> bool {
+    steps
+        .iter()
+        .any(|s| matches!(s.state, StepState::Failed | StepState::Conflict))
 }
 
 #[cfg(test)]
@@ -208,5 +217,145 @@ mod tests {
             "a refused Remove stays refused"
         );
         assert_eq!(carry_over(&[]), None);
+    }
+
+    #[test]
+    fn a_remove_not_reached_because_a_step_before_it_failed_is_retried() {
+        use StepKind::*;
+        use StepState::*;
+        assert_eq!(
+            carry_over(&steps(&[
+                (Lock, Failed),
+                (Remove, Skipped),
+                (WelcomeMail, Skipped)
+            ]))
+            .unwrap(),
+            steps(&[(Lock, Pending), (Remove, Pending), (WelcomeMail, Pending)]),
+            "skipped because Lock failed, not refused"
+        );
+        assert_eq!(
+            carry_over(&steps(&[(Remove, Skipped), (WelcomeMail, Failed)])).unwrap(),
+            steps(&[(Remove, Skipped), (WelcomeMail, Pending)]),
+            "refused before the failure: still refused"
+        );
+    }
+
+    #[test]
+    fn resume_leaves_final_steps_alone() {
+        use StepKind::*;
+        use StepState::*;
+        let before = steps(&[
+            (Write, Done),
+            (Unlock, NoOp),
+            (Lock, Failed),
+            (Remove, Skipped),
+            (ResetMail, Uncertain),
+            (WelcomeMail, Pending),
+        ]);
+        let mut after = before.clone();
+        assert!(resume(&mut after).is_empty());
+        assert_eq!(after, before);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KINDS: [StepKind; 8] = [
+            StepKind::Write,
+            StepKind::Unlock,
+            StepKind::ResetTwoFactor,
+            StepKind::ResetPassword,
+            StepKind::Lock,
+            StepKind::Remove,
+            StepKind::ResetMail,
+            StepKind::WelcomeMail,
+        ];
+        const STATES: [StepState; 8] = [
+            StepState::Pending,
+            StepState::Intended,
+            StepState::Done,
+            StepState::NoOp,
+            StepState::Skipped,
+            StepState::Failed,
+            StepState::Conflict,
+            StepState::Uncertain,
+        ];
+
+        fn any_steps() -> impl Strategy<Value = Vec<Step>> {
+            proptest::sample::subsequence(KINDS.to_vec(), 0..=KINDS.len()).prop_flat_map(|kinds| {
+                let n = kinds.len();
+                proptest::collection::vec(proptest::sample::select(STATES.to_vec()), n).prop_map(
+                    move |states| {
+                        kinds
+                            .iter()
+                            .zip(states)
+                            .map(|(&kind, state)| Step { kind, state })
+                            .collect()
+                    },
+                )
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// A restart changes only begun steps: a begun mail becomes uncertain, any other
+            /// begun step is listed to redo, in order; nothing else changes.
+            #[test]
+            fn resume_touches_exactly_the_begun_steps(before in any_steps()) {
+                let mut after = before.clone();
+                let redo = resume(&mut after);
+                let begun: Vec<StepKind> = before
+                    .iter()
+                    .filter(|s| s.state == StepState::Intended && !s.kind.is_mail())
+                    .map(|s| s.kind)
+                    .collect();
+                prop_assert_eq!(redo, begun);
+                for (b, a) in before.iter().zip(&after) {
+                    let want = if b.state == StepState::Intended && b.kind.is_mail() {
+                        StepState::Uncertain
+                    } else {
+                        b.state
+                    };
+                    prop_assert_eq!((a.kind, a.state), (b.kind, want));
+                }
+            }
+
+            /// A retry keeps every step done and redoes every failed, uncertain or unreached one;
+            /// it is offered only when the writes went through and something is left to do.
+            #[test]
+            fn a_retry_keeps_what_was_done_and_redoes_the_rest(before in any_steps()) {
+                let write_done = before
+                    .iter()
+                    .filter(|s| s.kind == StepKind::Write)
+                    .all(|s| matches!(s.state, StepState::Done | StepState::NoOp));
+                match carry_over(&before) {
+                    None => {
+                        let nothing_left = before.iter().enumerate().all(|(i, s)| {
+                            matches!(s.state, StepState::Done | StepState::NoOp)
+                                || (s.kind == StepKind::Remove
+                                    && s.state == StepState::Skipped
+                                    && !failed(&before[..i]))
+                        });
+                        prop_assert!(before.is_empty() || !write_done || nothing_left);
+                    }
+                    Some(again) => {
+                        prop_assert!(write_done);
+                        prop_assert!(again.iter().any(|s| !s.state.is_final()));
+                        for (b, a) in before.iter().zip(&again) {
+                            prop_assert_eq!(a.kind, b.kind);
+                            match b.state {
+                                StepState::Done | StepState::NoOp => prop_assert_eq!(a.state, b.state),
+                                StepState::Failed | StepState::Uncertain | StepState::Conflict
+                                | StepState::Pending => prop_assert_eq!(a.state, StepState::Pending),
+                                _ => prop_assert!(!a.state.needs_retry()),
+                            }
+                        }
+                        prop_assert_eq!(again.len(), before.len());
+                    }
+                }
+            }
+        }
     }
 }

@@ -249,6 +249,24 @@ impl UserExec<'_> {
         for (b, i) in already {
             set(&mut batches[b], i, StepKind::Write, StepState::Done);
         }
+        // Atomic: a write already failed or conflicted (its target gone, or recorded by the
+        // attempt before a restart) means the one transaction did not commit: nothing is written.
+        let failed = self.atomic
+            && work.iter().any(|&(b, i)| {
+                matches!(
+                    state_of(&batches[b].rows[i], StepKind::Write),
+                    Some(StepState::Failed | StepState::Conflict)
+                )
+            });
+        if failed {
+            for (b, i) in change_of.drain(..) {
+                let (state, note) = write_state(WriteOutcome::RolledBack);
+                let batch = &mut batches[b];
+                set(batch, i, StepKind::Write, state);
+                batch.rows[i].notes.extend(note);
+            }
+            changes.clear();
+        }
         if !changes.is_empty() {
             let outcomes = self
                 .backend
@@ -824,5 +842,1001 @@ mod tests {
                 .all(|r| r.outcome == Outcome::Changed),
             "nothing uncertain after a graceful stop"
         );
+    }
+
+    // Operators killed at every point of every step, PBX errors, and a property test over both.
+    //
+    // A `Lab` is what outlives operators: the PBX, the mail relay, the journal and the position
+    // status records. Every side effect is shown to a witness first, which fails the test unless
+    // the effect's step is recorded as intended in the journal at that moment.
+
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use crate::engine::fake::{self, DyingJournal, Effect, Faulty, Kill, Mailbox};
+    use crate::engine::run::{Next, Runner};
+    use crate::plan::stored::plan_digest;
+
+    fn target(i: usize) -> String {
+        format!("{}", 200 + i)
+    }
+
+    fn address(target: &str) -> String {
+        format!("u{target}@acme.test")
+    }
+
+    fn target_of(address: &str) -> String {
+        address
+            .trim_start_matches('u')
+            .split('@')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Rows in `n` batches of nearly equal size, in order.
+    fn split(rows: Vec<Row>, n: usize) -> Vec<Vec<Row>> {
+        let size = rows.len().div_ceil(n.max(1)).max(1);
+        rows.chunks(size).map(<[Row]>::to_vec).collect()
+    }
+
+    /// How often each (target, step) side effect happened.
+    type Effects = BTreeMap<(String, StepKind), usize>;
+
+    /// Fails the test when a side effect is attempted while its step is not recorded as intended.
+    fn on_record(journal: Arc<DyingJournal>) -> fake::Witness {
+        Box::new(move |e: &Effect| {
+            let (target, kind) = match e {
+                Effect::Write(t) => (t.clone(), StepKind::Write),
+                Effect::Action(t, k) => (t.clone(), *k),
+                Effect::Mail(a, k) => (target_of(a), *k),
+            };
+            let row = journal.row(&target);
+            assert_eq!(
+                row.as_ref().and_then(|r| state_of(r, kind)),
+                Some(StepState::Intended),
+                "{e:?} attempted without its intent on record: {row:?}"
+            );
+        })
+    }
+
+    struct Lab {
+        pbx: Faulty,
+        mail: Mailbox,
+        journal: Arc<DyingJournal>,
+        digests: Vec<String>,
+        atomic: bool,
+        /// Batches finished, as status records it (progress.done).
+        position: usize,
+    }
+
+    /// The journal and the side effects as a killed operator left them.
+    struct Death {
+        rows: Vec<Row>,
+        effects: Effects,
+    }
+
+    impl Lab {
+        fn new(plan: Vec<Vec<Row>>, atomic: bool) -> Lab {
+            let digests = plan.iter().map(|b| plan_digest(b)).collect();
+            let targets: Vec<String> = plan.iter().flatten().map(|r| r.target.clone()).collect();
+            let journal = Arc::new(DyingJournal::new(plan));
+            let mut pbx = Faulty::with_users(targets.iter().map(String::as_str));
+            pbx.witness = Some(on_record(journal.clone()));
+            let mail = Mailbox {
+                witness: Some(on_record(journal.clone())),
+                ..Default::default()
+            };
+            Lab {
+                pbx,
+                mail,
+                journal,
+                digests,
+                atomic,
+                position: 0,
+            }
+        }
+
+        /// One operator: runs the batches from the recorded position, one at a time (Continue)
+        /// or all together (Atomic), until all are done or it is killed or the PBX fails.
+        async fn operator(&mut self) -> Result<(), Error> {
+            let never = || false;
+            let exec = UserExec {
+                backend: &self.pbx,
+                secrets: &NO_SECRETS,
+                mailer: Some(&self.mail),
+                domain: "acme.test",
+                atomic: self.atomic,
+                journal: &*self.journal,
+                stopping: &never,
+            };
+            let mut runner = Runner::new(
+                &*self.journal,
+                &self.digests,
+                self.position,
+                self.digests.len(),
+                self.atomic,
+            )
+            .await?;
+            loop {
+                match runner.next(&exec).await? {
+                    Next::Finished { .. } => self.position = runner.position(),
+                    Next::Complete => return Ok(()),
+                    Next::Stopped => unreachable!("nobody asks to stop"),
+                }
+            }
+        }
+
+        /// Operators one after another until the change is done, each killed one replaced.
+        /// Returns how many did not finish.
+        async fn until_done(&mut self) -> usize {
+            for unfinished in 0..20 {
+                if self.operator().await.is_ok() {
+                    return unfinished;
+                }
+                self.journal.restart();
+            }
+            panic!("20 operators did not finish: {:?}", self.journal.rows());
+        }
+
+        /// The retry annotation: each row carried over with the steps to do again, or planned
+        /// afresh (as at first: nothing of it happened) when its writes did not go through;
+        /// the same batches, run from the first.
+        fn retry(&mut self, plan: &[Row]) {
+            let again: Vec<Row> = self
+                .journal
+                .rows()
+                .iter()
+                .zip(plan)
+                .map(|(r, p)| match steps::carry_over(&r.steps) {
+                    Some(steps) => Row {
+                        outcome: Outcome::Planned,
+                        steps,
+                        ..r.clone()
+                    },
+                    None if r.is_failure() => p.clone(),
+                    None => r.clone(),
+                })
+                .collect();
+            let mut again = again.into_iter();
+            for index in 0..self.digests.len() {
+                let n = self.journal.batch(index).len();
+                let batch: Vec<Row> = again.by_ref().take(n).collect();
+                self.digests[index] = plan_digest(&batch);
+                self.journal.put(index, batch);
+            }
+            self.position = 0;
+        }
+
+        fn effects(&self) -> Effects {
+            let mut out = Effects::new();
+            let pbx = self.pbx.effects.lock().unwrap();
+            let mail = self.mail.sent.lock().unwrap();
+            for e in pbx.iter().chain(mail.iter()) {
+                let key = match e {
+                    Effect::Write(t) => (t.clone(), StepKind::Write),
+                    Effect::Action(t, k) => (t.clone(), *k),
+                    Effect::Mail(a, k) => (target_of(a), *k),
+                };
+                *out.entry(key).or_default() += 1;
+            }
+            out
+        }
+
+        fn death(&self) -> Death {
+            Death {
+                rows: self.journal.rows(),
+                effects: self.effects(),
+            }
+        }
+
+        fn exists(&self, t: &str) -> bool {
+            self.pbx.pbx.users.lock().unwrap().contains_key(t)
+        }
+
+        fn call_group(&self, t: &str) -> Option<String> {
+            self.pbx.pbx.users.lock().unwrap()[t]
+                .get(UserField::CallGroup)
+                .map(str::to_string)
+        }
+
+        fn row(&self, t: &str) -> Row {
+            self.journal.row(t).unwrap()
+        }
+    }
+
+    fn count(effects: &Effects, t: &str, kind: StepKind) -> usize {
+        effects.get(&(t.to_string(), kind)).copied().unwrap_or(0)
+    }
+
+    /// Every planned target has exactly one row, final, with its planned steps all final and the
+    /// outcome they make; and what happened matches each step's final state: a write done landed
+    /// once and holds the planned value (else nothing was written), a Remove done removed once,
+    /// a mail went out once if Done, at most once if Uncertain, never if Skipped or Failed.
+    fn check_final(lab: &Lab, plan: &[Row]) {
+        let rows = lab.journal.rows();
+        if lab.atomic {
+            let written: BTreeSet<bool> = rows
+                .iter()
+                .filter_map(|r| state_of(r, StepKind::Write))
+                .map(|s| s == StepState::Done)
+                .collect();
+            assert!(written.len() <= 1, "atomic: every write or none: {rows:?}");
+        }
+        let targets = |rows: &[Row]| rows.iter().map(|r| r.target.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            targets(&rows),
+            targets(plan),
+            "one row per target, as planned"
+        );
+        let effects = lab.effects();
+        for (r, p) in rows.iter().zip(plan) {
+            let kinds = |r: &Row| r.steps.iter().map(|s| s.kind).collect::<Vec<_>>();
+            assert_eq!(kinds(r), kinds(p), "the steps as planned");
+            assert!(
+                r.is_final() && r.steps.iter().all(|s| s.state.is_final()),
+                "{r:?}"
+            );
+            assert_eq!(r.outcome, steps::outcome(&r.steps), "{r:?}");
+            let t = r.target.as_str();
+            for s in &r.steps {
+                let done = s.state == StepState::Done;
+                let n = count(&effects, t, s.kind);
+                match s.kind {
+                    StepKind::Write => {
+                        assert_eq!(n, usize::from(done), "{t}: writes committed: {r:?}");
+                        if lab.exists(t) {
+                            let planned = lab.call_group(t).as_deref() == Some("9");
+                            assert_eq!(planned, done, "{r:?}");
+                        }
+                    }
+                    StepKind::Remove => {
+                        assert_eq!(n, usize::from(done), "{t}: removals: {r:?}");
+                        assert_eq!(lab.exists(t), !done, "{r:?}");
+                    }
+                    k if k.is_mail() => match s.state {
+                        StepState::Done => assert_eq!(n, 1, "{t}: {k:?} sent: {r:?}"),
+                        StepState::Uncertain => assert!(n <= 1, "{t}: {k:?} sent {n}: {r:?}"),
+                        _ => assert_eq!(n, 0, "{t}: {k:?} sent: {r:?}"),
+                    },
+                    k => assert_eq!(n >= 1, done, "{t}: {k:?} ran {n} times: {r:?}"),
+                }
+            }
+        }
+    }
+
+    /// Without faults every step is done, except a mail left uncertain by a kill or not sent
+    /// because its user was removed.
+    fn check_clean(lab: &Lab) {
+        for r in lab.journal.rows() {
+            let removed = state_of(&r, StepKind::Remove) == Some(StepState::Done);
+            for s in &r.steps {
+                let ok = s.state == StepState::Done
+                    || (s.kind.is_mail()
+                        && (s.state == StepState::Uncertain
+                            || (s.state == StepState::Skipped && removed)));
+                assert!(
+                    ok,
+                    "{}: {:?} ended {:?}: {:?}",
+                    r.target, s.kind, s.state, r.notes
+                );
+            }
+        }
+    }
+
+    /// What the operators after a kill did with each step as the killed one left it: a recorded
+    /// outcome stands and is not redone; a step begun (intended) is finished, a mail as
+    /// Uncertain and never sent again, a write or a Remove checked so that it happens once in
+    /// all, any other action redone at most once; nothing not begun had happened.
+    fn check_resumed(lab: &Lab, death: &Death) {
+        let effects = lab.effects();
+        for (r, d) in lab.journal.rows().iter().zip(&death.rows) {
+            for (s, was) in r.steps.iter().zip(&d.steps) {
+                let before = count(&death.effects, &r.target, s.kind);
+                let after = count(&effects, &r.target, s.kind);
+                let at = format!(
+                    "{} {:?}: {:?} at the kill, {:?} at the end, done {before} then {after} times",
+                    r.target, s.kind, was.state, s.state
+                );
+                match was.state {
+                    StepState::Pending => assert_eq!(before, 0, "nothing before its intent: {at}"),
+                    StepState::Intended if s.kind.is_mail() => assert_eq!(
+                        (s.state, after),
+                        (StepState::Uncertain, before),
+                        "an interrupted mail is uncertain and not sent again: {at}"
+                    ),
+                    StepState::Intended if matches!(s.kind, StepKind::Write | StepKind::Remove) => {
+                        assert_eq!(
+                            (s.state, after),
+                            (StepState::Done, 1),
+                            "checked, then done once in all: {at}"
+                        )
+                    }
+                    StepState::Intended => {
+                        assert_eq!(s.state, StepState::Done, "{at}");
+                        assert!(
+                            after >= 1 && after <= before + 1,
+                            "redone at most once: {at}"
+                        );
+                    }
+                    recorded => assert_eq!(
+                        (s.state, after),
+                        (recorded, before),
+                        "a recorded outcome stands: {at}"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Where a kill falls for a step.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Point {
+        /// Its intent is recorded; its side effect has not happened.
+        AfterIntent,
+        /// Its side effect happened; its outcome is not recorded.
+        AfterSideEffect,
+        /// Its outcome is recorded.
+        AfterOutcome,
+    }
+
+    impl Point {
+        fn kill(self) -> Kill {
+            match self {
+                Point::AfterIntent | Point::AfterOutcome => Kill::After,
+                Point::AfterSideEffect => Kill::Before,
+            }
+        }
+    }
+
+    /// The records of an undisturbed run that record `kind`'s intent or outcome for some
+    /// targets: the points to kill an operator at, with those targets.
+    fn points(
+        plan: &[Vec<Row>],
+        log: &[(usize, Vec<Row>)],
+        kind: StepKind,
+    ) -> Vec<(usize, Point, Vec<String>)> {
+        let mut last: BTreeMap<usize, Vec<Row>> = plan.iter().cloned().enumerate().collect();
+        let mut out = Vec::new();
+        for (n, (index, rows)) in log.iter().enumerate() {
+            let (mut begun, mut ended) = (vec![], vec![]);
+            for (old, new) in last[index].iter().zip(rows) {
+                match (state_of(old, kind), state_of(new, kind)) {
+                    (Some(StepState::Pending), Some(StepState::Intended)) => {
+                        begun.push(new.target.clone())
+                    }
+                    (Some(StepState::Intended), Some(s)) if s.is_final() => {
+                        ended.push(new.target.clone())
+                    }
+                    _ => {}
+                }
+            }
+            if !begun.is_empty() {
+                out.push((n, Point::AfterIntent, begun));
+            }
+            if !ended.is_empty() {
+                out.push((n, Point::AfterSideEffect, ended.clone()));
+                out.push((n, Point::AfterOutcome, ended));
+            }
+            last.insert(*index, rows.clone());
+        }
+        out
+    }
+
+    /// Kills an operator at every point of `kind` (after its intent is recorded, after its side
+    /// effect, after its outcome is recorded), in Continue and Atomic runs of 25 targets in two
+    /// batches (two mail flights when together), then lets the next operator finish.
+    async fn kill_around(kind: StepKind, writes: bool, actions: &[&str]) {
+        for atomic in [false, true] {
+            let rows: Vec<Row> = (0..25).map(|i| row(&target(i), writes, actions)).collect();
+            let plan = split(rows.clone(), 2);
+            let mut calm = Lab::new(plan.clone(), atomic);
+            assert_eq!(calm.until_done().await, 0);
+            check_final(&calm, &rows);
+            check_clean(&calm);
+            let points = points(&plan, &calm.journal.log(), kind);
+            for p in [
+                Point::AfterIntent,
+                Point::AfterSideEffect,
+                Point::AfterOutcome,
+            ] {
+                assert!(
+                    points.iter().any(|(_, q, _)| *q == p),
+                    "{kind:?} (atomic: {atomic}) is never at {p:?}"
+                );
+            }
+            for (record, point, targets) in points {
+                let at = format!("{kind:?} {point:?}, record {record}, atomic: {atomic}");
+                let mut lab = Lab::new(plan.clone(), atomic);
+                lab.journal.kill_at(record, point.kill());
+                assert!(lab.operator().await.is_err(), "{at}: not killed");
+                lab.journal.restart();
+                let death = lab.death();
+                for t in &targets {
+                    let state = death
+                        .rows
+                        .iter()
+                        .find(|r| r.target == *t)
+                        .and_then(|r| state_of(r, kind))
+                        .unwrap();
+                    let done = count(&death.effects, t, kind);
+                    let expected = match point {
+                        Point::AfterIntent => (true, 0),
+                        Point::AfterSideEffect => (true, 1),
+                        Point::AfterOutcome => (false, 1),
+                    };
+                    assert_eq!(
+                        (state == StepState::Intended, done),
+                        expected,
+                        "{at}: {t} was {state:?} and done {done} times at the kill"
+                    );
+                }
+                assert_eq!(
+                    lab.until_done().await,
+                    0,
+                    "{at}: the next operator finishes"
+                );
+                check_final(&lab, &rows);
+                check_clean(&lab);
+                check_resumed(&lab, &death);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_killed_after_its_intent_side_effect_or_outcome_lands_once_as_planned() {
+        kill_around(StepKind::Write, true, &[]).await;
+    }
+
+    #[tokio::test]
+    async fn an_unlock_killed_after_its_intent_side_effect_or_outcome_is_done_redone_at_most_once()
+    {
+        kill_around(StepKind::Unlock, true, &["Unlock"]).await;
+    }
+
+    #[tokio::test]
+    async fn a_two_factor_reset_killed_anywhere_is_done_and_redone_at_most_once() {
+        kill_around(StepKind::ResetTwoFactor, true, &["ResetTwoFactor"]).await;
+    }
+
+    #[tokio::test]
+    async fn a_password_reset_killed_anywhere_is_done_redone_at_most_once_and_mailed_once() {
+        kill_around(StepKind::ResetPassword, true, &["ResetPassword"]).await;
+    }
+
+    #[tokio::test]
+    async fn a_lock_killed_anywhere_is_done_and_redone_at_most_once() {
+        kill_around(StepKind::Lock, true, &["Lock"]).await;
+    }
+
+    #[tokio::test]
+    async fn a_remove_begun_before_a_kill_is_done_not_failed_and_removes_once() {
+        kill_around(StepKind::Remove, true, &["Remove"]).await;
+    }
+
+    #[tokio::test]
+    async fn a_reset_mail_killed_in_flight_is_uncertain_and_never_sent_twice() {
+        kill_around(StepKind::ResetMail, false, &["ResetPassword"]).await;
+    }
+
+    #[tokio::test]
+    async fn a_welcome_mail_killed_in_flight_is_uncertain_and_never_sent_twice() {
+        kill_around(StepKind::WelcomeMail, true, &["SendWelcomeEmail"]).await;
+    }
+
+    /// Every kind of step, two mail flights, users removed with and without mail, a target with
+    /// nothing to do.
+    fn mixed() -> Vec<Row> {
+        let mut rows = Vec::new();
+        for i in 0..22 {
+            rows.push(row(&target(i), true, &["ResetPassword"]));
+        }
+        for i in 22..25 {
+            rows.push(row(&target(i), false, &["Remove", "SendWelcomeEmail"]));
+        }
+        for i in 25..28 {
+            let all = [
+                "Unlock",
+                "ResetTwoFactor",
+                "Lock",
+                "SendWelcomeEmail",
+                "ResetPassword",
+            ];
+            rows.push(row(&target(i), true, &all));
+        }
+        for i in 28..30 {
+            rows.push(row(&target(i), true, &["Remove"]));
+        }
+        rows.push(row(&target(30), false, &[]));
+        rows
+    }
+
+    #[tokio::test]
+    async fn a_kill_before_or_after_any_record_resumes_to_one_outcome_per_target() {
+        let rows = mixed();
+        for atomic in [false, true] {
+            let plan = split(rows.clone(), 3);
+            let mut calm = Lab::new(plan.clone(), atomic);
+            calm.until_done().await;
+            for record in 0..calm.journal.records() {
+                for kill in [Kill::Before, Kill::After] {
+                    let mut lab = Lab::new(plan.clone(), atomic);
+                    lab.journal.kill_at(record, kill);
+                    assert!(lab.operator().await.is_err());
+                    lab.journal.restart();
+                    let death = lab.death();
+                    assert_eq!(lab.until_done().await, 0);
+                    check_final(&lab, &rows);
+                    check_clean(&lab);
+                    check_resumed(&lab, &death);
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transient_pbx_error_at_any_call_stops_the_run_and_the_next_finishes_it_doubling_nothing()
+     {
+        let rows = mixed();
+        for atomic in [false, true] {
+            let plan = split(rows.clone(), 3);
+            let mut calm = Lab::new(plan.clone(), atomic);
+            calm.until_done().await;
+            for call in 0..calm.pbx.calls() {
+                // Nothing of the call done, a part, or all of it before the connection broke.
+                for after in [0, 1, usize::MAX] {
+                    let at = format!("call {call} after {after}, atomic: {atomic}");
+                    let mut lab = Lab::new(plan.clone(), atomic);
+                    lab.pbx.fail_call(call, after);
+                    let e = lab.operator().await.unwrap_err();
+                    assert!(matches!(e, Error::Pbx(_)) && e.is_transient(), "{at}: {e}");
+                    let death = lab.death();
+                    assert!(
+                        death.rows.iter().all(|r| !r.is_failure()),
+                        "{at}: nothing failed for a PBX that is away"
+                    );
+                    lab.operator()
+                        .await
+                        .unwrap_or_else(|e| panic!("{at}: the next run: {e}"));
+                    check_final(&lab, &rows);
+                    check_clean(&lab);
+                    check_resumed(&lab, &death);
+                    assert!(
+                        lab.journal
+                            .rows()
+                            .iter()
+                            .all(|r| r.outcome != Outcome::Uncertain),
+                        "{at}: a PBX error leaves no mail uncertain"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Five targets with a write, a password reset and a welcome mail, in two batches.
+    fn five(atomic: bool) -> (Lab, Vec<Row>) {
+        let rows: Vec<Row> = (0..5)
+            .map(|i| row(&target(i), true, &["ResetPassword", "SendWelcomeEmail"]))
+            .collect();
+        (Lab::new(split(rows.clone(), 2), atomic), rows)
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_fails_exactly_that_target_and_the_run_goes_on() {
+        let (mut lab, rows) = five(false);
+        lab.pbx.refused.lock().unwrap().insert(target(2));
+        lab.operator()
+            .await
+            .expect("a refusal does not stop the run");
+        check_final(&lab, &rows);
+        let effects = lab.effects();
+        for r in lab.journal.rows() {
+            if r.target == target(2) {
+                assert_eq!(r.outcome, Outcome::Failed);
+                assert_eq!(state_of(&r, StepKind::Write), Some(StepState::Failed));
+                assert!(r.notes.iter().any(|n| n.contains("refused")), "{r:?}");
+                assert!(
+                    r.steps[1..].iter().all(|s| s.state == StepState::Skipped),
+                    "{r:?}"
+                );
+                assert_eq!(effects.keys().filter(|(t, _)| *t == r.target).count(), 0);
+            } else {
+                assert_eq!(r.outcome, Outcome::Changed, "{r:?}");
+                assert_eq!(count(&effects, &r.target, StepKind::WelcomeMail), 1);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_atomic_change_with_a_refused_write_writes_nothing_and_runs_nothing_after() {
+        let (mut lab, rows) = five(true);
+        lab.pbx.refused.lock().unwrap().insert(target(2));
+        lab.operator()
+            .await
+            .expect("a refusal does not stop the run");
+        check_final(&lab, &rows);
+        assert!(lab.effects().is_empty(), "{:?}", lab.effects());
+        for r in lab.journal.rows() {
+            assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+            let why = if r.target == target(2) {
+                "refused"
+            } else {
+                "rolled back"
+            };
+            assert!(r.notes.iter().any(|n| n.contains(why)), "{r:?}");
+            assert_eq!(lab.call_group(&r.target).as_deref(), Some("1"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_conflict_fails_only_its_target_when_continuing_and_every_target_when_atomic() {
+        for atomic in [false, true] {
+            let (mut lab, rows) = five(atomic);
+            lab.pbx
+                .pbx
+                .users
+                .lock()
+                .unwrap()
+                .get_mut(&target(2))
+                .unwrap()
+                .values
+                .insert(UserField::CallGroup, "5".into());
+            lab.operator()
+                .await
+                .expect("a conflict does not stop the run");
+            for r in lab.journal.rows() {
+                let t = r.target.as_str();
+                if t == target(2) {
+                    assert_eq!(r.outcome, Outcome::Conflict, "{r:?}");
+                    assert_eq!(lab.call_group(t).as_deref(), Some("5"), "left alone");
+                } else if atomic {
+                    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+                    assert!(r.notes.iter().any(|n| n.contains("rolled back")));
+                    assert_eq!(lab.call_group(t).as_deref(), Some("1"), "rolled back");
+                } else {
+                    assert_eq!(r.outcome, Outcome::Changed, "{r:?}");
+                    assert_eq!(lab.call_group(t).as_deref(), Some("9"));
+                }
+            }
+            let mailed = lab.mail.sent.lock().unwrap().len();
+            assert_eq!(mailed, if atomic { 0 } else { 8 }, "atomic: {atomic}");
+            let _ = rows;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_atomic_change_that_failed_writes_nothing_wherever_an_operator_is_killed() {
+        for refused in [false, true] {
+            let (mut calm, _) = five(true);
+            calm.until_done().await;
+            for record in 0..calm.journal.records() {
+                for kill in [Kill::Before, Kill::After] {
+                    let (mut lab, rows) = five(true);
+                    if refused {
+                        lab.pbx.refused.lock().unwrap().insert(target(2));
+                    } else {
+                        lab.pbx
+                            .pbx
+                            .users
+                            .lock()
+                            .unwrap()
+                            .get_mut(&target(2))
+                            .unwrap()
+                            .values
+                            .insert(UserField::CallGroup, "5".into());
+                    }
+                    lab.journal.kill_at(record, kill);
+                    lab.until_done().await;
+                    check_final(&lab, &rows);
+                    let at = format!("refused: {refused}, {kill:?} record {record}");
+                    assert!(lab.effects().is_empty(), "{at}: {:?}", lab.effects());
+                    for r in lab.journal.rows() {
+                        assert!(
+                            matches!(r.outcome, Outcome::Failed | Outcome::Conflict),
+                            "{at}: {r:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vanished_target_fails_alone_when_continuing_and_rolls_back_all_when_atomic() {
+        for atomic in [false, true] {
+            let (mut lab, rows) = five(atomic);
+            lab.pbx.pbx.users.lock().unwrap().remove(&target(2));
+            lab.operator()
+                .await
+                .expect("a vanished target does not stop the run");
+            check_final(&lab, &rows);
+            for r in lab.journal.rows() {
+                let t = r.target.as_str();
+                if t == target(2) {
+                    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+                    assert!(r.notes.iter().any(|n| n.contains("no longer exists")));
+                } else if atomic {
+                    assert_eq!(r.outcome, Outcome::Failed, "atomic: all or nothing: {r:?}");
+                    assert_eq!(lab.call_group(t).as_deref(), Some("1"), "nothing written");
+                } else {
+                    assert_eq!(r.outcome, Outcome::Changed, "{r:?}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_action_fails_exactly_that_target_sends_it_no_mail_and_a_retry_finishes_it_once()
+     {
+        for atomic in [false, true] {
+            let (mut lab, rows) = five(atomic);
+            lab.pbx
+                .failing
+                .lock()
+                .unwrap()
+                .insert((target(2), StepKind::ResetPassword));
+            lab.operator()
+                .await
+                .expect("a failed action does not stop the run");
+            check_final(&lab, &rows);
+            let r = lab.row(&target(2));
+            assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+            assert_eq!(state_of(&r, StepKind::Write), Some(StepState::Done));
+            assert_eq!(state_of(&r, StepKind::ResetMail), Some(StepState::Skipped));
+            assert_eq!(
+                state_of(&r, StepKind::WelcomeMail),
+                Some(StepState::Skipped)
+            );
+            let others = lab.journal.rows();
+            assert!(
+                others
+                    .iter()
+                    .filter(|r| r.target != target(2))
+                    .all(|r| r.outcome == Outcome::Changed)
+            );
+            let first = lab.effects();
+            assert_eq!(lab.mail.sent.lock().unwrap().len(), 8);
+
+            lab.pbx.heal();
+            lab.retry(&rows);
+            assert_eq!(lab.until_done().await, 0);
+            let now = lab.effects();
+            let mut added: Vec<(String, StepKind)> = now
+                .iter()
+                .filter(|(k, n)| first.get(k).copied().unwrap_or(0) != **n)
+                .map(|(k, _)| k.clone())
+                .collect();
+            added.sort();
+            assert_eq!(
+                added,
+                [
+                    (target(2), StepKind::ResetPassword),
+                    (target(2), StepKind::ResetMail),
+                    (target(2), StepKind::WelcomeMail),
+                ],
+                "atomic: {atomic}: the retry does exactly the failed and unreached steps"
+            );
+            assert!(now.values().all(|n| *n == 1), "once each in all: {now:?}");
+            assert!(
+                lab.journal
+                    .rows()
+                    .iter()
+                    .all(|r| r.outcome == Outcome::Changed)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mail_the_relay_refuses_fails_that_target_and_a_retry_sends_only_it() {
+        let (mut lab, rows) = five(false);
+        lab.mail.refused.lock().unwrap().insert(address(&target(3)));
+        lab.operator().await.unwrap();
+        check_final(&lab, &rows);
+        let r = lab.row(&target(3));
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert_eq!(state_of(&r, StepKind::ResetMail), Some(StepState::Failed));
+        assert_eq!(
+            state_of(&r, StepKind::WelcomeMail),
+            Some(StepState::Skipped),
+            "not tried after a failed step"
+        );
+        assert!(
+            r.notes.iter().any(|n| n.contains("mailbox unavailable")),
+            "{r:?}"
+        );
+        let first = lab.effects();
+        lab.mail.refused.lock().unwrap().clear();
+        lab.retry(&rows);
+        assert_eq!(lab.until_done().await, 0);
+        let now = lab.effects();
+        let added: Vec<&(String, StepKind)> = now
+            .iter()
+            .filter(|(k, n)| first.get(k).copied().unwrap_or(0) != **n)
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            added,
+            [
+                &(target(3), StepKind::ResetMail),
+                &(target(3), StepKind::WelcomeMail)
+            ]
+        );
+        assert!(now.values().all(|n| *n == 1), "{now:?}");
+    }
+
+    /// What happens to one operator.
+    #[derive(Clone, Debug)]
+    enum Disruption {
+        /// It dies at its n-th record, before or after storing it.
+        Kill(usize, Kill),
+        /// Its n-th PBX call fails transiently after doing this many of its targets.
+        Transient(usize, usize),
+    }
+
+    const ACTIONS: [&str; 6] = [
+        "Unlock",
+        "ResetTwoFactor",
+        "ResetPassword",
+        "Lock",
+        "Remove",
+        "SendWelcomeEmail",
+    ];
+
+    fn disruption() -> impl Strategy<Value = Disruption> {
+        prop_oneof![
+            (0..60usize, any::<bool>()).prop_map(|(n, before)| Disruption::Kill(
+                n,
+                if before { Kill::Before } else { Kill::After }
+            )),
+            (0..12usize, 0..4usize).prop_map(|(n, k)| Disruption::Transient(n, k)),
+        ]
+    }
+
+    /// A target's plan: writes or not, and any actions.
+    fn target_plan() -> impl Strategy<Value = (bool, Vec<&'static str>)> {
+        (
+            any::<bool>(),
+            proptest::sample::subsequence(ACTIONS.to_vec(), 0..=ACTIONS.len()),
+        )
+    }
+
+    use proptest::sample::Index;
+
+    /// The property below, for one case.
+    async fn kills_and_errors_then_a_retry(
+        plans: Vec<(bool, Vec<&str>)>,
+        batches: usize,
+        atomic: bool,
+        disruptions: Vec<Disruption>,
+        refused: Vec<Index>,
+        failing: Vec<(Index, Index)>,
+    ) {
+        let rows: Vec<Row> = plans
+            .iter()
+            .enumerate()
+            .map(|(i, (writes, actions))| row(&target(i), *writes, actions))
+            .collect();
+        let mut lab = Lab::new(split(rows.clone(), batches), atomic);
+        for i in &refused {
+            let r = i.get(&rows);
+            if state_of(r, StepKind::Write).is_some() {
+                lab.pbx.refused.lock().unwrap().insert(r.target.clone());
+            }
+        }
+        for (i, a) in &failing {
+            let r = i.get(&rows);
+            let actions: Vec<StepKind> = r
+                .steps
+                .iter()
+                .map(|s| s.kind)
+                .filter(|k| *k != StepKind::Write && !k.is_mail())
+                .collect();
+            if !actions.is_empty() {
+                let kind = *a.get(&actions);
+                lab.pbx
+                    .failing
+                    .lock()
+                    .unwrap()
+                    .insert((r.target.clone(), kind));
+            }
+        }
+        let faults = !lab.pbx.refused.lock().unwrap().is_empty()
+            || !lab.pbx.failing.lock().unwrap().is_empty();
+        for d in &disruptions {
+            match *d {
+                Disruption::Kill(n, kill) => lab.journal.kill_at(lab.journal.records() + n, kill),
+                Disruption::Transient(n, k) => lab.pbx.fail_call(lab.pbx.calls() + n, k),
+            }
+            let _ = lab.operator().await;
+            lab.journal.restart();
+            lab.pbx.forget_transient();
+        }
+        lab.until_done().await;
+        // Within the run (whatever the kills), no mail twice: an interrupted one is Uncertain.
+        check_final(&lab, &rows);
+        if !faults {
+            check_clean(&lab);
+        }
+
+        let first = lab.journal.rows();
+        let before = lab.effects();
+        lab.pbx.heal();
+        lab.retry(&rows);
+        assert_eq!(lab.until_done().await, 0, "an undisturbed retry finishes");
+        let now = lab.effects();
+        for (r, f) in lab.journal.rows().iter().zip(&first) {
+            assert!(
+                matches!(r.outcome, Outcome::Changed | Outcome::Unchanged),
+                "the retry finishes every target: {r:?}, first {f:?}"
+            );
+            let t = r.target.as_str();
+            let removes = state_of(r, StepKind::Remove).is_some();
+            for (s, was) in r.steps.iter().zip(&f.steps) {
+                let (b, n) = (count(&before, t, s.kind), count(&now, t, s.kind));
+                let at = format!(
+                    "{t} {:?}: {:?} then {:?}, done {b} then {n}",
+                    s.kind, was.state, s.state
+                );
+                if s.kind.is_mail() {
+                    let expected = match was.state {
+                        StepState::Done => 0,
+                        StepState::Uncertain | StepState::Failed => 1,
+                        StepState::Skipped => usize::from(!removes),
+                        other => panic!("{at}: {other:?} after the run"),
+                    };
+                    assert_eq!(
+                        n - b,
+                        expected,
+                        "the retry sends exactly the uncertain, failed and unreached mails: {at}"
+                    );
+                    assert!(
+                        n <= 1 || (n == 2 && was.state == StepState::Uncertain),
+                        "no mail twice unless reported uncertain: {at}"
+                    );
+                } else if was.state == StepState::Done {
+                    assert_eq!(n, b, "a step done is not done again by the retry: {at}");
+                }
+                match s.kind {
+                    StepKind::Write => {
+                        assert_eq!(n, 1, "written once in all: {at}");
+                        if lab.exists(t) {
+                            assert_eq!(lab.call_group(t).as_deref(), Some("9"), "{at}");
+                        }
+                    }
+                    StepKind::Remove => {
+                        assert_eq!(n, 1, "removed once in all: {at}");
+                        assert!(!lab.exists(t), "{at}");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// For any plan (writes and actions per target, batches, Continue or Atomic), any
+        /// sequence of operators killed before or after any record or stopped by a transient
+        /// PBX error, and some targets refused or failing for good: every target ends with
+        /// exactly one outcome, no mail is sent twice, and a retry sends exactly the uncertain,
+        /// failed and unreached mails, a mail twice in all only if it was reported uncertain.
+        #[test]
+        fn any_kills_and_pbx_errors_end_in_one_outcome_per_target_and_a_retry_sends_exactly_the_rest(
+            plans in proptest::collection::vec(target_plan(), 1..45),
+            batches in 1..4usize,
+            atomic in any::<bool>(),
+            disruptions in proptest::collection::vec(disruption(), 0..6),
+            refused in proptest::collection::vec(any::<Index>(), 0..2),
+            failing in proptest::collection::vec((any::<Index>(), any::<Index>()), 0..3),
+        ) {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(kills_and_errors_then_a_retry(
+                    plans, batches, atomic, disruptions, refused, failing,
+                ));
+        }
     }
 }

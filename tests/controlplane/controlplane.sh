@@ -7,6 +7,10 @@
 #                                              start everything, wait for /readyz, write DIR/env,
 #                                              DIR/admin.kubeconfig and DIR/user.kubeconfig
 #   controlplane.sh down --dir DIR             stop everything started in DIR (safe to repeat)
+#   controlplane.sh stop-apiserver --dir DIR   stop kube-apiserver only; etcd and its data stay
+#   controlplane.sh start-apiserver --dir DIR  start it again as `up` did (same port, certs,
+#                                              tokens, etcd) and wait for /readyz
+#   controlplane.sh restart-apiserver --dir DIR  both
 #
 # With --owner-pid, a watchdog stops the control plane as soon as that process is gone, so a test
 # run that fails, panics or is killed never leaves servers behind.
@@ -128,7 +132,9 @@ cmd_up() {
   echo $! > "$dir/etcd.pid"
   wait_for "$etcd_url/health" 30 || { log "etcd did not become healthy; see $dir/etcd.log"; false; }
 
-  "$bin/kube-apiserver" \
+  # The command line is kept so stop-apiserver / start-apiserver can restart it on the same
+  # port, certificates and etcd (outage drills).
+  local api_cmd=("$bin/kube-apiserver" \
     --etcd-servers "$etcd_url" --bind-address 127.0.0.1 --secure-port "$api_port" \
     --advertise-address 127.0.0.1 \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
@@ -139,8 +145,9 @@ cmd_up() {
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --enable-priority-and-fairness=false \
     --disable-admission-plugins ServiceAccount \
-    --allow-privileged=true --v=1 \
-    > "$dir/kube-apiserver.log" 2>&1 &
+    --allow-privileged=true --v=1)
+  printf '%q ' "${api_cmd[@]}" > "$dir/kube-apiserver.cmdline"
+  "${api_cmd[@]}" > "$dir/kube-apiserver.log" 2>&1 &
   echo $! > "$dir/kube-apiserver.pid"
   local server="https://127.0.0.1:$api_port"
   wait_for "$server/readyz" 90 --cacert "$pki/ca.crt" -H "Authorization: Bearer $admin_token" \
@@ -179,11 +186,55 @@ ENV
   echo "$ms" > "$dir/ready-ms"
 }
 
+# Stops kube-apiserver alone (etcd, its data and the controller manager keep running).
+cmd_stop_apiserver() {
+  local dir=$1 pidfile="$1/kube-apiserver.pid"
+  [ -f "$pidfile" ] || { log "no kube-apiserver running in $dir"; exit 1; }
+  local pid; pid=$(cat "$pidfile")
+  kill -TERM "$pid" 2>/dev/null || true
+  # It stops listening at once, then may linger on its etcd clients for many seconds.
+  for _ in $(seq 1 30); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  rm -f "$pidfile"
+  log "kube-apiserver stopped (pid $pid)"
+}
+
+# Starts kube-apiserver again with the command line `up` used (same port, certificates, tokens
+# and etcd), and waits until it is ready.
+cmd_start_apiserver() {
+  local dir=$1
+  [ -f "$dir/kube-apiserver.cmdline" ] || { log "$dir was not started by up"; exit 1; }
+  [ -f "$dir/kube-apiserver.pid" ] && kill -0 "$(cat "$dir/kube-apiserver.pid")" 2>/dev/null \
+    && { log "kube-apiserver is already running in $dir"; exit 1; }
+  local start_ns; start_ns=$(date +%s%N)
+  bash -c "exec $(cat "$dir/kube-apiserver.cmdline")" >> "$dir/kube-apiserver.log" 2>&1 < /dev/null &
+  echo $! > "$dir/kube-apiserver.pid"
+  local server token
+  server=$(sed -n 's/^PBX_TEST_API_SERVER=//p' "$dir/env")
+  token=$(head -n1 "$dir/pki/tokens.csv" | cut -d, -f1)
+  wait_for "$server/readyz" 90 --cacert "$dir/pki/ca.crt" -H "Authorization: Bearer $token" \
+    || { log "kube-apiserver did not become ready again; see $dir/kube-apiserver.log"; exit 1; }
+  log "kube-apiserver ready again at $server in $(( ($(date +%s%N) - start_ns) / 1000000 )) ms"
+}
+
+dir_arg() { # the DIR of "--dir DIR", or exit
+  [ "${1:-}" = "--dir" ] && [ -n "${2:-}" ] || { log "$3 needs --dir DIR"; exit 2; }
+  cd "$2" && pwd
+}
+
 case ${1:-} in
   build) "$here/build.sh" ;;
+  stop-apiserver) d=$(dir_arg "${2:-}" "${3:-}" "$1"); cmd_stop_apiserver "$d" ;;
+  start-apiserver) d=$(dir_arg "${2:-}" "${3:-}" "$1"); cmd_start_apiserver "$d" ;;
+  restart-apiserver)
+    d=$(dir_arg "${2:-}" "${3:-}" "$1"); cmd_stop_apiserver "$d"; cmd_start_apiserver "$d" ;;
   up) shift; cmd_up "$@" ;;
   down)
     shift; [ "${1:-}" = "--dir" ] && [ -n "${2:-}" ] || { log "down needs --dir DIR"; exit 2; }
     stop_dir "$2" ;;
-  *) echo "usage: $0 build | up --dir DIR [--owner-pid PID] | down --dir DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 build | up --dir DIR [--owner-pid PID] | down --dir DIR | stop-apiserver|start-apiserver|restart-apiserver --dir DIR" >&2; exit 2 ;;
 esac

@@ -506,8 +506,10 @@ start_sipp_groups() {
 			tail -n +2 "$DIR/phones.csv" | awk -F, -v v="$vendor" -v b="$beh" '$2==v && $5==b {print $1}'
 		} >"$DIR/sipp/$g.csv"
 		n=$(($(wc -l <"$DIR/sipp/$g.csv") - 1))
-		ua=$(tail -n +2 "$DIR/phones.csv" | awk -F, -v v="$vendor" '$2==v {print $7; exit}')
-		nat=$(tail -n +2 "$DIR/phones.csv" | awk -F, -v v="$vendor" '$2==v {print $6; exit}')
+		# awk reads the file itself: behind `tail |`, its early exit could kill tail with
+		# SIGPIPE, which pipefail turns into a failed `up` (seen with 200 phones).
+		ua=$(awk -F, -v v="$vendor" 'NR > 1 && $2 == v {print $7; exit}' "$DIR/phones.csv")
+		nat=$(awk -F, -v v="$vendor" 'NR > 1 && $2 == v {print $6; exit}' "$DIR/phones.csv")
 		pick_port port
 		pick_port cp
 		pick_port mp 4

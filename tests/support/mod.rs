@@ -30,6 +30,36 @@ pub struct ControlPlane {
 
 static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
 
+impl ControlPlane {
+    /// Stops this test binary's kube-apiserver (etcd and its data keep running): an API server
+    /// outage. Every test of the binary shares it, so only a binary whose tests all expect the
+    /// outage may call this.
+    pub fn stop_apiserver(&self) {
+        self.apiserver("stop-apiserver");
+    }
+
+    /// Starts the kube-apiserver again on the same port, certificates and etcd, and waits until
+    /// it is ready.
+    pub fn start_apiserver(&self) {
+        self.apiserver("start-apiserver");
+    }
+
+    fn apiserver(&self, command: &str) {
+        let out = Command::new("bash")
+            .arg(repo_root().join("tests/controlplane/controlplane.sh"))
+            .args([command, "--dir"])
+            .arg(&self.dir)
+            .output()
+            .expect("running tests/controlplane/controlplane.sh");
+        assert!(
+            out.status.success(),
+            "controlplane.sh {command} failed (logs in {}): {}",
+            self.dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// The control plane of this test binary, started on first use with the CRDs installed.
 pub fn control_plane() -> &'static ControlPlane {
     CONTROL_PLANE.get_or_init(|| {

@@ -50,6 +50,58 @@ impl Smtp {
         }
     }
 
+    /// How many messages were received so far (without reading them).
+    pub fn count(&self) -> usize {
+        ["new", "cur"]
+            .iter()
+            .filter_map(|sub| std::fs::read_dir(self.maildir.join("box").join(sub)).ok())
+            .map(|dir| dir.flatten().count())
+            .sum()
+    }
+
+    /// Messages received so far per recipient (the `To:` address, lowercase).
+    pub fn recipients(&self) -> std::collections::BTreeMap<String, u32> {
+        let mut out = std::collections::BTreeMap::new();
+        for (_, to) in self.received() {
+            *out.entry(to).or_default() += 1;
+        }
+        out
+    }
+
+    /// When each message was stored (its file's mtime) and its `To:` address (lowercase), in
+    /// arrival order.
+    pub fn received(&self) -> Vec<(std::time::SystemTime, String)> {
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            let Ok(dir) = std::fs::read_dir(self.maildir.join("box").join(sub)) else {
+                continue;
+            };
+            for e in dir.flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let Some(to) = text
+                    .lines()
+                    .take_while(|l| !l.is_empty())
+                    .find_map(|l| l.strip_prefix("To: "))
+                else {
+                    continue;
+                };
+                let address = to
+                    .rsplit_once('<')
+                    .map(|(_, a)| a.trim_end_matches('>'))
+                    .unwrap_or(to)
+                    .trim()
+                    .to_ascii_lowercase();
+                let at = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                out.push((at, address));
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// Every message received so far, as raw text.
     pub fn messages(&self) -> Vec<String> {
         let mut out = Vec::new();
