@@ -443,12 +443,6 @@ where
     Ok(Action::requeue(ctx.backoff(&uid, transient)))
 }
 
-/// Whether two run ids (`g<generation>[-retry-..][-check-..]`) belong to one generation of a
-/// spec: only then may a retry build on the earlier run's results.
-pub(crate) fn same_generation(a: &str, b: &str) -> bool {
-    a.split('-').next() == b.split('-').next()
-}
-
 /// How Events name who asked: " (requested by alice)", or nothing.
 pub(crate) fn requested_by_note(requested_by: Option<&str>) -> String {
     requested_by

@@ -31,11 +31,6 @@ impl<'a, K: Resource<DynamicType = ()>> Store<'a, K> {
         }
     }
 
-    /// Writes one chunk of rows (CSV for people, JSON lines for resuming).
-    pub async fn write(&self, index: usize, rows: &[Row]) -> Result<String, Error> {
-        self.write_with(index, rows, None).await
-    }
-
     /// Writes one chunk; `csv_header`: the input header of a CSV-sourced change, whose result
     /// CSV is the input plus `Change OK` and `Notes`.
     pub async fn write_with(
@@ -102,14 +97,6 @@ impl<'a, K: Resource<DynamicType = ()>> Store<'a, K> {
             .map(String::as_str)
             .unwrap_or("");
         stored::from_jsonl(text).map_err(|_| Error::ResultsLost { name: cm_name })
-    }
-
-    pub async fn read_all(&self, count: usize) -> Result<Vec<Row>, Error> {
-        let mut rows = Vec::new();
-        for i in 0..count {
-            rows.extend(self.read(i).await?);
-        }
-        Ok(rows)
     }
 
     /// Deletes result ConfigMaps of this owner beyond the first `keep`.

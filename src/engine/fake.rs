@@ -14,6 +14,7 @@ use crate::pbx::{
     Probe, Registration, ResetOutcome, SipAnswer, User, UserAction, UserChange, UserField,
     UserRead, UserReset, UserSelection, WriteOutcome,
 };
+use crate::plan::recycle::{PASSWORD_REQUIRED, SETUP_REQUIRED};
 use crate::plan::stored::Row;
 
 #[derive(Default)]
@@ -35,6 +36,11 @@ pub struct Pbx {
     pub down_registrations: AtomicUsize,
     pub down_notify: AtomicUsize,
     pub down_writes: AtomicUsize,
+    // UserRecycle
+    /// Every reset, registration drop and recycle that took effect, in order: (call, extension).
+    pub recycle_log: Mutex<Vec<(&'static str, String)>>,
+    /// A failure injected into reset_users, drop_registrations or recycle_users.
+    pub fault: Mutex<Option<Fault>>,
 }
 
 /// How a fake phone answers a NOTIFY.
@@ -74,6 +80,86 @@ fn down() -> crate::pbx::PbxError {
     crate::pbx::PbxError::RpcUnreachable {
         url: "http://pbx.test".into(),
         detail: "connection refused or unreachable".into(),
+    }
+}
+
+/// A failure of one of the UserRecycle calls, named as the log names them ("reset", "drop",
+/// "recycle").
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// The call dies (a crash, an outage) once `after` more targets took effect in it: a
+    /// transient error, once.
+    Crash { call: &'static str, after: usize },
+    /// The call refuses this target for good, every time.
+    Refuse { call: &'static str, target: String },
+}
+
+enum Hit {
+    Go,
+    Crash,
+    Refuse,
+}
+
+impl Pbx {
+    /// What an injected fault does to `call` on `target`.
+    fn hit(&self, call: &'static str, target: &str) -> Hit {
+        let mut fault = self.fault.lock().unwrap();
+        match &mut *fault {
+            Some(Fault::Crash { call: c, after }) if *c == call => {
+                if *after == 0 {
+                    *fault = None;
+                    Hit::Crash
+                } else {
+                    *after -= 1;
+                    Hit::Go
+                }
+            }
+            Some(Fault::Refuse { call: c, target: t }) if *c == call && t == target => Hit::Refuse,
+            _ => Hit::Go,
+        }
+    }
+
+    /// Resets or recycles each target, as `apply` says, unless a fault stops it.
+    fn reset_or_recycle<'a>(
+        &self,
+        call: &'static str,
+        targets: impl Iterator<Item = &'a str>,
+        apply: impl Fn(&str, &mut User),
+    ) -> crate::pbx::Result<Vec<ResetOutcome>> {
+        let mut out = Vec::new();
+        for ext in targets {
+            match self.hit(call, ext) {
+                Hit::Crash => return Err(killed()),
+                Hit::Refuse => {
+                    out.push(ResetOutcome::Failed("refused by the fake PBX".into()));
+                    continue;
+                }
+                Hit::Go => {}
+            }
+            let mut users = self.users.lock().unwrap();
+            let Some(user) = users.get_mut(ext) else {
+                out.push(ResetOutcome::NotFound);
+                continue;
+            };
+            let before = user.clone();
+            apply(ext, user);
+            self.recycle_log
+                .lock()
+                .unwrap()
+                .push((call, ext.to_string()));
+            out.push(ResetOutcome::Done {
+                before,
+                unassigned: vec![],
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn killed() -> crate::pbx::PbxError {
+    crate::pbx::PbxError::DatabaseBusy {
+        target: "the fake PBX".into(),
+        detail: "killed".into(),
     }
 }
 
@@ -290,15 +376,93 @@ impl PbxBackend for Pbx {
         }
         Ok(answer)
     }
-    async fn drop_registrations(&self, _: &str) -> crate::pbx::Result<()> {
-        unimplemented!("not used by the engine")
+    async fn drop_registrations(&self, extension: &str) -> crate::pbx::Result<()> {
+        match self.hit("drop", extension) {
+            Hit::Crash => Err(killed()),
+            Hit::Refuse => Err(crate::pbx::PbxError::Refused(
+                "refused by the fake PBX".into(),
+            )),
+            Hit::Go => {
+                let entry = ("drop", extension.to_string());
+                self.recycle_log.lock().unwrap().push(entry);
+                Ok(())
+            }
+        }
     }
-    async fn reset_users(&self, _: &[UserReset]) -> crate::pbx::Result<Vec<ResetOutcome>> {
-        unimplemented!("not used by the engine")
+    async fn reset_users(&self, resets: &[UserReset]) -> crate::pbx::Result<Vec<ResetOutcome>> {
+        use crate::pbx::ResetPart as P;
+        use UserField as F;
+        let parts = |ext: &str| {
+            resets
+                .iter()
+                .find(|r| r.extension == ext)
+                .map(|r| r.parts.clone())
+                .unwrap_or_default()
+        };
+        self.reset_or_recycle(
+            "reset",
+            resets.iter().map(|r| r.extension.as_str()),
+            |ext, user| {
+                for part in parts(ext) {
+                    let fields: &[UserField] = match part {
+                        P::Name => &[F::FirstName, F::LastName],
+                        P::Email => &[F::Email],
+                        P::VoicemailPin => &[F::VoicemailPin],
+                        P::Role => &[F::Role],
+                        P::Groups => &[F::Groups],
+                        P::CallGroup => &[F::CallGroup],
+                        P::PickupGroup => &[F::PickupGroup],
+                        P::Numbers => {
+                            user.numbers.clear();
+                            &[
+                                F::PrimaryNumberLocation,
+                                F::PrivateNumber,
+                                F::PrivateNumberLocation,
+                            ]
+                        }
+                        P::Password => {
+                            user.values.insert(F::Password, rotated());
+                            &[]
+                        }
+                        P::Devices => &[],
+                    };
+                    for f in fields {
+                        user.values.remove(f);
+                    }
+                }
+                user.values.insert(F::Status, SETUP_REQUIRED.into());
+            },
+        )
     }
-    async fn recycle_users(&self, _: &[NewIdentity]) -> crate::pbx::Result<Vec<ResetOutcome>> {
-        unimplemented!("not used by the engine")
+    async fn recycle_users(
+        &self,
+        identities: &[NewIdentity],
+    ) -> crate::pbx::Result<Vec<ResetOutcome>> {
+        self.reset_or_recycle(
+            "recycle",
+            identities.iter().map(|i| i.extension.as_str()),
+            |ext, user| {
+                let id = identities.iter().find(|i| i.extension == ext).unwrap();
+                let v = &mut user.values;
+                v.insert(UserField::FirstName, id.first_name.clone());
+                v.insert(UserField::LastName, id.last_name.clone());
+                match &id.email {
+                    Some(e) => v.insert(UserField::Email, e.clone()),
+                    None => v.remove(&UserField::Email),
+                };
+                v.insert(UserField::Password, rotated());
+                v.remove(&UserField::VoicemailPin);
+                v.insert(UserField::Status, PASSWORD_REQUIRED.into());
+            },
+        )
     }
+}
+
+/// A SIP secret nobody knows.
+fn rotated() -> String {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("ha1:rotated-{}", N.fetch_add(1, Ordering::SeqCst))
 }
 
 #[derive(Default)]

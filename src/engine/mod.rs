@@ -15,6 +15,7 @@
 pub(crate) mod fake;
 pub mod phones;
 pub mod planning;
+pub mod recycle;
 pub mod results;
 pub mod run;
 pub mod steps;

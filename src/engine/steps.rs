@@ -19,7 +19,7 @@ pub fn resume(steps: &mut [Step]) -> Vec<StepKind> {
 }
 
 /// A target's outcome once its steps are final: a conflict or failure wins, then uncertainty,
-/// then a deliberate skip; otherwise Changed if anything was done.
+/// then a deliberate skip; otherwise Changed if anything of the target was changed.
 pub fn outcome(steps: &[Step]) -> Outcome {
     let any = |st: StepState| steps.iter().any(|s| s.state == st);
     if any(StepState::Conflict) {
@@ -33,7 +33,12 @@ pub fn outcome(steps: &[Step]) -> Outcome {
         .any(|s| s.state == StepState::Skipped && s.kind == StepKind::Remove)
     {
         Outcome::Skipped
-    } else if any(StepState::Done) {
+    } else if steps
+        .iter()
+        // Dropping registrations changes nothing the target holds: a reset that found nothing
+        // to clear leaves it Unchanged.
+        .any(|s| s.state == StepState::Done && s.kind != StepKind::DropRegistrations)
+    {
         Outcome::Changed
     } else {
         Outcome::Unchanged

@@ -5,6 +5,7 @@
 //! - [`users`]: field locks, common values, the per-user diff and the plan hash.
 
 pub mod phones;
+pub mod recycle;
 pub mod rows;
 pub mod selection;
 pub mod sheet;

@@ -203,6 +203,17 @@ pub enum StepKind {
     /// Mail the reset instructions (after ResetPassword).
     ResetMail,
     WelcomeMail,
+    // UserRecycle: Reset, DropRegistrations, Recycle, then WelcomeMail (the executor's order,
+    // not this enum's: these came after the user-change steps).
+    /// Clear what `spec.reset` names and leave the user SetupRequired, in one transaction.
+    /// Redone after a restart unless the PBX shows the user already recycled (a reset after the
+    /// recycle would wipe the new person's data).
+    Reset,
+    /// Drop the user's registrations, so the old phones stop working now. Idempotent.
+    DropRegistrations,
+    /// Give the reset extension to the new person (identity, a secret nobody knows,
+    /// PasswordRequired), in a second transaction. Redone after a restart: the same identity.
+    Recycle,
     // Phones
     /// A NOTIFY that makes a phone resync or reboot (PhoneRestart). It cannot be observed
     /// directly and a second one reboots the phone again, in front of its user: a NOTIFY found
@@ -262,6 +273,9 @@ impl StepKind {
             StepKind::Remove => "Remove",
             StepKind::ResetMail => "reset instructions mail",
             StepKind::WelcomeMail => "welcome email",
+            StepKind::Reset => "reset",
+            StepKind::DropRegistrations => "drop registrations",
+            StepKind::Recycle => "recycle",
             StepKind::Notify => "NOTIFY",
             StepKind::Confirm => "confirm by REGISTER",
             StepKind::PhoneWrite => "write fields",
