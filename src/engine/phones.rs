@@ -1221,4 +1221,74 @@ mod tests {
         assert_eq!(written(&pbx, 1).0, "SIP-T46S");
         assert_eq!(written(&pbx, 3).0, "SIP-T54W");
     }
+
+    #[tokio::test]
+    async fn planning_reads_the_selected_phones_and_their_registrations() {
+        use crate::api::{ConnectionRef, Field, Lock, Mode, PhoneFields};
+        let pbx = Pbx::default();
+        for i in 0..3 {
+            let e = ext(i);
+            pbx.users
+                .lock()
+                .unwrap()
+                .insert(e.clone(), crate::engine::fake::user(&e));
+            pbx.phones
+                .lock()
+                .unwrap()
+                .insert(i as i64, phone(i, "SIP-T46S"));
+            if i < 2 {
+                pbx.registered.lock().unwrap().push(registration(&e));
+            }
+        }
+        let targets = PhoneTargets {
+            extensions: (0..3).map(ext).collect(),
+            exclude: vec![ext(1)],
+            ..Default::default()
+        };
+        let rows = plan_restart(&pbx, &targets, None).await.unwrap();
+        let outcomes: Vec<(&str, Outcome)> = rows
+            .iter()
+            .map(|r| (r.target.as_str(), r.outcome))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("200/mac0", Outcome::Planned),
+                ("202/mac2", Outcome::NotRegistered)
+            ]
+        );
+        // A retry of a run in which 200 failed plans it again; 202 stays as it ended.
+        let earlier = vec![
+            Row {
+                outcome: Outcome::Failed,
+                ..rows[0].clone()
+            },
+            rows[1].clone(),
+        ];
+        let again = plan_restart(&pbx, &targets, Some(earlier)).await.unwrap();
+        assert_eq!(again[0].outcome, Outcome::Planned);
+        assert_eq!(again[1], rows[1]);
+        let spec = BulkPhoneChangeSpec {
+            connection_ref: ConnectionRef {
+                name: "acme".into(),
+            },
+            targets,
+            fields: PhoneFields {
+                model: Some(Field {
+                    value: crate::api::fields::ModelName("SIP-T54W".into()),
+                    lock: Lock::Open,
+                }),
+                label: None,
+            },
+            mode: Mode::Execute,
+            approved_plan_hash: None,
+            requested_by: None,
+        };
+        let (rows, plan) = plan_change(&pbx, &spec, 3).await.unwrap();
+        assert_eq!((plan.targets, plan.changes, plan.generation), (2, 2, 3));
+        assert!(
+            rows.iter()
+                .all(|r| r.steps == [Step::pending(StepKind::PhoneWrite)])
+        );
+    }
 }
