@@ -224,10 +224,12 @@ impl Change<'_> {
         let batches = status.progress.as_ref().map(|p| p.batches).unwrap_or(0) as usize;
         for index in 0..batches {
             if let Err(e) = run.verified(index, &plan.batch_digests).await {
-                // The refusal belongs to this run: the next reconcile must not plan afresh and
-                // execute what nobody reviewed.
-                status.phase = Phase::Failed;
-                status.progress = Some(self.lineage.progress(batches, batches, None));
+                if matches!(e, Error::PlanTampered { .. }) {
+                    // The refusal belongs to this run: the next reconcile must not plan afresh
+                    // and execute what nobody reviewed.
+                    status.phase = Phase::Failed;
+                    status.progress = Some(self.lineage.progress(batches, batches, None));
+                }
                 return run.blocked(status, &e).await;
             }
         }
