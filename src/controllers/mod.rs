@@ -6,6 +6,7 @@
 pub mod backends;
 pub mod conditions;
 mod connection;
+mod context;
 mod csv_source;
 mod error;
 mod leader;
@@ -25,121 +26,16 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt, future::Shared};
 use kube::{
     Api, Client, Resource,
-    runtime::{
-        controller::Action,
-        events::{Event, EventType, Recorder, Reporter},
-        watcher,
-    },
+    runtime::{controller::Action, watcher},
 };
 
 use crate::api::{BulkPhoneChange, BulkUserChange, PbxConnection, PhoneRestart, UserRecycle};
 pub(crate) use conditions::{mark_blocked, mark_finished};
+pub use context::Context;
+pub(crate) use context::SHUTDOWN_GRACE;
 pub use error::Error;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// State shared by every reconcile.
-pub struct Context {
-    pub client: Client,
-    pub backends: backends::Backends,
-    pub recorder: Recorder,
-    pub metrics: metrics::Metrics,
-    /// Consecutive failures per object (uid), for backoff: error_policy has no per-object state.
-    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
-    /// How often PbxConnections re-read their Secrets.
-    pub secret_check_interval: Duration,
-    /// The largest CSV (after gunzip) a BulkUserChange may bring.
-    pub max_csv_bytes: usize,
-    /// The last probe of each PbxConnection (namespace, name).
-    pub probes:
-        std::sync::Mutex<std::collections::HashMap<(String, String), connection::ProbeMemo>>,
-    /// Set at SIGTERM: runs finish and record the step in flight and start nothing new.
-    stopping: std::sync::atomic::AtomicBool,
-    /// Runs executing side effects right now: shutdown waits for them, not for idle watches.
-    executing: std::sync::atomic::AtomicUsize,
-}
-
-impl Context {
-    /// Counts one more failure of `uid` and returns how many came before it.
-    pub fn failures(&self, uid: &str) -> u32 {
-        let mut map = self.failures.lock().expect("not poisoned");
-        let n = map.entry(uid.to_string()).or_default();
-        *n += 1;
-        *n - 1
-    }
-
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub fn reset_failures(&self, uid: &str) {
-        self.failures.lock().expect("not poisoned").remove(uid);
-    }
-
-    pub fn new(client: Client, secret_check_interval: Duration) -> Context {
-        let reporter = Reporter {
-            controller: "pbx-operator".into(),
-            instance: std::env::var("POD_NAME")
-                .ok()
-                .or_else(|| std::env::var("HOSTNAME").ok()),
-        };
-        Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            backends: backends::Backends::default(),
-            metrics: metrics::Metrics::default(),
-            failures: Default::default(),
-            secret_check_interval,
-            max_csv_bytes: crate::plan::sheet::DEFAULT_MAX_BYTES,
-            probes: Default::default(),
-            stopping: false.into(),
-            executing: 0.into(),
-        }
-    }
-
-    /// Marks a run as executing side effects until the guard is dropped.
-    pub(crate) fn executing(&self) -> Executing<'_> {
-        self.executing
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Executing(self)
-    }
-
-    /// After a stop signal: resolves once no run is executing (after a short settle time), or
-    /// at [`SHUTDOWN_GRACE`] at the latest.
-    async fn drained(&self) {
-        let start = std::time::Instant::now();
-        loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let idle = self.executing.load(std::sync::atomic::Ordering::SeqCst) == 0;
-            if start.elapsed() >= SHUTDOWN_GRACE || (idle && start.elapsed() >= SHUTDOWN_IDLE) {
-                return;
-            }
-        }
-    }
-
-    /// Publishes an Event on `obj` (the audit trail). A failure to publish is logged, never fatal.
-    pub async fn publish<K>(
-        &self,
-        obj: &K,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: Option<String>,
-    ) where
-        K: Resource<DynamicType = ()>,
-    {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note,
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "could not publish an Event");
-        }
-    }
-}
 
 /// Shared by every controller: log, count, and retry later.
 pub(crate) fn error_policy<K: Resource<DynamicType = ()>>(
@@ -169,23 +65,6 @@ fn shutdown_signal() -> Shutdown {
     .shared()
 }
 
-/// How long in-flight steps may take to finish and be recorded after SIGTERM; below the 30 s
-/// Kubernetes gives a Pod before SIGKILL.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-/// How long an operator with no run executing waits for its controllers to stop.
-const SHUTDOWN_IDLE: Duration = Duration::from_secs(3);
-
-/// Held while a run executes side effects (see [`Context::executing`]).
-pub(crate) struct Executing<'a>(&'a Context);
-
-impl Drop for Executing<'_> {
-    fn drop(&mut self) {
-        self.0
-            .executing
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 /// How the controllers run: the `pbx-operator run` flags, as the controllers see them.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -204,10 +83,9 @@ pub struct Settings {
 pub async fn run(args: Settings) -> Result<()> {
     let client = Client::try_default().await.map_err(Error::NoCluster)?;
     let shutdown = shutdown_signal();
-    let ctx = Arc::new(Context {
-        max_csv_bytes: args.max_csv_bytes,
-        ..Context::new(client.clone(), args.secret_check_interval)
-    });
+    let mut context = Context::new(client.clone(), args.secret_check_interval);
+    context.max_csv_bytes = args.max_csv_bytes;
+    let ctx = Arc::new(context);
     let health = Arc::new(server::Health {
         ready: false.into(),
         leader: false.into(),
@@ -216,8 +94,7 @@ pub async fn run(args: Settings) -> Result<()> {
         let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
         tokio::spawn(async move {
             shutdown.await;
-            ctx.stopping
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            ctx.stop();
         });
     }
     let mut registry = prometheus_client::registry::Registry::default();
@@ -448,18 +325,6 @@ pub(crate) fn requested_by_note(requested_by: Option<&str>) -> String {
     requested_by
         .map(|u| format!(" (requested by {u})"))
         .unwrap_or_default()
-}
-
-impl Context {
-    /// Backoff for an object that failed again: 5 s doubling to 5 min; 5 min for a person to act.
-    pub fn backoff(&self, uid: &str, transient: bool) -> Duration {
-        let n = self.failures(uid);
-        if transient {
-            Duration::from_secs(5u64 << n.min(6)).min(Duration::from_secs(300))
-        } else {
-            Duration::from_secs(300)
-        }
-    }
 }
 
 /// Watcher settings shared by every controller.
