@@ -298,6 +298,41 @@ spec:
         Some("Operator")
     );
 
+    // Executing a validated plan is gated the same way: a wrong approval runs nothing of it.
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: support-roles }
+spec:
+  connectionRef: { name: acme }
+  mode: Validate
+  targets: { groups: [support] }
+  fields: { role: { value: Operator, lock: Open } }
+"#,
+    );
+    env.wait_buc("support-roles", &[Phase::Validated]).await;
+    let operators =
+        "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.role' AND value = 'Operator'";
+    let before = env.sql_one(operators).await;
+    patch_spec(
+        &env,
+        "support-roles",
+        serde_json::json!({
+            "mode": "Execute",
+            "approvedPlanHash": "0000000000000000000000000000000000000000000000000000000000000abd"
+        }),
+    )
+    .await;
+    let b = env.wait_buc("support-roles", &[Phase::Failed]).await;
+    let (_, reason, message) = condition(&b, "Stalled");
+    assert_eq!(reason, "PlanHashMismatch", "{message}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        env.sql_one(operators).await,
+        before,
+        "nothing of the validated plan was written"
+    );
+
     env.apply(
         r#"apiVersion: pbx-operator.io/v1alpha1
 kind: BulkUserChange

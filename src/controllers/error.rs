@@ -63,6 +63,10 @@ pub enum Error {
     #[error(transparent)]
     Engine(#[from] crate::engine::Error),
     #[error(
+        "a Secret this change reads (spec.fields.*.valueFrom) changed while the change ran: the rest is not written with a value nobody reviewed. Set the retry annotation pbx-operator.io/retry to plan what is left with the new value, or restore the Secret"
+    )]
+    SecretChanged,
+    #[error(
         "cannot read spec.source.csv from ConfigMap {namespace}/{name} key {key:?}: {detail}; create it or fix the reference"
     )]
     CsvSourceMissing {
@@ -93,6 +97,7 @@ impl Error {
             Error::PlanChanged { .. } => "plan_changed",
             Error::ResultsLost { .. } => "results_lost",
             Error::PlanTampered { .. } => "plan_tampered",
+            Error::SecretChanged => "secret_changed",
             Error::Engine(crate::engine::Error::Pbx(e)) => e.reason(),
             Error::Engine(_) => "journal",
             Error::CsvSourceMissing { .. } => "csv_source_missing",
@@ -117,6 +122,7 @@ impl Error {
             Error::PlanChanged { .. } => "PlanHashMismatch",
             Error::ResultsLost { .. } => "ResultsLost",
             Error::PlanTampered { .. } => "PlanTampered",
+            Error::SecretChanged => "SecretChanged",
             Error::Engine(crate::engine::Error::Pbx(e)) => e.reason(),
             Error::Engine(_) => "JournalNotWritable",
             Error::CsvSourceMissing { .. } => "CsvSourceNotReadable",

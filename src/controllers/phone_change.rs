@@ -126,6 +126,15 @@ async fn execute_validated(
     wanted: Lineage,
 ) -> Result<Action, Error> {
     let plan = status.plan.clone().unwrap_or_default();
+    if let Some(approved) = run.obj.spec.approved_plan_hash.as_ref() {
+        if *approved != plan.hash {
+            let err = Error::PlanChanged {
+                approved: approved.clone(),
+                current: plan.hash.clone(),
+            };
+            return refuse(run, status, &err, None).await;
+        }
+    }
     let batches = status.progress.as_ref().map(|p| p.batches).unwrap_or(0) as usize;
     let mut digest = Digest::default();
     for index in 0..batches {

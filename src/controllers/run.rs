@@ -393,6 +393,16 @@ impl<'a, K: RunKind> Run<'a, K> {
     }
 }
 
+impl<K: RunKind> Run<'_, K> {
+    fn journal_patience(&self) -> Duration {
+        if self.ctx.is_stopping() {
+            super::SHUTDOWN_GRACE / 2
+        } else {
+            JOURNAL_PATIENCE
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl<K: RunKind> engine::Journal for Run<'_, K> {
     /// Keeps trying for a while when the API server is away (restarted, overloaded): the
@@ -407,7 +417,8 @@ impl<K: RunKind> engine::Journal for Run<'_, K> {
                 .await
             {
                 Ok(_) => return Ok(()),
-                Err(e) if e.is_transient() && start.elapsed() + wait < JOURNAL_PATIENCE => {
+                // Stopping, the patience must end within the shutdown grace.
+                Err(e) if e.is_transient() && start.elapsed() + wait < self.journal_patience() => {
                     tracing::warn!(error = %e, batch = index, "cannot record the run's progress yet; trying again");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));

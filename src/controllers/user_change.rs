@@ -221,6 +221,16 @@ impl Change<'_> {
         mut status: OperationStatus,
     ) -> Result<Action, Error> {
         let plan = status.plan.clone().unwrap_or_default();
+        if let Some(approved) = self.spec().approved_plan_hash.as_ref() {
+            if *approved != plan.hash {
+                let err = Error::PlanChanged {
+                    approved: approved.clone(),
+                    current: plan.hash.clone(),
+                };
+                status.phase = Phase::Failed;
+                return run.blocked(status, &err).await;
+            }
+        }
         let batches = status.progress.as_ref().map(|p| p.batches).unwrap_or(0) as usize;
         for index in 0..batches {
             if let Err(e) = run.verified(index, &plan.batch_digests).await {
@@ -262,6 +272,11 @@ impl Change<'_> {
             Ok(r) => r,
             Err(e) => return run.blocked(status, &e).await,
         };
+        // The plan pinned the Secrets it reads: the rest of the run writes those values or none.
+        let request = user_plan::with_secret_references(&request::spec_hash(self.spec()), &intent);
+        if status.plan.as_ref().is_some_and(|p| p.spec_hash != request) {
+            return run.blocked(status, &Error::SecretChanged).await;
+        }
         let secrets: HashMap<UserField, Secret> = intent
             .fields
             .into_iter()
@@ -310,8 +325,10 @@ impl Change<'_> {
 
     /// A finished run: nothing to do unless the policy is Enforce and a check is due.
     async fn finished(&self, status: OperationStatus) -> Result<Action, Error> {
-        // A refused run (an edited plan, a changed approval) is not a desired state to enforce.
-        let executed = matches!(status.phase, Phase::Succeeded | Phase::PartiallyFailed);
+        // Only a run that went through is a desired state to enforce: a refused one (an edited
+        // plan, a changed approval) is not, and a partly failed one keeps its journal for the
+        // retry that finishes it (a correction run would overwrite it).
+        let executed = status.phase == Phase::Succeeded;
         let Some(interval) = self.enforced().filter(|_| executed) else {
             return Ok(Action::await_change());
         };

@@ -437,10 +437,11 @@ fn finish(batches: &mut [Batch], work: &[At]) {
             batches[b].dirty = true;
         }
     }
+    // A number moved when the taker's writes went through, whatever its later steps did.
     let taken: HashSet<(String, String)> = work
         .iter()
         .map(|&(b, i)| &batches[b].rows[i])
-        .filter(|r| r.outcome == Outcome::Changed)
+        .filter(|r| state_of(r, StepKind::Write) == Some(StepState::Done))
         .flat_map(|r| r.takes.iter().map(|t| (t.number.clone(), t.holder.clone())))
         .collect();
     for &(b, i) in work {

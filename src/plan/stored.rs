@@ -117,13 +117,21 @@ impl Row {
 }
 
 /// sha256 of what a batch of rows plans to do: each target with its writes, actions, number
-/// moves and step kinds, not how far they got. Recorded in status when the batch is stored and
-/// checked before it runs, so an edited results ConfigMap cannot add a target or an action.
+/// moves, step kinds and, for phones, where the NOTIFY goes and which phone a write changes;
+/// not how far they got. Recorded in status when the batch is stored and checked before it
+/// runs, so an edited results ConfigMap cannot add a target or an action, or redirect one.
 pub fn plan_digest(rows: &[Row]) -> String {
     let mut h = Sha256::new();
     for r in rows {
         let kinds: Vec<_> = r.steps.iter().map(|s| s.kind).collect();
-        let plan = serde_json::json!([r.target, r.writes, r.actions, kinds, r.takes, r.gives]);
+        // When the NOTIFY left is progress, not plan.
+        let phone = r.phone.as_ref().map(|p| PhoneTarget {
+            sent_at: None,
+            ..p.clone()
+        });
+        let plan = serde_json::json!([
+            r.target, r.writes, r.actions, kinds, r.takes, r.gives, phone
+        ]);
         h.update(plan.to_string().as_bytes());
         h.update(b"\n");
     }
@@ -346,4 +354,33 @@ pub fn user_steps(has_writes: bool, actions: &[String]) -> Vec<Step> {
     kinds.sort();
     kinds.dedup();
     kinds.into_iter().map(Step::pending).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redirected_notify_changes_the_digest_and_its_send_time_does_not() {
+        let row = Row {
+            target: "201/0004f2000001".into(),
+            phone: Some(PhoneTarget {
+                id: Some(7),
+                extension: "201".into(),
+                contact: Some("sip:201@10.0.0.5:5060".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let digest = plan_digest(std::slice::from_ref(&row));
+        let mut sent = row.clone();
+        sent.phone.as_mut().unwrap().sent_at = Some(1_700_000_000);
+        assert_eq!(plan_digest(&[sent]), digest, "progress is not plan");
+        let mut elsewhere = row.clone();
+        elsewhere.phone.as_mut().unwrap().contact = Some("sip:201@192.0.2.9:5060".into());
+        assert_ne!(plan_digest(&[elsewhere]), digest, "where the NOTIFY goes");
+        let mut other = row;
+        other.phone.as_mut().unwrap().id = Some(8);
+        assert_ne!(plan_digest(&[other]), digest, "which phone a write changes");
+    }
 }
