@@ -36,7 +36,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use pbx_operator::api::{BulkUserChange, Outcome, Phase, PhoneRestart, UserRecycle};
-use pbx_operator::engine::users::MAIL_FLIGHT;
+use pbx_operator::engine::outbox::MAIL_FLIGHT;
 use pbx_operator::plan::stored::StepState;
 use pbx_operator::plan::stored::{Row, from_jsonl};
 use sqlx::{AssertSqlSafe, Row as _};

@@ -217,7 +217,7 @@ async fn sigkills_mid_reset_report_unsent_mails_uncertain_and_a_retry_sends_them
     }
     assert_eq!(summary.uncertain as usize, uncertain.len());
     assert!(
-        uncertain.len() <= KILLS * pbx_operator::engine::users::MAIL_FLIGHT,
+        uncertain.len() <= KILLS * pbx_operator::engine::outbox::MAIL_FLIGHT,
         "only the mails in flight at a kill are uncertain: {}",
         uncertain.len()
     );

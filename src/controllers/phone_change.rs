@@ -10,7 +10,7 @@ use kube::{ResourceExt, runtime::controller::Action};
 use super::conditions;
 use super::lineage::Lineage;
 use super::metrics::Timed;
-use super::run::{self, Run, RunKind};
+use super::run::{Run, RunKind};
 use super::{Context, Error};
 use crate::api::{BulkPhoneChange, Mode, OperationStatus, Phase, Plan, Summary};
 use crate::engine::phones::{self as exec_phones, PhoneWriteExec};
@@ -32,11 +32,11 @@ impl RunKind for BulkPhoneChange {
     }
 
     fn summary(done: &Digest, before: Option<&Summary>) -> Summary {
-        run::user_summary(done, before)
+        results::user_summary(done, before)
     }
 
     fn verdict(s: &Summary) -> (Phase, String) {
-        let (phase, _) = run::user_verdict(s);
+        let (phase, _) = results::user_verdict(s);
         let message = format!(
             "{} phones: {} changed, {} unchanged, {} failed, {} conflicts",
             s.targets, s.changed, s.unchanged, s.failed, s.conflicts

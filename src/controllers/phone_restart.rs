@@ -43,36 +43,11 @@ impl RunKind for PhoneRestart {
     }
 
     fn summary(done: &Digest, before: Option<&RestartSummary>) -> RestartSummary {
-        let targets = before.map(|s| s.targets).unwrap_or(0);
-        RestartSummary {
-            targets: targets.max(done.rows as u32),
-            ..done.restart.clone()
-        }
+        results::restart_totals(done, before)
     }
 
     fn verdict(s: &RestartSummary) -> (Phase, String) {
-        let attempted = s.targets - s.not_registered;
-        let bad = s.failed + s.uncertain;
-        let phase = if s.expired > 0 && s.restarted + s.accepted == 0 {
-            Phase::Expired
-        } else if bad == 0 && s.expired == 0 {
-            Phase::Succeeded
-        } else if bad < attempted {
-            Phase::PartiallyFailed
-        } else {
-            Phase::Failed
-        };
-        let mut message = format!(
-            "{} phones: {} restarted, {} accepted without re-registering, {} not registered, {} failed, {} expired",
-            s.targets, s.restarted, s.accepted, s.not_registered, s.failed, s.expired
-        );
-        if s.uncertain > 0 {
-            message.push_str(&format!(
-                ", {} uncertain (a NOTIFY was under way when the operator stopped and the phone did not register again: it may not have been sent)",
-                s.uncertain
-            ));
-        }
-        (phase, message)
+        results::restart_verdict(s)
     }
 
     fn retry_hint(&self) -> String {

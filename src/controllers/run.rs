@@ -438,38 +438,3 @@ impl<K: RunKind> engine::Store for Run<'_, K> {
         })
     }
 }
-
-/// A user-kind finished run: Succeeded, PartiallyFailed or Failed from the counts.
-pub(crate) fn user_verdict(s: &crate::api::Summary) -> (Phase, String) {
-    let bad = s.failed + s.conflicts + s.uncertain;
-    let phase = if bad == 0 {
-        Phase::Succeeded
-    } else if bad < s.targets {
-        Phase::PartiallyFailed
-    } else {
-        Phase::Failed
-    };
-    let mut message = format!(
-        "{} targets: {} changed, {} unchanged, {} failed, {} conflicts, {} skipped",
-        s.targets, s.changed, s.unchanged, s.failed, s.conflicts, s.skipped
-    );
-    if s.uncertain > 0 {
-        message.push_str(&format!(
-            ", {} uncertain (a mail was being sent when the operator stopped: it may not have gone out)",
-            s.uncertain
-        ));
-    }
-    (phase, message)
-}
-
-/// A user-kind summary: the run's targets and the counts of its finished batches.
-pub(crate) fn user_summary(
-    done: &Digest,
-    before: Option<&crate::api::Summary>,
-) -> crate::api::Summary {
-    let targets = before.map(|s| s.targets).unwrap_or(0);
-    crate::api::Summary {
-        targets: targets.max(done.rows as u32),
-        ..done.summary.clone()
-    }
-}

@@ -19,9 +19,10 @@ use crate::api::{
     BulkUserChange, BulkUserChangeSpec, FailurePolicy, Mode, OperationStatus, Phase, Plan, Policy,
     Summary, parse_duration,
 };
+use crate::engine::outbox::Outbox;
 use crate::engine::planning::{self, UserRequest};
-use crate::engine::results::Digest as Counts;
-use crate::engine::users::{Outbox, UserExec};
+use crate::engine::results::{self, Digest as Counts};
+use crate::engine::users::UserExec;
 use crate::pbx::{PbxBackend, Secret, UserField};
 use crate::plan::selection::Selector;
 use crate::plan::stored::{Row, StepKind};
@@ -46,10 +47,10 @@ impl RunKind for BulkUserChange {
         self.status.as_ref()
     }
     fn summary(done: &Counts, before: Option<&Summary>) -> Summary {
-        super::run::user_summary(done, before)
+        results::user_summary(done, before)
     }
     fn verdict(summary: &Summary) -> (Phase, String) {
-        super::run::user_verdict(summary)
+        results::user_verdict(summary)
     }
     fn retry_hint(&self) -> String {
         format!(

@@ -14,12 +14,12 @@ use kube::{ResourceExt, runtime::controller::Action};
 use super::backends::mailer;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
-use super::run::{self, Run, RunKind};
+use super::run::{Run, RunKind};
 use super::{Context, Error};
 use crate::api::{OperationStatus, PbxConnection, Phase, Summary, UserRecycle};
+use crate::engine::outbox::Outbox;
 use crate::engine::recycle::{RecycleExec, plan_recycle};
-use crate::engine::results::Digest;
-use crate::engine::users::Outbox;
+use crate::engine::results::{self, Digest};
 use crate::pbx::PbxBackend;
 use crate::plan::recycle as plan;
 
@@ -39,11 +39,11 @@ impl RunKind for UserRecycle {
     }
 
     fn summary(done: &Digest, before: Option<&Summary>) -> Summary {
-        run::user_summary(done, before)
+        results::user_summary(done, before)
     }
 
     fn verdict(summary: &Summary) -> (Phase, String) {
-        run::user_verdict(summary)
+        results::user_verdict(summary)
     }
 
     fn retry_hint(&self) -> String {

@@ -471,7 +471,7 @@ pub struct Outbox {
 }
 
 #[async_trait]
-impl crate::engine::users::Outbox for Outbox {
+impl crate::engine::outbox::Outbox for Outbox {
     async fn send(&self, to: &str, _: &str, _: String) -> Result<(), String> {
         self.sent.lock().unwrap().push(to.to_string());
         Ok(())
@@ -742,7 +742,7 @@ pub struct Mailbox {
 }
 
 #[async_trait]
-impl crate::engine::users::Outbox for Mailbox {
+impl crate::engine::outbox::Outbox for Mailbox {
     async fn send(&self, to: &str, subject: &str, _: String) -> Result<(), String> {
         // The subjects of crate::mail: the welcome mail's starts with "Welcome".
         let kind = if subject.starts_with("Welcome") {

@@ -13,6 +13,7 @@
 
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod outbox;
 pub mod phones;
 pub mod planning;
 pub mod recycle;
@@ -23,7 +24,7 @@ pub mod users;
 
 use async_trait::async_trait;
 
-use crate::plan::stored::Row;
+use crate::plan::stored::{Row, StepKind, StepState};
 
 /// Errors of a run that stop it for now; the journal keeps what was done.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +88,35 @@ impl Batch {
             rows,
             dirty: false,
         }
+    }
+}
+
+/// A row of a group of batches: (batch position, row position).
+pub(crate) type At = (usize, usize);
+
+/// The rows of `batches` that `keep` selects.
+pub(crate) fn at_all(batches: &[Batch], keep: impl Fn(&Row) -> bool) -> Vec<At> {
+    let mut out = Vec::new();
+    for (b, batch) in batches.iter().enumerate() {
+        for (i, row) in batch.rows.iter().enumerate() {
+            if keep(row) {
+                out.push((b, i));
+            }
+        }
+    }
+    out
+}
+
+/// Where a row's step of `kind` stands, if the row has one.
+pub(crate) fn state_of(row: &Row, kind: StepKind) -> Option<StepState> {
+    row.steps.iter().find(|s| s.kind == kind).map(|s| s.state)
+}
+
+/// Sets the state of row `i`'s step of `kind` and marks the batch to be recorded.
+pub(crate) fn set(batch: &mut Batch, i: usize, kind: StepKind, state: StepState) {
+    if let Some(s) = batch.rows[i].steps.iter_mut().find(|s| s.kind == kind) {
+        s.state = state;
+        batch.dirty = true;
     }
 }
 

@@ -21,7 +21,7 @@ use futures::StreamExt;
 
 use super::planning::PlanningError;
 use super::steps;
-use super::{Batch, Ended, Error, Executor, Journal};
+use super::{At, Batch, Ended, Error, Executor, Journal, at_all, state_of};
 use crate::api::{BulkPhoneChangeSpec, Outcome, PhoneTargets, Plan};
 use crate::pbx::{
     PbxBackend, PbxError, PhoneField, Registration, UserSelection, WriteOutcome, sip,
@@ -95,9 +95,6 @@ pub trait Pace: Send + Sync {
     /// Waits for this caller's slot.
     async fn acquire(&self);
 }
-
-/// A row of a batch: (batch position, row position).
-type At = (usize, usize);
 
 fn now() -> i64 {
     jiff::Timestamp::now().as_second()
@@ -584,22 +581,6 @@ fn record_writes(batches: &mut [Batch], calls: &[(At, Vec<Call>)], outcomes: Vec
 
 async fn save(journal: &dyn Journal, batches: &mut [Batch]) -> Result<(), Error> {
     super::save(journal, batches).await
-}
-
-fn at_all(batches: &[Batch], keep: impl Fn(&Row) -> bool) -> Vec<At> {
-    let mut out = Vec::new();
-    for (b, batch) in batches.iter().enumerate() {
-        for (i, row) in batch.rows.iter().enumerate() {
-            if keep(row) {
-                out.push((b, i));
-            }
-        }
-    }
-    out
-}
-
-fn state_of(row: &Row, kind: StepKind) -> Option<StepState> {
-    row.steps.iter().find(|s| s.kind == kind).map(|s| s.state)
 }
 
 fn set(row: &mut Row, kind: StepKind, state: StepState) {

@@ -12,9 +12,9 @@
 
 use std::collections::HashMap;
 
+use super::outbox::{Flights, Letter, Outbox, send_in_flights};
 use super::steps;
-use super::users::{MAIL_FLIGHT, Outbox};
-use super::{Batch, Ended, Error, Executor, Journal};
+use super::{At, Batch, Ended, Error, Executor, Journal, set, state_of};
 use crate::api::{Outcome, Plan, UserRecycleSpec};
 use crate::mail;
 use crate::pbx::{PbxBackend, PbxError, ResetOutcome, ResetPart, UserReset, UserSelection};
@@ -23,9 +23,6 @@ use crate::plan::recycle::{
     merge_recycle, reset_changes,
 };
 use crate::plan::stored::{Row, StepKind, StepState};
-
-/// A row of a batch: (batch position, row position).
-type At = (usize, usize);
 
 /// Reads what the PBX holds of the targets a run plans (all of the spec's, or on a retry those
 /// of `earlier` that did not finish well) and plans their rows; see [`plan::plan`].
@@ -328,7 +325,7 @@ impl RecycleExec<'_> {
     /// Welcome mails a flight at a time: the flight is recorded as intended, sent, and its
     /// outcomes recorded, so a crash leaves at most one flight uncertain.
     async fn welcome(&self, batches: &mut [Batch], work: &[At]) -> Result<Ended, Error> {
-        let mut due: Vec<(At, String)> = Vec::new();
+        let mut due: Vec<At> = Vec::new();
         for &(b, i) in work {
             let batch = &mut batches[b];
             let row = &mut batch.rows[i];
@@ -358,8 +355,8 @@ impl RecycleExec<'_> {
                     row,
                     "welcome email: not sent: the PbxConnection has no usable spec.smtp; fix it, then retry",
                 ),
-                (true, Some(to), Some(_)) => {
-                    due.push(((b, i), to));
+                (true, Some(_), Some(_)) => {
+                    due.push((b, i));
                     continue;
                 }
             };
@@ -369,42 +366,25 @@ impl RecycleExec<'_> {
             self.save(batches).await?;
             return Ok(Ended::Finished);
         };
-        for flight in due.chunks(MAIL_FLIGHT) {
-            if (self.stopping)() {
-                self.save(batches).await?;
-                return Ok(Ended::Stopped);
-            }
-            for &((b, i), _) in flight {
-                set(
-                    &mut batches[b],
-                    i,
-                    StepKind::WelcomeMail,
-                    StepState::Intended,
-                );
-            }
-            self.save(batches).await?;
-            let sends = flight.iter().map(|((b, i), to)| {
-                let row = &batches[*b].rows[*i];
-                let name = identity_of(row).map(|id| id.first_name).unwrap_or_default();
-                let (subject, body) = mail::welcome(&row.target, &name, self.domain);
-                async move { mailer.send(to, &subject, body).await }
-            });
-            let sent = futures::future::join_all(sends).await;
-            for (&((b, i), _), result) in flight.iter().zip(sent) {
-                let row = &mut batches[b].rows[i];
-                let state = match result {
-                    Ok(()) => {
-                        row.notes.push("welcome email: sent".into());
-                        StepState::Done
-                    }
-                    Err(e) => fail(row, &format!("welcome email: failed: {e}")),
-                };
-                set(&mut batches[b], i, StepKind::WelcomeMail, state);
-            }
-            self.save(batches).await?;
-        }
+        let flights = Flights {
+            kind: StepKind::WelcomeMail,
+            outbox: Some(mailer),
+            journal: self.journal,
+            stopping: self.stopping,
+        };
+        let letter = |row: &Row| {
+            let id = identity_of(row).ok_or("the recycle entry is not in the stored plan")?;
+            let to = id.email.ok_or("the recycle entry has no email")?;
+            let (subject, body) = mail::welcome(&row.target, &id.first_name, self.domain);
+            Ok(Letter { to, subject, body })
+        };
+        let note = |sent: Result<(), &str>| match sent {
+            Ok(()) => "welcome email: sent".to_string(),
+            Err(e) => format!("welcome email: failed: {e}"),
+        };
+        let ended = send_in_flights(flights, batches, &due, letter, note).await?;
         self.save(batches).await?;
-        Ok(Ended::Finished)
+        Ok(ended)
     }
 }
 
@@ -412,17 +392,6 @@ impl RecycleExec<'_> {
 fn fail(row: &mut Row, note: &str) -> StepState {
     row.notes.push(note.to_string());
     StepState::Failed
-}
-
-fn state_of(row: &Row, kind: StepKind) -> Option<StepState> {
-    row.steps.iter().find(|s| s.kind == kind).map(|s| s.state)
-}
-
-fn set(batch: &mut Batch, i: usize, kind: StepKind, state: StepState) {
-    if let Some(s) = batch.rows[i].steps.iter_mut().find(|s| s.kind == kind) {
-        s.state = state;
-        batch.dirty = true;
-    }
 }
 
 #[cfg(test)]
@@ -438,6 +407,7 @@ mod tests {
     use crate::api::ConnectionRef;
     use crate::api::user_recycle::{RecycleEntry, RecycleTargets, UserRecycleSpec};
     use crate::engine::fake::{self, Fault, Journal, Pbx};
+    use crate::engine::outbox::MAIL_FLIGHT;
     use crate::pbx::{User, UserField};
     use crate::plan::recycle::reset_parts;
 

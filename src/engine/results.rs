@@ -1,7 +1,7 @@
 //! Results for people, made from a run's journal the same way for every kind: the result CSV,
 //! the counts in status.summary, and the few rows status shows.
 
-use crate::api::{FieldChange, Outcome, RestartSummary, Summary, TargetResult};
+use crate::api::{FieldChange, Outcome, Phase, RestartSummary, Summary, TargetResult};
 use crate::plan::stored::Row;
 
 /// How many result rows status shows; the rest are in the ConfigMaps.
@@ -286,6 +286,74 @@ fn truncate(s: &str, max: usize) -> String {
     } else {
         format!("{}...", &s[..s.floor_char_boundary(max - 3)])
     }
+}
+
+/// A user-kind finished run: Succeeded, PartiallyFailed or Failed from the counts.
+pub fn user_verdict(s: &Summary) -> (Phase, String) {
+    let bad = s.failed + s.conflicts + s.uncertain;
+    let phase = if bad == 0 {
+        Phase::Succeeded
+    } else if bad < s.targets {
+        Phase::PartiallyFailed
+    } else {
+        Phase::Failed
+    };
+    let mut message = format!(
+        "{} targets: {} changed, {} unchanged, {} failed, {} conflicts, {} skipped",
+        s.targets, s.changed, s.unchanged, s.failed, s.conflicts, s.skipped
+    );
+    if s.uncertain > 0 {
+        message.push_str(&format!(
+            ", {} uncertain (a mail was being sent when the operator stopped: it may not have gone out)",
+            s.uncertain
+        ));
+    }
+    (phase, message)
+}
+
+/// A user-kind summary: the run's targets and the counts of its finished batches.
+pub fn user_summary(done: &Digest, before: Option<&Summary>) -> Summary {
+    let targets = before.map(|s| s.targets).unwrap_or(0);
+    Summary {
+        targets: targets.max(done.rows as u32),
+        ..done.summary.clone()
+    }
+}
+
+/// A restart's summary: the run's phones and the counts of its finished batches.
+pub fn restart_totals(done: &Digest, before: Option<&RestartSummary>) -> RestartSummary {
+    let targets = before.map(|s| s.targets).unwrap_or(0);
+    RestartSummary {
+        targets: targets.max(done.rows as u32),
+        ..done.restart.clone()
+    }
+}
+
+/// A finished restart: Expired when the window closed before any phone was reached, otherwise
+/// Succeeded, PartiallyFailed or Failed from the counts.
+pub fn restart_verdict(s: &RestartSummary) -> (Phase, String) {
+    let attempted = s.targets - s.not_registered;
+    let bad = s.failed + s.uncertain;
+    let phase = if s.expired > 0 && s.restarted + s.accepted == 0 {
+        Phase::Expired
+    } else if bad == 0 && s.expired == 0 {
+        Phase::Succeeded
+    } else if bad < attempted {
+        Phase::PartiallyFailed
+    } else {
+        Phase::Failed
+    };
+    let mut message = format!(
+        "{} phones: {} restarted, {} accepted without re-registering, {} not registered, {} failed, {} expired",
+        s.targets, s.restarted, s.accepted, s.not_registered, s.failed, s.expired
+    );
+    if s.uncertain > 0 {
+        message.push_str(&format!(
+            ", {} uncertain (a NOTIFY was under way when the operator stopped and the phone did not register again: it may not have been sent)",
+            s.uncertain
+        ));
+    }
+    (phase, message)
 }
 
 #[cfg(test)]

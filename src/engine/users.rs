@@ -10,10 +10,11 @@
 use std::collections::BTreeSet;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use super::outbox::{Flights, Letter, Outbox, send_in_flights};
 use super::steps;
-use super::{Batch, Ended, Error, Executor, Journal};
+use super::{At, Batch, Ended, Error, Executor, Journal, at_all, set, state_of};
 use crate::api::Outcome;
-use crate::mail::{self, Mailer};
+use crate::mail;
 use crate::pbx::directory::Move;
 use crate::pbx::{
     ActionOutcome, FieldWrite, NewValue, PbxBackend, Secret, User, UserAction, UserChange,
@@ -22,27 +23,6 @@ use crate::pbx::{
 use crate::plan::stored::Row;
 use crate::plan::stored::{StepKind, StepState, user_steps};
 use crate::plan::users as user_plan;
-
-/// Mails sent between two records: a crash leaves at most this many uncertain.
-pub const MAIL_FLIGHT: usize = 20;
-
-/// Where mail goes: the connection's SMTP relay ([`Mailer`]).
-#[async_trait::async_trait]
-pub trait Outbox: Send + Sync {
-    async fn send(&self, to: &str, subject: &str, body: String) -> Result<(), String>;
-}
-
-#[async_trait::async_trait]
-impl Outbox for Mailer {
-    async fn send(&self, to: &str, subject: &str, body: String) -> Result<(), String> {
-        Mailer::send(self, to, subject, body)
-            .await
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// A row of a batch: (batch position, row position).
-type At = (usize, usize);
 
 pub struct UserExec<'a> {
     pub backend: &'a dyn PbxBackend,
@@ -379,52 +359,33 @@ impl UserExec<'_> {
             }
             due.push((b, i));
         }
-        for flight in due.chunks(MAIL_FLIGHT) {
-            if (self.stopping)() {
-                self.save(batches).await?;
-                return Ok(Ended::Stopped);
-            }
-            for &(b, i) in flight {
-                set(&mut batches[b], i, kind, StepState::Intended);
-            }
-            self.save(batches).await?;
-            let sends = flight.iter().map(|&(b, i)| {
-                let extension = &batches[b].rows[i].target;
-                let user = &current[extension];
-                let name = user.get(UserField::FirstName).unwrap_or("");
-                let (subject, body) = match kind {
-                    StepKind::ResetMail => mail::reset_instructions(extension, name, self.domain),
-                    _ => mail::welcome(extension, name, self.domain),
-                };
-                self.send(user, subject, body)
-            });
-            let sent = futures::future::join_all(sends).await;
-            for (&(b, i), result) in flight.iter().zip(sent) {
-                let batch = &mut batches[b];
-                match result {
-                    Ok(()) => {
-                        set(batch, i, kind, StepState::Done);
-                        batch.rows[i].notes.push(format!("{} sent", kind.name()));
-                    }
-                    Err(why) => {
-                        set(batch, i, kind, StepState::Failed);
-                        batch.rows[i].notes.push(format!("{}: {why}", kind.name()));
-                    }
-                }
-            }
-            self.save(batches).await?;
-        }
-        Ok(Ended::Finished)
-    }
-
-    async fn send(&self, user: &User, subject: String, body: String) -> Result<(), String> {
-        let Some(to) = user.get(UserField::Email).filter(|e| !e.is_empty()) else {
-            return Err("no email address on file: not sent".into());
+        let flights = Flights {
+            kind,
+            outbox: self.mailer,
+            journal: self.journal,
+            stopping: self.stopping,
         };
-        let Some(mailer) = self.mailer else {
-            return Err("the PbxConnection has no usable spec.smtp: not sent".into());
+        let letter = |row: &Row| {
+            let user = &current[&row.target];
+            let Some(to) = user.get(UserField::Email).filter(|e| !e.is_empty()) else {
+                return Err("no email address on file: not sent".to_string());
+            };
+            let name = user.get(UserField::FirstName).unwrap_or("");
+            let (subject, body) = match kind {
+                StepKind::ResetMail => mail::reset_instructions(&row.target, name, self.domain),
+                _ => mail::welcome(&row.target, name, self.domain),
+            };
+            Ok(Letter {
+                to: to.to_string(),
+                subject,
+                body,
+            })
         };
-        mailer.send(to, &subject, body).await
+        let note = |sent: Result<(), &str>| match sent {
+            Ok(()) => format!("{} sent", kind.name()),
+            Err(why) => format!("{}: {why}", kind.name()),
+        };
+        send_in_flights(flights, batches, &due, letter, note).await
     }
 }
 
@@ -461,33 +422,6 @@ fn finish(batches: &mut [Batch], work: &[At]) {
                 .push("kept the number: the row taking it did not apply".into());
         }
         batches[b].dirty = true;
-    }
-}
-
-fn at_all(batches: &[Batch], keep: impl Fn(&Row) -> bool) -> Vec<At> {
-    batches
-        .iter()
-        .enumerate()
-        .flat_map(|(b, batch)| {
-            batch
-                .rows
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| keep(r))
-                .map(move |(i, _)| (b, i))
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
-fn state_of(row: &Row, kind: StepKind) -> Option<StepState> {
-    row.steps.iter().find(|s| s.kind == kind).map(|s| s.state)
-}
-
-fn set(batch: &mut Batch, i: usize, kind: StepKind, state: StepState) {
-    if let Some(s) = batch.rows[i].steps.iter_mut().find(|s| s.kind == kind) {
-        s.state = state;
-        batch.dirty = true;
     }
 }
 
@@ -591,6 +525,7 @@ mod tests {
 
     use super::*;
     use crate::engine::fake::{Journal, Outbox, Pbx, user};
+    use crate::engine::outbox::MAIL_FLIGHT;
     use crate::plan::stored::StoredWrite;
 
     fn row(ext: &str, writes: bool, actions: &[&str]) -> Row {
