@@ -10,7 +10,7 @@ use kube::{ResourceExt, runtime::controller::Action};
 use super::conditions;
 use super::lineage::Lineage;
 use super::metrics::Timed;
-use super::run::{Run, RunKind};
+use super::run::{self, Run, RunKind};
 use super::{Context, Error};
 use crate::api::{BulkPhoneChange, Mode, OperationStatus, Phase, Plan, Summary};
 use crate::engine::phones::{self as exec_phones, PhoneWriteExec};
@@ -60,8 +60,8 @@ pub(crate) async fn reconcile(b: Arc<BulkPhoneChange>, ctx: Arc<Context>) -> Res
     };
     let run = Run::new(&ctx, &*b, None);
     match &status.progress {
-        Some(p) if wanted.serves(p) && p.done >= p.batches => Ok(Action::await_change()),
-        Some(p) if wanted.serves(p) => execute(&run, status).await,
+        Some(p) if wanted.serves(p) && run::unfinished(&status) => execute(&run, status).await,
+        Some(p) if wanted.serves(p) => Ok(Action::await_change()),
         _ => start(&run, status, wanted).await,
     }
 }

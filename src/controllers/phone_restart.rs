@@ -85,7 +85,7 @@ pub(crate) async fn reconcile(pr: Arc<PhoneRestart>, ctx: Arc<Context>) -> Resul
     let wanted = Lineage::of(&*pr);
     match &status.progress {
         // A run under way finishes first, whatever the annotation says.
-        Some(p) if p.done < p.batches => execute(&run, status).await,
+        Some(_) if super::run::unfinished(&status) => execute(&run, status).await,
         Some(p) if wanted.retry.is_none() || Lineage::recorded(p).retry == wanted.retry => {
             Ok(Action::await_change())
         }

@@ -51,6 +51,12 @@ pub(crate) trait RunKind:
     fn retry_hint(&self) -> String;
 }
 
+/// Whether the run in `status` still has work: batches left, or all recorded but the run not
+/// finished yet (the operator stopped between its last batch and its finish).
+pub(crate) fn unfinished<S>(status: &OperationStatus<S>) -> bool {
+    status.phase == Phase::Running || status.progress.as_ref().is_some_and(|p| p.done < p.batches)
+}
+
 /// A plan stored as the run's journal.
 pub(crate) struct StoredPlan {
     pub refs: Vec<String>,

@@ -13,7 +13,7 @@ use super::conditions;
 use super::csv_source;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
-use super::run::{Run, RunKind};
+use super::run::{self, Run, RunKind};
 use super::{Context, Error};
 use crate::api::{
     BulkUserChange, BulkUserChangeSpec, FailurePolicy, Mode, OperationStatus, Phase, Plan, Policy,
@@ -72,7 +72,9 @@ pub(crate) async fn reconcile(
         lineage: Lineage::of(&*buc),
     };
     match &status.progress {
-        Some(p) if change.lineage.serves(p) && p.done < p.batches => change.execute(status).await,
+        Some(p) if change.lineage.serves(p) && run::unfinished(&status) => {
+            change.execute(status).await
+        }
         Some(p) if change.lineage.serves(p) => change.finished(status).await,
         _ => change.start(status).await,
     }

@@ -14,7 +14,7 @@ use kube::{ResourceExt, runtime::controller::Action};
 use super::backends::mailer;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
-use super::run::{Run, RunKind};
+use super::run::{self, Run, RunKind};
 use super::{Context, Error};
 use crate::api::{OperationStatus, PbxConnection, Phase, Summary, UserRecycle};
 use crate::engine::outbox::Outbox;
@@ -60,7 +60,7 @@ pub(crate) async fn reconcile(urc: Arc<UserRecycle>, ctx: Arc<Context>) -> Resul
     let lineage = Lineage::of(&*urc);
     let run = Run::new(&ctx, &*urc, None);
     match &status.progress {
-        Some(p) if lineage.serves(p) && p.done < p.batches => execute(&run, status).await,
+        Some(p) if lineage.serves(p) && run::unfinished(&status) => execute(&run, status).await,
         Some(p) if lineage.serves(p) => Ok(Action::await_change()),
         _ => start(&run, status, lineage).await,
     }
