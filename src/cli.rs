@@ -198,7 +198,7 @@ pub async fn export_users(args: &ExportUsersArgs) -> Result<(), CliError> {
                     "--connection takes <namespace>/<name>, not {conn:?}"
                 ))
             })?;
-            let client = kube::Client::try_default()
+            let client = crate::kubectl::client()
                 .await
                 .map_err(crate::controllers::Error::NoCluster)?;
             let pc = kube::Api::<crate::api::PbxConnection>::namespaced(client.clone(), ns)
@@ -278,7 +278,7 @@ pub async fn print_results(args: &ResultsArgs) -> Result<(), CliError> {
             )));
         }
     };
-    let client = kube::Client::try_default().await?;
+    let client = crate::kubectl::client().await?;
     let namespace = args
         .namespace
         .clone()
@@ -352,7 +352,7 @@ pub async fn create_phone_restart(args: &PhoneRestartArgs) -> Result<(), CliErro
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::{Api, PostParams};
 
-    let client = kube::Client::try_default().await?;
+    let client = crate::kubectl::client().await?;
     let namespace = args
         .namespace
         .clone()

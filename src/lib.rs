@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod controllers;
 pub mod engine;
+pub mod kubectl;
 pub mod mail;
 pub mod pbx;
 pub mod plan;

@@ -5,6 +5,10 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Installed as `kubectl-pbx` (a symlink or copy), the binary is the kubectl plugin.
+    if pbx_operator::kubectl::invoked_as_plugin() {
+        return pbx_operator::kubectl::main().await;
+    }
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     let outcome = match cli.command {
