@@ -45,6 +45,18 @@ pub type PhoneRestartStatus = OperationStatus<RestartSummary>;
         priority = 1
     ),
     printcolumn(
+        name = "Batches Done",
+        type_ = "integer",
+        description = "Batches of the current run whose results are recorded",
+        json_path = ".status.progress.done"
+    ),
+    printcolumn(
+        name = "Batches",
+        type_ = "integer",
+        description = "Batches of the current run",
+        json_path = ".status.progress.batches"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"

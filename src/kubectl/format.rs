@@ -284,6 +284,21 @@ pub fn targets_done(summary: &serde_json::Value) -> (u64, u64) {
     (done.min(total), total)
 }
 
+/// Targets done and total of an operation in `phase`: nothing is done before it runs (a
+/// Validated summary counts what would change); the plan's count until a summary has one.
+pub fn progress(
+    phase: Phase,
+    summary: Option<&serde_json::Value>,
+    plan_targets: u64,
+) -> (u64, u64) {
+    let (done, total) = summary.map(targets_done).unwrap_or((0, 0));
+    let total = if total == 0 { plan_targets } else { total };
+    match phase {
+        Phase::Pending | Phase::Validated | Phase::Scheduled => (0, total),
+        _ => (done.min(total), total),
+    }
+}
+
 /// Percent done of an operation: 100 when finished, done/total while running, 0 before.
 pub fn percent(phase: Phase, done: u64, total: u64) -> u64 {
     if finished(phase) {
@@ -532,6 +547,15 @@ TARGET  OUTCOME    FIELD      FROM     TO           NOTES
         assert_eq!(targets_done(&serde_json::Value::Null), (0, 0));
         let over = serde_json::json!({"targets": 2, "changed": 5});
         assert_eq!(targets_done(&over), (2, 2));
+    }
+
+    #[test]
+    fn nothing_is_done_before_a_run() {
+        let s = serde_json::json!({"targets": 2, "changed": 2});
+        assert_eq!(progress(Phase::Validated, Some(&s), 2), (0, 2));
+        assert_eq!(progress(Phase::Running, Some(&s), 2), (2, 2));
+        assert_eq!(progress(Phase::Pending, None, 7), (0, 7));
+        assert_eq!(progress(Phase::Running, None, 7), (0, 7));
     }
 
     #[test]

@@ -310,17 +310,11 @@ fn stalled_reason(status: &Status) -> Option<String> {
 }
 
 fn progress_of(status: &Status) -> (u64, u64) {
-    let (done, total) = status
-        .summary
-        .as_ref()
-        .map(format::targets_done)
-        .unwrap_or((0, 0));
-    let total = if total == 0 {
-        status.plan.as_ref().map(|p| p.targets as u64).unwrap_or(0)
-    } else {
-        total
-    };
-    (done, total)
+    format::progress(
+        status.phase,
+        status.summary.as_ref(),
+        status.plan.as_ref().map(|p| p.targets as u64).unwrap_or(0),
+    )
 }
 
 fn seconds_since(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> f64 {
