@@ -495,3 +495,83 @@ spec:
     let zsh = ok(&["completion", "zsh"]);
     assert!(zsh.starts_with("#compdef kubectl-pbx"), "{zsh}");
 }
+
+/// The krew manifest installs the crate's binary under the name kubectl finds as `pbx`.
+#[test]
+fn krew_manifest_installs_the_binary_as_kubectl_pbx() {
+    let text = std::fs::read_to_string(support::repo_root().join("krew/pbx.yaml")).unwrap();
+    let m: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(
+        m["apiVersion"].as_str(),
+        Some("krew.googlecontainertools.github.com/v1alpha2")
+    );
+    assert_eq!(m["kind"].as_str(), Some("Plugin"));
+    assert_eq!(m["metadata"]["name"].as_str(), Some("pbx"));
+    assert_eq!(
+        m["spec"]["version"].as_str(),
+        Some(format!("v{}", env!("CARGO_PKG_VERSION")).as_str()),
+        "the manifest's version is the crate's"
+    );
+    let short = m["spec"]["shortDescription"].as_str().unwrap();
+    assert!(short.len() <= 50, "krew wants a short description: {short}");
+    let platforms = m["spec"]["platforms"].as_sequence().unwrap();
+    assert!(!platforms.is_empty());
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_pbx-operator"));
+    let binary_name = exe.file_name().unwrap().to_str().unwrap();
+    for p in platforms {
+        assert_eq!(p["selector"]["matchLabels"]["os"].as_str(), Some("linux"));
+        let sha = p["sha256"].as_str().unwrap();
+        assert!(
+            sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()),
+            "{sha}"
+        );
+        let version = m["spec"]["version"].as_str().unwrap();
+        assert!(p["uri"].as_str().unwrap().contains(version), "{p:?}");
+        assert_eq!(p["bin"].as_str(), Some("kubectl-pbx"));
+        let files = p["files"].as_sequence().unwrap();
+        // Install as krew does: copy each `from` of the archive (the built binary) to `to`.
+        let dir = tempfile::tempdir().unwrap();
+        for f in files {
+            assert_eq!(f["from"].as_str(), Some(binary_name), "{f:?}");
+            let to = dir.path().join(f["to"].as_str().unwrap());
+            std::fs::copy(&exe, &to).unwrap();
+        }
+        let path = format!(
+            "{}:{}",
+            dir.path().display(),
+            std::env::var("PATH").unwrap()
+        );
+        let listed = Command::new("kubectl")
+            .args(["plugin", "list", "--name-only"])
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        assert!(
+            listed.lines().any(|l| l.trim() == "kubectl-pbx"),
+            "{listed}"
+        );
+        let help = Command::new("kubectl")
+            .args(["pbx", "--help"])
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.contains("Usage: kubectl pbx"), "{help}");
+        for command in [
+            "plan",
+            "approve",
+            "wait",
+            "status",
+            "results",
+            "export",
+            "create",
+            "completion",
+        ] {
+            assert!(
+                help.contains(&format!("  {command} ")),
+                "{command} missing in:\n{help}"
+            );
+        }
+    }
+}
