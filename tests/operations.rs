@@ -49,7 +49,7 @@ async fn metrics_and_health_are_served() {
         r#"pbx_operator_reconciles_total{kind="PbxConnection"}"#,
         r#"pbx_operator_reconcile_duration_seconds_count{kind="BulkUserChange"}"#,
         r#"pbx_operator_targets_total{kind="BulkUserChange",outcome="Changed"} 20"#,
-        r#"pbx_operator_pbx_call_duration_seconds_count{backend="kamailio",call="read_users"}"#,
+        r#"pbx_operator_pbx_call_duration_seconds_count{backend="kamailio",call="read_users",connection="#,
         "pbx_operator_leader 1",
     ] {
         assert!(body.contains(want), "metrics lack {want}:\n{body}");

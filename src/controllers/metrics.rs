@@ -35,6 +35,8 @@ pub struct OutcomeLabel {
 pub struct CallLabel {
     pub backend: String,
     pub call: String,
+    /// The PbxConnection, `namespace/name` (see [`CONNECTION`]).
+    pub connection: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,6 +44,7 @@ pub struct CallErrorLabel {
     pub backend: String,
     pub call: String,
     pub reason: String,
+    pub connection: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +60,8 @@ pub struct Metrics {
     pub pbx_call_duration: Family<CallLabel, Histogram>,
     pub pbx_call_errors: Family<CallErrorLabel, Counter>,
     pub notify_answers: Family<CodeLabel, Counter>,
+    /// The controllers' watch caches, turned into gauges at each scrape.
+    pub objects: std::sync::Arc<Objects>,
 }
 
 impl Default for Metrics {
@@ -73,6 +78,7 @@ impl Default for Metrics {
             }),
             pbx_call_errors: Family::default(),
             notify_answers: Family::default(),
+            objects: Default::default(),
         }
     }
 }
@@ -114,6 +120,7 @@ impl Metrics {
             "Final SIP answers to NOTIFYs by code",
             self.notify_answers.clone(),
         );
+        registry.register_collector(Box::new(ObjectsCollector(self.objects.clone())));
     }
 
     /// Times one PBX call and counts its failure.
@@ -124,9 +131,11 @@ impl Metrics {
     ) -> Result<T, crate::pbx::PbxError> {
         let start = Instant::now();
         let result = fut.await;
+        let connection = current_connection();
         let label = CallLabel {
             backend: "kamailio".into(),
             call: call.into(),
+            connection: connection.clone(),
         };
         self.pbx_call_duration
             .get_or_create(&label)
@@ -136,6 +145,7 @@ impl Metrics {
                 backend: "kamailio".into(),
                 call: call.into(),
                 reason: e.reason().into(),
+                connection,
             };
             self.pbx_call_errors.get_or_create(&label).inc();
         }
@@ -270,5 +280,316 @@ impl PbxBackend for Timed<'_> {
     async fn recycle_users(&self, identities: &[NewIdentity]) -> pbx::Result<Vec<ResetOutcome>> {
         let call = self.inner.recycle_users(identities);
         self.metrics.pbx_call("recycle_users", call).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-connection labels, and gauges computed at scrape time from the controllers' watch caches:
+// what the chart's Grafana dashboard and PrometheusRule read.
+
+tokio::task_local! {
+    /// The PbxConnection (`namespace/name`) the running reconcile works through: set around every
+    /// reconcile by the controllers, read by [`Metrics::pbx_call`] for its `connection` label.
+    pub static CONNECTION: String;
+}
+
+/// The connection an object works through, as `namespace/name`: a PbxConnection's own name,
+/// otherwise its spec.connectionRef.
+pub fn connection_of<K>(obj: &K) -> String
+where
+    K: kube::Resource<DynamicType = ()> + serde::Serialize,
+{
+    let namespace = obj.meta().namespace.clone().unwrap_or_default();
+    let name = if K::kind(&()) == "PbxConnection" {
+        obj.meta().name.clone().unwrap_or_default()
+    } else {
+        serde_json::to_value(obj)
+            .ok()
+            .and_then(|v| v["spec"]["connectionRef"]["name"].as_str().map(String::from))
+            .unwrap_or_default()
+    };
+    format!("{namespace}/{name}")
+}
+
+fn current_connection() -> String {
+    CONNECTION.try_with(|c| c.clone()).unwrap_or_default()
+}
+
+type Source = Box<dyn Fn() -> Vec<serde_json::Value> + Send + Sync>;
+
+/// The objects of every controller's watch cache, read at each scrape.
+#[derive(Default)]
+pub struct Objects {
+    sources: std::sync::Mutex<Vec<(String, Source)>>,
+}
+
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Objects")
+    }
+}
+
+impl Objects {
+    /// Reads `store` (a controller's cache of kind `kind`) at every scrape.
+    pub fn watch<K>(&self, kind: &str, store: kube::runtime::reflector::Store<K>)
+    where
+        K: kube::Resource<DynamicType = ()> + serde::Serialize + Clone + Send + Sync + 'static,
+    {
+        let read = move || {
+            store
+                .state()
+                .iter()
+                .filter_map(|o| serde_json::to_value(o.as_ref()).ok())
+                .collect()
+        };
+        self.sources
+            .lock()
+            .expect("not poisoned")
+            .push((kind.to_string(), Box::new(read)));
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub kind: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabel {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StalledLabel {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabel {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// What the watch caches say, as metric values (pure: unit-tested without servers).
+#[derive(Debug, Default, PartialEq)]
+pub struct ObjectValues {
+    /// (kind, phase) -> operations; every phase of every operation kind is present.
+    pub phases: std::collections::BTreeMap<(String, String), i64>,
+    /// Operations whose Stalled condition is True, with its reason.
+    pub stalled: Vec<(ObjectKey, String)>,
+    /// Enforce drift corrections so far (status.corrections), per operation.
+    pub corrections: Vec<(ObjectKey, u64)>,
+    /// PbxConnections and whether their Ready condition is True.
+    pub ready: Vec<(ObjectKey, bool)>,
+}
+
+/// (kind, namespace, name)
+pub type ObjectKey = (String, String, String);
+
+const PHASES: [&str; 8] = [
+    "Pending",
+    "Validated",
+    "Scheduled",
+    "Running",
+    "Succeeded",
+    "PartiallyFailed",
+    "Failed",
+    "Expired",
+];
+
+fn condition_true<'a>(obj: &'a serde_json::Value, type_: &str) -> Option<&'a serde_json::Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_ && c["status"] == "True")
+}
+
+/// Counts objects of each kind by phase, and lists stalled ones, corrections and readiness.
+pub fn object_values(objects: &[(String, Vec<serde_json::Value>)]) -> ObjectValues {
+    let mut v = ObjectValues::default();
+    for (kind, objs) in objects {
+        let connection = kind == "PbxConnection";
+        if !connection {
+            for p in PHASES {
+                v.phases.entry((kind.clone(), p.to_string())).or_insert(0);
+            }
+        }
+        for o in objs {
+            let key = (
+                kind.clone(),
+                o["metadata"]["namespace"].as_str().unwrap_or("").to_string(),
+                o["metadata"]["name"].as_str().unwrap_or("").to_string(),
+            );
+            if connection {
+                v.ready.push((key, condition_true(o, "Ready").is_some()));
+                continue;
+            }
+            let phase = o["status"]["phase"].as_str().unwrap_or("Pending").to_string();
+            *v.phases.entry((kind.clone(), phase)).or_insert(0) += 1;
+            if let Some(c) = condition_true(o, super::conditions::STALLED) {
+                let reason = c["reason"].as_str().unwrap_or("").to_string();
+                v.stalled.push((key.clone(), reason));
+            }
+            if let Some(n) = o["status"]["corrections"].as_u64() {
+                v.corrections.push((key, n));
+            }
+        }
+    }
+    v
+}
+
+/// Resident memory of this process (VmRSS), in bytes.
+fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[derive(Debug)]
+struct ObjectsCollector(std::sync::Arc<Objects>);
+
+impl prometheus_client::collector::Collector for ObjectsCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::Gauge;
+        let objects: Vec<(String, Vec<serde_json::Value>)> = {
+            let sources = self.0.sources.lock().expect("not poisoned");
+            sources.iter().map(|(k, read)| (k.clone(), read())).collect()
+        };
+        let v = object_values(&objects);
+        let label = |(kind, namespace, name): &ObjectKey| ObjectLabel {
+            kind: kind.clone(),
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
+
+        let phases = Family::<PhaseLabel, Gauge>::default();
+        for ((kind, phase), n) in &v.phases {
+            let l = PhaseLabel {
+                kind: kind.clone(),
+                phase: phase.clone(),
+            };
+            phases.get_or_create(&l).set(*n);
+        }
+        let m = encoder.encode_descriptor(
+            "pbx_operator_operations",
+            "Operations per kind and phase, from the operator's watch cache",
+            None,
+            phases.metric_type(),
+        )?;
+        phases.encode(m)?;
+
+        let stalled = Family::<StalledLabel, Gauge>::default();
+        for (key, reason) in &v.stalled {
+            let l = label(key);
+            let l = StalledLabel {
+                kind: l.kind,
+                namespace: l.namespace,
+                name: l.name,
+                reason: reason.clone(),
+            };
+            stalled.get_or_create(&l).set(1);
+        }
+        let m = encoder.encode_descriptor(
+            "pbx_operator_operation_stalled",
+            "1 for every operation whose Stalled condition is True (a person must act), by reason",
+            None,
+            stalled.metric_type(),
+        )?;
+        stalled.encode(m)?;
+
+        let corrections = Family::<ObjectLabel, Counter>::default();
+        for (key, n) in &v.corrections {
+            corrections.get_or_create(&label(key)).inc_by(*n);
+        }
+        let m = encoder.encode_descriptor(
+            "pbx_operator_drift_corrections",
+            "Enforce drift corrections per operation (status.corrections)",
+            None,
+            corrections.metric_type(),
+        )?;
+        corrections.encode(m)?;
+
+        let ready = Family::<ConnectionLabel, Gauge>::default();
+        for ((_, namespace, name), r) in &v.ready {
+            let l = ConnectionLabel {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
+            ready.get_or_create(&l).set(i64::from(*r));
+        }
+        let m = encoder.encode_descriptor(
+            "pbx_operator_connection_ready",
+            "1 when a PbxConnection's Ready condition is True, else 0",
+            None,
+            ready.metric_type(),
+        )?;
+        ready.encode(m)?;
+
+        if let Some(bytes) = resident_memory_bytes() {
+            let g = Gauge::<i64>::default();
+            g.set(bytes as i64);
+            let m = encoder.encode_descriptor(
+                "process_resident_memory_bytes",
+                "Resident memory size of the operator process in bytes",
+                None,
+                g.metric_type(),
+            )?;
+            g.encode(m)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod object_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn phases_stalled_corrections_and_readiness_from_the_cache() {
+        let ops = vec![
+            json!({"metadata": {"namespace": "acme", "name": "a"}, "status": {"phase": "Running"}}),
+            json!({"metadata": {"namespace": "acme", "name": "b"}}),
+            json!({"metadata": {"namespace": "acme", "name": "c"}, "status": {"phase": "Failed", "corrections": 4,
+                "conditions": [{"type": "Stalled", "status": "True", "reason": "SecretNotUsable"}, {"type": "Ready", "status": "False"}]}}),
+            json!({"metadata": {"namespace": "acme", "name": "d"}, "status": {"phase": "Succeeded",
+                "conditions": [{"type": "Stalled", "status": "False", "reason": "X"}]}}),
+        ];
+        let conns = vec![
+            json!({"metadata": {"namespace": "acme", "name": "up"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+            json!({"metadata": {"namespace": "acme", "name": "down"}, "status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+            json!({"metadata": {"namespace": "acme", "name": "new"}}),
+        ];
+        let v = object_values(&[
+            ("BulkUserChange".into(), ops),
+            ("PbxConnection".into(), conns),
+        ]);
+        let phase = |p: &str| v.phases[&("BulkUserChange".to_string(), p.to_string())];
+        assert_eq!(
+            (phase("Running"), phase("Pending"), phase("Failed"), phase("Succeeded"), phase("Expired")),
+            (1, 1, 1, 1, 0)
+        );
+        assert_eq!(v.phases.len(), 8, "every phase, zeros included; none for connections");
+        let key = |n: &str| ("BulkUserChange".to_string(), "acme".to_string(), n.to_string());
+        assert_eq!(v.stalled, vec![(key("c"), "SecretNotUsable".to_string())]);
+        assert_eq!(v.corrections, vec![(key("c"), 4)]);
+        let ready: Vec<bool> = v.ready.iter().map(|(_, r)| *r).collect();
+        assert_eq!(ready, [true, false, false]);
+    }
+
+    #[test]
+    fn memory_is_read() {
+        assert!(resident_memory_bytes().unwrap() > 1024 * 1024);
     }
 }

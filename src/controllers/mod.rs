@@ -244,6 +244,7 @@ async fn drive<K, F, Fut>(
     K: Resource<DynamicType = ()>
         + Clone
         + serde::de::DeserializeOwned
+        + serde::Serialize
         + std::fmt::Debug
         + Send
         + Sync
@@ -252,7 +253,15 @@ async fn drive<K, F, Fut>(
     Fut: std::future::Future<Output = Result<Action>> + Send + 'static,
 {
     let kind = K::kind(&()).into_owned();
-    kube::runtime::Controller::new(api, watcher_config())
+    let controller = kube::runtime::Controller::new(api, watcher_config());
+    // Metrics: gauges read from this watch cache, and each PBX call labelled with its connection.
+    ctx.metrics.objects.watch(&kind, controller.store());
+    let mut reconcile = reconcile;
+    let reconcile = move |obj: Arc<K>, ctx: Arc<Context>| {
+        let connection = metrics::connection_of(obj.as_ref());
+        metrics::CONNECTION.scope(connection, reconcile(obj, ctx))
+    };
+    controller
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
