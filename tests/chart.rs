@@ -1605,3 +1605,62 @@ fn single_namespace_install_is_confined_to_its_namespace() {
         );
     }
 }
+
+/// The Grafana dashboard ConfigMap and the PrometheusRule are off by default and render, with
+/// their values, when enabled.
+#[test]
+fn dashboard_and_alerts_render_only_when_enabled() {
+    let docs = render(&[]);
+    assert!(!docs.iter().any(|d| d["kind"] == "PrometheusRule"));
+    assert!(!has(&docs, "ConfigMap", "pbx-operator-dashboard"));
+    let docs = render(&[
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "grafanaDashboard.namespace=monitoring",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "prometheusRule.notifyFailureRatio=0.25",
+        "--set",
+        "prometheusRule.labels.release=kube-prometheus-stack",
+    ]);
+    let cm = find(&docs, "ConfigMap", "pbx-operator-dashboard");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(cm["metadata"]["namespace"], "monitoring");
+    let shipped: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart().join("dashboards/pbx-operator.json")).unwrap(),
+    )
+    .unwrap();
+    let rendered: Value =
+        serde_json::from_str(cm["data"]["pbx-operator.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        rendered, shipped,
+        "the ConfigMap carries the dashboard as shipped"
+    );
+    let rule = find(&docs, "PrometheusRule", "pbx-operator");
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["alert"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            "PbxConnectionNotReady",
+            "PbxOperationStalled",
+            "PbxNotifyFailureRatioHigh",
+            "PbxDriftCorrectionLoop",
+            "PbxOperatorNotLeading"
+        ]
+    );
+    let notify = rule["spec"]["groups"][0]["rules"][2]["expr"]
+        .as_str()
+        .unwrap();
+    assert!(notify.trim_end().ends_with("> 0.25"), "{notify}");
+}

@@ -305,7 +305,11 @@ where
     } else {
         serde_json::to_value(obj)
             .ok()
-            .and_then(|v| v["spec"]["connectionRef"]["name"].as_str().map(String::from))
+            .and_then(|v| {
+                v["spec"]["connectionRef"]["name"]
+                    .as_str()
+                    .map(String::from)
+            })
             .unwrap_or_default()
     };
     format!("{namespace}/{name}")
@@ -423,14 +427,20 @@ pub fn object_values(objects: &[(String, Vec<serde_json::Value>)]) -> ObjectValu
         for o in objs {
             let key = (
                 kind.clone(),
-                o["metadata"]["namespace"].as_str().unwrap_or("").to_string(),
+                o["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
                 o["metadata"]["name"].as_str().unwrap_or("").to_string(),
             );
             if connection {
                 v.ready.push((key, condition_true(o, "Ready").is_some()));
                 continue;
             }
-            let phase = o["status"]["phase"].as_str().unwrap_or("Pending").to_string();
+            let phase = o["status"]["phase"]
+                .as_str()
+                .unwrap_or("Pending")
+                .to_string();
             *v.phases.entry((kind.clone(), phase)).or_insert(0) += 1;
             if let Some(c) = condition_true(o, super::conditions::STALLED) {
                 let reason = c["reason"].as_str().unwrap_or("").to_string();
@@ -464,7 +474,10 @@ impl prometheus_client::collector::Collector for ObjectsCollector {
         use prometheus_client::metrics::gauge::Gauge;
         let objects: Vec<(String, Vec<serde_json::Value>)> = {
             let sources = self.0.sources.lock().expect("not poisoned");
-            sources.iter().map(|(k, read)| (k.clone(), read())).collect()
+            sources
+                .iter()
+                .map(|(k, read)| (k.clone(), read()))
+                .collect()
         };
         let v = object_values(&objects);
         let label = |(kind, namespace, name): &ObjectKey| ObjectLabel {
@@ -577,11 +590,27 @@ mod object_tests {
         ]);
         let phase = |p: &str| v.phases[&("BulkUserChange".to_string(), p.to_string())];
         assert_eq!(
-            (phase("Running"), phase("Pending"), phase("Failed"), phase("Succeeded"), phase("Expired")),
+            (
+                phase("Running"),
+                phase("Pending"),
+                phase("Failed"),
+                phase("Succeeded"),
+                phase("Expired")
+            ),
             (1, 1, 1, 1, 0)
         );
-        assert_eq!(v.phases.len(), 8, "every phase, zeros included; none for connections");
-        let key = |n: &str| ("BulkUserChange".to_string(), "acme".to_string(), n.to_string());
+        assert_eq!(
+            v.phases.len(),
+            8,
+            "every phase, zeros included; none for connections"
+        );
+        let key = |n: &str| {
+            (
+                "BulkUserChange".to_string(),
+                "acme".to_string(),
+                n.to_string(),
+            )
+        };
         assert_eq!(v.stalled, vec![(key("c"), "SecretNotUsable".to_string())]);
         assert_eq!(v.corrections, vec![(key("c"), 4)]);
         let ready: Vec<bool> = v.ready.iter().map(|(_, r)| *r).collect();
