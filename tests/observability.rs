@@ -627,3 +627,189 @@ fn humanize_percentage(ratio: f64) -> String {
         s
     }
 }
+
+/// By hand, for the docs (`cargo test --test observability dashboard_picture -- --ignored`):
+/// a real run scraped by a real Prometheus, every panel's query evaluated by it and drawn with
+/// gnuplot into charts/pbx-operator/dashboard.png, and the `kubectl pbx` outputs the README
+/// shows written to $PBX_DOCS_OUT (default /tmp/pbx-docs.txt).
+#[tokio::test]
+#[ignore = "renders the chart README's dashboard.png and the README's plugin outputs; run by hand"]
+async fn dashboard_picture_from_a_real_run() {
+    use std::process::{Command, Stdio};
+    let env = Env::start(
+        "acme",
+        LabSpec {
+            users: 60,
+            phones: 4,
+            silent: 1,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let ns = env.ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let prom_port = free_port();
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!(
+            "global: {{ scrape_interval: 2s }}\nscrape_configs:\n  - job_name: pbx-operator\n    static_configs: [{{ targets: ['127.0.0.1:{}'] }}]\n",
+            env.operator.metrics_port
+        ),
+    )
+    .unwrap();
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (Debian package prometheus)");
+    let start = jiff::Timestamp::now().as_second();
+    let plugin = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_pbx-operator"),
+        plugin.path().join("kubectl-pbx"),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        plugin.path().display(),
+        std::env::var("PATH").unwrap()
+    );
+    let mut docs = String::new();
+    let mut pbx = |args: &[&str]| {
+        let out = Command::new("kubectl")
+            .arg("pbx")
+            .args(args)
+            .env("KUBECONFIG", &control_plane().admin_kubeconfig)
+            .env("PATH", &path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        docs.push_str(&format!(
+            "$ kubectl pbx {}\n{}{}(exit {})\n\n",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout),
+            out.status.code().unwrap_or(-1)
+        ));
+    };
+    let closed = free_port();
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{ name: branch-pbx }}\nstringData: {{ database-url: \"{}\", rpc-url: \"http://127.0.0.1:{closed}/RPC\" }}\n---\napiVersion: pbx-operator.io/v1alpha1\nkind: PbxConnection\nmetadata: {{ name: branch }}\nspec:\n  domain: {}\n  database: {{ urlSecretRef: {{ name: branch-pbx, key: database-url }} }}\n  rpc: {{ urlSecretRef: {{ name: branch-pbx, key: rpc-url }} }}\n",
+        env.lab.db_url(),
+        env.lab.domain()
+    ));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: sales-call-group }
+spec:
+  connectionRef: { name: acme }
+  targets: { groups: [sales] }
+  fields:
+    callGroup:   { value: "3", lock: Open }
+    pickupGroup: { value: "3" }
+  mode: Validate
+"#,
+    );
+    env.wait_buc("sales-call-group", &[Phase::Validated]).await;
+    pbx(&["plan", "buc/sales-call-group", "-n", &ns]);
+    pbx(&["plan", "buc/sales-call-group", "-n", &ns, "-o", "csv"]);
+    pbx(&["approve", "buc/sales-call-group", "-n", &ns, "--yes"]);
+    pbx(&["wait", "buc/sales-call-group", "-n", &ns]);
+    pbx(&["results", "buc/sales-call-group", "-n", &ns]);
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PhoneRestart
+metadata: { name: everyone-now }
+spec:
+  connectionRef: { name: acme }
+  targets: { groups: [sales, support, engineering] }
+  rollout: { maxInFlight: 2, perSecond: 1 }
+  confirm: { timeout: 8s }
+"#,
+    );
+    pbx(&["wait", "prs/everyone-now", "-n", &ns]);
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: keep-call-groups }
+spec:
+  connectionRef: { name: acme }
+  targets: { extensions: ["205", "206"] }
+  fields: { callGroup: { value: "7", lock: Open } }
+  policy: Enforce
+  interval: 5s
+---
+apiVersion: v1
+kind: Secret
+metadata: { name: vm-pins }
+stringData: { pin: "4321" }
+---
+apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: new-pins }
+spec:
+  connectionRef: { name: acme }
+  targets: { extensions: ["204"] }
+  fields:
+    voicemailPin: { valueFrom: { secretKeyRef: { name: vm-pins, key: pin } }, lock: Open }
+"#,
+    );
+    env.wait_buc("keep-call-groups", &[Phase::Succeeded]).await;
+    for round in 1..=4u64 {
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        env.set_attribute("205", "pbx.call_group", "1").await;
+        eventually(Duration::from_secs(30), "a correction", || async {
+            (corrections(&env, "keep-call-groups").await >= round
+                && phase(&env, "keep-call-groups").await == Some(Phase::Succeeded)
+                && env.attribute("205", "pbx.call_group").await.as_deref() == Some("7"))
+            .then_some(())
+        })
+        .await;
+    }
+    pbx(&["status", "-n", &ns]);
+    pbx(&["export", "users", "--connection", "acme", "-n", &ns]);
+    let template = dir.path().join("nightly.yaml");
+    std::fs::write(&template, "metadata: { name: nightly }\nspec:\n  connectionRef: { name: acme }\n  targets: { groups: [sales] }\n").unwrap();
+    pbx(&[
+        "create",
+        "phone-restart",
+        "--from",
+        template.to_str().unwrap(),
+        "--schedule",
+        "0 2 * * *",
+        "-n",
+        &ns,
+    ]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let end = jiff::Timestamp::now().as_second();
+    let out = support::repo_root().join("charts/pbx-operator/dashboard.png");
+    let rendered = Command::new("python3")
+        .arg(support::repo_root().join("charts/pbx-operator/dashboards/render.py"))
+        .arg(format!("http://127.0.0.1:{prom_port}"))
+        .arg(start.to_string())
+        .arg(end.to_string())
+        .arg(&out)
+        .output()
+        .unwrap();
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let docs_out = std::env::var("PBX_DOCS_OUT").unwrap_or_else(|_| "/tmp/pbx-docs.txt".into());
+    std::fs::write(&docs_out, docs.replace(&ns, "acme")).unwrap();
+}

@@ -3,6 +3,7 @@
 //!
 //! [`format`] is what it prints (pure, unit-tested); [`ops`] reads and patches the resources.
 
+pub mod complete;
 pub mod format;
 pub mod ops;
 
@@ -24,7 +25,17 @@ pub fn invoked_as_plugin() -> bool {
         .next()
         .map(PathBuf::from)
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .is_some_and(|n| n == PLUGIN_NAME || n.starts_with("kubectl-pbx."))
+        .is_some_and(|n| {
+            n == PLUGIN_NAME || n.starts_with("kubectl-pbx.") || n == complete::COMPLETE_NAME
+        })
+}
+
+fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default()
 }
 
 #[derive(Parser, Debug)]
@@ -278,6 +289,17 @@ pub async fn client() -> Result<kube::Client, kube::Error> {
 
 /// Entry point of `kubectl-pbx`.
 pub async fn main() -> ExitCode {
+    // `kubectl pbx <TAB>`: kubectl runs kubectl_complete-pbx with the words typed so far;
+    // `kubectl-pbx __complete ...` does the same.
+    let words: Vec<String> = std::env::args().skip(1).collect();
+    if program_name() == complete::COMPLETE_NAME {
+        complete::complete(&words).await;
+        return ExitCode::SUCCESS;
+    }
+    if words.first().map(String::as_str) == Some("__complete") {
+        complete::complete(&words[1..]).await;
+        return ExitCode::SUCCESS;
+    }
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(first) = args.first_mut() {
         *first = PLUGIN_NAME.into();
