@@ -23,8 +23,9 @@ fn plugin_dir() -> PathBuf {
             .tempdir()
             .unwrap()
             .keep();
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_pbx-operator"), dir.join("kubectl-pbx"))
-            .unwrap();
+        for name in ["kubectl-pbx", "kubectl_complete-pbx"] {
+            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_pbx-operator"), dir.join(name)).unwrap();
+        }
         dir
     })
     .clone()
@@ -486,7 +487,28 @@ spec:
     assert!(users.starts_with("extension,"), "{users}");
     assert_eq!(users.lines().count(), 11, "header and 10 users: {users}");
 
-    // Shell completion for bash and zsh.
+    // `kubectl pbx <TAB>` through kubectl's own plugin completion (kubectl_complete-pbx).
+    let complete = |words: &[&str]| {
+        let out = Command::new("kubectl")
+            .args(["__complete", "pbx"])
+            .args(words)
+            .env("KUBECONFIG", &control_plane().admin_kubeconfig)
+            .env("PATH", path_with_plugin())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let subcommands = complete(&["st"]);
+    assert!(subcommands.starts_with("status\t"), "{subcommands}");
+    let names = complete(&["-n", ns, "wait", "prs/ev"]);
+    assert_eq!(names.lines().next(), Some("prs/everyone"), "{names}");
+    let kinds = complete(&["approve", ""]);
+    assert!(
+        kinds.contains("buc/\tbulkuserchange") && !kinds.contains("prs/"),
+        "{kinds}"
+    );
+
+    // Shell completion scripts for bash and zsh.
     let bash = ok(&["completion", "bash"]);
     assert!(
         bash.contains("complete -F") && bash.contains("kubectl-pbx"),

@@ -37,7 +37,8 @@ script = [
     f'set multiplot layout {rows},{cols} title "pbx-operator dashboard: panel queries evaluated by Prometheus on a real run (not Grafana)" font ",10"',
     "set xdata time", 'set timefmt "%s"', 'set format x "%M:%S"',
     "set key top left font ',7' samplen 1", "set grid", "set tics font ',7'",
-    "set lmargin 9", "set style data lines",
+    "set lmargin 9", "set style data lines", "set termoption noenhanced",
+    f"set xrange [{start}:{end}]", "set offsets 0, 0, graph 0.12, 0",
 ]
 for i, p in enumerate(panels):
     t = p["targets"][0]
