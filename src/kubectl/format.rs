@@ -348,6 +348,35 @@ pub fn status_table(lines: &[StatusLine]) -> String {
     )
 }
 
+/// The status listing as CSV: operation,phase,percent,done,targets,ageSeconds,stalled.
+pub fn status_csv(lines: &[StatusLine]) -> String {
+    let ok = "writing to memory";
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "operation",
+        "phase",
+        "percent",
+        "done",
+        "targets",
+        "ageSeconds",
+        "stalled",
+    ])
+    .expect(ok);
+    for l in lines {
+        w.write_record([
+            l.resource.clone(),
+            phase_name(l.phase),
+            l.percent.to_string(),
+            l.done.to_string(),
+            l.targets.to_string(),
+            l.age_seconds.to_string(),
+            l.stalled.clone().unwrap_or_default(),
+        ])
+        .expect(ok);
+    }
+    String::from_utf8(w.into_inner().expect(ok)).expect("UTF-8 in, UTF-8 out")
+}
+
 /// Rate and ETA from how many targets are done after how long.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rate {
@@ -634,6 +663,10 @@ TARGET  OUTCOME    FIELD      FROM     TO           NOTES
                 stalled: Some("SecretNotUsable".into()),
             },
         ];
+        assert_eq!(
+            status_csv(&lines[1..]),
+            "operation,phase,percent,done,targets,ageSeconds,stalled\nprs/nightly-20261203-0200,Failed,100,0,0,4000,SecretNotUsable\n"
+        );
         assert_eq!(
             status_table(&lines),
             "OPERATION                  PHASE    PROGRESS  TARGETS  AGE   NOTE

@@ -371,7 +371,8 @@ pub async fn status(
         }
     }
     let text = match output {
-        Output::Table | Output::Csv => {
+        Output::Csv => format::status_csv(&lines),
+        Output::Table => {
             if lines.is_empty() {
                 format!("No pbx operations in namespace {namespace}.\n")
             } else {
