@@ -1663,4 +1663,14 @@ fn dashboard_and_alerts_render_only_when_enabled() {
         .as_str()
         .unwrap();
     assert!(notify.trim_end().ends_with("> 0.25"), "{notify}");
+    let chart = chart_arg();
+    helm::run(&[
+        "lint",
+        "--strict",
+        &chart,
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+    ]);
 }
