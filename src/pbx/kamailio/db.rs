@@ -20,6 +20,9 @@ use crate::pbx::{
     User, UserAction, UserChange, UserField, UserRead, UserSelection, WriteOutcome,
 };
 
+#[path = "ledger.rs"]
+mod ledger;
+
 /// Rows per `IN (...)` list and per multi-row INSERT: well under every driver's parameter limit.
 const CHUNK: usize = 500;
 /// Users per transaction when failures must stay per user (Continue): few statements per batch,
@@ -220,6 +223,25 @@ impl Db {
         if known == 0 {
             sqlx::query(self.sql("INSERT INTO version (table_name, table_version) VALUES ($1, 1)"))
                 .bind("pbx_phone")
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        self.record_version(&mut conn, "pbx_ledger").await
+    }
+
+    /// Records one of pbx-operator's own tables in Kamailio's `version` table, once.
+    async fn record_version(&self, conn: &mut AnyConnection, table: &str) -> Result<()> {
+        let known: i64 =
+            sqlx::query(self.sql("SELECT COUNT(*) FROM version WHERE table_name = $1"))
+                .bind(table)
+                .fetch_one(&mut *conn)
+                .await
+                .and_then(|r| int(&r, 0))
+                .map_err(|e| self.err(e))?;
+        if known == 0 {
+            sqlx::query(self.sql("INSERT INTO version (table_name, table_version) VALUES ($1, 1)"))
+                .bind(table)
                 .execute(&mut *conn)
                 .await
                 .map_err(|e| self.err(e))?;
