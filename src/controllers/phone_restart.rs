@@ -13,6 +13,7 @@ use kube::{ResourceExt, runtime::controller::Action};
 
 use super::backends::RateLimit;
 use super::conditions::{self, Desired};
+use super::ledger::Gate;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
 use super::run::{Run, RunKind};
@@ -96,9 +97,14 @@ pub(crate) async fn reconcile(pr: Arc<PhoneRestart>, ctx: Arc<Context>) -> Resul
 /// Before the window: wait without a busy loop. In it: plan (or plan the retry) and start.
 async fn start(
     run: &Run<'_, PhoneRestart>,
-    mut status: PhoneRestartStatus,
+    status: PhoneRestartStatus,
     wanted: Lineage,
 ) -> Result<Action, Error> {
+    let mut status = match run.gate(status).await? {
+        Gate::Plan(status) => status,
+        Gate::Resume(status) => return execute(run, status).await,
+        Gate::Done(action) => return Ok(action),
+    };
     let pr = run.obj;
     let generation = pr.metadata.generation;
     if let Some(nb) = pr.spec.not_before.as_ref().map(|t| t.0)
