@@ -531,6 +531,15 @@ async fn a_rebuilt_cluster_replays_nothing_and_new_changes_still_run() {
     assert_eq!(smtp.count(), mails, "no mail sent again");
     assert_eq!(lab.notify_counts(), notifies, "no NOTIFY sent again");
 
+    // examples/gitops is such a folder, and the API server takes it.
+    let example = support::repo_root().join("examples/gitops");
+    second.kubectl(&[
+        "apply",
+        "-k",
+        &example.display().to_string(),
+        "--dry-run=server",
+    ]);
+
     // The same name with a changed spec is a new change, and runs.
     second.kubectl(&[
         "patch",
