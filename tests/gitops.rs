@@ -568,6 +568,29 @@ async fn a_rebuilt_cluster_replays_nothing_and_new_changes_still_run() {
     .collect();
     assert_eq!(labels, ["Floor 3", "Floor 3"]);
 
+    // An empty window is refused by the API server.
+    let (ok, _, err) = support::try_kubectl(
+        &second.kubeconfig,
+        &["apply", "-f", "-"],
+        format!(
+            r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: {{ name: empty-window, namespace: {NS} }}
+spec:
+  connectionRef: {{ name: acme }}
+  targets: {{ extensions: ["209"] }}
+  actions: [Unlock]
+  notBefore: "2026-12-18T18:00:00Z"
+  executeBefore: "2026-12-18T17:00:00Z"
+"#
+        )
+        .as_bytes(),
+    );
+    assert!(
+        !ok && err.contains("spec.executeBefore must be later than spec.notBefore"),
+        "{err}"
+    );
+
     // A recycle scheduled ahead waits (Scheduled, shown with its time), then runs.
     let not_before = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(25);
     let not_before = jiff::Timestamp::from_second(not_before.as_second()).unwrap();
