@@ -85,8 +85,8 @@ impl Cluster {
         support::kubectl(&self.kubeconfig, args)
     }
 
-    /// The operator process against this cluster.
-    fn operator(&self) -> Child {
+    /// The operator process against this cluster (SIGKILLed when dropped, also on a panic).
+    fn operator(&self) -> Proc {
         let log = std::fs::File::create(self.dir.join(format!(
             "operator-{}.log",
             std::time::SystemTime::now()
@@ -103,6 +103,7 @@ impl Cluster {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
+            .map(Proc)
             .unwrap()
     }
 
@@ -135,9 +136,19 @@ impl Drop for Cluster {
     }
 }
 
-fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+/// A process of the test's own, SIGKILLed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// SIGKILLs the operator (what a node failure does) and waits for it to be gone.
+fn stop(p: Proc) {
+    drop(p);
 }
 
 /// The Git repository: a kustomize folder with the tenant's namespace, connection and
