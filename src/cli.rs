@@ -42,6 +42,8 @@ pub enum Command {
     /// Export from a PBX as CSV, e.g. `export users --connection acme/main > users.csv`.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Print the run ledger kept in the PBX database, e.g. `history --connection acme/main`.
+    History(crate::history::HistoryArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -192,25 +194,7 @@ pub async fn export_users(args: &ExportUsersArgs) -> Result<(), CliError> {
         return Ok(());
     }
     let (url, domain) = match (&args.connection, &args.database_url, &args.domain) {
-        (Some(conn), _, _) => {
-            let (ns, name) = conn.split_once('/').ok_or_else(|| {
-                CliError::Usage(format!(
-                    "--connection takes <namespace>/<name>, not {conn:?}"
-                ))
-            })?;
-            let client = crate::kubectl::client()
-                .await
-                .map_err(crate::controllers::Error::NoCluster)?;
-            let pc = kube::Api::<crate::api::PbxConnection>::namespaced(client.clone(), ns)
-                .get_opt(name)
-                .await?
-                .ok_or_else(|| crate::controllers::Error::ConnectionMissing {
-                    namespace: ns.into(),
-                    name: name.into(),
-                })?;
-            let config = crate::controllers::backends::config_for(&client, &pc).await?;
-            (config.database_url, config.domain)
-        }
+        (Some(conn), _, _) => connection_database(conn).await?,
         (None, Some(url), Some(domain)) => (url.clone(), domain.clone()),
         _ => {
             return Err(CliError::Usage(
@@ -252,6 +236,27 @@ pub async fn export_users(args: &ExportUsersArgs) -> Result<(), CliError> {
     drop(out);
     std::io::stdout().flush().ok();
     Ok(())
+}
+
+/// The database URL and domain of the PbxConnection `<namespace>/<name>` (uses the kubeconfig).
+pub(crate) async fn connection_database(conn: &str) -> Result<(String, String), CliError> {
+    let (ns, name) = conn.split_once('/').ok_or_else(|| {
+        CliError::Usage(format!(
+            "--connection takes <namespace>/<name>, not {conn:?}"
+        ))
+    })?;
+    let client = crate::kubectl::client()
+        .await
+        .map_err(crate::controllers::Error::NoCluster)?;
+    let pc = kube::Api::<crate::api::PbxConnection>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| crate::controllers::Error::ConnectionMissing {
+            namespace: ns.into(),
+            name: name.into(),
+        })?;
+    let config = crate::controllers::backends::config_for(&client, &pc).await?;
+    Ok((config.database_url, config.domain))
 }
 
 /// Prints the joined result CSV of `<kind>/<name>`.

@@ -21,6 +21,7 @@ async fn main() -> ExitCode {
         Command::Export(pbx_operator::cli::ExportCommand::Users(args)) => {
             pbx_operator::cli::export_users(&args).await
         }
+        Command::History(args) => pbx_operator::history::print_history(&args).await,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

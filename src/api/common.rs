@@ -397,6 +397,10 @@ pub struct OperationStatus<S = Summary> {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(max = 1024)))]
     pub warnings: Vec<String>,
+    /// The run's entry in the PBX's run ledger; for a change already executed by an earlier
+    /// object of this name and spec (`replayed`), the entry of that run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<super::LedgerRef>,
 }
 
 /// Parses the Go-style durations the CRDs accept (`30s`, `5m`, `1h30m`, `250ms`).

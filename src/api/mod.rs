@@ -6,6 +6,7 @@
 pub mod common;
 pub mod connection;
 pub mod fields;
+pub mod ledger;
 pub mod phone_change;
 pub mod phone_restart;
 pub mod user_change;
@@ -14,6 +15,7 @@ pub mod user_recycle;
 pub use common::*;
 pub use connection::{PbxConnection, PbxConnectionSpec, PbxConnectionStatus};
 pub use fields::*;
+pub use ledger::LedgerRef;
 pub use phone_change::{BulkPhoneChange, BulkPhoneChangeSpec};
 pub use phone_restart::{PhoneRestart, PhoneRestartSpec, PhoneRestartStatus};
 pub use user_change::{BulkUserChange, BulkUserChangeSpec, UserAction};

@@ -35,6 +35,13 @@ use super::fields::PhoneFields;
         type_ = "integer",
         json_path = ".status.summary.failed"
     ),
+    printcolumn(name = "Not Before", type_ = "date", json_path = ".spec.notBefore"),
+    printcolumn(
+        name = "Execute Before",
+        type_ = "date",
+        json_path = ".spec.executeBefore",
+        priority = 1
+    ),
     printcolumn(
         name = "Batches Done",
         type_ = "integer",
@@ -58,6 +65,10 @@ use super::fields::PhoneFields;
     "!has(self.approvedPlanHash) || !has(self.mode) || self.mode == 'Execute'"
 ).message("spec.approvedPlanHash only applies to mode Execute: remove it or set mode: Execute")
 .field_path(".approvedPlanHash"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.notBefore) || !has(self.executeBefore) || self.executeBefore > self.notBefore"
+).message("spec.executeBefore must be later than spec.notBefore: the window would be empty")
+.field_path(".executeBefore"))]
 pub struct BulkPhoneChangeSpec {
     pub connection_ref: ConnectionRef,
     pub targets: PhoneTargets,
@@ -68,6 +79,13 @@ pub struct BulkPhoneChangeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^[0-9a-f]{64}$"), length(max = 64))]
     pub approved_plan_hash: Option<String>,
+    /// Plan and execute no earlier than this (phase Scheduled until then); omitted: now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Never start executing after this: an operation first seen (or first due) later ends
+    /// Expired, nothing done (a one-shot change that Git brings back a year later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execute_before: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub requested_by: Option<String>,

@@ -57,6 +57,12 @@ pub type PhoneRestartStatus = OperationStatus<RestartSummary>;
         json_path = ".status.progress.batches"
     ),
     printcolumn(
+        name = "Execute Before",
+        type_ = "date",
+        json_path = ".spec.executeBefore",
+        priority = 1
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -67,6 +73,10 @@ pub type PhoneRestartStatus = OperationStatus<RestartSummary>;
     "!has(self.notBefore) || !has(self.notAfter) || self.notAfter > self.notBefore"
 ).message("spec.notAfter must be later than spec.notBefore: the restart window would be empty")
 .field_path(".notAfter"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.notBefore) || !has(self.executeBefore) || self.executeBefore > self.notBefore"
+).message("spec.executeBefore must be later than spec.notBefore: the window would be empty")
+.field_path(".executeBefore"))]
 pub struct PhoneRestartSpec {
     pub connection_ref: ConnectionRef,
     pub targets: PhoneTargets,
@@ -76,6 +86,10 @@ pub struct PhoneRestartSpec {
     /// Send nothing after this; phones not reached by then are reported Expired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_after: Option<Time>,
+    /// Never start executing after this: a restart first seen later ends Expired, nothing sent
+    /// (a one-shot restart that Git brings back a year later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execute_before: Option<Time>,
     /// true: reboot the phone; false: only resync its configuration.
     #[serde(default = "default_true")]
     pub reboot: bool,

@@ -71,6 +71,13 @@ pub struct ChangeSource {
         type_ = "integer",
         json_path = ".status.summary.failed"
     ),
+    printcolumn(name = "Not Before", type_ = "date", json_path = ".spec.notBefore"),
+    printcolumn(
+        name = "Execute Before",
+        type_ = "date",
+        json_path = ".spec.executeBefore",
+        priority = 1
+    ),
     printcolumn(
         name = "Batches Done",
         type_ = "integer",
@@ -106,6 +113,10 @@ pub struct ChangeSource {
 #[x_kube(validation = kube::core::Rule::new("!has(self.interval) || (has(self.policy) && self.policy == 'Enforce')")
     .message("spec.interval only applies to policy Enforce: set policy: Enforce or remove interval")
     .field_path(".interval"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.notBefore) || !has(self.executeBefore) || self.executeBefore > self.notBefore"
+).message("spec.executeBefore must be later than spec.notBefore: the window would be empty")
+.field_path(".executeBefore"))]
 pub struct BulkUserChangeSpec {
     pub connection_ref: ConnectionRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,6 +144,13 @@ pub struct BulkUserChangeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), pattern(DURATION_PATTERN))]
     pub interval: Option<String>,
+    /// Plan and execute no earlier than this (phase Scheduled until then); omitted: now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Never start executing after this: an operation first seen (or first due) later ends
+    /// Expired, nothing done (a one-shot change that Git brings back a year later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execute_before: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     /// Who asked for this change; stamped at admission.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]

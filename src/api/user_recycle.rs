@@ -88,6 +88,13 @@ pub struct RecycleEntry {
         type_ = "integer",
         json_path = ".status.summary.failed"
     ),
+    printcolumn(name = "Not Before", type_ = "date", json_path = ".spec.notBefore"),
+    printcolumn(
+        name = "Execute Before",
+        type_ = "date",
+        json_path = ".spec.executeBefore",
+        priority = 1
+    ),
     printcolumn(
         name = "Batches Done",
         type_ = "integer",
@@ -110,6 +117,10 @@ pub struct RecycleEntry {
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.recycle) || self.recycle.all(r, r.extension in self.targets.extensions)"
 ).message("every spec.recycle[].extension must also be listed in spec.targets.extensions").field_path(".recycle"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.notBefore) || !has(self.executeBefore) || self.executeBefore > self.notBefore"
+).message("spec.executeBefore must be later than spec.notBefore: the window would be empty")
+.field_path(".executeBefore"))]
 pub struct UserRecycleSpec {
     pub connection_ref: ConnectionRef,
     pub targets: RecycleTargets,
@@ -123,6 +134,13 @@ pub struct UserRecycleSpec {
     pub recycle: Vec<RecycleEntry>,
     #[serde(default)]
     pub send_welcome_email: bool,
+    /// Plan and execute no earlier than this (phase Scheduled until then); omitted: now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Never start executing after this: an operation first seen (or first due) later ends
+    /// Expired, nothing done (a one-shot change that Git brings back a year later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execute_before: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub requested_by: Option<String>,

@@ -10,6 +10,7 @@ mod context;
 mod csv_source;
 mod error;
 mod leader;
+mod ledger;
 mod lineage;
 pub mod metrics;
 pub mod phone_change;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use kube::{ResourceExt, runtime::controller::Action};
 
 use super::conditions;
+use super::ledger::Gate;
 use super::lineage::Lineage;
 use super::metrics::Timed;
 use super::run::{self, Run, RunKind};
@@ -72,6 +73,11 @@ async fn start(
     status: OperationStatus,
     wanted: Lineage,
 ) -> Result<Action, Error> {
+    let status = match run.gate(status).await? {
+        Gate::Plan(status) => status,
+        Gate::Resume(status) => return execute(run, status).await,
+        Gate::Done(action) => return Ok(action),
+    };
     let b = run.obj;
     let spec_hash = phones::change_spec_hash(&b.spec);
     let validated = status.phase == Phase::Validated

@@ -12,7 +12,7 @@ use std::time::Duration;
 use kube::{ResourceExt, runtime::controller::Action};
 
 use super::backends::RateLimit;
-use super::conditions::{self, Desired};
+use super::ledger::Gate;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
 use super::run::{Run, RunKind};
@@ -93,36 +93,21 @@ pub(crate) async fn reconcile(pr: Arc<PhoneRestart>, ctx: Arc<Context>) -> Resul
     }
 }
 
-/// Before the window: wait without a busy loop. In it: plan (or plan the retry) and start.
+/// Before the window: wait without a busy loop ([`super::ledger`]). In it: plan (or plan the
+/// retry) and start.
 async fn start(
     run: &Run<'_, PhoneRestart>,
-    mut status: PhoneRestartStatus,
+    status: PhoneRestartStatus,
     wanted: Lineage,
 ) -> Result<Action, Error> {
+    // Before notBefore: Scheduled, without a busy loop (the shared gate, as for every kind).
+    let status = match run.gate(status).await? {
+        Gate::Plan(status) => status,
+        Gate::Resume(status) => return execute(run, status).await,
+        Gate::Done(action) => return Ok(action),
+    };
     let pr = run.obj;
     let generation = pr.metadata.generation;
-    if let Some(nb) = pr.spec.not_before.as_ref().map(|t| t.0)
-        && nb > jiff::Timestamp::now()
-    {
-        status.observed_generation = generation;
-        status.phase = Phase::Scheduled;
-        let message = format!("scheduled: restarts begin at {nb}");
-        let t = conditions::now();
-        for (type_, on) in [(conditions::READY, false), (conditions::RECONCILING, true)] {
-            let desired = Desired {
-                type_,
-                status: on,
-                reason: "Scheduled",
-                message: message.clone(),
-            };
-            conditions::upsert(&mut status.conditions, desired, generation, &t);
-        }
-        if Some(&status) != pr.status.as_ref() {
-            run.write_status(&status).await?;
-        }
-        let wait = nb.duration_since(jiff::Timestamp::now()).unsigned_abs();
-        return Ok(Action::requeue(wait.max(Duration::from_millis(100))));
-    }
     let rows = match plan(run, &status).await {
         Ok(rows) => rows,
         Err(e) => return run.blocked(status, &e).await,

@@ -29,6 +29,7 @@ pub(crate) trait RunKind:
     + std::fmt::Debug
     + Send
     + Sync
+    + super::ledger::Ledgered
 {
     /// The kind's summary in status (users or phones).
     type Summary: serde::Serialize + PartialEq + Clone + Default + Send + Sync;
@@ -69,9 +70,11 @@ pub(crate) struct StoredPlan {
 pub(crate) struct Run<'a, K: RunKind> {
     pub ctx: &'a Context,
     pub obj: &'a K,
-    store: Store<'a, K>,
+    pub(super) store: Store<'a, K>,
     /// CSV-sourced changes: the input header, echoed in the result CSV.
     header: Option<Vec<String>>,
+    /// The run's entry in the PBX's run ledger, once it has one (see [`super::ledger`]).
+    pub(super) ledger: std::sync::OnceLock<super::ledger::Attached>,
 }
 
 impl<'a, K: RunKind> Run<'a, K> {
@@ -81,7 +84,17 @@ impl<'a, K: RunKind> Run<'a, K> {
             obj,
             store: Store::new(&ctx.client, obj),
             header,
+            ledger: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Before planning: the window (notBefore, executeBefore) and the PBX's run ledger decide
+    /// whether the run plans, resumes an interrupted run, or ends (see [`super::ledger`]).
+    pub async fn gate(
+        &self,
+        status: OperationStatus<K::Summary>,
+    ) -> Result<super::ledger::Gate<K::Summary>, Error> {
+        super::ledger::gate(self, status).await
     }
 
     pub fn requested_by(&self) -> String {
@@ -219,6 +232,7 @@ impl<'a, K: RunKind> Run<'a, K> {
             );
         }
         conditions::remove(&mut status.conditions, conditions::STALLED);
+        super::ledger::begin(self, status).await?;
         self.write_status(status).await?;
         self.ctx
             .publish(
@@ -289,6 +303,9 @@ impl<'a, K: RunKind> Run<'a, K> {
             .map(|p| p.batch_digests.clone())
             .unwrap_or_default();
         let _executing = self.ctx.executing();
+        if let Err(e) = super::ledger::attach(self, &status).await {
+            return Ok(Err(self.blocked(status, &e).await?));
+        }
         let mut runner = match Runner::new(
             self,
             &digests,
@@ -378,6 +395,7 @@ impl<'a, K: RunKind> Run<'a, K> {
             &text,
             self.obj.meta().generation,
         );
+        super::ledger::finish(self, &mut status).await?;
         self.write_status(&status).await?;
         let type_ = if ok {
             EventType::Normal
@@ -414,6 +432,7 @@ impl<K: RunKind> engine::Journal for Run<'_, K> {
     /// Keeps trying for a while when the API server is away (restarted, overloaded): the
     /// outcomes in hand are known now, and given up they would be reported as uncertain.
     async fn record(&self, index: usize, rows: &[Row]) -> Result<(), engine::Error> {
+        super::ledger::mirror(self.ledger.get(), index, rows).await?;
         let start = std::time::Instant::now();
         let mut wait = Duration::from_millis(250);
         loop {

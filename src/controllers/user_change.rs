@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::backends::{mailer, secret_fields};
 use super::conditions;
 use super::csv_source;
+use super::ledger::Gate;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
 use super::run::{self, Run, RunKind};
@@ -128,6 +129,11 @@ impl Change<'_> {
     /// Plans a new run (or takes the validated plan), stores it, and starts executing.
     async fn start(&self, status: OperationStatus) -> Result<Action, Error> {
         let run = self.run(status.plan.as_ref());
+        let status = match run.gate(status).await? {
+            Gate::Plan(status) => status,
+            Gate::Resume(status) => return self.execute(status).await,
+            Gate::Done(action) => return Ok(action),
+        };
         let planned = async {
             let (conn, backend) = self.backend().await?;
             let intent = self.intent().await?;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use kube::{ResourceExt, runtime::controller::Action};
 
 use super::backends::mailer;
+use super::ledger::Gate;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
 use super::run::{self, Run, RunKind};
@@ -82,6 +83,11 @@ async fn start(
     status: OperationStatus,
     lineage: Lineage,
 ) -> Result<Action, Error> {
+    let status = match run.gate(status).await? {
+        Gate::Plan(status) => status,
+        Gate::Resume(status) => return execute(run, status).await,
+        Gate::Done(action) => return Ok(action),
+    };
     let (conn, backend) = match backend(run).await {
         Ok(b) => b,
         Err(e) => return run.blocked(status, &e).await,

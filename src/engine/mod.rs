@@ -9,10 +9,12 @@
 //!   digests, handed to the kind's executor, and counted for status;
 //! - [`steps`]: what a restart does with a step, and a target's outcome from its steps;
 //! - [`results`]: the result CSV, counts and status rows, the same for every kind;
-//! - [`users`]: the executor of user changes (writes, actions, mail).
+//! - [`users`]: the executor of user changes (writes, actions, mail);
+//! - [`ledger`]: the run's journal also kept in the PBX, and the replay and window rules.
 
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod ledger;
 pub mod outbox;
 pub mod phones;
 pub mod planning;

@@ -1263,6 +1263,8 @@ mod tests {
             },
             mode: Mode::Execute,
             approved_plan_hash: None,
+            not_before: None,
+            execute_before: None,
             requested_by: None,
         };
         let (rows, plan) = plan_change(&pbx, &spec, 3).await.unwrap();

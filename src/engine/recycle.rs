@@ -436,6 +436,8 @@ mod tests {
                 })
                 .collect(),
             send_welcome_email: true,
+            not_before: None,
+            execute_before: None,
             requested_by: None,
         }
     }

@@ -3,9 +3,11 @@
 
 pub mod directory;
 pub mod kamailio;
+pub mod ledger;
 mod model;
 pub mod sip;
 
+pub use ledger::{LedgerCounts, LedgerEntry, LedgerFilter, LedgerKey};
 pub use model::*;
 
 use async_trait::async_trait;
@@ -160,6 +162,56 @@ pub trait PbxBackend: Send + Sync {
     /// rotates the SIP secret to one nobody knows, clears the voicemail PIN, and leaves the
     /// user in status PasswordRequired.
     async fn recycle_users(&self, identities: &[NewIdentity]) -> Result<Vec<ResetOutcome>>;
+
+    // The run ledger (see [`ledger`]): backends without one say so, and nothing is recorded.
+
+    /// The latest entry of `key` (finished or not), if any.
+    async fn ledger_find(&self, key: &LedgerKey) -> Result<Option<LedgerEntry>> {
+        let _ = key;
+        Err(no_ledger())
+    }
+
+    /// Records a run as started, with its journal's batches (JSON lines), in one transaction.
+    async fn ledger_begin(&self, entry: &LedgerEntry, batches: &[String]) -> Result<()> {
+        let _ = (entry, batches);
+        Err(no_ledger())
+    }
+
+    /// Records one journal batch of run `id` (JSON lines), replacing what was recorded.
+    async fn ledger_record(&self, id: &str, index: usize, rows: &str) -> Result<()> {
+        let _ = (id, index, rows);
+        Err(no_ledger())
+    }
+
+    /// The journal batches of run `id`, in order.
+    async fn ledger_batches(&self, id: &str) -> Result<Vec<String>> {
+        let _ = id;
+        Err(no_ledger())
+    }
+
+    /// Records run `id` as taken over by the object `uid` (a resume on a rebuilt cluster).
+    async fn ledger_adopt(&self, id: &str, uid: &str) -> Result<()> {
+        let _ = (id, uid);
+        Err(no_ledger())
+    }
+
+    /// Records run `id` as finished now, with its phase and counts.
+    async fn ledger_finish(&self, id: &str, phase: &str, counts: &LedgerCounts) -> Result<()> {
+        let _ = (id, phase, counts);
+        Err(no_ledger())
+    }
+
+    /// Entries matching `filter`, oldest first.
+    async fn ledger_list(&self, filter: &LedgerFilter) -> Result<Vec<LedgerEntry>> {
+        let _ = filter;
+        Err(no_ledger())
+    }
+}
+
+fn no_ledger() -> PbxError {
+    PbxError::Database(
+        "this backend keeps no run ledger; use a backend that has one (Kamailio)".into(),
+    )
 }
 
 /// What a reset clears (UserRecycle `spec.reset`).

@@ -603,6 +603,8 @@ mod tests {
             },
             mode: Mode::Validate,
             approved_plan_hash: None,
+            not_before: None,
+            execute_before: None,
             requested_by: None,
         }
     }

@@ -556,6 +556,8 @@ mod tests {
                 })
                 .collect(),
             send_welcome_email: welcome,
+            not_before: None,
+            execute_before: None,
             requested_by: None,
         }
     }

@@ -20,6 +20,9 @@ use crate::pbx::{
     User, UserAction, UserChange, UserField, UserRead, UserSelection, WriteOutcome,
 };
 
+#[path = "ledger.rs"]
+mod ledger;
+
 /// Rows per `IN (...)` list and per multi-row INSERT: well under every driver's parameter limit.
 const CHUNK: usize = 500;
 /// Users per transaction when failures must stay per user (Continue): few statements per batch,
@@ -196,6 +199,10 @@ impl Db {
             Dialect::Sqlite => include_str!("migrations/sqlite.sql"),
             Dialect::MySql => include_str!("migrations/mysql.sql"),
         };
+        // One migration at a time in this process: reconciles that connect at the same moment
+        // would otherwise race on CREATE TABLE IF NOT EXISTS and the version rows.
+        static MIGRATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one = MIGRATING.lock().await;
         let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
         for statement in script.split(';') {
             let statement: String = statement
@@ -210,19 +217,31 @@ impl Db {
                     .map_err(|e| self.err(e))?;
             }
         }
+        self.record_version(&mut conn, "pbx_phone").await?;
+        self.record_version(&mut conn, "pbx_ledger").await
+    }
+
+    /// Records one of pbx-operator's own tables in Kamailio's `version` table, once.
+    async fn record_version(&self, conn: &mut AnyConnection, table: &str) -> Result<()> {
         let known: i64 =
             sqlx::query(self.sql("SELECT COUNT(*) FROM version WHERE table_name = $1"))
-                .bind("pbx_phone")
+                .bind(table)
                 .fetch_one(&mut *conn)
                 .await
                 .and_then(|r| int(&r, 0))
                 .map_err(|e| self.err(e))?;
         if known == 0 {
-            sqlx::query(self.sql("INSERT INTO version (table_name, table_version) VALUES ($1, 1)"))
-                .bind("pbx_phone")
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| self.err(e))?;
+            let inserted = sqlx::query(
+                self.sql("INSERT INTO version (table_name, table_version) VALUES ($1, 1)"),
+            )
+            .bind(table)
+            .execute(&mut *conn)
+            .await;
+            match inserted.map_err(|e| self.err(e)) {
+                // Another connection (a reconcile starting at the same time) recorded it first.
+                Ok(_) | Err(PbxError::Refused(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

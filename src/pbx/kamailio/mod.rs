@@ -11,9 +11,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::pbx::{
-    ActionOutcome, Capabilities, NewIdentity, PbxBackend, PbxError, Phone, PhoneField, Policies,
-    Probe, Registration, ResetOutcome, Result, SipAnswer, UserAction, UserChange, UserField,
-    UserRead, UserReset, UserSelection, WriteOutcome, sip,
+    ActionOutcome, Capabilities, LedgerCounts, LedgerEntry, LedgerFilter, LedgerKey, NewIdentity,
+    PbxBackend, PbxError, Phone, PhoneField, Policies, Probe, Registration, ResetOutcome, Result,
+    SipAnswer, UserAction, UserChange, UserField, UserRead, UserReset, UserSelection, WriteOutcome,
+    sip,
 };
 
 /// Where a Kamailio tenant lives.
@@ -250,5 +251,33 @@ impl PbxBackend for Kamailio {
 
     async fn recycle_users(&self, identities: &[NewIdentity]) -> Result<Vec<ResetOutcome>> {
         self.db.recycle_users(identities).await
+    }
+
+    async fn ledger_find(&self, key: &LedgerKey) -> Result<Option<LedgerEntry>> {
+        self.db.ledger_find(key).await
+    }
+
+    async fn ledger_begin(&self, entry: &LedgerEntry, batches: &[String]) -> Result<()> {
+        self.db.ledger_begin(entry, batches).await
+    }
+
+    async fn ledger_record(&self, id: &str, index: usize, rows: &str) -> Result<()> {
+        self.db.ledger_record(id, index, rows).await
+    }
+
+    async fn ledger_batches(&self, id: &str) -> Result<Vec<String>> {
+        self.db.ledger_batches(id).await
+    }
+
+    async fn ledger_adopt(&self, id: &str, uid: &str) -> Result<()> {
+        self.db.ledger_adopt(id, uid).await
+    }
+
+    async fn ledger_finish(&self, id: &str, phase: &str, counts: &LedgerCounts) -> Result<()> {
+        self.db.ledger_finish(id, phase, counts).await
+    }
+
+    async fn ledger_list(&self, filter: &LedgerFilter) -> Result<Vec<LedgerEntry>> {
+        self.db.ledger_list(filter).await
     }
 }

@@ -20,3 +20,36 @@ CREATE TABLE IF NOT EXISTS pbx_policy (
     description VARCHAR(255),
     CONSTRAINT pbx_policy_idx UNIQUE (domain, kind, name)
 );
+
+-- pbx-operator's own tables: the run ledger. One row per executed run of an operation (kind,
+-- namespace, name, spec hash), and its journal's batches, so that a cluster rebuilt from Git
+-- neither runs a change again nor starts an interrupted one over.
+CREATE TABLE IF NOT EXISTS pbx_ledger (
+    id VARCHAR(64) PRIMARY KEY NOT NULL,
+    domain VARCHAR(64) NOT NULL,
+    kind VARCHAR(32) NOT NULL,
+    namespace VARCHAR(253) NOT NULL,
+    name VARCHAR(253) NOT NULL,
+    uid VARCHAR(64) NOT NULL,
+    spec_hash VARCHAR(64) NOT NULL,
+    plan_hash VARCHAR(64) NOT NULL,
+    requested_by VARCHAR(253),
+    started BIGINT NOT NULL,
+    finished BIGINT,
+    phase VARCHAR(32),
+    targets INT DEFAULT 0 NOT NULL,
+    changed INT DEFAULT 0 NOT NULL,
+    failed INT DEFAULT 0 NOT NULL,
+    uncertain INT DEFAULT 0 NOT NULL,
+    summary TEXT,
+    batches INT DEFAULT 0 NOT NULL,
+    plan MEDIUMTEXT NOT NULL,
+    INDEX pbx_ledger_key_idx (namespace(64), name(64), kind, spec_hash)
+) DEFAULT CHARSET = utf8mb4;
+
+CREATE TABLE IF NOT EXISTS pbx_ledger_batch (
+    ledger_id VARCHAR(64) NOT NULL,
+    idx INT NOT NULL,
+    journal MEDIUMTEXT NOT NULL,
+    PRIMARY KEY (ledger_id, idx)
+) DEFAULT CHARSET = utf8mb4;

@@ -20,3 +20,36 @@ CREATE TABLE IF NOT EXISTS pbx_policy (
     description VARCHAR(255),
     CONSTRAINT pbx_policy_idx UNIQUE (domain, kind, name)
 );
+
+-- pbx-operator's own tables: the run ledger. One row per executed run of an operation (kind,
+-- namespace, name, spec hash), and its journal's batches, so that a cluster rebuilt from Git
+-- neither runs a change again nor starts an interrupted one over.
+CREATE TABLE IF NOT EXISTS pbx_ledger (
+    id VARCHAR(64) PRIMARY KEY NOT NULL,
+    domain VARCHAR(64) NOT NULL,
+    kind VARCHAR(32) NOT NULL,
+    namespace VARCHAR(253) NOT NULL,
+    name VARCHAR(253) NOT NULL,
+    uid VARCHAR(64) NOT NULL,
+    spec_hash VARCHAR(64) NOT NULL,
+    plan_hash VARCHAR(64) NOT NULL,
+    requested_by VARCHAR(253),
+    started BIGINT NOT NULL,
+    finished BIGINT,
+    phase VARCHAR(32),
+    targets INTEGER DEFAULT 0 NOT NULL,
+    changed INTEGER DEFAULT 0 NOT NULL,
+    failed INTEGER DEFAULT 0 NOT NULL,
+    uncertain INTEGER DEFAULT 0 NOT NULL,
+    summary TEXT,
+    batches INTEGER DEFAULT 0 NOT NULL,
+    plan TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pbx_ledger_key_idx ON pbx_ledger (namespace, name, kind, spec_hash);
+
+CREATE TABLE IF NOT EXISTS pbx_ledger_batch (
+    ledger_id VARCHAR(64) NOT NULL,
+    idx INTEGER NOT NULL,
+    journal TEXT NOT NULL,
+    PRIMARY KEY (ledger_id, idx)
+);
