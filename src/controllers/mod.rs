@@ -12,6 +12,7 @@ mod error;
 mod leader;
 mod lineage;
 pub mod metrics;
+mod ordering;
 pub mod phone_change;
 pub mod phone_restart;
 mod results_store;
@@ -23,7 +24,7 @@ pub mod user_recycle;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt, future::Shared};
+use futures::{FutureExt, future::Shared};
 use kube::{
     Api, Client, Resource,
     runtime::{controller::Action, watcher},
@@ -43,6 +44,10 @@ pub(crate) fn error_policy<K: Resource<DynamicType = ()>>(
     err: &Error,
     ctx: Arc<Context>,
 ) -> Action {
+    if let Error::Waiting = err {
+        // Not a failure: the wait is in the resource's conditions.
+        return Action::requeue(Duration::from_secs(3));
+    }
     let kind = K::kind(&());
     ctx.metrics.failure(&kind, err.label());
     tracing::warn!(%kind, name = obj.meta().name.as_deref().unwrap_or(""), error = %err, "reconcile failed; retrying");
@@ -76,6 +81,9 @@ pub struct Settings {
     pub leader_election: bool,
     pub secret_check_interval: Duration,
     pub max_csv_bytes: usize,
+    /// Serve only PbxConnections labelled `pbx-operator.io/shard: <shard>` and the operations
+    /// on them (None: connections without the label).
+    pub shard: Option<String>,
 }
 
 /// Runs every controller until SIGTERM or SIGINT (or, with leader election, until the Lease
@@ -85,6 +93,7 @@ pub async fn run(args: Settings) -> Result<()> {
     let shutdown = shutdown_signal();
     let mut context = Context::new(client.clone(), args.secret_check_interval);
     context.max_csv_bytes = args.max_csv_bytes;
+    context.ordering.shard = args.shard.clone();
     let ctx = Arc::new(context);
     let health = Arc::new(server::Health {
         ready: false.into(),
@@ -114,7 +123,9 @@ pub async fn run(args: Settings) -> Result<()> {
 
     let mut leadership = None;
     if args.leader_election {
-        let (mut lease, task) = leader::acquire(client.clone(), shutdown.clone()).await?;
+        let lease_name = ordering::lease_name(args.shard.as_deref());
+        let (mut lease, task) =
+            leader::acquire(client.clone(), shutdown.clone(), &lease_name).await?;
         if !*lease.borrow() {
             tracing::info!("shutting down before becoming leader");
             return Ok(());
@@ -137,41 +148,46 @@ pub async fn run(args: Settings) -> Result<()> {
     }
     tracing::info!(
         namespace = args.namespace.as_deref().unwrap_or("<all>"),
+        shard = args.shard.as_deref().unwrap_or("<none>"),
         "controllers starting"
     );
 
     let c = args.concurrency;
     let controllers = futures::future::join5(
-        drive(
+        ordering::drive_connections(
             api::<PbxConnection>(&client, &args),
             ctx.clone(),
             c,
             shutdown.clone(),
             connection::reconcile,
         ),
-        drive(
+        ordering::drive_op(
             api::<BulkUserChange>(&client, &args),
+            api::<PbxConnection>(&client, &args),
             ctx.clone(),
             c,
             shutdown.clone(),
             user_change::reconcile,
         ),
-        drive(
+        ordering::drive_op(
             api::<BulkPhoneChange>(&client, &args),
+            api::<PbxConnection>(&client, &args),
             ctx.clone(),
             c,
             shutdown.clone(),
             phone_change::reconcile,
         ),
-        drive(
+        ordering::drive_op(
             api::<PhoneRestart>(&client, &args),
+            api::<PbxConnection>(&client, &args),
             ctx.clone(),
             c,
             shutdown.clone(),
             phone_restart::reconcile,
         ),
-        drive(
+        ordering::drive_op(
             api::<UserRecycle>(&client, &args),
+            api::<PbxConnection>(&client, &args),
             ctx.clone(),
             c,
             shutdown.clone(),
@@ -231,38 +247,6 @@ where
             kind: K::kind(&()).into_owned(),
             source,
         })
-}
-
-/// Runs one kind's controller until shutdown: one watch, bounded concurrency, shared error policy.
-async fn drive<K, F, Fut>(
-    api: Api<K>,
-    ctx: Arc<Context>,
-    concurrency: u16,
-    shutdown: Shutdown,
-    reconcile: F,
-) where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    F: FnMut(Arc<K>, Arc<Context>) -> Fut,
-    Fut: std::future::Future<Output = Result<Action>> + Send + 'static,
-{
-    let kind = K::kind(&()).into_owned();
-    kube::runtime::Controller::new(api, watcher_config())
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|outcome| {
-            if let Err(err) = outcome {
-                tracing::debug!(%kind, error = %err, "reconcile failed");
-            }
-            futures::future::ready(())
-        })
-        .await;
 }
 
 /// Server-side applies a resource's whole status as the operator's field manager, so fields a

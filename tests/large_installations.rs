@@ -1,0 +1,337 @@
+//! Many changes, many tenants: overlapping changes run in creation order, a connection's
+//! lifecycle (deleted: pools closed, operations wait; recreated: they resume), and shards.
+//! The real control plane, operator processes and Kamailio labs.
+
+mod support;
+
+use std::time::Duration;
+
+use kube::Api;
+use pbx_operator::api::{BulkUserChange, Outcome, PbxConnection, Phase};
+use support::lab::LabSpec;
+use support::pbx::Env;
+use support::{control_plane, eventually, kubectl_stdin};
+
+fn exts(range: std::ops::RangeInclusive<u32>) -> String {
+    range
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn change(name: &str, targets: std::ops::RangeInclusive<u32>, field: &str, value: &str) -> String {
+    format!(
+        r#"---
+apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: {{ name: {name} }}
+spec:
+  connectionRef: {{ name: acme }}
+  targets: {{ extensions: [{}] }}
+  fields:
+    {field}: {{ value: "{value}", lock: Open }}
+"#,
+        exts(targets)
+    )
+}
+
+/// Events of one object: (reason, note).
+fn events_of(env: &Env, name: &str) -> Vec<(String, String)> {
+    let out = support::kubectl(
+        &control_plane().admin_kubeconfig,
+        &[
+            "get",
+            "events",
+            "-n",
+            &env.ns,
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "jsonpath={range .items[*]}{.reason}{\"\\t\"}{.message}{\"\\n\"}{end}",
+        ],
+    );
+    out.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(r, n)| (r.to_string(), n.to_string()))
+        .collect()
+}
+
+fn time(b: &BulkUserChange, start: bool) -> jiff::Timestamp {
+    let s = b.status.as_ref().unwrap();
+    let t = if start {
+        &s.start_time
+    } else {
+        &s.completion_time
+    };
+    t.as_ref().unwrap().0
+}
+
+/// Three changes with overlapping targets in one `kubectl apply`: they run one after another
+/// in creation order (the later ones wait, phase Pending, naming the earlier one), none of
+/// their targets conflicts, and the database ends with the last one's values; a fourth on
+/// other users runs beside them.
+#[tokio::test]
+async fn overlapping_changes_run_in_creation_order() {
+    let env = Env::start(
+        "order",
+        LabSpec {
+            users: 400,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    // Users 200..=599. One apply; names sort in the order of the file (one second of creation).
+    let manifest = [
+        change("order-1", 200..=499, "callGroup", "61"),
+        change("order-2", 400..=559, "callGroup", "62"),
+        change("order-3", 450..=579, "callGroup", "63"),
+        change("order-4-solo", 590..=599, "pickupGroup", "60"),
+    ]
+    .concat();
+    env.apply(&manifest);
+    let done = [Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed];
+    let mut finished = Vec::new();
+    for name in ["order-1", "order-2", "order-3", "order-4-solo"] {
+        finished.push(
+            env.wait_buc_for(name, &done, Duration::from_secs(180))
+                .await,
+        );
+    }
+    for b in &finished {
+        let s = b.status.as_ref().unwrap();
+        let summary = s.summary.clone().unwrap();
+        assert_eq!(
+            s.phase,
+            Phase::Succeeded,
+            "{}: {summary:?} {:?}",
+            b.metadata.name.as_deref().unwrap(),
+            s.results
+        );
+        assert_eq!(summary.conflicts, 0, "{summary:?}");
+        assert_eq!(summary.failed, 0, "{summary:?}");
+        assert!(
+            s.results
+                .iter()
+                .all(|r| !matches!(r.outcome, Outcome::Conflict | Outcome::Failed)),
+            "{:?}",
+            s.results
+        );
+    }
+    let [one, two, three, solo] = &finished[..] else {
+        unreachable!()
+    };
+    // Every target changed once by its change: nothing was already at the value.
+    assert_eq!(
+        one.status
+            .as_ref()
+            .unwrap()
+            .summary
+            .as_ref()
+            .unwrap()
+            .changed,
+        300
+    );
+    assert_eq!(
+        two.status
+            .as_ref()
+            .unwrap()
+            .summary
+            .as_ref()
+            .unwrap()
+            .changed,
+        160
+    );
+    assert_eq!(
+        three
+            .status
+            .as_ref()
+            .unwrap()
+            .summary
+            .as_ref()
+            .unwrap()
+            .changed,
+        130
+    );
+    // One after another, in creation order.
+    assert!(
+        time(two, true) >= time(one, false),
+        "order-2 started before order-1 finished"
+    );
+    assert!(
+        time(three, true) >= time(two, false),
+        "order-3 started before order-2 finished"
+    );
+    // Each later one waited, and said for whom and how many targets they share.
+    let waited = |name: &str, earlier: &str| {
+        let evs = events_of(&env, name);
+        assert!(
+            evs.iter()
+                .any(|(r, n)| r == "Waiting" && n.contains(earlier)),
+            "{name} has no Waiting event naming {earlier}: {evs:?}"
+        );
+    };
+    waited("order-2", "BulkUserChange order-1");
+    let evs3 = events_of(&env, "order-3");
+    assert!(
+        evs3.iter().any(|(r, n)| r == "Waiting"
+            && (n.contains("BulkUserChange order-1") || n.contains("BulkUserChange order-2"))),
+        "{evs3:?}"
+    );
+    // A wait on a planned earlier change counts what they share (order-1 and order-2 share
+    // 400..=499, order-1 and order-3 450..=499, order-2 and order-3 450..=559).
+    for (name, evs) in [("order-2", events_of(&env, "order-2")), ("order-3", evs3)] {
+        for (_, note) in evs
+            .iter()
+            .filter(|(r, n)| r == "Waiting" && n.contains("share"))
+        {
+            let want = match (name, note.contains("order-1")) {
+                ("order-2", true) => "share 100 targets",
+                ("order-3", true) => "share 50 targets",
+                _ => "share 110 targets",
+            };
+            assert!(note.contains(want), "{name}: {note}");
+        }
+    }
+    // The fourth shares nothing: it never waited for an overlap (at most until the earlier
+    // changes were planned, to know that), and ran while the others waited.
+    let solo_events = events_of(&env, "order-4-solo");
+    assert!(
+        !solo_events
+            .iter()
+            .any(|(r, n)| r == "Waiting" && (n.contains("share") || n.contains("limit"))),
+        "{solo_events:?}"
+    );
+    assert!(time(solo, true) <= time(three, true));
+    // The last one's values where they overlap; each one's own elsewhere.
+    for (ext, want) in [
+        (200, "61"),
+        (499, "63"),
+        (420, "62"),
+        (450, "63"),
+        (559, "63"),
+        (579, "63"),
+        (595, "60"),
+    ] {
+        let attr = if ext >= 590 {
+            "pbx.pickup_group"
+        } else {
+            "pbx.call_group"
+        };
+        assert_eq!(
+            env.attribute(&ext.to_string(), attr).await.as_deref(),
+            Some(want),
+            "user {ext}"
+        );
+    }
+}
+
+/// The PbxConnection `acme` of `env`, as the harness creates it.
+fn connection_manifest(env: &Env) -> String {
+    format!(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PbxConnection
+metadata: {{ name: acme, namespace: {ns} }}
+spec:
+  domain: {domain}
+  database: {{ urlSecretRef: {{ name: acme-pbx, key: database-url }} }}
+  rpc: {{ urlSecretRef: {{ name: acme-pbx, key: rpc-url }} }}
+"#,
+        ns = env.ns,
+        domain = env.lab.domain()
+    )
+}
+
+/// Open file descriptors of process `pid` on files under `dir` (a SQLite database's pool).
+fn open_files_under(pid: u32, dir: &std::path::Path) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.starts_with(dir))
+        .count()
+}
+
+/// Deleting a PbxConnection closes its database pool; an operation on it then waits with a
+/// condition naming it, and runs once the connection is created again.
+#[tokio::test]
+async fn a_deleted_connection_closes_its_pool_and_its_operations_wait_for_it() {
+    let env = Env::start(
+        "tenant-life",
+        LabSpec {
+            users: 10,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    assert_eq!(env.lab.get("LAB_DB"), "sqlite");
+    let pid = env.operator.child.id();
+    env.apply(&change("first", 200..=203, "callGroup", "5"));
+    env.wait_buc("first", &[Phase::Succeeded]).await;
+    assert!(
+        open_files_under(pid, &env.lab.dir) > 0,
+        "the operator holds the lab's database open while the connection exists"
+    );
+
+    let cp = control_plane();
+    support::kubectl(
+        &cp.admin_kubeconfig,
+        &["delete", "pbxconnection", "acme", "-n", &env.ns, "--wait"],
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the operator to close the deleted connection's database pool",
+        || async { (open_files_under(pid, &env.lab.dir) == 0).then_some(()) },
+    )
+    .await;
+    assert!(
+        env.operator
+            .log_text()
+            .contains("PbxConnection gone: closed its database pool"),
+        "the operator says it closed the pool"
+    );
+
+    env.apply(&change("second", 204..=206, "callGroup", "6"));
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let waiting = eventually(
+        Duration::from_secs(60),
+        "second to wait for its missing connection",
+        || async {
+            let b = api.get("second").await.ok()?;
+            let s = b.status?;
+            let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?.clone();
+            (s.phase == Phase::Pending && ready.reason == "ConnectionNotFound").then_some(ready)
+        },
+    )
+    .await;
+    assert!(
+        waiting.message.contains("PbxConnection") && waiting.message.contains("acme"),
+        "{}",
+        waiting.message
+    );
+    // Still nothing written while it waits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_ne!(
+        env.attribute("204", "pbx.call_group").await.as_deref(),
+        Some("6")
+    );
+    assert_eq!(open_files_under(pid, &env.lab.dir), 0, "no pool reopened");
+
+    kubectl_stdin(
+        &cp.admin_kubeconfig,
+        &["apply", "-f", "-"],
+        connection_manifest(&env).as_bytes(),
+    );
+    // Woken by the connection coming back, well before its backoff would retry it.
+    let b = env.wait_buc("second", &[Phase::Succeeded]).await;
+    assert_eq!(b.status.unwrap().summary.unwrap().changed, 3);
+    assert_eq!(
+        env.attribute("204", "pbx.call_group").await.as_deref(),
+        Some("6")
+    );
+    let conns: Api<PbxConnection> = Api::namespaced(env.client.clone(), &env.ns);
+    assert!(conns.get("acme").await.is_ok());
+}
