@@ -335,3 +335,226 @@ async fn a_deleted_connection_closes_its_pool_and_its_operations_wait_for_it() {
     let conns: Api<PbxConnection> = Api::namespaced(env.client.clone(), &env.ns);
     assert!(conns.get("acme").await.is_ok());
 }
+
+/// Copies the lab's users (subscriber, preferences, groups) into another SIP domain of the same
+/// database: one more tenant.
+async fn clone_tenant(env: &Env, domain: &str) {
+    let from = env.lab.domain();
+    for q in [
+        format!(
+            "INSERT INTO subscriber (username, domain, password, ha1, ha1b) SELECT username, '{domain}', password, ha1, ha1b FROM subscriber WHERE domain = '{from}'"
+        ),
+        format!(
+            "INSERT INTO usr_preferences (username, domain, attribute, type, value) SELECT username, '{domain}', attribute, type, value FROM usr_preferences WHERE domain = '{from}'"
+        ),
+        format!(
+            "INSERT INTO grp (username, domain, grp) SELECT username, '{domain}', grp FROM grp WHERE domain = '{from}'"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(q))
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+}
+
+fn tenant(ns: &str, i: usize, shard: &str) -> String {
+    format!(
+        r#"---
+apiVersion: pbx-operator.io/v1alpha1
+kind: PbxConnection
+metadata:
+  name: t{i}
+  namespace: {ns}
+  labels: {{ pbx-operator.io/shard: {shard} }}
+spec:
+  domain: t{i}.tenants.test
+  database: {{ urlSecretRef: {{ name: acme-pbx, key: database-url }} }}
+  rpc: {{ urlSecretRef: {{ name: acme-pbx, key: rpc-url }} }}
+"#
+    )
+}
+
+fn tenant_change(name: &str, conn: &str, value: &str) -> String {
+    change(name, 200..=204, "callGroup", value).replace("name: acme", &format!("name: {conn}"))
+}
+
+/// A log without its terminal colours.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Which operator instances published the Events of an object.
+fn reporters(env: &Env, name: &str) -> std::collections::BTreeSet<String> {
+    support::kubectl(
+        &control_plane().admin_kubeconfig,
+        &[
+            "get",
+            "events",
+            "-n",
+            &env.ns,
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "jsonpath={range .items[*]}{.reportingInstance}{\"\\n\"}{end}",
+        ],
+    )
+    .lines()
+    .filter(|l| !l.is_empty())
+    .map(str::to_string)
+    .collect()
+}
+
+/// Two shards over 10 tenants: every operation is handled by exactly the process of its
+/// connection's shard; SIGKILLing one shard's process leaves the other shard working, and the
+/// standby of the killed shard takes over through that shard's Lease.
+#[tokio::test]
+async fn shards_split_tenants_between_processes_with_a_lease_each() {
+    let env = Env::start(
+        "shards",
+        LabSpec {
+            users: 6,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let cp = control_plane();
+    let ns = env.ns.clone();
+    let start = |shard: &str, id: &str| {
+        support::Operator::start_with_env(
+            &cp.admin_kubeconfig,
+            &["--namespace", &ns, "--shard", shard, "--leader-election"],
+            &[("POD_NAME", id), ("POD_NAMESPACE", &ns)],
+        )
+    };
+    let mut a = start("a", "op-a");
+    let b = start("b", "op-b");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.client.clone(), &ns);
+    let holder = |name: &'static str| {
+        let leases = leases.clone();
+        async move { leases.get(name).await.ok()?.spec?.holder_identity }
+    };
+    eventually(Duration::from_secs(60), "op-a to lead shard a", || async {
+        (holder("pbx-operator-shard-a").await.as_deref() == Some("op-a")).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(60), "op-b to lead shard b", || async {
+        (holder("pbx-operator-shard-b").await.as_deref() == Some("op-b")).then_some(())
+    })
+    .await;
+    let standby = start("a", "op-a2");
+
+    let shard_of = |i: usize| if i < 5 { "a" } else { "b" };
+    let mut manifest = String::new();
+    for i in 0..10 {
+        clone_tenant(&env, &format!("t{i}.tenants.test")).await;
+        manifest.push_str(&tenant(&ns, i, shard_of(i)));
+    }
+    for i in 0..10 {
+        manifest.push_str(&tenant_change(
+            &format!("first-{i}"),
+            &format!("t{i}"),
+            "21",
+        ));
+    }
+    env.apply(&manifest);
+    let mut finished = Vec::new();
+    for i in 0..10 {
+        let b = env
+            .wait_buc_for(
+                &format!("first-{i}"),
+                &[Phase::Succeeded],
+                Duration::from_secs(120),
+            )
+            .await;
+        assert_eq!(
+            b.status.as_ref().unwrap().summary.as_ref().unwrap().changed,
+            5
+        );
+        finished.push(b);
+    }
+    for i in 0..10 {
+        let want = if i < 5 { "op-a" } else { "op-b" };
+        assert_eq!(
+            reporters(&env, &format!("first-{i}")),
+            [want.to_string()].into(),
+            "first-{i} on shard {}",
+            shard_of(i)
+        );
+        // The other shard's process never reconciled it (it only noted whose it is), nor did
+        // the unsharded one.
+        let (other, other_name) = if i < 5 { (&b, "op-b") } else { (&a, "op-a") };
+        let span = format!("reconcile{{change=first-{i} ");
+        assert!(
+            !plain(&other.log_text()).contains(&span),
+            "{other_name} worked on first-{i}"
+        );
+        assert!(
+            !plain(&env.operator.log_text()).contains(&span),
+            "the unsharded operator worked on first-{i}"
+        );
+    }
+    // Each tenant's own domain was changed; the lab's own (unlabelled acme) was not.
+    let q = "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '21' AND domain LIKE '%.tenants.test'";
+    assert_eq!(env.sql_one(q).await, "50");
+
+    // Shard a's leader dies: shard b goes on at once; a's standby takes a's Lease and its work.
+    a.stop_with("KILL", Duration::from_secs(10));
+    env.apply(&(tenant_change("second-0", "t0", "22") + &tenant_change("second-5", "t5", "22")));
+    let five = env.wait_buc("second-5", &[Phase::Succeeded]).await;
+    assert_eq!(reporters(&env, "second-5"), ["op-b".to_string()].into());
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &ns);
+    let zero = api.get("second-0").await.unwrap();
+    let zero_ran_first = zero
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase == Phase::Succeeded);
+    let b_done = five
+        .status
+        .as_ref()
+        .unwrap()
+        .completion_time
+        .clone()
+        .unwrap()
+        .0;
+    eventually(
+        Duration::from_secs(60),
+        "op-a2 to take shard a's Lease",
+        || async {
+            (holder("pbx-operator-shard-a").await.as_deref() == Some("op-a2")).then_some(())
+        },
+    )
+    .await;
+    let zero = env.wait_buc("second-0", &[Phase::Succeeded]).await;
+    assert_eq!(reporters(&env, "second-0"), ["op-a2".to_string()].into());
+    assert!(
+        !zero_ran_first && zero.status.unwrap().start_time.unwrap().0 >= b_done,
+        "shard b finished its change while shard a had no leader"
+    );
+    // Shard b's finished work was left alone: nothing ran again.
+    for (i, before) in finished.iter().enumerate().skip(5) {
+        let now = api.get(&format!("first-{i}")).await.unwrap();
+        assert_eq!(now.status, before.status, "first-{i} moved");
+    }
+    assert_eq!(
+        holder("pbx-operator-shard-b").await.as_deref(),
+        Some("op-b")
+    );
+    drop(standby);
+}
