@@ -558,3 +558,120 @@ async fn shards_split_tenants_between_processes_with_a_lease_each() {
     );
     drop(standby);
 }
+
+/// Counts every write to usr_preferences (where call groups live) from now on.
+async fn count_writes(env: &Env) {
+    for q in [
+        "CREATE TABLE pref_writes (username TEXT)",
+        "CREATE TRIGGER pref_writes_u AFTER UPDATE ON usr_preferences BEGIN INSERT INTO pref_writes VALUES (NEW.username); END",
+        "CREATE TRIGGER pref_writes_i AFTER INSERT ON usr_preferences BEGIN INSERT INTO pref_writes VALUES (NEW.username); END",
+        "CREATE TRIGGER pref_writes_d AFTER DELETE ON usr_preferences BEGIN INSERT INTO pref_writes VALUES (OLD.username); END",
+    ] {
+        sqlx::query(q).execute(&env.pool).await.unwrap();
+    }
+}
+
+/// Two Enforce changes setting the same field of the same users to different values: the later
+/// one is refused (Stalled, naming both and the contested users) and writes nothing; the earlier
+/// one keeps its state without a single write over a minute of 3-second drift checks.
+#[tokio::test]
+async fn contradicting_enforce_changes_refuse_the_later_and_never_flap() {
+    let env = Env::start(
+        "contradiction",
+        LabSpec {
+            users: 12,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    assert_eq!(env.lab.get("LAB_DB"), "sqlite");
+    count_writes(&env).await;
+    let enforce = |name: &str, targets, value| {
+        change(name, targets, "callGroup", value) + "  policy: Enforce\n  interval: 3s\n"
+    };
+    env.apply(&(enforce("keep-a", 200..=205, "41") + &enforce("keep-b", 203..=208, "42")));
+    let a = env.wait_buc("keep-a", &[Phase::Succeeded]).await;
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let refused = eventually(Duration::from_secs(60), "keep-b to be refused", || async {
+        let b = api.get("keep-b").await.ok()?;
+        let s = b.status?;
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Stalled" && c.status == "True")?
+            .clone();
+        (c.reason == "ContradictsEarlierChange").then_some((s.phase, c.message))
+    })
+    .await;
+    assert_eq!(refused.0, Phase::Failed);
+    let message = refused.1;
+    assert!(
+        message.contains("BulkUserChange keep-a")
+            && message.contains("BulkUserChange keep-b")
+            && message.contains("callGroup")
+            && message.contains("3 targets (203, 204, 205)"),
+        "{message}"
+    );
+    assert_eq!(
+        a.status.as_ref().unwrap().summary.as_ref().unwrap().changed,
+        6
+    );
+    let writes_after_a = env.sql_one("SELECT COUNT(*) FROM pref_writes").await;
+    assert_ne!(writes_after_a, "0");
+    assert_eq!(
+        env.sql_one("SELECT COUNT(DISTINCT username) FROM pref_writes")
+            .await,
+        "6",
+        "keep-a wrote its 6 users"
+    );
+    assert_eq!(
+        env.sql_one("SELECT COUNT(*) FROM pref_writes WHERE username IN ('206', '207', '208')")
+            .await,
+        "0",
+        "keep-b wrote nothing"
+    );
+    let checked_before = a.status.as_ref().unwrap().last_checked_time.clone();
+
+    // A minute of drift checks every 3 s: nothing is written, nobody flips.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        env.sql_one("SELECT COUNT(*) FROM pref_writes").await,
+        writes_after_a,
+        "a write after the first run: the changes flap"
+    );
+    let a = api.get("keep-a").await.unwrap();
+    let s = a.status.as_ref().unwrap();
+    assert_eq!(s.phase, Phase::Succeeded);
+    assert_eq!(
+        s.corrections.unwrap_or(0),
+        0,
+        "keep-a found no drift to correct"
+    );
+    assert!(
+        s.last_checked_time > checked_before,
+        "keep-a's drift checks ran: {:?} then {:?}",
+        checked_before,
+        s.last_checked_time
+    );
+    let b = api.get("keep-b").await.unwrap();
+    assert_eq!(b.status.as_ref().unwrap().phase, Phase::Failed);
+    for ext in 200..=205 {
+        assert_eq!(
+            env.attribute(&ext.to_string(), "pbx.call_group")
+                .await
+                .as_deref(),
+            Some("41")
+        );
+    }
+    for ext in 206..=208 {
+        assert_ne!(
+            env.attribute(&ext.to_string(), "pbx.call_group")
+                .await
+                .as_deref(),
+            Some("42"),
+            "keep-b changed nothing"
+        );
+    }
+}

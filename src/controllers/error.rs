@@ -80,6 +80,10 @@ pub enum Error {
     /// The run waits before it starts (the reason is in its conditions); not a failure.
     #[error("the run waits for an earlier operation or its connection; see its conditions")]
     Waiting,
+    /// An Enforce change refused for contradicting an earlier one (the reason is in its
+    /// conditions).
+    #[error("the change contradicts an earlier Enforce change; see its conditions")]
+    Contradicts,
 }
 
 impl Error {
@@ -106,6 +110,7 @@ impl Error {
             Error::CsvSourceMissing { .. } => "csv_source_missing",
             Error::Csv(_) => "csv_refused",
             Error::Waiting => "waiting",
+            Error::Contradicts => "contradicts",
         }
     }
 
@@ -132,6 +137,7 @@ impl Error {
             Error::CsvSourceMissing { .. } => "CsvSourceNotReadable",
             Error::Csv(_) => "CsvRefused",
             Error::Waiting => "Waiting",
+            Error::Contradicts => "ContradictsEarlierChange",
         }
     }
 

@@ -44,9 +44,11 @@ pub(crate) fn error_policy<K: Resource<DynamicType = ()>>(
     err: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    if let Error::Waiting = err {
-        // Not a failure: the wait is in the resource's conditions.
-        return Action::requeue(Duration::from_secs(3));
+    match err {
+        // Not failures: the wait or the refusal is in the resource's conditions.
+        Error::Waiting => return Action::requeue(Duration::from_secs(3)),
+        Error::Contradicts => return Action::requeue(Duration::from_secs(30)),
+        _ => {}
     }
     let kind = K::kind(&());
     ctx.metrics.failure(&kind, err.label());

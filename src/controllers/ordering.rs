@@ -15,7 +15,7 @@
 //!   operation waiting without planning it again while nothing it waits for moved.
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,10 +30,12 @@ use super::run::{Run, RunKind};
 use super::{Context, Error, Shutdown};
 use crate::api::{
     BulkPhoneChange, BulkUserChange, Mode, OperationStatus, PbxConnection, Phase, PhoneRestart,
-    UserRecycle,
+    Policy, UserRecycle,
 };
 use crate::plan::ordering::{self, Created, Decision, Other, State, Targets};
 use crate::plan::stored::Row;
+use crate::plan::user_change as request;
+use crate::plan::users::Wanted;
 
 /// The label that puts a PbxConnection in a shard (`pbx-operator run --shard NAME`).
 pub const SHARD_LABEL: &str = "pbx-operator.io/shard";
@@ -42,6 +44,11 @@ pub const SHARD_LABEL: &str = "pbx-operator.io/shard";
 const WAIT_AGAIN: Duration = Duration::from_secs(3);
 /// An admitted run not seen running in the cache after this long did not start.
 const ADMISSION_TTL: Duration = Duration::from_secs(60);
+
+/// The condition reason of an Enforce change refused for contradicting an earlier one.
+pub const CONTRADICTS: &str = "ContradictsEarlierChange";
+/// How often a refused Enforce change looks whether the contradiction is gone.
+const CONTRADICTION_AGAIN: Duration = Duration::from_secs(30);
 
 /// Condition reasons of an operation that waits before it starts.
 pub const WAITING_REASONS: [&str; 3] = [
@@ -59,6 +66,10 @@ pub(crate) trait Operation {
     /// A stored row's target as the ordering keys it (users and phones apart), with the other
     /// users a row touches (numbers it takes from them).
     fn targets_of(row: &Row, out: &mut Targets);
+    /// A change that keeps a desired state (Enforce): the value of each plain field it sets.
+    fn enforced(&self) -> Option<BTreeMap<String, Option<String>>> {
+        None
+    }
 }
 
 fn user_targets(row: &Row, out: &mut Targets) {
@@ -80,6 +91,28 @@ impl Operation for BulkUserChange {
     }
     fn targets_of(row: &Row, out: &mut Targets) {
         user_targets(row, out)
+    }
+    /// CSV-sourced changes set values per row and are not compared.
+    fn enforced(&self) -> Option<BTreeMap<String, Option<String>>> {
+        let spec = &self.spec;
+        if spec.policy != Policy::Enforce || spec.mode != Mode::Execute || spec.source.is_some() {
+            return None;
+        }
+        let fields = spec
+            .fields
+            .as_ref()
+            .map(request::plain_fields)
+            .unwrap_or_default();
+        Some(
+            fields
+                .into_iter()
+                .filter(|f| f.open)
+                .filter_map(|f| match f.wanted {
+                    Wanted::Value(v) => Some((f.field.name().to_string(), v)),
+                    Wanted::Secret(_) => None,
+                })
+                .collect(),
+        )
     }
 }
 
@@ -444,6 +477,119 @@ async fn wait<K: RunKind>(
     Ok(())
 }
 
+fn stalled_by_contradiction(
+    conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) -> bool {
+    conds
+        .iter()
+        .any(|c| c.type_ == conditions::STALLED && c.status == "True" && c.reason == CONTRADICTS)
+}
+
+/// The first earlier Enforce change on the same connection that `mine` contradicts, and how.
+/// Its targets: the resolved targets of its plan (the first 1,000), or those this process
+/// recorded when it ran.
+fn contradicted<K: Operation + Resource>(
+    ctx: &Context,
+    obj: &K,
+    mine: &Targets,
+    fields: &BTreeMap<String, Option<String>>,
+) -> Option<(String, ordering::Contested)> {
+    let store = ctx.ordering.store::<BulkUserChange>()?;
+    let ns = obj.meta().namespace.clone();
+    let me = obj.meta().uid.clone().unwrap_or_default();
+    let created_me = created(obj);
+    let mut earlier: Vec<_> = store
+        .state()
+        .into_iter()
+        .filter(|o| {
+            o.namespace() == ns
+                && o.connection() == obj.connection()
+                && o.uid().unwrap_or_default() != me
+                && o.meta().deletion_timestamp.is_none()
+                && created(&**o) < created_me
+        })
+        .collect();
+    earlier.sort_by_key(|o| created(&**o));
+    for other in earlier {
+        let Some(theirs) = other.enforced() else {
+            continue;
+        };
+        let status = other.status.clone().unwrap_or_default();
+        if stalled_by_contradiction(&status.conditions)
+            || matches!(status.phase, Phase::Failed | Phase::PartiallyFailed)
+        {
+            continue;
+        }
+        let mut targets: Targets = status
+            .plan
+            .as_ref()
+            .map(|p| p.resolved.iter().map(|t| ordering::user(t)).collect())
+            .unwrap_or_default();
+        if let Some(k) = ctx
+            .ordering
+            .known
+            .lock()
+            .expect("not poisoned")
+            .get(&other.uid().unwrap_or_default())
+        {
+            targets.extend(k.targets.iter().cloned());
+        }
+        let desired = |targets, fields| ordering::Desired { targets, fields };
+        if let Some(c) = ordering::contradiction(desired(&targets, &theirs), desired(mine, fields))
+        {
+            return Some((format!("BulkUserChange {}", other.name_any()), c));
+        }
+    }
+    None
+}
+
+/// Refuses an Enforce change that contradicts an earlier one: Stalled (phase Failed), nothing
+/// run; it looks again every 30 s and plans afresh once the contradiction is gone.
+async fn refuse<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    mut status: OperationStatus<K::Summary>,
+    message: String,
+) -> Result<(), Error> {
+    let generation = obj.meta().generation;
+    let before = obj.status();
+    let moved = before.is_none_or(|b| {
+        !b.conditions.iter().any(|c| {
+            c.type_ == conditions::STALLED && c.reason == CONTRADICTS && c.message == message
+        })
+    });
+    status.observed_generation = generation;
+    status.phase = Phase::Failed;
+    status.progress = None;
+    status.start_time = None;
+    status.completion_time = None;
+    let now = conditions::now();
+    for (type_, on) in [(conditions::READY, false), (conditions::STALLED, true)] {
+        let desired = Desired {
+            type_,
+            status: on,
+            reason: CONTRADICTS,
+            message: message.clone(),
+        };
+        conditions::upsert(&mut status.conditions, desired, generation, &now);
+    }
+    conditions::remove(&mut status.conditions, conditions::RECONCILING);
+    if Some(&status) != before {
+        super::apply_status(ctx, obj, &status).await?;
+    }
+    if moved {
+        ctx.publish(
+            obj,
+            EventType::Warning,
+            "Contradiction",
+            "Order",
+            Some(message),
+        )
+        .await;
+    }
+    Ok(())
+}
+
 /// Called by the shared lifecycle just before a run starts executing (its plan stored, the
 /// status it would start with in `status`): Ok when it may start now, otherwise the wait is
 /// recorded in status and [`Error::Waiting`] returned (the reconcile ends and looks again).
@@ -481,6 +627,14 @@ where
             .status()
             .and_then(|s| s.progress.as_ref())
             .is_some_and(|p| lineage.same_generation(p));
+    if let Some(fields) = obj.enforced().filter(|_| !retry) {
+        if let Some((earlier, c)) = contradicted(ctx, obj, &mine, &fields) {
+            let message = c.message(&earlier, &format!("{} {}", K::KIND, obj.name_any()));
+            tracing::warn!(kind = K::KIND, name = %obj.name_any(), %earlier, "refused: contradicts an earlier Enforce change");
+            refuse(ctx, obj, status.clone(), message).await?;
+            return Err(Error::Contradicts);
+        }
+    }
     let decision = {
         let _gate = ctx.ordering.gate.lock().await;
         let others = others(ctx, &ns, &conn, &uid).await;
@@ -547,6 +701,23 @@ where
     let status = obj.status().unwrap_or(&default);
     if super::run::unfinished(status) {
         // A run under way goes on (it waits for its PBX itself).
+        return Ok(None);
+    }
+    // Refused for contradicting an earlier Enforce change: look again without planning.
+    if stalled_by_contradiction(&status.conditions)
+        && status.observed_generation == obj.meta().generation
+    {
+        let mine: Targets = status
+            .plan
+            .as_ref()
+            .map(|p| p.resolved.iter().map(|t| ordering::user(t)).collect())
+            .unwrap_or_default();
+        let still = obj
+            .enforced()
+            .and_then(|fields| contradicted(ctx, obj, &mine, &fields));
+        if still.is_some() {
+            return Ok(Some(Action::requeue(CONTRADICTION_AGAIN)));
+        }
         return Ok(None);
     }
     let lineage = Lineage::of(obj);

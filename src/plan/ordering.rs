@@ -187,6 +187,69 @@ pub fn decide(created: &Created, targets: &Targets, others: &[Other<'_>], limit:
     Decision::Start
 }
 
+/// What an Enforce change keeps in place: its targets and the value of each field it sets
+/// (None: the field is cleared).
+#[derive(Clone, Copy, Debug)]
+pub struct Desired<'a> {
+    pub targets: &'a Targets,
+    pub fields: &'a std::collections::BTreeMap<String, Option<String>>,
+}
+
+/// Where two Enforce changes want different things.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Contested {
+    /// Fields both set, to different values.
+    pub fields: Vec<String>,
+    /// Targets both hold.
+    pub targets: usize,
+    /// The first few of them.
+    pub first: Vec<String>,
+}
+
+impl Contested {
+    /// The sentence people read, naming both changes.
+    pub fn message(&self, earlier: &str, later: &str) -> String {
+        let first = self
+            .first
+            .iter()
+            .map(|t| t.split_once(':').map_or(t.as_str(), |(_, v)| v))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "{later} and {earlier} (Enforce, created earlier) set {} of the same {} targets ({first}) to different values: enforcing both would undo each other forever, so {later} is refused and changes nothing. Remove the contradiction (change or delete one of them)",
+            self.fields.join(", "),
+            self.targets
+        )
+    }
+}
+
+/// Whether two Enforce changes contradict each other: a field both set to different values, on
+/// a target both hold. Secret fields are never compared (their values are not known here).
+pub fn contradiction(earlier: Desired<'_>, later: Desired<'_>) -> Option<Contested> {
+    let fields: Vec<String> = later
+        .fields
+        .iter()
+        .filter(|(f, v)| earlier.fields.get(*f).is_some_and(|e| e != *v))
+        .map(|(f, _)| f.clone())
+        .collect();
+    if fields.is_empty() {
+        return None;
+    }
+    let shared: Vec<&String> = later
+        .targets
+        .iter()
+        .filter(|t| earlier.targets.contains(*t))
+        .collect();
+    if shared.is_empty() {
+        return None;
+    }
+    Some(Contested {
+        fields,
+        targets: shared.len(),
+        first: shared.iter().take(FIRST).map(|t| t.to_string()).collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +395,74 @@ mod tests {
         assert_eq!(
             decide(&at(2, "b"), &set(&["1001"]), &others, 4),
             Decision::Start
+        );
+    }
+
+    #[test]
+    fn enforce_changes_contradict_on_a_shared_target_and_field_with_other_values() {
+        let fields =
+            |pairs: &[(&str, Option<&str>)]| -> std::collections::BTreeMap<String, Option<String>> {
+                pairs
+                    .iter()
+                    .map(|(f, v)| (f.to_string(), v.map(str::to_string)))
+                    .collect()
+            };
+        let (a_t, b_t, c_t) = (set(&["1", "2", "3"]), set(&["3", "4"]), set(&["9"]));
+        let a_f = fields(&[("callGroup", Some("1")), ("email", Some("x@y"))]);
+        let same = fields(&[("callGroup", Some("1"))]);
+        let other = fields(&[("callGroup", Some("2")), ("email", Some("x@y"))]);
+        let cleared = fields(&[("callGroup", None)]);
+        let a = Desired {
+            targets: &a_t,
+            fields: &a_f,
+        };
+        let c = contradiction(
+            a,
+            Desired {
+                targets: &b_t,
+                fields: &other,
+            },
+        )
+        .unwrap();
+        assert_eq!(c.fields, ["callGroup"]);
+        assert_eq!((c.targets, c.first.clone()), (1, vec![user("3")]));
+        let m = c.message("BulkUserChange a", "BulkUserChange b");
+        assert!(
+            m.contains("BulkUserChange a") && m.contains("BulkUserChange b") && m.contains("(3)"),
+            "{m}"
+        );
+        assert!(
+            contradiction(
+                a,
+                Desired {
+                    targets: &b_t,
+                    fields: &cleared
+                }
+            )
+            .is_some(),
+            "clearing differs too"
+        );
+        assert_eq!(
+            contradiction(
+                a,
+                Desired {
+                    targets: &b_t,
+                    fields: &same
+                }
+            ),
+            None,
+            "the same value agrees"
+        );
+        assert_eq!(
+            contradiction(
+                a,
+                Desired {
+                    targets: &c_t,
+                    fields: &other
+                }
+            ),
+            None,
+            "no shared target"
         );
     }
 }
