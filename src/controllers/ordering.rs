@@ -627,13 +627,13 @@ where
             .status()
             .and_then(|s| s.progress.as_ref())
             .is_some_and(|p| lineage.same_generation(p));
-    if let Some(fields) = obj.enforced().filter(|_| !retry) {
-        if let Some((earlier, c)) = contradicted(ctx, obj, &mine, &fields) {
-            let message = c.message(&earlier, &format!("{} {}", K::KIND, obj.name_any()));
-            tracing::warn!(kind = K::KIND, name = %obj.name_any(), %earlier, "refused: contradicts an earlier Enforce change");
-            refuse(ctx, obj, status.clone(), message).await?;
-            return Err(Error::Contradicts);
-        }
+    if let Some(fields) = obj.enforced().filter(|_| !retry)
+        && let Some((earlier, c)) = contradicted(ctx, obj, &mine, &fields)
+    {
+        let message = c.message(&earlier, &format!("{} {}", K::KIND, obj.name_any()));
+        tracing::warn!(kind = K::KIND, name = %obj.name_any(), %earlier, "refused: contradicts an earlier Enforce change");
+        refuse(ctx, obj, status.clone(), message).await?;
+        return Err(Error::Contradicts);
     }
     let decision = {
         let _gate = ctx.ordering.gate.lock().await;
