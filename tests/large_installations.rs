@@ -243,6 +243,19 @@ spec:
     )
 }
 
+/// Probes the operator made so far (its metrics).
+fn probes(env: &Env) -> u64 {
+    let (_, body) = env.operator.http_get("/metrics");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"pbx_operator_pbx_call_duration_seconds_count{backend="kamailio",call="probe"} "#,
+            )
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Open file descriptors of process `pid` on files under `dir` (a SQLite database's pool).
 fn open_files_under(pid: u32, dir: &std::path::Path) -> usize {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -276,7 +289,27 @@ async fn a_deleted_connection_closes_its_pool_and_its_operations_wait_for_it() {
         "the operator holds the lab's database open while the connection exists"
     );
 
+    // Probes every second while the connection exists ...
     let cp = control_plane();
+    support::kubectl(
+        &cp.admin_kubeconfig,
+        &[
+            "patch",
+            "pbxconnection",
+            "acme",
+            "-n",
+            &env.ns,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"probeInterval":"1s"}}"#,
+        ],
+    );
+    let before = probes(&env);
+    eventually(Duration::from_secs(30), "probes every second", || async {
+        (probes(&env) >= before + 2).then_some(())
+    })
+    .await;
     support::kubectl(
         &cp.admin_kubeconfig,
         &["delete", "pbxconnection", "acme", "-n", &env.ns, "--wait"],
@@ -292,6 +325,14 @@ async fn a_deleted_connection_closes_its_pool_and_its_operations_wait_for_it() {
             .log_text()
             .contains("PbxConnection gone: closed its database pool"),
         "the operator says it closed the pool"
+    );
+    // ... and none once it is gone.
+    let after_delete = probes(&env);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        probes(&env),
+        after_delete,
+        "a deleted connection is still probed"
     );
 
     env.apply(&change("second", 204..=206, "callGroup", "6"));
