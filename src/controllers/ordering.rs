@@ -40,7 +40,8 @@ use crate::plan::users::Wanted;
 /// The label that puts a PbxConnection in a shard (`pbx-operator run --shard NAME`).
 pub const SHARD_LABEL: &str = "pbx-operator.io/shard";
 
-/// How often a waiting operation looks again (it is also woken when its connection changes).
+/// How often a waiting operation looks again (it is also woken when a run on its connection is
+/// admitted or ends, and when the connection changes).
 const WAIT_AGAIN: Duration = Duration::from_secs(3);
 /// An admitted run not seen running in the cache after this long did not start.
 const ADMISSION_TTL: Duration = Duration::from_secs(60);
@@ -162,7 +163,6 @@ struct Known {
 }
 
 /// The ordering state of one operator process.
-#[derive(Default)]
 pub struct Ordering {
     /// Serves only connections of this shard (None: connections without the label).
     pub shard: Option<String>,
@@ -171,6 +171,21 @@ pub struct Ordering {
     known: std::sync::Mutex<HashMap<String, Known>>,
     /// The controllers' caches, by kind.
     stores: std::sync::Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
+    /// A connection (namespace, name) where a run was admitted or an operation's reconcile
+    /// ended: the operations waiting on it look again at once instead of at their next poll.
+    wake: tokio::sync::broadcast::Sender<(String, String)>,
+}
+
+impl Default for Ordering {
+    fn default() -> Self {
+        Ordering {
+            shard: None,
+            gate: Default::default(),
+            known: Default::default(),
+            stores: Default::default(),
+            wake: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
 }
 
 impl Ordering {
@@ -210,6 +225,13 @@ impl Ordering {
 
     fn forget(&self, uid: &str) {
         self.known.lock().expect("not poisoned").remove(uid);
+    }
+
+    fn wake(&self, namespace: &str, connection: &str) {
+        // No receiver yet (before the controllers start) is fine: nobody waits.
+        let _ = self
+            .wake
+            .send((namespace.to_string(), connection.to_string()));
     }
 }
 
@@ -658,7 +680,10 @@ where
         decision
     };
     match decision {
-        Decision::Start => Ok(()),
+        Decision::Start => {
+            ctx.ordering.wake(&ns, &conn);
+            Ok(())
+        }
         Decision::Wait(reason) => {
             tracing::info!(kind = K::KIND, name = %obj.name_any(), reason = %reason.message(), "waiting before the run starts");
             wait(ctx, obj, status.clone(), reason.code(), reason.message()).await?;
@@ -789,7 +814,34 @@ pub(crate) async fn drive_op<K, F, Fut>(
     ctx.ordering.register(store.clone());
     let selector = ctx.ordering.selector();
     let reconcile = Arc::new(reconcile);
+    let woken = {
+        let store = store.clone();
+        let rx = ctx.ordering.wake.subscribe();
+        futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(item) => return Some((item, rx)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .flat_map(move |(ns, conn)| {
+            let waiting: Vec<ObjectRef<K>> = store
+                .state()
+                .into_iter()
+                .filter(|o| {
+                    o.namespace().as_deref() == Some(ns.as_str())
+                        && o.connection() == conn
+                        && o.status().is_some_and(|s| is_waiting_reason(&s.conditions))
+                })
+                .map(|o| ObjectRef::from_obj(&*o))
+                .collect();
+            futures::stream::iter(waiting)
+        })
+    };
     controller
+        .reconcile_on(woken)
         .watches(
             connections,
             watcher::Config::default().labels(&selector).any_semantic(),
@@ -815,7 +867,17 @@ pub(crate) async fn drive_op<K, F, Fut>(
                     }
                     match before(&*obj, &ctx).await? {
                         Some(action) => Ok(action),
-                        None => reconcile(obj, ctx).await,
+                        None => {
+                            let done = reconcile(obj.clone(), ctx.clone()).await;
+                            // Whatever it did (finished a run, gave up, started), operations
+                            // waiting on its connection look again now. A run that waits
+                            // (Error::Waiting) wakes nobody: that would go round in circles.
+                            if done.is_ok() {
+                                let ns = obj.namespace().unwrap_or_default();
+                                ctx.ordering.wake(&ns, obj.connection());
+                            }
+                            done
+                        }
                     }
                 }
             },
