@@ -134,6 +134,11 @@ pub struct RunArgs {
     /// The largest CSV a BulkUserChange may bring (bytes, after gunzip); larger files are refused.
     #[arg(long, default_value_t = crate::plan::sheet::DEFAULT_MAX_BYTES, env = "PBX_OPERATOR_MAX_CSV_BYTES")]
     pub max_csv_bytes: usize,
+    /// Serve only PbxConnections labelled `pbx-operator.io/shard: <NAME>` and the operations
+    /// on them, with the leader Lease `pbx-operator-shard-<NAME>` (without it: connections
+    /// without the label, Lease `pbx-operator`).
+    #[arg(long, env = "PBX_OPERATOR_SHARD", value_parser = parse_shard)]
+    pub shard: Option<String>,
 }
 
 impl From<RunArgs> for crate::controllers::Settings {
@@ -145,7 +150,25 @@ impl From<RunArgs> for crate::controllers::Settings {
             leader_election: a.leader_election,
             secret_check_interval: a.secret_check_interval,
             max_csv_bytes: a.max_csv_bytes,
+            shard: a.shard,
         }
+    }
+}
+
+/// A shard name is a label value (and part of a Lease name): lowercase letters, digits, '-'.
+fn parse_shard(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 40
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a shard name: use 1 to 40 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        ))
     }
 }
 

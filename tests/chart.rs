@@ -409,6 +409,83 @@ fn deployment_is_locked_down_and_runs_the_operator() {
     assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
 }
 
+/// Shards: one Deployment per listed shard running `run --shard <name>` (its own Lease, its own
+/// pod selector), beside the unsharded one unless `unsharded` is false; without shards, exactly
+/// the one Deployment as before.
+#[test]
+fn shards_render_one_deployment_each() {
+    let deployments = |docs: &[Value]| -> Vec<String> {
+        docs.iter()
+            .filter(|d| d["kind"] == "Deployment")
+            .map(|d| d["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(deployments(&render(&[])), [RELEASE]);
+    let values = yaml_file("shards:\n  - name: eu-1\n  - name: eu-2\n    replicas: 2\n");
+    let path = values.path().to_str().unwrap().to_string();
+    let docs = render(&["-f", &path]);
+    let names = deployments(&docs);
+    let one = format!("{RELEASE}-shard-eu-1");
+    let two = format!("{RELEASE}-shard-eu-2");
+    assert_eq!(names, [RELEASE.to_string(), one.clone(), two.clone()]);
+    let mut selectors = Vec::new();
+    for (name, shard, replicas) in [(&one, "eu-1", 1), (&two, "eu-2", 2)] {
+        let d = find(&docs, "Deployment", name);
+        assert_eq!(d["spec"]["replicas"], replicas);
+        let args = strings(&d["spec"]["template"]["spec"]["containers"][0]["args"]);
+        assert!(args.windows(2).any(|w| w == ["--shard", shard]), "{args:?}");
+        assert!(args.contains(&"--leader-election"), "{args:?}");
+        let selector = &d["spec"]["selector"]["matchLabels"];
+        assert_eq!(selector["pbx-operator.io/shard"], shard);
+        assert_eq!(
+            d["spec"]["template"]["metadata"]["labels"]["pbx-operator.io/shard"],
+            shard
+        );
+        selectors.push(selector.clone());
+    }
+    let unsharded = find(&docs, "Deployment", RELEASE);
+    let args = strings(&unsharded["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert!(!args.contains(&"--shard"), "{args:?}");
+    selectors.push(unsharded["spec"]["selector"]["matchLabels"].clone());
+    assert_ne!(
+        selectors[0], selectors[2],
+        "no Deployment adopts another's pods"
+    );
+    assert_ne!(selectors[1], selectors[2]);
+    // Each shard's Lease may be taken.
+    let role = find(&docs, "Role", &format!("{RELEASE}-leader-election"));
+    let names: Vec<&str> = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["resourceNames"].as_array().into_iter().flatten())
+        .filter_map(|n| n.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "pbx-operator",
+            "pbx-operator-shard-eu-1",
+            "pbx-operator-shard-eu-2"
+        ]
+    );
+    // Only shards.
+    let only = render(&["-f", &path, "--set", "unsharded=false"]);
+    assert_eq!(deployments(&only), [one, two]);
+    let bad = helm::try_run(&[
+        "template",
+        RELEASE,
+        &chart_arg(),
+        "--set",
+        "shards[0].name=EU_1",
+    ]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && stderr.contains("is not a shard name"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn operator_rbac_is_exactly_what_it_uses() {
     // Cluster-wide: ClusterRole + ClusterRoleBinding; no Secrets without secretNames.

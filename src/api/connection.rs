@@ -66,6 +66,31 @@ pub struct PbxConnectionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), pattern(DURATION_PATTERN))]
     pub probe_interval: Option<String>,
+    /// How much of this tenant one operator works on at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// Bounds on the work on one connection.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Operations (BulkUserChange, BulkPhoneChange, PhoneRestart, UserRecycle) executing on
+    /// this connection at the same time, when their targets do not overlap (default 4). More
+    /// wait in phase Pending, condition reason ConcurrencyLimit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub concurrent_operations: Option<u32>,
+}
+
+impl PbxConnectionSpec {
+    /// Operations that may execute on the connection at once.
+    pub fn concurrent_operations(&self) -> u32 {
+        self.limits
+            .as_ref()
+            .and_then(|l| l.concurrent_operations)
+            .unwrap_or(4)
+    }
 }
 
 /// The provisioning database. The URL (with its password) comes from a Secret.

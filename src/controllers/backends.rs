@@ -293,6 +293,30 @@ impl Backends {
         Some(limit.clone())
     }
 
+    /// A PbxConnection gone (deleted, or moved to another shard): its backend leaves the cache
+    /// and its database pool is closed (idle connections at once, the others as runs still
+    /// holding them finish); its NOTIFY limit goes too. Returns whether it had a backend.
+    pub async fn close(&self, namespace: &str, name: &str) -> bool {
+        let key = (namespace.to_string(), name.to_string());
+        self.notify_limits
+            .lock()
+            .expect("not poisoned")
+            .remove(&key);
+        let cached = self.cache.lock().await.remove(&key);
+        match cached {
+            Some(c) => {
+                tokio::spawn(async move { c.backend.close().await });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connections (namespace, name) with a backend in the cache.
+    pub async fn cached(&self) -> Vec<(String, String)> {
+        self.cache.lock().await.keys().cloned().collect()
+    }
+
     /// Drops the cached backend (not the NOTIFY limit: restarts may be waiting on its slots).
     pub async fn forget(&self, namespace: &str, name: &str) {
         self.cache

@@ -205,3 +205,54 @@ async fn probe(conn: &PbxConnection, ctx: &Context) -> Result<(Probe, Capabiliti
     };
     Ok((probe, capabilities))
 }
+
+/// Tenant lifecycle: a PbxConnection this operator no longer serves (deleted, or relabelled to
+/// another shard) has its database pool closed and its probe memo dropped; probes stop by
+/// themselves, as the controller reconciles only connections that exist. Watches the same
+/// connections the controller does (`config`); after a re-list, closes every cached backend
+/// of a connection the list no longer holds (deleted while the watch was away).
+pub(crate) async fn close_departed(
+    api: Api<PbxConnection>,
+    config: kube::runtime::watcher::Config,
+    ctx: Arc<Context>,
+) {
+    use futures::StreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let mut seen = std::collections::HashSet::new();
+    let mut events = std::pin::pin!(watcher::watcher(api, config));
+    while let Some(event) = events.next().await {
+        let gone: Vec<(String, String)> = match event {
+            Ok(Event::Delete(c)) => vec![(c.namespace().unwrap_or_default(), c.name_any())],
+            Ok(Event::Init) => {
+                seen.clear();
+                vec![]
+            }
+            Ok(Event::InitApply(c)) => {
+                seen.insert((c.namespace().unwrap_or_default(), c.name_any()));
+                vec![]
+            }
+            Ok(Event::InitDone) => ctx
+                .backends
+                .cached()
+                .await
+                .into_iter()
+                .filter(|k| !seen.contains(k))
+                .collect(),
+            Ok(Event::Apply(_)) => vec![],
+            Err(e) => {
+                tracing::debug!(error = %e, "PbxConnection watch interrupted; it resumes");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                vec![]
+            }
+        };
+        for (ns, name) in gone {
+            ctx.probes
+                .lock()
+                .expect("not poisoned")
+                .remove(&(ns.clone(), name.clone()));
+            if ctx.backends.close(&ns, &name).await {
+                tracing::info!(connection = %name, namespace = %ns, "PbxConnection gone: closed its database pool");
+            }
+        }
+    }
+}

@@ -23,6 +23,8 @@ pub struct Context {
     /// The last probe of each PbxConnection (namespace, name).
     pub probes:
         std::sync::Mutex<std::collections::HashMap<(String, String), connection::ProbeMemo>>,
+    /// Ordering of operations per connection, and this process's shard.
+    pub ordering: super::ordering::Ordering,
     /// Set at SIGTERM: runs finish and record the step in flight and start nothing new.
     stopping: std::sync::atomic::AtomicBool,
     /// Runs executing side effects right now: shutdown waits for them, not for idle watches.
@@ -68,6 +70,7 @@ impl Context {
             secret_check_interval,
             max_csv_bytes: crate::plan::sheet::DEFAULT_MAX_BYTES,
             probes: Default::default(),
+            ordering: Default::default(),
             stopping: false.into(),
             executing: 0.into(),
         }

@@ -77,6 +77,13 @@ pub enum Error {
     },
     #[error("the CSV in spec.source.csv is refused, nothing was changed: {0}")]
     Csv(#[from] crate::plan::sheet::SheetError),
+    /// The run waits before it starts (the reason is in its conditions); not a failure.
+    #[error("the run waits for an earlier operation or its connection; see its conditions")]
+    Waiting,
+    /// An Enforce change refused for contradicting an earlier one (the reason is in its
+    /// conditions).
+    #[error("the change contradicts an earlier Enforce change; see its conditions")]
+    Contradicts,
 }
 
 impl Error {
@@ -102,6 +109,8 @@ impl Error {
             Error::Engine(_) => "journal",
             Error::CsvSourceMissing { .. } => "csv_source_missing",
             Error::Csv(_) => "csv_refused",
+            Error::Waiting => "waiting",
+            Error::Contradicts => "contradicts",
         }
     }
 
@@ -127,6 +136,8 @@ impl Error {
             Error::Engine(_) => "JournalNotWritable",
             Error::CsvSourceMissing { .. } => "CsvSourceNotReadable",
             Error::Csv(_) => "CsvRefused",
+            Error::Waiting => "Waiting",
+            Error::Contradicts => "ContradictsEarlierChange",
         }
     }
 
@@ -136,7 +147,7 @@ impl Error {
         match self {
             Error::Pbx(e) => e.is_transient(),
             Error::Engine(e) => e.is_transient(),
-            Error::Kube(_) => true,
+            Error::Kube(_) | Error::Waiting => true,
             Error::ConnectionMissing { .. }
             | Error::SecretMissing { .. }
             | Error::CsvSourceMissing { .. } => true,

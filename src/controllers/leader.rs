@@ -14,6 +14,7 @@ pub const LEASE_NAME: &str = "pbx-operator";
 pub async fn acquire(
     client: Client,
     shutdown: Shutdown,
+    lease_name: &str,
 ) -> Result<
     (
         watch::Receiver<bool>,
@@ -27,7 +28,7 @@ pub async fn acquire(
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "pbx-operator".into());
         format!("{host}-{}", std::process::id())
     });
-    let manager = LeaseManagerBuilder::new(client, LEASE_NAME)
+    let manager = LeaseManagerBuilder::new(client, lease_name)
         .with_namespace(&namespace)
         .with_identity(&identity)
         .with_duration(15)
@@ -36,7 +37,7 @@ pub async fn acquire(
         .await
         .map_err(|e| Error::LeaderElection(e.to_string()))?;
     let (mut lease, task) = manager.watch().await;
-    tracing::info!(%identity, %namespace, lease = LEASE_NAME, "waiting to become leader");
+    tracing::info!(%identity, %namespace, lease = lease_name, "waiting to become leader");
     tokio::select! {
         _ = async { while !*lease.borrow_and_update() { if lease.changed().await.is_err() { break; } } } => {
             if *lease.borrow() {

@@ -13,6 +13,7 @@ mod leader;
 mod ledger;
 mod lineage;
 pub mod metrics;
+mod ordering;
 pub mod phone_change;
 pub mod phone_restart;
 mod results_store;
@@ -24,7 +25,7 @@ pub mod user_recycle;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt, future::Shared};
+use futures::{FutureExt, future::Shared};
 use kube::{
     Api, Client, Resource,
     runtime::{controller::Action, watcher},
@@ -44,6 +45,12 @@ pub(crate) fn error_policy<K: Resource<DynamicType = ()>>(
     err: &Error,
     ctx: Arc<Context>,
 ) -> Action {
+    match err {
+        // Not failures: the wait or the refusal is in the resource's conditions.
+        Error::Waiting => return Action::requeue(Duration::from_secs(3)),
+        Error::Contradicts => return Action::requeue(Duration::from_secs(30)),
+        _ => {}
+    }
     let kind = K::kind(&());
     ctx.metrics.failure(&kind, err.label());
     tracing::warn!(%kind, name = obj.meta().name.as_deref().unwrap_or(""), error = %err, "reconcile failed; retrying");
@@ -77,6 +84,9 @@ pub struct Settings {
     pub leader_election: bool,
     pub secret_check_interval: Duration,
     pub max_csv_bytes: usize,
+    /// Serve only PbxConnections labelled `pbx-operator.io/shard: <shard>` and the operations
+    /// on them (None: connections without the label).
+    pub shard: Option<String>,
 }
 
 /// Runs every controller until SIGTERM or SIGINT (or, with leader election, until the Lease
@@ -86,6 +96,7 @@ pub async fn run(args: Settings) -> Result<()> {
     let shutdown = shutdown_signal();
     let mut context = Context::new(client.clone(), args.secret_check_interval);
     context.max_csv_bytes = args.max_csv_bytes;
+    context.ordering.shard = args.shard.clone();
     let ctx = Arc::new(context);
     let health = Arc::new(server::Health {
         ready: false.into(),
@@ -115,7 +126,9 @@ pub async fn run(args: Settings) -> Result<()> {
 
     let mut leadership = None;
     if args.leader_election {
-        let (mut lease, task) = leader::acquire(client.clone(), shutdown.clone()).await?;
+        let lease_name = ordering::lease_name(args.shard.as_deref());
+        let (mut lease, task) =
+            leader::acquire(client.clone(), shutdown.clone(), &lease_name).await?;
         if !*lease.borrow() {
             tracing::info!("shutting down before becoming leader");
             return Ok(());
@@ -138,41 +151,46 @@ pub async fn run(args: Settings) -> Result<()> {
     }
     tracing::info!(
         namespace = args.namespace.as_deref().unwrap_or("<all>"),
+        shard = args.shard.as_deref().unwrap_or("<none>"),
         "controllers starting"
     );
 
     let c = args.concurrency;
     let controllers = futures::future::join5(
-        drive(
+        ordering::drive_connections(
             api::<PbxConnection>(&client, &args),
             ctx.clone(),
             c,
             shutdown.clone(),
             connection::reconcile,
         ),
-        drive(
+        ordering::drive_op(
             api::<BulkUserChange>(&client, &args),
+            api::<PbxConnection>(&client, &args),
             ctx.clone(),
             c,
             shutdown.clone(),
             user_change::reconcile,
         ),
-        drive(
+        ordering::drive_op(
             api::<BulkPhoneChange>(&client, &args),
+            api::<PbxConnection>(&client, &args),
             ctx.clone(),
             c,
             shutdown.clone(),
             phone_change::reconcile,
         ),
-        drive(
+        ordering::drive_op(
             api::<PhoneRestart>(&client, &args),
+            api::<PbxConnection>(&client, &args),
             ctx.clone(),
             c,
             shutdown.clone(),
             phone_restart::reconcile,
         ),
-        drive(
+        ordering::drive_op(
             api::<UserRecycle>(&client, &args),
+            api::<PbxConnection>(&client, &args),
             ctx.clone(),
             c,
             shutdown.clone(),
@@ -232,47 +250,6 @@ where
             kind: K::kind(&()).into_owned(),
             source,
         })
-}
-
-/// Runs one kind's controller until shutdown: one watch, bounded concurrency, shared error policy.
-async fn drive<K, F, Fut>(
-    api: Api<K>,
-    ctx: Arc<Context>,
-    concurrency: u16,
-    shutdown: Shutdown,
-    reconcile: F,
-) where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    F: FnMut(Arc<K>, Arc<Context>) -> Fut,
-    Fut: std::future::Future<Output = Result<Action>> + Send + 'static,
-{
-    let kind = K::kind(&()).into_owned();
-    let controller = kube::runtime::Controller::new(api, watcher_config());
-    // Metrics: gauges read from this watch cache, and each PBX call labelled with its connection.
-    ctx.metrics.objects.watch(&kind, controller.store());
-    let mut reconcile = reconcile;
-    let reconcile = move |obj: Arc<K>, ctx: Arc<Context>| {
-        let connection = metrics::connection_of(obj.as_ref());
-        metrics::CONNECTION.scope(connection, reconcile(obj, ctx))
-    };
-    controller
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|outcome| {
-            if let Err(err) = outcome {
-                tracing::debug!(%kind, error = %err, "reconcile failed");
-            }
-            futures::future::ready(())
-        })
-        .await;
 }
 
 /// Server-side applies a resource's whole status as the operator's field manager, so fields a

@@ -23,7 +23,8 @@ const JOURNAL_PATIENCE: Duration = Duration::from_secs(60);
 
 /// What the shared lifecycle needs to know of a kind.
 pub(crate) trait RunKind:
-    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    super::ordering::Operation
+    + Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
     + Clone
     + serde::de::DeserializeOwned
     + std::fmt::Debug
@@ -216,6 +217,8 @@ impl<'a, K: RunKind> Run<'a, K> {
         action: &str,
         message: String,
     ) -> Result<(), Error> {
+        // Overlapping runs on one connection go in creation order (may return Error::Waiting).
+        super::ordering::admit(self, status).await?;
         let now = conditions::now();
         let generation = self.obj.meta().generation;
         for (type_, on) in [(conditions::RECONCILING, true), (conditions::READY, false)] {

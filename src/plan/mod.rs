@@ -4,6 +4,7 @@
 //! - [`selection`]: groups ∪ extensions − exclude, and the maxTargets guard;
 //! - [`users`]: field locks, common values, the per-user diff and the plan hash.
 
+pub mod ordering;
 pub mod phones;
 pub mod recycle;
 pub mod rows;

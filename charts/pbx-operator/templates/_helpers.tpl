@@ -45,7 +45,9 @@ app.kubernetes.io/instance: {{ .Release.Name | quote }}
 
 {{/* Whether the operator runs with --leader-election: by value, and always with more than one replica. */}}
 {{- define "pbx-operator.leaderElection" -}}
-{{- if or .Values.leaderElection.enabled (gt (int .Values.replicas) 1) }}true{{ end }}
+{{- $standby := false }}
+{{- range .Values.shards }}{{ if gt (int (default $.Values.replicas .replicas)) 1 }}{{ $standby = true }}{{ end }}{{ end }}
+{{- if or .Values.leaderElection.enabled (gt (int .Values.replicas) 1) $standby }}true{{ end }}
 {{- end }}
 
 {{/* The operator's user name as the API server sees it (request.userInfo.username). */}}

@@ -60,6 +60,11 @@ fn redacted_target(url: &str) -> String {
 }
 
 impl Db {
+    /// Closes the pool (see [`sqlx::Pool::close`]).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     pub async fn connect(url: &str, domain: &str, max_connections: u32) -> Result<Db> {
         let dialect = match url.split_once("://").map(|(s, _)| s) {
             Some("postgres" | "postgresql") => Dialect::Postgres,

@@ -73,6 +73,11 @@ impl Kamailio {
         Ok(Kamailio { db, rpc, config })
     }
 
+    /// Closes the database pool: idle connections at once, the others as they come back.
+    pub async fn close(&self) {
+        self.db.close().await;
+    }
+
     pub fn db(&self) -> &db::Db {
         &self.db
     }

@@ -1,0 +1,963 @@
+//! Many changes, many tenants: the Kubernetes side of ordering operations per PbxConnection
+//! (the rule itself is [`crate::plan::ordering`]), shards, and waiting for a connection.
+//!
+//! - Before a run starts executing, [`admit`] (one call from the shared lifecycle) decides
+//!   whether it may: not while an operation that runs shares a target with it, nor while an
+//!   earlier one that waits does, nor beyond the connection's `spec.limits.concurrentOperations`.
+//!   A waiting run is phase Pending, with the reason in its conditions, and is planned afresh
+//!   when it starts (the earlier one moved its targets).
+//! - What runs, the controllers' own caches tell (no API reads); which targets a run holds,
+//!   this process records when it admits it, and reads from the run's journal (its results
+//!   ConfigMaps) once when it does not know (after a restart).
+//! - [`drive_op`] runs an operation kind's controller: it serves only operations whose
+//!   connection belongs to this process's shard, keeps operations waiting on a connection
+//!   that is not Ready, wakes them when their connection changes, and keeps a waiting
+//!   operation waiting without planning it again while nothing it waits for moved.
+
+use std::any::{Any, TypeId};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, controller::Action, events::EventType, watcher};
+use kube::{Api, Resource, ResourceExt};
+
+use super::conditions::{self, Desired};
+use super::lineage::Lineage;
+use super::ledger::Ledgered;
+use super::run::{Run, RunKind};
+use super::{Context, Error, Shutdown};
+use crate::api::{
+    BulkPhoneChange, BulkUserChange, Mode, OperationStatus, PbxConnection, Phase, PhoneRestart,
+    Policy, UserRecycle,
+};
+use crate::plan::ordering::{self, Created, Decision, Other, State, Targets};
+use crate::plan::stored::Row;
+use crate::plan::user_change as request;
+use crate::plan::users::Wanted;
+
+/// The label that puts a PbxConnection in a shard (`pbx-operator run --shard NAME`).
+pub const SHARD_LABEL: &str = "pbx-operator.io/shard";
+
+/// How often a waiting operation looks again (it is also woken when a run on its connection is
+/// admitted or ends, and when the connection changes).
+const WAIT_AGAIN: Duration = Duration::from_secs(3);
+/// An admitted run not seen running in the cache after this long did not start.
+const ADMISSION_TTL: Duration = Duration::from_secs(60);
+
+/// The condition reason of an Enforce change refused for contradicting an earlier one.
+pub const CONTRADICTS: &str = "ContradictsEarlierChange";
+/// How often a refused Enforce change looks whether the contradiction is gone.
+const CONTRADICTION_AGAIN: Duration = Duration::from_secs(30);
+
+/// Condition reasons of an operation that waits before it starts.
+pub const WAITING_REASONS: [&str; 3] = [
+    "WaitingForEarlierOperation",
+    "ConcurrencyLimit",
+    "ConnectionNotReady",
+];
+
+/// What ordering needs to know of an operation kind.
+/// `connection()` and `executes()` (Validate runs neither wait nor hold anyone back) come from
+/// [`Ledgered`], so there is one answer to "which PBX, does it write" for every gate.
+pub(crate) trait Operation: Ledgered {
+    /// A stored row's target as the ordering keys it (users and phones apart), with the other
+    /// users a row touches (numbers it takes from them).
+    fn targets_of(row: &Row, out: &mut Targets);
+    /// A change that keeps a desired state (Enforce): the value of each plain field it sets.
+    fn enforced(&self) -> Option<BTreeMap<String, Option<String>>> {
+        None
+    }
+}
+
+fn user_targets(row: &Row, out: &mut Targets) {
+    out.insert(ordering::user(&row.target));
+    for t in &row.takes {
+        out.insert(ordering::user(&t.holder));
+    }
+    for g in &row.gives {
+        out.insert(ordering::user(g));
+    }
+}
+
+impl Operation for BulkUserChange {
+    fn targets_of(row: &Row, out: &mut Targets) {
+        user_targets(row, out)
+    }
+    /// CSV-sourced changes set values per row and are not compared.
+    fn enforced(&self) -> Option<BTreeMap<String, Option<String>>> {
+        let spec = &self.spec;
+        if spec.policy != Policy::Enforce || spec.mode != Mode::Execute || spec.source.is_some() {
+            return None;
+        }
+        let fields = spec
+            .fields
+            .as_ref()
+            .map(request::plain_fields)
+            .unwrap_or_default();
+        Some(
+            fields
+                .into_iter()
+                .filter(|f| f.open)
+                .filter_map(|f| match f.wanted {
+                    Wanted::Value(v) => Some((f.field.name().to_string(), v)),
+                    Wanted::Secret(_) => None,
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Operation for UserRecycle {
+    fn targets_of(row: &Row, out: &mut Targets) {
+        user_targets(row, out)
+    }
+}
+
+impl Operation for BulkPhoneChange {
+    fn targets_of(row: &Row, out: &mut Targets) {
+        out.insert(ordering::phone(&row.target));
+    }
+}
+
+impl Operation for PhoneRestart {
+    fn targets_of(row: &Row, out: &mut Targets) {
+        out.insert(ordering::phone(&row.target));
+    }
+}
+
+/// What this process knows of an operation's targets.
+struct Known {
+    /// The run (progress.run) or, for a waiting operation, the lineage they belong to.
+    run: String,
+    targets: Arc<Targets>,
+    /// Admitted by this process at: counts as running until the cache shows its run.
+    admitted: Option<Instant>,
+}
+
+/// The ordering state of one operator process.
+pub struct Ordering {
+    /// Serves only connections of this shard (None: connections without the label).
+    pub shard: Option<String>,
+    /// One decision at a time, so two runs cannot both take the last place.
+    gate: tokio::sync::Mutex<()>,
+    known: std::sync::Mutex<HashMap<String, Known>>,
+    /// The controllers' caches, by kind.
+    stores: std::sync::Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
+    /// A connection (namespace, name) where a run was admitted or an operation's reconcile
+    /// ended: the operations waiting on it look again at once instead of at their next poll.
+    wake: tokio::sync::broadcast::Sender<(String, String)>,
+}
+
+impl Default for Ordering {
+    fn default() -> Self {
+        Ordering {
+            shard: None,
+            gate: Default::default(),
+            known: Default::default(),
+            stores: Default::default(),
+            wake: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl Ordering {
+    fn register<K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static>(
+        &self,
+        store: Store<K>,
+    ) {
+        self.stores
+            .lock()
+            .expect("not poisoned")
+            .insert(TypeId::of::<K>(), Box::new(store));
+    }
+
+    fn store<K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static>(
+        &self,
+    ) -> Option<Store<K>> {
+        self.stores
+            .lock()
+            .expect("not poisoned")
+            .get(&TypeId::of::<K>())
+            .and_then(|s| s.downcast_ref::<Store<K>>())
+            .cloned()
+    }
+
+    /// Whether this process serves a connection with these labels.
+    pub fn serves(&self, conn: &PbxConnection) -> bool {
+        conn.labels().get(SHARD_LABEL) == self.shard.as_ref()
+    }
+
+    /// The label selector of the connections this process serves.
+    pub fn selector(&self) -> String {
+        match &self.shard {
+            Some(s) => format!("{SHARD_LABEL}={s}"),
+            None => format!("!{SHARD_LABEL}"),
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        self.known.lock().expect("not poisoned").remove(uid);
+    }
+
+    fn wake(&self, namespace: &str, connection: &str) {
+        // No receiver yet (before the controllers start) is fine: nobody waits.
+        let _ = self
+            .wake
+            .send((namespace.to_string(), connection.to_string()));
+    }
+}
+
+/// The lineage key of an operation that waits (its targets hold until its spec or retry moves).
+fn lineage_key<K: Resource>(obj: &K) -> String {
+    let l = Lineage::of(obj);
+    format!("lineage-g{}-{}", l.generation, l.retry.unwrap_or_default())
+}
+
+fn created<K: Resource>(obj: &K) -> Created {
+    Created {
+        at: obj
+            .meta()
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second())
+            .unwrap_or(i64::MAX),
+        name: obj.meta().name.clone().unwrap_or_default(),
+    }
+}
+
+fn is_waiting_reason(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+    conds
+        .iter()
+        .any(|c| c.type_ == conditions::READY && WAITING_REASONS.contains(&c.reason.as_str()))
+}
+
+fn stalled(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+    conds
+        .iter()
+        .any(|c| c.type_ == conditions::STALLED && c.status == "True")
+}
+
+/// Another operation as ordering sees it, before its targets are looked up.
+struct Seen {
+    id: String,
+    uid: String,
+    created: Created,
+    state: State,
+    /// Its run (running) or lineage (waiting), which known targets must belong to.
+    run: String,
+}
+
+/// The operations of kind `K` on connection `ns/conn` other than `me`, from the cache.
+async fn collect<K>(ctx: &Context, ns: &str, conn: &str, me: &str, out: &mut Vec<Seen>)
+where
+    K: RunKind + Operation + 'static,
+{
+    let Some(store) = ctx.ordering.store::<K>() else {
+        return;
+    };
+    for obj in store.state() {
+        let uid = obj.uid().unwrap_or_default();
+        if uid == me
+            || obj.namespace().as_deref() != Some(ns)
+            || obj.connection() != conn
+            || obj.meta().deletion_timestamp.is_some()
+            || !obj.executes()
+        {
+            continue;
+        }
+        let default = OperationStatus::default();
+        let status = obj.status().unwrap_or(&default);
+        let id = format!("{} {}", K::KIND, obj.name_any());
+        let admitted = {
+            let mut known = ctx.ordering.known.lock().expect("not poisoned");
+            let entry = known
+                .get(&uid)
+                .and_then(|k| k.admitted.map(|at| (at, k.run.clone())));
+            match entry {
+                Some((at, run)) => {
+                    let shown = status.progress.as_ref().is_some_and(|p| p.run == run);
+                    let over = shown && !super::run::unfinished(status);
+                    if over || (!shown && at.elapsed() > ADMISSION_TTL) {
+                        known.remove(&uid);
+                        None
+                    } else {
+                        Some(run)
+                    }
+                }
+                None => None,
+            }
+        };
+        let (state, run) = if let Some(run) = admitted {
+            (State::Running, run)
+        } else if super::run::unfinished(status) {
+            let run = status
+                .progress
+                .as_ref()
+                .map(|p| p.run.clone())
+                .unwrap_or_default();
+            (State::Running, run)
+        } else {
+            // Going to run: not started yet (or its spec changed since), and not blocked on
+            // something of its own (a person must act, or it waits for a Secret or the PBX).
+            let fresh = status.phase == Phase::Pending
+                || status.observed_generation != obj.meta().generation;
+            let blocked = !status.conditions.is_empty()
+                && !is_waiting_reason(&status.conditions)
+                && status.phase == Phase::Pending
+                && status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == conditions::READY && c.status == "False");
+            if !fresh || blocked || stalled(&status.conditions) || status.phase == Phase::Scheduled
+            {
+                continue;
+            }
+            (State::Waiting, lineage_key(&*obj))
+        };
+        out.push(Seen {
+            id,
+            uid,
+            created: created(&*obj),
+            state,
+            run,
+        });
+    }
+}
+
+/// The targets of a running operation this process did not admit, read from its journal.
+async fn load<K>(ctx: &Context, ns: &str, uid: &str) -> Option<Arc<Targets>>
+where
+    K: RunKind + Operation + 'static,
+{
+    let store = ctx.ordering.store::<K>()?;
+    let obj = store
+        .state()
+        .into_iter()
+        .find(|o| o.uid().as_deref() == Some(uid) && o.namespace().as_deref() == Some(ns))?;
+    let progress = obj.status()?.progress.clone()?;
+    let run = Run::new(ctx, &*obj, None);
+    let mut targets = Targets::new();
+    for index in 0..progress.batches as usize {
+        let rows = engine_load(&run, index).await?;
+        for row in &rows {
+            K::targets_of(row, &mut targets);
+        }
+    }
+    let targets = Arc::new(targets);
+    ctx.ordering.known.lock().expect("not poisoned").insert(
+        uid.to_string(),
+        Known {
+            run: progress.run,
+            targets: targets.clone(),
+            admitted: None,
+        },
+    );
+    Some(targets)
+}
+
+async fn engine_load<K: RunKind>(run: &Run<'_, K>, index: usize) -> Option<Vec<Row>> {
+    use crate::engine::Store as _;
+    run.load(index).await.ok()
+}
+
+/// Every other operation on `ns/conn`, with the targets known of each.
+async fn others(
+    ctx: &Context,
+    ns: &str,
+    conn: &str,
+    me: &str,
+) -> Vec<(Seen, Option<Arc<Targets>>)> {
+    let mut seen = Vec::new();
+    collect::<BulkUserChange>(ctx, ns, conn, me, &mut seen).await;
+    collect::<BulkPhoneChange>(ctx, ns, conn, me, &mut seen).await;
+    collect::<PhoneRestart>(ctx, ns, conn, me, &mut seen).await;
+    collect::<UserRecycle>(ctx, ns, conn, me, &mut seen).await;
+    let mut out = Vec::with_capacity(seen.len());
+    for s in seen {
+        let known = {
+            let known = ctx.ordering.known.lock().expect("not poisoned");
+            known
+                .get(&s.uid)
+                .filter(|k| k.run == s.run)
+                .map(|k| k.targets.clone())
+        };
+        let targets = match known {
+            Some(t) => Some(t),
+            None if s.state == State::Running => {
+                let kind = s.id.split(' ').next().unwrap_or_default();
+                match kind {
+                    "BulkUserChange" => load::<BulkUserChange>(ctx, ns, &s.uid).await,
+                    "BulkPhoneChange" => load::<BulkPhoneChange>(ctx, ns, &s.uid).await,
+                    "PhoneRestart" => load::<PhoneRestart>(ctx, ns, &s.uid).await,
+                    "UserRecycle" => load::<UserRecycle>(ctx, ns, &s.uid).await,
+                    _ => None,
+                }
+            }
+            None => None,
+        };
+        out.push((s, targets));
+    }
+    out
+}
+
+/// The connection's limit of operations at once, from the cache (default when not cached).
+fn limit(ctx: &Context, ns: &str, conn: &str) -> u32 {
+    ctx.ordering
+        .store::<PbxConnection>()
+        .and_then(|s| s.get(&ObjectRef::new(conn).within(ns)))
+        .map(|c| c.spec.concurrent_operations())
+        .unwrap_or(4)
+}
+
+fn decide(
+    ctx: &Context,
+    ns: &str,
+    conn: &str,
+    created: &Created,
+    mine: &Targets,
+    others: &[(Seen, Option<Arc<Targets>>)],
+) -> Decision {
+    let view: Vec<Other<'_>> = others
+        .iter()
+        .map(|(s, t)| Other {
+            id: s.id.clone(),
+            created: s.created.clone(),
+            state: s.state,
+            targets: t.as_deref(),
+        })
+        .collect();
+    ordering::decide(created, mine, &view, limit(ctx, ns, conn))
+}
+
+/// Records in `status` that the operation waits (phase Pending, nothing of a run kept but the
+/// plan it would run, for people), and writes it when that changed it.
+async fn wait<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    mut status: OperationStatus<K::Summary>,
+    reason: &str,
+    message: String,
+) -> Result<(), Error> {
+    let generation = obj.meta().generation;
+    let before = obj.status();
+    let moved = before.is_none_or(|b| {
+        !b.conditions
+            .iter()
+            .any(|c| c.type_ == conditions::READY && c.reason == reason && c.message == message)
+    });
+    status.observed_generation = generation;
+    status.phase = Phase::Pending;
+    status.progress = None;
+    status.start_time = None;
+    status.completion_time = None;
+    let now = conditions::now();
+    for (type_, on) in [(conditions::READY, false), (conditions::RECONCILING, true)] {
+        let desired = Desired {
+            type_,
+            status: on,
+            reason,
+            message: message.clone(),
+        };
+        conditions::upsert(&mut status.conditions, desired, generation, &now);
+    }
+    conditions::remove(&mut status.conditions, conditions::STALLED);
+    if Some(&status) != before {
+        super::apply_status(ctx, obj, &status).await?;
+    }
+    if moved {
+        ctx.publish(obj, EventType::Normal, "Waiting", "Order", Some(message))
+            .await;
+    }
+    Ok(())
+}
+
+fn stalled_by_contradiction(
+    conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) -> bool {
+    conds
+        .iter()
+        .any(|c| c.type_ == conditions::STALLED && c.status == "True" && c.reason == CONTRADICTS)
+}
+
+/// The first earlier Enforce change on the same connection that `mine` contradicts, and how.
+/// Its targets: the resolved targets of its plan (the first 1,000), or those this process
+/// recorded when it ran.
+fn contradicted<K: Operation + Resource>(
+    ctx: &Context,
+    obj: &K,
+    mine: &Targets,
+    fields: &BTreeMap<String, Option<String>>,
+) -> Option<(String, ordering::Contested)> {
+    let store = ctx.ordering.store::<BulkUserChange>()?;
+    let ns = obj.meta().namespace.clone();
+    let me = obj.meta().uid.clone().unwrap_or_default();
+    let created_me = created(obj);
+    let mut earlier: Vec<_> = store
+        .state()
+        .into_iter()
+        .filter(|o| {
+            o.namespace() == ns
+                && o.connection() == obj.connection()
+                && o.uid().unwrap_or_default() != me
+                && o.meta().deletion_timestamp.is_none()
+                && created(&**o) < created_me
+        })
+        .collect();
+    earlier.sort_by_key(|o| created(&**o));
+    for other in earlier {
+        let Some(theirs) = other.enforced() else {
+            continue;
+        };
+        let status = other.status.clone().unwrap_or_default();
+        if stalled_by_contradiction(&status.conditions)
+            || matches!(status.phase, Phase::Failed | Phase::PartiallyFailed)
+        {
+            continue;
+        }
+        let mut targets: Targets = status
+            .plan
+            .as_ref()
+            .map(|p| p.resolved.iter().map(|t| ordering::user(t)).collect())
+            .unwrap_or_default();
+        if let Some(k) = ctx
+            .ordering
+            .known
+            .lock()
+            .expect("not poisoned")
+            .get(&other.uid().unwrap_or_default())
+        {
+            targets.extend(k.targets.iter().cloned());
+        }
+        let desired = |targets, fields| ordering::Desired { targets, fields };
+        if let Some(c) = ordering::contradiction(desired(&targets, &theirs), desired(mine, fields))
+        {
+            return Some((format!("BulkUserChange {}", other.name_any()), c));
+        }
+    }
+    None
+}
+
+/// Refuses an Enforce change that contradicts an earlier one: Stalled (phase Failed), nothing
+/// run; it looks again every 30 s and plans afresh once the contradiction is gone.
+async fn refuse<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    mut status: OperationStatus<K::Summary>,
+    message: String,
+) -> Result<(), Error> {
+    let generation = obj.meta().generation;
+    let before = obj.status();
+    let moved = before.is_none_or(|b| {
+        !b.conditions.iter().any(|c| {
+            c.type_ == conditions::STALLED && c.reason == CONTRADICTS && c.message == message
+        })
+    });
+    status.observed_generation = generation;
+    status.phase = Phase::Failed;
+    status.progress = None;
+    status.start_time = None;
+    status.completion_time = None;
+    let now = conditions::now();
+    for (type_, on) in [(conditions::READY, false), (conditions::STALLED, true)] {
+        let desired = Desired {
+            type_,
+            status: on,
+            reason: CONTRADICTS,
+            message: message.clone(),
+        };
+        conditions::upsert(&mut status.conditions, desired, generation, &now);
+    }
+    conditions::remove(&mut status.conditions, conditions::RECONCILING);
+    if Some(&status) != before {
+        super::apply_status(ctx, obj, &status).await?;
+    }
+    if moved {
+        ctx.publish(
+            obj,
+            EventType::Warning,
+            "Contradiction",
+            "Order",
+            Some(message),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Called by the shared lifecycle just before a run starts executing (its plan stored, the
+/// status it would start with in `status`): Ok when it may start now, otherwise the wait is
+/// recorded in status and [`Error::Waiting`] returned (the reconcile ends and looks again).
+pub(crate) async fn admit<K>(
+    run: &Run<'_, K>,
+    status: &OperationStatus<K::Summary>,
+) -> Result<(), Error>
+where
+    K: RunKind,
+{
+    let (ctx, obj) = (run.ctx, run.obj);
+    if !obj.executes() {
+        return Ok(());
+    }
+    let Some(progress) = status.progress.clone() else {
+        return Ok(());
+    };
+    let mut mine = Targets::new();
+    for index in 0..progress.batches as usize {
+        use crate::engine::Store as _;
+        let rows = run.load(index).await.map_err(Error::Engine)?;
+        for row in &rows {
+            K::targets_of(row, &mut mine);
+        }
+    }
+    let ns = obj.namespace().unwrap_or_default();
+    let conn = obj.connection().to_string();
+    let uid = obj.uid().unwrap_or_default();
+    let mine = Arc::new(mine);
+    // A retry finishes a run that already went (its plan builds on that run's journal, which
+    // planning it again would lose): it starts at once.
+    let lineage = Lineage::of(obj);
+    let retry = lineage.retry.is_some()
+        && obj
+            .status()
+            .and_then(|s| s.progress.as_ref())
+            .is_some_and(|p| lineage.same_generation(p));
+    if let Some(fields) = obj.enforced().filter(|_| !retry)
+        && let Some((earlier, c)) = contradicted(ctx, obj, &mine, &fields)
+    {
+        let message = c.message(&earlier, &format!("{} {}", K::KIND, obj.name_any()));
+        tracing::warn!(kind = K::KIND, name = %obj.name_any(), %earlier, "refused: contradicts an earlier Enforce change");
+        refuse(ctx, obj, status.clone(), message).await?;
+        return Err(Error::Contradicts);
+    }
+    let decision = {
+        let _gate = ctx.ordering.gate.lock().await;
+        let others = others(ctx, &ns, &conn, &uid).await;
+        let decision = if retry {
+            Decision::Start
+        } else {
+            decide(ctx, &ns, &conn, &created(obj), &mine, &others)
+        };
+        let (run_key, admitted) = match decision {
+            Decision::Start => (progress.run.clone(), Some(Instant::now())),
+            Decision::Wait(_) => (lineage_key(obj), None),
+        };
+        ctx.ordering.known.lock().expect("not poisoned").insert(
+            uid.clone(),
+            Known {
+                run: run_key,
+                targets: mine.clone(),
+                admitted,
+            },
+        );
+        decision
+    };
+    match decision {
+        Decision::Start => {
+            ctx.ordering.wake(&ns, &conn);
+            Ok(())
+        }
+        Decision::Wait(reason) => {
+            tracing::info!(kind = K::KIND, name = %obj.name_any(), reason = %reason.message(), "waiting before the run starts");
+            wait(ctx, obj, status.clone(), reason.code(), reason.message()).await?;
+            Err(Error::Waiting)
+        }
+    }
+}
+
+/// Before the kind's reconcile: whether this process serves the operation (its connection is in
+/// this shard), whether it must wait on its connection, and whether a waiting operation still
+/// waits (without planning it again). None: go on with the kind's reconcile.
+async fn before<K>(obj: &K, ctx: &Context) -> Result<Option<Action>, Error>
+where
+    K: RunKind + Operation + 'static,
+{
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.connection().to_string();
+    let cached = ctx
+        .ordering
+        .store::<PbxConnection>()
+        .and_then(|s| s.get(&ObjectRef::new(&name).within(&ns)));
+    let conn = match cached {
+        Some(c) => Some(c),
+        // Not in this shard's cache: another shard's, missing, or too new to be cached yet.
+        None => Api::<PbxConnection>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&name)
+            .await?
+            .map(Arc::new),
+    };
+    let Some(conn) = conn else {
+        // Missing: the kind's reconcile says so in conditions (ConnectionNotFound) and waits;
+        // recreating the connection wakes it.
+        return Ok(None);
+    };
+    if !ctx.ordering.serves(&conn) {
+        tracing::debug!(kind = K::KIND, name = %obj.name_any(), connection = %name, "another shard serves this operation's connection");
+        return Ok(Some(Action::await_change()));
+    }
+    let default = OperationStatus::default();
+    let status = obj.status().unwrap_or(&default);
+    if super::run::unfinished(status) {
+        // A run under way goes on (it waits for its PBX itself).
+        return Ok(None);
+    }
+    // Refused for contradicting an earlier Enforce change: look again without planning.
+    if stalled_by_contradiction(&status.conditions)
+        && status.observed_generation == obj.meta().generation
+    {
+        let mine: Targets = status
+            .plan
+            .as_ref()
+            .map(|p| p.resolved.iter().map(|t| ordering::user(t)).collect())
+            .unwrap_or_default();
+        let still = obj
+            .enforced()
+            .and_then(|fields| contradicted(ctx, obj, &mine, &fields));
+        if still.is_some() {
+            return Ok(Some(Action::requeue(CONTRADICTION_AGAIN)));
+        }
+        return Ok(None);
+    }
+    let lineage = Lineage::of(obj);
+    let settled = status.progress.as_ref().is_some_and(|p| lineage.serves(p));
+    if settled || !obj.executes() {
+        return Ok(None);
+    }
+    let not_ready = conn.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == conditions::READY && c.status == "False")
+    });
+    if let Some(c) = not_ready {
+        let message = format!(
+            "waits for PbxConnection {name}, which is not Ready ({}: {}); starts when it is",
+            c.reason, c.message
+        );
+        wait(ctx, obj, status.clone(), "ConnectionNotReady", message).await?;
+        return Ok(Some(Action::requeue(Duration::from_secs(10))));
+    }
+    // A waiting operation whose targets this process knows: decide again without planning.
+    if !is_waiting_reason(&status.conditions) || status.observed_generation != obj.meta().generation
+    {
+        return Ok(None);
+    }
+    let uid = obj.uid().unwrap_or_default();
+    let mine = {
+        let known = ctx.ordering.known.lock().expect("not poisoned");
+        known
+            .get(&uid)
+            .filter(|k| k.run == lineage_key(obj) && k.admitted.is_none())
+            .map(|k| k.targets.clone())
+    };
+    let Some(mine) = mine else {
+        return Ok(None);
+    };
+    let decision = {
+        let _gate = ctx.ordering.gate.lock().await;
+        let others = others(ctx, &ns, &name, &uid).await;
+        decide(ctx, &ns, &name, &created(obj), &mine, &others)
+    };
+    match decision {
+        // Plan afresh and ask again in the lifecycle, with the targets as they are now.
+        Decision::Start => Ok(None),
+        Decision::Wait(reason) => {
+            wait(ctx, obj, status.clone(), reason.code(), reason.message()).await?;
+            Ok(Some(Action::requeue(WAIT_AGAIN)))
+        }
+    }
+}
+
+/// Runs an operation kind's controller: its cache registered for ordering, woken when a
+/// connection it references changes, and [`before`] ahead of the kind's reconcile.
+pub(crate) async fn drive_op<K, F, Fut>(
+    api: Api<K>,
+    connections: Api<PbxConnection>,
+    ctx: Arc<Context>,
+    concurrency: u16,
+    shutdown: Shutdown,
+    reconcile: F,
+) where
+    K: RunKind + Operation + serde::Serialize + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let kind = K::KIND;
+    let controller = Controller::new(api, super::watcher_config());
+    let store = controller.store();
+    ctx.ordering.register(store.clone());
+    // Metrics: gauges read from this watch cache.
+    ctx.metrics.objects.watch(kind, store.clone());
+    let selector = ctx.ordering.selector();
+    let reconcile = Arc::new(reconcile);
+    let woken = {
+        let store = store.clone();
+        let rx = ctx.ordering.wake.subscribe();
+        futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(item) => return Some((item, rx)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .flat_map(move |(ns, conn)| {
+            let waiting: Vec<ObjectRef<K>> = store
+                .state()
+                .into_iter()
+                .filter(|o| {
+                    o.namespace().as_deref() == Some(ns.as_str())
+                        && o.connection() == conn
+                        && o.status().is_some_and(|s| is_waiting_reason(&s.conditions))
+                })
+                .map(|o| ObjectRef::from_obj(&*o))
+                .collect();
+            futures::stream::iter(waiting)
+        })
+    };
+    controller
+        .reconcile_on(woken)
+        .watches(
+            connections,
+            watcher::Config::default().labels(&selector).any_semantic(),
+            move |conn: PbxConnection| {
+                let ns = conn.namespace();
+                let name = conn.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|o| o.namespace() == ns && o.connection() == name)
+                    .map(|o| ObjectRef::from_obj(&*o))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(
+            move |obj: Arc<K>, ctx: Arc<Context>| {
+                let reconcile = reconcile.clone();
+                async move {
+                    if obj.meta().deletion_timestamp.is_some() {
+                        ctx.ordering.forget(&obj.uid().unwrap_or_default());
+                    }
+                    match before(&*obj, &ctx).await? {
+                        Some(action) => Ok(action),
+                        None => {
+                            // Each PBX call of this reconcile is labelled with its connection.
+                            let connection = super::metrics::connection_of(obj.as_ref());
+                            let done = super::metrics::CONNECTION
+                                .scope(connection, reconcile(obj.clone(), ctx.clone()))
+                                .await;
+                            // Whatever it did (finished a run, gave up, started), operations
+                            // waiting on its connection look again now. A run that waits
+                            // (Error::Waiting) wakes nobody: that would go round in circles.
+                            if done.is_ok() {
+                                let ns = obj.namespace().unwrap_or_default();
+                                ctx.ordering.wake(&ns, obj.connection());
+                            }
+                            done
+                        }
+                    }
+                }
+            },
+            super::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|outcome| {
+            if let Err(err) = outcome {
+                tracing::debug!(%kind, error = %err, "reconcile failed");
+            }
+            futures::future::ready(())
+        })
+        .await;
+}
+
+/// Runs the PbxConnection controller on this shard's connections, its cache registered (the
+/// limits, readiness and shard of each), and closes the pools of connections that go.
+pub(crate) async fn drive_connections<F, Fut>(
+    api: Api<PbxConnection>,
+    ctx: Arc<Context>,
+    concurrency: u16,
+    shutdown: Shutdown,
+    mut reconcile: F,
+) where
+    F: FnMut(Arc<PbxConnection>, Arc<Context>) -> Fut,
+    Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let config = super::watcher_config().labels(&ctx.ordering.selector());
+    let controller = Controller::new(api.clone(), config.clone());
+    ctx.ordering.register(controller.store());
+    ctx.metrics.objects.watch("PbxConnection", controller.store());
+    let sweep = tokio::spawn(super::connection::close_departed(api, config, ctx.clone()));
+    controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(
+            move |obj: Arc<PbxConnection>, ctx: Arc<Context>| {
+                let connection = super::metrics::connection_of(obj.as_ref());
+                super::metrics::CONNECTION.scope(connection, reconcile(obj, ctx))
+            },
+            super::error_policy,
+            ctx,
+        )
+        .for_each(|outcome| {
+            if let Err(err) = outcome {
+                tracing::debug!(kind = "PbxConnection", error = %err, "reconcile failed");
+            }
+            futures::future::ready(())
+        })
+        .await;
+    sweep.abort();
+}
+
+/// The lease a process of this shard takes (`pbx-operator` unsharded, as before shards).
+pub fn lease_name(shard: Option<&str>) -> String {
+    match shard {
+        Some(s) => format!("{}-shard-{s}", super::leader::LEASE_NAME),
+        None => super::leader::LEASE_NAME.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_lease_per_shard_and_the_old_one_without() {
+        assert_eq!(lease_name(None), "pbx-operator");
+        assert_eq!(lease_name(Some("eu-1")), "pbx-operator-shard-eu-1");
+    }
+
+    #[test]
+    fn a_process_serves_its_shards_connections_only() {
+        let conn = |label: Option<&str>| {
+            let mut c = PbxConnection::new(
+                "c",
+                serde_json::from_value(serde_json::json!({
+                    "domain": "pbx.test",
+                    "database": { "urlSecretRef": { "name": "s", "key": "db" } },
+                    "rpc": { "urlSecretRef": { "name": "s", "key": "rpc" } },
+                }))
+                .unwrap(),
+            );
+            if let Some(l) = label {
+                c.metadata.labels = Some([(SHARD_LABEL.to_string(), l.to_string())].into());
+            }
+            c
+        };
+        let unsharded = Ordering::default();
+        assert!(unsharded.serves(&conn(None)));
+        assert!(!unsharded.serves(&conn(Some("a"))));
+        assert_eq!(unsharded.selector(), "!pbx-operator.io/shard");
+        let a = Ordering {
+            shard: Some("a".into()),
+            ..Default::default()
+        };
+        assert!(a.serves(&conn(Some("a"))));
+        assert!(!a.serves(&conn(Some("b"))));
+        assert!(!a.serves(&conn(None)));
+        assert_eq!(a.selector(), "pbx-operator.io/shard=a");
+    }
+}
