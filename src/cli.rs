@@ -8,6 +8,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 
 use crate::telemetry::LogFormat;
 
+pub mod revert;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "pbx-operator",
@@ -42,6 +44,9 @@ pub enum Command {
     /// Export from a PBX as CSV, e.g. `export users --connection acme/main > users.csv`.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Print the resource that undoes a finished change, e.g. `revert bulkuserchange/sales-roles`
+    /// (for a GitOps commit); `--apply` creates it.
+    Revert(revert::RevertArgs),
 }
 
 #[derive(Subcommand, Debug)]

@@ -17,6 +17,7 @@ async fn main() -> ExitCode {
         Command::Export(pbx_operator::cli::ExportCommand::Users(args)) => {
             pbx_operator::cli::export_users(&args).await
         }
+        Command::Revert(args) => pbx_operator::cli::revert::revert(&args).await,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

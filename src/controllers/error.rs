@@ -77,6 +77,10 @@ pub enum Error {
     },
     #[error("the CSV in spec.source.csv is refused, nothing was changed: {0}")]
     Csv(#[from] crate::plan::sheet::SheetError),
+    #[error(
+        "cannot revert {name}: {why}; nothing was changed. Fix spec.revertOf or the change it names"
+    )]
+    RevertUnavailable { name: String, why: String },
 }
 
 impl Error {
@@ -102,6 +106,7 @@ impl Error {
             Error::Engine(_) => "journal",
             Error::CsvSourceMissing { .. } => "csv_source_missing",
             Error::Csv(_) => "csv_refused",
+            Error::RevertUnavailable { .. } => "revert_unavailable",
         }
     }
 
@@ -127,6 +132,7 @@ impl Error {
             Error::Engine(_) => "JournalNotWritable",
             Error::CsvSourceMissing { .. } => "CsvSourceNotReadable",
             Error::Csv(_) => "CsvRefused",
+            Error::RevertUnavailable { .. } => "RevertUnavailable",
         }
     }
 

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod phone_change;
 pub mod phone_restart;
 mod results_store;
+mod revert;
 mod run;
 mod server;
 pub mod user_change;
