@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use pbx_operator::api::{BulkUserChange, Outcome, Phase};
+use pbx_operator::api::{BulkPhoneChange, BulkUserChange, Outcome, Phase};
 use support::lab::LabSpec;
 use support::pbx::Env;
 
@@ -340,4 +340,121 @@ spec:
     );
     assert_eq!(unique.len(), changed);
     assert_eq!(call_groups(&env).await, before, "every call group is back");
+}
+
+const PHONES: &str = "SELECT id, model, COALESCE(label, '') FROM pbx_phone ORDER BY id";
+
+async fn phones(env: &Env) -> Vec<(i64, String, String)> {
+    use sqlx::Row;
+    sqlx::query(sqlx::AssertSqlSafe(PHONES))
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                r.get::<i64, _>(0),
+                r.get::<String, _>(1),
+                r.get::<String, _>(2),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_phone_change_reverted_restores_models_and_labels_and_a_phone_changed_since_is_a_conflict()
+ {
+    let env = Env::start(
+        "undo-phones",
+        LabSpec {
+            db: "sqlite",
+            users: 10,
+            phones: 10,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let before = phones(&env).await;
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkPhoneChange
+metadata: { name: yealinks }
+spec:
+  connectionRef: { name: acme }
+  targets: { groups: [sales, support, engineering], vendors: [Yealink] }
+  fields:
+    model: { value: SIP-T54W, lock: Open }
+    label: { value: "3rd floor", lock: Open }
+"#,
+    );
+    let api: Api<BulkPhoneChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let settled = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            support::eventually(Duration::from_secs(60), name, || async {
+                let b = api.get(name).await.ok()?;
+                let s = b.status.as_ref()?;
+                (s.observed_generation == b.metadata.generation && DONE.contains(&s.phase))
+                    .then_some(b)
+            })
+            .await
+        }
+    };
+    let b = settled("yealinks").await;
+    let s = b.status.unwrap();
+    assert_eq!(s.phase, Phase::Succeeded, "{:?}", s.results);
+    let changed = s.summary.unwrap().changed;
+    assert!(changed >= 2, "{changed} phones changed");
+    // One of them is relabelled by hand afterwards.
+    let moved: i64 = env
+        .sql_one("SELECT MIN(id) FROM pbx_phone WHERE label = '3rd floor'")
+        .await
+        .parse()
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE pbx_phone SET label = 'kitchen' WHERE id = {moved}"
+    )))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let (ok, _, err) = env.cli(&[
+        "revert",
+        "bulkphonechange/yealinks",
+        "-n",
+        &env.ns,
+        "--apply",
+        "--execute",
+    ]);
+    assert!(ok, "{err}");
+    let b = settled("yealinks-revert").await;
+    let s = b.status.unwrap();
+    assert_eq!(s.phase, Phase::PartiallyFailed, "{:?}", s.results);
+    let summary = s.summary.unwrap();
+    assert_eq!(
+        (summary.targets, summary.changed, summary.conflicts),
+        (changed, changed - 1, 1)
+    );
+    let conflict = s
+        .results
+        .iter()
+        .find(|r| r.outcome == Outcome::Conflict)
+        .unwrap();
+    let note = conflict.notes.join("; ");
+    assert!(
+        note.contains("kitchen") && note.contains("3rd floor"),
+        "{note}"
+    );
+    let after = phones(&env).await;
+    for (b, a) in before.iter().zip(&after) {
+        if a.0 == moved {
+            assert_eq!(
+                (a.1.as_str(), a.2.as_str()),
+                ("SIP-T54W", "kitchen"),
+                "a conflict is left alone"
+            );
+        } else {
+            assert_eq!(a, b, "model and label back");
+        }
+    }
 }

@@ -7,11 +7,14 @@ use clap::Args;
 use kube::api::{Api, ObjectMeta, PostParams};
 
 use super::CliError;
-use crate::api::{BulkUserChange, BulkUserChangeSpec, Mode, RevertOf};
+use crate::api::{
+    BulkPhoneChange, BulkPhoneChangeSpec, BulkUserChange, BulkUserChangeSpec, Mode, RevertOf,
+};
 
 #[derive(Args, Debug)]
 pub struct RevertArgs {
-    /// `<kind>/<name>` of the finished change to undo; kind is bulkuserchange (buc).
+    /// `<kind>/<name>` of the finished change to undo; kind is bulkuserchange (buc) or
+    /// bulkphonechange (bpc).
     pub target: String,
     /// Namespace of the change (default: the kubeconfig's namespace).
     #[arg(short, long)]
@@ -63,37 +66,42 @@ pub fn user_change_revert(original: &BulkUserChange, execute: bool) -> BulkUserC
     }
 }
 
-pub async fn revert(args: &RevertArgs) -> Result<(), CliError> {
-    let (kind, name) = args
-        .target
-        .split_once('/')
-        .ok_or_else(|| CliError::Usage(format!("expected <kind>/<name>, got {:?}", args.target)))?;
-    match kind.to_ascii_lowercase().as_str() {
-        "bulkuserchange" | "bulkuserchanges" | "buc" => {}
-        other => {
-            return Err(CliError::Usage(format!(
-                "cannot revert kind {other:?} yet: only bulkuserchange can be reverted"
-            )));
-        }
+/// The BulkPhoneChange that reverts `original`.
+pub fn phone_change_revert(original: &BulkPhoneChange, execute: bool) -> BulkPhoneChange {
+    let name = original.metadata.name.clone().unwrap_or_default();
+    BulkPhoneChange {
+        metadata: ObjectMeta {
+            name: Some(revert_name(&name)),
+            namespace: original.metadata.namespace.clone(),
+            ..Default::default()
+        },
+        spec: BulkPhoneChangeSpec {
+            connection_ref: original.spec.connection_ref.clone(),
+            targets: Default::default(),
+            fields: Default::default(),
+            mode: if execute {
+                Mode::Execute
+            } else {
+                Mode::Validate
+            },
+            approved_plan_hash: None,
+            revert_of: Some(RevertOf { name }),
+            requested_by: None,
+        },
+        status: None,
     }
-    let client = kube::Client::try_default().await?;
-    let namespace = args
-        .namespace
-        .clone()
-        .unwrap_or_else(|| client.default_namespace().to_string());
-    let api: Api<BulkUserChange> = Api::namespaced(client, &namespace);
-    let original = api.get(name).await?;
-    let mut revert = user_change_revert(&original, args.execute);
-    revert.metadata.namespace = Some(namespace);
-    let mut value = serde_json::to_value(&revert).expect("resources serialize");
-    if let Some(o) = value.as_object_mut() {
-        o.remove("status");
-    }
+}
+
+/// Prints `revert` as YAML, or creates it through `api`.
+async fn emit<K>(api: Api<K>, revert: K, args: &RevertArgs, kind: &str) -> Result<(), CliError>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     if args.apply {
         let created = api.create(&PostParams::default(), &revert).await?;
         eprintln!(
-            "bulkuserchange/{} created{}",
-            created.metadata.name.unwrap_or_default(),
+            "{kind}/{} created{}",
+            created.meta().name.clone().unwrap_or_default(),
             if args.execute {
                 ""
             } else {
@@ -101,6 +109,10 @@ pub async fn revert(args: &RevertArgs) -> Result<(), CliError> {
             }
         );
         return Ok(());
+    }
+    let mut value = serde_json::to_value(&revert).expect("resources serialize");
+    if let Some(o) = value.as_object_mut() {
+        o.remove("status");
     }
     let yaml = serde_yaml::to_string(&value)?;
     std::io::stdout()
@@ -110,6 +122,39 @@ pub async fn revert(args: &RevertArgs) -> Result<(), CliError> {
             path: "stdout".into(),
             source,
         })
+}
+
+pub async fn revert(args: &RevertArgs) -> Result<(), CliError> {
+    let (kind, name) = args
+        .target
+        .split_once('/')
+        .ok_or_else(|| CliError::Usage(format!("expected <kind>/<name>, got {:?}", args.target)))?;
+    let kind = kind.to_ascii_lowercase();
+    let user = match kind.as_str() {
+        "bulkuserchange" | "bulkuserchanges" | "buc" => true,
+        "bulkphonechange" | "bulkphonechanges" | "bpc" => false,
+        other => {
+            return Err(CliError::Usage(format!(
+                "cannot revert kind {other:?} yet: bulkuserchange and bulkphonechange can be reverted"
+            )));
+        }
+    };
+    let client = kube::Client::try_default().await?;
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    if user {
+        let api: Api<BulkUserChange> = Api::namespaced(client, &namespace);
+        let mut revert = user_change_revert(&api.get(name).await?, args.execute);
+        revert.metadata.namespace = Some(namespace);
+        emit(api, revert, args, "bulkuserchange").await
+    } else {
+        let api: Api<BulkPhoneChange> = Api::namespaced(client, &namespace);
+        let mut revert = phone_change_revert(&api.get(name).await?, args.execute);
+        revert.metadata.namespace = Some(namespace);
+        emit(api, revert, args, "bulkphonechange").await
+    }
 }
 
 #[cfg(test)]

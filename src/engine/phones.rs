@@ -1263,6 +1263,7 @@ mod tests {
             },
             mode: Mode::Execute,
             approved_plan_hash: None,
+            revert_of: None,
             requested_by: None,
         };
         let (rows, plan) = plan_change(&pbx, &spec, 3).await.unwrap();

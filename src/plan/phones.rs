@@ -603,6 +603,7 @@ mod tests {
             },
             mode: Mode::Validate,
             approved_plan_hash: None,
+            revert_of: None,
             requested_by: None,
         }
     }

@@ -223,6 +223,105 @@ fn revert_row(name: &str, original: &Row, user: Option<&User>) -> Row {
     row
 }
 
+/// The phone ids a phone revert needs to read, with the owners their phones had.
+pub fn phone_owners(original: &[Row]) -> Vec<String> {
+    let mut out: Vec<String> = original
+        .iter()
+        .filter(|r| done(r, StepKind::PhoneWrite))
+        .filter_map(|r| r.phone.as_ref().map(|p| p.extension.clone()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Plans the revert of BulkPhoneChange `name`: per phone whose write went through, its model
+/// and label written back, compare-and-set against what the change wrote. `current`: the
+/// phones as the PBX holds them now, by id.
+pub fn plan_phone_revert(
+    name: &str,
+    original: &[Row],
+    current: &BTreeMap<i64, crate::pbx::Phone>,
+) -> RevertPlan {
+    let mut rows = Vec::new();
+    for r in original.iter().filter(|r| done(r, StepKind::PhoneWrite)) {
+        let mut row = Row {
+            target: r.target.clone(),
+            outcome: Outcome::Unchanged,
+            phone: r.phone.clone(),
+            ..Default::default()
+        };
+        let phone = r
+            .phone
+            .as_ref()
+            .and_then(|p| p.id)
+            .and_then(|id| current.get(&id));
+        let Some(phone) = phone else {
+            row.outcome = Outcome::Conflict;
+            row.notes
+                .push("the phone is no longer provisioned: nothing to revert it on".into());
+            rows.push(row);
+            continue;
+        };
+        let mut conflicts = Vec::new();
+        for w in &r.writes {
+            let now = match w.field.as_str() {
+                "model" => phone.model.clone(),
+                "label" => phone.label.clone().unwrap_or_default(),
+                other => {
+                    row.notes
+                        .push(format!("{other}: unknown field, not reverted"));
+                    continue;
+                }
+            };
+            let (was, wrote) = (
+                w.from.clone().unwrap_or_default(),
+                w.to.clone().unwrap_or_default(),
+            );
+            if now == was {
+                row.notes.push(format!("{}: already {was:?}", w.field));
+            } else if now == wrote {
+                row.writes.push(StoredWrite {
+                    field: w.field.clone(),
+                    from: Some(wrote.clone()),
+                    to: Some(was.clone()),
+                    secret: false,
+                });
+                row.changes.push(FieldChange {
+                    field: w.field.clone(),
+                    from: Some(wrote),
+                    to: Some(was),
+                });
+            } else {
+                conflicts.push(format!(
+                    "{} is {now:?} now, not {wrote:?} as {name} left it (it was {was:?} before): changed since, left alone",
+                    w.field
+                ));
+            }
+        }
+        if !conflicts.is_empty() {
+            row.writes.clear();
+            row.changes.clear();
+            row.outcome = Outcome::Conflict;
+            row.notes.extend(conflicts);
+        } else if !row.writes.is_empty() {
+            row.outcome = Outcome::Planned;
+            row.steps = vec![stored::Step::pending(StepKind::PhoneWrite)];
+        }
+        rows.push(row);
+    }
+    let changes = rows
+        .iter()
+        .filter(|r| r.outcome == Outcome::Planned)
+        .count();
+    let hash = hash(name, &rows);
+    RevertPlan {
+        rows,
+        hash,
+        changes,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +558,63 @@ mod tests {
             ],
             "the original's writes, as planned again"
         );
+    }
+
+    fn phone_row(id: i64, from: &str, to: &str) -> Row {
+        Row {
+            target: format!("20{id}/mac{id}"),
+            outcome: Outcome::Changed,
+            writes: vec![write("label", Some(from), Some(to))],
+            steps: vec![step(StepKind::PhoneWrite, StepState::Done)],
+            phone: Some(stored::PhoneTarget {
+                id: Some(id),
+                extension: format!("20{id}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn phone(id: i64, label: &str) -> (i64, crate::pbx::Phone) {
+        (
+            id,
+            crate::pbx::Phone {
+                id,
+                mac: format!("mac{id}"),
+                vendor: "Yealink".into(),
+                model: "SIP-T46S".into(),
+                owner: Some(format!("20{id}")),
+                label: (!label.is_empty()).then(|| label.to_string()),
+            },
+        )
+    }
+
+    #[test]
+    fn a_phone_revert_restores_labels_and_a_label_changed_since_is_a_conflict() {
+        let original = [
+            phone_row(1, "", "3rd floor"),
+            phone_row(2, "lobby", "3rd floor"),
+        ];
+        assert_eq!(phone_owners(&original), vec!["201", "202"]);
+        let current = BTreeMap::from([phone(1, "3rd floor"), phone(2, "kitchen")]);
+        let plan = plan_phone_revert("labels", &original, &current);
+        assert_eq!(plan.changes, 1);
+        assert_eq!(
+            plan.rows[0].writes,
+            vec![write("label", Some("3rd floor"), Some(""))]
+        );
+        assert_eq!(
+            plan.rows[0].steps,
+            vec![Step::pending(StepKind::PhoneWrite)]
+        );
+        assert_eq!(plan.rows[1].outcome, Outcome::Conflict);
+        let note = plan.rows[1].notes.join("; ");
+        assert!(
+            note.contains("kitchen") && note.contains("3rd floor"),
+            "{note}"
+        );
+        let gone = plan_phone_revert("labels", &original, &BTreeMap::new());
+        assert!(gone.rows.iter().all(|r| r.outcome == Outcome::Conflict));
     }
 
     #[test]
