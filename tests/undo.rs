@@ -151,6 +151,9 @@ spec:
     assert!(env.events().contains("Finished"), "{}", env.events());
 
     // A revert of the revert restores the original's result (203 was not reverted: untouched).
+    // 201 is changed again first: a Conflict; put back as the revert left it, the retry
+    // annotation reverts exactly it.
+    env.set_attribute("201", "pbx.role", "Admin").await;
     env.apply(
         r#"apiVersion: pbx-operator.io/v1alpha1
 kind: BulkUserChange
@@ -162,7 +165,27 @@ spec:
     );
     let b = env.wait_buc("promote-again", DONE).await;
     let s = b.status.clone().unwrap();
-    assert_eq!(s.phase, Phase::Succeeded, "{:?}", s.results);
+    assert_eq!(s.phase, Phase::PartiallyFailed, "{:?}", s.results);
+    let summary = s.summary.unwrap();
+    assert_eq!((summary.changed, summary.conflicts), (promoted_n - 2, 1));
+    env.set_attribute("201", "pbx.role", before[0].as_deref().unwrap())
+        .await;
+    api.patch(
+        "promote-again",
+        &PatchParams::default(),
+        &Patch::Merge(&serde_json::json!({
+            "metadata": { "annotations": { "pbx-operator.io/retry": "1" } }
+        })),
+    )
+    .await
+    .unwrap();
+    let b = support::eventually(Duration::from_secs(60), "the retry to succeed", || async {
+        let b = api.get("promote-again").await.ok()?;
+        let s = b.status.as_ref()?;
+        (s.phase == Phase::Succeeded && s.progress.as_ref()?.run.contains("retry")).then_some(b)
+    })
+    .await;
+    let s = b.status.clone().unwrap();
     assert_eq!(s.summary.unwrap().changed, promoted_n - 1);
     let again = roles(&env, &targets).await;
     for (i, e) in targets.iter().enumerate() {
