@@ -8,6 +8,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 
 use crate::telemetry::LogFormat;
 
+pub mod revert;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "pbx-operator",
@@ -44,6 +46,9 @@ pub enum Command {
     Export(ExportCommand),
     /// Print the run ledger kept in the PBX database, e.g. `history --connection acme/main`.
     History(crate::history::HistoryArgs),
+    /// Print the resource that undoes a finished change, e.g. `revert bulkuserchange/sales-roles`
+    /// (for a GitOps commit); `--apply` creates it.
+    Revert(revert::RevertArgs),
 }
 
 #[derive(Subcommand, Debug)]

@@ -22,6 +22,7 @@ async fn main() -> ExitCode {
             pbx_operator::cli::export_users(&args).await
         }
         Command::History(args) => pbx_operator::history::print_history(&args).await,
+        Command::Revert(args) => pbx_operator::cli::revert::revert(&args).await,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -248,7 +248,7 @@ spec:
   connectionRef: { name: acme }
   targets: { groups: [sales] }
 "#,
-        &["spec.fields", "Required value"],
+        &["spec.fields", "spec.fields is required"],
     ),
     (
         "bpc-empty-targets",

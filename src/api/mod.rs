@@ -18,7 +18,7 @@ pub use fields::*;
 pub use ledger::LedgerRef;
 pub use phone_change::{BulkPhoneChange, BulkPhoneChangeSpec};
 pub use phone_restart::{PhoneRestart, PhoneRestartSpec, PhoneRestartStatus};
-pub use user_change::{BulkUserChange, BulkUserChangeSpec, UserAction};
+pub use user_change::{BulkUserChange, BulkUserChangeSpec, RevertOf, UserAction};
 pub use user_recycle::{ResetItem, UserRecycle, UserRecycleSpec};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{ConnectionRef, Mode, OperationStatus, PhoneTargets};
 use super::fields::PhoneFields;
+use super::user_change::RevertOf;
 
 /// Set fields on many phones. A model is assigned only when all selected phones share a vendor.
 /// A run is one pass (no `policy: Enforce`, no `interval`) and each phone's write stands on its
@@ -69,11 +70,26 @@ use super::fields::PhoneFields;
     "!has(self.notBefore) || !has(self.executeBefore) || self.executeBefore > self.notBefore"
 ).message("spec.executeBefore must be later than spec.notBefore: the window would be empty")
 .field_path(".executeBefore"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.revertOf) || has(self.targets)")
+    .message("spec.targets is required (or spec.revertOf, to undo a finished BulkPhoneChange)")
+    .field_path(".targets"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.revertOf) || has(self.fields)")
+    .message("spec.fields is required (or spec.revertOf, to undo a finished BulkPhoneChange)")
+    .field_path(".fields"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.revertOf) || (!has(self.targets) && !has(self.fields))")
+    .message("spec.revertOf plans from what the reverted change recorded: remove spec.targets and spec.fields")
+    .field_path(".revertOf"))]
 pub struct BulkPhoneChangeSpec {
     pub connection_ref: ConnectionRef,
+    #[serde(default, skip_serializing_if = "is_default")]
     pub targets: PhoneTargets,
     /// Values to set, each with a lock; only Open fields are written.
+    #[serde(default, skip_serializing_if = "is_default")]
     pub fields: PhoneFields,
+    /// Undo: restore the models and labels the finished BulkPhoneChange of this name (same
+    /// namespace) wrote, compare-and-set. Nothing else may be set beside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert_of: Option<RevertOf>,
     #[serde(default)]
     pub mode: Mode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,4 +105,8 @@ pub struct BulkPhoneChangeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub requested_by: Option<String>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }

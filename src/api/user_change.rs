@@ -25,6 +25,13 @@ pub enum UserAction {
     Remove,
 }
 
+/// The finished change a revert undoes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct RevertOf {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
 /// Where a CSV of per-user changes comes from.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -97,12 +104,19 @@ pub struct ChangeSource {
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("has(self.targets) || has(self.source)")
+#[x_kube(validation = kube::core::Rule::new("has(self.targets) || has(self.source) || has(self.revertOf)")
     .message("spec.targets is required (or spec.source.csv, whose rows name the users)")
     .field_path(".targets"))]
 #[x_kube(validation = kube::core::Rule::new(
-    "has(self.fields) || (has(self.actions) && size(self.actions) > 0) || has(self.source)"
+    "has(self.fields) || (has(self.actions) && size(self.actions) > 0) || has(self.source) || has(self.revertOf)"
 ).message("nothing to do: set spec.fields, spec.actions or spec.source.csv"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.revertOf) || (!has(self.targets) && !has(self.fields) && !has(self.source) && (!has(self.actions) || size(self.actions) == 0))"
+).message("spec.revertOf plans from what the reverted change recorded: remove spec.targets, spec.fields, spec.actions and spec.source")
+.field_path(".revertOf"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.revertOf) || !has(self.policy) || self.policy != 'Enforce'")
+    .message("a revert runs once: remove policy Enforce (or spec.revertOf)")
+    .field_path(".policy"))]
 #[x_kube(validation = kube::core::Rule::new("!has(self.targets) || !has(self.source)")
     .message("spec.source.csv names its users in its rows: remove spec.targets")
     .field_path(".targets"))]
@@ -151,6 +165,10 @@ pub struct BulkUserChangeSpec {
     /// Expired, nothing done (a one-shot change that Git brings back a year later).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub execute_before: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Undo: revert the finished BulkUserChange of this name (same namespace) from what it
+    /// recorded, compare-and-set against the values it wrote. Nothing else may be set beside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert_of: Option<RevertOf>,
     /// Who asked for this change; stamped at admission.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]

@@ -84,6 +84,10 @@ pub enum Error {
     /// conditions).
     #[error("the change contradicts an earlier Enforce change; see its conditions")]
     Contradicts,
+    #[error(
+        "cannot revert {name}: {why}; nothing was changed. Fix spec.revertOf or the change it names"
+    )]
+    RevertUnavailable { name: String, why: String },
 }
 
 impl Error {
@@ -111,6 +115,7 @@ impl Error {
             Error::Csv(_) => "csv_refused",
             Error::Waiting => "waiting",
             Error::Contradicts => "contradicts",
+            Error::RevertUnavailable { .. } => "revert_unavailable",
         }
     }
 
@@ -138,6 +143,7 @@ impl Error {
             Error::Csv(_) => "CsvRefused",
             Error::Waiting => "Waiting",
             Error::Contradicts => "ContradictsEarlierChange",
+            Error::RevertUnavailable { .. } => "RevertUnavailable",
         }
     }
 

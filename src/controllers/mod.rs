@@ -17,6 +17,7 @@ mod ordering;
 pub mod phone_change;
 pub mod phone_restart;
 mod results_store;
+mod revert;
 mod run;
 mod server;
 pub mod user_change;

@@ -197,6 +197,10 @@ async fn plan(run: &Run<'_, BulkPhoneChange>) -> Result<(Vec<Row>, Plan), Error>
         inner: backend.as_ref(),
         metrics: &ctx.metrics,
     };
+    if let Some(of) = &b.spec.revert_of {
+        let spec_hash = phones::change_spec_hash(&b.spec);
+        return super::revert::plan_phone_revert(ctx, b, &of.name, &timed, &spec_hash).await;
+    }
     let generation = b.metadata.generation.unwrap_or(0);
     Ok(exec_phones::plan_change(&timed, &b.spec, generation).await?)
 }

@@ -429,6 +429,17 @@ impl Change<'_> {
             inner: backend,
             metrics: &self.ctx.metrics,
         };
+        if let Some(of) = &spec.revert_of {
+            let kept = kept
+                .unwrap_or_default()
+                .iter()
+                .filter_map(crate::engine::steps::kept_by_retry)
+                .collect();
+            return super::revert::plan_user_revert(
+                self.ctx, self.buc, &of.name, &backend, kept, spec_hash,
+            )
+            .await;
+        }
         let req = UserRequest {
             intent,
             spec_hash,

@@ -1265,6 +1265,7 @@ mod tests {
             approved_plan_hash: None,
             not_before: None,
             execute_before: None,
+            revert_of: None,
             requested_by: None,
         };
         let (rows, plan) = plan_change(&pbx, &spec, 3).await.unwrap();

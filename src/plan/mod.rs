@@ -7,6 +7,7 @@
 pub mod ordering;
 pub mod phones;
 pub mod recycle;
+pub mod revert;
 pub mod rows;
 pub mod selection;
 pub mod sheet;

@@ -605,6 +605,7 @@ mod tests {
             approved_plan_hash: None,
             not_before: None,
             execute_before: None,
+            revert_of: None,
             requested_by: None,
         }
     }

@@ -1,0 +1,483 @@
+//! Undo: a finished BulkUserChange reverted from what it recorded (spec.revertOf), against the
+//! real control plane, the operator process and a real Kamailio.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use pbx_operator::api::{BulkPhoneChange, BulkUserChange, Outcome, Phase};
+use support::lab::LabSpec;
+use support::pbx::Env;
+
+const DONE: &[Phase] = &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed];
+
+fn condition(b: &BulkUserChange, type_: &str) -> (String, String, String) {
+    let c = b
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition"));
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+async fn roles(env: &Env, extensions: &[&str]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for e in extensions {
+        out.push(env.attribute(e, "pbx.role").await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_role_update_reverted_puts_every_role_back_and_a_role_changed_since_is_a_conflict() {
+    let env = Env::start(
+        "undo-roles",
+        LabSpec {
+            users: 10,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let targets = ["201", "202", "203", "204", "205", "206"];
+    let before = roles(&env, &targets).await;
+    // Users the change will promote (the seed may have made some Operator already).
+    let promoted_n = before
+        .iter()
+        .filter(|r| r.as_deref() != Some("Operator"))
+        .count() as u32;
+    assert_eq!(before[2].as_deref(), Some("User"), "203 is promoted");
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: promote }
+spec:
+  connectionRef: { name: acme }
+  targets: { extensions: ["201", "202", "203", "204", "205", "206"] }
+  fields: { role: { value: Operator, lock: Open } }
+"#,
+    );
+    let b = env.wait_buc("promote", DONE).await;
+    assert_eq!(b.status.as_ref().unwrap().phase, Phase::Succeeded);
+    let promoted = roles(&env, &targets).await;
+    assert!(promoted.iter().all(|r| r.as_deref() == Some("Operator")));
+    // Somebody changes 203 in the console after the change.
+    env.set_attribute("203", "pbx.role", "Admin").await;
+
+    // The CLI prints the revert for a GitOps commit, and creates it with --apply.
+    let (ok, yaml, err) = env.cli(&["revert", "bulkuserchange/promote", "-n", &env.ns]);
+    assert!(ok, "{err}");
+    assert!(
+        yaml.contains("revertOf:") && yaml.contains("name: promote"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("name: promote-revert") && yaml.contains("mode: Validate"),
+        "{yaml}"
+    );
+    assert!(!yaml.contains("targets"), "{yaml}");
+    let (ok, _, err) = env.cli(&["revert", "bulkuserchange/promote", "-n", &env.ns, "--apply"]);
+    assert!(ok, "{err}");
+    let b = env.wait_buc("promote-revert", &[Phase::Validated]).await;
+    let plan = b.status.as_ref().unwrap().plan.clone().unwrap();
+    assert_eq!(
+        plan.targets, promoted_n,
+        "every target the change wrote: {before:?}"
+    );
+    assert_eq!(
+        plan.changes,
+        promoted_n - 1,
+        "203 moved since: not planned as a write"
+    );
+    assert_eq!(
+        roles(&env, &targets).await[0].as_deref(),
+        Some("Operator"),
+        "Validate writes nothing"
+    );
+    let (ok, csv, err) = env.cli(&["results", "bulkuserchange/promote-revert", "-n", &env.ns]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        csv.matches(",Planned,").count() as u32,
+        promoted_n - 1,
+        "{csv}"
+    );
+
+    // Execute exactly the reviewed plan.
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    api.patch(
+        "promote-revert",
+        &PatchParams::default(),
+        &Patch::Merge(&serde_json::json!({
+            "spec": { "mode": "Execute", "approvedPlanHash": plan.hash }
+        })),
+    )
+    .await
+    .unwrap();
+    let b = env.wait_buc("promote-revert", DONE).await;
+    let status = b.status.clone().unwrap();
+    assert_eq!(status.phase, Phase::PartiallyFailed, "{:?}", status.results);
+    let s = status.summary.clone().unwrap();
+    assert_eq!(
+        (s.targets, s.changed, s.conflicts),
+        (promoted_n, promoted_n - 1, 1)
+    );
+    let r203 = status.results.iter().find(|r| r.target == "203").unwrap();
+    assert_eq!(r203.outcome, Outcome::Conflict);
+    let note = r203.notes.join("; ");
+    assert!(
+        note.contains("Admin") && note.contains("Operator"),
+        "the conflict names both values: {note}"
+    );
+    let after = roles(&env, &targets).await;
+    for (i, e) in targets.iter().enumerate() {
+        if *e == "203" {
+            assert_eq!(
+                after[i].as_deref(),
+                Some("Admin"),
+                "a conflict is left alone"
+            );
+        } else {
+            assert_eq!(after[i], before[i], "{e}: its role is back");
+        }
+    }
+    assert!(env.events().contains("Finished"), "{}", env.events());
+
+    // A revert of the revert restores the original's result (203 was not reverted: untouched).
+    // 201 is changed again first: a Conflict; put back as the revert left it, the retry
+    // annotation reverts exactly it.
+    env.set_attribute("201", "pbx.role", "Admin").await;
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: promote-again }
+spec:
+  connectionRef: { name: acme }
+  revertOf: { name: promote-revert }
+"#,
+    );
+    let b = env.wait_buc("promote-again", DONE).await;
+    let s = b.status.clone().unwrap();
+    assert_eq!(s.phase, Phase::PartiallyFailed, "{:?}", s.results);
+    let summary = s.summary.unwrap();
+    assert_eq!((summary.changed, summary.conflicts), (promoted_n - 2, 1));
+    env.set_attribute("201", "pbx.role", before[0].as_deref().unwrap())
+        .await;
+    api.patch(
+        "promote-again",
+        &PatchParams::default(),
+        &Patch::Merge(&serde_json::json!({
+            "metadata": { "annotations": { "pbx-operator.io/retry": "1" } }
+        })),
+    )
+    .await
+    .unwrap();
+    let b = support::eventually(Duration::from_secs(60), "the retry to succeed", || async {
+        let b = api.get("promote-again").await.ok()?;
+        let s = b.status.as_ref()?;
+        (s.phase == Phase::Succeeded && s.progress.as_ref()?.run.contains("retry")).then_some(b)
+    })
+    .await;
+    let s = b.status.clone().unwrap();
+    assert_eq!(s.summary.unwrap().changed, promoted_n - 1);
+    let again = roles(&env, &targets).await;
+    for (i, e) in targets.iter().enumerate() {
+        let want = if *e == "203" {
+            Some("Admin")
+        } else {
+            Some("Operator")
+        };
+        assert_eq!(again[i].as_deref(), want, "{e}");
+    }
+
+    // A change whose results are gone cannot be reverted: a clear condition, nothing written.
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    cms.delete("promote-again-results-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: undo-lost }
+spec:
+  connectionRef: { name: acme }
+  revertOf: { name: promote-again }
+"#,
+    );
+    let b = support::eventually(Duration::from_secs(60), "RevertUnavailable", || async {
+        let b = api.get("undo-lost").await.ok()?;
+        let c = b
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Stalled")?;
+        (c.reason == "RevertUnavailable").then_some(b.clone())
+    })
+    .await;
+    let (_, _, message) = condition(&b, "Stalled");
+    assert!(
+        message.contains("promote-again-results-1") && message.contains("nothing was changed"),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(roles(&env, &targets).await, again, "nothing was written");
+
+    // The API server refuses a revert with anything beside it.
+    let (ok, _, err) = support::try_kubectl(
+        &support::control_plane().admin_kubeconfig,
+        &["apply", "-n", &env.ns, "-f", "-"],
+        br#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: undo-and-more }
+spec:
+  connectionRef: { name: acme }
+  revertOf: { name: promote }
+  targets: { extensions: ["201"] }
+"#,
+    );
+    assert!(
+        !ok && err.contains("spec.revertOf plans from what the reverted change recorded"),
+        "{err}"
+    );
+}
+
+const CALL_GROUPS: &str = "SELECT username, value FROM usr_preferences WHERE attribute = 'pbx.call_group' ORDER BY username";
+const CALL_GROUP_9: &str =
+    "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '9'";
+
+async fn call_groups(env: &Env) -> Vec<(String, String)> {
+    use sqlx::Row;
+    sqlx::query(sqlx::AssertSqlSafe(CALL_GROUPS))
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn sigkill_during_a_revert_reverts_each_target_once() {
+    // 3 batches of 1000 users (2,000 would be 2 batches, leaving room for one kill only):
+    // two kills land after 0 and 1 more recorded batches at the earliest.
+    const USERS: usize = 3000;
+    const KILLS: usize = 2;
+    let mut env = Env::start(
+        "undo-crash",
+        LabSpec {
+            db: "postgres",
+            users: USERS,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let before = call_groups(&env).await;
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: everyone }
+spec:
+  connectionRef: { name: acme }
+  targets: { groups: [sales, support, engineering] }
+  fields: { callGroup: { value: "9", lock: Open } }
+"#,
+    );
+    let b = env
+        .wait_buc_for("everyone", DONE, Duration::from_secs(300))
+        .await;
+    let s = b.status.unwrap();
+    assert_eq!(s.phase, Phase::Succeeded);
+    let changed = s.summary.unwrap().changed as usize;
+    assert!(changed > 2000, "{changed} users changed");
+    let started = Instant::now();
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: everyone-revert }
+spec:
+  connectionRef: { name: acme }
+  revertOf: { name: everyone }
+"#,
+    );
+    let seed = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+        });
+    eprintln!("CRASH_SEED={seed}");
+    let kills = env
+        .kill_mid_run(
+            "everyone-revert",
+            KILLS,
+            Duration::from_millis(700),
+            seed,
+            CALL_GROUP_9,
+        )
+        .await;
+    eprintln!("SIGKILLs: {kills:#?}");
+    assert_eq!(
+        kills.iter().filter(|k| k.landed_mid_run).count(),
+        KILLS,
+        "every SIGKILL must interrupt the running revert: {kills:#?}"
+    );
+    let b = env
+        .wait_buc_for("everyone-revert", DONE, Duration::from_secs(300))
+        .await;
+    eprintln!(
+        "reverted {changed} users in {:?} with {KILLS} kills",
+        started.elapsed()
+    );
+    let s = b.status.clone().unwrap();
+    assert_eq!(s.phase, Phase::Succeeded, "{:?}", s.results.first());
+    let summary = s.summary.unwrap();
+    assert_eq!(
+        (summary.changed as usize, summary.failed, summary.conflicts),
+        (changed, 0, 0)
+    );
+    let (ok, csv, err) = env.cli(&["results", "bulkuserchange/everyone-revert", "-n", &env.ns]);
+    assert!(ok, "{err}");
+    let targets: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    let unique: BTreeSet<&str> = targets.iter().copied().collect();
+    assert_eq!(
+        targets.len(),
+        changed,
+        "every target is reported exactly once"
+    );
+    assert_eq!(unique.len(), changed);
+    assert_eq!(call_groups(&env).await, before, "every call group is back");
+}
+
+const PHONES: &str = "SELECT id, model, COALESCE(label, '') FROM pbx_phone ORDER BY id";
+
+async fn phones(env: &Env) -> Vec<(i64, String, String)> {
+    use sqlx::Row;
+    sqlx::query(sqlx::AssertSqlSafe(PHONES))
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                r.get::<i64, _>(0),
+                r.get::<String, _>(1),
+                r.get::<String, _>(2),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_phone_change_reverted_restores_models_and_labels_and_a_phone_changed_since_is_a_conflict()
+ {
+    let env = Env::start(
+        "undo-phones",
+        LabSpec {
+            db: "sqlite",
+            users: 10,
+            phones: 10,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let before = phones(&env).await;
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkPhoneChange
+metadata: { name: yealinks }
+spec:
+  connectionRef: { name: acme }
+  targets: { groups: [sales, support, engineering], vendors: [Yealink] }
+  fields:
+    model: { value: SIP-T54W, lock: Open }
+    label: { value: "3rd floor", lock: Open }
+"#,
+    );
+    let api: Api<BulkPhoneChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let settled = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            support::eventually(Duration::from_secs(60), name, || async {
+                let b = api.get(name).await.ok()?;
+                let s = b.status.as_ref()?;
+                (s.observed_generation == b.metadata.generation && DONE.contains(&s.phase))
+                    .then_some(b)
+            })
+            .await
+        }
+    };
+    let b = settled("yealinks").await;
+    let s = b.status.unwrap();
+    assert_eq!(s.phase, Phase::Succeeded, "{:?}", s.results);
+    let changed = s.summary.unwrap().changed;
+    assert!(changed >= 2, "{changed} phones changed");
+    // One of them is relabelled by hand afterwards.
+    let moved: i64 = env
+        .sql_one("SELECT MIN(id) FROM pbx_phone WHERE label = '3rd floor'")
+        .await
+        .parse()
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE pbx_phone SET label = 'kitchen' WHERE id = {moved}"
+    )))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let (ok, _, err) = env.cli(&[
+        "revert",
+        "bulkphonechange/yealinks",
+        "-n",
+        &env.ns,
+        "--apply",
+        "--execute",
+    ]);
+    assert!(ok, "{err}");
+    let b = settled("yealinks-revert").await;
+    let s = b.status.unwrap();
+    assert_eq!(s.phase, Phase::PartiallyFailed, "{:?}", s.results);
+    let summary = s.summary.unwrap();
+    assert_eq!(
+        (summary.targets, summary.changed, summary.conflicts),
+        (changed, changed - 1, 1)
+    );
+    let conflict = s
+        .results
+        .iter()
+        .find(|r| r.outcome == Outcome::Conflict)
+        .unwrap();
+    let note = conflict.notes.join("; ");
+    assert!(
+        note.contains("kitchen") && note.contains("3rd floor"),
+        "{note}"
+    );
+    let after = phones(&env).await;
+    for (b, a) in before.iter().zip(&after) {
+        if a.0 == moved {
+            assert_eq!(
+                (a.1.as_str(), a.2.as_str()),
+                ("SIP-T54W", "kitchen"),
+                "a conflict is left alone"
+            );
+        } else {
+            assert_eq!(a, b, "model and label back");
+        }
+    }
+}
