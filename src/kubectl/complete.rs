@@ -33,7 +33,7 @@ pub enum Lookup {
     Namespaces,
 }
 
-const TAKES_TARGET: [&str; 5] = ["plan", "approve", "wait", "results", "--"];
+const TAKES_TARGET: [&str; 6] = ["plan", "approve", "wait", "results", "revert", "--"];
 const VALUE_FLAGS: [&str; 8] = [
     "-n",
     "--namespace",
@@ -272,6 +272,7 @@ mod tests {
                 "wait",
                 "status",
                 "results",
+                "revert",
                 "export",
                 "create",
                 "completion"

@@ -1,5 +1,5 @@
 //! `kubectl pbx`: the same binary run as `kubectl-pbx` (a symlink or a copy under that name on
-//! PATH) is a kubectl plugin: plan, approve, wait, status, results, export, create.
+//! PATH) is a kubectl plugin: plan, approve, wait, status, results, revert, export, create.
 //!
 //! [`format`] is what it prints (pure, unit-tested); [`ops`] reads and patches the resources.
 
@@ -111,6 +111,16 @@ pub enum PluginCommand {
     },
     /// Print the full result CSV of an operation (every target).
     Results { target: String },
+    /// Print the change that undoes a finished buc/bpc (for a GitOps commit); --apply creates it.
+    Revert {
+        target: String,
+        /// Create the revert instead of printing it.
+        #[arg(long)]
+        apply: bool,
+        /// Create it in mode Execute (default Validate: review its plan, then approve it).
+        #[arg(long)]
+        execute: bool,
+    },
     /// Export from a PBX as CSV.
     #[command(subcommand)]
     Export(PluginExport),
@@ -353,6 +363,21 @@ async fn run(plugin: Plugin) -> Result<ExitCode, ops::PluginError> {
                 namespace: ns,
             };
             crate::cli::print_results(&args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Revert {
+            target,
+            apply,
+            execute,
+        } => {
+            let (kind, name) = parse_target(&target)?;
+            let args = crate::cli::revert::RevertArgs {
+                target: format!("{}/{name}", kind.singular()),
+                namespace: ns,
+                apply,
+                execute,
+            };
+            crate::cli::revert::revert(&args).await?;
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::Export(PluginExport::Users(a)) => {
