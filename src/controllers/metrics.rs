@@ -114,6 +114,11 @@ impl Metrics {
             "Final SIP answers to NOTIFYs by code",
             self.notify_answers.clone(),
         );
+        registry.register(
+            "pbx_operator_rpc_bytes_read",
+            "Bytes of JSON-RPC replies read from the PBX",
+            crate::pbx::kamailio::rpc::BYTES_READ.clone(),
+        );
     }
 
     /// Times one PBX call and counts its failure.

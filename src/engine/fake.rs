@@ -318,6 +318,9 @@ impl PbxBackend for Pbx {
         Ok(self.registered.lock().unwrap().clone())
     }
     async fn lookup(&self, ext: &str) -> crate::pbx::Result<Vec<Registration>> {
+        if take(&self.down_registrations) {
+            return Err(down());
+        }
         Ok(self
             .registered
             .lock()

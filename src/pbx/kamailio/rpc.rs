@@ -7,6 +7,11 @@ use serde_json::{Value, json};
 
 use crate::pbx::{PbxError, Registration, Result, SipAnswer};
 
+/// Bytes of JSON-RPC replies read by every client of this process (metric
+/// `pbx_operator_rpc_bytes_read`): what watching the registrar costs.
+pub static BYTES_READ: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
+    std::sync::LazyLock::new(Default::default);
+
 pub struct RpcClient {
     http: reqwest::Client,
     url: String,
@@ -69,6 +74,7 @@ impl RpcClient {
             .text()
             .await
             .map_err(|e| self.transport_error(method, e))?;
+        BYTES_READ.inc_by(text.len() as u64);
         let value: Value = serde_json::from_str(&text).map_err(|_| PbxError::Rpc {
             method: method.into(),
             detail: format!(
