@@ -1181,6 +1181,173 @@ mod tests {
         assert_eq!(of(Intended, Pending), Outcome::InProgress);
     }
 
+    // The sliding window, the contact at send time, notAfter mid-rollout.
+
+    /// `n` registered phones that reboot when told, in one batch.
+    fn fleet(n: usize) -> (Pbx, DyingJournal) {
+        let pbx = Pbx::default();
+        let mut rows = Vec::new();
+        for i in 0..n {
+            let e = ext(i);
+            pbx.registered.lock().unwrap().push(registration(&e));
+            rows.push(restart_row(SelectedPhone {
+                id: Some(i as i64),
+                extension: e.clone(),
+                mac: Some(format!("mac{i}")),
+                vendor: Some("Yealink".into()),
+                model: Some("SIP-T46S".into()),
+                registration: Some(registration(&e)),
+            }));
+        }
+        (pbx, journal(vec![rows]))
+    }
+
+    #[tokio::test]
+    async fn a_silent_phone_holds_one_slot_not_the_window() {
+        const SILENT_FOR: Duration = Duration::from_millis(600);
+        let (pbx, journal) = fleet(16);
+        for i in [0, 5] {
+            pbx.answers.lock().unwrap().insert(ext(i), Answer::Silent);
+        }
+        *pbx.silent_for.lock().unwrap() = SILENT_FOR;
+        let never = || false;
+        let exec = RestartExec {
+            confirm: Duration::from_secs(30),
+            ..restart(&pbx, &journal, &never)
+        };
+        let start = std::time::Instant::now();
+        run_all(&exec, &journal, &[]).await;
+        let rows = stored(&journal);
+        for (i, r) in rows.iter().enumerate() {
+            if i == 0 || i == 5 {
+                assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+                assert!(r.notes.iter().any(|n| n.contains("408")), "{r:?}");
+            } else {
+                assert_eq!(r.outcome, Outcome::Restarted, "{r:?}");
+            }
+        }
+        // The 14 others went through the 2 slots the silent phones left free, all before either
+        // silent phone's 408 (waves of 4 would have waited for it twice).
+        let sent = pbx.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 16);
+        let last_other = sent
+            .iter()
+            .filter(|(e, _, _)| *e != ext(0) && *e != ext(5))
+            .map(|(_, _, at)| at.duration_since(start))
+            .max()
+            .unwrap();
+        assert!(
+            last_other < SILENT_FOR,
+            "the last of the others left {last_other:?} after the start"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_phone_that_moved_since_planning_gets_its_notify_at_the_new_contact() {
+        let (pbx, journal) = fleet(3);
+        // Phone 1 re-registered from another port (a new binding) after the plan was made.
+        {
+            let mut regs = pbx.registered.lock().unwrap();
+            regs[1].contact = format!("sip:{}@192.0.2.1:5099", ext(1));
+            regs[1].call_id = "cid-moved".into();
+            regs[1].last_modified = 5;
+        }
+        let never = || false;
+        let exec = RestartExec {
+            confirm: Duration::from_secs(30),
+            ..restart(&pbx, &journal, &never)
+        };
+        run_all(&exec, &journal, &[]).await;
+        let sent = pbx.sent.lock().unwrap().clone();
+        let to: Vec<&str> = sent
+            .iter()
+            .filter(|(e, _, _)| *e == ext(1))
+            .map(|(_, c, _)| c.as_str())
+            .collect();
+        assert_eq!(to, ["sip:201@192.0.2.1:5099"]);
+        let rows = stored(&journal);
+        // Confirmed by the REGISTER after the NOTIFY, not by the move before it.
+        assert!(
+            rows.iter().all(|r| r.outcome == Outcome::Restarted),
+            "{rows:?}"
+        );
+        let p = rows[1].phone.as_ref().unwrap();
+        assert_eq!(
+            p.contact.as_deref(),
+            Some("sip:201@192.0.2.1:5060"),
+            "the plan"
+        );
+        assert_eq!(p.sent_to.as_ref().unwrap().call_id, "cid-moved");
+        // Where it went is progress, not plan: the stored plan's digest still holds.
+        let planned: Vec<Row> = rows
+            .iter()
+            .map(|r| Row {
+                phone: r.phone.clone().map(|p| PhoneTarget {
+                    sent_at: None,
+                    sent_to: None,
+                    ..p
+                }),
+                ..r.clone()
+            })
+            .collect();
+        assert_eq!(
+            crate::plan::stored::plan_digest(&rows),
+            crate::plan::stored::plan_digest(&planned)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_phone_unregistered_since_planning_is_not_sent() {
+        let (pbx, journal) = fleet(2);
+        pbx.registered.lock().unwrap().remove(0);
+        let never = || false;
+        let exec = restart(&pbx, &journal, &never);
+        run_all(&exec, &journal, &[]).await;
+        let rows = stored(&journal);
+        assert_eq!(rows[0].outcome, Outcome::Failed, "{rows:?}");
+        assert!(rows[0].notes[0].contains("no live SIP registration"));
+        assert_eq!(pbx.sent.lock().unwrap().len(), 1);
+    }
+
+    /// Holds every NOTIFY for a while, as a slow rate limit does.
+    struct Slow(Duration);
+
+    #[async_trait]
+    impl Pace for Slow {
+        async fn acquire(&self) {
+            tokio::time::sleep(self.0).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn not_after_passing_mid_rollout_expires_the_unsent_and_confirms_those_in_flight() {
+        let (pbx, journal) = fleet(6);
+        let never = || false;
+        // The first two are under way (recorded, held by the pace) when notAfter passes.
+        let slow = Slow(Duration::from_millis(1100));
+        let exec = RestartExec {
+            max_in_flight: 2,
+            paces: vec![&slow],
+            confirm: Duration::from_secs(30),
+            not_after: Some(now()),
+            ..restart(&pbx, &journal, &never)
+        };
+        run_all(&exec, &journal, &[]).await;
+        let outcomes: Vec<Outcome> = stored(&journal).iter().map(|r| r.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Restarted,
+                Outcome::Restarted,
+                Outcome::Expired,
+                Outcome::Expired,
+                Outcome::Expired,
+                Outcome::Expired
+            ]
+        );
+        assert_eq!(pbx.sent.lock().unwrap().len(), 2);
+    }
+
     // BulkPhoneChange's writes.
 
     fn phone(i: usize, model: &str) -> Phone {
