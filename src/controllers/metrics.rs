@@ -116,7 +116,7 @@ impl Metrics {
         );
         registry.register(
             "pbx_operator_rpc_bytes_read",
-            "Bytes of JSON-RPC replies read from the PBX",
+            "Bytes of JSON-RPC replies read from the PBX, by method",
             crate::pbx::kamailio::rpc::BYTES_READ.clone(),
         );
     }
