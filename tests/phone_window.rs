@@ -7,7 +7,8 @@ mod support;
 use std::time::Duration;
 
 use kube::Api;
-use pbx_operator::api::{Outcome, Phase, PhoneRestart};
+use kube::api::{Patch, PatchParams};
+use pbx_operator::api::{Outcome, PbxConnection, Phase, PhoneRestart};
 use support::eventually;
 use support::lab::LabSpec;
 use support::pbx::Env;
@@ -105,4 +106,119 @@ spec:
         gap < limit,
         "the phones waited {gap:.3} s for the next NOTIFY (at {after:.3} s): a silent phone stalled the others"
     );
+}
+
+/// `rateLimits.notifiesPerSecond` shared by two restarts running at once: 2 x 60 phones, the
+/// connection allowing 20 NOTIFYs/s, each restart 15/s by its own `perSecond` (30/s together
+/// without the shared limit). Measured at the phones (SIPp's log of each NOTIFY's arrival): the
+/// rate across both within 5% of 20/s, and neither restart over its own 15/s.
+#[tokio::test]
+async fn two_restarts_share_the_connections_rate_within_5_percent() {
+    const PER_SECOND: f64 = 20.0;
+    const OWN: usize = 15;
+    let env = Env::start_full(
+        "prs-shared",
+        LabSpec {
+            db: "sqlite",
+            users: 120,
+            phones: 120,
+            ..Default::default()
+        },
+        &["--boot-ms", "300"],
+        false,
+        &[],
+    )
+    .await;
+    let conns: Api<PbxConnection> = Api::namespaced(env.client.clone(), &env.ns);
+    conns
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+                "spec": { "rateLimits": { "notifiesPerSecond": PER_SECOND as u32 } }
+            })),
+        )
+        .await
+        .unwrap();
+    let phones = env.lab.list("LAB_PHONES_REBOOT");
+    assert_eq!(phones.len(), 120);
+    let restart = |name: &str, exts: &[String]| {
+        format!(
+            r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PhoneRestart
+metadata: {{ name: {name} }}
+spec:
+  connectionRef: {{ name: acme }}
+  targets: {{ extensions: [{}] }}
+  rollout: {{ maxInFlight: 40, perSecond: {OWN} }}
+  confirm: {{ timeout: 20s }}
+"#,
+            exts.iter()
+                .map(|e| format!("\"{e}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    env.apply(&format!(
+        "{}---\n{}",
+        restart("first", &phones[..60]),
+        restart("second", &phones[60..])
+    ));
+    let api: Api<PhoneRestart> = Api::namespaced(env.client.clone(), &env.ns);
+    for name in ["first", "second"] {
+        let p = eventually(
+            Duration::from_secs(120),
+            "the restarts to finish",
+            || async {
+                let p = api.get(name).await.ok()?;
+                matches!(
+                    p.status.as_ref()?.phase,
+                    Phase::Succeeded | Phase::PartiallyFailed | Phase::Failed
+                )
+                .then_some(p)
+            },
+        )
+        .await;
+        let s = p.status.unwrap();
+        assert_eq!(s.phase, Phase::Succeeded, "{name}: {:?}", s.results);
+    }
+    let times = env.lab.notify_times();
+    assert_eq!(times.len(), 120, "one NOTIFY per phone");
+    // While both ran: from the later first NOTIFY of the two to the earlier last one.
+    let of = |first: bool| -> Vec<f64> {
+        times
+            .iter()
+            .filter(|(_, e)| phones[..60].contains(e) == first)
+            .map(|(t, _)| *t)
+            .collect()
+    };
+    let (a, b) = (of(true), of(false));
+    let from = a[0].max(b[0]);
+    let to = a[59].min(b[59]);
+    assert!(
+        to - from > 2.0,
+        "the two restarts did not overlap: {from} .. {to}"
+    );
+    let together = times.iter().filter(|(t, _)| *t >= from && *t <= to).count();
+    let rate = (together - 1) as f64 / (to - from);
+    eprintln!(
+        "at the phones: {together} NOTIFYs in {:.3} s while both ran = {rate:.2}/s (limit {PER_SECOND}/s)",
+        to - from
+    );
+    assert!(
+        (rate - PER_SECOND).abs() <= PER_SECOND * 0.05,
+        "{rate:.2} NOTIFYs/s across both restarts, the connection allows {PER_SECOND}/s"
+    );
+    for (name, own) in [("first", &a), ("second", &b)] {
+        let most = own
+            .iter()
+            .enumerate()
+            .map(|(i, t)| own[i..].iter().take_while(|u| **u < t + 1.0).count())
+            .max()
+            .unwrap();
+        assert!(
+            most <= OWN + 1,
+            "{name}: {most} NOTIFYs within one second, its perSecond is {OWN}"
+        );
+    }
 }

@@ -1,12 +1,16 @@
 //! Executes stored phone rows: PhoneRestart's NOTIFYs, each confirmed by the phone's fresh
 //! REGISTER, and BulkPhoneChange's field writes.
 //!
-//! A restart sends in waves of `maxInFlight`: the wave's NOTIFY steps are recorded as intended
-//! (with the time they leave) before any of them is sent, their answers after, and the wave's
-//! confirmations once every phone of it re-registered or its wait ended. A NOTIFY is sent only
-//! from a step recorded Pending, and the record that makes it Intended comes first, so no phone
-//! gets two NOTIFYs from one run whatever crashes: a NOTIFY found Intended after a restart is
-//! never sent again, it is confirmed by a fresh REGISTER or reported Uncertain (a retry sends
+//! A restart keeps a sliding window of at most `maxInFlight` phones sent and not yet settled:
+//! a phone frees its slot when its answer fails it (a silent phone: tm's 408 after fr_timer),
+//! when its fresh REGISTER confirms it, or when its confirmation time ends, and the next phone
+//! takes the slot. Each group of NOTIFYs that fills free slots is recorded as intended (with the
+//! contact read from the registrar at that moment, `sentTo`, and the time they leave) before any
+//! of them is sent; answers and confirmations are recorded at each poll. Confirmation looks up
+//! only the phones in flight (`ul.lookup` per AoR), never the whole registrar. A NOTIFY is sent
+//! only from a step recorded Pending, and the record that makes it Intended comes first, so no
+//! phone gets two NOTIFYs from one run whatever crashes: a NOTIFY found Intended after a restart
+//! is never sent again, it is confirmed by a fresh REGISTER or reported Uncertain (a retry sends
 //! it once more). Confirmation has no side effect: a restarted operator simply goes on watching.
 //!
 //! Field writes are compare-and-set against the planned values, recorded as intended before and
@@ -107,7 +111,8 @@ pub const UNCONFIRMED: &str = "uncertain: the operator restarted after recording
 pub struct RestartExec<'a> {
     pub backend: &'a dyn PbxBackend,
     pub journal: &'a dyn Journal,
-    /// Asked between waves and between confirmation polls: true once the operator is stopping.
+    /// Asked before each new group of NOTIFYs: true once the operator is stopping (no new ones
+    /// leave; those under way are answered and recorded).
     pub stopping: &'a (dyn Fn() -> bool + Sync),
     /// true: reboot; false: resync only.
     pub reboot: bool,
@@ -119,7 +124,7 @@ pub struct RestartExec<'a> {
     pub confirm: Duration,
     /// Unix seconds after which no NOTIFY is sent (the rest are Expired).
     pub not_after: Option<i64>,
-    /// How often registrations are read while confirming.
+    /// How often the registrations of the phones in flight are looked up while confirming.
     pub poll: Duration,
     /// Told every SIP answer code (metrics).
     pub on_answer: &'a (dyn Fn(u16) + Sync),
@@ -152,81 +157,114 @@ impl Executor for RestartExec<'_> {
         })
         .into();
         let window = self.max_in_flight.max(1);
-        let mut sends = futures::stream::FuturesUnordered::new();
-        let mut error: Option<PbxError> = None;
-        let mut stopped = false;
-        let mut next_poll = tokio::time::Instant::now();
-        loop {
-            if !stopped && error.is_none() && (self.stopping)() {
-                stopped = true;
-            }
-            let feeding = !stopped && error.is_none();
-            if feeding && !pending.is_empty() && self.not_after.is_some_and(|na| now() > na) {
-                for (b, i) in pending.drain(..) {
-                    let row = &mut batches[b].rows[i];
-                    set(row, StepKind::Notify, StepState::Skipped);
-                    set(row, StepKind::Confirm, StepState::Skipped);
-                    row.outcome = Outcome::Expired;
-                    row.notes
-                        .push("notAfter passed before this phone's turn: not sent".into());
-                    batches[b].dirty = true;
-                }
-            }
-            let free = window.saturating_sub(watching.len() + sends.len());
-            if feeding && free > 0 && !pending.is_empty() {
-                let group: Vec<At> = pending.drain(..free.min(pending.len())).collect();
-                match self.read_contacts(batches, &group).await {
-                    Ok(to_send) => {
-                        // The intent is recorded before any NOTIFY of this group leaves.
-                        save(self.journal, batches).await?;
-                        for (at, registration, event) in to_send {
-                            sends.push(self.send_one(at, registration, event));
+        let rpcs = tokio::sync::Semaphore::new(NOTIFIES_AT_ONCE);
+        // NOTIFYs go out from their own loop, which runs beside this one (same task), so they
+        // keep leaving at their rate limits' slots while this one records or looks phones up.
+        let (to_send, mut queued) =
+            tokio::sync::mpsc::unbounded_channel::<(At, Registration, &'static str)>();
+        let (answer_tx, mut answers) = tokio::sync::mpsc::unbounded_channel::<Sent>();
+        let sender = async {
+            let mut sends = futures::stream::FuturesUnordered::new();
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    next = queued.recv(), if open => match next {
+                        Some((at, registration, event)) => {
+                            sends.push(self.send_one(&rpcs, at, registration, event));
                         }
+                        None => open = false,
+                    },
+                    Some(sent) = sends.next(), if !sends.is_empty() => {
+                        let _ = answer_tx.send(sent);
                     }
-                    // Nothing of the group was recorded as under way: it stays planned.
-                    Err(e) => error = Some(e),
+                    else => break,
                 }
             }
-            let sending = !sends.is_empty();
-            if !sending && (watching.is_empty() || stopped || error.is_some()) {
-                if pending.is_empty() || stopped || error.is_some() {
-                    break;
+        };
+        let main = async move {
+            let mut outstanding = 0usize;
+            let mut error: Option<PbxError> = None;
+            let mut stopped = false;
+            let mut next_poll = tokio::time::Instant::now();
+            loop {
+                if !stopped && error.is_none() && (self.stopping)() {
+                    stopped = true;
                 }
-                continue;
-            }
-            tokio::select! {
-                Some((at, sent_at, answer)) = sends.next(), if sending => {
-                    if let Some(e) = self.answered(batches, at, sent_at, answer) {
-                        error.get_or_insert(e);
-                    }
-                    if state_of(&batches[at.0].rows[at.1], StepKind::Notify)
-                        == Some(StepState::Done)
-                    {
-                        watching.push(at);
+                let feeding = !stopped && error.is_none();
+                if feeding && !pending.is_empty() && self.not_after.is_some_and(|na| now() > na) {
+                    for (b, i) in pending.drain(..) {
+                        let row = &mut batches[b].rows[i];
+                        set(row, StepKind::Notify, StepState::Skipped);
+                        set(row, StepKind::Confirm, StepState::Skipped);
+                        row.outcome = Outcome::Expired;
+                        row.notes
+                            .push("notAfter passed before this phone's turn: not sent".into());
+                        batches[b].dirty = true;
                     }
                 }
-                _ = tokio::time::sleep_until(next_poll), if !watching.is_empty() && !stopped && error.is_none() => {
-                    match self.confirm_round(batches, &mut watching).await {
-                        Ok(()) => save(self.journal, batches).await?,
-                        Err(e) => {
+                let free = window.saturating_sub(watching.len() + outstanding);
+                if feeding && free > 0 && !pending.is_empty() {
+                    let group: Vec<At> = pending.drain(..free.min(pending.len())).collect();
+                    match self.read_contacts(batches, &group).await {
+                        Ok(ready) => {
+                            // The intent is recorded before any NOTIFY of this group leaves.
+                            save(self.journal, batches).await?;
+                            for item in ready {
+                                outstanding += 1;
+                                let _ = to_send.send(item);
+                            }
+                        }
+                        // Nothing of the group was recorded as under way: it stays planned.
+                        Err(e) => error = Some(e),
+                    }
+                }
+                let sending = outstanding > 0;
+                if !sending && (watching.is_empty() || stopped || error.is_some()) {
+                    if pending.is_empty() || stopped || error.is_some() {
+                        break;
+                    }
+                    continue;
+                }
+                let polling = !watching.is_empty() && !stopped && error.is_none();
+                tokio::select! {
+                    Some((at, sent_at, answer)) = answers.recv(), if sending => {
+                        outstanding -= 1;
+                        if let Some(e) = self.answered(batches, at, sent_at, answer) {
                             error.get_or_insert(e);
                         }
+                        if state_of(&batches[at.0].rows[at.1], StepKind::Notify)
+                            == Some(StepState::Done)
+                        {
+                            watching.push(at);
+                        }
                     }
-                    next_poll = tokio::time::Instant::now() + self.poll;
+                    _ = tokio::time::sleep_until(next_poll), if polling => {
+                        match self.confirm_round(batches, &mut watching).await {
+                            Ok(()) => save(self.journal, batches).await?,
+                            Err(e) => {
+                                error.get_or_insert(e);
+                            }
+                        }
+                        next_poll = tokio::time::Instant::now() + self.poll;
+                    }
                 }
             }
-        }
-        save(self.journal, batches).await?;
-        if let Some(e) = error {
-            // What a transient error interrupted stays Intended: uncertain, never sent again;
-            // confirmations under way are taken up by the next attempt.
-            return Err(e.into());
-        }
-        if stopped && (!watching.is_empty() || !pending.is_empty()) {
-            // Answers are recorded; the next operator goes on watching and sending.
-            return Ok(Ended::Stopped);
-        }
-        Ok(Ended::Finished)
+            // No more NOTIFYs: the sender ends once those under way are answered.
+            drop(to_send);
+            save(self.journal, batches).await?;
+            if let Some(e) = error {
+                // What a transient error interrupted stays Intended: uncertain, never sent
+                // again; confirmations under way are taken up by the next attempt.
+                return Err(e.into());
+            }
+            if stopped && (!watching.is_empty() || !pending.is_empty()) {
+                // Answers are recorded; the next operator goes on watching and sending.
+                return Ok(Ended::Stopped);
+            }
+            Ok(Ended::Finished)
+        };
+        let (ended, ()) = tokio::join!(main, sender);
+        ended
     }
 }
 
@@ -309,14 +347,17 @@ impl RestartExec<'_> {
         Ok(out)
     }
 
-    /// One NOTIFY, leaving when every rate limit gives it a slot.
-    fn send_one(
-        &self,
+    /// One NOTIFY, leaving when one of the NOTIFY requests the PBX is asked at once is free
+    /// and every rate limit gives it a slot.
+    fn send_one<'s>(
+        &'s self,
+        rpcs: &'s tokio::sync::Semaphore,
         at: At,
         registration: Registration,
         event: &'static str,
-    ) -> impl std::future::Future<Output = Sent> + Send + '_ {
+    ) -> impl std::future::Future<Output = Sent> + Send + 's {
         async move {
+            let _permit = rpcs.acquire().await.expect("never closed");
             for pace in &self.paces {
                 pace.acquire().await;
             }
@@ -405,6 +446,11 @@ impl RestartExec<'_> {
 /// Lookups in flight at once, for reading contacts and confirming.
 const LOOKUPS_AT_ONCE: usize = 16;
 
+/// NOTIFY requests (each a `tm.t_uac_wait` over its own HTTP request) asked of the PBX at once,
+/// whatever the window: thousands at once only queue up in its RPC workers and connections. A
+/// silent phone holds one until tm's 408.
+const NOTIFIES_AT_ONCE: usize = 64;
+
 /// Of an extension's live registrations, the planned phone's: the same vendor (by User-Agent),
 /// the same binding (Call-ID) when it still exists, else its most recent one.
 fn live_registration(p: &PhoneTarget, regs: &[Registration]) -> Option<Registration> {
@@ -434,7 +480,7 @@ fn is_fresh(p: &PhoneTarget, regs: &[Registration]) -> bool {
 }
 
 /// Readies a restart row: a NOTIFY recorded as under way becomes uncertain (see
-/// [`steps::resume`]). A row stays Planned until its wave (status counts InProgress as in
+/// [`steps::resume`]). A row stays Planned until its slot (status counts InProgress as in
 /// flight). Rows stored by an operator from before steps get them (an InProgress one was
 /// recorded so before its NOTIFY). Returns whether the row changed.
 fn begin_restart(row: &mut Row) -> bool {
