@@ -13,12 +13,12 @@ use support::eventually;
 use support::lab::LabSpec;
 use support::pbx::Env;
 
-const FR_TIMER_MS: u64 = 3000;
+const FR_TIMER_MS: u64 = 6000;
 
 /// 60 phones, 5 of them silent and spread among the others (one in every 12), a window of 10.
 /// In waves of 10 each wave would hold a silent phone and stall for its `fr_timer`: NOTIFYs would
-/// reach the phones in bursts some 3 s apart. With a window, the phones (SIPp's log of each
-/// NOTIFY's arrival, one wall clock) never wait that long for the next NOTIFY.
+/// reach the phones in bursts some 5 s apart (fr_timer 6 s). With a window, the phones (SIPp's
+/// log of each NOTIFY's arrival, one wall clock) never wait half of fr_timer for the next one.
 #[tokio::test]
 async fn silent_phones_hold_one_slot_each_and_fail_with_408() {
     let env = Env::start_full(
