@@ -349,21 +349,19 @@ impl RestartExec<'_> {
 
     /// One NOTIFY, leaving when one of the NOTIFY requests the PBX is asked at once is free
     /// and every rate limit gives it a slot.
-    fn send_one<'s>(
-        &'s self,
-        rpcs: &'s tokio::sync::Semaphore,
+    async fn send_one(
+        &self,
+        rpcs: &tokio::sync::Semaphore,
         at: At,
         registration: Registration,
         event: &'static str,
-    ) -> impl std::future::Future<Output = Sent> + Send + 's {
-        async move {
-            let _permit = rpcs.acquire().await.expect("never closed");
-            for pace in &self.paces {
-                pace.acquire().await;
-            }
-            let sent_at = now();
-            (at, sent_at, self.backend.notify(&registration, event).await)
+    ) -> Sent {
+        let _permit = rpcs.acquire().await.expect("never closed");
+        for pace in &self.paces {
+            pace.acquire().await;
         }
+        let sent_at = now();
+        (at, sent_at, self.backend.notify(&registration, event).await)
     }
 
     /// Records a NOTIFY's answer; returns a transient error (its phone's step stays Intended).
