@@ -121,6 +121,11 @@ impl Metrics {
             self.notify_answers.clone(),
         );
         registry.register_collector(Box::new(ObjectsCollector(self.objects.clone())));
+        registry.register(
+            "pbx_operator_rpc_bytes_read",
+            "Bytes of JSON-RPC replies read from the PBX, by method",
+            crate::pbx::kamailio::rpc::BYTES_READ.clone(),
+        );
     }
 
     /// Times one PBX call and counts its failure.

@@ -217,7 +217,7 @@ async fn execute(run: &Run<'_, PhoneRestart>, status: PhoneRestartStatus) -> Res
 }
 
 /// The run's journal, which also shows people the counts after every record, not only after
-/// every batch: a batch of restarts takes many waves, each confirmed over seconds or minutes.
+/// every batch: a batch of restarts takes many slots' turns, each confirmed over seconds or minutes.
 struct Live<'a, 'r> {
     run: &'r Run<'a, PhoneRestart>,
     /// The status as the run started, the batches finished before it, each batch as recorded.

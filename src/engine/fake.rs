@@ -41,6 +41,11 @@ pub struct Pbx {
     pub recycle_log: Mutex<Vec<(&'static str, String)>>,
     /// A failure injected into reset_users, drop_registrations or recycle_users.
     pub fault: Mutex<Option<Fault>>,
+    // PhoneRestart's window
+    /// How long a Silent phone's NOTIFY waits before its 408 (tm's fr_timer); zero by default.
+    pub silent_for: Mutex<std::time::Duration>,
+    /// Every NOTIFY sent: (extension, contact, when it left).
+    pub sent: Mutex<Vec<(String, String, std::time::Instant)>>,
 }
 
 /// How a fake phone answers a NOTIFY.
@@ -318,6 +323,9 @@ impl PbxBackend for Pbx {
         Ok(self.registered.lock().unwrap().clone())
     }
     async fn lookup(&self, ext: &str) -> crate::pbx::Result<Vec<Registration>> {
+        if take(&self.down_registrations) {
+            return Err(down());
+        }
         Ok(self
             .registered
             .lock()
@@ -349,7 +357,16 @@ impl PbxBackend for Pbx {
             .unwrap()
             .entry(to.extension.clone())
             .or_default() += 1;
+        self.sent.lock().unwrap().push((
+            to.extension.clone(),
+            to.contact.clone(),
+            std::time::Instant::now(),
+        ));
         let lost = take(&self.down_notify);
+        if answer == Answer::Silent {
+            let wait = *self.silent_for.lock().unwrap();
+            tokio::time::sleep(wait).await;
+        }
         let answer = match answer {
             Answer::Silent => SipAnswer {
                 code: 408,

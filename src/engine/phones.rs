@@ -1,12 +1,16 @@
 //! Executes stored phone rows: PhoneRestart's NOTIFYs, each confirmed by the phone's fresh
 //! REGISTER, and BulkPhoneChange's field writes.
 //!
-//! A restart sends in waves of `maxInFlight`: the wave's NOTIFY steps are recorded as intended
-//! (with the time they leave) before any of them is sent, their answers after, and the wave's
-//! confirmations once every phone of it re-registered or its wait ended. A NOTIFY is sent only
-//! from a step recorded Pending, and the record that makes it Intended comes first, so no phone
-//! gets two NOTIFYs from one run whatever crashes: a NOTIFY found Intended after a restart is
-//! never sent again, it is confirmed by a fresh REGISTER or reported Uncertain (a retry sends
+//! A restart keeps a sliding window of at most `maxInFlight` phones sent and not yet settled:
+//! a phone frees its slot when its answer fails it (a silent phone: tm's 408 after fr_timer),
+//! when its fresh REGISTER confirms it, or when its confirmation time ends, and the next phone
+//! takes the slot. Each group of NOTIFYs that fills free slots is recorded as intended (with the
+//! contact read from the registrar at that moment, `sentTo`, and the time they leave) before any
+//! of them is sent; answers and confirmations are recorded at each poll. Confirmation looks up
+//! only the phones in flight (`ul.lookup` per AoR), never the whole registrar. A NOTIFY is sent
+//! only from a step recorded Pending, and the record that makes it Intended comes first, so no
+//! phone gets two NOTIFYs from one run whatever crashes: a NOTIFY found Intended after a restart
+//! is never sent again, it is confirmed by a fresh REGISTER or reported Uncertain (a retry sends
 //! it once more). Confirmation has no side effect: a restarted operator simply goes on watching.
 //!
 //! Field writes are compare-and-set against the planned values, recorded as intended before and
@@ -24,10 +28,10 @@ use super::steps;
 use super::{At, Batch, Ended, Error, Executor, Journal, at_all, state_of};
 use crate::api::{BulkPhoneChangeSpec, Outcome, PhoneTargets, Plan};
 use crate::pbx::{
-    PbxBackend, PbxError, PhoneField, Registration, UserSelection, WriteOutcome, sip,
+    PbxBackend, PbxError, PhoneField, Registration, SipAnswer, UserSelection, WriteOutcome, sip,
 };
 use crate::plan::phones::{self as phone_plan, PhoneFilter, phone_field, restart_steps};
-use crate::plan::stored::{Row, Step, StepKind, StepState};
+use crate::plan::stored::{PhoneTarget, Row, SentTo, Step, StepKind, StepState};
 
 /// The selected users' phones, filtered, with their live registrations when `registered`.
 async fn selected(
@@ -107,7 +111,8 @@ pub const UNCONFIRMED: &str = "uncertain: the operator restarted after recording
 pub struct RestartExec<'a> {
     pub backend: &'a dyn PbxBackend,
     pub journal: &'a dyn Journal,
-    /// Asked between waves and between confirmation polls: true once the operator is stopping.
+    /// Asked before each new group of NOTIFYs: true once the operator is stopping (no new ones
+    /// leave; those under way are answered and recorded).
     pub stopping: &'a (dyn Fn() -> bool + Sync),
     /// true: reboot; false: resync only.
     pub reboot: bool,
@@ -119,7 +124,7 @@ pub struct RestartExec<'a> {
     pub confirm: Duration,
     /// Unix seconds after which no NOTIFY is sent (the rest are Expired).
     pub not_after: Option<i64>,
-    /// How often registrations are read while confirming.
+    /// How often the registrations of the phones in flight are looked up while confirming.
     pub poll: Duration,
     /// Told every SIP answer code (metrics).
     pub on_answer: &'a (dyn Fn(u16) + Sync),
@@ -127,6 +132,11 @@ pub struct RestartExec<'a> {
 
 #[async_trait]
 impl Executor for RestartExec<'_> {
+    /// A sliding window: up to `maxInFlight` phones sent and not yet settled at any moment; a
+    /// phone frees its slot when its answer fails it, when its fresh REGISTER confirms it, or when
+    /// its confirmation time ends, and the next phone takes it (so a silent phone holds one slot
+    /// until tm gives up on it, never a whole group). Each new group of NOTIFYs is recorded as
+    /// intended before any of them leaves; answers and confirmations are recorded at each poll.
     async fn run(&self, batches: &mut [Batch]) -> Result<Ended, Error> {
         for batch in batches.iter_mut() {
             for row in batch.rows.iter_mut() {
@@ -134,190 +144,341 @@ impl Executor for RestartExec<'_> {
             }
         }
         save(self.journal, batches).await?;
-        // Confirmations under way when the operator stopped come first, so maxInFlight holds.
-        let resumed = at_all(batches, |r| {
+        // Confirmations under way when the operator stopped hold their slots first.
+        let mut watching = at_all(batches, |r| {
             r.outcome == Outcome::InProgress
                 && matches!(
                     state_of(r, StepKind::Notify),
                     Some(StepState::Done | StepState::Uncertain)
                 )
         });
-        if self.confirm(batches, &resumed).await? == Ended::Stopped {
-            return Ok(Ended::Stopped);
-        }
-        let planned = at_all(batches, |r| {
+        let mut pending: std::collections::VecDeque<At> = at_all(batches, |r| {
             !r.is_final() && state_of(r, StepKind::Notify) == Some(StepState::Pending)
-        });
-        for wave in planned.chunks(self.max_in_flight.max(1)) {
-            if (self.stopping)() {
-                save(self.journal, batches).await?;
-                return Ok(Ended::Stopped);
-            }
-            if self.not_after.is_some_and(|na| now() > na) {
-                for &(b, i) in wave {
-                    let row = &mut batches[b].rows[i];
-                    set(row, StepKind::Notify, StepState::Skipped);
-                    set(row, StepKind::Confirm, StepState::Skipped);
-                    row.outcome = Outcome::Expired;
-                    row.notes
-                        .push("notAfter passed before this phone's turn: not sent".into());
-                    batches[b].dirty = true;
+        })
+        .into();
+        let window = self.max_in_flight.max(1);
+        let rpcs = tokio::sync::Semaphore::new(NOTIFIES_AT_ONCE);
+        // NOTIFYs go out from their own loop, which runs beside this one (same task), so they
+        // keep leaving at their rate limits' slots while this one records or looks phones up.
+        let (to_send, mut queued) =
+            tokio::sync::mpsc::unbounded_channel::<(At, Registration, &'static str)>();
+        let (answer_tx, mut answers) = tokio::sync::mpsc::unbounded_channel::<Sent>();
+        let sender = async {
+            let mut sends = futures::stream::FuturesUnordered::new();
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    next = queued.recv(), if open => match next {
+                        Some((at, registration, event)) => {
+                            sends.push(self.send_one(&rpcs, at, registration, event));
+                        }
+                        None => open = false,
+                    },
+                    Some(sent) = sends.next(), if !sends.is_empty() => {
+                        let _ = answer_tx.send(sent);
+                    }
+                    else => break,
                 }
-                continue;
             }
-            let sent_at = now();
-            for &(b, i) in wave {
-                let row = &mut batches[b].rows[i];
-                row.outcome = Outcome::InProgress;
-                set(row, StepKind::Notify, StepState::Intended);
-                if let Some(p) = row.phone.as_mut() {
-                    p.sent_at = Some(sent_at);
+        };
+        let main = async move {
+            let mut outstanding = 0usize;
+            let mut error: Option<PbxError> = None;
+            let mut stopped = false;
+            let mut next_poll = tokio::time::Instant::now();
+            loop {
+                if !stopped && error.is_none() && (self.stopping)() {
+                    stopped = true;
                 }
-                batches[b].dirty = true;
+                let feeding = !stopped && error.is_none();
+                if feeding && !pending.is_empty() && self.not_after.is_some_and(|na| now() > na) {
+                    for (b, i) in pending.drain(..) {
+                        let row = &mut batches[b].rows[i];
+                        set(row, StepKind::Notify, StepState::Skipped);
+                        set(row, StepKind::Confirm, StepState::Skipped);
+                        row.outcome = Outcome::Expired;
+                        row.notes
+                            .push("notAfter passed before this phone's turn: not sent".into());
+                        batches[b].dirty = true;
+                    }
+                }
+                let free = window.saturating_sub(watching.len() + outstanding);
+                if feeding && free > 0 && !pending.is_empty() {
+                    let group: Vec<At> = pending.drain(..free.min(pending.len())).collect();
+                    match self.read_contacts(batches, &group).await {
+                        Ok(ready) => {
+                            // The intent is recorded before any NOTIFY of this group leaves.
+                            save(self.journal, batches).await?;
+                            for item in ready {
+                                outstanding += 1;
+                                let _ = to_send.send(item);
+                            }
+                        }
+                        // Nothing of the group was recorded as under way: it stays planned.
+                        Err(e) => error = Some(e),
+                    }
+                }
+                let sending = outstanding > 0;
+                if !sending && (watching.is_empty() || stopped || error.is_some()) {
+                    if pending.is_empty() || stopped || error.is_some() {
+                        break;
+                    }
+                    continue;
+                }
+                let polling = !watching.is_empty() && !stopped && error.is_none();
+                tokio::select! {
+                    Some((at, sent_at, answer)) = answers.recv(), if sending => {
+                        outstanding -= 1;
+                        if let Some(e) = self.answered(batches, at, sent_at, answer) {
+                            error.get_or_insert(e);
+                        }
+                        if state_of(&batches[at.0].rows[at.1], StepKind::Notify)
+                            == Some(StepState::Done)
+                        {
+                            watching.push(at);
+                        }
+                    }
+                    _ = tokio::time::sleep_until(next_poll), if polling => {
+                        match self.confirm_round(batches, &mut watching).await {
+                            Ok(()) => save(self.journal, batches).await?,
+                            Err(e) => {
+                                error.get_or_insert(e);
+                            }
+                        }
+                        next_poll = tokio::time::Instant::now() + self.poll;
+                    }
+                }
             }
-            // The intent is recorded before any NOTIFY of this wave leaves.
+            // No more NOTIFYs: the sender ends once those under way are answered.
+            drop(to_send);
             save(self.journal, batches).await?;
-            let transient = self.send(batches, wave).await;
-            save(self.journal, batches).await?;
-            if let Some(e) = transient {
-                // What this error interrupted stays Intended: uncertain, never sent again.
+            if let Some(e) = error {
+                // What a transient error interrupted stays Intended: uncertain, never sent
+                // again; confirmations under way are taken up by the next attempt.
                 return Err(e.into());
             }
-            let sent: Vec<At> = wave
-                .iter()
-                .copied()
-                .filter(|&(b, i)| {
-                    state_of(&batches[b].rows[i], StepKind::Notify) == Some(StepState::Done)
-                })
-                .collect();
-            if self.confirm(batches, &sent).await? == Ended::Stopped {
+            if stopped && (!watching.is_empty() || !pending.is_empty()) {
+                // Answers are recorded; the next operator goes on watching and sending.
                 return Ok(Ended::Stopped);
             }
-        }
-        save(self.journal, batches).await?;
-        Ok(Ended::Finished)
+            Ok(Ended::Finished)
+        };
+        let (ended, ()) = tokio::join!(main, sender);
+        ended
     }
 }
 
+/// What a NOTIFY's send yields: the phone, when it left, the answer.
+type Sent = (At, i64, Result<SipAnswer, PbxError>);
+
 impl RestartExec<'_> {
-    /// One NOTIFY to each phone of a wave, all at once, each leaving when every rate limit gives
-    /// it a slot. Returns the first transient error: its phone's step stays Intended.
-    async fn send(&self, batches: &mut [Batch], wave: &[At]) -> Option<PbxError> {
-        let mut sends = futures::stream::FuturesUnordered::new();
-        for &at in wave {
-            let p = batches[at.0].rows[at.1].phone.clone().unwrap_or_default();
-            let registration = Registration {
-                extension: p.extension.clone(),
-                contact: p.contact.clone().unwrap_or_default(),
-                received: p.received.clone(),
-                socket: p.socket.clone(),
-                user_agent: p.user_agent.clone(),
-                call_id: p.call_id.clone(),
-                last_modified: p.last_modified,
-                expires: 0,
+    /// Reads, at send time, the live registration of each phone of a group: its NOTIFY goes to
+    /// the contact the phone has now (it may have re-registered from another address or port
+    /// since planning), and its fresh REGISTER is recognised against that registration. A phone
+    /// with no registration left is Failed (not sent); the others are recorded Intended, with
+    /// where they are sent. Returns what to send.
+    async fn read_contacts(
+        &self,
+        batches: &mut [Batch],
+        group: &[At],
+    ) -> Result<Vec<(At, Registration, &'static str)>, PbxError> {
+        let current = self.lookup_all(batches, group).await?;
+        let mut out = Vec::with_capacity(group.len());
+        for &(b, i) in group {
+            batches[b].dirty = true;
+            let row = &mut batches[b].rows[i];
+            let p = row.phone.clone().unwrap_or_default();
+            let Some(live) = current
+                .get(&p.extension)
+                .and_then(|regs| live_registration(&p, regs))
+            else {
+                fail(
+                    row,
+                    "no live SIP registration any more when its turn came: not sent".into(),
+                );
+                continue;
             };
+            row.outcome = Outcome::InProgress;
+            set(row, StepKind::Notify, StepState::Intended);
+            if let Some(p) = row.phone.as_mut() {
+                p.sent_at = Some(now());
+                p.sent_to = Some(SentTo {
+                    contact: live.contact.clone(),
+                    received: live.received.clone(),
+                    socket: live.socket.clone(),
+                    call_id: live.call_id.clone(),
+                    last_modified: live.last_modified,
+                });
+            }
             let vendor = p
                 .vendor
                 .clone()
                 .or_else(|| sip::vendor_from_user_agent(&p.user_agent).map(str::to_string));
             let event = sip::notify_event(vendor.as_deref(), self.reboot);
-            sends.push(async move {
-                for pace in &self.paces {
-                    pace.acquire().await;
-                }
-                let sent_at = now();
-                (at, sent_at, self.backend.notify(&registration, event).await)
-            });
+            out.push(((b, i), live, event));
         }
-        let mut transient = None;
-        while let Some(((b, i), sent_at, answer)) = sends.next().await {
-            batches[b].dirty = true;
-            let row = &mut batches[b].rows[i];
-            // Confirmation counts from when the NOTIFY left, which a rate limit may delay.
-            if let Some(p) = row.phone.as_mut() {
-                p.sent_at = Some(sent_at);
-            }
-            match answer {
-                Ok(a) => {
-                    (self.on_answer)(a.code);
-                    if (200..300).contains(&a.code) {
-                        set(row, StepKind::Notify, StepState::Done);
-                    } else {
-                        fail(row, format!("SIP {} {}", a.code, a.reason));
-                    }
-                }
-                // It may or may not have reached the phone: the run stops here.
-                Err(e) if e.is_transient() => {
-                    transient.get_or_insert(e);
-                }
-                Err(e) => fail(row, e.to_string()),
-            }
-        }
-        transient
+        Ok(out)
     }
 
-    /// Watches for each phone's fresh REGISTER (a new Call-ID, or a later Last-Modified than
-    /// planned) until `confirm` after its NOTIFY: Restarted when it came; otherwise Accepted, or
-    /// Uncertain when the NOTIFY itself is. Recorded once every phone is settled, or at a stop.
-    async fn confirm(&self, batches: &mut [Batch], which: &[At]) -> Result<Ended, Error> {
-        let mut waiting = which.to_vec();
-        while !waiting.is_empty() {
-            let current = self.backend.registrations().await?;
-            let mut by_ext: HashMap<&str, Vec<&Registration>> = HashMap::new();
-            for r in &current {
-                by_ext.entry(r.extension.as_str()).or_default().push(r);
-            }
-            let t = now();
-            waiting.retain(|&(b, i)| {
-                let row = &mut batches[b].rows[i];
-                let p = row.phone.clone().unwrap_or_default();
-                let vendor = sip::vendor_from_user_agent(&p.user_agent);
-                let fresh = by_ext.get(p.extension.as_str()).is_some_and(|regs| {
-                    regs.iter().any(|r| {
-                        sip::vendor_from_user_agent(&r.user_agent) == vendor
-                            && (r.call_id != p.call_id || r.last_modified > p.last_modified)
-                    })
-                });
-                let deadline = p.sent_at.unwrap_or(t) + self.confirm.as_secs() as i64;
-                if !fresh && t < deadline {
-                    return true;
-                }
-                if fresh {
-                    // A NOTIFY under way at a restart evidently reached the phone.
-                    set(row, StepKind::Notify, StepState::Done);
-                    set(row, StepKind::Confirm, StepState::Done);
-                } else {
-                    set(row, StepKind::Confirm, StepState::Skipped);
-                    if state_of(row, StepKind::Notify) == Some(StepState::Uncertain) {
-                        row.notes.push(UNCONFIRMED.into());
-                    } else {
-                        row.notes.push(format!(
-                            "NOTIFY accepted, but no new REGISTER within {}s",
-                            self.confirm.as_secs()
-                        ));
-                    }
-                }
-                row.outcome = restart_outcome(&row.steps);
-                batches[b].dirty = true;
-                false
-            });
-            if waiting.is_empty() {
-                break;
-            }
-            if (self.stopping)() {
-                // Answers are recorded; the next operator goes on watching.
-                save(self.journal, batches).await?;
-                return Ok(Ended::Stopped);
-            }
-            tokio::time::sleep(self.poll).await;
+    /// The registrations of the phones at `which`, by extension: one lookup per extension (the
+    /// registrar's size does not matter), a few at once.
+    async fn lookup_all(
+        &self,
+        batches: &[Batch],
+        which: &[At],
+    ) -> Result<HashMap<String, Vec<Registration>>, PbxError> {
+        let mut extensions: Vec<String> = which
+            .iter()
+            .filter_map(|&(b, i)| batches[b].rows[i].phone.as_ref())
+            .map(|p| p.extension.clone())
+            .collect();
+        extensions.sort();
+        extensions.dedup();
+        let mut lookups = futures::stream::iter(extensions)
+            .map(|e| async move {
+                let regs = self.backend.lookup(&e).await;
+                (e, regs)
+            })
+            .buffer_unordered(LOOKUPS_AT_ONCE);
+        let mut out = HashMap::new();
+        while let Some((e, regs)) = lookups.next().await {
+            out.insert(e, regs?);
         }
-        save(self.journal, batches).await?;
-        Ok(Ended::Finished)
+        Ok(out)
+    }
+
+    /// One NOTIFY, leaving when one of the NOTIFY requests the PBX is asked at once is free
+    /// and every rate limit gives it a slot.
+    async fn send_one(
+        &self,
+        rpcs: &tokio::sync::Semaphore,
+        at: At,
+        registration: Registration,
+        event: &'static str,
+    ) -> Sent {
+        let _permit = rpcs.acquire().await.expect("never closed");
+        for pace in &self.paces {
+            pace.acquire().await;
+        }
+        let sent_at = now();
+        (at, sent_at, self.backend.notify(&registration, event).await)
+    }
+
+    /// Records a NOTIFY's answer; returns a transient error (its phone's step stays Intended).
+    fn answered(
+        &self,
+        batches: &mut [Batch],
+        (b, i): At,
+        sent_at: i64,
+        answer: Result<SipAnswer, PbxError>,
+    ) -> Option<PbxError> {
+        batches[b].dirty = true;
+        let row = &mut batches[b].rows[i];
+        // Confirmation counts from when the NOTIFY left, which a rate limit may delay.
+        if let Some(p) = row.phone.as_mut() {
+            p.sent_at = Some(sent_at);
+        }
+        match answer {
+            Ok(a) => {
+                (self.on_answer)(a.code);
+                if (200..300).contains(&a.code) {
+                    set(row, StepKind::Notify, StepState::Done);
+                } else {
+                    fail(row, format!("SIP {} {}", a.code, a.reason));
+                }
+                None
+            }
+            // It may or may not have reached the phone: the run stops here.
+            Err(e) if e.is_transient() => Some(e),
+            Err(e) => {
+                fail(row, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// One look at the phones being watched (their own registrations only): Restarted when the
+    /// fresh REGISTER (a new Call-ID, or a later Last-Modified than when sent) came; once its
+    /// time is up, Accepted, or Uncertain when the NOTIFY itself is. Settled phones leave
+    /// `watching`.
+    async fn confirm_round(
+        &self,
+        batches: &mut [Batch],
+        watching: &mut Vec<At>,
+    ) -> Result<(), PbxError> {
+        let current = self.lookup_all(batches, watching).await?;
+        let t = now();
+        let none = Vec::new();
+        watching.retain(|&(b, i)| {
+            let row = &mut batches[b].rows[i];
+            let p = row.phone.clone().unwrap_or_default();
+            let regs = current.get(&p.extension).unwrap_or(&none);
+            let fresh = is_fresh(&p, regs);
+            let deadline = p.sent_at.unwrap_or(t) + self.confirm.as_secs() as i64;
+            if !fresh && t < deadline {
+                return true;
+            }
+            if fresh {
+                // A NOTIFY under way at a restart evidently reached the phone.
+                set(row, StepKind::Notify, StepState::Done);
+                set(row, StepKind::Confirm, StepState::Done);
+            } else {
+                set(row, StepKind::Confirm, StepState::Skipped);
+                if state_of(row, StepKind::Notify) == Some(StepState::Uncertain) {
+                    row.notes.push(UNCONFIRMED.into());
+                } else {
+                    row.notes.push(format!(
+                        "NOTIFY accepted, but no new REGISTER within {}s",
+                        self.confirm.as_secs()
+                    ));
+                }
+            }
+            row.outcome = restart_outcome(&row.steps);
+            batches[b].dirty = true;
+            false
+        });
+        Ok(())
     }
 }
 
+/// Lookups in flight at once, for reading contacts and confirming.
+const LOOKUPS_AT_ONCE: usize = 16;
+
+/// NOTIFY requests (each a `tm.t_uac_wait` over its own HTTP request) asked of the PBX at once,
+/// whatever the window: thousands at once only queue up in its RPC workers and connections. A
+/// silent phone holds one until tm's 408.
+const NOTIFIES_AT_ONCE: usize = 64;
+
+/// Of an extension's live registrations, the planned phone's: the same vendor (by User-Agent),
+/// the same binding (Call-ID) when it still exists, else its most recent one.
+fn live_registration(p: &PhoneTarget, regs: &[Registration]) -> Option<Registration> {
+    let vendor = sip::vendor_from_user_agent(&p.user_agent);
+    let same_vendor = || {
+        regs.iter()
+            .filter(move |r| sip::vendor_from_user_agent(&r.user_agent) == vendor)
+    };
+    same_vendor()
+        .find(|r| !p.call_id.is_empty() && r.call_id == p.call_id)
+        .or_else(|| same_vendor().max_by_key(|r| r.last_modified))
+        .cloned()
+}
+
+/// Whether the phone registered afresh since its NOTIFY: against the registration it was sent
+/// to, or (a row from before `sentTo`) the planned one.
+fn is_fresh(p: &PhoneTarget, regs: &[Registration]) -> bool {
+    let vendor = sip::vendor_from_user_agent(&p.user_agent);
+    let (call_id, last_modified) = match &p.sent_to {
+        Some(s) => (s.call_id.as_str(), s.last_modified),
+        None => (p.call_id.as_str(), p.last_modified),
+    };
+    regs.iter().any(|r| {
+        sip::vendor_from_user_agent(&r.user_agent) == vendor
+            && (r.call_id != call_id || r.last_modified > last_modified)
+    })
+}
+
 /// Readies a restart row: a NOTIFY recorded as under way becomes uncertain (see
-/// [`steps::resume`]). A row stays Planned until its wave (status counts InProgress as in
+/// [`steps::resume`]). A row stays Planned until its slot (status counts InProgress as in
 /// flight). Rows stored by an operator from before steps get them (an InProgress one was
 /// recorded so before its NOTIFY). Returns whether the row changed.
 fn begin_restart(row: &mut Row) -> bool {
@@ -1062,6 +1223,173 @@ mod tests {
         assert_eq!(of(Failed, Skipped), Outcome::Failed);
         assert_eq!(of(Skipped, Skipped), Outcome::Expired);
         assert_eq!(of(Intended, Pending), Outcome::InProgress);
+    }
+
+    // The sliding window, the contact at send time, notAfter mid-rollout.
+
+    /// `n` registered phones that reboot when told, in one batch.
+    fn fleet(n: usize) -> (Pbx, DyingJournal) {
+        let pbx = Pbx::default();
+        let mut rows = Vec::new();
+        for i in 0..n {
+            let e = ext(i);
+            pbx.registered.lock().unwrap().push(registration(&e));
+            rows.push(restart_row(SelectedPhone {
+                id: Some(i as i64),
+                extension: e.clone(),
+                mac: Some(format!("mac{i}")),
+                vendor: Some("Yealink".into()),
+                model: Some("SIP-T46S".into()),
+                registration: Some(registration(&e)),
+            }));
+        }
+        (pbx, journal(vec![rows]))
+    }
+
+    #[tokio::test]
+    async fn a_silent_phone_holds_one_slot_not_the_window() {
+        const SILENT_FOR: Duration = Duration::from_millis(600);
+        let (pbx, journal) = fleet(16);
+        for i in [0, 5] {
+            pbx.answers.lock().unwrap().insert(ext(i), Answer::Silent);
+        }
+        *pbx.silent_for.lock().unwrap() = SILENT_FOR;
+        let never = || false;
+        let exec = RestartExec {
+            confirm: Duration::from_secs(30),
+            ..restart(&pbx, &journal, &never)
+        };
+        let start = std::time::Instant::now();
+        run_all(&exec, &journal, &[]).await;
+        let rows = stored(&journal);
+        for (i, r) in rows.iter().enumerate() {
+            if i == 0 || i == 5 {
+                assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+                assert!(r.notes.iter().any(|n| n.contains("408")), "{r:?}");
+            } else {
+                assert_eq!(r.outcome, Outcome::Restarted, "{r:?}");
+            }
+        }
+        // The 14 others went through the 2 slots the silent phones left free, all before either
+        // silent phone's 408 (waves of 4 would have waited for it twice).
+        let sent = pbx.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 16);
+        let last_other = sent
+            .iter()
+            .filter(|(e, _, _)| *e != ext(0) && *e != ext(5))
+            .map(|(_, _, at)| at.duration_since(start))
+            .max()
+            .unwrap();
+        assert!(
+            last_other < SILENT_FOR,
+            "the last of the others left {last_other:?} after the start"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_phone_that_moved_since_planning_gets_its_notify_at_the_new_contact() {
+        let (pbx, journal) = fleet(3);
+        // Phone 1 re-registered from another port (a new binding) after the plan was made.
+        {
+            let mut regs = pbx.registered.lock().unwrap();
+            regs[1].contact = format!("sip:{}@192.0.2.1:5099", ext(1));
+            regs[1].call_id = "cid-moved".into();
+            regs[1].last_modified = 5;
+        }
+        let never = || false;
+        let exec = RestartExec {
+            confirm: Duration::from_secs(30),
+            ..restart(&pbx, &journal, &never)
+        };
+        run_all(&exec, &journal, &[]).await;
+        let sent = pbx.sent.lock().unwrap().clone();
+        let to: Vec<&str> = sent
+            .iter()
+            .filter(|(e, _, _)| *e == ext(1))
+            .map(|(_, c, _)| c.as_str())
+            .collect();
+        assert_eq!(to, ["sip:201@192.0.2.1:5099"]);
+        let rows = stored(&journal);
+        // Confirmed by the REGISTER after the NOTIFY, not by the move before it.
+        assert!(
+            rows.iter().all(|r| r.outcome == Outcome::Restarted),
+            "{rows:?}"
+        );
+        let p = rows[1].phone.as_ref().unwrap();
+        assert_eq!(
+            p.contact.as_deref(),
+            Some("sip:201@192.0.2.1:5060"),
+            "the plan"
+        );
+        assert_eq!(p.sent_to.as_ref().unwrap().call_id, "cid-moved");
+        // Where it went is progress, not plan: the stored plan's digest still holds.
+        let planned: Vec<Row> = rows
+            .iter()
+            .map(|r| Row {
+                phone: r.phone.clone().map(|p| PhoneTarget {
+                    sent_at: None,
+                    sent_to: None,
+                    ..p
+                }),
+                ..r.clone()
+            })
+            .collect();
+        assert_eq!(
+            crate::plan::stored::plan_digest(&rows),
+            crate::plan::stored::plan_digest(&planned)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_phone_unregistered_since_planning_is_not_sent() {
+        let (pbx, journal) = fleet(2);
+        pbx.registered.lock().unwrap().remove(0);
+        let never = || false;
+        let exec = restart(&pbx, &journal, &never);
+        run_all(&exec, &journal, &[]).await;
+        let rows = stored(&journal);
+        assert_eq!(rows[0].outcome, Outcome::Failed, "{rows:?}");
+        assert!(rows[0].notes[0].contains("no live SIP registration"));
+        assert_eq!(pbx.sent.lock().unwrap().len(), 1);
+    }
+
+    /// Holds every NOTIFY for a while, as a slow rate limit does.
+    struct Slow(Duration);
+
+    #[async_trait]
+    impl Pace for Slow {
+        async fn acquire(&self) {
+            tokio::time::sleep(self.0).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn not_after_passing_mid_rollout_expires_the_unsent_and_confirms_those_in_flight() {
+        let (pbx, journal) = fleet(6);
+        let never = || false;
+        // The first two are under way (recorded, held by the pace) when notAfter passes.
+        let slow = Slow(Duration::from_millis(1100));
+        let exec = RestartExec {
+            max_in_flight: 2,
+            paces: vec![&slow],
+            confirm: Duration::from_secs(30),
+            not_after: Some(now()),
+            ..restart(&pbx, &journal, &never)
+        };
+        run_all(&exec, &journal, &[]).await;
+        let outcomes: Vec<Outcome> = stored(&journal).iter().map(|r| r.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Restarted,
+                Outcome::Restarted,
+                Outcome::Expired,
+                Outcome::Expired,
+                Outcome::Expired,
+                Outcome::Expired
+            ]
+        );
+        assert_eq!(pbx.sent.lock().unwrap().len(), 2);
     }
 
     // BulkPhoneChange's writes.

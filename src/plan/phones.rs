@@ -187,6 +187,7 @@ pub fn restart_row(p: SelectedPhone) -> Row {
             call_id: r.as_ref().map(|r| r.call_id.clone()).unwrap_or_default(),
             last_modified: r.as_ref().map(|r| r.last_modified).unwrap_or(0),
             sent_at: None,
+            sent_to: None,
         }),
         ..Default::default()
     }

@@ -101,6 +101,26 @@ pub struct PhoneTarget {
     /// Unix seconds when the NOTIFY was (about to be) sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<i64>,
+    /// Where the NOTIFY went, read from the registrar when the phone's turn came (a phone that
+    /// re-registered since planning is reached at its new contact), and the registration it
+    /// replaced: the baseline its fresh REGISTER is recognised against. Progress, not plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_to: Option<SentTo>,
+}
+
+/// The registration a NOTIFY was sent to (see [`PhoneTarget::sent_to`]).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SentTo {
+    pub contact: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub call_id: String,
+    #[serde(default)]
+    pub last_modified: i64,
 }
 
 impl Row {
@@ -124,9 +144,10 @@ pub fn plan_digest(rows: &[Row]) -> String {
     let mut h = Sha256::new();
     for r in rows {
         let kinds: Vec<_> = r.steps.iter().map(|s| s.kind).collect();
-        // When the NOTIFY left is progress, not plan.
+        // When and where the NOTIFY left is progress, not plan.
         let phone = r.phone.as_ref().map(|p| PhoneTarget {
             sent_at: None,
+            sent_to: None,
             ..p.clone()
         });
         let plan = serde_json::json!([

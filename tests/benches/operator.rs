@@ -3,13 +3,17 @@
 //!
 //! 1. A BulkUserChange of 3 fields on 10,000 users (PostgreSQL): create -> Ready, beside the
 //!    floor (one batched SQL UPDATE writing the same 30,000 rows), and the operator's peak RSS.
-//! 2. PhoneRestart of 500 registered SIPp phones, no rate limit: NOTIFYs per second and time to
-//!    all confirmed, beside a shell loop of JSON-RPC NOTIFYs (what an admin would script).
+//! 2. PhoneRestart of 200 and of 2,000 registered SIPp phones (+10 silent ones each), no rate
+//!    limit: the send phase's NOTIFYs per second at the phones, time to all settled, RPC bytes
+//!    read per confirmed phone at both sizes, peak RSS, beside a shell loop of JSON-RPC NOTIFYs
+//!    (what an admin would script); then a BulkPhoneChange (model + label of one vendor) of the
+//!    2,000, Validate and Execute timed.
 //!
 //! 3. A CSV-sourced BulkUserChange of 20,000 rows (PostgreSQL): export, Validate, then Execute
 //!    of the validated rows; times, the result ConfigMaps' sizes and the operator's peak RSS.
 //!
-//! Run: `cargo bench --bench operator` (BENCH_USERS, BENCH_PHONES, BENCH_LOOP_PHONES,
+//! Run: `cargo bench --bench operator` (BENCH_USERS, BENCH_PHONES, BENCH_PHONES_SMALL,
+//! BENCH_SILENT_PHONES, BENCH_LOOP_PHONES,
 //! BENCH_CSV_ROWS override sizes; 0 skips a part).
 
 #[path = "../support/mod.rs"]
@@ -18,7 +22,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kube::Api;
-use pbx_operator::api::{BulkUserChange, Phase, PhoneRestart};
+use kube::api::{Patch, PatchParams};
+use pbx_operator::api::{BulkPhoneChange, BulkUserChange, Phase, PhoneRestart};
 use support::lab::LabSpec;
 use support::pbx::Env;
 
@@ -114,24 +119,52 @@ spec:
     println!("  operator peak RSS (VmHWM)                      {rss:>8.1} MiB");
 }
 
-async fn phone_restart(phones: usize, loop_phones: usize) {
-    let env = Env::start(
+/// The operator's `pbx_operator_rpc_bytes_read` by RPC method, from its /metrics.
+fn rpc_bytes(env: &Env) -> std::collections::BTreeMap<String, f64> {
+    let (_, body) = env.operator.http_get("/metrics");
+    body.lines()
+        .filter_map(|l| l.strip_prefix("pbx_operator_rpc_bytes_read_total{method=\""))
+        .filter_map(|l| {
+            let (method, rest) = l.split_once('"')?;
+            let value = rest.rsplit(' ').next()?.parse().ok()?;
+            Some((method.to_string(), value))
+        })
+        .collect()
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// PhoneRestart of `phones` registered SIPp phones (all five vendors, the Grandstreams behind
+/// emulated NAT, `silent` of them silent and spread among the others), no rate limit; then, with
+/// `change`, a BulkPhoneChange of the Yealinks' model and label, Validate then Execute.
+async fn phone_restart(phones: usize, silent: usize, loop_phones: usize, change: bool) {
+    let env = Env::start_full(
         "bench-prs",
         LabSpec {
             db: "postgres",
-            users: phones,
+            users: phones + silent,
             phones,
+            silent,
             ..Default::default()
         },
+        &["--silent-spread"],
         false,
+        &[],
     )
     .await;
     let list = env.lab.list("LAB_PHONES_REBOOT");
+    let boot_ms: f64 = env.lab.get("LAB_BOOT_MS").parse().unwrap();
 
     // What an admin scripts: per phone, look up its contact and send a NOTIFY via JSON-RPC.
+    let looped = loop_phones.min(list.len());
     let script = format!(
         "for e in {}; do bash {} notify --dir {} --ext $e >/dev/null; done",
-        list[..loop_phones.min(list.len())].join(" "),
+        list[..looped].join(" "),
         support::repo_root().join("tests/lab/lab.sh").display(),
         env.lab.dir.display()
     );
@@ -145,8 +178,10 @@ async fn phone_restart(phones: usize, loop_phones: usize) {
     assert!(ok, "the shell loop failed");
     // Let the looped phones finish rebooting before the operator's run.
     tokio::time::sleep(Duration::from_secs(4)).await;
+    let looped_events = env.lab.phone_events().len();
 
     let api: Api<PhoneRestart> = Api::namespaced(env.client.clone(), &env.ns);
+    let bytes_before = rpc_bytes(&env);
     let start = Instant::now();
     env.apply(
         r#"apiVersion: pbx-operator.io/v1alpha1
@@ -173,35 +208,133 @@ spec:
     )
     .await;
     let took = start.elapsed();
+    let finished_at = unix_now();
+    let bytes_after = rpc_bytes(&env);
     let s = p.status.unwrap();
     let summary = s.summary.unwrap();
     let rss = peak_rss_mib(env.operator.child.id());
+    let events = env.lab.phone_events();
+    let events = &events[looped_events.min(events.len())..];
+    let notifies: Vec<f64> = events
+        .iter()
+        .filter(|e| e.what == "NOTIFY")
+        .map(|e| e.at)
+        .collect();
+    let reboots: Vec<f64> = events
+        .iter()
+        .filter(|e| e.what == "REBOOTED")
+        .map(|e| e.at)
+        .collect();
+    let send_phase = notifies.last().unwrap_or(&0.0) - notifies.first().unwrap_or(&0.0);
+    let last_reboot = reboots.iter().cloned().fold(0.0, f64::max);
+    let delta = |m: &str| {
+        bytes_after.get(m).copied().unwrap_or(0.0) - bytes_before.get(m).copied().unwrap_or(0.0)
+    };
+    let confirmed = f64::from(summary.restarted.max(1));
     println!(
-        "\nPhoneRestart, {phones} registered SIPp phones, no rate limit (debug={})",
+        "\nPhoneRestart, {phones} registered SIPp phones + {silent} silent (5 vendors, Grandstreams behind NAT), no rate limit (debug={})",
         cfg!(debug_assertions)
     );
     println!(
-        "  shell loop of JSON-RPC NOTIFYs ({} phones)      {:>8.1} NOTIFY/s",
-        loop_phones.min(list.len()),
-        loop_phones.min(list.len()) as f64 / shell.as_secs_f64()
+        "  shell loop of JSON-RPC NOTIFYs ({looped} phones)      {:>8.1} NOTIFY/s",
+        looped as f64 / shell.as_secs_f64()
     );
     println!(
         "  operator: create -> {:?}: {} restarted, {} accepted, {} failed",
         s.phase, summary.restarted, summary.accepted, summary.failed
     );
     println!(
-        "  operator: create -> all confirmed             {:>8.2} s",
-        took.as_secs_f64()
+        "  send phase at the phones (first -> last NOTIFY, {} NOTIFYs) {:>8.3} s = {:.1} NOTIFY/s (target >= 1000)",
+        notifies.len(),
+        send_phase,
+        (notifies.len().max(2) - 1) as f64 / send_phase.max(1e-9)
     );
     println!(
-        "  operator: phones per second, create -> confirmed {:>6.1} /s",
-        phones as f64 / took.as_secs_f64()
+        "  operator: create -> all settled                {:>8.2} s (the {silent} silent phones end at tm's fr_timer = {} ms)",
+        took.as_secs_f64(),
+        env.lab.get("LAB_FR_TIMER_MS")
     );
     println!(
-        "  (each lab phone 'boots' for LAB_BOOT_MS = {} ms before it registers again)",
-        env.lab.get("LAB_BOOT_MS")
+        "  last fresh REGISTER at the phones -> settled seen by the bench {:>6.2} s (includes the silent phones' wait and the bench's 200 ms poll)",
+        finished_at - last_reboot
     );
-    println!("  operator peak RSS (VmHWM)                      {rss:>8.1} MiB");
+    println!("  (each lab phone 'boots' for LAB_BOOT_MS = {boot_ms} ms before it registers again)");
+    println!(
+        "  RPC bytes read: ul.lookup {:.0} (= {:.0} per confirmed phone), tm.t_uac_wait {:.0} ({:.0} per phone), ul.dump (planning, once) {:.0}",
+        delta("ul.lookup"),
+        delta("ul.lookup") / confirmed,
+        delta("tm.t_uac_wait"),
+        delta("tm.t_uac_wait") / confirmed,
+        delta("ul.dump")
+    );
+    println!("  operator peak RSS (VmHWM)                      {rss:>8.1} MiB (target < 64)");
+
+    if !change {
+        return;
+    }
+    let changes: Api<BulkPhoneChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let settled = |want: Phase| {
+        let changes = changes.clone();
+        async move {
+            support::eventually(
+                Duration::from_secs(600),
+                "the BulkPhoneChange to settle",
+                || async {
+                    let b = changes.get("yealinks").await.ok()?;
+                    let s = b.status.as_ref()?;
+                    (s.observed_generation == b.metadata.generation && s.phase == want).then_some(b)
+                },
+            )
+            .await
+        }
+    };
+    let start = Instant::now();
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkPhoneChange
+metadata: { name: yealinks }
+spec:
+  connectionRef: { name: acme }
+  targets: { groups: [sales, support, engineering], vendors: [Yealink] }
+  fields:
+    model: { value: SIP-T54W, lock: Open }
+    label: { value: "3rd floor", lock: Open }
+  mode: Validate
+"#,
+    );
+    let v = settled(Phase::Validated).await;
+    let validate = start.elapsed();
+    let plan = v.status.unwrap().plan.unwrap();
+    let patch = serde_json::json!({ "spec": { "mode": "Execute", "approvedPlanHash": plan.hash } });
+    let start = Instant::now();
+    changes
+        .patch("yealinks", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let done = settled(Phase::Succeeded).await;
+    let execute = start.elapsed();
+    let changed = done.status.unwrap().summary.unwrap().changed;
+    let written = env
+        .sql_one("SELECT COUNT(*) FROM pbx_phone WHERE model = 'SIP-T54W' AND label = '3rd floor'")
+        .await;
+    println!(
+        "\nBulkPhoneChange of the Yealinks among {} phones: model + label",
+        phones + silent
+    );
+    println!(
+        "  Validate: create -> Validated ({} targets)     {:>8.2} s",
+        plan.targets,
+        validate.as_secs_f64()
+    );
+    println!(
+        "  Execute: approve -> Succeeded ({changed} changed) {:>8.2} s",
+        execute.as_secs_f64()
+    );
+    println!("  phones with the new model and label in SQL     {written:>8}");
+    println!(
+        "  operator peak RSS (VmHWM)                      {:>8.1} MiB",
+        peak_rss_mib(env.operator.child.id())
+    );
 }
 
 async fn csv_change(rows: usize) {
@@ -353,9 +486,16 @@ async fn main() {
     if users > 0 {
         bulk_user_change(users).await;
     }
-    let phones = env_usize("BENCH_PHONES", 500);
+    // The restart at two registrar sizes (its RPC bytes per confirmed phone must not grow with
+    // the registrar), the larger one followed by a BulkPhoneChange of its phones.
+    let silent = env_usize("BENCH_SILENT_PHONES", 10);
+    let small = env_usize("BENCH_PHONES_SMALL", 200);
+    if small > 0 {
+        phone_restart(small, silent, 0, false).await;
+    }
+    let phones = env_usize("BENCH_PHONES", 2000);
     if phones > 0 {
-        phone_restart(phones, env_usize("BENCH_LOOP_PHONES", 100)).await;
+        phone_restart(phones, silent, env_usize("BENCH_LOOP_PHONES", 100), true).await;
     }
     let csv_rows = env_usize("BENCH_CSV_ROWS", 20_000);
     if csv_rows > 0 {

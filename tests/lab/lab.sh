@@ -7,7 +7,7 @@
 #   lab.sh install                      apt packages (idempotent)
 #   lab.sh up --dir DIR --db sqlite|postgres|mysql --users N --phones M
 #             [--silent K] [--no-reboot K] [--domain D] [--boot-ms MS]
-#             [--fr-timer MS] [--rate R] [--no-nat]
+#             [--fr-timer MS] [--rate R] [--no-nat] [--silent-spread]
 #   lab.sh notify-counts --dir DIR      "<ext> <NOTIFYs received>" per phone
 #   lab.sh notify-times --dir DIR       "<unix time> <ext> <call-id>" per NOTIFY, by time
 #   lab.sh notify --dir DIR --ext E [--event EV]   NAT-aware tm.t_uac_wait NOTIFY
@@ -273,6 +273,11 @@ for my $j (0 .. $total - 1) {
   my $u = $first + $j;
   my $v = $vendors[$j % @vendors];
   my $beh = $j < $phones ? 'reboot' : ($j < $phones + $silent ? 'silent' : 'noreboot');
+  # --silent-spread: the silent phones evenly among the rebooting ones, not after them.
+  if ($ENV{LAB_SILENT_SPREAD} && $silent > 0 && $j < $phones + $silent) {
+    my $step = int(($phones + $silent) / $silent);
+    $beh = ($j % $step == $step - 1 && int($j / $step) < $silent) ? 'silent' : 'reboot';
+  }
   my $mac = sprintf('%s%06x', $v->[2], $j + 1);
   my $isnat = ($nat && $v->[0] eq 'Grandstream') ? 1 : 0;
   row('pbx_phone (mac, vendor, model, owner_username, domain, label)', sprintf("(%s, %s, %s, %s, %s, %s)",
@@ -562,6 +567,7 @@ cmd_up() {
 		--fr-timer) FR_TIMER=$2; shift 2 ;;
 		--rate) RATE=$2; shift 2 ;;
 		--no-nat) NAT=0; shift ;;
+		--silent-spread) export LAB_SILENT_SPREAD=1; shift ;;
 		*) die "up: unknown option $1" ;;
 		esac
 	done

@@ -7,6 +7,21 @@ use serde_json::{Value, json};
 
 use crate::pbx::{PbxError, Registration, Result, SipAnswer};
 
+/// The RPC method a reply answered, for [`BYTES_READ`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+}
+
+/// Bytes of JSON-RPC replies read by every client of this process, by method (metric
+/// `pbx_operator_rpc_bytes_read`): what watching the registrar costs.
+pub static BYTES_READ: std::sync::LazyLock<
+    prometheus_client::metrics::family::Family<
+        MethodLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+> = std::sync::LazyLock::new(Default::default);
+
 pub struct RpcClient {
     http: reqwest::Client,
     url: String,
@@ -69,6 +84,11 @@ impl RpcClient {
             .text()
             .await
             .map_err(|e| self.transport_error(method, e))?;
+        BYTES_READ
+            .get_or_create(&MethodLabel {
+                method: method.to_string(),
+            })
+            .inc_by(text.len() as u64);
         let value: Value = serde_json::from_str(&text).map_err(|_| PbxError::Rpc {
             method: method.into(),
             detail: format!(
