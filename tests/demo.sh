@@ -68,9 +68,14 @@ head -n 6 "$demo/users.csv"
 k create configmap q4-numbers -n acme --from-file=changes.csv="$demo/changes.csv" --dry-run=client -o yaml | k apply -f -
 
 say "Applying examples/ (the nightly restart window of phonerestart-window.yaml stays Scheduled)"
-for f in examples/bulkuserchange-*.yaml examples/bulkphonechange-*.yaml examples/phonerestart-now.yaml examples/phonerestart-window.yaml examples/userrecycle-*.yaml; do
+for f in examples/bulkuserchange-*.yaml examples/bulkphonechange-*.yaml examples/phonerestart-now.yaml examples/userrecycle-*.yaml; do
   k apply -n acme -f "$f"
 done
+# The example's window is tonight's, whenever the demo runs (a window that passed ends Expired).
+tonight=$(date -u -d 'tomorrow 02:00' +%Y-%m-%dT%H:%M:%SZ)
+until=$(date -u -d 'tomorrow 03:00' +%Y-%m-%dT%H:%M:%SZ)
+sed -e "s/^  notBefore: .*/  notBefore: \"$tonight\"/" -e "s/^  notAfter: .*/  notAfter:  \"$until\"/" \
+  examples/phonerestart-window.yaml | k apply -n acme -f -
 # Waits until a resource reaches a phase where it stops (done, validated or failed).
 settled() {
   for _ in $(seq 1 120); do

@@ -246,14 +246,14 @@ spec:
 /// Probes the operator made so far (its metrics).
 fn probes(env: &Env) -> u64 {
     let (_, body) = env.operator.http_get("/metrics");
+    // Every connection's probes (the series carry a connection label).
     body.lines()
-        .find_map(|l| {
-            l.strip_prefix(
-                r#"pbx_operator_pbx_call_duration_seconds_count{backend="kamailio",call="probe"} "#,
-            )
+        .filter(|l| {
+            l.starts_with("pbx_operator_pbx_call_duration_seconds_count{")
+                && l.contains(r#"call="probe""#)
         })
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// Open file descriptors of process `pid` on files under `dir` (a SQLite database's pool).

@@ -286,7 +286,17 @@ spec:
 "#,
     );
     let p = finished(&env, "too-late", Duration::from_secs(30)).await;
-    assert_eq!(p.status.unwrap().phase, Phase::Expired);
+    let s = p.status.unwrap();
+    assert_eq!(s.phase, Phase::Expired);
+    let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(
+        ready.reason == "Expired" && ready.message.contains("to notAfter 2026-01-01T03:00:00Z"),
+        "the reason names the window that passed: {ready:?}"
+    );
+    assert!(
+        s.summary.is_none_or(|summary| summary.targets == 0),
+        "nothing planned for a window that passed before it started"
+    );
     assert_eq!(
         env.lab.notify_counts().values().sum::<u32>(),
         2,

@@ -34,7 +34,7 @@ use crate::api::{
 };
 use crate::engine;
 use crate::engine::ledger::{
-    Replay, Window, counts, date_of, finished_prefix, replay, spec_hash, window,
+    Deadline, Replay, Window, counts, date_of, finished_prefix, replay, spec_hash, window,
 };
 use crate::engine::results::{self, Digest};
 use crate::pbx::{LedgerEntry, LedgerKey, PbxBackend};
@@ -47,25 +47,33 @@ pub(crate) trait Ledgered {
     /// The spec as JSON: what the change is (hashed without `requestedBy`).
     fn spec_json(&self) -> serde_json::Value;
     fn not_before(&self) -> Option<Timestamp>;
-    fn execute_before(&self) -> Option<Timestamp>;
+    /// The last moment a run may start (`executeBefore`; a restart's `notAfter` too).
+    fn deadline(&self) -> Option<Deadline>;
     /// Whether a run of the spec executes (false: Validate only plans).
     fn executes(&self) -> bool {
         true
     }
 }
 
+/// What every operation kind answers alike from the spec fields they share.
+macro_rules! from_common_spec_fields {
+    () => {
+        fn connection(&self) -> &str {
+            &self.spec.connection_ref.name
+        }
+        fn spec_json(&self) -> serde_json::Value {
+            serde_json::to_value(&self.spec).unwrap_or_default()
+        }
+        fn not_before(&self) -> Option<Timestamp> {
+            self.spec.not_before.as_ref().map(|t| t.0)
+        }
+    };
+}
+
 impl Ledgered for BulkUserChange {
-    fn connection(&self) -> &str {
-        &self.spec.connection_ref.name
-    }
-    fn spec_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.spec).unwrap_or_default()
-    }
-    fn not_before(&self) -> Option<Timestamp> {
-        self.spec.not_before.as_ref().map(|t| t.0)
-    }
-    fn execute_before(&self) -> Option<Timestamp> {
-        self.spec.execute_before.as_ref().map(|t| t.0)
+    from_common_spec_fields!();
+    fn deadline(&self) -> Option<Deadline> {
+        execute_before(&self.spec.execute_before)
     }
     fn executes(&self) -> bool {
         self.spec.mode == Mode::Execute
@@ -73,17 +81,9 @@ impl Ledgered for BulkUserChange {
 }
 
 impl Ledgered for BulkPhoneChange {
-    fn connection(&self) -> &str {
-        &self.spec.connection_ref.name
-    }
-    fn spec_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.spec).unwrap_or_default()
-    }
-    fn not_before(&self) -> Option<Timestamp> {
-        self.spec.not_before.as_ref().map(|t| t.0)
-    }
-    fn execute_before(&self) -> Option<Timestamp> {
-        self.spec.execute_before.as_ref().map(|t| t.0)
+    from_common_spec_fields!();
+    fn deadline(&self) -> Option<Deadline> {
+        execute_before(&self.spec.execute_before)
     }
     fn executes(&self) -> bool {
         self.spec.mode == Mode::Execute
@@ -91,33 +91,29 @@ impl Ledgered for BulkPhoneChange {
 }
 
 impl Ledgered for UserRecycle {
-    fn connection(&self) -> &str {
-        &self.spec.connection_ref.name
-    }
-    fn spec_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.spec).unwrap_or_default()
-    }
-    fn not_before(&self) -> Option<Timestamp> {
-        self.spec.not_before.as_ref().map(|t| t.0)
-    }
-    fn execute_before(&self) -> Option<Timestamp> {
-        self.spec.execute_before.as_ref().map(|t| t.0)
+    from_common_spec_fields!();
+    fn deadline(&self) -> Option<Deadline> {
+        execute_before(&self.spec.execute_before)
     }
 }
 
 impl Ledgered for PhoneRestart {
-    fn connection(&self) -> &str {
-        &self.spec.connection_ref.name
+    from_common_spec_fields!();
+    /// No NOTIFY leaves after notAfter: a restart first due after it has nothing it may do.
+    fn deadline(&self) -> Option<Deadline> {
+        let not_after = self.spec.not_after.as_ref().map(|t| Deadline {
+            at: t.0,
+            field: "notAfter",
+        });
+        Deadline::earliest(execute_before(&self.spec.execute_before), not_after)
     }
-    fn spec_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.spec).unwrap_or_default()
-    }
-    fn not_before(&self) -> Option<Timestamp> {
-        self.spec.not_before.as_ref().map(|t| t.0)
-    }
-    fn execute_before(&self) -> Option<Timestamp> {
-        self.spec.execute_before.as_ref().map(|t| t.0)
-    }
+}
+
+fn execute_before(t: &Option<Time>) -> Option<Deadline> {
+    t.as_ref().map(|t| Deadline {
+        at: t.0,
+        field: "executeBefore",
+    })
 }
 
 fn time_of(ms: i64) -> Option<Time> {
@@ -181,7 +177,7 @@ pub(crate) async fn gate<K: RunKind>(
         return Ok(Gate::Plan(status));
     }
     let now = Timestamp::now();
-    let open = window(now, obj.not_before(), obj.execute_before());
+    let open = window(now, obj.not_before(), obj.deadline());
     if let Window::Wait(at) = open {
         return scheduled(run, status, at).await.map(Gate::Done);
     }

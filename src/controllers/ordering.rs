@@ -25,8 +25,8 @@ use kube::runtime::{Controller, controller::Action, events::EventType, watcher};
 use kube::{Api, Resource, ResourceExt};
 
 use super::conditions::{self, Desired};
-use super::lineage::Lineage;
 use super::ledger::Ledgered;
+use super::lineage::Lineage;
 use super::run::{Run, RunKind};
 use super::{Context, Error, Shutdown};
 use crate::api::{
@@ -889,7 +889,9 @@ pub(crate) async fn drive_connections<F, Fut>(
     let config = super::watcher_config().labels(&ctx.ordering.selector());
     let controller = Controller::new(api.clone(), config.clone());
     ctx.ordering.register(controller.store());
-    ctx.metrics.objects.watch("PbxConnection", controller.store());
+    ctx.metrics
+        .objects
+        .watch("PbxConnection", controller.store());
     let sweep = tokio::spawn(super::connection::close_departed(api, config, ctx.clone()));
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))

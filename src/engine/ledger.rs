@@ -31,25 +31,38 @@ pub enum Window {
     Expired(String),
 }
 
-/// The window at `now`: before `notBefore` wait; at or after `executeBefore` expired.
-pub fn window(
-    now: Timestamp,
-    not_before: Option<Timestamp>,
-    execute_before: Option<Timestamp>,
-) -> Window {
+/// The last moment a run may start, and the spec field that sets it (named in the reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline {
+    pub at: Timestamp,
+    pub field: &'static str,
+}
+
+impl Deadline {
+    /// The earlier of two deadlines (a restart's executeBefore and notAfter both close it).
+    pub fn earliest(a: Option<Deadline>, b: Option<Deadline>) -> Option<Deadline> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(if b.at < a.at { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// The window at `now`: before `notBefore` wait; at or after the deadline expired.
+pub fn window(now: Timestamp, not_before: Option<Timestamp>, deadline: Option<Deadline>) -> Window {
     if let Some(nb) = not_before
         && now < nb
     {
         return Window::Wait(nb);
     }
-    match execute_before {
-        Some(eb) if now >= eb => Window::Expired(match not_before {
+    match deadline {
+        Some(Deadline { at, field }) if now >= at => Window::Expired(match not_before {
             Some(nb) => format!(
-                "not executed: its window from notBefore {nb} to executeBefore {eb} passed before the operator could start it; nothing was done"
+                "not executed: its window from notBefore {nb} to {field} {at} passed before the operator could start it; nothing was done"
             ),
-            None => format!(
-                "not executed: first seen at {now}, after executeBefore {eb}; nothing was done"
-            ),
+            None => {
+                format!("not executed: first seen at {now}, after {field} {at}; nothing was done")
+            }
         }),
         _ => Window::Open,
     }
@@ -142,6 +155,13 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn eb(s: &str) -> Option<Deadline> {
+        Some(Deadline {
+            at: t(s),
+            field: "executeBefore",
+        })
+    }
+
     #[test]
     fn the_window_waits_runs_and_expires() {
         let now = t("2026-12-03T16:00:00Z");
@@ -149,7 +169,7 @@ mod tests {
         let nb = t("2026-12-03T18:00:00Z");
         assert_eq!(window(now, Some(nb), None), Window::Wait(nb));
         assert_eq!(
-            window(now, Some(nb), Some(t("2026-12-03T19:00:00Z"))),
+            window(now, Some(nb), eb("2026-12-03T19:00:00Z")),
             Window::Wait(nb),
             "before the window: wait, whatever executeBefore says"
         );
@@ -157,11 +177,8 @@ mod tests {
             window(t("2026-12-03T18:00:00Z"), Some(nb), None),
             Window::Open
         );
-        assert_eq!(
-            window(now, None, Some(t("2026-12-03T16:00:01Z"))),
-            Window::Open
-        );
-        let Window::Expired(why) = window(now, None, Some(t("2025-12-03T16:00:00Z"))) else {
+        assert_eq!(window(now, None, eb("2026-12-03T16:00:01Z")), Window::Open);
+        let Window::Expired(why) = window(now, None, eb("2025-12-03T16:00:00Z")) else {
             panic!("a year-old executeBefore expires");
         };
         assert!(
@@ -170,11 +187,37 @@ mod tests {
         );
         // The operator was down all through the window.
         let late = t("2026-12-03T19:30:00Z");
-        let Window::Expired(why) = window(late, Some(nb), Some(t("2026-12-03T19:00:00Z"))) else {
+        let Window::Expired(why) = window(late, Some(nb), eb("2026-12-03T19:00:00Z")) else {
             panic!("a missed window expires");
         };
         assert!(why.contains("window"), "{why}");
-        assert!(matches!(window(now, None, Some(now)), Window::Expired(_)));
+        assert!(matches!(
+            window(now, None, eb("2026-12-03T16:00:00Z")),
+            Window::Expired(_)
+        ));
+    }
+
+    #[test]
+    fn a_restart_window_that_passed_before_it_started_expires_naming_not_after() {
+        let not_after = Some(Deadline {
+            at: t("2026-11-22T03:00:00Z"),
+            field: "notAfter",
+        });
+        let deadline = Deadline::earliest(eb("2026-12-24T00:00:00Z"), not_after);
+        assert_eq!(
+            deadline, not_after,
+            "the earlier deadline closes the window"
+        );
+        let Window::Expired(why) = window(
+            t("2026-12-03T16:00:00Z"),
+            Some(t("2026-11-22T02:00:00Z")),
+            deadline,
+        ) else {
+            panic!("a window of last month expires");
+        };
+        assert!(why.contains("to notAfter 2026-11-22T03:00:00Z"), "{why}");
+        assert_eq!(Deadline::earliest(None, not_after), not_after);
+        assert_eq!(Deadline::earliest(None, None), None);
     }
 
     fn entry(finished: Option<i64>) -> LedgerEntry {
