@@ -383,7 +383,14 @@ spec:
     let s = p.status.unwrap();
     let summary = s.summary.unwrap();
     assert_eq!(summary.targets, 50);
-    assert_eq!(summary.restarted + summary.failed + summary.accepted, 50);
+    // A NOTIFY recorded as under way at a kill and not confirmed by a fresh REGISTER is
+    // Uncertain (never sent again): at most the window (maxInFlight 5) per kill.
+    assert_eq!(
+        summary.restarted + summary.failed + summary.accepted + summary.uncertain,
+        50,
+        "{summary:?}"
+    );
+    assert!(summary.uncertain <= 5 * KILLS as u32, "{summary:?}");
     assert!(summary.restarted >= 40, "{summary:?}");
     eprintln!(
         "NOTIFY counts after two SIGKILLs: {} phones got 1, {} got 0",
