@@ -53,6 +53,7 @@ on_every_database!(
     numbers_move_only_from_the_named_holder,
     phones_are_read_and_changed_with_compare_and_set,
     catalogue_export_and_reset,
+    a_snapshot_brings_a_removed_user_back_and_names_what_others_hold_now,
 );
 
 use std::time::{Duration, Instant};
@@ -691,6 +692,162 @@ async fn catalogue_export_and_reset(db: &'static str) {
         Some("Chloe"),
         "other users are untouched"
     );
+}
+
+/// Snapshots (pbx_snapshot, on each database): kept once per run before a user goes, without
+/// credentials; a restore brings every row back but the secret and status, leaves a number
+/// someone took meanwhile to them (named), is recorded so the same run finds it done, and is
+/// refused over an extension that exists again; an expired snapshot has lost its data.
+async fn a_snapshot_brings_a_removed_user_back_and_names_what_others_hold_now(db: &'static str) {
+    use pbx_operator::pbx::{Expect, RestoreOutcome, UserRestore};
+    use support::lab::user_rows;
+    let lab = Lab::start(LabSpec {
+        db,
+        users: 8,
+        phones: 5,
+        ..Default::default()
+    });
+    let pbx = backend(&lab).await;
+    let pool = sql_pool(&lab).await;
+    let exec = |sql: &str| {
+        let sql = sql.to_string();
+        let pool = pool.clone();
+        async move {
+            sqlx::query(AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    // 203 has a private number, a primary number, a group and a phone; and a PIN and a second
+    // factor, which are never kept.
+    exec("INSERT INTO usr_preferences (username, domain, attribute, type, value) VALUES ('203', 'pbx.test', 'pbx.voicemail_pin', 2, 'pbkdf2$secret'), ('203', 'pbx.test', 'pbx.totp_secret', 2, 'TOTPSECRET')").await;
+    let before = user_rows(&pool, "203").await;
+    assert!(
+        before
+            .iter()
+            .any(|r| r.contains("pbx.private_number|+15550200203")),
+        "{before:#?}"
+    );
+    assert!(
+        before.iter().any(|r| r.starts_with("dbaliases")),
+        "{before:#?}"
+    );
+    assert!(
+        before.iter().any(|r| r.starts_with("pbx_phone")),
+        "{before:#?}"
+    );
+
+    pbx.keep_snapshots("run-a", &["203".into(), "299".into()])
+        .await
+        .unwrap();
+    // A second keep of the same run keeps the first snapshot: the state before the run.
+    exec("UPDATE usr_preferences SET value = 'Changed' WHERE username = '203' AND attribute = 'pbx.first_name'").await;
+    pbx.keep_snapshots("run-a", &["203".into()]).await.unwrap();
+    let kept = pbx
+        .snapshots("run-a", &["203".into(), "299".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.len(),
+        1,
+        "no snapshot of an extension that does not exist: {kept:?}"
+    );
+    let snapshot = kept[0].snapshot.clone().expect("fresh");
+    let data = serde_json::to_string(&snapshot).unwrap();
+    assert!(
+        !data.contains("Changed"),
+        "the first snapshot stays: {data}"
+    );
+    for secret in ["pbkdf2", "TOTPSECRET", "ha1"] {
+        assert!(!data.contains(secret), "{secret} kept: {data}");
+    }
+    assert_eq!(snapshot.private_number.as_deref(), Some("+15550200203"));
+
+    // The user goes (as Remove and a numbers reset would), and 205 gets its private number.
+    for table in ["usr_preferences", "grp", "dbaliases", "subscriber"] {
+        exec(&format!("DELETE FROM {table} WHERE username = '203'")).await;
+    }
+    exec("UPDATE pbx_phone SET owner_username = NULL WHERE owner_username = '203'").await;
+    exec("INSERT INTO usr_preferences (username, domain, attribute, type, value) VALUES ('205', 'pbx.test', 'pbx.private_number', 2, '+15550200203')").await;
+
+    let restore = |by: &str, expect: Expect| UserRestore {
+        run: "run-a".into(),
+        by: by.into(),
+        snapshot: snapshot.clone(),
+        expect,
+    };
+    let out = pbx
+        .restore_users(&[restore("revert-1", Expect::Absent)])
+        .await
+        .unwrap();
+    let [RestoreOutcome::Restored { conflicts }] = out.as_slice() else {
+        panic!("{out:?}");
+    };
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert!(
+        conflicts[0].contains("+15550200203") && conflicts[0].contains("205"),
+        "{conflicts:?}"
+    );
+    let after = user_rows(&pool, "203").await;
+    let expected: Vec<String> = before
+        .iter()
+        .filter(|r| !r.contains("private_number"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        after, expected,
+        "every row back but the private number 205 holds now"
+    );
+    let status = attribute(&pool, "203", "pbx.status").await;
+    assert_eq!(status.as_deref(), Some("PasswordRequired"));
+    assert_eq!(attribute(&pool, "203", "pbx.voicemail_pin").await, None);
+    let ha1: String = sqlx::query("SELECT ha1 FROM subscriber WHERE username = '203'")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ha1.len(), 32, "a new secret nobody knows");
+
+    // The same run again (a resume after a crash): found done, nothing written twice.
+    let out = pbx
+        .restore_users(&[restore("revert-1", Expect::Absent)])
+        .await
+        .unwrap();
+    assert_eq!(out, [RestoreOutcome::AlreadyRestored]);
+    assert_eq!(user_rows(&pool, "203").await, expected);
+    // Another run over an extension that exists: refused, nothing written.
+    let out = pbx
+        .restore_users(&[restore("revert-2", Expect::Absent)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&out[0], RestoreOutcome::Conflict(m) if m.contains("exists again")),
+        "{out:?}"
+    );
+    // A recycle's revert compares what the recycle left: a name changed since is a conflict.
+    let moved = Expect::Present(vec![(UserField::FirstName, Some("Bea".into()))]);
+    let out = pbx
+        .restore_users(&[restore("revert-3", moved)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&out[0], RestoreOutcome::Conflict(m) if m.contains("Bea")),
+        "{out:?}"
+    );
+
+    // Past the retention the data is deleted; a marker says when.
+    let now = jiff::Timestamp::now().as_millisecond();
+    assert_eq!(pbx.expire_snapshots(now + 1).await.unwrap(), 1);
+    let kept = pbx.snapshots("run-a", &["203".into()]).await.unwrap();
+    assert_eq!(kept[0].snapshot, None);
+    assert!(kept[0].expired.is_some());
+    let left: Option<String> = sqlx::query("SELECT data FROM pbx_snapshot WHERE username = '203'")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, None, "the personal data is gone from the database");
 }
 
 /// A MySQL server outside strict mode cuts a value too long for its column short, silently.

@@ -481,3 +481,291 @@ spec:
         }
     }
 }
+
+async fn exec(env: &Env, sql: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+}
+
+/// Users the lab seeds without a number (Remove refuses users who own one): every fifth.
+fn numberless(users: usize) -> Vec<String> {
+    (0..users)
+        .filter(|i| i % 5 == 4)
+        .map(|i| (200 + i).to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_remove_of_50_users_reverted_brings_each_back_but_its_secret_and_names_what_others_took()
+{
+    use support::lab::user_rows;
+    let env = Env::start(
+        "undo-remove",
+        LabSpec {
+            users: 250,
+            phones: 30,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let leavers = numberless(250);
+    assert_eq!(leavers.len(), 50);
+    let mut before = std::collections::BTreeMap::new();
+    for e in &leavers {
+        before.insert(e.clone(), user_rows(&env.pool, e).await);
+    }
+    // Some have a private number, some a phone: all of it comes back.
+    assert!(
+        before["219"]
+            .iter()
+            .any(|r| r.contains("pbx.private_number"))
+    );
+    assert!(before["224"].iter().any(|r| r.starts_with("pbx_phone")));
+    let list = leavers.join("\", \"");
+    env.apply(&format!(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: {{ name: leavers }}
+spec:
+  connectionRef: {{ name: acme }}
+  targets: {{ extensions: ["{list}"] }}
+  actions: [Remove]
+"#
+    ));
+    let b = env.wait_buc("leavers", DONE).await;
+    let s = b.status.unwrap();
+    assert_eq!(s.phase, Phase::Succeeded, "{:?}", s.results);
+    assert_eq!(s.summary.unwrap().changed, 50);
+    let left = env
+        .sql_one(&format!(
+            "SELECT COUNT(*) FROM subscriber WHERE username IN ('{}')",
+            leavers.join("', '")
+        ))
+        .await;
+    assert_eq!(left, "0", "all 50 removed");
+    let kept = env
+        .sql_one("SELECT COUNT(*) FROM pbx_snapshot WHERE data IS NOT NULL")
+        .await;
+    assert_eq!(kept, "50", "one snapshot per removed user");
+    let data = env
+        .sql_one("SELECT data FROM pbx_snapshot WHERE username = '204'")
+        .await;
+    assert!(
+        !data.contains("ha1") && !data.contains("voicemail_pin"),
+        "{data}"
+    );
+
+    // Meanwhile: 219's private number goes to 200, 224's phone to 201, and extension 229 is
+    // created again for somebody else.
+    env.set_attribute("200", "pbx.private_number", "+15550200219")
+        .await;
+    exec(
+        &env,
+        "UPDATE pbx_phone SET owner_username = '201' WHERE label = 'Desk 224'",
+    )
+    .await;
+    exec(
+        &env,
+        &format!(
+            "INSERT INTO subscriber (username, domain, password, ha1, ha1b) VALUES ('229', '{}', '', '', '')",
+            env.lab.domain()
+        ),
+    )
+    .await;
+
+    let (ok, _, err) = env.cli(&["revert", "buc/leavers", "-n", &env.ns, "--apply"]);
+    assert!(ok, "{err}");
+    let b = env.wait_buc("leavers-revert", &[Phase::Validated]).await;
+    let plan = b.status.as_ref().unwrap().plan.clone().unwrap();
+    assert_eq!(
+        (plan.targets, plan.changes),
+        (50, 49),
+        "229 exists again: not planned"
+    );
+    let (ok, csv, err) = env.cli(&["results", "buc/leavers-revert", "-n", &env.ns]);
+    assert!(ok, "{err}");
+    let line = csv.lines().find(|l| l.starts_with("219,")).unwrap();
+    assert!(
+        line.contains("+15550200219 is 200's now"),
+        "the plan names it: {line}"
+    );
+    assert_eq!(
+        env.sql_one("SELECT COUNT(*) FROM subscriber WHERE username = '204'")
+            .await,
+        "0",
+        "Validate restores nothing"
+    );
+
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    api.patch(
+        "leavers-revert",
+        &PatchParams::default(),
+        &Patch::Merge(&serde_json::json!({
+            "spec": { "mode": "Execute", "approvedPlanHash": plan.hash }
+        })),
+    )
+    .await
+    .unwrap();
+    let b = env.wait_buc("leavers-revert", DONE).await;
+    let status = b.status.clone().unwrap();
+    assert_eq!(status.phase, Phase::PartiallyFailed, "{:?}", status.results);
+    let s = status.summary.clone().unwrap();
+    assert_eq!((s.changed, s.conflicts), (47, 3), "{:?}", status.results);
+    let note = |ext: &str| {
+        let r = status.results.iter().find(|r| r.target == ext).unwrap();
+        assert_eq!(r.outcome, Outcome::Conflict, "{ext}: {r:?}");
+        r.notes.join("; ")
+    };
+    assert!(
+        note("219").contains("+15550200219") && note("219").contains("200"),
+        "{}",
+        note("219")
+    );
+    assert!(note("224").contains("201"), "{}", note("224"));
+    assert!(note("229").contains("exists again"), "{}", note("229"));
+    for e in &leavers {
+        let now = user_rows(&env.pool, e).await;
+        let want: Vec<String> = match e.as_str() {
+            "229" => continue,
+            "219" => before[e]
+                .iter()
+                .filter(|r| !r.contains("private_number"))
+                .cloned()
+                .collect(),
+            "224" => before[e]
+                .iter()
+                .filter(|r| !r.starts_with("pbx_phone"))
+                .cloned()
+                .collect(),
+            _ => before[e].clone(),
+        };
+        assert_eq!(now, want, "{e}: every row back but its secret and status");
+        assert_eq!(
+            env.attribute(e, "pbx.status").await.as_deref(),
+            Some("PasswordRequired"),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        env.attribute("200", "pbx.private_number").await.as_deref(),
+        Some("+15550200219"),
+        "a number taken since stays with its new holder"
+    );
+}
+
+#[tokio::test]
+async fn a_user_recycle_reverted_brings_the_earlier_identity_back_and_the_secret_stays_rotated() {
+    use pbx_operator::api::UserRecycle;
+    use support::lab::user_rows;
+    let env = Env::start(
+        "undo-recycle",
+        LabSpec {
+            users: 10,
+            phones: 5,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let targets = ["202", "203"];
+    let mut before = Vec::new();
+    for e in targets {
+        before.push(user_rows(&env.pool, e).await);
+    }
+    assert!(before[0].iter().any(|r| r.starts_with("dbaliases")));
+    assert!(before[0].iter().any(|r| r.starts_with("pbx_phone")));
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: UserRecycle
+metadata: { name: hire }
+spec:
+  connectionRef: { name: acme }
+  targets: { extensions: ["202", "203"] }
+  reset: [Name, Email, Password, VoicemailPin, Devices, Role, Groups, Numbers, CallGroup, PickupGroup]
+  recycle:
+    - { extension: "202", firstName: Dana, lastName: Scully, email: dana.scully@pbx.test }
+"#,
+    );
+    let api: Api<UserRecycle> = Api::namespaced(env.client.clone(), &env.ns);
+    let wait = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            support::eventually(Duration::from_secs(90), name, || async {
+                let u = api.get(name).await.ok()?;
+                let s = u.status.as_ref()?;
+                DONE.contains(&s.phase).then_some(u)
+            })
+            .await
+        }
+    };
+    let u = wait("hire").await;
+    assert_eq!(u.status.unwrap().phase, Phase::Succeeded);
+    assert_eq!(
+        env.attribute("202", "pbx.first_name").await.as_deref(),
+        Some("Dana")
+    );
+    let ha1 = |ext: &'static str| {
+        env.sql_one_owned(format!(
+            "SELECT ha1 FROM subscriber WHERE username = '{ext}'"
+        ))
+    };
+    let rotated = ha1("202").await;
+
+    // The CLI prints the revert; creating it asks for --execute (a UserRecycle runs at once).
+    let (ok, yaml, err) = env.cli(&["revert", "urc/hire", "-n", &env.ns]);
+    assert!(ok, "{err}");
+    assert!(
+        yaml.contains("kind: UserRecycle") && yaml.contains("revertOf:"),
+        "{yaml}"
+    );
+    assert!(
+        !yaml.contains("reset") && !yaml.contains("targets"),
+        "{yaml}"
+    );
+    let (ok, _, err) = env.cli(&["revert", "urc/hire", "-n", &env.ns, "--apply"]);
+    assert!(!ok && err.contains("--execute"), "{err}");
+    let (ok, _, err) = env.cli(&["revert", "urc/hire", "-n", &env.ns, "--apply", "--execute"]);
+    assert!(ok, "{err}");
+    let u = wait("hire-revert").await;
+    let s = u.status.clone().unwrap();
+    assert_eq!(s.phase, Phase::Succeeded, "{:?}", s.results);
+    assert_eq!(s.summary.unwrap().changed, 2);
+    for (i, e) in targets.iter().enumerate() {
+        assert_eq!(
+            user_rows(&env.pool, e).await,
+            before[i],
+            "{e}: the earlier identity is back"
+        );
+        assert_eq!(
+            env.attribute(e, "pbx.status").await.as_deref(),
+            Some("PasswordRequired"),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        ha1("202").await,
+        rotated,
+        "the secret stays the rotated one"
+    );
+
+    // The API server refuses a revert with a new person beside it.
+    let (ok, _, err) = support::try_kubectl(
+        &support::control_plane().admin_kubeconfig,
+        &["apply", "-n", &env.ns, "-f", "-"],
+        br#"apiVersion: pbx-operator.io/v1alpha1
+kind: UserRecycle
+metadata: { name: undo-and-more }
+spec:
+  connectionRef: { name: acme }
+  revertOf: { name: hire }
+  targets: { extensions: ["202"] }
+"#,
+    );
+    assert!(
+        !ok && err.contains("spec.revertOf plans from what the reverted UserRecycle recorded"),
+        "{err}"
+    );
+}

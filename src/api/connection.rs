@@ -69,7 +69,26 @@ pub struct PbxConnectionSpec {
     /// How much of this tenant one operator works on at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// The snapshots kept of users a Remove or a UserRecycle takes away (for their revert).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<SnapshotSettings>,
 }
+
+/// How long the snapshots of removed and recycled users are kept.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSettings {
+    /// After this, a snapshot's data is deleted from the PBX database and a revert of that user
+    /// fails with a note saying so (default 720h = 30 days). Snapshots are personal data: keep
+    /// them no longer than the tenant's data protection rules allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(DURATION_PATTERN))]
+    pub retention: Option<String>,
+}
+
+/// Snapshots are kept this long unless the connection says otherwise.
+pub const DEFAULT_SNAPSHOT_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// Bounds on the work on one connection.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -84,6 +103,15 @@ pub struct Limits {
 }
 
 impl PbxConnectionSpec {
+    /// How long snapshots of removed and recycled users are kept.
+    pub fn snapshot_retention(&self) -> std::time::Duration {
+        self.snapshots
+            .as_ref()
+            .and_then(|s| s.retention.as_deref())
+            .and_then(super::common::parse_duration)
+            .unwrap_or(DEFAULT_SNAPSHOT_RETENTION)
+    }
+
     /// Operations that may execute on the connection at once.
     pub fn concurrent_operations(&self) -> u32 {
         self.limits

@@ -115,15 +115,28 @@ pub struct RecycleEntry {
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new(
-    "!has(self.recycle) || self.recycle.all(r, r.extension in self.targets.extensions)"
+    "!has(self.recycle) || (has(self.targets) && self.recycle.all(r, r.extension in self.targets.extensions))"
 ).message("every spec.recycle[].extension must also be listed in spec.targets.extensions").field_path(".recycle"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.targets) || has(self.revertOf)")
+    .message("spec.targets is required (or spec.revertOf, to undo a finished UserRecycle)")
+    .field_path(".targets"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.revertOf) || (!has(self.targets) && !has(self.recycle) && (!has(self.sendWelcomeEmail) || !self.sendWelcomeEmail))"
+).message("spec.revertOf plans from what the reverted UserRecycle recorded: remove spec.targets, spec.recycle and sendWelcomeEmail")
+.field_path(".revertOf"))]
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.notBefore) || !has(self.executeBefore) || self.executeBefore > self.notBefore"
 ).message("spec.executeBefore must be later than spec.notBefore: the window would be empty")
 .field_path(".executeBefore"))]
 pub struct UserRecycleSpec {
     pub connection_ref: ConnectionRef,
-    pub targets: RecycleTargets,
+    /// Required unless `revertOf` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<RecycleTargets>,
+    /// Undo a finished UserRecycle in this namespace: each user it reset or recycled gets its
+    /// earlier identity back from the snapshot it kept (nothing else beside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert_of: Option<super::RevertOf>,
     /// What to clear; default Name, Email, Password, VoicemailPin, Devices.
     #[serde(default = "default_reset")]
     #[schemars(length(min = 1, max = 10), extend("x-kubernetes-list-type" = "set"))]

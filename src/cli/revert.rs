@@ -9,12 +9,13 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use super::CliError;
 use crate::api::{
     BulkPhoneChange, BulkPhoneChangeSpec, BulkUserChange, BulkUserChangeSpec, Mode, RevertOf,
+    UserRecycle, UserRecycleSpec,
 };
 
 #[derive(Args, Debug)]
 pub struct RevertArgs {
-    /// `<kind>/<name>` of the finished change to undo; kind is bulkuserchange (buc) or
-    /// bulkphonechange (bpc).
+    /// `<kind>/<name>` of the finished change to undo; kind is bulkuserchange (buc),
+    /// bulkphonechange (bpc) or userrecycle (urc).
     pub target: String,
     /// Namespace of the change (default: the kubeconfig's namespace).
     #[arg(short, long)]
@@ -96,6 +97,31 @@ pub fn phone_change_revert(original: &BulkPhoneChange, execute: bool) -> BulkPho
     }
 }
 
+/// The UserRecycle that reverts `original`: it executes when created (a UserRecycle has no
+/// Validate mode), so `--apply` asks for `--execute` as well.
+pub fn recycle_revert(original: &UserRecycle) -> UserRecycle {
+    let name = original.metadata.name.clone().unwrap_or_default();
+    UserRecycle {
+        metadata: ObjectMeta {
+            name: Some(revert_name(&name)),
+            namespace: original.metadata.namespace.clone(),
+            ..Default::default()
+        },
+        spec: UserRecycleSpec {
+            connection_ref: original.spec.connection_ref.clone(),
+            targets: None,
+            revert_of: Some(RevertOf { name }),
+            reset: crate::api::user_recycle::default_reset(),
+            recycle: vec![],
+            send_welcome_email: false,
+            not_before: None,
+            execute_before: None,
+            requested_by: None,
+        },
+        status: None,
+    }
+}
+
 /// Prints `revert` as YAML, or creates it through `api`.
 async fn emit<K>(api: Api<K>, revert: K, args: &RevertArgs, kind: &str) -> Result<(), CliError>
 where
@@ -117,6 +143,11 @@ where
     let mut value = serde_json::to_value(&revert).expect("resources serialize");
     if let Some(o) = value.as_object_mut() {
         o.remove("status");
+        // What a revert ignores (a UserRecycle's reset set and mail) is not shown in its YAML.
+        if let Some(spec) = o.get_mut("spec").and_then(|s| s.as_object_mut()) {
+            spec.remove("reset");
+            spec.remove("sendWelcomeEmail");
+        }
     }
     let yaml = serde_yaml::to_string(&value)?;
     std::io::stdout()
@@ -134,30 +165,45 @@ pub async fn revert(args: &RevertArgs) -> Result<(), CliError> {
         .split_once('/')
         .ok_or_else(|| CliError::Usage(format!("expected <kind>/<name>, got {:?}", args.target)))?;
     let kind = kind.to_ascii_lowercase();
-    let user = match kind.as_str() {
-        "bulkuserchange" | "bulkuserchanges" | "buc" => true,
-        "bulkphonechange" | "bulkphonechanges" | "bpc" => false,
+    let kind = match kind.as_str() {
+        "bulkuserchange" | "bulkuserchanges" | "buc" => "bulkuserchange",
+        "bulkphonechange" | "bulkphonechanges" | "bpc" => "bulkphonechange",
+        "userrecycle" | "userrecycles" | "urc" => "userrecycle",
         other => {
             return Err(CliError::Usage(format!(
-                "cannot revert kind {other:?} yet: bulkuserchange and bulkphonechange can be reverted"
+                "cannot revert kind {other:?}: bulkuserchange, bulkphonechange and userrecycle can be reverted (a PhoneRestart cannot: a reboot cannot be undone)"
             )));
         }
     };
+    if kind == "userrecycle" && args.apply && !args.execute {
+        return Err(CliError::Usage(
+            "a UserRecycle executes as soon as it is created (it has no Validate mode): review the printed revert first, then pass --apply --execute".into(),
+        ));
+    }
     let client = crate::kubectl::client().await?;
     let namespace = args
         .namespace
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_string());
-    if user {
-        let api: Api<BulkUserChange> = Api::namespaced(client, &namespace);
-        let mut revert = user_change_revert(&api.get(name).await?, args.execute);
-        revert.metadata.namespace = Some(namespace);
-        emit(api, revert, args, "bulkuserchange").await
-    } else {
-        let api: Api<BulkPhoneChange> = Api::namespaced(client, &namespace);
-        let mut revert = phone_change_revert(&api.get(name).await?, args.execute);
-        revert.metadata.namespace = Some(namespace);
-        emit(api, revert, args, "bulkphonechange").await
+    match kind {
+        "bulkuserchange" => {
+            let api: Api<BulkUserChange> = Api::namespaced(client, &namespace);
+            let mut revert = user_change_revert(&api.get(name).await?, args.execute);
+            revert.metadata.namespace = Some(namespace);
+            emit(api, revert, args, kind).await
+        }
+        "bulkphonechange" => {
+            let api: Api<BulkPhoneChange> = Api::namespaced(client, &namespace);
+            let mut revert = phone_change_revert(&api.get(name).await?, args.execute);
+            revert.metadata.namespace = Some(namespace);
+            emit(api, revert, args, kind).await
+        }
+        _ => {
+            let api: Api<UserRecycle> = Api::namespaced(client, &namespace);
+            let mut revert = recycle_revert(&api.get(name).await?);
+            revert.metadata.namespace = Some(namespace);
+            emit(api, revert, args, kind).await
+        }
     }
 }
 

@@ -188,6 +188,20 @@ fn ready(
 async fn probe(conn: &PbxConnection, ctx: &Context) -> Result<(Probe, Capabilities), Error> {
     let backend = ctx.backends.get(&ctx.client, conn).await?;
     let probe = ctx.metrics.pbx_call("probe", backend.probe()).await?;
+    // Snapshots of removed users are personal data: gone once the retention has passed.
+    let retention = conn.spec.snapshot_retention().as_millis() as i64;
+    let before = jiff::Timestamp::now().as_millisecond() - retention;
+    let expire = backend.expire_snapshots(before);
+    match ctx.metrics.pbx_call("expire_snapshots", expire).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            expired = n,
+            "snapshots past the connection's retention deleted"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "snapshots past the retention not deleted yet; retried with the next probe")
+        }
+    }
     let caps = backend.capabilities();
     let capabilities = Capabilities {
         user_fields: caps

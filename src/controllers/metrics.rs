@@ -3,9 +3,9 @@
 use std::time::Instant;
 
 use crate::pbx::{
-    self, ActionOutcome, Capabilities, NewIdentity, PbxBackend, Phone, PhoneField, Policies, Probe,
-    Registration, ResetOutcome, SipAnswer, UserAction, UserChange, UserField, UserRead, UserReset,
-    UserSelection, WriteOutcome,
+    self, ActionOutcome, Capabilities, KeptSnapshot, NewIdentity, PbxBackend, Phone, PhoneField,
+    Policies, Probe, Registration, ResetOutcome, RestoreOutcome, SipAnswer, UserAction, UserChange,
+    UserField, UserRead, UserReset, UserRestore, UserSelection, WriteOutcome,
 };
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -285,6 +285,22 @@ impl PbxBackend for Timed<'_> {
     async fn recycle_users(&self, identities: &[NewIdentity]) -> pbx::Result<Vec<ResetOutcome>> {
         let call = self.inner.recycle_users(identities);
         self.metrics.pbx_call("recycle_users", call).await
+    }
+    async fn keep_snapshots(&self, run: &str, extensions: &[String]) -> pbx::Result<()> {
+        let call = self.inner.keep_snapshots(run, extensions);
+        self.metrics.pbx_call("keep_snapshots", call).await
+    }
+    async fn snapshots(&self, run: &str, extensions: &[String]) -> pbx::Result<Vec<KeptSnapshot>> {
+        let call = self.inner.snapshots(run, extensions);
+        self.metrics.pbx_call("snapshots", call).await
+    }
+    async fn restore_users(&self, restores: &[UserRestore]) -> pbx::Result<Vec<RestoreOutcome>> {
+        let call = self.inner.restore_users(restores);
+        self.metrics.pbx_call("restore_users", call).await
+    }
+    async fn expire_snapshots(&self, taken_before: i64) -> pbx::Result<u64> {
+        let call = self.inner.expire_snapshots(taken_before);
+        self.metrics.pbx_call("expire_snapshots", call).await
     }
 }
 

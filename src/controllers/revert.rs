@@ -4,16 +4,93 @@
 
 use std::collections::BTreeMap;
 
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 
 use super::run::RunKind;
 use super::run::{Run, unfinished};
 use super::{Context, Error};
-use crate::api::{BulkPhoneChange, BulkUserChange, Phase, Plan};
-use crate::pbx::{PbxBackend, UserSelection};
-use crate::plan::revert;
-use crate::plan::stored::Row;
+use crate::api::{BulkPhoneChange, BulkUserChange, OperationStatus, Phase, Plan, UserRecycle};
+use crate::pbx::{PbxBackend, User, UserSelection};
+use crate::plan::revert::{self, RevertPlan, Snapshots};
+use crate::plan::stored::{Row, StepKind, StepState};
 use crate::plan::user_change::PlannedRows;
+
+/// The key a run keeps its snapshots and records its restores under in the PBX: its ledger
+/// entry (which outlives the cluster), or the object's uid where the run has none.
+pub(crate) fn run_key(obj: &impl Resource, status: &OperationStatus) -> String {
+    status
+        .ledger
+        .as_ref()
+        .map(|l| l.id.clone())
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| format!("uid:{}", obj.meta().uid.clone().unwrap_or_default()))
+}
+
+/// The snapshots the original's rows `targets` say were kept (each row records the run its
+/// snapshot went under), and who holds their numbers now.
+async fn snapshots_of(
+    backend: &dyn PbxBackend,
+    original: &[Row],
+    targets: &[String],
+) -> Result<Snapshots, Error> {
+    let mut by_run: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for r in original.iter().filter(|r| targets.contains(&r.target)) {
+        if let Some(run) = &r.snapshot_run {
+            by_run.entry(run).or_default().push(r.target.clone());
+        }
+    }
+    let mut snapshots = Snapshots::default();
+    for (run, extensions) in by_run {
+        for k in backend.snapshots(run, &extensions).await? {
+            snapshots.kept.insert(k.extension.clone(), k);
+        }
+    }
+    let numbers = snapshots.numbers();
+    if !numbers.is_empty() {
+        snapshots.holders = backend
+            .number_holders(&numbers)
+            .await?
+            .into_iter()
+            .collect();
+    }
+    Ok(snapshots)
+}
+
+async fn users_now(
+    backend: &dyn PbxBackend,
+    extensions: Vec<String>,
+) -> Result<BTreeMap<String, User>, Error> {
+    if extensions.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    Ok(backend
+        .read_users(&UserSelection {
+            groups: vec![],
+            extensions,
+        })
+        .await?
+        .users
+        .into_iter()
+        .map(|u| (u.extension.clone(), u))
+        .collect())
+}
+
+fn status_plan(planned: &RevertPlan, generation: i64, spec_hash: &str) -> Plan {
+    Plan {
+        hash: planned.hash.clone(),
+        generation,
+        targets: planned.rows.len() as u32,
+        resolved: planned
+            .rows
+            .iter()
+            .take(1000)
+            .map(|r| r.target.clone())
+            .collect(),
+        changes: planned.changes as u32,
+        spec_hash: spec_hash.to_string(),
+        ..Default::default()
+    }
+}
 
 /// Plans the revert of BulkUserChange `name` in `buc`'s namespace. `kept`: a retry's rows that
 /// went through (kept as they are).
@@ -25,47 +102,44 @@ pub(crate) async fn plan_user_revert(
     kept: Vec<Row>,
     spec_hash: &str,
 ) -> Result<(PlannedRows, Plan), Error> {
-    let rows = original_rows::<BulkUserChange>(ctx, buc, name).await?;
-    let extensions = revert::targets(&rows);
-    let current = if extensions.is_empty() {
-        BTreeMap::new()
-    } else {
-        backend
-            .read_users(&UserSelection {
-                groups: vec![],
-                extensions,
-            })
-            .await?
-            .users
-            .into_iter()
-            .map(|u| (u.extension.clone(), u))
-            .collect()
-    };
-    let planned = revert::plan_revert(name, &rows, &current, kept);
-    let plan = Plan {
-        hash: planned.hash.clone(),
-        generation: buc.metadata.generation.unwrap_or(0),
-        targets: planned.rows.len() as u32,
-        resolved: planned
-            .rows
-            .iter()
-            .take(1000)
-            .map(|r| r.target.clone())
-            .collect(),
-        changes: planned.changes as u32,
-        spec_hash: spec_hash.to_string(),
-        ..Default::default()
-    };
+    let original = original::<BulkUserChange>(ctx, buc, name).await?;
+    let current = users_now(backend, revert::targets(&original)).await?;
+    let removed: Vec<String> = original
+        .iter()
+        .filter(|r| {
+            r.steps
+                .iter()
+                .any(|s| s.kind == StepKind::Remove && s.state == StepState::Done)
+        })
+        .map(|r| r.target.clone())
+        .collect();
+    let snapshots = snapshots_of(backend, &original, &removed).await?;
+    let planned = revert::plan_revert(name, &original, &current, &snapshots, kept);
+    let plan = status_plan(&planned, buc.metadata.generation.unwrap_or(0), spec_hash);
     Ok((PlannedRows::All(planned.rows), plan))
+}
+
+/// Plans the revert of UserRecycle `name` in `urc`'s namespace: earlier identities back from
+/// the snapshots the recycle kept.
+pub(crate) async fn plan_recycle_revert(
+    ctx: &Context,
+    urc: &UserRecycle,
+    name: &str,
+    backend: &dyn PbxBackend,
+    spec_hash: &str,
+) -> Result<(Vec<Row>, Plan), Error> {
+    let original = original::<UserRecycle>(ctx, urc, name).await?;
+    let targets = revert::recycled(&original);
+    let current = users_now(backend, targets.clone()).await?;
+    let snapshots = snapshots_of(backend, &original, &targets).await?;
+    let planned = revert::plan_recycle_revert(name, &original, &current, &snapshots);
+    let plan = status_plan(&planned, urc.metadata.generation.unwrap_or(0), spec_hash);
+    Ok((planned.rows, plan))
 }
 
 /// The stored rows of the finished `K` named `name` in `reverting`'s namespace, verified
 /// against the digests it recorded; RevertUnavailable when they cannot be trusted or read.
-async fn original_rows<K: RunKind>(
-    ctx: &Context,
-    reverting: &K,
-    name: &str,
-) -> Result<Vec<Row>, Error> {
+async fn original<K: RunKind>(ctx: &Context, reverting: &K, name: &str) -> Result<Vec<Row>, Error> {
     let unavailable = |why: String| Error::RevertUnavailable {
         name: name.to_string(),
         why,
@@ -120,7 +194,7 @@ pub(crate) async fn plan_phone_revert(
     backend: &dyn PbxBackend,
     spec_hash: &str,
 ) -> Result<(Vec<Row>, Plan), Error> {
-    let rows = original_rows::<BulkPhoneChange>(ctx, bpc, name).await?;
+    let rows = original::<BulkPhoneChange>(ctx, bpc, name).await?;
     let extensions = revert::phone_owners(&rows);
     let current = if extensions.is_empty() {
         BTreeMap::new()
@@ -136,19 +210,6 @@ pub(crate) async fn plan_phone_revert(
             .collect()
     };
     let planned = revert::plan_phone_revert(name, &rows, &current);
-    let plan = Plan {
-        hash: planned.hash.clone(),
-        generation: bpc.metadata.generation.unwrap_or(0),
-        targets: planned.rows.len() as u32,
-        resolved: planned
-            .rows
-            .iter()
-            .take(1000)
-            .map(|r| r.target.clone())
-            .collect(),
-        changes: planned.changes as u32,
-        spec_hash: spec_hash.to_string(),
-        ..Default::default()
-    };
+    let plan = status_plan(&planned, bpc.metadata.generation.unwrap_or(0), spec_hash);
     Ok((planned.rows, plan))
 }

@@ -302,6 +302,7 @@ impl Change<'_> {
             inner: backend.as_ref(),
             metrics: &self.ctx.metrics,
         };
+        let run_key = super::revert::run_key(self.buc, &status);
         let exec = UserExec {
             backend: &timed,
             secrets: &secrets,
@@ -310,6 +311,7 @@ impl Change<'_> {
             atomic,
             journal: &run,
             stopping: &stopping,
+            run_key: &run_key,
         };
         let mut status = match run.execute(status, &exec, atomic).await? {
             Ok(status) => status,

@@ -115,16 +115,30 @@ async fn start(
         metrics: &run.ctx.metrics,
     };
     let generation = run.obj.metadata.generation.unwrap_or(0);
-    let (rows, plan) = match plan_recycle(&timed, spec, generation, earlier).await {
-        Ok(p) => p,
-        Err(e) => return run.blocked(status, &e.into()).await,
+    let planned = match &spec.revert_of {
+        Some(of) => {
+            super::revert::plan_recycle_revert(run.ctx, run.obj, &of.name, &timed, "").await
+        }
+        None => plan_recycle(&timed, spec, generation, earlier)
+            .await
+            .map_err(Error::from),
     };
-    let message = format!(
-        "resetting {} users ({} recycled to new people); plan {}",
-        plan.changes,
-        spec.recycle.len(),
-        plan.hash
-    );
+    let (rows, plan) = match planned {
+        Ok(p) => p,
+        Err(e) => return run.blocked(status, &e).await,
+    };
+    let message = match &spec.revert_of {
+        Some(of) => format!(
+            "restoring {} users {} reset or recycled from their snapshots; plan {}",
+            plan.changes, of.name, plan.hash
+        ),
+        None => format!(
+            "resetting {} users ({} recycled to new people); plan {}",
+            plan.changes,
+            spec.recycle.len(),
+            plan.hash
+        ),
+    };
     let stored = run.store_plan(rows.into_iter()).await?;
     let progress = lineage.progress(stored.refs.len(), 0, None);
     let mut next = run.stored_status(plan, stored, progress, &status);
@@ -155,6 +169,7 @@ async fn execute(run: &Run<'_, UserRecycle>, status: OperationStatus) -> Result<
         inner: backend.as_ref(),
         metrics: &run.ctx.metrics,
     };
+    let run_key = super::revert::run_key(run.obj, &status);
     let exec = RecycleExec {
         backend: &timed,
         parts: &parts,
@@ -162,6 +177,7 @@ async fn execute(run: &Run<'_, UserRecycle>, status: OperationStatus) -> Result<
         domain: &conn.spec.domain,
         journal: run,
         stopping: &stopping,
+        run_key: &run_key,
     };
     match run.execute(status, &exec, false).await? {
         Ok(status) => {

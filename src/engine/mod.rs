@@ -19,6 +19,7 @@ pub mod outbox;
 pub mod phones;
 pub mod planning;
 pub mod recycle;
+mod restore;
 pub mod results;
 pub mod run;
 pub mod steps;

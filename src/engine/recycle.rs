@@ -52,6 +52,9 @@ pub struct RecycleExec<'a> {
     pub journal: &'a dyn Journal,
     /// Asked between steps: true once the operator is stopping.
     pub stopping: &'a (dyn Fn() -> bool + Sync),
+    /// The run's key in the PBX (its ledger id): the snapshots of the users it resets are
+    /// kept under it, and the restores of a revert are recorded under it.
+    pub run_key: &'a str,
 }
 
 #[async_trait::async_trait]
@@ -85,6 +88,8 @@ impl Executor for RecycleExec<'_> {
             self.save(batches).await?;
             return Ok(Ended::Finished);
         }
+        // A revert's rows: their users back from the snapshots the recycle kept.
+        super::restore::restore(self.backend, self.journal, batches, &work, self.run_key).await?;
         self.check(batches, &work, &redo).await?;
         self.reset(batches, &work, &redo).await?;
         if (self.stopping)() {
@@ -222,6 +227,7 @@ impl RecycleExec<'_> {
         if due.is_empty() {
             return Ok(());
         }
+        self.keep_snapshots(batches, &due).await?;
         let resets: Vec<UserReset> = due
             .iter()
             .map(|&(b, i)| UserReset {
@@ -256,6 +262,26 @@ impl RecycleExec<'_> {
             set(&mut batches[at.0], at.1, StepKind::Reset, state);
         }
         self.save(batches).await
+    }
+
+    /// Kept before the first step that takes anything of the users away (a snapshot already
+    /// kept by this run stays: it is the state before the run), so a revert can bring it back.
+    /// The run it goes under is recorded in the row first: the revert reads it there.
+    async fn keep_snapshots(&self, batches: &mut [Batch], due: &[At]) -> Result<(), Error> {
+        let mut extensions = Vec::with_capacity(due.len());
+        for &(b, i) in due {
+            let row = &mut batches[b].rows[i];
+            extensions.push(row.target.clone());
+            if row.snapshot_run.is_none() {
+                row.snapshot_run = Some(self.run_key.to_string());
+                batches[b].dirty = true;
+            }
+        }
+        self.save(batches).await?;
+        Ok(self
+            .backend
+            .keep_snapshots(self.run_key, &extensions)
+            .await?)
     }
 
     /// Old phones stop working now, not at their next re-registration. A PBX that cannot be
@@ -298,6 +324,8 @@ impl RecycleExec<'_> {
         if calls.is_empty() {
             return self.save(batches).await;
         }
+        let ats: Vec<At> = calls.iter().map(|(at, _)| *at).collect();
+        self.keep_snapshots(batches, &ats).await?;
         let identities: Vec<_> = calls.iter().map(|(_, id)| id.clone()).collect();
         let outcomes = self.backend.recycle_users(&identities).await?;
         for (((b, i), id), outcome) in calls.into_iter().zip(outcomes) {
@@ -421,11 +449,12 @@ mod tests {
             connection_ref: ConnectionRef {
                 name: "acme".into(),
             },
-            targets: RecycleTargets {
+            revert_of: None,
+            targets: Some(RecycleTargets {
                 extensions: (RESET_ONLY.start..RECYCLED.end)
                     .map(|e| e.to_string())
                     .collect(),
-            },
+            }),
             reset: crate::api::user_recycle::default_reset(),
             recycle: RECYCLED
                 .map(|e| RecycleEntry {
@@ -543,6 +572,7 @@ mod tests {
             domain: "acme.test",
             journal,
             stopping,
+            run_key: "run-1",
         }
     }
 
@@ -911,6 +941,7 @@ mod tests {
         let never = || false;
         let exec = RecycleExec {
             stopping: &never,
+            run_key: "run-1",
             ..exec
         };
         assert_eq!(

@@ -35,6 +35,9 @@ pub struct UserExec<'a> {
     pub journal: &'a dyn Journal,
     /// Asked between steps: true once the operator is stopping.
     pub stopping: &'a (dyn Fn() -> bool + Sync),
+    /// The run's key in the PBX (its ledger id): the snapshots of the users it removes are
+    /// kept under it, and the restores it does are recorded under it.
+    pub run_key: &'a str,
 }
 
 #[async_trait::async_trait]
@@ -74,6 +77,11 @@ impl Executor for UserExec<'_> {
         let work: Vec<At> = at_all(batches, |r| r.outcome == Outcome::InProgress);
         if work.is_empty() {
             return Ok(Ended::Finished);
+        }
+        // A revert's restores come first: the steps after them work on the restored user.
+        super::restore::restore(self.backend, self.journal, batches, &work, self.run_key).await?;
+        if (self.stopping)() {
+            return Ok(Ended::Stopped);
         }
         let extensions = work
             .iter()
@@ -288,6 +296,11 @@ impl UserExec<'_> {
             if state == StepState::Pending {
                 set(batch, i, kind, StepState::Intended);
             }
+            if kind == StepKind::Remove && batch.rows[i].snapshot_run.is_none() {
+                // Where the snapshot goes, recorded with the intent: the revert reads it here.
+                batch.rows[i].snapshot_run = Some(self.run_key.to_string());
+                batch.dirty = true;
+            }
             due.push((b, i));
         }
         if due.is_empty() {
@@ -295,6 +308,17 @@ impl UserExec<'_> {
         }
         // Recorded as intended before any of them runs.
         self.save(batches).await?;
+        if kind == StepKind::Remove {
+            // Kept before the users go (a snapshot already kept by this run stays: it is the
+            // state before the run), so that a revert can bring them back.
+            let extensions: Vec<String> = due
+                .iter()
+                .map(|&(b, i)| batches[b].rows[i].target.clone())
+                .collect();
+            self.backend
+                .keep_snapshots(self.run_key, &extensions)
+                .await?;
+        }
         let calls: Vec<(String, UserAction)> = due
             .iter()
             .map(|&(b, i)| {
@@ -574,6 +598,7 @@ mod tests {
             atomic: false,
             journal,
             stopping,
+            run_key: "run-1",
         }
     }
 
@@ -760,6 +785,7 @@ mod tests {
         let never = || false;
         let exec = UserExec {
             stopping: &never,
+            run_key: "run-1",
             ..exec
         };
         let mut batches = reload(&journal);
@@ -886,6 +912,7 @@ mod tests {
                 atomic: self.atomic,
                 journal: &*self.journal,
                 stopping: &never,
+                run_key: "run-1",
             };
             let mut runner = Runner::new(
                 &*self.journal,

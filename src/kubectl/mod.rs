@@ -111,7 +111,7 @@ pub enum PluginCommand {
     },
     /// Print the full result CSV of an operation (every target).
     Results { target: String },
-    /// Print the change that undoes a finished buc/bpc (for a GitOps commit); --apply creates it.
+    /// Print the change that undoes a finished buc/bpc/urc (for a GitOps commit); --apply creates it.
     Revert {
         target: String,
         /// Create the revert instead of printing it.

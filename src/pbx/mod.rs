@@ -6,9 +6,11 @@ pub mod kamailio;
 pub mod ledger;
 mod model;
 pub mod sip;
+pub mod snapshot;
 
 pub use ledger::{LedgerCounts, LedgerEntry, LedgerFilter, LedgerKey};
 pub use model::*;
+pub use snapshot::{Expect, KeptSnapshot, Preference, RestoreOutcome, UserRestore, UserSnapshot};
 
 use async_trait::async_trait;
 
@@ -162,6 +164,38 @@ pub trait PbxBackend: Send + Sync {
     /// rotates the SIP secret to one nobody knows, clears the voicemail PIN, and leaves the
     /// user in status PasswordRequired.
     async fn recycle_users(&self, identities: &[NewIdentity]) -> Result<Vec<ResetOutcome>>;
+
+    // Snapshots of users (see [`snapshot`]): backends without them keep none, and a revert
+    // says that a removed or recycled user cannot be brought back.
+
+    /// Keeps a snapshot of each of `extensions` that exists, under run `run`, unless the run
+    /// already kept one of it: the first snapshot of a run is the state before it.
+    async fn keep_snapshots(&self, run: &str, extensions: &[String]) -> Result<()> {
+        let _ = (run, extensions);
+        Ok(())
+    }
+
+    /// The snapshots run `run` kept of `extensions` (expired ones without their data).
+    async fn snapshots(&self, run: &str, extensions: &[String]) -> Result<Vec<KeptSnapshot>> {
+        let _ = (run, extensions);
+        Ok(vec![])
+    }
+
+    /// Brings users back from their snapshots, each in its own transaction, compare-and-set
+    /// against `expect`; the secret is a new one nobody knows and the status PasswordRequired.
+    async fn restore_users(&self, restores: &[UserRestore]) -> Result<Vec<RestoreOutcome>> {
+        Ok(restores
+            .iter()
+            .map(|_| RestoreOutcome::Failed("this backend keeps no snapshots".into()))
+            .collect())
+    }
+
+    /// Deletes the data of snapshots taken before `taken_before` (Unix ms), keeping a marker;
+    /// returns how many expired.
+    async fn expire_snapshots(&self, taken_before: i64) -> Result<u64> {
+        let _ = taken_before;
+        Ok(0)
+    }
 
     // The run ledger (see [`ledger`]): backends without one say so, and nothing is recorded.
 

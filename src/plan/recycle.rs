@@ -284,8 +284,8 @@ pub fn scope(spec: &UserRecycleSpec, earlier: Option<Vec<Row>>) -> Scope {
     let Some(rows) = earlier else {
         let targets: Vec<String> = spec
             .targets
-            .extensions
             .iter()
+            .flat_map(|t| t.extensions.iter())
             .cloned()
             .collect::<BTreeSet<_>>()
             .into_iter()
@@ -542,9 +542,10 @@ mod tests {
             connection_ref: ConnectionRef {
                 name: "acme".into(),
             },
-            targets: RecycleTargets {
+            revert_of: None,
+            targets: Some(RecycleTargets {
                 extensions: targets.iter().map(|t| t.to_string()).collect(),
-            },
+            }),
             reset: crate::api::user_recycle::default_reset(),
             recycle: recycle
                 .iter()

@@ -11,10 +11,106 @@ use std::collections::{BTreeMap, HashSet};
 
 use sha2::{Digest, Sha256};
 
-use super::stored::{self, Row, StepKind, StepState, StoredWrite};
+use super::stored::{
+    self, ExpectedValue, Row, Step, StepKind, StepState, StoredRestore, StoredWrite,
+};
 use super::users;
 use crate::api::{FieldChange, Outcome};
-use crate::pbx::{User, UserField};
+use crate::pbx::{KeptSnapshot, User, UserField};
+
+/// The snapshots the original kept of the users it removed or recycled, and who holds their
+/// numbers now: what a revert needs to bring them back.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshots {
+    /// By extension.
+    pub kept: BTreeMap<String, KeptSnapshot>,
+    /// A number of a snapshot -> the other user who holds it now.
+    pub holders: BTreeMap<String, String>,
+}
+
+impl Snapshots {
+    /// Every number the kept snapshots hold (aliases and private numbers): whose they are now
+    /// is read before planning.
+    pub fn numbers(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .kept
+            .values()
+            .filter_map(|k| k.snapshot.as_ref())
+            .flat_map(|s| s.all_numbers().cloned())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+fn date(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.strftime("%Y-%m-%d %H:%M UTC").to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// The row of a target brought back from its snapshot, or why it cannot be.
+fn restore_row(
+    name: &str,
+    target: &str,
+    snapshots: &Snapshots,
+    expect: Option<Vec<ExpectedValue>>,
+    what: &str,
+) -> Row {
+    let mut row = Row {
+        target: target.to_string(),
+        outcome: Outcome::Unchanged,
+        ..Default::default()
+    };
+    let Some(kept) = snapshots.kept.get(target) else {
+        row.notes.push(format!(
+            "{what} cannot be reverted: {name} kept no snapshot of the user (it ran before snapshots were kept, or on a backend without them)"
+        ));
+        return row;
+    };
+    let Some(snapshot) = &kept.snapshot else {
+        row.outcome = Outcome::Failed;
+        row.notes.push(format!(
+            "{what} cannot be reverted: the snapshot of {target} taken {} expired{} (the PbxConnection's spec.snapshots.retentionDays): the user's data is gone",
+            date(kept.taken),
+            kept.expired.map(|e| format!(" on {}", date(e))).unwrap_or_default()
+        ));
+        return row;
+    };
+    row.outcome = Outcome::Planned;
+    row.steps = vec![Step::pending(StepKind::Restore)];
+    row.restore = Some(StoredRestore {
+        run: kept.run.clone(),
+        taken: kept.taken,
+        digest: snapshot.digest(),
+        expect,
+    });
+    row.changes.push(FieldChange {
+        field: "user".into(),
+        from: None,
+        to: Some(format!(
+            "restored from the snapshot of {}",
+            date(kept.taken)
+        )),
+    });
+    row.notes.push(format!(
+        "restored from the snapshot {name} kept on {}: {} preferences, {} groups, {} numbers, {} phones; a new secret nobody knows, status PasswordRequired",
+        date(kept.taken),
+        snapshot.preferences.len(),
+        snapshot.groups.len(),
+        snapshot.numbers.len(),
+        snapshot.phones.len()
+    ));
+    for n in snapshot.all_numbers() {
+        if let Some(holder) = snapshots.holders.get(n).filter(|h| *h != target) {
+            row.notes.push(format!(
+                "number {n} is {holder}'s now: it stays {holder}'s and this target ends Conflict; the rest is restored"
+            ));
+        }
+    }
+    row
+}
 
 /// A revert's rows as they will be stored, and what status.plan says of them.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +152,7 @@ pub fn plan_revert(
     name: &str,
     original: &[Row],
     current: &BTreeMap<String, User>,
+    snapshots: &Snapshots,
     kept: Vec<Row>,
 ) -> RevertPlan {
     let keep: HashSet<String> = kept.iter().map(|r| r.target.clone()).collect();
@@ -65,14 +162,14 @@ pub fn plan_revert(
         if !did_something(r) || keep.contains(&r.target) || !seen.insert(r.target.clone()) {
             continue;
         }
-        rows.push(revert_row(name, r, current.get(&r.target)));
+        rows.push(revert_row(name, r, current.get(&r.target), snapshots));
     }
     rows.sort_by(|a, b| crate::pbx::extension_order(&a.target, &b.target));
     let changes = rows
         .iter()
         .filter(|r| r.outcome == Outcome::Planned)
         .count();
-    let hash = hash(name, &rows);
+    let hash = hash("BulkUserChange", name, &rows);
     RevertPlan {
         rows,
         hash,
@@ -80,13 +177,14 @@ pub fn plan_revert(
     }
 }
 
-fn hash(name: &str, rows: &[Row]) -> String {
+fn hash(kind: &str, name: &str, rows: &[Row]) -> String {
     let mut h = Sha256::new();
-    h.update(b"revert of BulkUserChange ");
-    h.update(name.as_bytes());
-    h.update(b"\n");
+    h.update(format!("revert of {kind} {name}\n").as_bytes());
     for r in rows {
-        let line = serde_json::json!([r.target, r.outcome, r.writes, r.actions]);
+        let mut line = serde_json::json!([r.target, r.outcome, r.writes, r.actions]);
+        if let (Some(restore), Some(line)) = (&r.restore, line.as_array_mut()) {
+            line.push(serde_json::json!(restore));
+        }
         h.update(line.to_string().as_bytes());
         h.update(b"\n");
     }
@@ -98,12 +196,41 @@ fn show(field: UserField, v: Option<&str>) -> String {
 }
 
 /// One target's revert row.
-fn revert_row(name: &str, original: &Row, user: Option<&User>) -> Row {
+fn revert_row(name: &str, original: &Row, user: Option<&User>, snapshots: &Snapshots) -> Row {
     let mut row = Row {
         target: original.target.clone(),
         outcome: Outcome::Unchanged,
         ..Default::default()
     };
+    if done(original, StepKind::Remove) {
+        if user.is_some() {
+            row.outcome = Outcome::Conflict;
+            row.notes.push(format!(
+                "extension {} exists again on the PBX (created since {name} removed it): it is not restored over",
+                row.target
+            ));
+            return row;
+        }
+        let mut row = restore_row(name, &original.target, snapshots, None, "Remove");
+        if done(original, StepKind::Write) {
+            row.notes.push(format!(
+                "the fields {name} wrote before removing the user come back as they were just before the Remove"
+            ));
+        }
+        add_irreversible(&mut row, original);
+        return row;
+    }
+    if done(original, StepKind::Restore) {
+        // A revert of a revert: the user it brought back is removed again (and kept again).
+        if user.is_none() {
+            row.notes.push("already removed".into());
+        } else {
+            row.outcome = Outcome::Planned;
+            row.actions = vec!["Remove".into()];
+            row.steps = stored::user_steps(false, &row.actions);
+        }
+        return row;
+    }
     if !original.gives.is_empty() {
         row.notes.push(format!(
             "gave {} to another target of {name}: a revert does not give it back (the taker's revert frees it; assign it with a new change)",
@@ -165,34 +292,8 @@ fn revert_row(name: &str, original: &Row, user: Option<&User>) -> Row {
             row.actions.push(inverse.to_string());
         }
     }
-    for (kind, why) in [
-        (
-            StepKind::ResetPassword,
-            "ResetPassword cannot be reverted: the earlier secret was never kept",
-        ),
-        (
-            StepKind::ResetTwoFactor,
-            "ResetTwoFactor cannot be reverted: the earlier second factor was never kept",
-        ),
-        (
-            StepKind::ResetMail,
-            "the reset instructions mail was sent: a mail cannot be unsent",
-        ),
-        (
-            StepKind::WelcomeMail,
-            "the welcome email was sent: a mail cannot be unsent",
-        ),
-        (
-            StepKind::Remove,
-            "Remove cannot be reverted: no snapshot of the user was kept",
-        ),
-    ] {
-        if done(original, kind) {
-            row.notes.push(why.to_string());
-        }
-    }
-    let removed = done(original, StepKind::Remove);
-    if user.is_none() && !removed && (done(original, StepKind::Write) || !row.actions.is_empty()) {
+    add_irreversible(&mut row, original);
+    if user.is_none() && (done(original, StepKind::Write) || !row.actions.is_empty()) {
         row.actions.clear();
         row.outcome = Outcome::Conflict;
         row.notes.push(format!(
@@ -221,6 +322,32 @@ fn revert_row(name: &str, original: &Row, user: Option<&User>) -> Row {
         row.steps = stored::user_steps(!row.writes.is_empty(), &row.actions);
     }
     row
+}
+
+/// Notes what the original did to a target that no revert can undo.
+fn add_irreversible(row: &mut Row, original: &Row) {
+    for (kind, why) in [
+        (
+            StepKind::ResetPassword,
+            "ResetPassword cannot be reverted: the earlier secret was never kept",
+        ),
+        (
+            StepKind::ResetTwoFactor,
+            "ResetTwoFactor cannot be reverted: the earlier second factor was never kept",
+        ),
+        (
+            StepKind::ResetMail,
+            "the reset instructions mail was sent: a mail cannot be unsent",
+        ),
+        (
+            StepKind::WelcomeMail,
+            "the welcome email was sent: a mail cannot be unsent",
+        ),
+    ] {
+        if done(original, kind) {
+            row.notes.push(why.to_string());
+        }
+    }
 }
 
 /// The phone ids a phone revert needs to read, with the owners their phones had.
@@ -314,7 +441,106 @@ pub fn plan_phone_revert(
         .iter()
         .filter(|r| r.outcome == Outcome::Planned)
         .count();
-    let hash = hash(name, &rows);
+    let hash = hash("BulkPhoneChange", name, &rows);
+    RevertPlan {
+        rows,
+        hash,
+        changes,
+    }
+}
+
+/// The identity fields a revert of a recycle compares against what the recycle left.
+const IDENTITY: [UserField; 3] = [UserField::FirstName, UserField::LastName, UserField::Email];
+
+/// The extensions a recycle revert reads: the targets whose reset or recycle went through.
+pub fn recycled(original: &[Row]) -> Vec<String> {
+    let mut out: Vec<String> = original
+        .iter()
+        .filter(|r| done(r, StepKind::Reset) || done(r, StepKind::Recycle))
+        .map(|r| r.target.clone())
+        .collect();
+    out.sort_by(|a, b| crate::pbx::extension_order(a, b));
+    out.dedup();
+    out
+}
+
+/// Plans the revert of UserRecycle `name`: each target whose reset or recycle went through
+/// gets its earlier identity back from the snapshot the recycle kept (name, email, role,
+/// groups, numbers, phones), compare-and-set against the identity the recycle left; the
+/// secret stays the rotated one nobody knows (PasswordRequired).
+pub fn plan_recycle_revert(
+    name: &str,
+    original: &[Row],
+    current: &BTreeMap<String, User>,
+    snapshots: &Snapshots,
+) -> RevertPlan {
+    let mut rows = Vec::new();
+    for target in recycled(original) {
+        let Some(r) = original.iter().find(|r| r.target == target) else {
+            continue;
+        };
+        // What the recycle left of each identity field: the last value its changes record.
+        let expect: Vec<ExpectedValue> = IDENTITY
+            .into_iter()
+            .filter_map(|f| {
+                let change = r.changes.iter().rev().find(|c| c.field == f.name())?;
+                Some(ExpectedValue {
+                    field: f.name().into(),
+                    value: change.to.clone(),
+                })
+            })
+            .collect();
+        let Some(user) = current.get(&target) else {
+            rows.push(Row {
+                target: target.clone(),
+                outcome: Outcome::Conflict,
+                notes: vec![format!(
+                    "extension {target} no longer exists on the PBX: nothing to restore it on"
+                )],
+                ..Default::default()
+            });
+            continue;
+        };
+        let moved: Vec<String> = expect
+            .iter()
+            .filter_map(|e| {
+                let field = UserField::from_name(&e.field)?;
+                let now = user.get(field).map(str::to_string);
+                (now != e.value).then(|| {
+                    format!(
+                        "{field} is {} now, not {} as {name} left it: changed since, left alone",
+                        show(field, now.as_deref()),
+                        show(field, e.value.as_deref())
+                    )
+                })
+            })
+            .collect();
+        if !moved.is_empty() {
+            rows.push(Row {
+                target,
+                outcome: Outcome::Conflict,
+                notes: moved,
+                ..Default::default()
+            });
+            continue;
+        }
+        let mut row = restore_row(name, &target, snapshots, Some(expect), "the recycle");
+        if row.outcome == Outcome::Planned {
+            row.notes.push(
+                "the SIP secret stays the one the recycle rotated to (nobody knows it) and the voicemail PIN stays cleared: neither was kept".into(),
+            );
+        }
+        if done(r, StepKind::WelcomeMail) {
+            row.notes
+                .push("the welcome email was sent: a mail cannot be unsent".into());
+        }
+        rows.push(row);
+    }
+    let changes = rows
+        .iter()
+        .filter(|r| r.outcome == Outcome::Planned)
+        .count();
+    let hash = hash("UserRecycle", name, &rows);
     RevertPlan {
         rows,
         hash,
@@ -372,7 +598,13 @@ mod tests {
     #[test]
     fn a_changed_field_is_written_back_compare_and_set_against_what_the_change_wrote() {
         let current = BTreeMap::from([user("201", &[(UserField::Role, "Operator")])]);
-        let plan = plan_revert("roles", &[role_change("201")], &current, vec![]);
+        let plan = plan_revert(
+            "roles",
+            &[role_change("201")],
+            &current,
+            &Snapshots::default(),
+            vec![],
+        );
         assert_eq!(plan.changes, 1);
         let r = &plan.rows[0];
         assert_eq!(r.outcome, Outcome::Planned);
@@ -386,7 +618,13 @@ mod tests {
     #[test]
     fn a_value_moved_since_is_a_conflict_naming_both_values_and_writes_nothing() {
         let current = BTreeMap::from([user("201", &[(UserField::Role, "Admin")])]);
-        let plan = plan_revert("roles", &[role_change("201")], &current, vec![]);
+        let plan = plan_revert(
+            "roles",
+            &[role_change("201")],
+            &current,
+            &Snapshots::default(),
+            vec![],
+        );
         let r = &plan.rows[0];
         assert_eq!(r.outcome, Outcome::Conflict);
         assert!(r.writes.is_empty() && r.steps.is_empty());
@@ -401,7 +639,13 @@ mod tests {
     #[test]
     fn a_value_already_back_is_unchanged() {
         let current = BTreeMap::from([user("201", &[(UserField::Role, "User")])]);
-        let plan = plan_revert("roles", &[role_change("201")], &current, vec![]);
+        let plan = plan_revert(
+            "roles",
+            &[role_change("201")],
+            &current,
+            &Snapshots::default(),
+            vec![],
+        );
         assert_eq!(plan.rows[0].outcome, Outcome::Unchanged);
         assert!(plan.rows[0].writes.is_empty());
     }
@@ -422,7 +666,7 @@ mod tests {
             user("201", &[(UserField::Role, "Operator")]),
             user("202", &[(UserField::Role, "Operator")]),
         ]);
-        let plan = plan_revert("roles", &rows, &current, vec![]);
+        let plan = plan_revert("roles", &rows, &current, &Snapshots::default(), vec![]);
         assert_eq!(plan.rows.len(), 1);
     }
 
@@ -447,7 +691,7 @@ mod tests {
             ..Default::default()
         };
         let current = BTreeMap::from([user("201", &[])]);
-        let plan = plan_revert("resets", &[row], &current, vec![]);
+        let plan = plan_revert("resets", &[row], &current, &Snapshots::default(), vec![]);
         let r = &plan.rows[0];
         assert_eq!(r.outcome, Outcome::Unchanged);
         assert!(r.steps.is_empty() && r.writes.is_empty());
@@ -471,7 +715,13 @@ mod tests {
         unlock.actions = vec!["Unlock".into()];
         unlock.steps = vec![step(StepKind::Unlock, StepState::Done)];
         let current = BTreeMap::from([user("201", &[]), user("202", &[])]);
-        let plan = plan_revert("locks", &[lock, unlock], &current, vec![]);
+        let plan = plan_revert(
+            "locks",
+            &[lock, unlock],
+            &current,
+            &Snapshots::default(),
+            vec![],
+        );
         assert_eq!(plan.rows[0].actions, vec!["Unlock".to_string()]);
         assert_eq!(plan.rows[0].steps, vec![Step::pending(StepKind::Unlock)]);
         assert_eq!(plan.rows[1].actions, vec!["Lock".to_string()]);
@@ -479,7 +729,13 @@ mod tests {
 
     #[test]
     fn a_vanished_target_is_a_conflict() {
-        let plan = plan_revert("roles", &[role_change("201")], &BTreeMap::new(), vec![]);
+        let plan = plan_revert(
+            "roles",
+            &[role_change("201")],
+            &BTreeMap::new(),
+            &Snapshots::default(),
+            vec![],
+        );
         assert_eq!(plan.rows[0].outcome, Outcome::Conflict);
         assert!(plan.rows[0].notes[0].contains("no longer exists"));
     }
@@ -493,9 +749,186 @@ mod tests {
             steps: vec![step(StepKind::Remove, StepState::Done)],
             ..Default::default()
         };
-        let plan = plan_revert("gone", &[row], &BTreeMap::new(), vec![]);
+        let plan = plan_revert(
+            "gone",
+            &[row],
+            &BTreeMap::new(),
+            &Snapshots::default(),
+            vec![],
+        );
         assert_eq!(plan.rows[0].outcome, Outcome::Unchanged);
         assert!(plan.rows[0].notes[0].contains("Remove cannot be reverted"));
+    }
+
+    fn removed(ext: &str) -> Row {
+        Row {
+            target: ext.into(),
+            outcome: Outcome::Changed,
+            actions: vec!["Remove".into()],
+            steps: vec![step(StepKind::Remove, StepState::Done)],
+            ..Default::default()
+        }
+    }
+
+    fn kept(ext: &str, numbers: &[&str], expired: bool) -> Snapshots {
+        let snapshot = crate::pbx::UserSnapshot {
+            extension: ext.into(),
+            preferences: vec![crate::pbx::Preference {
+                attribute: "pbx.private_number".into(),
+                kind: 2,
+                value: "+4930999".into(),
+            }],
+            groups: vec!["sales".into()],
+            numbers: numbers.iter().map(|n| n.to_string()).collect(),
+            phones: vec![7],
+            private_number: Some("+4930999".into()),
+        };
+        Snapshots {
+            kept: BTreeMap::from([(
+                ext.to_string(),
+                KeptSnapshot {
+                    run: "run1".into(),
+                    extension: ext.into(),
+                    taken: 1_700_000_000_000,
+                    snapshot: (!expired).then_some(snapshot),
+                    expired: expired.then_some(1_702_592_000_000),
+                },
+            )]),
+            holders: BTreeMap::from([("+4930999".to_string(), "305".to_string())]),
+        }
+    }
+
+    #[test]
+    fn a_removed_user_with_a_snapshot_is_restored_and_a_number_taken_since_is_named() {
+        let snapshots = kept("201", &["+4930100"], false);
+        assert_eq!(snapshots.numbers(), vec!["+4930100", "+4930999"]);
+        let plan = plan_revert(
+            "gone",
+            &[removed("201")],
+            &BTreeMap::new(),
+            &snapshots,
+            vec![],
+        );
+        let r = &plan.rows[0];
+        assert_eq!(r.outcome, Outcome::Planned);
+        assert_eq!(r.steps, vec![Step::pending(StepKind::Restore)]);
+        let restore = r.restore.as_ref().unwrap();
+        assert_eq!(restore.run, "run1");
+        assert_eq!(restore.expect, None, "the extension must not exist");
+        let digest = snapshots.kept["201"].snapshot.as_ref().unwrap().digest();
+        assert_eq!(restore.digest, digest);
+        let notes = r.notes.join("\n");
+        assert!(notes.contains("+4930999 is 305's now"), "{notes}");
+        assert!(!notes.contains("+4930100 is"), "{notes}");
+        assert_eq!(plan.changes, 1);
+        // The plan hash pins the snapshot: another snapshot, another hash.
+        let other = kept("201", &["+4930200"], false);
+        let again = plan_revert("gone", &[removed("201")], &BTreeMap::new(), &other, vec![]);
+        assert_ne!(again.hash, plan.hash);
+    }
+
+    #[test]
+    fn an_expired_snapshot_fails_the_target_with_a_note_and_an_extension_taken_again_is_a_conflict()
+    {
+        let expired = kept("201", &[], true);
+        let plan = plan_revert(
+            "gone",
+            &[removed("201")],
+            &BTreeMap::new(),
+            &expired,
+            vec![],
+        );
+        assert_eq!(plan.rows[0].outcome, Outcome::Failed);
+        assert!(
+            plan.rows[0].notes[0].contains("expired"),
+            "{:?}",
+            plan.rows[0].notes
+        );
+        assert!(plan.rows[0].steps.is_empty());
+        let fresh = kept("201", &[], false);
+        let exists = BTreeMap::from([user("201", &[])]);
+        let plan = plan_revert("gone", &[removed("201")], &exists, &fresh, vec![]);
+        assert_eq!(plan.rows[0].outcome, Outcome::Conflict);
+        assert!(plan.rows[0].notes[0].contains("exists again"));
+    }
+
+    #[test]
+    fn a_revert_of_a_restore_removes_the_user_again() {
+        let restored = Row {
+            target: "201".into(),
+            outcome: Outcome::Changed,
+            steps: vec![step(StepKind::Restore, StepState::Done)],
+            ..Default::default()
+        };
+        let now = BTreeMap::from([user("201", &[])]);
+        let plan = plan_revert(
+            "gone-revert",
+            &[restored],
+            &now,
+            &Snapshots::default(),
+            vec![],
+        );
+        assert_eq!(plan.rows[0].actions, vec!["Remove".to_string()]);
+        assert_eq!(plan.rows[0].steps, vec![Step::pending(StepKind::Remove)]);
+    }
+
+    fn recycled_row(ext: &str) -> Row {
+        Row {
+            target: ext.into(),
+            outcome: Outcome::Changed,
+            changes: vec![
+                FieldChange {
+                    field: "firstName".into(),
+                    from: Some("Ann".into()),
+                    to: None,
+                },
+                FieldChange {
+                    field: "firstName".into(),
+                    from: None,
+                    to: Some("Bea".into()),
+                },
+                FieldChange {
+                    field: "email".into(),
+                    from: Some("ann@example.com".into()),
+                    to: None,
+                },
+            ],
+            steps: vec![
+                step(StepKind::Reset, StepState::Done),
+                step(StepKind::Recycle, StepState::Done),
+                step(StepKind::WelcomeMail, StepState::Done),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_recycle_revert_compares_the_identity_the_recycle_left_and_restores_from_the_snapshot() {
+        let snapshots = kept("201", &[], false);
+        let now = BTreeMap::from([user("201", &[(UserField::FirstName, "Bea")])]);
+        let plan = plan_recycle_revert("hire", &[recycled_row("201")], &now, &snapshots);
+        let r = &plan.rows[0];
+        assert_eq!(r.outcome, Outcome::Planned, "{:?}", r.notes);
+        let expect = r.restore.as_ref().unwrap().expect.clone().unwrap();
+        assert_eq!(
+            expect,
+            vec![
+                ExpectedValue {
+                    field: "firstName".into(),
+                    value: Some("Bea".into())
+                },
+                ExpectedValue {
+                    field: "email".into(),
+                    value: None
+                },
+            ]
+        );
+        assert!(r.notes.iter().any(|n| n.contains("mail cannot be unsent")));
+        let renamed = BTreeMap::from([user("201", &[(UserField::FirstName, "Cy")])]);
+        let plan = plan_recycle_revert("hire", &[recycled_row("201")], &renamed, &snapshots);
+        assert_eq!(plan.rows[0].outcome, Outcome::Conflict);
+        let note = plan.rows[0].notes.join("; ");
+        assert!(note.contains("Cy") && note.contains("Bea"), "{note}");
     }
 
     /// The revert run, as the executor would leave it: each planned write done.
@@ -538,13 +971,25 @@ mod tests {
             ),
             user("202", &[(UserField::Role, "Operator")]),
         ]);
-        let undo = plan_revert("roles", &original, &after_original, vec![]);
+        let undo = plan_revert(
+            "roles",
+            &original,
+            &after_original,
+            &Snapshots::default(),
+            vec![],
+        );
         assert_eq!(undo.changes, 2);
         let after_undo = BTreeMap::from([
             user("201", &[(UserField::Role, "User")]),
             user("202", &[(UserField::Role, "User")]),
         ]);
-        let redo = plan_revert("roles-undo", &executed(&undo), &after_undo, vec![]);
+        let redo = plan_revert(
+            "roles-undo",
+            &executed(&undo),
+            &after_undo,
+            &Snapshots::default(),
+            vec![],
+        );
         assert_eq!(redo.changes, 2);
         let writes: Vec<_> = redo.rows.iter().map(|r| r.writes.clone()).collect();
         assert_eq!(
@@ -624,9 +1069,15 @@ mod tests {
             user("202", &[(UserField::Role, "Operator")]),
         ]);
         let original = [role_change("201"), role_change("202")];
-        let first = plan_revert("roles", &original, &current, vec![]);
+        let first = plan_revert("roles", &original, &current, &Snapshots::default(), vec![]);
         let done = executed(&first)[0].clone();
-        let retry = plan_revert("roles", &original, &current, vec![done.clone()]);
+        let retry = plan_revert(
+            "roles",
+            &original,
+            &current,
+            &Snapshots::default(),
+            vec![done.clone()],
+        );
         assert_eq!(retry.rows[0], done);
         assert_eq!(retry.rows[1].outcome, Outcome::Planned);
         let moved = BTreeMap::from([
@@ -634,11 +1085,11 @@ mod tests {
             user("202", &[(UserField::Role, "Operator")]),
         ]);
         assert_ne!(
-            plan_revert("roles", &original, &moved, vec![]).hash,
+            plan_revert("roles", &original, &moved, &Snapshots::default(), vec![]).hash,
             first.hash
         );
         assert_eq!(
-            plan_revert("roles", &original, &current, vec![]).hash,
+            plan_revert("roles", &original, &current, &Snapshots::default(), vec![]).hash,
             first.hash
         );
     }

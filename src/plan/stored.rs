@@ -55,6 +55,37 @@ pub struct Row {
     /// The side effects planned for this target and where each stands: the run's journal.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<Step>,
+    /// The run a snapshot of this target was kept under before a step took the user away
+    /// (Remove, a recycle's reset): recorded with that step's intent. Progress, not plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_run: Option<String>,
+    /// A revert that brings the user back from a snapshot: which one, as reviewed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<StoredRestore>,
+}
+
+/// The snapshot a revert restores a user from (kept in the PBX, never copied here) and what the
+/// user must look like for the restore to go ahead.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredRestore {
+    /// The run that kept the snapshot (its ledger id).
+    pub run: String,
+    /// When the snapshot was taken, Unix milliseconds.
+    pub taken: i64,
+    /// sha256 of the snapshot as planned: a snapshot changed since is not restored.
+    pub digest: String,
+    /// None: the extension must not exist (a Remove is reverted). Otherwise the values the
+    /// reverted change left, which the user must still have (a recycle is reverted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Vec<ExpectedValue>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ExpectedValue {
+    pub field: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -150,9 +181,13 @@ pub fn plan_digest(rows: &[Row]) -> String {
             sent_to: None,
             ..p.clone()
         });
-        let plan = serde_json::json!([
+        let mut plan = serde_json::json!([
             r.target, r.writes, r.actions, kinds, r.takes, r.gives, phone
         ]);
+        // Only where there is one, so the digests of plans stored before restores stay valid.
+        if let (Some(restore), Some(plan)) = (&r.restore, plan.as_array_mut()) {
+            plan.push(serde_json::json!(restore));
+        }
         h.update(plan.to_string().as_bytes());
         h.update(b"\n");
     }
@@ -254,6 +289,11 @@ pub enum StepKind {
     Confirm,
     /// BulkPhoneChange's field writes, compare-and-set against the planned values.
     PhoneWrite,
+    /// A revert brings a removed or recycled user back from its snapshot, before anything
+    /// else of the row; compare-and-set against the user's state as the reverted change left
+    /// it, and recorded in the PBX with the restore, so a restart neither restores twice nor
+    /// mistakes its own restore for someone else's user.
+    Restore,
 }
 
 /// What a restart does with a step recorded as intended but without an outcome.
@@ -308,6 +348,7 @@ impl StepKind {
             StepKind::Notify => "NOTIFY",
             StepKind::Confirm => "confirm by REGISTER",
             StepKind::PhoneWrite => "write fields",
+            StepKind::Restore => "restore from snapshot",
         }
     }
 }

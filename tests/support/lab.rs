@@ -249,3 +249,65 @@ impl Drop for Lab {
         }
     }
 }
+
+/// Everything a user has in Kamailio's tables and the phone inventory, one line per row, in a
+/// stable order; `pbx.status` and the credentials (HA1, PIN hash, second factor) left out, as a
+/// restore renews them. What "the user is back, byte for byte" compares.
+pub async fn user_rows(pool: &sqlx::AnyPool, ext: &str) -> Vec<String> {
+    use sqlx::{AssertSqlSafe, Row};
+    let q = |sql: String| async move {
+        sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(pool)
+            .await
+            .expect("lab database readable")
+            .iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| {
+                        r.try_get::<Option<String>, _>(i)
+                            .ok()
+                            .flatten()
+                            .or_else(|| r.try_get::<i64, _>(i).ok().map(|v| v.to_string()))
+                            .or_else(|| r.try_get::<i32, _>(i).ok().map(|v| v.to_string()))
+                            .unwrap_or_else(|| "NULL".into())
+                    })
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect::<Vec<String>>()
+    };
+    let mut out = Vec::new();
+    for (table, sql) in [
+        (
+            "subscriber",
+            format!("SELECT username, domain, password FROM subscriber WHERE username = '{ext}'"),
+        ),
+        (
+            "usr_preferences",
+            format!(
+                "SELECT uuid, username, domain, attribute, type, value FROM usr_preferences WHERE username = '{ext}' AND attribute NOT IN ('pbx.status', 'pbx.voicemail_pin', 'pbx.totp_secret') ORDER BY attribute, value"
+            ),
+        ),
+        (
+            "grp",
+            format!("SELECT username, domain, grp FROM grp WHERE username = '{ext}' ORDER BY grp"),
+        ),
+        (
+            "dbaliases",
+            format!(
+                "SELECT alias_username, alias_domain, username, domain FROM dbaliases WHERE username = '{ext}' ORDER BY id"
+            ),
+        ),
+        (
+            "pbx_phone",
+            format!(
+                "SELECT id, mac, vendor, model, owner_username, domain, label FROM pbx_phone WHERE owner_username = '{ext}' ORDER BY id"
+            ),
+        ),
+    ] {
+        for row in q(sql).await {
+            out.push(format!("{table}: {row}"));
+        }
+    }
+    out
+}

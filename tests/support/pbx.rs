@@ -306,6 +306,11 @@ spec:
             .unwrap()
     }
 
+    /// [`Env::sql_one`] of a query built by the caller.
+    pub async fn sql_one_owned(&self, q: String) -> String {
+        self.sql_one(&q).await
+    }
+
     /// Runs `pbx-operator` with this environment's kubeconfig and namespace.
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_pbx-operator"))

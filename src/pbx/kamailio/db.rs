@@ -22,6 +22,8 @@ use crate::pbx::{
 
 #[path = "ledger.rs"]
 mod ledger;
+#[path = "snapshot.rs"]
+mod snapshot;
 
 /// Rows per `IN (...)` list and per multi-row INSERT: well under every driver's parameter limit.
 const CHUNK: usize = 500;
@@ -223,7 +225,8 @@ impl Db {
             }
         }
         self.record_version(&mut conn, "pbx_phone").await?;
-        self.record_version(&mut conn, "pbx_ledger").await
+        self.record_version(&mut conn, "pbx_ledger").await?;
+        self.record_version(&mut conn, "pbx_snapshot").await
     }
 
     /// Records one of pbx-operator's own tables in Kamailio's `version` table, once.

@@ -11,10 +11,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::pbx::{
-    ActionOutcome, Capabilities, LedgerCounts, LedgerEntry, LedgerFilter, LedgerKey, NewIdentity,
-    PbxBackend, PbxError, Phone, PhoneField, Policies, Probe, Registration, ResetOutcome, Result,
-    SipAnswer, UserAction, UserChange, UserField, UserRead, UserReset, UserSelection, WriteOutcome,
-    sip,
+    ActionOutcome, Capabilities, KeptSnapshot, LedgerCounts, LedgerEntry, LedgerFilter, LedgerKey,
+    NewIdentity, PbxBackend, PbxError, Phone, PhoneField, Policies, Probe, Registration,
+    ResetOutcome, RestoreOutcome, Result, SipAnswer, UserAction, UserChange, UserField, UserRead,
+    UserReset, UserRestore, UserSelection, WriteOutcome, sip,
 };
 
 /// Where a Kamailio tenant lives.
@@ -256,6 +256,22 @@ impl PbxBackend for Kamailio {
 
     async fn recycle_users(&self, identities: &[NewIdentity]) -> Result<Vec<ResetOutcome>> {
         self.db.recycle_users(identities).await
+    }
+
+    async fn keep_snapshots(&self, run: &str, extensions: &[String]) -> Result<()> {
+        self.db.keep_snapshots(run, extensions).await
+    }
+
+    async fn snapshots(&self, run: &str, extensions: &[String]) -> Result<Vec<KeptSnapshot>> {
+        self.db.snapshots(run, extensions).await
+    }
+
+    async fn restore_users(&self, restores: &[UserRestore]) -> Result<Vec<RestoreOutcome>> {
+        self.db.restore_users(restores).await
+    }
+
+    async fn expire_snapshots(&self, taken_before: i64) -> Result<u64> {
+        self.db.expire_snapshots(taken_before).await
     }
 
     async fn ledger_find(&self, key: &LedgerKey) -> Result<Option<LedgerEntry>> {

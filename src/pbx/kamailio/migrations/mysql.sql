@@ -53,3 +53,19 @@ CREATE TABLE IF NOT EXISTS pbx_ledger_batch (
     journal MEDIUMTEXT NOT NULL,
     PRIMARY KEY (ledger_id, idx)
 ) DEFAULT CHARSET = utf8mb4;
+
+-- pbx-operator's own table: snapshots of users a Remove or a UserRecycle took away, without
+-- credentials, kept under the run that took them (its ledger id) so a revert can bring them
+-- back. data is JSON; after the PbxConnection's retention it is deleted (NULL) and expired set.
+-- restored_by: the run that last restored the user from it (a resumed restore is not redone).
+CREATE TABLE IF NOT EXISTS pbx_snapshot (
+    run VARCHAR(64) NOT NULL,
+    domain VARCHAR(64) NOT NULL,
+    username VARCHAR(64) NOT NULL,
+    taken BIGINT NOT NULL,
+    data MEDIUMTEXT,
+    expired BIGINT,
+    restored_by VARCHAR(64),
+    PRIMARY KEY (run, domain, username),
+    INDEX pbx_snapshot_taken_idx (taken)
+) DEFAULT CHARSET = utf8mb4;
