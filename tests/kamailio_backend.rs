@@ -726,7 +726,7 @@ async fn a_snapshot_brings_a_removed_user_back_and_names_what_others_hold_now(db
     assert!(
         before
             .iter()
-            .any(|r| r.contains("pbx.private_number|+15550200203")),
+            .any(|r| r.contains("pbx.private_number|2|+15550200203")),
         "{before:#?}"
     );
     assert!(

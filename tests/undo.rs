@@ -769,3 +769,115 @@ spec:
         "{err}"
     );
 }
+
+const EVERY_USER_ROW: &str = "SELECT username, attribute, value FROM usr_preferences WHERE attribute <> 'pbx.status' UNION ALL SELECT username, 'grp', grp FROM grp ORDER BY 1, 2, 3";
+
+async fn every_user_row(env: &Env) -> Vec<(String, String, String)> {
+    use sqlx::Row;
+    sqlx::query(sqlx::AssertSqlSafe(EVERY_USER_ROW))
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test]
+async fn sigkill_during_a_revert_of_removed_users_restores_each_once() {
+    // 3 batches, so each of the two kills lands with work left.
+    const USERS: usize = 2500;
+    const KILLS: usize = 2;
+    let mut env = Env::start(
+        "undo-restore-crash",
+        LabSpec {
+            db: "postgres",
+            users: USERS,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    // Remove refuses users who own numbers: the seed's numbers go first.
+    exec(&env, "DELETE FROM dbaliases").await;
+    let before = every_user_row(&env).await;
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: all-gone }
+spec:
+  connectionRef: { name: acme }
+  targets: { groups: [sales, support, engineering] }
+  actions: [Remove]
+"#,
+    );
+    let b = env
+        .wait_buc_for("all-gone", DONE, Duration::from_secs(300))
+        .await;
+    let s = b.status.unwrap();
+    assert_eq!(s.phase, Phase::Succeeded, "{:?}", s.results.first());
+    assert_eq!(s.summary.unwrap().changed as usize, USERS);
+    assert_eq!(env.sql_one("SELECT COUNT(*) FROM subscriber").await, "0");
+
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: all-back }
+spec:
+  connectionRef: { name: acme }
+  revertOf: { name: all-gone }
+"#,
+    );
+    let seed = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+        });
+    eprintln!("CRASH_SEED={seed}");
+    let kills = env
+        .kill_mid_run(
+            "all-back",
+            KILLS,
+            Duration::from_millis(700),
+            seed,
+            "SELECT COUNT(*) FROM subscriber",
+        )
+        .await;
+    eprintln!("SIGKILLs: {kills:#?}");
+    assert_eq!(
+        kills.iter().filter(|k| k.landed_mid_run).count(),
+        KILLS,
+        "every SIGKILL must interrupt the running revert: {kills:#?}"
+    );
+    let b = env
+        .wait_buc_for("all-back", DONE, Duration::from_secs(300))
+        .await;
+    let s = b.status.clone().unwrap();
+    // A user restored twice would be refused as existing again: a Conflict.
+    assert_eq!(s.phase, Phase::Succeeded, "{:?}", s.results.first());
+    let summary = s.summary.unwrap();
+    assert_eq!(
+        (summary.changed as usize, summary.failed, summary.conflicts),
+        (USERS, 0, 0)
+    );
+    assert_eq!(
+        env.sql_one("SELECT COUNT(*) FROM subscriber").await,
+        USERS.to_string()
+    );
+    assert_eq!(
+        env.sql_one("SELECT COUNT(*) FROM pbx_snapshot WHERE restored_by IS NOT NULL")
+            .await,
+        USERS.to_string(),
+        "each snapshot restored, and recorded as such"
+    );
+    assert_eq!(
+        every_user_row(&env).await,
+        before,
+        "every user back as it was"
+    );
+}

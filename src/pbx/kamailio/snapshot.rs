@@ -398,11 +398,13 @@ impl Db {
         }
         for id in &s.phones {
             let given = sqlx::query(self.sql(
-                "UPDATE pbx_phone SET owner_username = $1 WHERE domain = $2 AND id = $3 AND (owner_username IS NULL OR owner_username = '' OR owner_username = $1)",
+                // Each placeholder once: MySQL's are positional.
+                "UPDATE pbx_phone SET owner_username = $1 WHERE domain = $2 AND id = $3 AND (owner_username IS NULL OR owner_username = '' OR owner_username = $4)",
             ))
             .bind(ext)
             .bind(self.domain())
             .bind(*id)
+            .bind(ext)
             .execute(&mut *conn)
             .await
             .map_err(|e| self.err(e))?

@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS pbx_ledger_batch (
 
 -- pbx-operator's own table: snapshots of users a Remove or a UserRecycle took away, without
 -- credentials, kept under the run that took them (its ledger id) so a revert can bring them
--- back. data is JSON; after the PbxConnection's retention it is deleted (NULL) and expired set.
+-- back. data is JSON, deleted (NULL, expired set) after the PbxConnection's retention.
 -- restored_by: the run that last restored the user from it (a resumed restore is not redone).
 CREATE TABLE IF NOT EXISTS pbx_snapshot (
     run VARCHAR(64) NOT NULL,
