@@ -654,6 +654,50 @@ spec:
         Some("+15550200219"),
         "a number taken since stays with its new holder"
     );
+
+    // Snapshots expire after the connection's retention: their data is deleted, and a revert
+    // of a user whose snapshot expired fails with a note saying so.
+    exec(&env, "DELETE FROM subscriber WHERE username = '229'").await;
+    let conns: Api<pbx_operator::api::PbxConnection> = Api::namespaced(env.client.clone(), &env.ns);
+    conns
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({ "spec": { "snapshots": { "retention": "1s" } } })),
+        )
+        .await
+        .unwrap();
+    support::eventually(
+        Duration::from_secs(60),
+        "the snapshots to expire",
+        || async {
+            let left = env
+                .sql_one("SELECT COUNT(*) FROM pbx_snapshot WHERE data IS NOT NULL")
+                .await;
+            (left == "0").then_some(())
+        },
+    )
+    .await;
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: leavers-late }
+spec:
+  connectionRef: { name: acme }
+  revertOf: { name: leavers }
+  mode: Validate
+"#,
+    );
+    let b = env.wait_buc("leavers-late", &[Phase::Validated]).await;
+    let plan = b.status.as_ref().unwrap().plan.clone().unwrap();
+    assert_eq!(plan.changes, 0, "nothing can be restored any more");
+    let (ok, csv, err) = env.cli(&["results", "buc/leavers-late", "-n", &env.ns]);
+    assert!(ok, "{err}");
+    let line = csv.lines().find(|l| l.starts_with("229,")).unwrap();
+    assert!(
+        line.contains("Failed") && line.contains("expired"),
+        "{line}"
+    );
 }
 
 #[tokio::test]
