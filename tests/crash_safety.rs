@@ -102,16 +102,7 @@ async fn sigkill_mid_change_resumes_and_reports_each_target_once() {
     env.apply(CHANGE);
     let started = Instant::now();
     // Pseudo-random moments inside batches; the seed is printed so a failure can be replayed.
-    let seed = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos() as u64
-        });
-    eprintln!("CRASH_SEED={seed}");
+    let seed = support::crash_seed();
     let kills = env
         .kill_mid_run(
             "everyone",

@@ -309,16 +309,7 @@ spec:
   revertOf: { name: everyone }
 "#,
     );
-    let seed = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos() as u64
-        });
-    eprintln!("CRASH_SEED={seed}");
+    let seed = support::crash_seed();
     let kills = env
         .kill_mid_run(
             "everyone-revert",
@@ -873,16 +864,7 @@ spec:
   revertOf: { name: all-gone }
 "#,
     );
-    let seed = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos() as u64
-        });
-    eprintln!("CRASH_SEED={seed}");
+    let seed = support::crash_seed();
     let kills = env
         .kill_mid_run(
             "all-back",

@@ -205,6 +205,22 @@ fn uuid_like() -> String {
 static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Polls `check` until it returns Some, or panics with `what` after `timeout`.
+/// The seed of a crash test's pseudo-random kill moments: `CRASH_SEED` to replay a failure,
+/// else a new one, printed so that a failure can be replayed.
+pub fn crash_seed() -> u64 {
+    let seed = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+        });
+    eprintln!("CRASH_SEED={seed}");
+    seed
+}
+
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
