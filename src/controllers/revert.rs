@@ -126,14 +126,15 @@ pub(crate) async fn plan_recycle_revert(
     urc: &UserRecycle,
     name: &str,
     backend: &dyn PbxBackend,
-    spec_hash: &str,
+    kept: Vec<Row>,
 ) -> Result<(Vec<Row>, Plan), Error> {
     let original = original::<UserRecycle>(ctx, urc, name).await?;
     let targets = revert::recycled(&original);
     let current = users_now(backend, targets.clone()).await?;
     let snapshots = snapshots_of(backend, &original, &targets).await?;
-    let planned = revert::plan_recycle_revert(name, &original, &current, &snapshots);
-    let plan = status_plan(&planned, urc.metadata.generation.unwrap_or(0), spec_hash);
+    let planned = revert::plan_recycle_revert(name, &original, &current, &snapshots, kept);
+    // A UserRecycle's plan pins no spec hash: it has no Validate and approve.
+    let plan = status_plan(&planned, urc.metadata.generation.unwrap_or(0), "");
     Ok((planned.rows, plan))
 }
 

@@ -117,7 +117,12 @@ async fn start(
     let generation = run.obj.metadata.generation.unwrap_or(0);
     let planned = match &spec.revert_of {
         Some(of) => {
-            super::revert::plan_recycle_revert(run.ctx, run.obj, &of.name, &timed, "").await
+            let kept = earlier
+                .iter()
+                .flatten()
+                .filter_map(crate::engine::steps::kept_by_retry)
+                .collect();
+            super::revert::plan_recycle_revert(run.ctx, run.obj, &of.name, &timed, kept).await
         }
         None => plan_recycle(&timed, spec, generation, earlier)
             .await

@@ -64,6 +64,8 @@ pub fn carry_over(steps: &[Step]) -> Option<Vec<Step>> {
         .map(|(i, s)| match s.state {
             // Refused, not merely unreached because a step before it failed.
             StepState::Skipped if s.kind == StepKind::Remove && !failed(&steps[..i]) => *s,
+            // Restored but for what someone else holds now: restoring again cannot change that.
+            StepState::Conflict if s.kind == StepKind::Restore => *s,
             StepState::Done | StepState::NoOp => *s,
             // Begun and to be redone after a check (a Remove whose user may be gone already).
             StepState::Intended if s.kind.on_resume() == OnResume::Redo => *s,

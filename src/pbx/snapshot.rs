@@ -75,6 +75,8 @@ pub struct KeptSnapshot {
     /// None: expired (deleted after the connection's retention) at `expired`.
     pub snapshot: Option<UserSnapshot>,
     pub expired: Option<i64>,
+    /// The run that restored the user from it, if one did.
+    pub restored_by: Option<String>,
 }
 
 /// What the user must look like now for a restore to go ahead (compare-and-set).

@@ -203,6 +203,17 @@ fn revert_row(name: &str, original: &Row, user: Option<&User>, snapshots: &Snaps
         ..Default::default()
     };
     if done(original, StepKind::Remove) {
+        let restored = snapshots
+            .kept
+            .get(&row.target)
+            .is_some_and(|k| k.restored_by.is_some());
+        if user.is_some() && restored {
+            row.notes.push(
+                "already restored from its snapshot by an earlier run of a revert: nothing to do"
+                    .into(),
+            );
+            return row;
+        }
         if user.is_some() {
             row.outcome = Outcome::Conflict;
             row.notes.push(format!(
@@ -467,15 +478,21 @@ pub fn recycled(original: &[Row]) -> Vec<String> {
 /// Plans the revert of UserRecycle `name`: each target whose reset or recycle went through
 /// gets its earlier identity back from the snapshot the recycle kept (name, email, role,
 /// groups, numbers, phones), compare-and-set against the identity the recycle left; the
-/// secret stays the rotated one nobody knows (PasswordRequired).
+/// secret stays the rotated one nobody knows (PasswordRequired). `kept`: a retry's rows that
+/// went through or are carried over, kept as they are; their targets are not planned again.
 pub fn plan_recycle_revert(
     name: &str,
     original: &[Row],
     current: &BTreeMap<String, User>,
     snapshots: &Snapshots,
+    kept: Vec<Row>,
 ) -> RevertPlan {
-    let mut rows = Vec::new();
+    let keep: HashSet<String> = kept.iter().map(|r| r.target.clone()).collect();
+    let mut rows = kept;
     for target in recycled(original) {
+        if keep.contains(&target) {
+            continue;
+        }
         let Some(r) = original.iter().find(|r| r.target == target) else {
             continue;
         };
@@ -490,6 +507,21 @@ pub fn plan_recycle_revert(
                 })
             })
             .collect();
+        if snapshots
+            .kept
+            .get(&target)
+            .is_some_and(|k| k.restored_by.is_some())
+        {
+            rows.push(Row {
+                target: target.clone(),
+                notes: vec![
+                    "already restored from its snapshot by an earlier run of a revert: nothing to do"
+                        .into(),
+                ],
+                ..Default::default()
+            });
+            continue;
+        }
         let Some(user) = current.get(&target) else {
             rows.push(Row {
                 target: target.clone(),
@@ -536,6 +568,7 @@ pub fn plan_recycle_revert(
         }
         rows.push(row);
     }
+    rows.sort_by(|a, b| crate::pbx::extension_order(&a.target, &b.target));
     let changes = rows
         .iter()
         .filter(|r| r.outcome == Outcome::Planned)
@@ -792,6 +825,7 @@ mod tests {
                     taken: 1_700_000_000_000,
                     snapshot: (!expired).then_some(snapshot),
                     expired: expired.then_some(1_702_592_000_000),
+                    restored_by: None,
                 },
             )]),
             holders: BTreeMap::from([("+4930999".to_string(), "305".to_string())]),
@@ -850,6 +884,12 @@ mod tests {
         let plan = plan_revert("gone", &[removed("201")], &exists, &fresh, vec![]);
         assert_eq!(plan.rows[0].outcome, Outcome::Conflict);
         assert!(plan.rows[0].notes[0].contains("exists again"));
+        // Restored by an earlier run of a revert (a retry plans it again): nothing to do.
+        let mut restored = kept("201", &[], false);
+        restored.kept.get_mut("201").unwrap().restored_by = Some("run-2".into());
+        let plan = plan_revert("gone", &[removed("201")], &exists, &restored, vec![]);
+        assert_eq!(plan.rows[0].outcome, Outcome::Unchanged);
+        assert!(plan.rows[0].notes[0].contains("already restored"));
     }
 
     #[test]
@@ -906,7 +946,7 @@ mod tests {
     fn a_recycle_revert_compares_the_identity_the_recycle_left_and_restores_from_the_snapshot() {
         let snapshots = kept("201", &[], false);
         let now = BTreeMap::from([user("201", &[(UserField::FirstName, "Bea")])]);
-        let plan = plan_recycle_revert("hire", &[recycled_row("201")], &now, &snapshots);
+        let plan = plan_recycle_revert("hire", &[recycled_row("201")], &now, &snapshots, vec![]);
         let r = &plan.rows[0];
         assert_eq!(r.outcome, Outcome::Planned, "{:?}", r.notes);
         let expect = r.restore.as_ref().unwrap().expect.clone().unwrap();
@@ -925,7 +965,8 @@ mod tests {
         );
         assert!(r.notes.iter().any(|n| n.contains("mail cannot be unsent")));
         let renamed = BTreeMap::from([user("201", &[(UserField::FirstName, "Cy")])]);
-        let plan = plan_recycle_revert("hire", &[recycled_row("201")], &renamed, &snapshots);
+        let plan =
+            plan_recycle_revert("hire", &[recycled_row("201")], &renamed, &snapshots, vec![]);
         assert_eq!(plan.rows[0].outcome, Outcome::Conflict);
         let note = plan.rows[0].notes.join("; ");
         assert!(note.contains("Cy") && note.contains("Bea"), "{note}");

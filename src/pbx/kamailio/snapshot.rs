@@ -169,7 +169,7 @@ impl Db {
         let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
         for chunk in extensions.chunks(super::CHUNK) {
             let q = format!(
-                "SELECT username, taken, data, expired FROM pbx_snapshot WHERE domain = $1 AND run = $2 AND username IN ({})",
+                "SELECT username, taken, data, expired, restored_by FROM pbx_snapshot WHERE domain = $1 AND run = $2 AND username IN ({})",
                 placeholders(3, chunk.len())
             );
             let mut query = sqlx::query(self.sql(&q)).bind(self.domain()).bind(run);
@@ -189,12 +189,14 @@ impl Db {
                     })?)
                 };
                 let expired = sqlx::Row::try_get::<Option<i64>, _>(&row, 3).unwrap_or(None);
+                let restored_by = text(&row, 4).map_err(|e| self.err(e))?;
                 out.push(KeptSnapshot {
                     run: run.to_string(),
                     extension: text(&row, 0).map_err(|e| self.err(e))?,
                     taken: int(&row, 1).map_err(|e| self.err(e))?,
                     snapshot,
                     expired,
+                    restored_by: (!restored_by.is_empty()).then_some(restored_by),
                 });
             }
         }
