@@ -562,7 +562,7 @@ spec:
         "{:?}",
         s.results
     );
-    let events = env.lab.phone_events();
+    let events = env.lab.phone_events_after(PHONES);
     let counts = env.lab.notify_counts();
     assert!(
         counts.values().all(|n| *n == 1) && counts.len() == PHONES,

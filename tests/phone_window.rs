@@ -80,13 +80,14 @@ spec:
             assert_eq!(r.outcome, Outcome::Restarted, "{r:?}");
         }
     }
+    // Read once every rebooting phone has logged its reboot (SIPp writes its log when it can).
+    let events = env.lab.phone_events_after(rebooting.len());
     let counts = env.lab.notify_counts();
     assert!(
         rebooting.iter().all(|e| counts.get(e) == Some(&1)),
         "one NOTIFY per rebooting phone: {counts:?}"
     );
     // What the rebooting phones saw: when each NOTIFY arrived. No pause near fr_timer.
-    let events = env.lab.phone_events();
     let arrivals: Vec<f64> = events
         .iter()
         .filter(|e| e.what == "NOTIFY" && rebooting.contains(&e.extension))

@@ -237,6 +237,21 @@ impl Lab {
         out.sort_by(|a, b| a.at.total_cmp(&b.at));
         out
     }
+
+    /// [`Lab::phone_events`] once `rebooted` phones have logged their REBOOTED (SIPp writes its
+    /// log asynchronously: a phone the operator saw register again may not have logged it yet),
+    /// or as they are after 20 s, for the caller's assertions to show.
+    pub fn phone_events_after(&self, rebooted: usize) -> Vec<PhoneEvent> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let events = self.phone_events();
+            let logged = events.iter().filter(|e| e.what == "REBOOTED").count();
+            if logged >= rebooted || std::time::Instant::now() > deadline {
+                return events;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
 }
 
 impl Drop for Lab {
