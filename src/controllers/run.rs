@@ -30,7 +30,6 @@ pub(crate) trait RunKind:
     + std::fmt::Debug
     + Send
     + Sync
-    + super::ledger::Ledgered
 {
     /// The kind's summary in status (users or phones).
     type Summary: serde::Serialize + PartialEq + Clone + Default + Send + Sync;
