@@ -523,6 +523,7 @@ metadata: {{ name: leavers }}
 spec:
   connectionRef: {{ name: acme }}
   targets: {{ extensions: ["{list}"] }}
+  fields: {{ callGroup: {{ value: "9", lock: Open }} }}
   actions: [Remove]
 "#
     ));
@@ -547,6 +548,10 @@ spec:
     assert!(
         !data.contains("ha1") && !data.contains("voicemail_pin"),
         "{data}"
+    );
+    assert!(
+        data.contains(r#""value":"9""#),
+        "kept after the change's write: {data}"
     );
 
     // Meanwhile: 219's private number goes to 200, 224's phone to 201, and extension 229 is

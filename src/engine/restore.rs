@@ -5,7 +5,7 @@
 //! itself (the snapshot's `restored_by`), so a run resumed after a crash finds its own restore
 //! done instead of mistaking the user for one created by somebody else.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use super::{At, Batch, Error, Journal, set, state_of};
 use crate::pbx::{Expect, PbxBackend, RestoreOutcome, UserField, UserRestore};
@@ -125,4 +125,42 @@ pub(super) async fn restore(
         }
     }
     super::save(journal, batches).await
+}
+
+/// The rows of `work` whose user this run (`by`) restored, as the PBX records it: Done, or a
+/// Conflict whose user was restored but for what somebody else holds now.
+pub(super) async fn restored_by(
+    backend: &dyn PbxBackend,
+    batches: &[Batch],
+    work: &[At],
+    by: &str,
+) -> Result<HashSet<At>, Error> {
+    let mut out = HashSet::new();
+    let mut ask: BTreeMap<String, Vec<(At, String)>> = BTreeMap::new();
+    for &(b, i) in work {
+        let row = &batches[b].rows[i];
+        match (state_of(row, StepKind::Restore), &row.restore) {
+            (Some(StepState::Done), _) => {
+                out.insert((b, i));
+            }
+            (Some(StepState::Conflict), Some(r)) => ask
+                .entry(r.run.clone())
+                .or_default()
+                .push(((b, i), row.target.clone())),
+            _ => {}
+        }
+    }
+    for (run, rows) in ask {
+        let extensions: Vec<String> = rows.iter().map(|(_, e)| e.clone()).collect();
+        let kept = backend.snapshots(&run, &extensions).await?;
+        for (at, ext) in rows {
+            let ours = kept
+                .iter()
+                .any(|k| k.extension == ext && k.restored_by.as_deref() == Some(by));
+            if ours {
+                out.insert(at);
+            }
+        }
+    }
+    Ok(out)
 }

@@ -192,9 +192,18 @@ impl UserExec<'_> {
         let mut changes = Vec::new();
         let mut change_of = Vec::new();
         let mut already: Vec<At> = Vec::new();
+        let restored =
+            super::restore::restored_by(self.backend, batches, work, self.run_key).await?;
+        let mut unrestored: Vec<At> = Vec::new();
         for &at in work {
             let row = &batches[at.0].rows[at.1];
             if state_of(row, StepKind::Write) != Some(StepState::Intended) {
+                continue;
+            }
+            // A revert writes fields back only on the user it restored (the rest of it, when a
+            // number stayed with somebody else), never on somebody else's user of that extension.
+            if state_of(row, StepKind::Restore).is_some() && !restored.contains(&at) {
+                unrestored.push(at);
                 continue;
             }
             let Some(user) = current.get(&row.target) else {
@@ -236,6 +245,12 @@ impl UserExec<'_> {
         }
         for (b, i) in already {
             set(&mut batches[b], i, StepKind::Write, StepState::Done);
+        }
+        for (b, i) in unrestored {
+            set(&mut batches[b], i, StepKind::Write, StepState::Skipped);
+            batches[b].rows[i]
+                .notes
+                .push("write fields: not done: the user was not restored".into());
         }
         // Atomic: a write already failed or conflicted (its target gone, or recorded by the
         // attempt before a restart) means the one transaction did not commit: nothing is written.

@@ -77,6 +77,9 @@ pub struct KeptSnapshot {
     pub expired: Option<i64>,
     /// The run that restored the user from it, if one did.
     pub restored_by: Option<String>,
+    /// The user's fields as the snapshot holds them (what a restore brings back), read by the
+    /// backend that took it; None when expired.
+    pub user: Option<crate::pbx::User>,
 }
 
 /// What the user must look like now for a restore to go ahead (compare-and-set).

@@ -223,10 +223,18 @@ fn revert_row(name: &str, original: &Row, user: Option<&User>, snapshots: &Snaps
             return row;
         }
         let mut row = restore_row(name, &original.target, snapshots, None, "Remove");
-        if done(original, StepKind::Write) {
-            row.notes.push(format!(
-                "the fields {name} wrote before removing the user come back as they were just before the Remove"
-            ));
+        let restored = snapshots
+            .kept
+            .get(&row.target)
+            .and_then(|k| k.user.as_ref());
+        if row.outcome == Outcome::Planned && done(original, StepKind::Write) {
+            // The snapshot holds what the change wrote before the Remove: once the user is
+            // back, those fields are written back too, compare-and-set like any revert.
+            let moved = field_reverts(name, original, restored, &mut row);
+            row.notes.extend(moved);
+            if !row.writes.is_empty() {
+                row.steps.insert(0, Step::pending(StepKind::Write));
+            }
         }
         add_irreversible(&mut row, original);
         return row;
@@ -251,46 +259,7 @@ fn revert_row(name: &str, original: &Row, user: Option<&User>, snapshots: &Snaps
     }
     let mut conflicts = Vec::new();
     if done(original, StepKind::Write) {
-        for w in &original.writes {
-            let Some(field) = UserField::from_name(&w.field) else {
-                row.notes
-                    .push(format!("{}: unknown field, not reverted", w.field));
-                continue;
-            };
-            if w.secret || field.is_secret() {
-                row.notes.push(format!(
-                    "{field}: cannot be reverted: the earlier secret was never kept"
-                ));
-                continue;
-            }
-            let now = match user {
-                Some(u) => u.get(field).map(str::to_string),
-                None => continue,
-            };
-            if now == w.from {
-                row.notes
-                    .push(format!("{field}: already {}", show(field, now.as_deref())));
-            } else if now == w.to {
-                row.writes.push(StoredWrite {
-                    field: w.field.clone(),
-                    from: w.to.clone(),
-                    to: w.from.clone(),
-                    secret: false,
-                });
-                row.changes.push(FieldChange {
-                    field: w.field.clone(),
-                    from: users::shown(field, w.to.as_deref()),
-                    to: users::shown(field, w.from.as_deref()),
-                });
-            } else {
-                conflicts.push(format!(
-                    "{field} is {} now, not {} as {name} left it (it was {} before): changed since, left alone",
-                    show(field, now.as_deref()),
-                    show(field, w.to.as_deref()),
-                    show(field, w.from.as_deref()),
-                ));
-            }
-        }
+        conflicts = field_reverts(name, original, user, &mut row);
         for t in &original.takes {
             row.notes.push(format!(
                 "took {} from {}: a revert does not give it back to {} (assign it with a new change)",
@@ -333,6 +302,53 @@ fn revert_row(name: &str, original: &Row, user: Option<&User>, snapshots: &Snaps
         row.steps = stored::user_steps(!row.writes.is_empty(), &row.actions);
     }
     row
+}
+
+/// Plans each field the original wrote back to its recorded `from`, compare-and-set against the
+/// `to` it wrote, on `user` as it is now (or as a restore will bring it back); returns what moved
+/// since. Secret fields are said, not planned.
+fn field_reverts(name: &str, original: &Row, user: Option<&User>, row: &mut Row) -> Vec<String> {
+    let mut conflicts = Vec::new();
+    for w in &original.writes {
+        let Some(field) = UserField::from_name(&w.field) else {
+            row.notes
+                .push(format!("{}: unknown field, not reverted", w.field));
+            continue;
+        };
+        if w.secret || field.is_secret() {
+            row.notes.push(format!(
+                "{field}: cannot be reverted: the earlier secret was never kept"
+            ));
+            continue;
+        }
+        let Some(now) = user.map(|u| u.get(field).map(str::to_string)) else {
+            continue;
+        };
+        if now == w.from {
+            row.notes
+                .push(format!("{field}: already {}", show(field, now.as_deref())));
+        } else if now == w.to {
+            row.writes.push(StoredWrite {
+                field: w.field.clone(),
+                from: w.to.clone(),
+                to: w.from.clone(),
+                secret: false,
+            });
+            row.changes.push(FieldChange {
+                field: w.field.clone(),
+                from: users::shown(field, w.to.as_deref()),
+                to: users::shown(field, w.from.as_deref()),
+            });
+        } else {
+            conflicts.push(format!(
+                "{field} is {} now, not {} as {name} left it (it was {} before): changed since, left alone",
+                show(field, now.as_deref()),
+                show(field, w.to.as_deref()),
+                show(field, w.from.as_deref()),
+            ));
+        }
+    }
+    conflicts
 }
 
 /// Notes what the original did to a target that no revert can undo.
@@ -826,6 +842,7 @@ mod tests {
                     snapshot: (!expired).then_some(snapshot),
                     expired: expired.then_some(1_702_592_000_000),
                     restored_by: None,
+                    user: (!expired).then(|| user(ext, &[(UserField::Role, "Operator")]).1),
                 },
             )]),
             holders: BTreeMap::from([("+4930999".to_string(), "305".to_string())]),
@@ -859,6 +876,30 @@ mod tests {
         let other = kept("201", &["+4930200"], false);
         let again = plan_revert("gone", &[removed("201")], &BTreeMap::new(), &other, vec![]);
         assert_ne!(again.hash, plan.hash);
+    }
+
+    #[test]
+    fn fields_the_change_wrote_before_removing_are_written_back_after_the_restore() {
+        let mut original = removed("201");
+        original.writes = vec![write("role", Some("User"), Some("Operator"))];
+        original
+            .steps
+            .insert(0, step(StepKind::Write, StepState::Done));
+        let snapshots = kept("201", &[], false);
+        let plan = plan_revert("gone", &[original], &BTreeMap::new(), &snapshots, vec![]);
+        let r = &plan.rows[0];
+        assert_eq!(r.outcome, Outcome::Planned);
+        assert_eq!(
+            r.steps,
+            vec![
+                Step::pending(StepKind::Write),
+                Step::pending(StepKind::Restore)
+            ]
+        );
+        assert_eq!(
+            r.writes,
+            vec![write("role", Some("Operator"), Some("User"))]
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::{Db, int, placeholders, text};
 use crate::pbx::kamailio::recycle::PASSWORD_REQUIRED;
 use crate::pbx::kamailio::schema::{self, Storage, TWO_FACTOR_ATTRIBUTE};
 use crate::pbx::{
-    Expect, KeptSnapshot, Preference, RestoreOutcome, Result, Secret, UserField, UserRestore,
+    Expect, KeptSnapshot, Preference, RestoreOutcome, Result, Secret, User, UserField, UserRestore,
     UserSelection, UserSnapshot,
 };
 
@@ -190,7 +190,9 @@ impl Db {
                 };
                 let expired = sqlx::Row::try_get::<Option<i64>, _>(&row, 3).unwrap_or(None);
                 let restored_by = text(&row, 4).map_err(|e| self.err(e))?;
+                let user = snapshot.as_ref().map(user_of);
                 out.push(KeptSnapshot {
+                    user,
                     run: run.to_string(),
                     extension: text(&row, 0).map_err(|e| self.err(e))?,
                     taken: int(&row, 1).map_err(|e| self.err(e))?,
@@ -443,6 +445,35 @@ impl Db {
         .map_err(|e| self.err(e))?;
         Ok(RestoreOutcome::Restored { conflicts })
     }
+}
+
+/// The user a snapshot holds, field by field, as reading it from the tables would give it.
+fn user_of(s: &UserSnapshot) -> User {
+    let mut user = User {
+        extension: s.extension.clone(),
+        numbers: s.numbers.clone(),
+        ..Default::default()
+    };
+    for field in UserField::ALL {
+        if let Some(d) = schema::default_value(field) {
+            user.values.insert(field, d.to_string());
+        }
+        if let Storage::Attribute(a) = schema::storage(field) {
+            if let Some(v) = s.preference(a) {
+                user.values.insert(field, schema::canonical(field, v));
+            }
+        }
+    }
+    if !s.groups.is_empty() {
+        let mut groups = s.groups.clone();
+        groups.sort();
+        user.values.insert(UserField::Groups, groups.join(","));
+    }
+    if let Some(primary) = s.numbers.first() {
+        user.values
+            .insert(UserField::PrimaryNumber, primary.clone());
+    }
+    user
 }
 
 fn shown(v: Option<&str>) -> String {
