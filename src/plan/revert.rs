@@ -1,11 +1,14 @@
-//! Undo: the plan that reverts a finished BulkUserChange from what its journal recorded.
+//! Undo: the plan that reverts a finished change from what its journal recorded.
 //!
-//! Pure: the controller reads the original's stored rows (verified against their digests) and
-//! the targets as the PBX holds them now, then calls [`plan_revert`]. For every target whose
-//! steps went through, each field's recorded `from` is written back, compare-and-set against
-//! the `to` the original wrote; a value that moved since is a Conflict naming both values. What
-//! cannot be undone (a password reset, a 2FA reset, a mail sent, a secret written) is said on
-//! the target, which stays Unchanged unless something else of it can be reverted.
+//! Pure: the controller reads the original's stored rows (verified against their digests), the
+//! targets as the PBX holds them now and the snapshots the original kept, then calls
+//! [`plan_revert`] (BulkUserChange), [`plan_phone_revert`] (BulkPhoneChange) or
+//! [`plan_recycle_revert`] (UserRecycle). For every target whose steps went through, each
+//! field's recorded `from` is written back, compare-and-set against the `to` the original
+//! wrote; a value that moved since is a Conflict naming both values. A removed or recycled user
+//! comes back from its snapshot (a Restore step, pinned by the snapshot's digest). What cannot
+//! be undone (a password reset, a 2FA reset, a mail sent, a secret written) is said on the
+//! target, which stays Unchanged unless something else of it can be reverted.
 
 use std::collections::{BTreeMap, HashSet};
 
