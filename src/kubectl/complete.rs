@@ -172,6 +172,7 @@ pub fn candidates(args: &[String]) -> Completion {
         let kinds = Kind::ALL
             .iter()
             .filter(|k| name != "approve" || k.approvable())
+            .filter(|k| name != "revert" || k.revertible())
             .map(|k| (format!("{}/", k.short()), k.singular().to_string()))
             .collect();
         return filter(kinds, NO_FILE | NO_SPACE);
@@ -289,6 +290,7 @@ mod tests {
             )
         );
         assert_eq!(words(&["approve", ""]).0, ["buc/", "bpc/"]);
+        assert_eq!(words(&["revert", ""]).0, ["buc/", "bpc/", "urc/"]);
         assert_eq!(words(&["plan", "buc/x", ""]).0, Vec::<String>::new());
         assert_eq!(
             words(&["plan", "buc/x", "-o", ""]).0,

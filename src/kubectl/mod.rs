@@ -243,6 +243,11 @@ impl Kind {
     pub fn approvable(self) -> bool {
         matches!(self, Kind::UserChange | Kind::PhoneChange)
     }
+
+    /// Kinds a revert can undo (a restart cannot be undone).
+    pub fn revertible(self) -> bool {
+        self != Kind::Restart
+    }
 }
 
 /// `buc/NAME` into its kind and name.
