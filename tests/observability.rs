@@ -352,6 +352,25 @@ spec:
         }
         drift.push(scrape(&env.operator));
     }
+    // The load on the API server is counted at the client: status patches and results
+    // ConfigMaps written by these runs show as PATCH requests and their bytes.
+    let patches = |text: &str, name: &str| value(text, name, &[("verb", "PATCH")]).unwrap_or(0.0);
+    let last = drift.last().unwrap();
+    for name in [
+        "pbx_operator_api_requests_total",
+        "pbx_operator_api_request_bytes_total",
+    ] {
+        assert!(
+            patches(last, name) > patches(&drift[0], name),
+            "{name} grows with the drift repairs: {} -> {}",
+            patches(&drift[0], name),
+            patches(last, name)
+        );
+    }
+    assert!(
+        value(last, "pbx_operator_api_requests_total", &[("verb", "GET")]).unwrap_or(0.0) > 0.0,
+        "reads are counted too"
+    );
     let restart = eventually(Duration::from_secs(90), "the restart to finish", || async {
         let p = Api::<pbx_operator::api::PhoneRestart>::namespaced(env.client.clone(), &ns)
             .get("everyone")

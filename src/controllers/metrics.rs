@@ -62,6 +62,8 @@ pub struct Metrics {
     pub notify_answers: Family<CodeLabel, Counter>,
     /// The controllers' watch caches, turned into gauges at each scrape.
     pub objects: std::sync::Arc<Objects>,
+    /// The operator's requests to the API server (counted by the client's layer).
+    pub api: super::api_load::ApiLoad,
 }
 
 impl Default for Metrics {
@@ -79,6 +81,7 @@ impl Default for Metrics {
             pbx_call_errors: Family::default(),
             notify_answers: Family::default(),
             objects: Default::default(),
+            api: Default::default(),
         }
     }
 }
@@ -121,6 +124,7 @@ impl Metrics {
             self.notify_answers.clone(),
         );
         registry.register_collector(Box::new(ObjectsCollector(self.objects.clone())));
+        self.api.register(registry);
         registry.register(
             "pbx_operator_rpc_bytes_read",
             "Bytes of JSON-RPC replies read from the PBX, by method",

@@ -3,6 +3,7 @@
 //! The controllers are the thin Kubernetes edge: they read resources, call the pure planning
 //! code and the PBX backend, and write status. Nothing here decides what a change means.
 
+mod api_load;
 pub mod backends;
 pub mod conditions;
 mod connection;
@@ -93,9 +94,17 @@ pub struct Settings {
 /// Runs every controller until SIGTERM or SIGINT (or, with leader election, until the Lease
 /// is lost: the process then exits and its restart waits to be leader again).
 pub async fn run(args: Settings) -> Result<()> {
-    let client = Client::try_default().await.map_err(Error::NoCluster)?;
+    let api_load = api_load::ApiLoad::default();
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::NoCluster(kube::Error::InferConfig(e)))?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(Error::NoCluster)?
+        .with_layer(&api_load)
+        .build();
     let shutdown = shutdown_signal();
     let mut context = Context::new(client.clone(), args.secret_check_interval);
+    context.metrics.api = api_load;
     context.max_csv_bytes = args.max_csv_bytes;
     context.ordering.shard = args.shard.clone();
     let ctx = Arc::new(context);

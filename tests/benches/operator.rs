@@ -69,6 +69,7 @@ async fn bulk_user_change(users: usize) {
     let floor = start.elapsed();
 
     let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let load = api_load(&env);
     let start = Instant::now();
     env.apply(
         r#"apiVersion: pbx-operator.io/v1alpha1
@@ -117,6 +118,31 @@ spec:
     );
     println!("  users with the new value in SQL                {written:>8}");
     println!("  operator peak RSS (VmHWM)                      {rss:>8.1} MiB");
+    print_api_load(load, api_load(&env));
+}
+
+/// The operator's requests to the API server so far (all verbs) and the bytes of their bodies,
+/// from its /metrics.
+fn api_load(env: &Env) -> (f64, f64) {
+    let (_, body) = env.operator.http_get("/metrics");
+    let sum = |name: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (
+        sum("pbx_operator_api_requests_total"),
+        sum("pbx_operator_api_request_bytes_total"),
+    )
+}
+
+fn print_api_load(before: (f64, f64), after: (f64, f64)) {
+    println!(
+        "  API server load: {} requests, {:.1} KiB of request bodies (status patches, results ConfigMaps)",
+        after.0 - before.0,
+        (after.1 - before.1) / 1024.0
+    );
 }
 
 /// The operator's `pbx_operator_rpc_bytes_read` by RPC method, from its /metrics.
@@ -353,6 +379,7 @@ async fn csv_change(rows: usize) {
     )
     .await;
     let rss_at_rest = peak_rss_mib(env.operator.child.id());
+    let load = api_load(&env);
     let start = Instant::now();
     let (ok, export, err) = env.cli(&[
         "export",
@@ -474,6 +501,7 @@ spec:
     println!("  operator peak RSS before the change (VmHWM)    {rss_at_rest:>8.1} MiB");
     println!("  operator peak RSS after Validate (VmHWM)       {rss_validate:>8.1} MiB");
     println!("  operator peak RSS after Execute (VmHWM)        {rss:>8.1} MiB");
+    print_api_load(load, api_load(&env));
 }
 
 #[tokio::main]
