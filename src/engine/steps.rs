@@ -64,7 +64,8 @@ pub fn carry_over(steps: &[Step]) -> Option<Vec<Step>> {
         .map(|(i, s)| match s.state {
             // Refused, not merely unreached because a step before it failed.
             StepState::Skipped if s.kind == StepKind::Remove && !failed(&steps[..i]) => *s,
-            // Restored but for what someone else holds now: restoring again cannot change that.
+            // A restore in conflict (a number or phone left to its new holder, or the extension
+            // somebody else's now) is not redone as it was: the retry plans it afresh.
             StepState::Conflict if s.kind == StepKind::Restore => *s,
             StepState::Done | StepState::NoOp => *s,
             // Begun and to be redone after a check (a Remove whose user may be gone already).
