@@ -260,6 +260,16 @@ impl Db {
         Ok(int(&row, 0).map_err(|e| self.err(e))? as u64)
     }
 
+    /// Bindings of the tenant in usrloc's `location` table (`db_mode` 1: those ul.dump lists).
+    pub async fn count_registrations(&self) -> Result<u64> {
+        let row = sqlx::query(self.sql("SELECT COUNT(*) FROM location WHERE domain = $1"))
+            .bind(&self.domain)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(int(&row, 0).map_err(|e| self.err(e))? as u64)
+    }
+
     pub async fn read_users(&self, selection: &UserSelection) -> Result<UserRead> {
         let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
         self.read_users_on(&mut conn, selection).await

@@ -113,12 +113,13 @@ impl PbxBackend for Kamailio {
         self.db.check_tables().await?;
         let users = self.db.count_users().await?;
         let version = self.rpc.version().await?;
-        // ul.dump lists every domain; count this tenant's phones (contacts).
-        let registered_phones = self.rpc.dump(&self.config.domain).await?.len();
+        // This tenant's phones (contacts), counted where usrloc writes them through: not a
+        // ul.dump of every tenant's registrations at each probe.
+        let registered_phones = self.db.count_registrations().await?;
         Ok(Probe {
             version,
             users,
-            registered_phones: registered_phones as u64,
+            registered_phones,
         })
     }
 
