@@ -6,12 +6,15 @@
 //! when its fresh REGISTER confirms it, or when its confirmation time ends, and the next phone
 //! takes the slot. Each group of NOTIFYs that fills free slots is recorded as intended (with the
 //! contact read from the registrar at that moment, `sentTo`, and the time they leave) before any
-//! of them is sent; answers and confirmations are recorded at each poll. Confirmation looks up
-//! only the phones in flight (`ul.lookup` per AoR), never the whole registrar. A NOTIFY is sent
-//! only from a step recorded Pending, and the record that makes it Intended comes first, so no
-//! phone gets two NOTIFYs from one run whatever crashes: a NOTIFY found Intended after a restart
-//! is never sent again, it is confirmed by a fresh REGISTER or reported Uncertain (a retry sends
-//! it once more). Confirmation has no side effect: a restarted operator simply goes on watching.
+//! of them is sent; answers and confirmations are recorded with the next group or, at most once
+//! a second, beside the polls. The window slides across the run's stored batches: they are taken
+//! as it reaches them and handed back once settled. Confirmation looks up only the phones in
+//! flight ([`PbxBackend::lookup_many`]: one query for all of them), never the whole registrar.
+//! A NOTIFY is sent only from a step recorded Pending, and the record that makes it Intended
+//! comes first, so no phone gets two NOTIFYs from one run whatever crashes: a NOTIFY found
+//! Intended after a restart is never sent again, it is confirmed by a fresh REGISTER or reported
+//! Uncertain (a retry sends it once more). Confirmation has no side effect: a restarted operator
+//! simply goes on watching.
 //!
 //! Field writes are compare-and-set against the planned values, recorded as intended before and
 //! with their outcome after; a write found intended after a restart is checked against the PBX

@@ -1,7 +1,9 @@
 //! The driver every kind's run goes through: its stored batches are read back one group at a
 //! time, checked against the digests recorded when the plan was stored, handed to the kind's
 //! [`Executor`], and counted, so that status, events and metrics come from the journal the same
-//! way for every kind. Memory holds one group of batches and the few rows status shows.
+//! way for every kind. Memory holds one group of batches (an executor whose window spans batches,
+//! a restart's, takes them one by one as it reaches them and hands each back once settled) and the
+//! few rows status shows.
 
 use super::results::Digest;
 use super::{Batch, Ended, Error, Executor, Feed, Store};
