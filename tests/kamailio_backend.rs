@@ -354,6 +354,38 @@ async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others(db: &'sta
         "{regs:?}"
     );
 
+    // The bindings a restart reads from `location` (SQL: one query for many phones) are the
+    // registrar's own, Last-Modified included (Kamailio writes its local time; this machine's
+    // is UTC).
+    let all: Vec<String> = regs.iter().map(|r| r.extension.clone()).collect();
+    let key = |r: &pbx_operator::pbx::Registration| {
+        (
+            r.extension.clone(),
+            r.contact.clone(),
+            r.received.clone(),
+            r.socket.clone(),
+            r.call_id.clone(),
+            r.user_agent.clone(),
+        )
+    };
+    let from_sql = pbx.lookup_many(&all).await.unwrap();
+    let mut a: Vec<_> = regs.iter().map(key).collect();
+    let mut b: Vec<_> = from_sql.iter().map(key).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "location vs ul.dump");
+    for r in &from_sql {
+        let rpc = regs.iter().find(|x| x.extension == r.extension).unwrap();
+        assert!(
+            (r.last_modified - rpc.last_modified).abs() <= 1,
+            "{} vs {}",
+            r.last_modified,
+            rpc.last_modified
+        );
+    }
+    let one = pbx.lookup_many(&all[..1]).await.unwrap();
+    assert!(one.iter().all(|r| r.extension == all[0]) && !one.is_empty());
+
     let target = regs
         .iter()
         .find(|r| r.extension == phones[0])
@@ -397,6 +429,20 @@ async fn notify_reboots_a_phone_and_a_silent_one_does_not_block_others(db: &'sta
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let again = pbx
+        .lookup_many(std::slice::from_ref(&target.extension))
+        .await
+        .unwrap();
+    let before = from_sql
+        .iter()
+        .find(|r| r.extension == target.extension)
+        .unwrap();
+    assert!(
+        again
+            .iter()
+            .any(|r| r.call_id != before.call_id && r.last_modified >= before.last_modified),
+        "{again:?}"
+    );
     let counts = lab.notify_counts();
     assert_eq!(counts.get(&target.extension), Some(&1), "{counts:?}");
     assert_eq!(counts.get(&phones[1]), Some(&0), "{counts:?}");

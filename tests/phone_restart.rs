@@ -121,6 +121,137 @@ spec:
     assert!(ok && csv.lines().count() == 9, "{csv}");
 }
 
+/// A phone that registers again from another port after the restart was planned and before its
+/// turn gets its NOTIFY at the new port: the contact is read when its NOTIFY is about to leave.
+/// The Grandstreams sit behind emulated NAT (a private Contact; reached at the address and port
+/// the registrar saw, its `received`), so a Grandstream whose SIPp is started again on a new port
+/// keeps its binding with a new `received` and Call-ID. One NOTIFY at a time at 1/s: the moved
+/// phone, the 8th target, is sent some 7 s after the first, long after the move.
+#[tokio::test]
+async fn a_phone_that_moved_to_a_new_port_after_planning_gets_its_notify_there() {
+    let env = Env::start_full(
+        "prs-moved",
+        LabSpec {
+            db: "sqlite",
+            users: 10,
+            phones: 10,
+            ..Default::default()
+        },
+        &["--boot-ms", "300"],
+        false,
+        &[],
+    )
+    .await;
+    let nat = env.lab.list("LAB_PHONES_NAT");
+    assert_eq!(nat, ["203", "208"], "the Grandstreams");
+    let moved = "208";
+    // 203 moves with 208 (one SIPp per vendor); it is left out of the restart.
+    let targets: Vec<String> = env
+        .lab
+        .list("LAB_PHONES_REBOOT")
+        .into_iter()
+        .filter(|e| e != "203")
+        .collect();
+    assert_eq!(targets.iter().position(|e| e == moved), Some(7));
+    let received = |lookup: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(lookup).unwrap();
+        v["result"]["Contacts"][0]["Contact"]["Received"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no Received in {lookup}"))
+            .to_string()
+    };
+    let aor = format!("{moved}@{}", env.lab.domain());
+    let before = received(&env.lab.rpc(&["ul.lookup", "location", &aor]));
+    env.apply(&format!(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: PhoneRestart
+metadata: {{ name: moved }}
+spec:
+  connectionRef: {{ name: acme }}
+  targets: {{ extensions: [{}] }}
+  rollout: {{ maxInFlight: 1, perSecond: 1 }}
+  confirm: {{ timeout: 20s }}
+"#,
+        targets
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    // Planned: the plan is stored (with 208 registered at its old port).
+    let api: Api<PhoneRestart> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually(
+        Duration::from_secs(60),
+        "the restart to be planned",
+        || async {
+            let p = api.get("moved").await.ok()?;
+            p.status.as_ref()?.plan.as_ref().map(|_| ())
+        },
+    )
+    .await;
+    let port = env.lab.move_phone(moved);
+    let after = received(&env.lab.rpc(&["ul.lookup", "location", &aor]));
+    assert_ne!(before, after);
+    assert!(after.ends_with(&format!(":{port}")), "{after} vs {port}");
+    // Its turn had not come yet when it moved.
+    let old_log = "Grandstream-reboot";
+    assert!(
+        env.lab.notifies_logged(old_log).is_empty(),
+        "{moved} got its NOTIFY before it moved: {:?}",
+        env.lab.notifies_logged(old_log)
+    );
+
+    let p = finished(&env, "moved", Duration::from_secs(90)).await;
+    let s = p.status.clone().unwrap();
+    assert_eq!(s.phase, Phase::Succeeded, "{:?}", s.results);
+    assert_eq!(outcome_of(&p, moved), Outcome::Restarted);
+    // Where the NOTIFY arrived: the SIPp started on the new port, and not the old one.
+    let at_new: Vec<String> = env
+        .lab
+        .notifies_logged(&format!("{old_log}.moved1"))
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect();
+    assert_eq!(at_new, [moved], "NOTIFYs at the new port");
+    assert!(env.lab.notifies_logged(old_log).is_empty());
+    let counts = env.lab.notify_counts();
+    for e in &targets {
+        assert_eq!(counts.get(e), Some(&1), "{e}: {counts:?}");
+    }
+    // The journal says the same: planned at the old address, sent to the new one.
+    let rows = results_rows(&env, "moved").await;
+    let row = rows
+        .iter()
+        .find(|r| r["phone"]["extension"] == moved)
+        .expect("the moved phone's row");
+    assert_eq!(row["phone"]["received"], before.as_str(), "{row}");
+    assert_eq!(row["phone"]["sentTo"]["received"], after.as_str(), "{row}");
+}
+
+/// Every row of a run, from its results ConfigMaps.
+async fn results_rows(env: &Env, name: &str) -> Vec<serde_json::Value> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut rows = Vec::new();
+    for cm in cms.list(&Default::default()).await.unwrap() {
+        if !cm
+            .metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with(&format!("{name}-results-")))
+        {
+            continue;
+        }
+        let text = cm
+            .data
+            .unwrap_or_default()
+            .remove("rows.jsonl")
+            .unwrap_or_default();
+        rows.extend(text.lines().map(|l| serde_json::from_str(l).unwrap()));
+    }
+    rows
+}
+
 /// `rateLimits.notifiesPerSecond` bounds all restarts on one connection together. Two restarts
 /// run at once, each allowed 3 NOTIFYs/s by its own `perSecond` (6/s together); the connection
 /// allows 4/s. The rate is measured where the NOTIFYs arrive: the SIPp phones' wall-clock log

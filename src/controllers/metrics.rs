@@ -273,6 +273,11 @@ impl PbxBackend for Timed<'_> {
             .pbx_call("lookup", self.inner.lookup(extension))
             .await
     }
+    async fn lookup_many(&self, extensions: &[String]) -> pbx::Result<Vec<Registration>> {
+        self.metrics
+            .pbx_call("lookup_many", self.inner.lookup_many(extensions))
+            .await
+    }
     async fn notify(&self, to: &Registration, event: &str) -> pbx::Result<SipAnswer> {
         self.metrics
             .pbx_call("notify", self.inner.notify(to, event))

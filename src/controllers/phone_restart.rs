@@ -223,7 +223,8 @@ struct Live<'a, 'r> {
     /// The status as the run started, the batches finished before it, each batch as recorded.
     status: PhoneRestartStatus,
     before: Digest,
-    recorded: Mutex<BTreeMap<usize, Digest>>,
+    /// Each batch as last recorded, and whether all its rows were final then.
+    recorded: Mutex<BTreeMap<usize, (Digest, bool)>>,
 }
 
 impl<'a, 'r> Live<'a, 'r> {
@@ -257,18 +258,24 @@ impl engine::Journal for Live<'_, '_> {
         let mut status = self.status.clone();
         {
             let mut recorded = self.recorded.lock().expect("not poisoned");
-            recorded.insert(index, Digest::of(rows));
+            recorded.insert(index, (Digest::of(rows), rows.iter().all(Row::is_final)));
             let mut done = self.before.clone();
-            for d in recorded.values() {
+            for (d, _) in recorded.values() {
                 done.merge(d.clone());
             }
             status.summary = Some(PhoneRestart::summary(&done, status.summary.as_ref()));
             let (shown, truncated) = results::for_status(done.shown.iter());
             status.results_truncated = truncated || done.rows > shown.len();
             status.results = shown;
-            // Batches run in order: one recorded means the ones before it finished.
+            // The window spans batches (a later one is under way while an earlier one still
+            // has phones in flight): done counts the batches before the first unfinished one,
+            // where a resumed run starts.
             if let Some(p) = status.progress.as_mut() {
-                p.done = p.done.max(index as u32);
+                let mut next = p.done as usize;
+                while recorded.get(&next).is_some_and(|(_, all_final)| *all_final) {
+                    next += 1;
+                }
+                p.done = next as u32;
             }
         }
         // For people only: the record above is what a restart resumes from.

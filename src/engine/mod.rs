@@ -74,6 +74,37 @@ pub trait Store: Journal {
 #[async_trait]
 pub trait Executor: Send + Sync {
     async fn run(&self, batches: &mut [Batch]) -> Result<Ended, Error>;
+
+    /// Whether this executor's work runs on across batch ends (a restart's sliding window, which
+    /// a batch end must not drain): then it takes the batches from a [`Feed`] as it reaches them
+    /// ([`Executor::run_fed`]) instead of one call per batch.
+    fn spans_batches(&self) -> bool {
+        false
+    }
+
+    /// Runs every batch `feed` hands out, handing each back once all its rows are final and
+    /// recorded. By default one batch at a time through [`Executor::run`].
+    async fn run_fed(&self, feed: &mut dyn Feed) -> Result<Ended, Error> {
+        while let Some(batch) = feed.next().await? {
+            let mut group = [batch];
+            if self.run(&mut group).await? == Ended::Stopped {
+                return Ok(Ended::Stopped);
+            }
+            let [batch] = group;
+            feed.finished(batch);
+        }
+        Ok(Ended::Finished)
+    }
+}
+
+/// A run's stored batches handed to an executor one at a time, in order, as its work reaches
+/// them; memory holds only those it has taken and not handed back.
+#[async_trait]
+pub trait Feed: Send {
+    /// The next batch, checked against its plan; None once every batch has been handed out.
+    async fn next(&mut self) -> Result<Option<Batch>, Error>;
+    /// A batch whose rows are all final and recorded: counted, and let go.
+    fn finished(&mut self, batch: Batch);
 }
 
 /// One stored batch of rows, as loaded from the journal.

@@ -6,12 +6,15 @@
 //! when its fresh REGISTER confirms it, or when its confirmation time ends, and the next phone
 //! takes the slot. Each group of NOTIFYs that fills free slots is recorded as intended (with the
 //! contact read from the registrar at that moment, `sentTo`, and the time they leave) before any
-//! of them is sent; answers and confirmations are recorded at each poll. Confirmation looks up
-//! only the phones in flight (`ul.lookup` per AoR), never the whole registrar. A NOTIFY is sent
-//! only from a step recorded Pending, and the record that makes it Intended comes first, so no
-//! phone gets two NOTIFYs from one run whatever crashes: a NOTIFY found Intended after a restart
-//! is never sent again, it is confirmed by a fresh REGISTER or reported Uncertain (a retry sends
-//! it once more). Confirmation has no side effect: a restarted operator simply goes on watching.
+//! of them is sent; answers and confirmations are recorded with the next group or, at most once
+//! a second, beside the polls. The window slides across the run's stored batches: they are taken
+//! as it reaches them and handed back once settled. Confirmation looks up only the phones in
+//! flight ([`PbxBackend::lookup_many`]: one query for all of them), never the whole registrar.
+//! A NOTIFY is sent only from a step recorded Pending, and the record that makes it Intended
+//! comes first, so no phone gets two NOTIFYs from one run whatever crashes: a NOTIFY found
+//! Intended after a restart is never sent again, it is confirmed by a fresh REGISTER or reported
+//! Uncertain (a retry sends it once more). Confirmation has no side effect: a restarted operator
+//! simply goes on watching.
 //!
 //! Field writes are compare-and-set against the planned values, recorded as intended before and
 //! with their outcome after; a write found intended after a restart is checked against the PBX
@@ -25,7 +28,7 @@ use futures::StreamExt;
 
 use super::planning::PlanningError;
 use super::steps;
-use super::{At, Batch, Ended, Error, Executor, Journal, at_all, state_of};
+use super::{At, Batch, Ended, Error, Executor, Feed, Journal, at_all, state_of};
 use crate::api::{BulkPhoneChangeSpec, Outcome, PhoneTargets, Plan};
 use crate::pbx::{
     PbxBackend, PbxError, PhoneField, Registration, SipAnswer, UserSelection, WriteOutcome, sip,
@@ -45,8 +48,11 @@ async fn selected(
     };
     let users = backend.read_users(&selection).await?;
     let provisioned = backend.read_phones(&selection).await?;
+    let names: Vec<String> = users.users.iter().map(|u| u.extension.clone()).collect();
+    // The selected users' registrations only: planning costs what the selection does, not
+    // what the registrar holds.
     let registrations = if registered {
-        backend.registrations().await?
+        backend.lookup_many(&names).await?
     } else {
         vec![]
     };
@@ -56,7 +62,6 @@ async fn selected(
         vendors: targets.vendors.clone(),
         max_targets: targets.max_targets,
     };
-    let names: Vec<String> = users.users.iter().map(|u| u.extension.clone()).collect();
     let phones = phone_plan::select(&names, &provisioned, &registrations, &filter)?;
     Ok((phones, provisioned))
 }
@@ -132,30 +137,75 @@ pub struct RestartExec<'a> {
 
 #[async_trait]
 impl Executor for RestartExec<'_> {
+    /// The batches given, as a run of their own (a Runner feeds a restart its batches instead,
+    /// through [`Executor::run_fed`]).
+    async fn run(&self, batches: &mut [Batch]) -> Result<Ended, Error> {
+        let mut loaded: Vec<Batch> = batches
+            .iter_mut()
+            .map(|b| Batch {
+                index: b.index,
+                rows: std::mem::take(&mut b.rows),
+                dirty: b.dirty,
+            })
+            .collect();
+        let mut kept = Kept(Vec::new());
+        let ended = self.drive(&mut loaded, &mut kept).await;
+        // Back where they came from: the batches handed back, then those still held.
+        for b in kept.0.into_iter().chain(loaded) {
+            if let Some(slot) = batches
+                .iter_mut()
+                .find(|s| s.index == b.index && s.rows.is_empty())
+            {
+                slot.rows = b.rows;
+                slot.dirty = b.dirty;
+            }
+        }
+        ended
+    }
+
+    /// The window slides across batch ends: a batch end never drains it.
+    fn spans_batches(&self) -> bool {
+        true
+    }
+
+    async fn run_fed(&self, feed: &mut dyn Feed) -> Result<Ended, Error> {
+        self.drive(&mut Vec::new(), feed).await
+    }
+}
+
+/// What [`RestartExec::run`] hands back, kept for its caller.
+struct Kept(Vec<Batch>);
+
+#[async_trait]
+impl Feed for Kept {
+    async fn next(&mut self) -> Result<Option<Batch>, Error> {
+        Ok(None)
+    }
+    fn finished(&mut self, batch: Batch) {
+        self.0.push(batch);
+    }
+}
+
+/// What a NOTIFY's send yields: the phone, when it left, the answer.
+type Sent = (At, i64, Result<SipAnswer, PbxError>);
+
+impl RestartExec<'_> {
     /// A sliding window: up to `maxInFlight` phones sent and not yet settled at any moment; a
     /// phone frees its slot when its answer fails it, when its fresh REGISTER confirms it, or when
     /// its confirmation time ends, and the next phone takes it (so a silent phone holds one slot
-    /// until tm gives up on it, never a whole group). Each new group of NOTIFYs is recorded as
-    /// intended before any of them leaves; answers and confirmations are recorded at each poll.
-    async fn run(&self, batches: &mut [Batch]) -> Result<Ended, Error> {
-        for batch in batches.iter_mut() {
-            for row in batch.rows.iter_mut() {
-                batch.dirty |= begin_restart(row);
-            }
+    /// until tm gives up on it, never a whole group, and never a batch: batches are taken from
+    /// `feed` as the window reaches them, after those already in `batches`, and handed back
+    /// once all their rows are final and recorded). Each new group of NOTIFYs is recorded as
+    /// intended before any of them leaves; answers and confirmations are recorded with the next
+    /// group's intents, or at a poll at least [`PROGRESS_EVERY`] after the last record.
+    async fn drive(&self, batches: &mut Vec<Batch>, feed: &mut dyn Feed) -> Result<Ended, Error> {
+        let mut released = vec![false; batches.len()];
+        let mut watching: Vec<At> = Vec::new();
+        let mut pending: std::collections::VecDeque<At> = Default::default();
+        for b in 0..batches.len() {
+            admit(batches, b, &mut watching, &mut pending);
         }
-        save(self.journal, batches).await?;
-        // Confirmations under way when the operator stopped hold their slots first.
-        let mut watching = at_all(batches, |r| {
-            r.outcome == Outcome::InProgress
-                && matches!(
-                    state_of(r, StepKind::Notify),
-                    Some(StepState::Done | StepState::Uncertain)
-                )
-        });
-        let mut pending: std::collections::VecDeque<At> = at_all(batches, |r| {
-            !r.is_final() && state_of(r, StepKind::Notify) == Some(StepState::Pending)
-        })
-        .into();
+        let mut exhausted = false;
         let window = self.max_in_flight.max(1);
         let rpcs = tokio::sync::Semaphore::new(NOTIFIES_AT_ONCE);
         // NOTIFYs go out from their own loop, which runs beside this one (same task), so they
@@ -182,6 +232,14 @@ impl Executor for RestartExec<'_> {
             }
         };
         let main = async move {
+            // The resumed rows' new states (a NOTIFY under way at a restart is uncertain).
+            save(self.journal, batches).await?;
+            release(batches, &mut released, feed);
+            let mut last_save = tokio::time::Instant::now();
+            // A record of answers and confirmations under way beside the polls (a copy of the
+            // batches it records): at most one, and finished before any other record starts, so
+            // records land in the order they were taken.
+            let mut recording: Option<futures::future::BoxFuture<'_, Result<(), Error>>> = None;
             let mut outstanding = 0usize;
             let mut error: Option<PbxError> = None;
             let mut stopped = false;
@@ -191,6 +249,19 @@ impl Executor for RestartExec<'_> {
                     stopped = true;
                 }
                 let feeding = !stopped && error.is_none();
+                // The next batches, as soon as the phones at hand cannot fill the free slots.
+                let free = window.saturating_sub(watching.len() + outstanding);
+                while feeding && !exhausted && pending.len() < free.max(1) {
+                    match feed.next().await? {
+                        Some(batch) => {
+                            batches.push(batch);
+                            released.push(false);
+                            let b = batches.len() - 1;
+                            admit(batches, b, &mut watching, &mut pending);
+                        }
+                        None => exhausted = true,
+                    }
+                }
                 if feeding && !pending.is_empty() && self.not_after.is_some_and(|na| now() > na) {
                     for (b, i) in pending.drain(..) {
                         let row = &mut batches[b].rows[i];
@@ -202,13 +273,18 @@ impl Executor for RestartExec<'_> {
                         batches[b].dirty = true;
                     }
                 }
-                let free = window.saturating_sub(watching.len() + outstanding);
                 if feeding && free > 0 && !pending.is_empty() {
-                    let group: Vec<At> = pending.drain(..free.min(pending.len())).collect();
+                    let n = free.min(pending.len()).min(GROUP_MAX);
+                    let group: Vec<At> = pending.drain(..n).collect();
                     match self.read_contacts(batches, &group).await {
                         Ok(ready) => {
                             // The intent is recorded before any NOTIFY of this group leaves.
+                            if let Some(r) = recording.take() {
+                                r.await?;
+                            }
                             save(self.journal, batches).await?;
+                            last_save = tokio::time::Instant::now();
+                            release(batches, &mut released, feed);
                             for item in ready {
                                 outstanding += 1;
                                 let _ = to_send.send(item);
@@ -219,14 +295,20 @@ impl Executor for RestartExec<'_> {
                     }
                 }
                 let sending = outstanding > 0;
+                let more = !pending.is_empty() || !exhausted;
                 if !sending && (watching.is_empty() || stopped || error.is_some()) {
-                    if pending.is_empty() || stopped || error.is_some() {
+                    if !more || stopped || error.is_some() {
                         break;
                     }
                     continue;
                 }
                 let polling = !watching.is_empty() && !stopped && error.is_none();
                 tokio::select! {
+                    done = async { recording.as_mut().expect("guarded").await }, if recording.is_some() => {
+                        recording = None;
+                        done?;
+                        release(batches, &mut released, feed);
+                    }
                     Some((at, sent_at, answer)) = answers.recv(), if sending => {
                         outstanding -= 1;
                         if let Some(e) = self.answered(batches, at, sent_at, answer) {
@@ -240,7 +322,21 @@ impl Executor for RestartExec<'_> {
                     }
                     _ = tokio::time::sleep_until(next_poll), if polling => {
                         match self.confirm_round(batches, &mut watching).await {
-                            Ok(()) => save(self.journal, batches).await?,
+                            // Confirmations have no side effect: recorded now and then, not
+                            // at every poll (each record rewrites whole batches), and while the
+                            // polls go on.
+                            Ok(()) if recording.is_none() && last_save.elapsed() >= PROGRESS_EVERY => {
+                                let copy = snapshot(batches);
+                                let journal = self.journal;
+                                recording = Some(Box::pin(async move {
+                                    for (index, rows) in copy {
+                                        journal.record(index, &rows).await?;
+                                    }
+                                    Ok(())
+                                }));
+                                last_save = tokio::time::Instant::now();
+                            }
+                            Ok(()) => {}
                             Err(e) => {
                                 error.get_or_insert(e);
                             }
@@ -251,13 +347,17 @@ impl Executor for RestartExec<'_> {
             }
             // No more NOTIFYs: the sender ends once those under way are answered.
             drop(to_send);
+            if let Some(r) = recording.take() {
+                r.await?;
+            }
             save(self.journal, batches).await?;
+            release(batches, &mut released, feed);
             if let Some(e) = error {
                 // What a transient error interrupted stays Intended: uncertain, never sent
                 // again; confirmations under way are taken up by the next attempt.
                 return Err(e.into());
             }
-            if stopped && (!watching.is_empty() || !pending.is_empty()) {
+            if stopped && (!watching.is_empty() || !pending.is_empty() || !exhausted) {
                 // Answers are recorded; the next operator goes on watching and sending.
                 return Ok(Ended::Stopped);
             }
@@ -266,12 +366,7 @@ impl Executor for RestartExec<'_> {
         let (ended, ()) = tokio::join!(main, sender);
         ended
     }
-}
 
-/// What a NOTIFY's send yields: the phone, when it left, the answer.
-type Sent = (At, i64, Result<SipAnswer, PbxError>);
-
-impl RestartExec<'_> {
     /// Reads, at send time, the live registration of each phone of a group: its NOTIFY goes to
     /// the contact the phone has now (it may have re-registered from another address or port
     /// since planning), and its fresh REGISTER is recognised against that registration. A phone
@@ -320,8 +415,8 @@ impl RestartExec<'_> {
         Ok(out)
     }
 
-    /// The registrations of the phones at `which`, by extension: one lookup per extension (the
-    /// registrar's size does not matter), a few at once.
+    /// The registrations of the phones at `which`, by extension: the backend looks up just
+    /// those (the registrar's size does not matter).
     async fn lookup_all(
         &self,
         batches: &[Batch],
@@ -334,15 +429,9 @@ impl RestartExec<'_> {
             .collect();
         extensions.sort();
         extensions.dedup();
-        let mut lookups = futures::stream::iter(extensions)
-            .map(|e| async move {
-                let regs = self.backend.lookup(&e).await;
-                (e, regs)
-            })
-            .buffer_unordered(LOOKUPS_AT_ONCE);
-        let mut out = HashMap::new();
-        while let Some((e, regs)) = lookups.next().await {
-            out.insert(e, regs?);
+        let mut out: HashMap<String, Vec<Registration>> = HashMap::new();
+        for r in self.backend.lookup_many(&extensions).await? {
+            out.entry(r.extension.clone()).or_default().push(r);
         }
         Ok(out)
     }
@@ -422,6 +511,9 @@ impl RestartExec<'_> {
                 // A NOTIFY under way at a restart evidently reached the phone.
                 set(row, StepKind::Notify, StepState::Done);
                 set(row, StepKind::Confirm, StepState::Done);
+                if let Some(p) = row.phone.as_mut() {
+                    p.confirmed_at = Some(jiff::Timestamp::now().as_millisecond());
+                }
             } else {
                 set(row, StepKind::Confirm, StepState::Skipped);
                 if state_of(row, StepKind::Notify) == Some(StepState::Uncertain) {
@@ -441,8 +533,15 @@ impl RestartExec<'_> {
     }
 }
 
-/// Lookups in flight at once, for reading contacts and confirming.
-const LOOKUPS_AT_ONCE: usize = 16;
+/// Phones whose intents one record covers at most (a stored batch's worth): the first NOTIFYs
+/// leave while the next group's contacts are read and recorded. Each record rewrites whole
+/// batches, so smaller groups would cost more records than their NOTIFYs take to send.
+const GROUP_MAX: usize = crate::plan::stored::CHUNK_ROWS;
+
+/// How often, at most, answers and confirmations alone are recorded (each record rewrites the
+/// batches that changed, in the cluster and in the PBX's ledger). Intents are recorded always,
+/// before their NOTIFYs.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// NOTIFY requests (each a `tm.t_uac_wait` over its own HTTP request) asked of the PBX at once,
 /// whatever the window: thousands at once only queue up in its RPC workers and connections. A
@@ -467,14 +566,65 @@ fn live_registration(p: &PhoneTarget, regs: &[Registration]) -> Option<Registrat
 /// to, or (a row from before `sentTo`) the planned one.
 fn is_fresh(p: &PhoneTarget, regs: &[Registration]) -> bool {
     let vendor = sip::vendor_from_user_agent(&p.user_agent);
+    // Last-Modified only against the registration read at send time, from the same source as
+    // now: a row planned from the registrar's dump has only its Call-ID to go by.
     let (call_id, last_modified) = match &p.sent_to {
-        Some(s) => (s.call_id.as_str(), s.last_modified),
-        None => (p.call_id.as_str(), p.last_modified),
+        Some(s) => (s.call_id.as_str(), Some(s.last_modified)),
+        None => (p.call_id.as_str(), None),
     };
     regs.iter().any(|r| {
         sip::vendor_from_user_agent(&r.user_agent) == vendor
-            && (r.call_id != call_id || r.last_modified > last_modified)
+            && (r.call_id != call_id || last_modified.is_some_and(|m| r.last_modified > m))
     })
+}
+
+/// Readies batch `b`, just taken in: its rows begun ([`begin_restart`]), those whose NOTIFY is
+/// under way to `watching` (they hold slots first), those still to be sent to `pending`.
+fn admit(
+    batches: &mut [Batch],
+    b: usize,
+    watching: &mut Vec<At>,
+    pending: &mut std::collections::VecDeque<At>,
+) {
+    let batch = &mut batches[b];
+    for row in batch.rows.iter_mut() {
+        batch.dirty |= begin_restart(row);
+    }
+    for (i, r) in batch.rows.iter().enumerate() {
+        let notify = state_of(r, StepKind::Notify);
+        if r.outcome == Outcome::InProgress
+            && matches!(notify, Some(StepState::Done | StepState::Uncertain))
+        {
+            watching.push((b, i));
+        } else if !r.is_final() && notify == Some(StepState::Pending) {
+            pending.push_back((b, i));
+        }
+    }
+}
+
+/// A copy of the batches changed since they were last recorded, which counts as recording them
+/// (a failed record ends the run).
+fn snapshot(batches: &mut [Batch]) -> Vec<(usize, Vec<Row>)> {
+    batches
+        .iter_mut()
+        .filter(|b| b.dirty)
+        .map(|b| {
+            b.dirty = false;
+            (b.index, b.rows.clone())
+        })
+        .collect()
+}
+
+/// Hands back to `feed` every batch whose rows are all final and recorded (a row of it is never
+/// touched again), keeping an empty place for it so positions stay valid.
+fn release(batches: &mut [Batch], released: &mut [bool], feed: &mut dyn Feed) {
+    for (b, batch) in batches.iter_mut().enumerate() {
+        if released[b] || batch.dirty || !batch.rows.iter().all(Row::is_final) {
+            continue;
+        }
+        released[b] = true;
+        feed.finished(Batch::new(batch.index, std::mem::take(&mut batch.rows)));
+    }
 }
 
 /// Readies a restart row: a NOTIFY recorded as under way becomes uncertain (see
@@ -1286,6 +1436,73 @@ mod tests {
         );
     }
 
+    /// The journal's batches in order, as a Runner hands them out; those handed back, in order.
+    struct InOrder<'a> {
+        journal: &'a DyingJournal,
+        next: usize,
+        back: Vec<usize>,
+    }
+
+    #[async_trait]
+    impl Feed for InOrder<'_> {
+        async fn next(&mut self) -> Result<Option<Batch>, Error> {
+            let Ok(rows) = self.journal.load(self.next).await else {
+                return Ok(None);
+            };
+            self.next += 1;
+            Ok(Some(Batch::new(self.next - 1, rows)))
+        }
+        fn finished(&mut self, batch: Batch) {
+            assert!(batch.rows.iter().all(Row::is_final), "{:?}", batch.rows);
+            self.back.push(batch.index);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_window_slides_across_batch_ends() {
+        const SILENT_FOR: Duration = Duration::from_millis(600);
+        // Two batches of 8; the first batch's first phone is silent.
+        let (pbx, journal) = fleet(16);
+        let rows = stored(&journal);
+        let journal = self::journal(vec![rows[..8].to_vec(), rows[8..].to_vec()]);
+        pbx.answers.lock().unwrap().insert(ext(0), Answer::Silent);
+        *pbx.silent_for.lock().unwrap() = SILENT_FOR;
+        let never = || false;
+        let exec = RestartExec {
+            confirm: Duration::from_secs(30),
+            ..restart(&pbx, &journal, &never)
+        };
+        assert!(exec.spans_batches());
+        let start = std::time::Instant::now();
+        let mut feed = InOrder {
+            journal: &journal,
+            next: 0,
+            back: vec![],
+        };
+        assert_eq!(exec.run_fed(&mut feed).await.unwrap(), Ended::Finished);
+        // The second batch went through the 3 free slots while the silent phone held its
+        // own: the first batch's end did not hold it back. Both were handed back, final.
+        let sent = pbx.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 16);
+        let last_other = sent
+            .iter()
+            .filter(|(e, _, _)| *e != ext(0))
+            .map(|(_, _, at)| at.duration_since(start))
+            .max()
+            .unwrap();
+        assert!(last_other < SILENT_FOR, "{last_other:?}");
+        feed.back.sort();
+        assert_eq!(feed.back, [0, 1]);
+        let rows = stored(&journal);
+        assert_eq!(rows[0].outcome, Outcome::Failed);
+        assert!(rows[1..].iter().all(|r| r.outcome == Outcome::Restarted));
+        assert!(
+            rows[1..]
+                .iter()
+                .all(|r| r.phone.as_ref().unwrap().confirmed_at.is_some())
+        );
+    }
+
     #[tokio::test]
     async fn a_phone_that_moved_since_planning_gets_its_notify_at_the_new_contact() {
         let (pbx, journal) = fleet(3);
@@ -1329,6 +1546,7 @@ mod tests {
                 phone: r.phone.clone().map(|p| PhoneTarget {
                     sent_at: None,
                     sent_to: None,
+                    confirmed_at: None,
                     ..p
                 }),
                 ..r.clone()

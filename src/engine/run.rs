@@ -1,10 +1,12 @@
 //! The driver every kind's run goes through: its stored batches are read back one group at a
 //! time, checked against the digests recorded when the plan was stored, handed to the kind's
 //! [`Executor`], and counted, so that status, events and metrics come from the journal the same
-//! way for every kind. Memory holds one group of batches and the few rows status shows.
+//! way for every kind. Memory holds one group of batches (an executor whose window spans batches,
+//! a restart's, takes them one by one as it reaches them and hands each back once settled) and the
+//! few rows status shows.
 
 use super::results::Digest;
-use super::{Batch, Ended, Error, Executor, Store};
+use super::{Batch, Ended, Error, Executor, Feed, Store};
 use crate::api::Outcome;
 use crate::plan::stored::{Row, plan_digest};
 
@@ -82,6 +84,9 @@ impl<'a> Runner<'a> {
         if self.next >= self.end {
             return Ok(Next::Complete);
         }
+        if exec.spans_batches() && !self.together {
+            return self.fed(exec).await;
+        }
         let last = if self.together {
             self.end
         } else {
@@ -109,6 +114,60 @@ impl<'a> Runner<'a> {
             batch,
             outcomes,
         })
+    }
+}
+
+impl Runner<'_> {
+    /// Every remaining batch through an executor that takes them as it reaches them (one call).
+    async fn fed(&mut self, exec: &dyn Executor) -> Result<Next, Error> {
+        let mut feed = RunFeed {
+            store: self.store,
+            digests: self.digests,
+            next: self.next,
+            end: self.end,
+            batch: Digest::default(),
+            outcomes: Vec::new(),
+        };
+        if exec.run_fed(&mut feed).await? == Ended::Stopped {
+            return Ok(Next::Stopped);
+        }
+        let batches = self.end - self.next;
+        self.done.merge(feed.batch.clone());
+        self.next = self.end;
+        Ok(Next::Finished {
+            batches,
+            batch: feed.batch,
+            outcomes: feed.outcomes,
+        })
+    }
+}
+
+/// The Runner's batches for [`Executor::run_fed`]: read (and checked) when taken, counted when
+/// handed back.
+struct RunFeed<'a> {
+    store: &'a dyn Store,
+    digests: &'a [String],
+    next: usize,
+    end: usize,
+    batch: Digest,
+    outcomes: Vec<Outcome>,
+}
+
+#[async_trait::async_trait]
+impl Feed for RunFeed<'_> {
+    async fn next(&mut self) -> Result<Option<Batch>, Error> {
+        if self.next >= self.end {
+            return Ok(None);
+        }
+        let rows = verified(self.store, self.digests, self.next).await?;
+        let batch = Batch::new(self.next, rows);
+        self.next += 1;
+        Ok(Some(batch))
+    }
+
+    fn finished(&mut self, batch: Batch) {
+        self.batch.merge(Digest::of(&batch.rows));
+        self.outcomes.extend(batch.rows.iter().map(|r| r.outcome));
     }
 }
 

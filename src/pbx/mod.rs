@@ -150,6 +150,21 @@ pub trait PbxBackend: Send + Sync {
     /// Live registrations of one user.
     async fn lookup(&self, extension: &str) -> Result<Vec<Registration>>;
 
+    /// Live registrations of several users (the phones a restart has in flight), at a cost that
+    /// follows how many are asked for, never the registrar's size. By default one
+    /// [`PbxBackend::lookup`] per user, a few at once.
+    async fn lookup_many(&self, extensions: &[String]) -> Result<Vec<Registration>> {
+        use futures::StreamExt;
+        let mut lookups = futures::stream::iter(extensions.iter().cloned())
+            .map(|e| async move { self.lookup(&e).await })
+            .buffer_unordered(16);
+        let mut out = Vec::new();
+        while let Some(regs) = lookups.next().await {
+            out.extend(regs?);
+        }
+        Ok(out)
+    }
+
     /// Sends an out-of-dialog NOTIFY with `event` to a registered contact; returns the final answer.
     async fn notify(&self, to: &Registration, event: &str) -> Result<SipAnswer>;
 

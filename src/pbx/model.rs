@@ -311,6 +311,7 @@ pub struct Registration {
     pub call_id: String,
     /// Unix seconds of the last REGISTER that refreshed this binding.
     pub last_modified: i64,
+    /// Seconds until the binding expires, when the source says (0: not read).
     pub expires: i64,
 }
 

@@ -188,6 +188,7 @@ pub fn restart_row(p: SelectedPhone) -> Row {
             last_modified: r.as_ref().map(|r| r.last_modified).unwrap_or(0),
             sent_at: None,
             sent_to: None,
+            confirmed_at: None,
         }),
         ..Default::default()
     }

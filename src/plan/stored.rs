@@ -137,6 +137,9 @@ pub struct PhoneTarget {
     /// replaced: the baseline its fresh REGISTER is recognised against. Progress, not plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_to: Option<SentTo>,
+    /// Unix milliseconds when the operator saw the phone's fresh REGISTER. Progress, not plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_at: Option<i64>,
 }
 
 /// The registration a NOTIFY was sent to (see [`PhoneTarget::sent_to`]).
@@ -179,6 +182,7 @@ pub fn plan_digest(rows: &[Row]) -> String {
         let phone = r.phone.as_ref().map(|p| PhoneTarget {
             sent_at: None,
             sent_to: None,
+            confirmed_at: None,
             ..p.clone()
         });
         let mut plan = serde_json::json!([

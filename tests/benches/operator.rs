@@ -14,7 +14,9 @@
 //!
 //! Run: `cargo bench --bench operator` (BENCH_USERS, BENCH_PHONES, BENCH_PHONES_SMALL,
 //! BENCH_SILENT_PHONES, BENCH_LOOP_PHONES,
-//! BENCH_CSV_ROWS override sizes; 0 skips a part).
+//! BENCH_CSV_ROWS override sizes; 0 skips a part; BENCH_PHONE_CHANGE=0 skips the
+//! BulkPhoneChange). Only the phones at 2,000:
+//! `BENCH_USERS=0 BENCH_CSV_ROWS=0 BENCH_PHONES_SMALL=0 cargo bench --bench operator`.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -158,6 +160,75 @@ fn rpc_bytes(env: &Env) -> std::collections::BTreeMap<String, f64> {
         .collect()
 }
 
+/// How often the operator made backend call `call`, and the seconds it took in all.
+fn call_time(env: &Env, call: &str) -> (f64, f64) {
+    let (_, body) = env.operator.http_get("/metrics");
+    let sum = |suffix: &str| -> f64 {
+        body.lines()
+            .filter(|l| {
+                l.starts_with(&format!(
+                    "pbx_operator_pbx_call_duration_seconds_{suffix}{{"
+                )) && l.contains(&format!("call=\"{call}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (sum("count"), sum("sum"))
+}
+
+/// CPU seconds (user + system) used so far by the processes `keep` selects from
+/// `/proc/<pid>/stat` fields (pid, ppid, process group), living ones only.
+fn cpu_seconds(keep: impl Fn(u32, u32, u32) -> bool) -> f64 {
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // After the command's closing parenthesis: state ppid pgrp ... utime(14) stime(15).
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        if keep(pid, num(1) as u32, num(2) as u32) {
+            ticks += num(11) + num(12);
+        }
+    }
+    ticks as f64 / 100.0
+}
+
+/// CPU seconds so far of the operator, the lab's Kamailio (its process group), its SIPp phones,
+/// its PostgreSQL (postmaster and backends).
+fn cpu_split(env: &Env) -> [f64; 4] {
+    let pid_in = |f: &str| -> u32 {
+        std::fs::read_to_string(f)
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let run = env.lab.dir.join("run");
+    let operator = env.operator.child.id();
+    let kamailio = pid_in(&run.join("kamailio.pid").to_string_lossy());
+    let sipp: Vec<u32> = std::fs::read_dir(&run)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("sipp-"))
+        .map(|e| pid_in(&e.path().to_string_lossy()))
+        .collect();
+    let pg_data = std::fs::read_to_string(run.join("pg.datadir")).unwrap_or_default();
+    let postmaster = pid_in(&format!("{}/postmaster.pid", pg_data.trim()));
+    [
+        cpu_seconds(|pid, _, _| pid == operator),
+        cpu_seconds(|_, _, pgrp| pgrp == kamailio),
+        cpu_seconds(|pid, _, _| sipp.contains(&pid)),
+        cpu_seconds(|pid, ppid, _| pid == postmaster || ppid == postmaster),
+    ]
+}
+
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -208,6 +279,8 @@ async fn phone_restart(phones: usize, silent: usize, loop_phones: usize, change:
 
     let api: Api<PhoneRestart> = Api::namespaced(env.client.clone(), &env.ns);
     let bytes_before = rpc_bytes(&env);
+    let rss_before = peak_rss_mib(env.operator.child.id());
+    let cpu_before = cpu_split(&env);
     let start = Instant::now();
     env.apply(
         r#"apiVersion: pbx-operator.io/v1alpha1
@@ -236,6 +309,7 @@ spec:
     let took = start.elapsed();
     let finished_at = unix_now();
     let bytes_after = rpc_bytes(&env);
+    let cpu_after = cpu_split(&env);
     let s = p.status.unwrap();
     let summary = s.summary.unwrap();
     let rss = peak_rss_mib(env.operator.child.id());
@@ -293,7 +367,95 @@ spec:
         delta("tm.t_uac_wait") / confirmed,
         delta("ul.dump")
     );
-    println!("  operator peak RSS (VmHWM)                      {rss:>8.1} MiB (target < 64)");
+    println!(
+        "  operator peak RSS (VmHWM)                      {rss:>8.1} MiB (target < 64; {rss_before:.1} MiB before the restart)"
+    );
+    let (n, secs) = call_time(&env, "lookup_many");
+    println!(
+        "  registrations of the phones in flight looked up: {n} times, {:.1} ms each on average",
+        secs * 1000.0 / n.max(1.0)
+    );
+    let cpu: Vec<f64> = cpu_after
+        .iter()
+        .zip(cpu_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    let per = |c: f64| c * 1000.0 / notifies.len().max(1) as f64;
+    println!(
+        "  CPU create -> settled: operator {:.2} s ({:.2} ms per NOTIFY), Kamailio {:.2} s ({:.2} ms), SIPp phones {:.2} s ({:.2} ms), PostgreSQL {:.2} s ({:.2} ms)",
+        cpu[0],
+        per(cpu[0]),
+        cpu[1],
+        per(cpu[1]),
+        cpu[2],
+        per(cpu[2]),
+        cpu[3],
+        per(cpu[3])
+    );
+    // How the send phase went: NOTIFYs arriving at the phones in each second from the first.
+    let mut per_second = vec![0usize; send_phase.max(0.0) as usize + 1];
+    for t in &notifies {
+        per_second[((t - notifies[0]).max(0.0)) as usize] += 1;
+    }
+    println!("  NOTIFYs at the phones per second of the send phase: {per_second:?}");
+
+    // Per phone: its NOTIFY's answer (SIPp answers as it logs the NOTIFY) -> the operator seeing
+    // the fresh REGISTER (the row's confirmedAt), and the fresh REGISTER's 200 at the phone
+    // (REBOOTED) -> seen.
+    let (confirmed, others) = confirmed_at(&env, "everyone").await;
+    for (what, n) in &others {
+        println!("  not restarted: {n} x {what}");
+    }
+    let mut answered: std::collections::HashMap<&str, f64> = Default::default();
+    let mut rebooted: std::collections::HashMap<&str, f64> = Default::default();
+    for e in events {
+        match e.what.as_str() {
+            "NOTIFY" => {
+                answered.entry(&e.extension).or_insert(e.at);
+            }
+            "REBOOTED" => {
+                rebooted.entry(&e.extension).or_insert(e.at);
+            }
+            _ => {}
+        }
+    }
+    let mut latency = Vec::new();
+    let mut detection = Vec::new();
+    for (ext, seen) in &confirmed {
+        if let Some(a) = answered.get(ext.as_str()) {
+            latency.push(seen - a);
+        }
+        if let Some(r) = rebooted.get(ext.as_str()) {
+            detection.push(seen - r);
+        }
+    }
+    let stats = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let p99 = v
+            .get(((v.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(f64::NAN);
+        (p99, v.last().copied().unwrap_or(f64::NAN))
+    };
+    // Phones that registered afresh after their NOTIFY but were not seen to (none expected).
+    let seen: std::collections::HashSet<&str> = confirmed.iter().map(|(e, _)| e.as_str()).collect();
+    let unseen: Vec<&&str> = rebooted.keys().filter(|e| !seen.contains(**e)).collect();
+    if !unseen.is_empty() {
+        println!(
+            "  {} phones logged their fresh REGISTER but are not Restarted: {unseen:?}",
+            unseen.len()
+        );
+    }
+    let (p99, max) = stats(&mut latency);
+    let (dp99, dmax) = stats(&mut detection);
+    println!(
+        "  confirm latency, NOTIFY answered -> Restarted seen ({} phones): p99 {p99:.3} s, max {max:.3} s (target <= boot + 1 s = {:.3} s)",
+        latency.len(),
+        boot_ms / 1000.0 + 1.0
+    );
+    println!(
+        "    of which fresh REGISTER at the phone -> seen by the operator: p99 {dp99:.3} s, max {dmax:.3} s"
+    );
 
     if !change {
         return;
@@ -361,6 +523,56 @@ spec:
         "  operator peak RSS (VmHWM)                      {:>8.1} MiB",
         peak_rss_mib(env.operator.child.id())
     );
+}
+
+/// When the operator saw each phone of restart `name` restarted (Unix seconds), from its
+/// results ConfigMaps' rows.
+/// Also the rows not restarted, counted by outcome and last note.
+async fn confirmed_at(
+    env: &Env,
+    name: &str,
+) -> (
+    Vec<(String, f64)>,
+    std::collections::BTreeMap<String, usize>,
+) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut out = Vec::new();
+    let mut others = std::collections::BTreeMap::new();
+    for cm in cms.list(&Default::default()).await.unwrap() {
+        if !cm
+            .metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with(&format!("{name}-")))
+        {
+            continue;
+        }
+        let Some(rows) = cm.data.as_ref().and_then(|d| d.get("rows.jsonl")) else {
+            continue;
+        };
+        for line in rows.lines() {
+            let Ok(row) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let phone = &row["phone"];
+            if let (Some(ext), Some(at)) =
+                (phone["extension"].as_str(), phone["confirmedAt"].as_i64())
+            {
+                out.push((ext.to_string(), at as f64 / 1000.0));
+            } else {
+                let note = row["notes"]
+                    .as_array()
+                    .and_then(|n| n.last())
+                    .and_then(|n| n.as_str())
+                    .unwrap_or("");
+                *others
+                    .entry(format!("{}: {note}", row["outcome"]))
+                    .or_default() += 1;
+            }
+        }
+    }
+    (out, others)
 }
 
 async fn csv_change(rows: usize) {
@@ -523,7 +735,8 @@ async fn main() {
     }
     let phones = env_usize("BENCH_PHONES", 2000);
     if phones > 0 {
-        phone_restart(phones, silent, env_usize("BENCH_LOOP_PHONES", 100), true).await;
+        let change = env_usize("BENCH_PHONE_CHANGE", 1) > 0;
+        phone_restart(phones, silent, env_usize("BENCH_LOOP_PHONES", 100), change).await;
     }
     let csv_rows = env_usize("BENCH_CSV_ROWS", 20_000);
     if csv_rows > 0 {

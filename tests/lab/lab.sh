@@ -14,6 +14,8 @@
 #   lab.sh rpc --dir DIR METHOD [ARG...] JSON-RPC call, string params
 #   lab.sh sip-register --dir DIR --ext E [--expires S] [--password P]
 #                                       one REGISTER, prints the final code
+#   lab.sh phone-move --dir DIR --ext E [--drop-old]
+#                                       E's SIPp started again on a new port; prints it
 #   lab.sh db-stop|db-start --dir DIR   stop / start the lab's PostgreSQL or MariaDB (outage drills)
 #   lab.sh down --dir DIR               stop everything (safe to repeat)
 #
@@ -501,7 +503,7 @@ wait_kamailio() {
 # One SIPp per (vendor, behaviour) group: register.xml for the phones of the
 # group (-inf), notify_<behaviour>.xml for every NOTIFY (out-of-call).
 start_sipp_groups() {
-	local groups g vendor beh n port cp mp ua nat chost out pid
+	local groups g vendor beh
 	groups=$(tail -n +2 "$DIR/phones.csv" | awk -F, '{print $2"-"$5}' | sort -u)
 	for g in $groups; do
 		vendor=${g%-*}
@@ -510,31 +512,41 @@ start_sipp_groups() {
 			echo SEQUENTIAL
 			tail -n +2 "$DIR/phones.csv" | awk -F, -v v="$vendor" -v b="$beh" '$2==v && $5==b {print $1}'
 		} >"$DIR/sipp/$g.csv"
-		n=$(($(wc -l <"$DIR/sipp/$g.csv") - 1))
-		# awk reads the file itself: behind `tail |`, its early exit could kill tail with
-		# SIGPIPE, which pipefail turns into a failed `up` (seen with 200 phones).
-		ua=$(awk -F, -v v="$vendor" 'NR > 1 && $2 == v {print $7; exit}' "$DIR/phones.csv")
-		nat=$(awk -F, -v v="$vendor" 'NR > 1 && $2 == v {print $6; exit}' "$DIR/phones.csv")
-		pick_port port
-		pick_port cp
-		pick_port mp 4
-		# A NATed phone advertises a private address it cannot be reached
-		# at; only the source address Kamailio saw (Received) reaches it.
-		if [ "$nat" = 1 ]; then chost=192.168.77.10:5060; else chost=127.0.0.1:$port; fi
-		# -bg: sipp forks, prints the pid of the running copy and returns.
-		(cd "$DIR/sipp" && setsid sipp -sf "$LAB_HOME/sipp/register.xml" \
-			-oocsf "$LAB_HOME/sipp/notify_$beh.xml" -inf "$DIR/sipp/$g.csv" \
-			-i 127.0.0.1 -p "$port" -cp "$cp" -mp "$mp" -m "$n" -l "$n" -r "$RATE" -d "$BOOT_MS" \
-			-key domain "$DOMAIN" -key chost "$chost" -key ua "$ua" -key pw "$PHONE_PASSWORD" \
-			-key expires 3600 -trace_logs -log_file "$DIR/sipp/$g.log" \
-			-trace_err -error_file "$DIR/sipp/$g.err" -bg "127.0.0.1:$SIP_PORT" \
-			9>&- </dev/null >"$DIR/sipp/$g.out" 2>&1) || true
-		out=$(cat "$DIR/sipp/$g.out")
-		pid=$(sed -n 's/.*PID=\[\([0-9]*\)\].*/\1/p' <<<"$out")
-		[ -n "$pid" ] || die "sipp for $g did not start: $out"
-		echo "$pid" >"$DIR/run/sipp-$g.pid"
-		echo "$g $port $pid $n" >>"$DIR/run/sipp.groups"
+		start_sipp_group "$g" "$g"
 	done
+}
+
+# start_sipp_group GROUP NAME: the SIPp of GROUP's phones ($DIR/sipp/GROUP.csv) on fresh ports,
+# logging to $DIR/sipp/NAME.{log,err,out}; sets SIPP_PORT to its SIP port. Under the ports lock.
+start_sipp_group() {
+	local g=$1 name=$2 vendor beh n port cp mp ua nat chost out pid
+	vendor=${g%-*}
+	beh=${g##*-}
+	n=$(($(wc -l <"$DIR/sipp/$g.csv") - 1))
+	# awk reads the file itself: behind `tail |`, its early exit could kill tail with
+	# SIGPIPE, which pipefail turns into a failed `up` (seen with 200 phones).
+	ua=$(awk -F, -v v="$vendor" 'NR > 1 && $2 == v {print $7; exit}' "$DIR/phones.csv")
+	nat=$(awk -F, -v v="$vendor" 'NR > 1 && $2 == v {print $6; exit}' "$DIR/phones.csv")
+	pick_port port
+	pick_port cp
+	pick_port mp 4
+	# A NATed phone advertises a private address it cannot be reached
+	# at; only the source address Kamailio saw (Received) reaches it.
+	if [ "$nat" = 1 ]; then chost=192.168.77.10:5060; else chost=127.0.0.1:$port; fi
+	# -bg: sipp forks, prints the pid of the running copy and returns.
+	(cd "$DIR/sipp" && setsid sipp -sf "$LAB_HOME/sipp/register.xml" \
+		-oocsf "$LAB_HOME/sipp/notify_$beh.xml" -inf "$DIR/sipp/$g.csv" \
+		-i 127.0.0.1 -p "$port" -cp "$cp" -mp "$mp" -m "$n" -l "$n" -r "$RATE" -d "$BOOT_MS" \
+		-key domain "$DOMAIN" -key chost "$chost" -key ua "$ua" -key pw "$PHONE_PASSWORD" \
+		-key expires 3600 -trace_logs -log_file "$DIR/sipp/$name.log" \
+		-trace_err -error_file "$DIR/sipp/$name.err" -bg "127.0.0.1:$SIP_PORT" \
+		9>&- </dev/null >"$DIR/sipp/$name.out" 2>&1) || true
+	out=$(cat "$DIR/sipp/$name.out")
+	pid=$(sed -n 's/.*PID=\[\([0-9]*\)\].*/\1/p' <<<"$out")
+	[ -n "$pid" ] || die "sipp for $g did not start: $out"
+	echo "$pid" >"$DIR/run/sipp-$g.pid"
+	echo "$g $port $pid $n" >>"$DIR/run/sipp.groups"
+	SIPP_PORT=$port
 }
 
 wait_registered() {
@@ -714,6 +726,55 @@ cmd_notify() {
 	echo
 }
 
+# ------------------------------------------------------------- phone-move --
+
+# A phone that moves: the SIPp of EXT's group (its vendor and behaviour) is stopped and started
+# again on new ports with the same credentials, logging to DIR/sipp/<group>.moved<N>.log; waits
+# until EXT's binding shows the new port and prints it. A NATed phone keeps its Contact (the
+# binding is updated: new Received and Call-ID); another phone's Contact names its port, so it
+# gets a second binding beside the stale one (unless --drop-old: ul.rm first, as a phone that
+# unregisters before it moves).
+cmd_phone_move() {
+	local ext="" drop=0 g k pid i c e
+	while [ $# -gt 0 ]; do
+		case "$1" in
+		--ext) ext=$2; shift 2 ;;
+		--drop-old) drop=1; shift ;;
+		*) die "phone-move: unknown option $1" ;;
+		esac
+	done
+	[ -n "$ext" ] || die "phone-move: --ext is required"
+	load_env
+	g=$(awk -F, -v e="$ext" 'NR > 1 && $1 == e {print $2"-"$5}' "$DIR/phones.csv")
+	[ -n "$g" ] || die "phone-move: $ext is not a lab phone"
+	pid=$(cat "$DIR/run/sipp-$g.pid" 2>/dev/null || true)
+	if ours "$pid" sipp; then stop_pid sipp "$pid"; fi
+	if [ $drop -eq 1 ]; then
+		for e in $(tail -n +2 "$DIR/sipp/$g.csv"); do
+			rpc_call "$LAB_RPC_URL" ul.rm location "$e@$LAB_DOMAIN" >/dev/null
+		done
+	fi
+	DOMAIN=$LAB_DOMAIN BOOT_MS=$LAB_BOOT_MS PHONE_PASSWORD=$LAB_PHONE_PASSWORD
+	SIP_PORT=$LAB_SIP_PORT RATE=50
+	k=$(find "$DIR/sipp" -name "$g.moved*.log" | wc -l)
+	exec 9>/tmp/pbx-lab-ports.lock
+	flock 9
+	PICKED=" $(awk '{print $2}' "$DIR/run/sipp.groups" | tr '\n' ' ')"
+	start_sipp_group "$g" "$g.moved$((k + 1))"
+	flock -u 9
+	for ((i = 0; i < 100; i++)); do
+		c=$(rpc_call "$LAB_RPC_URL" ul.lookup location "$ext@$LAB_DOMAIN" 2>/dev/null || true)
+		if jq -e --arg p ":$SIPP_PORT" \
+			'[.result.Contacts[]?.Contact | (.Received // ""), (.Address // "") | select(endswith($p))] | length > 0' \
+			<<<"$c" >/dev/null 2>&1; then
+			echo "$SIPP_PORT"
+			return 0
+		fi
+		sleep 0.1
+	done
+	die "phone-move: $ext did not register from port $SIPP_PORT; see $DIR/sipp/$g.moved$((k + 1)).err"
+}
+
 cmd_rpc() {
 	[ $# -ge 1 ] || die "rpc: METHOD required"
 	load_env
@@ -792,7 +853,7 @@ main() {
 	install) cmd_install ;;
 	up) cmd_up "$@" ;;
 	-h | --help | help) usage ;;
-	down | notify-counts | notify-times | notify | rpc | sip-register | db-stop | db-start)
+	down | notify-counts | notify-times | notify | rpc | sip-register | phone-move | db-stop | db-start)
 		DIR=""
 		local rest=()
 		while [ $# -gt 0 ]; do
@@ -808,6 +869,7 @@ main() {
 		notify) cmd_notify "${rest[@]}" ;;
 		rpc) cmd_rpc "${rest[@]}" ;;
 		sip-register) cmd_sip_register "${rest[@]}" ;;
+		phone-move) cmd_phone_move "${rest[@]}" ;;
 		db-stop) cmd_db stop ;;
 		db-start) cmd_db start ;;
 		esac

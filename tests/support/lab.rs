@@ -183,6 +183,35 @@ impl Lab {
             .unwrap_or(0)
     }
 
+    /// Moves phone `extension` (with the rest of its SIPp group): its SIPp stopped and started
+    /// again on new ports with the same credentials, logging to `sipp/<group>.moved<N>.log`;
+    /// returns once the registrar shows the new port, and the port.
+    pub fn move_phone(&self, extension: &str) -> u16 {
+        let dir = self.dir.to_string_lossy().into_owned();
+        let out = self.run(&["phone-move", "--dir", &dir, "--ext", extension]);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("lab.sh phone-move printed {out:?}"))
+    }
+
+    /// The NOTIFY lines of one SIPp log (`sipp/<name>.log`): (extension, Call-ID) of each, UDP
+    /// retransmissions once.
+    pub fn notifies_logged(&self, name: &str) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(self.dir.join("sipp").join(format!("{name}.log")))
+            .unwrap_or_default();
+        let mut out: Vec<(String, String)> = Vec::new();
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(1) == Some(&"NOTIFY") && fields.len() > 3 {
+                let n = (fields[2].to_string(), fields[3].to_string());
+                if !out.contains(&n) {
+                    out.push(n);
+                }
+            }
+        }
+        out
+    }
+
     /// Stops (false) or starts (true) the lab's PostgreSQL or MariaDB, keeping its data.
     pub fn database(&self, up: bool) {
         let dir = self.dir.to_string_lossy().into_owned();

@@ -16,8 +16,8 @@ use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 use super::schema::{self, Storage, TWO_FACTOR_ATTRIBUTE};
 use crate::pbx::directory::Directory;
 use crate::pbx::{
-    ActionOutcome, FieldWrite, NewValue, PbxError, Phone, PhoneField, Policies, Result, Secret,
-    User, UserAction, UserChange, UserField, UserRead, UserSelection, WriteOutcome,
+    ActionOutcome, FieldWrite, NewValue, PbxError, Phone, PhoneField, Policies, Registration,
+    Result, Secret, User, UserAction, UserChange, UserField, UserRead, UserSelection, WriteOutcome,
 };
 
 #[path = "ledger.rs"]
@@ -256,6 +256,16 @@ impl Db {
 
     pub async fn count_users(&self) -> Result<u64> {
         let row = sqlx::query(self.sql("SELECT COUNT(*) FROM subscriber WHERE domain = $1"))
+            .bind(&self.domain)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(int(&row, 0).map_err(|e| self.err(e))? as u64)
+    }
+
+    /// Bindings of the tenant in usrloc's `location` table (`db_mode` 1: those ul.dump lists).
+    pub async fn count_registrations(&self) -> Result<u64> {
+        let row = sqlx::query(self.sql("SELECT COUNT(*) FROM location WHERE domain = $1"))
             .bind(&self.domain)
             .fetch_one(&self.pool)
             .await
@@ -1127,6 +1137,42 @@ impl Db {
             }
         }
         Ok(phones)
+    }
+
+    /// The bindings of `extensions` in usrloc's `location` table, as ul.lookup shows them
+    /// (usrloc `db_mode` 1 writes through, so the table is current). `last_modified` is in Unix
+    /// seconds of the table's own clock (Kamailio writes its local time): compare it only with
+    /// values read here.
+    pub async fn registrations_of(&self, extensions: &[String]) -> Result<Vec<Registration>> {
+        let modified = match self.dialect {
+            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM last_modified) AS BIGINT)",
+            Dialect::MySql => "CAST(UNIX_TIMESTAMP(last_modified) AS SIGNED)",
+            // db_sqlite stores a Julian day number; strftime reads that and text dates alike.
+            Dialect::Sqlite => "CAST(strftime('%s', last_modified) AS INTEGER)",
+        };
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(extensions.len());
+        for chunk in extensions.chunks(CHUNK) {
+            let q = format!(
+                "SELECT username, contact, received, socket, callid, user_agent, {modified} FROM location WHERE domain = $1 AND username IN ({})",
+                placeholders(2, chunk.len())
+            );
+            for row in self.fetch_in(&mut conn, &q, chunk).await? {
+                let text = |i| text(&row, i).map_err(|e| self.err(e));
+                let some = |s: String| (!s.is_empty() && s != "[not set]").then_some(s);
+                out.push(Registration {
+                    extension: text(0)?,
+                    contact: text(1)?,
+                    received: some(text(2)?),
+                    socket: some(text(3)?),
+                    call_id: text(4)?,
+                    user_agent: text(5)?,
+                    last_modified: int(&row, 6).unwrap_or(0),
+                    expires: 0,
+                });
+            }
+        }
+        Ok(out)
     }
 
     pub async fn apply_phone_changes(
