@@ -14,6 +14,7 @@
 //!
 //! Run: `cargo bench --bench operator` (BENCH_USERS, BENCH_PHONES, BENCH_PHONES_SMALL,
 //! BENCH_SILENT_PHONES, BENCH_LOOP_PHONES,
+//! BENCH_SHARED_RATE_PHONES (two restarts of that many phones each under a shared 200/s),
 //! BENCH_CSV_ROWS override sizes; 0 skips a part; BENCH_PHONE_CHANGE=0 skips the
 //! BulkPhoneChange). Only the phones at 2,000:
 //! `BENCH_USERS=0 BENCH_CSV_ROWS=0 BENCH_PHONES_SMALL=0 cargo bench --bench operator`.
@@ -575,6 +576,110 @@ async fn confirmed_at(
     (out, others)
 }
 
+/// Two PhoneRestarts of `each` phones at once on a connection limited to `limit` NOTIFYs/s,
+/// each restart allowed `own`/s by its rollout (together more than the limit): the rate across
+/// both measured at the phones (SIPp's log of each NOTIFY's arrival) while both ran, and each
+/// restart's most NOTIFYs within one second.
+async fn shared_rate(each: usize, limit: u32, own: usize) {
+    let env = Env::start_full(
+        "bench-rate",
+        LabSpec {
+            db: "postgres",
+            users: 2 * each,
+            phones: 2 * each,
+            ..Default::default()
+        },
+        &["--boot-ms", "300"],
+        false,
+        &[],
+    )
+    .await;
+    let conns: Api<pbx_operator::api::PbxConnection> = Api::namespaced(env.client.clone(), &env.ns);
+    conns
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+                "spec": { "rateLimits": { "notifiesPerSecond": limit } }
+            })),
+        )
+        .await
+        .unwrap();
+    let phones = env.lab.list("LAB_PHONES_REBOOT");
+    let restart = |name: &str, exts: &[String]| {
+        format!(
+            "apiVersion: pbx-operator.io/v1alpha1\nkind: PhoneRestart\nmetadata: {{ name: {name} }}\nspec:\n  connectionRef: {{ name: acme }}\n  targets: {{ extensions: [{}] }}\n  rollout: {{ maxInFlight: 500, perSecond: {own} }}\n  confirm: {{ timeout: 30s }}\n",
+            exts.iter()
+                .map(|e| format!("\"{e}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    env.apply(&format!(
+        "{}---\n{}",
+        restart("first", &phones[..each]),
+        restart("second", &phones[each..])
+    ));
+    let api: Api<PhoneRestart> = Api::namespaced(env.client.clone(), &env.ns);
+    for name in ["first", "second"] {
+        support::eventually(
+            Duration::from_secs(600),
+            "the restarts to finish",
+            || async {
+                let p = api.get(name).await.ok()?;
+                matches!(
+                    p.status.as_ref()?.phase,
+                    Phase::Succeeded | Phase::PartiallyFailed | Phase::Failed
+                )
+                .then_some(())
+            },
+        )
+        .await;
+    }
+    let times = env.lab.notify_times();
+    let of = |first: bool| -> Vec<f64> {
+        times
+            .iter()
+            .filter(|(_, e)| phones[..each].contains(e) == first)
+            .map(|(t, _)| *t)
+            .collect()
+    };
+    let (a, b) = (of(true), of(false));
+    let (from, to) = (a[0].max(b[0]), a[a.len() - 1].min(b[b.len() - 1]));
+    let together = times.iter().filter(|(t, _)| *t >= from && *t <= to).count();
+    let rate = together.saturating_sub(1) as f64 / (to - from);
+    let most_in_a_second = |ts: &[f64]| {
+        ts.iter()
+            .map(|start| {
+                ts.iter()
+                    .filter(|t| **t >= *start && **t < start + 1.0)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    println!(
+        "\nTwo PhoneRestarts of {each} phones at once, rateLimits.notifiesPerSecond {limit}, each perSecond {own}, PostgreSQL (debug={})",
+        cfg!(debug_assertions)
+    );
+    println!(
+        "  NOTIFYs at the phones while both ran ({together} in {:.1} s) {:>8.1} /s (target {limit} +- 5%: {:.0}..{:.0})",
+        to - from,
+        rate,
+        limit as f64 * 0.95,
+        limit as f64 * 1.05
+    );
+    println!(
+        "  most NOTIFYs of one restart within a second    first {}, second {} (perSecond {own})",
+        most_in_a_second(&a),
+        most_in_a_second(&b)
+    );
+    println!(
+        "  NOTIFYs in all                                 {:>8}",
+        times.len()
+    );
+}
+
 async fn csv_change(rows: usize) {
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -737,6 +842,10 @@ async fn main() {
     if phones > 0 {
         let change = env_usize("BENCH_PHONE_CHANGE", 1) > 0;
         phone_restart(phones, silent, env_usize("BENCH_LOOP_PHONES", 100), change).await;
+    }
+    let shared = env_usize("BENCH_SHARED_RATE_PHONES", 1000);
+    if shared > 0 {
+        shared_rate(shared, 200, 150).await;
     }
     let csv_rows = env_usize("BENCH_CSV_ROWS", 20_000);
     if csv_rows > 0 {
