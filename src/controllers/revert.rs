@@ -10,7 +10,7 @@ use super::run::RunKind;
 use super::run::{Run, unfinished};
 use super::{Context, Error};
 use crate::api::{BulkPhoneChange, BulkUserChange, OperationStatus, Phase, Plan, UserRecycle};
-use crate::pbx::{PbxBackend, User, UserSelection};
+use crate::pbx::{PbxBackend, UserSelection};
 use crate::plan::revert::{self, RevertPlan, Snapshots};
 use crate::plan::stored::{Row, StepKind, StepState};
 use crate::plan::user_change::PlannedRows;
@@ -56,25 +56,6 @@ async fn snapshots_of(
     Ok(snapshots)
 }
 
-async fn users_now(
-    backend: &dyn PbxBackend,
-    extensions: Vec<String>,
-) -> Result<BTreeMap<String, User>, Error> {
-    if extensions.is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    Ok(backend
-        .read_users(&UserSelection {
-            groups: vec![],
-            extensions,
-        })
-        .await?
-        .users
-        .into_iter()
-        .map(|u| (u.extension.clone(), u))
-        .collect())
-}
-
 fn status_plan(planned: &RevertPlan, generation: i64, spec_hash: &str) -> Plan {
     Plan {
         hash: planned.hash.clone(),
@@ -103,7 +84,7 @@ pub(crate) async fn plan_user_revert(
     spec_hash: &str,
 ) -> Result<(PlannedRows, Plan), Error> {
     let original = original::<BulkUserChange>(ctx, buc, name).await?;
-    let current = users_now(backend, revert::targets(&original)).await?;
+    let current = crate::pbx::users_by_extension(backend, revert::targets(&original)).await?;
     let removed: Vec<String> = original
         .iter()
         .filter(|r| {
@@ -130,7 +111,7 @@ pub(crate) async fn plan_recycle_revert(
 ) -> Result<(Vec<Row>, Plan), Error> {
     let original = original::<UserRecycle>(ctx, urc, name).await?;
     let targets = revert::recycled(&original);
-    let current = users_now(backend, targets.clone()).await?;
+    let current = crate::pbx::users_by_extension(backend, targets.clone()).await?;
     let snapshots = snapshots_of(backend, &original, &targets).await?;
     let planned = revert::plan_recycle_revert(name, &original, &current, &snapshots, kept);
     // A UserRecycle's plan pins no spec hash: it has no Validate and approve.

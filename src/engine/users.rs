@@ -18,7 +18,7 @@ use crate::mail;
 use crate::pbx::directory::Move;
 use crate::pbx::{
     ActionOutcome, FieldWrite, NewValue, PbxBackend, Secret, User, UserAction, UserChange,
-    UserField, UserSelection, WriteOutcome,
+    UserField, WriteOutcome,
 };
 use crate::plan::stored::Row;
 use crate::plan::stored::{StepKind, StepState, user_steps};
@@ -88,17 +88,7 @@ impl Executor for UserExec<'_> {
             .map(|&(b, i)| batches[b].rows[i].target.clone())
             .filter(|t| !t.is_empty())
             .collect();
-        let current: BTreeMap<String, User> = self
-            .backend
-            .read_users(&UserSelection {
-                groups: vec![],
-                extensions,
-            })
-            .await?
-            .users
-            .into_iter()
-            .map(|u| (u.extension.clone(), u))
-            .collect();
+        let current = crate::pbx::users_by_extension(self.backend, extensions).await?;
         self.gone(batches, &work, &current, &redo);
         self.write(batches, &work, &current, &redo).await?;
         if (self.stopping)() {

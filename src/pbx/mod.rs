@@ -257,6 +257,27 @@ pub trait PbxBackend: Send + Sync {
     }
 }
 
+/// The users of `extensions` that exist, by extension (none read for an empty list).
+pub async fn users_by_extension(
+    backend: &dyn PbxBackend,
+    extensions: Vec<String>,
+) -> Result<std::collections::BTreeMap<String, User>> {
+    if extensions.is_empty() {
+        return Ok(Default::default());
+    }
+    let read = backend
+        .read_users(&UserSelection {
+            groups: vec![],
+            extensions,
+        })
+        .await?;
+    Ok(read
+        .users
+        .into_iter()
+        .map(|u| (u.extension.clone(), u))
+        .collect())
+}
+
 fn no_ledger() -> PbxError {
     PbxError::Database(
         "this backend keeps no run ledger; use a backend that has one (Kamailio)".into(),

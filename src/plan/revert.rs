@@ -168,15 +168,22 @@ pub fn plan_revert(
         rows.push(revert_row(name, r, current.get(&r.target), snapshots));
     }
     rows.sort_by(|a, b| crate::pbx::extension_order(&a.target, &b.target));
-    let changes = rows
-        .iter()
-        .filter(|r| r.outcome == Outcome::Planned)
-        .count();
-    let hash = hash("BulkUserChange", name, &rows);
-    RevertPlan {
-        rows,
-        hash,
-        changes,
+    RevertPlan::new("BulkUserChange", name, rows)
+}
+
+impl RevertPlan {
+    /// The plan of the revert of `kind` `name` from its rows: what it would write, and its hash.
+    fn new(kind: &str, name: &str, rows: Vec<Row>) -> RevertPlan {
+        let changes = rows
+            .iter()
+            .filter(|r| r.outcome == Outcome::Planned)
+            .count();
+        let hash = hash(kind, name, &rows);
+        RevertPlan {
+            rows,
+            hash,
+            changes,
+        }
     }
 }
 
@@ -467,16 +474,7 @@ pub fn plan_phone_revert(
         }
         rows.push(row);
     }
-    let changes = rows
-        .iter()
-        .filter(|r| r.outcome == Outcome::Planned)
-        .count();
-    let hash = hash("BulkPhoneChange", name, &rows);
-    RevertPlan {
-        rows,
-        hash,
-        changes,
-    }
+    RevertPlan::new("BulkPhoneChange", name, rows)
 }
 
 /// The identity fields a revert of a recycle compares against what the recycle left.
@@ -588,16 +586,7 @@ pub fn plan_recycle_revert(
         rows.push(row);
     }
     rows.sort_by(|a, b| crate::pbx::extension_order(&a.target, &b.target));
-    let changes = rows
-        .iter()
-        .filter(|r| r.outcome == Outcome::Planned)
-        .count();
-    let hash = hash("UserRecycle", name, &rows);
-    RevertPlan {
-        rows,
-        hash,
-        changes,
-    }
+    RevertPlan::new("UserRecycle", name, rows)
 }
 
 #[cfg(test)]
