@@ -211,6 +211,12 @@ impl RecycleExec<'_> {
             } else {
                 StepState::Skipped
             };
+            // What takes the user away is preceded by a snapshot: where it goes is recorded
+            // with the intent (the revert reads it in the row).
+            let takes_away = matches!(kind, StepKind::Reset | StepKind::Recycle);
+            if ready && takes_away && row.snapshot_run.is_none() {
+                row.snapshot_run = Some(self.run_key.to_string());
+            }
             batch.dirty = true;
         }
         self.save(batches).await?;
@@ -266,18 +272,12 @@ impl RecycleExec<'_> {
 
     /// Kept before the first step that takes anything of the users away (a snapshot already
     /// kept by this run stays: it is the state before the run), so a revert can bring it back.
-    /// The run it goes under is recorded in the row first: the revert reads it there.
-    async fn keep_snapshots(&self, batches: &mut [Batch], due: &[At]) -> Result<(), Error> {
-        let mut extensions = Vec::with_capacity(due.len());
-        for &(b, i) in due {
-            let row = &mut batches[b].rows[i];
-            extensions.push(row.target.clone());
-            if row.snapshot_run.is_none() {
-                row.snapshot_run = Some(self.run_key.to_string());
-                batches[b].dirty = true;
-            }
-        }
-        self.save(batches).await?;
+    /// The run it goes under was recorded in the row with the step's intent ([`Self::intend`]).
+    async fn keep_snapshots(&self, batches: &[Batch], due: &[At]) -> Result<(), Error> {
+        let extensions: Vec<String> = due
+            .iter()
+            .map(|&(b, i)| batches[b].rows[i].target.clone())
+            .collect();
         Ok(self
             .backend
             .keep_snapshots(self.run_key, &extensions)
