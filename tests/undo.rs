@@ -309,22 +309,13 @@ spec:
   revertOf: { name: everyone }
 "#,
     );
-    let seed = support::crash_seed();
-    let kills = env
-        .kill_mid_run(
-            "everyone-revert",
-            KILLS,
-            Duration::from_millis(700),
-            seed,
-            CALL_GROUP_9,
-        )
-        .await;
-    eprintln!("SIGKILLs: {kills:#?}");
-    assert_eq!(
-        kills.iter().filter(|k| k.landed_mid_run).count(),
+    env.kill_mid_run_every_time(
+        "everyone-revert",
         KILLS,
-        "every SIGKILL must interrupt the running revert: {kills:#?}"
-    );
+        Duration::from_millis(700),
+        CALL_GROUP_9,
+    )
+    .await;
     let b = env
         .wait_buc_for("everyone-revert", DONE, Duration::from_secs(300))
         .await;
@@ -869,22 +860,13 @@ spec:
   revertOf: { name: all-gone }
 "#,
     );
-    let seed = support::crash_seed();
-    let kills = env
-        .kill_mid_run(
-            "all-back",
-            KILLS,
-            Duration::from_millis(700),
-            seed,
-            "SELECT COUNT(*) FROM subscriber",
-        )
-        .await;
-    eprintln!("SIGKILLs: {kills:#?}");
-    assert_eq!(
-        kills.iter().filter(|k| k.landed_mid_run).count(),
+    env.kill_mid_run_every_time(
+        "all-back",
         KILLS,
-        "every SIGKILL must interrupt the running revert: {kills:#?}"
-    );
+        Duration::from_millis(700),
+        "SELECT COUNT(*) FROM subscriber",
+    )
+    .await;
     let b = env
         .wait_buc_for("all-back", DONE, Duration::from_secs(300))
         .await;

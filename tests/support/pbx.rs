@@ -227,6 +227,29 @@ spec:
         out
     }
 
+    /// [`Env::kill_mid_run`] `kills` times at moments seeded by [`super::crash_seed`] (printed
+    /// for a replay), asserting that every kill interrupted the running change `name`: a crash
+    /// test whose change finished before its kills proves nothing.
+    pub async fn kill_mid_run_every_time(
+        &mut self,
+        name: &str,
+        kills: usize,
+        jitter: Duration,
+        sql_progress: &str,
+    ) -> Vec<Kill> {
+        let seed = super::crash_seed();
+        let out = self
+            .kill_mid_run(name, kills, jitter, seed, sql_progress)
+            .await;
+        eprintln!("SIGKILLs (seed {seed}): {out:#?}");
+        assert_eq!(
+            out.iter().filter(|k| k.landed_mid_run).count(),
+            kills,
+            "every SIGKILL must interrupt the running {name} (make it bigger if it finished first): {out:#?}"
+        );
+        out
+    }
+
     /// Waits until BulkUserChange `name` has seen its latest generation and is in one of `phases`.
     pub async fn wait_buc(&self, name: &str, phases: &[Phase]) -> BulkUserChange {
         self.wait_buc_for(name, phases, Duration::from_secs(90))
