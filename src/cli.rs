@@ -335,11 +335,7 @@ pub async fn print_results(args: &ResultsArgs) -> Result<(), CliError> {
     let mut parts = Vec::new();
     for r in &refs {
         let cm = cms.get(r).await?;
-        parts.push(
-            cm.data
-                .and_then(|mut d| d.remove("results.csv"))
-                .unwrap_or_default(),
-        );
+        parts.push(crate::controllers::results_store::csv_text(&cm).unwrap_or_default());
     }
     let csv = crate::engine::results::join_csv(parts.iter().map(String::as_str));
     let mut out = std::io::stdout().lock();

@@ -378,7 +378,7 @@ async fn restore<K: RunKind>(
 }
 
 /// A run starts executing: its entry, with its journal as stored, goes into the ledger before
-/// any side effect (one transaction), and status names it.
+/// any side effect, and status names it.
 pub(crate) async fn begin<K: RunKind>(
     run: &Run<'_, K>,
     status: &mut OperationStatus<K::Summary>,
@@ -386,10 +386,6 @@ pub(crate) async fn begin<K: RunKind>(
     let obj = run.obj;
     let backend = backend(run).await?;
     let batches = status.progress.as_ref().map(|p| p.batches).unwrap_or(0) as usize;
-    let mut texts = Vec::with_capacity(batches);
-    for index in 0..batches {
-        texts.push(stored::to_jsonl(&run.store.read(index).await?));
-    }
     let plan = status.plan.clone().unwrap_or_default();
     let entry = LedgerEntry {
         id: hex::encode(rand::random::<[u8; 8]>()),
@@ -405,7 +401,13 @@ pub(crate) async fn begin<K: RunKind>(
         batches: batches as u32,
         ..Default::default()
     };
-    backend.ledger_begin(&entry, &texts).await?;
+    // One batch in memory at a time; the entry last, so a ledger never holds a run whose
+    // journal it lacks.
+    for index in 0..batches {
+        let text = stored::to_jsonl(&run.store.read(index).await?);
+        backend.ledger_record(&entry.id, index, &text).await?;
+    }
+    backend.ledger_begin(&entry, &[]).await?;
     status.ledger = Some(reference(&entry, false));
     let _ = run.ledger.set(Attached {
         id: entry.id,

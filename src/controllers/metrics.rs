@@ -222,6 +222,10 @@ impl PbxBackend for Timed<'_> {
         let call = self.inner.read_user_fields(s, fields);
         self.metrics.pbx_call("read_users", call).await
     }
+    async fn select_users(&self, s: &UserSelection) -> pbx::Result<pbx::Selected> {
+        let call = self.inner.select_users(s);
+        self.metrics.pbx_call("select_users", call).await
+    }
     async fn extensions(&self) -> pbx::Result<Vec<String>> {
         self.metrics
             .pbx_call("extensions", self.inner.extensions())

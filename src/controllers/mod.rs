@@ -17,7 +17,7 @@ pub mod metrics;
 mod ordering;
 pub mod phone_change;
 pub mod phone_restart;
-mod results_store;
+pub mod results_store;
 mod revert;
 mod run;
 mod server;

@@ -66,6 +66,46 @@ pub(crate) struct StoredPlan {
     pub digest: Digest,
 }
 
+/// A plan being stored, a chunk at a time (see [`Run::plan_writer`]).
+pub(crate) struct PlanWriter<'r, 'a, K: RunKind> {
+    run: &'r Run<'a, K>,
+    chunker: stored::Chunker,
+    out: StoredPlan,
+}
+
+impl<K: RunKind> PlanWriter<'_, '_, K> {
+    pub async fn push(&mut self, row: Row) -> Result<(), Error> {
+        if let Some(chunk) = self.chunker.push(row) {
+            self.store_chunk(&chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Stores the last chunk (an empty plan stores one empty batch) and prunes what an
+    /// earlier, longer plan left.
+    pub async fn finish(mut self) -> Result<StoredPlan, Error> {
+        let last = std::mem::take(&mut self.chunker).finish();
+        if !last.is_empty() || self.out.refs.is_empty() {
+            self.store_chunk(&last).await?;
+        }
+        self.run.store.prune(self.out.refs.len()).await?;
+        Ok(self.out)
+    }
+
+    async fn store_chunk(&mut self, chunk: &[Row]) -> Result<(), Error> {
+        let index = self.out.refs.len();
+        let name = self
+            .run
+            .store
+            .write_with(index, chunk, self.run.header.as_deref())
+            .await?;
+        self.out.refs.push(name);
+        self.out.digests.push(stored::plan_digest(chunk));
+        self.out.digest.merge(Digest::of(chunk));
+        Ok(())
+    }
+}
+
 /// One resource's run: its results ConfigMaps are the engine's journal.
 pub(crate) struct Run<'a, K: RunKind> {
     pub ctx: &'a Context,
@@ -119,35 +159,24 @@ impl<'a, K: RunKind> Run<'a, K> {
     /// Stores planned rows as they come, a chunk at a time (no run is in memory as a whole),
     /// records each batch's digest, and removes result ConfigMaps of an earlier, longer run.
     pub async fn store_plan(&self, rows: impl Iterator<Item = Row>) -> Result<StoredPlan, Error> {
-        let mut chunker = stored::Chunker::default();
-        let mut out = StoredPlan {
-            refs: vec![],
-            digests: vec![],
-            digest: Digest::default(),
-        };
+        let mut writer = self.plan_writer();
         for row in rows {
-            if let Some(chunk) = chunker.push(row) {
-                self.store_chunk(&mut out, &chunk).await?;
-            }
+            writer.push(row).await?;
         }
-        let last = chunker.finish();
-        if !last.is_empty() || out.refs.is_empty() {
-            self.store_chunk(&mut out, &last).await?;
-        }
-        self.store.prune(out.refs.len()).await?;
-        Ok(out)
+        writer.finish().await
     }
 
-    async fn store_chunk(&self, out: &mut StoredPlan, chunk: &[Row]) -> Result<(), Error> {
-        let index = out.refs.len();
-        out.refs.push(
-            self.store
-                .write_with(index, chunk, self.header.as_deref())
-                .await?,
-        );
-        out.digests.push(stored::plan_digest(chunk));
-        out.digest.merge(Digest::of(chunk));
-        Ok(())
+    /// Stores rows pushed one at a time, as [`Run::store_plan`] does.
+    pub fn plan_writer(&self) -> PlanWriter<'_, 'a, K> {
+        PlanWriter {
+            run: self,
+            chunker: stored::Chunker::default(),
+            out: StoredPlan {
+                refs: vec![],
+                digests: vec![],
+                digest: Digest::default(),
+            },
+        }
     }
 
     /// The status of a run starting from a plan just stored: its rows so far (counts and the

@@ -14,20 +14,20 @@ use super::csv_source;
 use super::ledger::Gate;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
-use super::run::{self, Run, RunKind};
+use super::run::{self, Run, RunKind, StoredPlan};
 use super::{Context, Error};
 use crate::api::{
     BulkUserChange, BulkUserChangeSpec, FailurePolicy, Mode, OperationStatus, Phase, Plan, Policy,
     Summary, parse_duration,
 };
 use crate::engine::outbox::Outbox;
-use crate::engine::planning::{self, UserRequest};
+use crate::engine::planning::{self, Planned, UserPlanner, UserRequest};
 use crate::engine::results::{self, Digest as Counts};
 use crate::engine::users::UserExec;
 use crate::pbx::{PbxBackend, Secret, UserField};
 use crate::plan::selection::Selector;
 use crate::plan::stored::{Row, StepKind};
-use crate::plan::user_change::{self as request, PlannedRows};
+use crate::plan::user_change as request;
 use crate::plan::users::{self as user_plan, Intent, Wanted};
 use kube::{
     ResourceExt,
@@ -174,7 +174,15 @@ impl Change<'_> {
                 Err(e) => return run.blocked(status, &e).await,
             }
         }
-        let (rows, plan) = match self.plan(backend.as_ref(), &intent, kept, &spec_hash).await {
+        let timed = Timed {
+            inner: backend.as_ref(),
+            metrics: &self.ctx.metrics,
+        };
+        let stored = match self.plan(&timed, &intent, kept, &spec_hash).await {
+            Ok(planned) => self.store(planned).await,
+            Err(e) => Err(e),
+        };
+        let (mut plan, stored) = match stored {
             Ok(p) => p,
             Err(e) => return run.blocked(status, &e).await,
         };
@@ -184,14 +192,16 @@ impl Change<'_> {
                     approved: approved.clone(),
                     current: plan.hash.clone(),
                 };
+                // The rows stored are the plan that was refused: shown, never executed.
                 let mut status = status;
+                plan.batch_digests = stored.digests;
                 status.plan = Some(plan);
+                status.results_refs = stored.refs;
                 status.phase = Phase::Failed;
                 return run.blocked(status, &err).await;
             }
         }
         let run = self.run(Some(&plan));
-        let stored = run.store_plan(rows.into_rows()).await?;
         let batches = stored.refs.len();
         let validate = self.spec().mode == Mode::Validate;
         let progress = self
@@ -367,13 +377,29 @@ impl Change<'_> {
             let (_, backend) = self.backend().await?;
             let intent = self.intent().await?;
             let hash = user_plan::with_secret_references(&request::spec_hash(self.spec()), &intent);
-            self.plan(backend.as_ref(), &intent, None, &hash).await
+            let timed = Timed {
+                inner: backend.as_ref(),
+                metrics: &self.ctx.metrics,
+            };
+            let mut drifted = Vec::new();
+            let plan = match self.plan(&timed, &intent, None, &hash).await? {
+                Planned::Rows(rows, plan) => {
+                    drifted.extend(rows.into_rows().filter_map(drift_repair));
+                    plan
+                }
+                Planned::Users(mut planner) => {
+                    while let Some(rows) = planner.next_chunk().await? {
+                        drifted.extend(rows.into_iter().filter_map(drift_repair));
+                    }
+                    planner.finish()
+                }
+            };
+            Ok::<_, Error>((drifted, plan))
         };
-        let (rows, mut plan) = match planned.await {
+        let (drifted, mut plan) = match planned.await {
             Ok(p) => p,
             Err(e) => return run.blocked(status, &e).await,
         };
-        let drifted: Vec<Row> = rows.into_rows().filter_map(drift_repair).collect();
         if drifted.is_empty() {
             status.last_checked_time = Some(conditions::now());
             run.write_status(&status).await?;
@@ -419,28 +445,25 @@ impl Change<'_> {
     }
 
     /// Reads the targets (or the CSV) and plans their rows. `kept`: a retry's earlier rows.
-    async fn plan(
-        &self,
-        backend: &dyn PbxBackend,
-        intent: &Intent,
+    async fn plan<'p>(
+        &'p self,
+        backend: &'p dyn PbxBackend,
+        intent: &'p Intent,
         kept: Option<Vec<Row>>,
-        spec_hash: &str,
-    ) -> Result<(PlannedRows, Plan), Error> {
+        spec_hash: &'p str,
+    ) -> Result<Planned<'p>, Error> {
         let spec = self.spec();
-        let backend = Timed {
-            inner: backend,
-            metrics: &self.ctx.metrics,
-        };
         if let Some(of) = &spec.revert_of {
             let kept = kept
                 .unwrap_or_default()
                 .iter()
                 .filter_map(crate::engine::steps::kept_by_retry)
                 .collect();
-            return super::revert::plan_user_revert(
-                self.ctx, self.buc, &of.name, &backend, kept, spec_hash,
+            let (rows, plan) = super::revert::plan_user_revert(
+                self.ctx, self.buc, &of.name, backend, kept, spec_hash,
             )
-            .await;
+            .await?;
+            return Ok(Planned::Rows(rows, plan));
         }
         let req = UserRequest {
             intent,
@@ -453,7 +476,8 @@ impl Change<'_> {
             let ns = self.buc.namespace().unwrap_or_default();
             let max = self.ctx.max_csv_bytes;
             let bytes = csv_source::fetch(&self.ctx.client, &ns, &source.csv, max).await?;
-            return Ok(planning::plan_csv(&backend, bytes, max, req).await?);
+            let (rows, plan) = planning::plan_csv(backend, bytes, max, req).await?;
+            return Ok(Planned::Rows(rows, plan));
         }
         let targets = spec.targets.clone().unwrap_or_default();
         let selector = Selector {
@@ -462,7 +486,28 @@ impl Change<'_> {
             exclude: targets.exclude,
             max_targets: targets.max_targets,
         };
-        Ok(planning::plan_users(&backend, selector, req).await?)
+        let planner = UserPlanner::new(backend, selector, req).await?;
+        Ok(Planned::Users(planner))
+    }
+
+    /// Stores a plan's rows as the run's journal; a user plan chunk by chunk as it is made.
+    async fn store(&self, planned: Planned<'_>) -> Result<(Plan, StoredPlan), Error> {
+        match planned {
+            Planned::Rows(rows, plan) => {
+                let stored = self.run(Some(&plan)).store_plan(rows.into_rows()).await?;
+                Ok((plan, stored))
+            }
+            Planned::Users(mut planner) => {
+                let run = self.run(None);
+                let mut writer = run.plan_writer();
+                while let Some(rows) = planner.next_chunk().await? {
+                    for row in rows {
+                        writer.push(row).await?;
+                    }
+                }
+                Ok((planner.finish(), writer.finish().await?))
+            }
+        }
     }
 }
 

@@ -533,10 +533,10 @@ impl RestartExec<'_> {
     }
 }
 
-/// Phones whose intents one record covers at most (a stored batch's worth): the first NOTIFYs
-/// leave while the next group's contacts are read and recorded. Each record rewrites whole
-/// batches, so smaller groups would cost more records than their NOTIFYs take to send.
-const GROUP_MAX: usize = crate::plan::stored::CHUNK_ROWS;
+/// Phones whose intents one record covers at most: the first NOTIFYs leave while the next
+/// group's contacts are read and recorded. Each record rewrites whole batches, so smaller
+/// groups would cost more records than their NOTIFYs take to send.
+const GROUP_MAX: usize = 1000;
 
 /// How often, at most, answers and confirmations alone are recorded (each record rewrites the
 /// batches that changed, in the cluster and in the PBX's ledger). Intents are recorded always,

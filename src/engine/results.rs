@@ -359,7 +359,9 @@ pub fn restart_verdict(s: &RestartSummary) -> (Phase, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::stored::{CHUNK_ROWS, SourceRow, StoredWrite, chunk, from_jsonl, to_jsonl};
+    use crate::plan::stored::{
+        CHUNK_BYTES, CHUNK_ROWS, SourceRow, StoredWrite, chunk, from_jsonl, to_jsonl,
+    };
 
     fn row(target: &str, outcome: Outcome) -> Row {
         Row {
@@ -391,9 +393,10 @@ mod tests {
 
     #[test]
     fn chunks_stay_under_the_limits() {
-        let rows: Vec<Row> = (0..2500)
+        // Rows of about 1 KiB: the byte limit cuts before the row limit.
+        let rows: Vec<Row> = (0..9000)
             .map(|i| Row {
-                notes: vec!["x".repeat(200)],
+                notes: vec!["x".repeat(400)],
                 ..row(&format!("{i}"), Outcome::Planned)
             })
             .collect();
@@ -401,9 +404,14 @@ mod tests {
         assert!(chunks.len() >= 3);
         for c in &chunks {
             assert!(c.len() <= CHUNK_ROWS);
-            assert!(to_jsonl(c).len() + to_csv(c).len() < 1024 * 1024);
+            assert!(to_jsonl(c).len() + to_csv(c).len() <= CHUNK_BYTES);
         }
-        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 2500);
+        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 9000);
+        let small: Vec<Row> = (0..9000)
+            .map(|i| row(&format!("{i}"), Outcome::Planned))
+            .collect();
+        let sizes: Vec<usize> = chunk(small).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [CHUNK_ROWS, CHUNK_ROWS, 9000 - 2 * CHUNK_ROWS]);
         assert_eq!(
             chunk(vec![]).len(),
             1,

@@ -243,11 +243,12 @@ impl UserExec<'_> {
                 .push("write fields: not done: the user was not restored".into());
         }
         // Atomic: a write already failed or conflicted (its target gone, or recorded by the
-        // attempt before a restart) means the one transaction did not commit: nothing is written.
+        // attempt before a restart, in any batch of the run) means the one transaction did not
+        // commit: nothing is written.
         let failed = self.atomic
-            && work.iter().any(|&(b, i)| {
+            && batches.iter().flat_map(|b| &b.rows).any(|r| {
                 matches!(
-                    state_of(&batches[b].rows[i], StepKind::Write),
+                    state_of(r, StepKind::Write),
                     Some(StepState::Failed | StepState::Conflict)
                 )
             });
@@ -272,7 +273,9 @@ impl UserExec<'_> {
                 batch.rows[i].notes.extend(note);
             }
         }
-        self.save(batches).await
+        // The outcomes go on record with the next step's intent, or the batch's end: a restart
+        // before that redoes the writes, which compare-and-set finds done (or conflicting) again.
+        Ok(())
     }
 
     /// One kind of action for every row that has it and whose earlier steps went through.

@@ -86,10 +86,7 @@ async fn plan_view(found: &Found, kind: Kind, name: &str) -> Result<PlanView, Pl
             Api::namespaced(client().await?, namespace);
         for r in &status.results_refs {
             let text = match cms.get_opt(r).await? {
-                Some(cm) => cm
-                    .data
-                    .and_then(|mut d| d.remove("rows.jsonl"))
-                    .unwrap_or_default(),
+                Some(cm) => crate::controllers::results_store::rows_text(&cm).unwrap_or_default(),
                 None => {
                     from_configmaps = false;
                     break;

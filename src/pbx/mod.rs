@@ -112,6 +112,17 @@ pub trait PbxBackend: Send + Sync {
         self.read_users(selection).await
     }
 
+    /// The extensions a selection names, without reading the users: a planner then reads them
+    /// a chunk at a time. By default through [`PbxBackend::read_user_fields`] with no field.
+    async fn select_users(&self, selection: &UserSelection) -> Result<Selected> {
+        let read = self.read_user_fields(selection, &[]).await?;
+        Ok(Selected {
+            extensions: read.users.into_iter().map(|u| u.extension).collect(),
+            unknown_extensions: read.unknown_extensions,
+            empty_groups: read.empty_groups,
+        })
+    }
+
     /// Every extension of the tenant, in extension order (for exports).
     async fn extensions(&self) -> Result<Vec<String>>;
 
@@ -220,7 +231,9 @@ pub trait PbxBackend: Send + Sync {
         Err(no_ledger())
     }
 
-    /// Records a run as started, with its journal's batches (JSON lines), in one transaction.
+    /// Records a run as started (`entry.batches` batches), with `batches` (JSON lines) in the
+    /// same transaction. A large run records its batches first, one at a time, with
+    /// [`PbxBackend::ledger_record`]: until its entry exists nothing finds them.
     async fn ledger_begin(&self, entry: &LedgerEntry, batches: &[String]) -> Result<()> {
         let _ = (entry, batches);
         Err(no_ledger())

@@ -193,6 +193,18 @@ pub struct UserSelection {
     pub extensions: Vec<String>,
 }
 
+/// A selection resolved to extensions, nothing of the users read (see
+/// [`super::PbxBackend::select_users`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selected {
+    /// Extensions that exist: group members and listed ones, each once, in no given order.
+    pub extensions: Vec<String>,
+    /// Listed extensions that do not exist on the PBX.
+    pub unknown_extensions: Vec<String>,
+    /// Listed groups with no members.
+    pub empty_groups: Vec<String>,
+}
+
 /// The result of reading a selection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UserRead {

@@ -282,35 +282,26 @@ pub fn csv_row(rp: rows::RowPlan, cells: Vec<String>) -> Row {
     row
 }
 
-/// The stored rows of a user plan: each planned target, a Skipped row per extension that does
-/// not exist, and the rows a retry keeps, in extension order.
-pub fn user_rows(plan: &users::UserPlan, mut kept: Vec<Row>) -> Vec<Row> {
-    kept.extend(plan.targets.iter().map(planned_row));
-    kept.extend(plan.unknown_extensions.iter().map(|e| Row {
-        target: e.clone(),
+/// The row of a listed extension the PBX does not have.
+pub fn unknown_row(extension: String) -> Row {
+    Row {
+        notes: vec![format!("extension {extension} does not exist on the PBX")],
+        target: extension,
         outcome: Outcome::Skipped,
-        notes: vec![format!("extension {e} does not exist on the PBX")],
         ..Default::default()
-    }));
-    kept.sort_by(|a, b| crate::pbx::extension_order(&a.target, &b.target));
-    kept
+    }
 }
 
 /// status.plan of a user plan.
-pub fn status_plan(plan: &users::UserPlan, generation: i64, spec_hash: &str) -> Plan {
+pub fn status_plan(plan: &users::PlanSummary, generation: i64, spec_hash: &str) -> Plan {
     Plan {
         hash: plan.hash.clone(),
         generation,
-        targets: plan.targets.len() as u32,
-        resolved: plan
-            .targets
-            .iter()
-            .take(1000)
-            .map(|t| t.extension.clone())
-            .collect(),
+        targets: plan.targets as u32,
+        resolved: plan.first.clone(),
         common_values: plan.common_values.clone(),
         closed_fields: plan.closed_fields.clone(),
-        changes: plan.changing() as u32,
+        changes: plan.changing as u32,
         spec_hash: spec_hash.to_string(),
         ..Default::default()
     }

@@ -179,16 +179,15 @@ pub fn with_secret_references(spec_hash: &str, intent: &Intent) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// Builds the plan. A secret field is always written (shown as "(new secret)"): what the PBX
-/// stores for it cannot be compared with the desired value cheaply, and its current stored value
-/// (a hash) is neither hashed into the plan nor shown.
+/// Builds the plan of users read all at once (small selections, tests): the selection is
+/// resolved, then every selected user planned in extension order by a [`Planner`].
 pub fn plan(
     read: &UserRead,
     selector: &Selector,
     intent: &Intent,
     supported: &[UserField],
 ) -> Result<UserPlan, PlanError> {
-    intent.check_supported(supported)?;
+    let mut planner = Planner::new(intent, supported)?;
     let users: BTreeMap<&str, &User> = read
         .users
         .iter()
@@ -196,40 +195,99 @@ pub fn plan(
         .collect();
     let mut extensions = selection::resolve(selector, users.keys().copied())?;
     extensions.sort_by(|a, b| crate::pbx::extension_order(a, b));
-    let selected: Vec<&User> = extensions.iter().map(|e| users[e.as_str()]).collect();
-
-    let mut common_values = BTreeMap::new();
-    for f in &intent.fields {
-        let mut values = selected.iter().map(|u| shown(f.field, u.get(f.field)));
-        if let Some(first) = values.next() {
-            let same = values.all(|v| v == first);
-            common_values.insert(
-                f.field.name().to_string(),
-                same.then(|| first.unwrap_or_default()),
-            );
-        }
-    }
-    let closed_fields = intent
-        .fields
+    let targets = extensions
         .iter()
-        .filter(|f| !f.open)
-        .map(|f| f.field.name().to_string())
+        .map(|e| planner.user(users[e.as_str()]))
         .collect();
+    let summary = planner.finish(&read.unknown_extensions);
+    Ok(UserPlan {
+        targets,
+        unknown_extensions: read.unknown_extensions.clone(),
+        empty_groups: read.empty_groups.clone(),
+        common_values: summary.common_values,
+        closed_fields: summary.closed_fields,
+        hash: summary.hash,
+    })
+}
 
-    let mut hasher = Sha256::new();
-    let mut line = |parts: &[&str]| {
-        hasher.update(parts.join("\t").as_bytes());
-        hasher.update(b"\n");
-    };
-    let mut targets = Vec::with_capacity(selected.len());
-    for user in selected {
-        line(&["target", &user.extension]);
+/// Plans users one at a time, in extension order, as they are read: nothing holds the whole
+/// selection. A secret field is always written (shown as "(new secret)"): what the PBX stores
+/// for it cannot be compared with the desired value cheaply, and its current stored value (a
+/// hash) is neither hashed into the plan nor shown.
+pub struct Planner<'a> {
+    intent: &'a Intent,
+    actions: Vec<ActionKind>,
+    hasher: Sha256,
+    /// Per field named in the change: the first target's shown value, and whether every target
+    /// since had the same.
+    common: Vec<(UserField, Option<Option<String>>, bool)>,
+    targets: usize,
+    changing: usize,
+    /// The first targets, for status.plan.resolved.
+    first: Vec<String>,
+}
+
+/// What a [`Planner`] saw, once every user went through it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanSummary {
+    pub targets: usize,
+    /// Targets with a write or an action.
+    pub changing: usize,
+    /// The first [`Planner::SHOWN`] targets, in extension order.
+    pub first: Vec<String>,
+    /// See [`UserPlan::common_values`].
+    pub common_values: BTreeMap<String, Option<String>>,
+    pub closed_fields: Vec<String>,
+    /// See [`UserPlan::hash`].
+    pub hash: String,
+}
+
+impl<'a> Planner<'a> {
+    /// Targets status.plan.resolved lists at most.
+    pub const SHOWN: usize = 1000;
+
+    pub fn new(intent: &'a Intent, supported: &[UserField]) -> Result<Planner<'a>, PlanError> {
+        intent.check_supported(supported)?;
+        let mut actions = intent.actions.clone();
+        actions.sort();
+        actions.dedup();
+        Ok(Planner {
+            intent,
+            actions,
+            hasher: Sha256::new(),
+            common: intent
+                .fields
+                .iter()
+                .map(|f| (f.field, None, true))
+                .collect(),
+            targets: 0,
+            changing: 0,
+            first: Vec::new(),
+        })
+    }
+
+    fn line(&mut self, parts: &[&str]) {
+        self.hasher.update(parts.join("\t").as_bytes());
+        self.hasher.update(b"\n");
+    }
+
+    /// Plans the next target (callers go in extension order: the hash follows it).
+    pub fn user(&mut self, user: &User) -> PlannedUser {
+        for (field, first, same) in self.common.iter_mut() {
+            let value = shown(*field, user.get(*field));
+            match first {
+                None => *first = Some(value),
+                Some(f) => *same = *same && *f == value,
+            }
+        }
+        self.line(&["target", &user.extension]);
         let mut writes = Vec::new();
+        let intent = self.intent;
         for f in intent.fields.iter().filter(|f| f.open) {
             let current = user.get(f.field);
             match &f.wanted {
                 Wanted::Value(v) => {
-                    line(&[
+                    self.line(&[
                         "field",
                         f.field.name(),
                         current.unwrap_or("\u{0}"),
@@ -244,7 +302,7 @@ pub fn plan(
                     }
                 }
                 Wanted::Secret(s) => {
-                    line(&["secret", f.field.name(), secret_pin(s)]);
+                    self.line(&["secret", f.field.name(), secret_pin(s)]);
                     writes.push(FieldWrite {
                         field: f.field,
                         // For compare-and-set in memory only: never stored, shown or hashed.
@@ -254,29 +312,55 @@ pub fn plan(
                 }
             }
         }
-        let mut actions = intent.actions.clone();
-        actions.sort();
-        actions.dedup();
-        for a in &actions {
-            line(&["action", a.name()]);
+        for a in self.actions.clone() {
+            self.line(&["action", a.name()]);
         }
-        targets.push(PlannedUser {
+        let planned = PlannedUser {
             extension: user.extension.clone(),
             writes,
-            actions,
-        });
+            actions: self.actions.clone(),
+        };
+        self.targets += 1;
+        if planned.changes_anything() {
+            self.changing += 1;
+        }
+        if self.first.len() < Self::SHOWN {
+            self.first.push(user.extension.clone());
+        }
+        planned
     }
-    for unknown in &read.unknown_extensions {
-        line(&["unknown", unknown]);
+
+    /// The plan's summary; `unknown`: listed extensions the PBX does not have, as listed.
+    pub fn finish(mut self, unknown: &[String]) -> PlanSummary {
+        for e in unknown {
+            self.line(&["unknown", e]);
+        }
+        let common_values = self
+            .common
+            .iter()
+            .filter_map(|(field, first, same)| {
+                let first = first.clone()?;
+                Some((
+                    field.name().to_string(),
+                    same.then(|| first.unwrap_or_default()),
+                ))
+            })
+            .collect();
+        PlanSummary {
+            targets: self.targets,
+            changing: self.changing,
+            first: self.first,
+            common_values,
+            closed_fields: self
+                .intent
+                .fields
+                .iter()
+                .filter(|f| !f.open)
+                .map(|f| f.field.name().to_string())
+                .collect(),
+            hash: hex::encode(self.hasher.finalize()),
+        }
     }
-    Ok(UserPlan {
-        targets,
-        unknown_extensions: read.unknown_extensions.clone(),
-        empty_groups: read.empty_groups.clone(),
-        common_values,
-        closed_fields,
-        hash: hex::encode(hasher.finalize()),
-    })
 }
 
 /// After a crash, a batch may already be (partly) applied. Drops the writes whose field already

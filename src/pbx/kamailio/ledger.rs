@@ -77,7 +77,7 @@ impl Db {
             .bind(&e.plan_hash)
             .bind(e.requested_by.clone())
             .bind(e.started)
-            .bind(batches.len() as i64)
+            .bind(i64::from(e.batches))
             .bind(&e.plan)
             .execute(&mut *tx)
             .await

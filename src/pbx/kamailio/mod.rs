@@ -135,6 +135,10 @@ impl PbxBackend for Kamailio {
         self.db.read_user_fields(selection, fields).await
     }
 
+    async fn select_users(&self, selection: &UserSelection) -> Result<crate::pbx::Selected> {
+        self.db.select_users(selection).await
+    }
+
     async fn extensions(&self) -> Result<Vec<String>> {
         self.db.extensions().await
     }
