@@ -139,6 +139,10 @@ pub struct RunArgs {
     /// The largest CSV a BulkUserChange may bring (bytes, after gunzip); larger files are refused.
     #[arg(long, default_value_t = crate::plan::sheet::DEFAULT_MAX_BYTES, env = "PBX_OPERATOR_MAX_CSV_BYTES")]
     pub max_csv_bytes: usize,
+    /// Targets per batch of a run (1-4000): each batch is one stored ConfigMap, one read and
+    /// one compare-and-set write of the PBX, and the unit a restart resumes from.
+    #[arg(long, default_value_t = crate::plan::stored::CHUNK_ROWS as u16, value_parser = clap::value_parser!(u16).range(1..=crate::plan::stored::CHUNK_ROWS as i64), env = "PBX_OPERATOR_BATCH_SIZE")]
+    pub batch_size: u16,
     /// Serve only PbxConnections labelled `pbx-operator.io/shard: <NAME>` and the operations
     /// on them, with the leader Lease `pbx-operator-shard-<NAME>` (without it: connections
     /// without the label, Lease `pbx-operator`).
@@ -155,6 +159,7 @@ impl From<RunArgs> for crate::controllers::Settings {
             leader_election: a.leader_election,
             secret_check_interval: a.secret_check_interval,
             max_csv_bytes: a.max_csv_bytes,
+            batch_size: a.batch_size.into(),
             shard: a.shard,
         }
     }

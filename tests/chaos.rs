@@ -598,12 +598,7 @@ impl Chaos {
             let Ok(Some(cm)) = cms.get_opt(&format!("{}-results-{i}", kind.name())).await else {
                 break;
             };
-            let text = cm
-                .data
-                .as_ref()
-                .and_then(|d| d.get("rows.jsonl"))
-                .cloned()
-                .unwrap_or_default();
+            let text = support::results_rows(&cm);
             rows.extend(from_jsonl(&text).expect("readable results"));
         }
         rows
@@ -622,7 +617,7 @@ impl Chaos {
                 .get_opt(&format!("resets-results-{}", r.done + 1))
                 .await
                 .ok()??;
-            let text = cm.data?.remove("rows.jsonl")?;
+            let text = support::results_rows(&cm);
             let targets = from_jsonl(&text)
                 .ok()?
                 .into_iter()

@@ -242,11 +242,7 @@ async fn results_rows(env: &Env, name: &str) -> Vec<serde_json::Value> {
         {
             continue;
         }
-        let text = cm
-            .data
-            .unwrap_or_default()
-            .remove("rows.jsonl")
-            .unwrap_or_default();
+        let text = support::results_rows(&cm);
         rows.extend(text.lines().map(|l| serde_json::from_str(l).unwrap()));
     }
     rows

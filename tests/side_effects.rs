@@ -474,7 +474,7 @@ spec:
     // Someone who may edit ConfigMaps but not execute adds an action and a target to the plan.
     let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
     let cm = cms.get("reviewed-results-1").await.unwrap();
-    let rows = cm.data.as_ref().unwrap()["rows.jsonl"].clone();
+    let rows = support::results_rows(&cm);
     let mut lines: Vec<serde_json::Value> = rows
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -486,7 +486,7 @@ spec:
     extra["writes"] = serde_json::json!([{"field": "callGroup", "from": from, "to": "7"}]);
     lines.push(extra);
     let edited: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    let patch = serde_json::json!({"data": {"rows.jsonl": edited}});
+    let patch = serde_json::json!({"binaryData": {"rows.jsonl.gz": support::gzip_base64(&edited)}});
     cms.patch(
         "reviewed-results-1",
         &PatchParams::default(),

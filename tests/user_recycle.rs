@@ -110,13 +110,7 @@ async fn rows(env: &Env, name: &str) -> Vec<Row> {
     let Ok(Some(cm)) = cms.get_opt(&format!("{name}-results-1")).await else {
         return vec![];
     };
-    let text = cm
-        .data
-        .as_ref()
-        .and_then(|d| d.get("rows.jsonl"))
-        .cloned()
-        .unwrap_or_default();
-    from_jsonl(&text).unwrap_or_default()
+    from_jsonl(&support::results_rows(&cm)).unwrap_or_default()
 }
 
 async fn registered(env: &Env, ext: &str) -> usize {

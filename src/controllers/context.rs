@@ -20,6 +20,8 @@ pub struct Context {
     pub secret_check_interval: Duration,
     /// The largest CSV (after gunzip) a BulkUserChange may bring.
     pub max_csv_bytes: usize,
+    /// Targets per batch of a run (see [`crate::plan::stored::Chunker`]).
+    pub batch_size: usize,
     /// The last probe of each PbxConnection (namespace, name).
     pub probes:
         std::sync::Mutex<std::collections::HashMap<(String, String), connection::ProbeMemo>>,
@@ -69,6 +71,7 @@ impl Context {
             failures: Default::default(),
             secret_check_interval,
             max_csv_bytes: crate::plan::sheet::DEFAULT_MAX_BYTES,
+            batch_size: crate::plan::stored::CHUNK_ROWS,
             probes: Default::default(),
             ordering: Default::default(),
             stopping: false.into(),

@@ -86,6 +86,8 @@ pub struct Settings {
     pub leader_election: bool,
     pub secret_check_interval: Duration,
     pub max_csv_bytes: usize,
+    /// Targets per batch of a run.
+    pub batch_size: usize,
     /// Serve only PbxConnections labelled `pbx-operator.io/shard: <shard>` and the operations
     /// on them (None: connections without the label).
     pub shard: Option<String>,
@@ -106,6 +108,7 @@ pub async fn run(args: Settings) -> Result<()> {
     let mut context = Context::new(client.clone(), args.secret_check_interval);
     context.metrics.api = api_load;
     context.max_csv_bytes = args.max_csv_bytes;
+    context.batch_size = args.batch_size;
     context.ordering.shard = args.shard.clone();
     let ctx = Arc::new(context);
     let health = Arc::new(server::Health {

@@ -170,7 +170,7 @@ impl<'a, K: RunKind> Run<'a, K> {
     pub fn plan_writer(&self) -> PlanWriter<'_, 'a, K> {
         PlanWriter {
             run: self,
-            chunker: stored::Chunker::default(),
+            chunker: stored::Chunker::new(self.ctx.batch_size),
             out: StoredPlan {
                 refs: vec![],
                 digests: vec![],

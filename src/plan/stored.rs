@@ -204,7 +204,7 @@ pub fn plan_digest(rows: &[Row]) -> String {
 /// Splits rows into chunks of at most [`CHUNK_ROWS`] rows and about [`CHUNK_BYTES`].
 pub fn chunk(rows: Vec<Row>) -> Vec<Vec<Row>> {
     let mut chunks = Vec::new();
-    let mut chunker = Chunker::default();
+    let mut chunker = Chunker::new(CHUNK_ROWS);
     for row in rows {
         chunks.extend(chunker.push(row));
     }
@@ -220,15 +220,25 @@ pub fn chunk(rows: Vec<Row>) -> Vec<Vec<Row>> {
 pub struct Chunker {
     current: Vec<Row>,
     bytes: usize,
+    max_rows: usize,
 }
 
 impl Chunker {
+    /// Chunks of at most `max_rows` rows (at most [`CHUNK_ROWS`]) and about [`CHUNK_BYTES`].
+    pub fn new(max_rows: usize) -> Chunker {
+        Chunker {
+            current: Vec::new(),
+            bytes: 0,
+            max_rows: max_rows.clamp(1, CHUNK_ROWS),
+        }
+    }
+
     /// Adds a row; returns the previous chunk when this row starts a new one.
     pub fn push(&mut self, row: Row) -> Option<Vec<Row>> {
         // JSON line plus CSV line, roughly twice the JSON.
         let size = 2 * serde_json::to_string(&row).map(|s| s.len()).unwrap_or(1024) + 2;
         // A giving row stays in the batch of the row that takes its number.
-        let full = self.current.len() >= CHUNK_ROWS || self.bytes + size > CHUNK_BYTES;
+        let full = self.current.len() >= self.max_rows || self.bytes + size > CHUNK_BYTES;
         let done = (!self.current.is_empty() && full && row.gives.is_empty()).then(|| {
             self.bytes = 0;
             std::mem::take(&mut self.current)

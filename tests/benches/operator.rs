@@ -549,9 +549,7 @@ async fn confirmed_at(
         {
             continue;
         }
-        let Some(rows) = cm.data.as_ref().and_then(|d| d.get("rows.jsonl")) else {
-            continue;
-        };
+        let rows = support::results_rows(&cm);
         for line in rows.lines() {
             let Ok(row) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
@@ -826,6 +824,8 @@ async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    // The operator as shipped, not the tests' small batches.
+    support::Operator::use_default_batch_size();
     // A size of 0 skips that part.
     let users = env_usize("BENCH_USERS", 10_000);
     if users > 0 {

@@ -38,6 +38,7 @@ async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    support::Operator::use_default_batch_size();
     let tenants = env_usize("BENCH_TENANTS", 200);
     let users = env_usize("BENCH_TENANT_USERS", 100);
     let env = Env::start(

@@ -7,7 +7,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+/// Targets per batch of the operators this process starts. The crash and chaos tests size
+/// their runs in batches of 1,000 (several batches, each kill with work left, at a few thousand
+/// users); 0: the operator's default (see [`Operator::use_default_batch_size`]).
+static OPERATOR_BATCH_SIZE: AtomicUsize = AtomicUsize::new(1000);
 
 pub mod lab;
 pub mod pbx;
@@ -248,6 +254,12 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// Operators started from now on use the operator's own default batch size (4,000), not
+    /// the tests' 1,000 (benches and large-installation tests).
+    pub fn use_default_batch_size() {
+        OPERATOR_BATCH_SIZE.store(0, Ordering::Relaxed);
+    }
+
     pub fn start(kubeconfig: &Path, extra_args: &[&str]) -> Operator {
         Operator::start_with_env(kubeconfig, extra_args, &[])
     }
@@ -262,7 +274,12 @@ impl Operator {
             .join(format!("operator-{}.log", uuid_like()));
         let file = std::fs::File::create(&log).unwrap();
         let metrics_port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_pbx-operator"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pbx-operator"));
+        let batch_size = OPERATOR_BATCH_SIZE.load(Ordering::Relaxed);
+        if batch_size > 0 {
+            command.env("PBX_OPERATOR_BATCH_SIZE", batch_size.to_string());
+        }
+        let child = command
             .arg("run")
             .args([
                 "--metrics-addr",
@@ -363,4 +380,27 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The stored rows (JSON lines) of a results ConfigMap, as a user reads them: gzipped in
+/// `binaryData["rows.jsonl.gz"]`. Empty when the ConfigMap has none.
+pub fn results_rows(cm: &k8s_openapi::api::core::v1::ConfigMap) -> String {
+    use std::io::Read;
+    let Some(bytes) = cm.binary_data.as_ref().and_then(|d| d.get("rows.jsonl.gz")) else {
+        return String::new();
+    };
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(bytes.0.as_slice())
+        .read_to_string(&mut text)
+        .expect("rows.jsonl.gz is gzip of UTF-8 text");
+    text
+}
+
+/// `text` gzipped and base64-encoded, as a merge patch of `binaryData` takes it.
+pub fn gzip_base64(text: &str) -> String {
+    use base64::Engine as _;
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(text.as_bytes()).expect("writing to memory");
+    base64::engine::general_purpose::STANDARD.encode(e.finish().expect("writing to memory"))
 }
