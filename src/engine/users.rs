@@ -6,9 +6,7 @@
 //! checked against the PBX, its actions redone (each is idempotent), and a mail that was under
 //! way is reported Uncertain instead of being sent twice.
 
-#[cfg(test)]
-use std::collections::BTreeSet;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::outbox::{Flights, Letter, Outbox, send_in_flights};
 use super::steps;
@@ -88,7 +86,9 @@ impl Executor for UserExec<'_> {
             .map(|&(b, i)| batches[b].rows[i].target.clone())
             .filter(|t| !t.is_empty())
             .collect();
-        let current = crate::pbx::users_by_extension(self.backend, extensions).await?;
+        let fields = written_fields_only(batches, &work);
+        let current =
+            crate::pbx::users_with_fields(self.backend, extensions, fields.as_deref()).await?;
         self.gone(batches, &work, &current, &redo);
         self.write(batches, &work, &current, &redo).await?;
         if (self.stopping)() {
@@ -458,6 +458,23 @@ fn finish(batches: &mut [Batch], work: &[At]) {
 }
 
 /// An earlier step failed or conflicted: the later ones are not done.
+/// The fields the rows of `work` write, when writing is all they do: a batch of 3-field writes
+/// then reads 3 attributes per user, not every one. None (read everything) when a row has an
+/// action, a mail or a restore, which need more of the user.
+fn written_fields_only(batches: &[Batch], work: &[At]) -> Option<Vec<UserField>> {
+    let mut fields = BTreeSet::new();
+    for &(b, i) in work {
+        let row = &batches[b].rows[i];
+        if row.steps.iter().any(|s| s.kind != StepKind::Write) {
+            return None;
+        }
+        for w in &row.writes {
+            fields.insert(UserField::from_name(&w.field)?);
+        }
+    }
+    Some(fields.into_iter().collect())
+}
+
 fn blocked(row: &Row) -> bool {
     row.steps
         .iter()

@@ -275,15 +275,26 @@ pub async fn users_by_extension(
     backend: &dyn PbxBackend,
     extensions: Vec<String>,
 ) -> Result<std::collections::BTreeMap<String, User>> {
+    users_with_fields(backend, extensions, None).await
+}
+
+/// Like [`users_by_extension`], with only `fields` read when given.
+pub async fn users_with_fields(
+    backend: &dyn PbxBackend,
+    extensions: Vec<String>,
+    fields: Option<&[UserField]>,
+) -> Result<std::collections::BTreeMap<String, User>> {
     if extensions.is_empty() {
         return Ok(Default::default());
     }
-    let read = backend
-        .read_users(&UserSelection {
-            groups: vec![],
-            extensions,
-        })
-        .await?;
+    let selection = UserSelection {
+        groups: vec![],
+        extensions,
+    };
+    let read = match fields {
+        Some(fields) => backend.read_user_fields(&selection, fields).await?,
+        None => backend.read_users(&selection).await?,
+    };
     Ok(read
         .users
         .into_iter()

@@ -721,7 +721,16 @@ impl Db {
             groups: vec![],
             extensions,
         };
-        let current = self.read_users_on(conn, &selection).await?;
+        // Only the written fields are compared and written, unless a number is: a number
+        // write touches the user's (and a holder's) other number fields, so then all is read.
+        let written: BTreeSet<UserField> = changes
+            .iter()
+            .flat_map(|c| c.writes.iter().map(|w| w.field))
+            .collect();
+        let numbers = written.iter().any(|f| f.is_number());
+        let written: Vec<UserField> = written.into_iter().collect();
+        let only = (!numbers).then_some(written.as_slice());
+        let current = self.read_users_only(conn, &selection, only).await?;
         let mut dir = Directory::new(current.users);
         let stored = |e: &str, f: UserField, s: &Secret| match secrets.get(&(e.to_string(), f)) {
             Some(v) => v.clone(),
