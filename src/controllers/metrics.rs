@@ -201,6 +201,27 @@ pub struct Timed<'a> {
     pub metrics: &'a Metrics,
 }
 
+/// An Atomic change's transaction, its writes timed as `apply_user_changes` like any other.
+struct TimedAtomic<'a> {
+    inner: Box<dyn pbx::AtomicWrites + 'a>,
+    metrics: &'a Metrics,
+}
+
+#[async_trait::async_trait]
+impl pbx::AtomicWrites for TimedAtomic<'_> {
+    async fn apply(&mut self, changes: &[UserChange]) -> pbx::Result<Vec<WriteOutcome>> {
+        let call = self.inner.apply(changes);
+        self.metrics.pbx_call("apply_user_changes", call).await
+    }
+    async fn commit(self: Box<Self>) -> pbx::Result<Option<String>> {
+        let metrics = self.metrics;
+        metrics.pbx_call("commit_atomic", self.inner.commit()).await
+    }
+    async fn rollback(self: Box<Self>) -> pbx::Result<()> {
+        self.inner.rollback().await
+    }
+}
+
 #[async_trait::async_trait]
 impl PbxBackend for Timed<'_> {
     fn capabilities(&self) -> Capabilities {
@@ -247,6 +268,16 @@ impl PbxBackend for Timed<'_> {
     ) -> pbx::Result<Vec<WriteOutcome>> {
         let call = self.inner.apply_user_changes(changes, atomic);
         self.metrics.pbx_call("apply_user_changes", call).await
+    }
+    async fn begin_atomic(&self) -> pbx::Result<Option<Box<dyn pbx::AtomicWrites + '_>>> {
+        let call = self.inner.begin_atomic();
+        let inner = self.metrics.pbx_call("begin_atomic", call).await?;
+        Ok(inner.map(|inner| {
+            Box::new(TimedAtomic {
+                inner,
+                metrics: self.metrics,
+            }) as Box<dyn pbx::AtomicWrites + '_>
+        }))
     }
     async fn apply_actions(
         &self,

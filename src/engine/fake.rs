@@ -614,8 +614,84 @@ impl Faulty {
     }
 }
 
+/// An Atomic change's transaction on the fake PBX: writes land in the users at once (one
+/// operator at a time in these tests) and are undone unless committed.
+pub struct FaultyAtomic<'a> {
+    f: &'a Faulty,
+    before: BTreeMap<String, User>,
+    written: Vec<Effect>,
+    open: bool,
+}
+
+#[async_trait]
+impl crate::pbx::AtomicWrites for FaultyAtomic<'_> {
+    async fn apply(&mut self, changes: &[UserChange]) -> crate::pbx::Result<Vec<WriteOutcome>> {
+        let fault = self.f.fault();
+        let mut outcomes = Vec::new();
+        for c in changes.iter().take(fault.unwrap_or(usize::MAX)) {
+            let e = Effect::Write(c.extension.clone());
+            self.f.witness(&e);
+            let o = if self.f.refused.lock().unwrap().contains(&c.extension) {
+                WriteOutcome::Failed(
+                    PbxError::Refused("value violates check constraint".into()).to_string(),
+                )
+            } else {
+                self.f
+                    .pbx
+                    .apply_user_changes(std::slice::from_ref(c), true)
+                    .await?
+                    .remove(0)
+            };
+            if o == WriteOutcome::Applied {
+                self.written.push(e);
+            }
+            outcomes.push(o);
+        }
+        if fault.is_some() {
+            return Err(PbxError::DatabaseBusy {
+                target: "fake".into(),
+                detail: "deadlock detected".into(),
+            });
+        }
+        Ok(outcomes)
+    }
+    async fn commit(mut self: Box<Self>) -> crate::pbx::Result<Option<String>> {
+        self.open = false;
+        let written = std::mem::take(&mut self.written);
+        self.f.effects.lock().unwrap().extend(written);
+        Ok(None)
+    }
+    async fn rollback(self: Box<Self>) -> crate::pbx::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for FaultyAtomic<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            *self.f.pbx.users.lock().unwrap() = std::mem::take(&mut self.before);
+        }
+    }
+}
+
 #[async_trait]
 impl PbxBackend for Faulty {
+    async fn begin_atomic(
+        &self,
+    ) -> crate::pbx::Result<Option<Box<dyn crate::pbx::AtomicWrites + '_>>> {
+        if self.fault().is_some() {
+            return Err(PbxError::DatabaseUnreachable {
+                target: "fake".into(),
+                detail: "connection refused".into(),
+            });
+        }
+        Ok(Some(Box::new(FaultyAtomic {
+            f: self,
+            before: self.pbx.users.lock().unwrap().clone(),
+            written: Vec::new(),
+            open: true,
+        })))
+    }
     fn capabilities(&self) -> Capabilities {
         self.pbx.capabilities()
     }

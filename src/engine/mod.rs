@@ -82,6 +82,19 @@ pub trait Executor: Send + Sync {
         false
     }
 
+    /// Runs stored batches `from..to` together (an Atomic change: one transaction for all),
+    /// reading them from `store` as it needs them. By default all are read and handed to one
+    /// [`Executor::run`].
+    async fn run_together(
+        &self,
+        store: &dyn Store,
+        digests: &[String],
+        from: usize,
+        to: usize,
+    ) -> Result<Ended, Error> {
+        run_loaded(self, store, digests, from, to).await
+    }
+
     /// Runs every batch `feed` hands out, handing each back once all its rows are final and
     /// recorded. By default one batch at a time through [`Executor::run`].
     async fn run_fed(&self, feed: &mut dyn Feed) -> Result<Ended, Error> {
@@ -95,6 +108,24 @@ pub trait Executor: Send + Sync {
         }
         Ok(Ended::Finished)
     }
+}
+
+/// [`Executor::run_together`] with every batch in memory.
+pub async fn run_loaded<E: Executor + ?Sized>(
+    exec: &E,
+    store: &dyn Store,
+    digests: &[String],
+    from: usize,
+    to: usize,
+) -> Result<Ended, Error> {
+    let mut group = Vec::new();
+    for index in from..to {
+        group.push(Batch::new(
+            index,
+            run::verified(store, digests, index).await?,
+        ));
+    }
+    exec.run(&mut group).await
 }
 
 /// A run's stored batches handed to an executor one at a time, in order, as its work reaches

@@ -87,37 +87,52 @@ impl<'a> Runner<'a> {
         if exec.spans_batches() && !self.together {
             return self.fed(exec).await;
         }
-        let last = if self.together {
-            self.end
-        } else {
-            self.next + 1
-        };
-        let mut group = Vec::new();
-        for index in self.next..last {
-            group.push(Batch::new(index, self.verified(index).await?));
+        if self.together {
+            return self.together(exec).await;
         }
+        let mut group = [Batch::new(self.next, self.verified(self.next).await?)];
         if exec.run(&mut group).await? == Ended::Stopped {
             return Ok(Next::Stopped);
         }
-        let mut batch = Digest::default();
-        for b in &group {
-            batch.merge(Digest::of(&b.rows));
-        }
+        let [b] = group;
+        let batch = Digest::of(&b.rows);
         self.done.merge(batch.clone());
-        self.next = last;
-        let outcomes = group
-            .iter()
-            .flat_map(|b| b.rows.iter().map(|r| r.outcome))
-            .collect();
+        self.next += 1;
         Ok(Next::Finished {
-            batches: group.len(),
+            batches: 1,
             batch,
-            outcomes,
+            outcomes: b.rows.iter().map(|r| r.outcome).collect(),
         })
     }
 }
 
 impl Runner<'_> {
+    /// Every remaining batch in one call (Atomic), then counted a batch at a time as recorded.
+    async fn together(&mut self, exec: &dyn Executor) -> Result<Next, Error> {
+        if exec
+            .run_together(self.store, self.digests, self.next, self.end)
+            .await?
+            == Ended::Stopped
+        {
+            return Ok(Next::Stopped);
+        }
+        let mut batch = Digest::default();
+        let mut outcomes = Vec::new();
+        for index in self.next..self.end {
+            let rows = self.verified(index).await?;
+            batch.merge(Digest::of(&rows));
+            outcomes.extend(rows.iter().map(|r| r.outcome));
+        }
+        let batches = self.end - self.next;
+        self.done.merge(batch.clone());
+        self.next = self.end;
+        Ok(Next::Finished {
+            batches,
+            batch,
+            outcomes,
+        })
+    }
+
     /// Every remaining batch through an executor that takes them as it reaches them (one call).
     async fn fed(&mut self, exec: &dyn Executor) -> Result<Next, Error> {
         let mut feed = RunFeed {

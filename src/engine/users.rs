@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::outbox::{Flights, Letter, Outbox, send_in_flights};
 use super::steps;
-use super::{At, Batch, Ended, Error, Executor, Journal, at_all, set, state_of};
+use super::{At, Batch, Ended, Error, Executor, Journal, Store, at_all, set, state_of};
 use crate::api::Outcome;
 use crate::mail;
 use crate::pbx::directory::Move;
@@ -21,6 +21,8 @@ use crate::pbx::{
 use crate::plan::stored::Row;
 use crate::plan::stored::{StepKind, StepState, user_steps};
 use crate::plan::users as user_plan;
+
+mod atomic;
 
 pub struct UserExec<'a> {
     pub backend: &'a dyn PbxBackend,
@@ -40,37 +42,24 @@ pub struct UserExec<'a> {
 
 #[async_trait::async_trait]
 impl Executor for UserExec<'_> {
+    /// Atomic: one transaction, a batch in memory at a time (see [`atomic`]).
+    async fn run_together(
+        &self,
+        store: &dyn Store,
+        digests: &[String],
+        from: usize,
+        to: usize,
+    ) -> Result<Ended, Error> {
+        if self.atomic {
+            self.run_atomic(store, digests, from, to).await
+        } else {
+            super::run_loaded(self, store, digests, from, to).await
+        }
+    }
+
     /// Runs the unfinished rows of `batches` to their outcomes, or until a stop is asked for.
     async fn run(&self, batches: &mut [Batch]) -> Result<Ended, Error> {
-        let mut redo: HashMap<At, Vec<StepKind>> = HashMap::new();
-        for batch in batches.iter_mut() {
-            for row in batch.rows.iter_mut() {
-                // Stored by an operator from before steps were recorded.
-                upgrade_legacy(row);
-                if row.outcome == Outcome::Planned {
-                    row.outcome = Outcome::InProgress;
-                    batch.dirty = true;
-                }
-            }
-        }
-        for (b, batch) in batches.iter_mut().enumerate() {
-            for (i, row) in batch.rows.iter_mut().enumerate() {
-                if row.outcome != Outcome::InProgress {
-                    continue;
-                }
-                let again = steps::resume(&mut row.steps);
-                if !again.is_empty() {
-                    redo.insert((b, i), again);
-                }
-                // The writes' intent is recorded with the batch's, before anything is written.
-                for s in row.steps.iter_mut() {
-                    if s.kind == StepKind::Write && s.state == StepState::Pending {
-                        s.state = StepState::Intended;
-                        batch.dirty = true;
-                    }
-                }
-            }
-        }
+        let redo = begin(batches);
         self.save(batches).await?;
         let work: Vec<At> = at_all(batches, |r| r.outcome == Outcome::InProgress);
         if work.is_empty() {
@@ -114,6 +103,54 @@ impl Executor for UserExec<'_> {
         finish(batches, &work);
         self.save(batches).await?;
         Ok(Ended::Finished)
+    }
+}
+
+/// Moves the rows of `batches` to InProgress and their writes to Intended (recorded with the
+/// batch's, before anything is written); rows an earlier attempt began are resumed step by
+/// step. Returns the steps to redo, by row.
+fn begin(batches: &mut [Batch]) -> HashMap<At, Vec<StepKind>> {
+    let mut redo: HashMap<At, Vec<StepKind>> = HashMap::new();
+    for (b, batch) in batches.iter_mut().enumerate() {
+        for (i, row) in batch.rows.iter_mut().enumerate() {
+            // Stored by an operator from before steps were recorded.
+            upgrade_legacy(row);
+            if row.outcome == Outcome::Planned {
+                row.outcome = Outcome::InProgress;
+                batch.dirty = true;
+            }
+            if row.outcome != Outcome::InProgress {
+                continue;
+            }
+            let again = steps::resume(&mut row.steps);
+            if !again.is_empty() {
+                redo.insert((b, i), again);
+            }
+            for s in row.steps.iter_mut() {
+                if s.kind == StepKind::Write && s.state == StepState::Pending {
+                    s.state = StepState::Intended;
+                    batch.dirty = true;
+                }
+            }
+        }
+    }
+    redo
+}
+
+/// The change a row's remaining `writes` make, with the numbers the plan takes from holders.
+fn change_of_row(row: &Row, writes: Vec<FieldWrite>) -> UserChange {
+    UserChange {
+        extension: row.target.clone(),
+        writes,
+        takes: row
+            .takes
+            .iter()
+            .map(|t| Move {
+                number: t.number.clone(),
+                holder: t.holder.clone(),
+                held_as: UserField::from_name(&t.held_as).unwrap_or(UserField::PrimaryNumber),
+            })
+            .collect(),
     }
 }
 
@@ -218,20 +255,7 @@ impl UserExec<'_> {
                 }
             }
             change_of.push(at);
-            changes.push(UserChange {
-                extension: row.target.clone(),
-                writes,
-                takes: row
-                    .takes
-                    .iter()
-                    .map(|t| Move {
-                        number: t.number.clone(),
-                        holder: t.holder.clone(),
-                        held_as: UserField::from_name(&t.held_as)
-                            .unwrap_or(UserField::PrimaryNumber),
-                    })
-                    .collect(),
-            });
+            changes.push(change_of_row(row, writes));
         }
         for (b, i) in already {
             set(&mut batches[b], i, StepKind::Write, StepState::Done);

@@ -143,6 +143,13 @@ pub trait PbxBackend: Send + Sync {
         atomic: bool,
     ) -> Result<Vec<WriteOutcome>>;
 
+    /// Opens one transaction for an Atomic change written a batch at a time (see
+    /// [`AtomicWrites`]); None when the backend cannot hold one open, and the change is then
+    /// written in one [`PbxBackend::apply_user_changes`] call.
+    async fn begin_atomic(&self) -> Result<Option<Box<dyn AtomicWrites + '_>>> {
+        Ok(None)
+    }
+
     /// Runs one-shot actions, one outcome per (extension, action).
     async fn apply_actions(&self, actions: &[(String, UserAction)]) -> Result<Vec<ActionOutcome>>;
 
@@ -268,6 +275,21 @@ pub trait PbxBackend: Send + Sync {
         let _ = filter;
         Err(no_ledger())
     }
+}
+
+/// An Atomic change's one transaction, open across its batches: each [`AtomicWrites::apply`]
+/// is compare-and-set against what the transaction holds (the earlier batches' writes
+/// included), and nothing is visible until [`AtomicWrites::commit`]. Dropped without a commit,
+/// it rolls back.
+#[async_trait]
+pub trait AtomicWrites: Send {
+    /// Applies a batch's changes, one outcome each (Applied, Conflict, NumberHeld, NotFound, or
+    /// Failed with the database's refusal; RolledBack when a refusal ended the transaction).
+    async fn apply(&mut self, changes: &[UserChange]) -> Result<Vec<WriteOutcome>>;
+    /// Commits everything applied; Some(refusal) when the database refused at commit (a
+    /// deferred constraint) and nothing was written.
+    async fn commit(self: Box<Self>) -> Result<Option<String>>;
+    async fn rollback(self: Box<Self>) -> Result<()>;
 }
 
 /// The users of `extensions` that exist, by extension (none read for an empty list).

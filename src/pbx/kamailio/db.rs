@@ -23,6 +23,8 @@ use crate::pbx::{
     WriteOutcome,
 };
 
+#[path = "atomic.rs"]
+mod atomic;
 #[path = "ledger.rs"]
 mod ledger;
 #[path = "snapshot.rs"]
@@ -648,9 +650,39 @@ impl Db {
         secrets: &StoredSecrets,
     ) -> Result<Vec<WriteOutcome>> {
         let mut tx = self.begin().await.map_err(|e| self.err(e))?;
+        let (mut outcomes, alive) = self.replay_one_by_one(&mut tx, changes, secrets).await?;
+        if !alive {
+            drop(tx);
+            roll_back(&mut outcomes);
+            return Ok(outcomes);
+        }
+        if outcomes.iter().all(|o| *o == WriteOutcome::Applied) {
+            match tx.commit().await.map_err(|e| self.err(e)) {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                // Refused at commit (a deferred constraint): it names no one target.
+                Err(e) => outcomes.fill(WriteOutcome::Failed(redacted(&e, secrets))),
+            }
+        } else {
+            tx.rollback().await.map_err(|e| self.err(e))?;
+            roll_back(&mut outcomes);
+        }
+        Ok(outcomes)
+    }
+
+    /// Applies `changes` one by one inside `conn`'s transaction, each behind a savepoint: a
+    /// user whose data the database refuses is Failed with its message, the rest apply. Also
+    /// returns whether the transaction is still usable: a refusal that ends it (SQLite's
+    /// RAISE(ROLLBACK)) leaves the users after it RolledBack, untried.
+    async fn replay_one_by_one(
+        &self,
+        conn: &mut AnyConnection,
+        changes: &[UserChange],
+        secrets: &StoredSecrets,
+    ) -> Result<(Vec<WriteOutcome>, bool)> {
         let mut outcomes = Vec::with_capacity(changes.len());
         for change in changes {
-            let mut savepoint = sqlx::Connection::begin(&mut *tx)
+            let mut savepoint = sqlx::Connection::begin(&mut *conn)
                 .await
                 .map_err(|e| self.err(e))?;
             match self
@@ -667,28 +699,13 @@ impl Db {
                     tracing::info!(extension = %change.extension, error = %message, "the database refused a target of an Atomic change");
                     outcomes.push(WriteOutcome::Failed(message));
                     if savepoint.rollback().await.is_err() {
-                        // The refusal ended the whole transaction (SQLite's RAISE(ROLLBACK)):
-                        // nothing of the batch stands, and the rest cannot be tried in it.
-                        drop(tx);
                         outcomes.resize(changes.len(), WriteOutcome::RolledBack);
-                        roll_back(&mut outcomes);
-                        return Ok(outcomes);
+                        return Ok((outcomes, false));
                     }
                 }
             }
         }
-        if outcomes.iter().all(|o| *o == WriteOutcome::Applied) {
-            match tx.commit().await.map_err(|e| self.err(e)) {
-                Ok(()) => {}
-                Err(e) if e.is_transient() => return Err(e),
-                // Refused at commit (a deferred constraint): it names no one target.
-                Err(e) => outcomes.fill(WriteOutcome::Failed(redacted(&e, secrets))),
-            }
-        } else {
-            tx.rollback().await.map_err(|e| self.err(e))?;
-            roll_back(&mut outcomes);
-        }
-        Ok(outcomes)
+        Ok((outcomes, true))
     }
 
     /// Within one transaction: re-reads the users (and whoever holds a number being given), then

@@ -135,6 +135,10 @@ impl PbxBackend for Kamailio {
         self.db.read_user_fields(selection, fields).await
     }
 
+    async fn begin_atomic(&self) -> Result<Option<Box<dyn crate::pbx::AtomicWrites + '_>>> {
+        Ok(Some(Box::new(self.db.begin_atomic().await?)))
+    }
+
     async fn select_users(&self, selection: &UserSelection) -> Result<crate::pbx::Selected> {
         self.db.select_users(selection).await
     }
