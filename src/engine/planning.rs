@@ -64,8 +64,8 @@ pub struct UserPlanner<'a> {
 enum Item {
     Plan(String),
     Unknown(String),
-    /// A retry carries the earlier run's row over.
-    Kept(Row),
+    /// A retry carries the earlier run's row over (boxed: an item per target stays small).
+    Kept(Box<Row>),
 }
 
 impl Item {
@@ -91,7 +91,7 @@ impl<'a> UserPlanner<'a> {
             selector.max_targets = None;
             for r in rows {
                 match kept_by_retry(&r) {
-                    Some(row) => items.push(Item::Kept(row)),
+                    Some(row) => items.push(Item::Kept(Box::new(row))),
                     None => selector.extensions.push(r.target),
                 }
             }
@@ -162,7 +162,7 @@ impl<'a> UserPlanner<'a> {
         let mut rows = Vec::with_capacity(chunk.len());
         for item in chunk {
             rows.push(match item {
-                Item::Kept(row) => row,
+                Item::Kept(row) => *row,
                 Item::Unknown(e) => request::unknown_row(e),
                 Item::Plan(e) => match users.get(&e) {
                     Some(user) => request::planned_row(&self.planner.user(user)),

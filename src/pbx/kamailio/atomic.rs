@@ -45,8 +45,16 @@ impl AtomicWrites for AtomicTx<'_> {
             // Somebody's data was refused in a bulk statement: find out whose, user by user.
             Err(PbxError::Refused(_)) => {
                 if savepoint.rollback().await.is_err() {
+                    // The refusal ended the whole transaction (SQLite's RAISE(ROLLBACK)):
+                    // nothing stands. Whose data it was is found in a transaction of its own,
+                    // rolled back.
                     self.tx = None;
-                    return Ok(vec![WriteOutcome::RolledBack; changes.len()]);
+                    let mut fresh = db.begin().await.map_err(|e| db.err(e))?;
+                    let (mut outcomes, _) =
+                        db.replay_one_by_one(&mut fresh, changes, &secrets).await?;
+                    drop(fresh);
+                    roll_back(&mut outcomes);
+                    return Ok(outcomes);
                 }
                 let (mut outcomes, alive) = db.replay_one_by_one(tx, changes, &secrets).await?;
                 if !alive {
