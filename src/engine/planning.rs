@@ -106,9 +106,7 @@ impl<'a> UserPlanner<'a> {
         if !selected.empty_groups.is_empty() {
             tracing::info!(groups = ?selected.empty_groups, "groups without members");
         }
-        let targets =
-            selection::resolve(&selector, selected.extensions.iter().map(String::as_str))?;
-        drop(selected.extensions);
+        let targets = selection::resolve_owned(&selector, selected.extensions)?;
         items.extend(targets.into_iter().map(Item::Plan));
         items.extend(
             selected

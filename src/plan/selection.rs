@@ -33,6 +33,27 @@ pub fn resolve<'a>(
     Ok(targets.into_iter().map(str::to_string).collect())
 }
 
+/// [`resolve`] of extensions the caller owns, in place (a 100,000-user selection is not copied),
+/// in extension order.
+pub fn resolve_owned(
+    selector: &Selector,
+    mut found: Vec<String>,
+) -> Result<Vec<String>, PlanError> {
+    let exclude: BTreeSet<&str> = selector.exclude.iter().map(String::as_str).collect();
+    found.retain(|e| !exclude.contains(e.as_str()));
+    found.sort_by(|a, b| crate::pbx::extension_order(a, b));
+    found.dedup();
+    if let Some(max) = selector.max_targets {
+        if found.len() > max as usize {
+            return Err(PlanError::TooManyTargets {
+                found: found.len(),
+                max,
+            });
+        }
+    }
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +83,27 @@ mod tests {
         assert!(err.to_string().contains("Verify your selection"));
         // Exclusions count before the limit.
         assert_eq!(resolve(&sel(&["203"], Some(2)), found).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn owned_resolution_is_the_same_in_extension_order() {
+        let found = ["1000", "203", "201", "202", "201"];
+        for selector in [
+            sel(&["202"], None),
+            sel(&[], Some(2)),
+            sel(&["203"], Some(3)),
+        ] {
+            let borrowed = resolve(&selector, found).map(|mut v| {
+                v.sort_by(|a, b| crate::pbx::extension_order(a, b));
+                v
+            });
+            let owned = resolve_owned(&selector, found.map(String::from).to_vec());
+            assert_eq!(owned, borrowed);
+        }
+        assert_eq!(
+            resolve_owned(&sel(&[], None), found.map(String::from).to_vec()).unwrap(),
+            ["201", "202", "203", "1000"]
+        );
     }
 
     #[test]

@@ -470,12 +470,13 @@ impl Db {
                 .fetch(&mut *conn);
             while let Some(row) = rows.try_next().await.map_err(|e| self.err(e))? {
                 let extension = text(&row, 0).map_err(|e| self.err(e))?;
-                if wanted.contains(&extension) {
-                    extensions.push(extension);
+                // Moved out of `wanted`: one copy of the selection in memory, not two.
+                if let Some(e) = wanted.take(&extension) {
+                    extensions.push(e);
                 }
             }
         } else {
-            let wanted: Vec<String> = wanted.iter().cloned().collect();
+            let wanted: Vec<String> = wanted.into_iter().collect();
             for chunk in wanted.chunks(CHUNK) {
                 let q = format!(
                     "SELECT username FROM subscriber WHERE domain = $1 AND username IN ({})",
@@ -486,7 +487,12 @@ impl Db {
                 }
             }
         }
-        let found: BTreeSet<&str> = extensions.iter().map(String::as_str).collect();
+        let listed: BTreeSet<&str> = selection.extensions.iter().map(String::as_str).collect();
+        let found: BTreeSet<&str> = extensions
+            .iter()
+            .map(String::as_str)
+            .filter(|e| listed.contains(e))
+            .collect();
         let unknown_extensions = selection
             .extensions
             .iter()
