@@ -314,12 +314,12 @@ impl Db {
         let wanted: Vec<String> = wanted.into_iter().collect();
         let mut users: BTreeMap<String, User> = BTreeMap::new();
 
-        for chunk in wanted.chunks(CHUNK) {
-            let list = placeholders(2, chunk.len());
+        for chunk in wanted.chunks(self.read_chunk()) {
+            let list = self.list_sql(chunk.len());
             let q = format!(
                 "SELECT username, ha1 FROM subscriber WHERE domain = $1 AND username IN ({list})"
             );
-            for row in self.fetch_in(conn, &q, chunk).await? {
+            for row in self.fetch_list(conn, &q, chunk).await? {
                 let extension = text(&row, 0).map_err(|e| self.err(e))?;
                 let ha1 = text(&row, 1).map_err(|e| self.err(e))?;
                 let mut user = User {
@@ -361,7 +361,7 @@ impl Db {
             let preferences = if by_attribute.is_empty() {
                 vec![]
             } else {
-                self.fetch_in(conn, &q, chunk).await?
+                self.fetch_list(conn, &q, chunk).await?
             };
             for row in preferences {
                 let (ext, attr, value) = (
@@ -381,7 +381,7 @@ impl Db {
             );
             let mut groups: HashMap<String, Vec<String>> = HashMap::new();
             let group_rows = if wanted_field(UserField::Groups) {
-                self.fetch_in(conn, &q, chunk).await?
+                self.fetch_list(conn, &q, chunk).await?
             } else {
                 vec![]
             };
@@ -399,7 +399,7 @@ impl Db {
             let q = format!(
                 "SELECT username, alias_username FROM dbaliases WHERE domain = $1 AND username IN ({list}) ORDER BY id"
             );
-            for row in self.fetch_in(conn, &q, chunk).await? {
+            for row in self.fetch_list(conn, &q, chunk).await? {
                 let ext = text(&row, 0).map_err(|e| self.err(e))?;
                 if let Some(user) = users.get_mut(&ext) {
                     user.numbers.push(text(&row, 1).map_err(|e| self.err(e))?);
@@ -504,6 +504,44 @@ impl Db {
             unknown_extensions,
             empty_groups,
         })
+    }
+
+    /// Users per read: PostgreSQL and SQLite take a batch's whole list as one JSON parameter
+    /// (one statement per table, not one per 500 users); MySQL takes IN lists of placeholders.
+    fn read_chunk(&self) -> usize {
+        match self.dialect {
+            Dialect::MySql => CHUNK,
+            _ => 8 * CHUNK,
+        }
+    }
+
+    /// A list of `n` values at $2 of a query: the elements of one JSON parameter, or
+    /// placeholders (see [`Db::fetch_list`]).
+    fn list_sql(&self, n: usize) -> String {
+        match self.dialect {
+            Dialect::Postgres => "SELECT jsonb_array_elements_text($2::jsonb)".into(),
+            Dialect::Sqlite => "SELECT value FROM json_each($2)".into(),
+            Dialect::MySql => placeholders(2, n),
+        }
+    }
+
+    /// Runs `q`, whose list is [`Db::list_sql`], with the domain as $1 and `values` as the list.
+    async fn fetch_list(
+        &self,
+        conn: &mut AnyConnection,
+        q: &str,
+        values: &[String],
+    ) -> Result<Vec<AnyRow>> {
+        if self.dialect == Dialect::MySql {
+            return self.fetch_in(conn, q, values).await;
+        }
+        let list = serde_json::to_string(values).expect("strings serialize");
+        sqlx::query(self.sql(q))
+            .bind(&self.domain)
+            .bind(list)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     /// Runs `q` with the domain as $1 and `values` as $2.. .
@@ -1006,7 +1044,8 @@ impl Db {
         Ok(())
     }
 
-    /// Sets one attribute for many users: one DELETE and one multi-row INSERT per chunk.
+    /// Sets one attribute for many users: on PostgreSQL and SQLite one DELETE and one INSERT,
+    /// each taking the users as one JSON parameter; on MySQL one of each per chunk.
     pub(super) async fn replace_attribute(
         &self,
         conn: &mut AnyConnection,
@@ -1037,18 +1076,44 @@ impl Db {
                 .await
                 .map_err(|e| self.err(e))?;
         }
-        for chunk in rows.chunks(CHUNK) {
-            if !whole_list {
-                let q = format!(
-                    "DELETE FROM usr_preferences WHERE domain = $1 AND attribute = $2 AND username IN ({})",
-                    placeholders(3, chunk.len())
-                );
-                let mut query = sqlx::query(self.sql(&q)).bind(&self.domain).bind(attribute);
-                for (ext, _) in chunk {
-                    query = query.bind(*ext);
-                }
-                query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
+        if whole_list {
+            // And one INSERT for all users from a JSON list of [username, value] pairs: one
+            // statement per attribute and batch, not one per 500 users with 2,000 parameters.
+            let set: Vec<(&str, &str)> = rows
+                .iter()
+                .filter_map(|(e, v)| v.as_deref().map(|v| (*e, v)))
+                .collect();
+            if set.is_empty() {
+                return Ok(());
             }
+            let list = serde_json::to_string(&set).expect("strings serialize");
+            let q = match self.dialect {
+                Dialect::Postgres => {
+                    "INSERT INTO usr_preferences (username, domain, attribute, type, value, last_modified) SELECT v.pair->>0, $1, $2, 2, v.pair->>1, CURRENT_TIMESTAMP FROM jsonb_array_elements($3::jsonb) AS v(pair)"
+                }
+                _ => {
+                    "INSERT INTO usr_preferences (username, domain, attribute, type, value, last_modified) SELECT json_extract(value, '$[0]'), $1, $2, 2, json_extract(value, '$[1]'), CURRENT_TIMESTAMP FROM json_each($3)"
+                }
+            };
+            sqlx::query(self.sql(q))
+                .bind(&self.domain)
+                .bind(attribute)
+                .bind(list)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| self.err(e))?;
+            return Ok(());
+        }
+        for chunk in rows.chunks(CHUNK) {
+            let q = format!(
+                "DELETE FROM usr_preferences WHERE domain = $1 AND attribute = $2 AND username IN ({})",
+                placeholders(3, chunk.len())
+            );
+            let mut query = sqlx::query(self.sql(&q)).bind(&self.domain).bind(attribute);
+            for (ext, _) in chunk {
+                query = query.bind(*ext);
+            }
+            query.execute(&mut *conn).await.map_err(|e| self.err(e))?;
             let set: Vec<(&str, &str)> = chunk
                 .iter()
                 .filter_map(|(e, v)| v.as_deref().map(|v| (*e, v)))
