@@ -209,12 +209,27 @@ pub async fn plan_csv(
     }
     involved.extensions.sort();
     involved.extensions.dedup();
-    // Only the fields a CSV or spec.fields can set are planned: the rest need no memory.
-    let wanted: Vec<UserField> = sheet::FIELDS
+    // Only the fields the file's columns or spec.fields set are planned: the rest need no
+    // memory. A number column brings every number field: a move changes the giver's too.
+    let mut wanted: Vec<UserField> = sheet
+        .columns
         .iter()
-        .copied()
+        .filter_map(|c| match c {
+            sheet::Column::Field(f) => Some(*f),
+            _ => None,
+        })
         .chain(req.intent.fields.iter().map(|f| f.field))
         .collect();
+    if wanted.iter().any(|f| f.is_number()) {
+        wanted.extend([
+            UserField::PrimaryNumber,
+            UserField::PrimaryNumberLocation,
+            UserField::PrivateNumber,
+            UserField::PrivateNumberLocation,
+        ]);
+    }
+    wanted.sort();
+    wanted.dedup();
     let selection = UserSelection {
         groups: vec![],
         extensions: std::mem::take(&mut involved.extensions),
