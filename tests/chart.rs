@@ -332,6 +332,8 @@ fn deployment_is_locked_down_and_runs_the_operator() {
             "30s",
             "--max-csv-bytes",
             "33554432",
+            "--batch-size",
+            "4000",
             "--leader-election"
         ]
     );
