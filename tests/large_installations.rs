@@ -716,3 +716,93 @@ async fn contradicting_enforce_changes_refuse_the_later_and_never_flap() {
         );
     }
 }
+
+/// A 20,000-user change of three fields runs to the end with the operator held to
+/// `MEMORY_LIMIT_MIB` (default 64 MiB, the memory the chart requests) by a memory cgroup, as a
+/// container limit holds it: the same process finishes, never OOM-killed. At the operator's own
+/// batch size (4,000), not the tests' smaller one.
+#[tokio::test]
+async fn a_large_change_finishes_within_a_memory_limit() {
+    const USERS: usize = 20_000;
+    let limit_mib: u64 = std::env::var("MEMORY_LIMIT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let mut env = Env::start(
+        "memory-limit",
+        LabSpec {
+            db: "postgres",
+            users: USERS,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let limit = support::memory::MemoryLimit::new(limit_mib);
+    env.kill_operator();
+    env.operator = support::Operator::start_limited(
+        &control_plane().admin_kubeconfig,
+        &["--namespace", &env.ns, "--batch-size", "4000"],
+        &limit,
+    );
+    let pid = env.operator.child.id();
+    eventually(
+        Duration::from_secs(10),
+        "the operator in its cgroup",
+        || async { limit.members().contains(&pid).then_some(()) },
+    )
+    .await;
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: everyone }
+spec:
+  connectionRef: { name: acme }
+  targets: { groups: [sales, support, engineering] }
+  fields:
+    callGroup: { value: "7", lock: Open }
+    pickupGroup: { value: "7", lock: Open }
+    voiceRoutePolicy: { value: Restricted, lock: Open }
+"#,
+    );
+    // An OOM kill ends the wait at once: a restarted operator would finish the change anyway.
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let b = eventually(Duration::from_secs(600), "the change to finish", || async {
+        assert_eq!(
+            limit.oom_kills(),
+            0,
+            "the operator was OOM-killed under {limit_mib} MiB; log:\n{}",
+            env.operator.log_text()
+        );
+        let b = api.get("everyone").await.ok()?;
+        matches!(
+            b.status.as_ref()?.phase,
+            Phase::Succeeded | Phase::PartiallyFailed | Phase::Failed
+        )
+        .then_some(b)
+    })
+    .await;
+    eprintln!(
+        "{USERS} users under {limit_mib} MiB: peak {:.1} MiB charged to the cgroup, {} OOM kills",
+        limit.peak_mib(),
+        limit.oom_kills()
+    );
+    assert_eq!(limit.oom_kills(), 0, "the operator was OOM-killed");
+    assert!(
+        env.operator.child.try_wait().unwrap().is_none() && limit.members().contains(&pid),
+        "the limited operator must still be running; log:\n{}",
+        env.operator.log_text()
+    );
+    let s = b.status.unwrap();
+    assert_eq!(s.phase, Phase::Succeeded, "{:?}", s.results.first());
+    let summary = s.summary.unwrap();
+    assert_eq!(
+        (summary.targets as usize, summary.changed as usize),
+        (USERS, USERS)
+    );
+    let written = env
+        .sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '7'")
+        .await;
+    assert_eq!(written, USERS.to_string());
+}

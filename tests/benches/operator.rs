@@ -48,11 +48,123 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-async fn bulk_user_change(users: usize) {
-    let env = Env::start(
-        "bench-buc",
+/// What one BulkUserChange run of the user part measured.
+struct UserRun {
+    db: &'static str,
+    users: usize,
+    /// The one-statement SQL floor: seconds.
+    floor: f64,
+    /// Create -> finished: seconds.
+    took: f64,
+    /// Seconds inside the backend's write calls.
+    write: f64,
+    rss_mib: f64,
+    requests: f64,
+    request_kib: f64,
+    configmaps: usize,
+    configmap_kib: f64,
+}
+
+/// Seconds the operator spent so far in the calls that write users (an Atomic run's commit
+/// included).
+fn write_seconds(env: &Env) -> f64 {
+    call_time(env, "apply_user_changes").1 + call_time(env, "commit_atomic").1
+}
+
+/// Resets the operator's VmHWM to its current RSS, so the next figure is the next run's peak.
+fn reset_peak_rss(env: &Env) {
+    let pid = env.operator.child.id();
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// The number and total size (data and binaryData) of the results ConfigMaps a change names.
+async fn results_configmaps(env: &Env, refs: &[String]) -> (usize, f64) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut bytes = 0usize;
+    for name in refs {
+        let cm = cms.get(name).await.unwrap();
+        bytes += cm
+            .data
+            .unwrap_or_default()
+            .values()
+            .map(String::len)
+            .sum::<usize>();
+        bytes += cm
+            .binary_data
+            .unwrap_or_default()
+            .values()
+            .map(|b| b.0.len())
+            .sum::<usize>();
+    }
+    (refs.len(), bytes as f64 / 1024.0)
+}
+
+/// Creates BulkUserChange `name` over every user, setting the three fields to `values`, and
+/// waits for it to finish: the run's figures (the floor left 0), its status and the seconds
+/// from create to finished.
+async fn run_user_change(
+    env: &Env,
+    name: &str,
+    values: (&str, &str, &str),
+    failure_policy: &str,
+) -> (UserRun, pbx_operator::api::OperationStatus) {
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    reset_peak_rss(env);
+    let load = api_load(env);
+    let write_before = write_seconds(env);
+    let start = Instant::now();
+    env.apply(&format!(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: {{ name: {name} }}
+spec:
+  connectionRef: {{ name: acme }}
+  targets: {{ groups: [sales, support, engineering] }}
+  failurePolicy: {failure_policy}
+  fields:
+    callGroup: {{ value: "{}", lock: Open }}
+    pickupGroup: {{ value: "{}", lock: Open }}
+    voiceRoutePolicy: {{ value: {}, lock: Open }}
+"#,
+        values.0, values.1, values.2
+    ));
+    let b = support::eventually(Duration::from_secs(900), "the change to finish", || async {
+        let b = api.get(name).await.ok()?;
+        matches!(
+            b.status.as_ref()?.phase,
+            Phase::Succeeded | Phase::PartiallyFailed | Phase::Failed
+        )
+        .then_some(b)
+    })
+    .await;
+    let took = start.elapsed().as_secs_f64();
+    let rss_mib = peak_rss_mib(env.operator.child.id());
+    let after = api_load(env);
+    let s = b.status.unwrap();
+    let (configmaps, configmap_kib) = results_configmaps(env, &s.results_refs).await;
+    let run = UserRun {
+        db: "",
+        users: 0,
+        floor: 0.0,
+        took,
+        write: write_seconds(env) - write_before,
+        rss_mib,
+        requests: after.0 - load.0,
+        request_kib: (after.1 - load.1) / 1024.0,
+        configmaps,
+        configmap_kib,
+    };
+    (run, s)
+}
+
+/// A BulkUserChange of 3 fields on `users` users on database `db`, beside the floor; with
+/// `extras`, then an Atomic run of the same size and a run with one SIGKILL mid-run.
+async fn bulk_user_change(db: &'static str, users: usize, extras: bool) -> UserRun {
+    let mut env = Env::start(
+        &format!("bench-buc-{db}"),
         LabSpec {
-            db: "postgres",
+            db,
             users,
             phones: 0,
             ..Default::default()
@@ -61,7 +173,7 @@ async fn bulk_user_change(users: usize) {
     )
     .await;
 
-    // The floor: one statement writing the same 30,000 values.
+    // The floor: one statement writing the same values (three per user), on every database.
     let start = Instant::now();
     let floor_sql = "UPDATE usr_preferences SET value = CASE attribute WHEN 'pbx.call_group' THEN '11' WHEN 'pbx.pickup_group' THEN '12' ELSE 'Restricted' END WHERE attribute IN ('pbx.call_group', 'pbx.pickup_group', 'pbx.voice_route_policy')";
     let floor_rows = sqlx::query(floor_sql)
@@ -69,26 +181,94 @@ async fn bulk_user_change(users: usize) {
         .await
         .unwrap()
         .rows_affected();
-    let floor = start.elapsed();
+    let floor = start.elapsed().as_secs_f64();
+
+    let (mut run, s) =
+        run_user_change(&env, "everyone", ("21", "22", "International"), "Continue").await;
+    run.db = db;
+    run.users = users;
+    run.floor = floor;
+    let summary = s.summary.unwrap_or_default();
+    let written = env.sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '21'").await;
+    println!(
+        "\nBulkUserChange, {users} users x 3 fields, {db} (debug={})",
+        cfg!(debug_assertions)
+    );
+    println!("  floor: one SQL UPDATE of {floor_rows} rows        {floor:>8.2} s");
+    println!(
+        "  operator: create -> {:?}, {} changed        {:>8.2} s   ({:.1} x the floor)",
+        s.phase,
+        summary.changed,
+        run.took,
+        run.took / floor
+    );
+    println!(
+        "  PBX write phase (apply_user_changes)          {:>8.2} s   ({:.2} x the floor)",
+        run.write,
+        run.write / floor
+    );
+    println!("  users with the new value in SQL               {written:>8}");
+    println!(
+        "  operator peak RSS (VmHWM)                     {:>8.1} MiB",
+        run.rss_mib
+    );
+    println!(
+        "  API server load: {} requests, {:.1} KiB of request bodies",
+        run.requests, run.request_kib
+    );
+    println!(
+        "  results: {} ConfigMaps, {:.1} KiB in all",
+        run.configmaps, run.configmap_kib
+    );
+    if extras {
+        atomic_and_crash(&mut env, users).await;
+    }
+    run
+}
+
+/// On a lab of `users` users: the same change as one Atomic transaction, then again with one
+/// SIGKILL mid-run, checking that every target is reported once and written.
+async fn atomic_and_crash(env: &mut Env, users: usize) {
+    let (atomic, s) =
+        run_user_change(env, "everyone-atomic", ("31", "32", "Domestic"), "Atomic").await;
+    let summary = s.summary.unwrap_or_default();
+    let written = env.sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '31'").await;
+    println!(
+        "  Atomic (one transaction): -> {:?}, {} changed {:>8.2} s",
+        s.phase, summary.changed, atomic.took
+    );
+    println!(
+        "    write phase (apply_user_changes + commit) {:>8.2} s",
+        atomic.write
+    );
+    println!(
+        "    operator peak RSS during it (VmHWM)        {:>8.1} MiB",
+        atomic.rss_mib
+    );
+    println!("    users with the new value in SQL            {written:>8}");
 
     let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
-    let load = api_load(&env);
     let start = Instant::now();
     env.apply(
         r#"apiVersion: pbx-operator.io/v1alpha1
 kind: BulkUserChange
-metadata: { name: everyone }
+metadata: { name: everyone-crash }
 spec:
   connectionRef: { name: acme }
   targets: { groups: [sales, support, engineering] }
   fields:
-    callGroup: { value: "21", lock: Open }
-    pickupGroup: { value: "22", lock: Open }
-    voiceRoutePolicy: { value: International, lock: Open }
+    callGroup: { value: "41", lock: Open }
+    pickupGroup: { value: "42", lock: Open }
+    voiceRoutePolicy: { value: Restricted, lock: Open }
 "#,
     );
-    let b = support::eventually(Duration::from_secs(600), "the change to finish", || async {
-        let b = api.get("everyone").await.ok()?;
+    let progress =
+        "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '41'";
+    let kills = env
+        .kill_mid_run_every_time("everyone-crash", 1, Duration::from_secs(2), progress)
+        .await;
+    let b = support::eventually(Duration::from_secs(900), "the change to finish", || async {
+        let b = api.get("everyone-crash").await.ok()?;
         matches!(
             b.status.as_ref()?.phase,
             Phase::Succeeded | Phase::PartiallyFailed | Phase::Failed
@@ -96,32 +276,29 @@ spec:
         .then_some(b)
     })
     .await;
-    let took = start.elapsed();
-    let rss = peak_rss_mib(env.operator.child.id());
+    let took = start.elapsed().as_secs_f64();
     let s = b.status.unwrap();
-    let summary = s.summary.unwrap();
-    let written = env.sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '21'").await;
+    let (ok, csv, err) = env.cli(&["results", "bulkuserchange/everyone-crash", "-n", &env.ns]);
+    assert!(ok, "{err}");
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    let targets: std::collections::BTreeSet<&str> =
+        rows.iter().filter_map(|l| l.split(',').next()).collect();
+    let all_changed = rows.iter().all(|l| l.contains(",Changed,"));
+    let written = env.sql_one(progress).await;
+    let once = rows.len() == users && targets.len() == users;
     println!(
-        "\nBulkUserChange, {users} users x 3 fields, PostgreSQL (debug={})",
-        cfg!(debug_assertions)
+        "  one SIGKILL mid-run ({} -> {}, {} users written at the kill): -> {:?} {took:>6.2} s",
+        kills[0].before, kills[0].after, kills[0].rows_written, s.phase
     );
     println!(
-        "  floor: one batched SQL UPDATE of {floor_rows} rows   {:>8.2} s",
-        floor.as_secs_f64()
+        "    result rows {} for {} distinct targets of {users}: every target once: {once}, all Changed: {all_changed}; written in SQL {written}",
+        rows.len(),
+        targets.len()
     );
-    println!(
-        "  operator: create -> {:?}, {} changed          {:>8.2} s",
-        s.phase,
-        summary.changed,
-        took.as_secs_f64()
+    assert!(
+        once && all_changed && written == users.to_string(),
+        "the crashed run lost or repeated targets"
     );
-    println!(
-        "  ratio operator / floor                         {:>8.1} x",
-        took.as_secs_f64() / floor.as_secs_f64()
-    );
-    println!("  users with the new value in SQL                {written:>8}");
-    println!("  operator peak RSS (VmHWM)                      {rss:>8.1} MiB");
-    print_api_load(load, api_load(&env));
 }
 
 /// The operator's requests to the API server so far (all verbs) and the bytes of their bodies,
@@ -678,14 +855,24 @@ async fn shared_rate(each: usize, limit: u32, own: usize) {
     );
 }
 
-async fn csv_change(rows: usize) {
+/// What the CSV part measured: Validate and Execute seconds, peak RSS in MiB.
+struct CsvRun {
+    db: &'static str,
+    rows: usize,
+    validate: f64,
+    execute: f64,
+    rss_mib: f64,
+    configmaps: usize,
+}
+
+async fn csv_change(db: &'static str, rows: usize) -> CsvRun {
     use k8s_openapi::api::core::v1::ConfigMap;
-    use kube::api::{ListParams, Patch, PatchParams, PostParams};
+    use kube::api::{Patch, PatchParams, PostParams};
 
     let env = Env::start(
-        "bench-csv",
+        &format!("bench-csv-{db}"),
         LabSpec {
-            db: "postgres",
+            db,
             users: rows,
             phones: 0,
             ..Default::default()
@@ -768,21 +955,10 @@ spec:
     let rss = peak_rss_mib(env.operator.child.id());
     let s = done.status.unwrap();
     let summary = s.summary.unwrap();
-    let mut largest = 0;
-    for cm in cms.list(&ListParams::default()).await.unwrap() {
-        if cm
-            .metadata
-            .name
-            .as_deref()
-            .is_some_and(|n| n.starts_with("sheet-results-"))
-        {
-            let size: usize = cm.data.unwrap_or_default().values().map(String::len).sum();
-            largest = largest.max(size);
-        }
-    }
+    let (configmaps, configmap_kib) = results_configmaps(&env, &s.results_refs).await;
     let written = env.sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.caller_id_policy' AND value = 'Anonymous'").await;
     println!(
-        "\nCSV BulkUserChange, {rows} rows, PostgreSQL (debug={})",
+        "\nCSV BulkUserChange, {rows} rows, {db} (debug={})",
         cfg!(debug_assertions)
     );
     println!(
@@ -807,16 +983,102 @@ spec:
         summary.changed,
         execute_took.as_secs_f64()
     );
-    println!(
-        "  result ConfigMaps: {}, largest {} bytes (limit 1 MiB)",
-        s.results_refs.len(),
-        largest
-    );
+    println!("  results: {configmaps} ConfigMaps, {configmap_kib:.1} KiB in all");
     println!("  users with the new policy in SQL               {written:>8}");
     println!("  operator peak RSS before the change (VmHWM)    {rss_at_rest:>8.1} MiB");
     println!("  operator peak RSS after Validate (VmHWM)       {rss_validate:>8.1} MiB");
     println!("  operator peak RSS after Execute (VmHWM)        {rss:>8.1} MiB");
     print_api_load(load, api_load(&env));
+    CsvRun {
+        db,
+        rows,
+        validate: validate_took.as_secs_f64(),
+        execute: execute_took.as_secs_f64(),
+        rss_mib: rss,
+        configmaps,
+    }
+}
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_string())
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// The lab's name of database `name` (`mysql` runs MariaDB).
+fn database(name: &str) -> &'static str {
+    match name {
+        "postgres" => "postgres",
+        "mysql" => "mysql",
+        "sqlite" => "sqlite",
+        other => panic!("unknown database {other}: postgres, mysql or sqlite"),
+    }
+}
+
+/// The user and CSV figures of the whole run, one line each, beside the issue's targets.
+fn print_summary(users: &[UserRun], csvs: &[CsvRun]) {
+    if users.is_empty() && csvs.is_empty() {
+        return;
+    }
+    println!(
+        "\nSummary (targets: 100,000 users <= 30 s, write <= 2 x floor, RSS <= 64 MiB; 10,000 users <= 3 s; RSS at 100,000 within 10% of 10,000; <= 30 results ConfigMaps)"
+    );
+    println!(
+        "  {:<9} {:>7} {:>8} {:>8} {:>7} {:>8} {:>8} {:>9} {:>9} {:>5}",
+        "database",
+        "users",
+        "floor s",
+        "write s",
+        "w/floor",
+        "total s",
+        "RSS MiB",
+        "API req",
+        "API KiB",
+        "CMs"
+    );
+    for r in users {
+        println!(
+            "  {:<9} {:>7} {:>8.2} {:>8.2} {:>7.2} {:>8.2} {:>8.1} {:>9} {:>9.1} {:>5}",
+            r.db,
+            r.users,
+            r.floor,
+            r.write,
+            r.write / r.floor,
+            r.took,
+            r.rss_mib,
+            r.requests,
+            r.request_kib,
+            r.configmaps
+        );
+    }
+    for small in users {
+        for large in users
+            .iter()
+            .filter(|l| l.db == small.db && l.users > small.users)
+        {
+            println!(
+                "  {}: peak RSS at {} / at {}: {:.2} (target <= 1.10)",
+                small.db,
+                large.users,
+                small.users,
+                large.rss_mib / small.rss_mib
+            );
+        }
+    }
+    if !csvs.is_empty() {
+        println!(
+            "  CSV (targets at 100,000 rows: Validate <= 10 s, Execute <= 30 s, RSS <= 64 MiB)"
+        );
+        for c in csvs {
+            println!(
+                "  {:<9} {:>7} rows: Validate {:>6.2} s, Execute {:>6.2} s, peak RSS {:>5.1} MiB, {} results ConfigMaps",
+                c.db, c.rows, c.validate, c.execute, c.rss_mib, c.configmaps
+            );
+        }
+    }
 }
 
 #[tokio::main]
@@ -826,10 +1088,26 @@ async fn main() {
     }
     // The operator as shipped, not the tests' small batches.
     support::Operator::use_default_batch_size();
-    // A size of 0 skips that part.
-    let users = env_usize("BENCH_USERS", 10_000);
-    if users > 0 {
-        bulk_user_change(users).await;
+    // Every database at every size (SQLite only up to 10,000: a file database a tenant of this
+    // size would not run on); an empty list or a size of 0 skips a part.
+    let mut user_runs = Vec::new();
+    let sizes: Vec<usize> = env_list("BENCH_USER_SIZES", "10000,100000")
+        .iter()
+        .filter_map(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .collect();
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    let extras = env_usize("BENCH_USER_EXTRAS", 1) > 0;
+    for db in env_list("BENCH_DBS", "postgres,mysql,sqlite") {
+        let db = database(&db);
+        for &users in &sizes {
+            if db == "sqlite" && users > 10_000 {
+                continue;
+            }
+            // The Atomic and SIGKILL runs once, at the largest size on PostgreSQL.
+            let with_extras = extras && db == "postgres" && users == largest;
+            user_runs.push(bulk_user_change(db, users, with_extras).await);
+        }
     }
     // The restart at two registrar sizes (its RPC bytes per confirmed phone must not grow with
     // the registrar), the larger one followed by a BulkPhoneChange of its phones.
@@ -847,8 +1125,12 @@ async fn main() {
     if shared > 0 {
         shared_rate(shared, 200, 150).await;
     }
-    let csv_rows = env_usize("BENCH_CSV_ROWS", 20_000);
+    let mut csv_runs = Vec::new();
+    let csv_rows = env_usize("BENCH_CSV_ROWS", 100_000);
     if csv_rows > 0 {
-        csv_change(csv_rows).await;
+        for db in env_list("BENCH_CSV_DBS", "postgres,mysql") {
+            csv_runs.push(csv_change(database(&db), csv_rows).await);
+        }
     }
+    print_summary(&user_runs, &csv_runs);
 }

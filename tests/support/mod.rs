@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 static OPERATOR_BATCH_SIZE: AtomicUsize = AtomicUsize::new(1000);
 
 pub mod lab;
+pub mod memory;
 pub mod pbx;
 pub mod smtp;
 
@@ -269,12 +270,41 @@ impl Operator {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Operator {
+        Operator::spawn(kubeconfig, extra_args, env, None)
+    }
+
+    /// Like [`Operator::start`], the process in `limit`'s memory cgroup from its first
+    /// instruction (it joins, then execs the operator: `child.id()` is the operator).
+    pub fn start_limited(
+        kubeconfig: &Path,
+        extra_args: &[&str],
+        limit: &memory::MemoryLimit,
+    ) -> Operator {
+        Operator::spawn(kubeconfig, extra_args, &[], Some(&limit.procs_file()))
+    }
+
+    fn spawn(
+        kubeconfig: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        cgroup_procs: Option<&Path>,
+    ) -> Operator {
         let log = control_plane()
             .dir
             .join(format!("operator-{}.log", uuid_like()));
         let file = std::fs::File::create(&log).unwrap();
         let metrics_port = free_port();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pbx-operator"));
+        let binary = env!("CARGO_BIN_EXE_pbx-operator");
+        let mut command = match cgroup_procs {
+            None => Command::new(binary),
+            Some(procs) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+                    .arg(procs)
+                    .arg(binary);
+                sh
+            }
+        };
         let batch_size = OPERATOR_BATCH_SIZE.load(Ordering::Relaxed);
         if batch_size > 0 {
             command.env("PBX_OPERATOR_BATCH_SIZE", batch_size.to_string());
