@@ -1,23 +1,27 @@
 //! End-to-end figures, printed (never asserted): the operator process against a real control
 //! plane and a real Kamailio.
 //!
-//! 1. A BulkUserChange of 3 fields on 10,000 users (PostgreSQL): create -> Ready, beside the
-//!    floor (one batched SQL UPDATE writing the same 30,000 rows), and the operator's peak RSS.
+//! 1. A BulkUserChange of 3 fields on 10,000 and 100,000 users, on PostgreSQL, MariaDB and
+//!    SQLite (10,000 only), a fresh lab each: create -> Succeeded and the PBX write phase beside
+//!    the floor (one SQL UPDATE writing the same values), peak RSS, API server load, results
+//!    ConfigMaps. At the largest size on PostgreSQL, the same change as one Atomic transaction
+//!    and once with a SIGKILL mid-run (every target reported once and written).
 //! 2. PhoneRestart of 200 and of 2,000 registered SIPp phones (+10 silent ones each), no rate
 //!    limit: the send phase's NOTIFYs per second at the phones, time to all settled, RPC bytes
 //!    read per confirmed phone at both sizes, peak RSS, beside a shell loop of JSON-RPC NOTIFYs
 //!    (what an admin would script); then a BulkPhoneChange (model + label of one vendor) of the
 //!    2,000, Validate and Execute timed.
+//! 3. A CSV-sourced BulkUserChange of 100,000 rows (PostgreSQL, MariaDB): export, Validate, then
+//!    Execute of the validated rows; times, the result ConfigMaps and the operator's peak RSS.
 //!
-//! 3. A CSV-sourced BulkUserChange of 20,000 rows (PostgreSQL): export, Validate, then Execute
-//!    of the validated rows; times, the result ConfigMaps' sizes and the operator's peak RSS.
+//! A summary table of parts 1 and 3 ends the run.
 //!
-//! Run: `cargo bench --bench operator` (BENCH_USERS, BENCH_PHONES, BENCH_PHONES_SMALL,
-//! BENCH_SILENT_PHONES, BENCH_LOOP_PHONES,
-//! BENCH_SHARED_RATE_PHONES (two restarts of that many phones each under a shared 200/s),
-//! BENCH_CSV_ROWS override sizes; 0 skips a part; BENCH_PHONE_CHANGE=0 skips the
-//! BulkPhoneChange). Only the phones at 2,000:
-//! `BENCH_USERS=0 BENCH_CSV_ROWS=0 BENCH_PHONES_SMALL=0 cargo bench --bench operator`.
+//! Run: `cargo bench --bench operator`. BENCH_DBS and BENCH_USER_SIZES (comma lists),
+//! BENCH_USER_EXTRAS=0 (no Atomic and SIGKILL runs), BENCH_PHONES, BENCH_PHONES_SMALL,
+//! BENCH_SILENT_PHONES, BENCH_LOOP_PHONES, BENCH_SHARED_RATE_PHONES (two restarts of that many
+//! phones each under a shared 200/s), BENCH_CSV_ROWS and BENCH_CSV_DBS override; 0 or an empty
+//! list skips a part; BENCH_PHONE_CHANGE=0 skips the BulkPhoneChange. Users and CSV only:
+//! `BENCH_PHONES=0 BENCH_PHONES_SMALL=0 BENCH_SHARED_RATE_PHONES=0 cargo bench --bench operator`.
 
 #[path = "../support/mod.rs"]
 mod support;
