@@ -305,6 +305,10 @@ impl Operator {
                 sh
             }
         };
+        if let Ok(raw) = std::env::var("HEAPTRACK_RAW_DIR") {
+            command.env("LD_PRELOAD", "/usr/lib/heaptrack/libheaptrack_preload.so");
+            command.env("DUMP_HEAPTRACK_OUTPUT", format!("{raw}/raw-{}", uuid_like()));
+        }
         let batch_size = OPERATOR_BATCH_SIZE.load(Ordering::Relaxed);
         if batch_size > 0 {
             command.env("PBX_OPERATOR_BATCH_SIZE", batch_size.to_string());
