@@ -307,7 +307,10 @@ impl Operator {
         };
         if let Ok(raw) = std::env::var("HEAPTRACK_RAW_DIR") {
             command.env("LD_PRELOAD", "/usr/lib/heaptrack/libheaptrack_preload.so");
-            command.env("DUMP_HEAPTRACK_OUTPUT", format!("{raw}/raw-{}", uuid_like()));
+            command.env(
+                "DUMP_HEAPTRACK_OUTPUT",
+                format!("{raw}/raw-{}", uuid_like()),
+            );
         }
         let batch_size = OPERATOR_BATCH_SIZE.load(Ordering::Relaxed);
         if batch_size > 0 {
