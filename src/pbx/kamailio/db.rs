@@ -99,6 +99,15 @@ impl Db {
             // connection is closed instead of handed out again.
             .before_acquire(|conn, _| {
                 Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+            })
+            // A connection keeps its buffers at the largest message it ever sent or read (a
+            // batch's journal is megabytes): every pooled connection would hold one, and the
+            // operator's memory grow with the connections a long run happened to use.
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    sqlx::Connection::shrink_buffers(conn);
+                    Ok(true)
+                })
             });
         if dialect == Dialect::MySql {
             // A MySQL server outside strict mode stores a value too long for its column cut short
