@@ -7,11 +7,90 @@
 //! operations hold a later one back, so waiting never forms a cycle and overlapping operations
 //! run in creation order. Validate runs never ask (they write nothing).
 
-use std::collections::BTreeSet;
-
 /// Targets as the ordering sees them, kind-qualified (`user:1001`, `phone:...`), so a user and
-/// a phone that happen to share a name never overlap.
-pub type Targets = BTreeSet<String>;
+/// a phone that happen to share a name never overlap. A running operation's set lives as long
+/// as it runs (100,000 keys for a large tenant's change), so it is packed: the sorted, distinct
+/// keys end to end in one string, about 14 bytes a user instead of a tree node and a heap
+/// string each (about 70).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Targets {
+    text: String,
+    /// Where each key ends in `text`.
+    ends: Vec<u32>,
+}
+
+impl Targets {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn key(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
+    }
+
+    /// The keys in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        (0..self.len()).map(|i| self.key(i))
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        let (mut low, mut high) = (0, self.len());
+        while low < high {
+            let mid = (low + high) / 2;
+            match self.key(mid).cmp(key) {
+                std::cmp::Ordering::Less => low = mid + 1,
+                std::cmp::Ordering::Greater => high = mid,
+                std::cmp::Ordering::Equal => return true,
+            }
+        }
+        false
+    }
+}
+
+/// Collects keys in any order, with repeats; [`TargetsBuilder::finish`] sorts them once.
+#[derive(Default)]
+pub struct TargetsBuilder {
+    unsorted: Targets,
+}
+
+impl TargetsBuilder {
+    pub fn insert(&mut self, key: &str) {
+        self.unsorted.text.push_str(key);
+        self.unsorted.ends.push(self.unsorted.text.len() as u32);
+    }
+
+    pub fn finish(self) -> Targets {
+        let unsorted = self.unsorted;
+        let mut order: Vec<u32> = (0..unsorted.len() as u32).collect();
+        order.sort_unstable_by(|a, b| unsorted.key(*a as usize).cmp(unsorted.key(*b as usize)));
+        order.dedup_by(|a, b| unsorted.key(*a as usize) == unsorted.key(*b as usize));
+        let mut sorted = Targets {
+            text: String::with_capacity(unsorted.text.len()),
+            ends: Vec::with_capacity(order.len()),
+        };
+        for i in order {
+            sorted.text.push_str(unsorted.key(i as usize));
+            sorted.ends.push(sorted.text.len() as u32);
+        }
+        sorted.text.shrink_to_fit();
+        sorted
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for Targets {
+    fn from_iter<I: IntoIterator<Item = S>>(keys: I) -> Self {
+        let mut builder = TargetsBuilder::default();
+        for key in keys {
+            builder.insert(key.as_ref());
+        }
+        builder.finish()
+    }
+}
 
 /// A user target's key.
 pub fn user(extension: &str) -> String {
@@ -132,7 +211,7 @@ pub fn decide(created: &Created, targets: &Targets, others: &[Other<'_>], limit:
         } else {
             (targets, theirs)
         };
-        let common: Vec<&String> = small.iter().filter(|t| big.contains(*t)).collect();
+        let common: Vec<&str> = small.iter().filter(|t| big.contains(t)).collect();
         Some((
             common.len(),
             common.iter().take(FIRST).map(|t| t.to_string()).collect(),
@@ -235,10 +314,10 @@ pub fn contradiction(earlier: Desired<'_>, later: Desired<'_>) -> Option<Contest
     if fields.is_empty() {
         return None;
     }
-    let shared: Vec<&String> = later
+    let shared: Vec<&str> = later
         .targets
         .iter()
-        .filter(|t| earlier.targets.contains(*t))
+        .filter(|t| earlier.targets.contains(t))
         .collect();
     if shared.is_empty() {
         return None;
@@ -256,6 +335,25 @@ mod tests {
 
     fn set(users: &[&str]) -> Targets {
         users.iter().map(|u| user(u)).collect()
+    }
+
+    #[test]
+    fn targets_are_sorted_distinct_and_found_by_key() {
+        let t: Targets = ["user:20", "phone:1", "user:100", "user:20", "", "user:2"]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            t.iter().collect::<Vec<_>>(),
+            ["", "phone:1", "user:100", "user:2", "user:20"]
+        );
+        assert_eq!(t.len(), 5);
+        for key in ["", "phone:1", "user:100", "user:2", "user:20"] {
+            assert!(t.contains(key), "{key}");
+        }
+        for key in ["user:1", "user:200", "phone:", "zzz", "a"] {
+            assert!(!t.contains(key), "{key}");
+        }
+        assert!(Targets::default().is_empty() && !Targets::default().contains(""));
     }
 
     fn at(n: i64, name: &str) -> Created {
@@ -390,7 +488,7 @@ mod tests {
 
     #[test]
     fn users_and_phones_never_overlap() {
-        let a: Targets = [phone("1001")].into();
+        let a: Targets = [phone("1001")].into_iter().collect();
         let others = [other("a", 1, State::Running, Some(&a))];
         assert_eq!(
             decide(&at(2, "b"), &set(&["1001"]), &others, 4),

@@ -46,20 +46,18 @@ pub(super) fn contradicted<K: Operation + Resource>(
         {
             continue;
         }
-        let mut targets: Targets = status
-            .plan
-            .as_ref()
-            .map(|p| p.resolved.iter().map(|t| ordering::user(t)).collect())
-            .unwrap_or_default();
-        if let Some(k) = ctx
+        let known = ctx
             .ordering
             .known
             .lock()
             .expect("not poisoned")
             .get(&other.uid().unwrap_or_default())
-        {
-            targets.extend(k.targets.iter().cloned());
-        }
+            .map(|k| k.targets.clone());
+        let resolved = status.plan.iter().flat_map(|p| &p.resolved);
+        let targets: Targets = resolved
+            .map(|t| ordering::user(t))
+            .chain(known.iter().flat_map(|k| k.iter().map(String::from)))
+            .collect();
         let desired = |targets, fields| ordering::Desired { targets, fields };
         if let Some(c) = ordering::contradiction(desired(&targets, &theirs), desired(mine, fields))
         {

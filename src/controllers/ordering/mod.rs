@@ -35,7 +35,7 @@ use crate::api::{
     BulkPhoneChange, BulkUserChange, Mode, OperationStatus, PbxConnection, Phase, PhoneRestart,
     Policy, UserRecycle,
 };
-use crate::plan::ordering::{self, Created, Decision, Other, State, Targets};
+use crate::plan::ordering::{self, Created, Decision, Other, State, Targets, TargetsBuilder};
 use crate::plan::stored::Row;
 use crate::plan::user_change as request;
 use crate::plan::users::Wanted;
@@ -73,25 +73,25 @@ pub const WAITING_REASONS: [&str; 3] = [
 pub(crate) trait Operation: Ledgered {
     /// A stored row's target as the ordering keys it (users and phones apart), with the other
     /// users a row touches (numbers it takes from them).
-    fn targets_of(row: &Row, out: &mut Targets);
+    fn targets_of(row: &Row, out: &mut TargetsBuilder);
     /// A change that keeps a desired state (Enforce): the value of each plain field it sets.
     fn enforced(&self) -> Option<BTreeMap<String, Option<String>>> {
         None
     }
 }
 
-fn user_targets(row: &Row, out: &mut Targets) {
-    out.insert(ordering::user(&row.target));
+fn user_targets(row: &Row, out: &mut TargetsBuilder) {
+    out.insert(&ordering::user(&row.target));
     for t in &row.takes {
-        out.insert(ordering::user(&t.holder));
+        out.insert(&ordering::user(&t.holder));
     }
     for g in &row.gives {
-        out.insert(ordering::user(g));
+        out.insert(&ordering::user(g));
     }
 }
 
 impl Operation for BulkUserChange {
-    fn targets_of(row: &Row, out: &mut Targets) {
+    fn targets_of(row: &Row, out: &mut TargetsBuilder) {
         user_targets(row, out)
     }
     /// CSV-sourced changes set values per row and are not compared.
@@ -119,20 +119,20 @@ impl Operation for BulkUserChange {
 }
 
 impl Operation for UserRecycle {
-    fn targets_of(row: &Row, out: &mut Targets) {
+    fn targets_of(row: &Row, out: &mut TargetsBuilder) {
         user_targets(row, out)
     }
 }
 
 impl Operation for BulkPhoneChange {
-    fn targets_of(row: &Row, out: &mut Targets) {
-        out.insert(ordering::phone(&row.target));
+    fn targets_of(row: &Row, out: &mut TargetsBuilder) {
+        out.insert(&ordering::phone(&row.target));
     }
 }
 
 impl Operation for PhoneRestart {
-    fn targets_of(row: &Row, out: &mut Targets) {
-        out.insert(ordering::phone(&row.target));
+    fn targets_of(row: &Row, out: &mut TargetsBuilder) {
+        out.insert(&ordering::phone(&row.target));
     }
 }
 
@@ -347,14 +347,14 @@ where
         .find(|o| o.uid().as_deref() == Some(uid) && o.namespace().as_deref() == Some(ns))?;
     let progress = obj.status()?.progress.clone()?;
     let run = Run::new(ctx, &*obj, None);
-    let mut targets = Targets::new();
+    let mut targets = TargetsBuilder::default();
     for index in 0..progress.batches as usize {
         let rows = engine_load(&run, index).await?;
         for row in &rows {
             K::targets_of(row, &mut targets);
         }
     }
-    let targets = Arc::new(targets);
+    let targets = Arc::new(targets.finish());
     ctx.ordering.known.lock().expect("not poisoned").insert(
         uid.to_string(),
         Known {
@@ -499,7 +499,7 @@ where
     let Some(progress) = status.progress.clone() else {
         return Ok(());
     };
-    let mut mine = Targets::new();
+    let mut mine = TargetsBuilder::default();
     for index in 0..progress.batches as usize {
         use crate::engine::Store as _;
         let rows = run.load(index).await.map_err(Error::Engine)?;
@@ -507,6 +507,7 @@ where
             K::targets_of(row, &mut mine);
         }
     }
+    let mine = mine.finish();
     let ns = obj.namespace().unwrap_or_default();
     let conn = obj.connection().to_string();
     let uid = obj.uid().unwrap_or_default();
