@@ -52,6 +52,8 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+const FINISHED: &[Phase] = &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed];
+
 /// What one BulkUserChange run of the user part measured.
 struct UserRun {
     db: &'static str,
@@ -113,7 +115,6 @@ async fn run_user_change(
     values: (&str, &str, &str),
     failure_policy: &str,
 ) -> (UserRun, pbx_operator::api::OperationStatus) {
-    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
     reset_peak_rss(env);
     let load = api_load(env);
     let write_before = write_seconds(env);
@@ -133,15 +134,9 @@ spec:
 "#,
         values.0, values.1, values.2
     ));
-    let b = support::eventually(Duration::from_secs(900), "the change to finish", || async {
-        let b = api.get(name).await.ok()?;
-        matches!(
-            b.status.as_ref()?.phase,
-            Phase::Succeeded | Phase::PartiallyFailed | Phase::Failed
-        )
-        .then_some(b)
-    })
-    .await;
+    let b = env
+        .wait_buc_for(name, FINISHED, Duration::from_secs(900))
+        .await;
     let took = start.elapsed().as_secs_f64();
     let rss_mib = peak_rss_mib(env.operator.child.id());
     let after = api_load(env);
@@ -251,7 +246,6 @@ async fn atomic_and_crash(env: &mut Env, users: usize) {
     );
     println!("    users with the new value in SQL            {written:>8}");
 
-    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
     let start = Instant::now();
     env.apply(
         r#"apiVersion: pbx-operator.io/v1alpha1
@@ -271,15 +265,9 @@ spec:
     let kills = env
         .kill_mid_run_every_time("everyone-crash", 1, Duration::from_secs(2), progress)
         .await;
-    let b = support::eventually(Duration::from_secs(900), "the change to finish", || async {
-        let b = api.get("everyone-crash").await.ok()?;
-        matches!(
-            b.status.as_ref()?.phase,
-            Phase::Succeeded | Phase::PartiallyFailed | Phase::Failed
-        )
-        .then_some(b)
-    })
-    .await;
+    let b = env
+        .wait_buc_for("everyone-crash", FINISHED, Duration::from_secs(900))
+        .await;
     let took = start.elapsed().as_secs_f64();
     let s = b.status.unwrap();
     let (ok, csv, err) = env.cli(&["results", "bulkuserchange/everyone-crash", "-n", &env.ns]);
