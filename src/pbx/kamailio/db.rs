@@ -324,7 +324,7 @@ impl Db {
         let mut users: BTreeMap<String, User> = BTreeMap::new();
 
         for chunk in wanted.chunks(self.read_chunk()) {
-            let list = self.list_sql(chunk.len());
+            let list = self.list_sql();
             let q = format!(
                 "SELECT username, ha1 FROM subscriber WHERE domain = $1 AND username IN ({list})"
             );
@@ -515,22 +515,21 @@ impl Db {
         })
     }
 
-    /// Users per read: PostgreSQL and SQLite take a batch's whole list as one JSON parameter
-    /// (one statement per table, not one per 500 users); MySQL takes IN lists of placeholders.
+    /// Users per read: every database takes a batch's list as one JSON parameter (one statement
+    /// per table, not one per 500 users with 500 placeholders).
     fn read_chunk(&self) -> usize {
-        match self.dialect {
-            Dialect::MySql => CHUNK,
-            _ => 8 * CHUNK,
-        }
+        8 * CHUNK
     }
 
-    /// A list of `n` values at $2 of a query: the elements of one JSON parameter, or
-    /// placeholders (see [`Db::fetch_list`]).
-    fn list_sql(&self, n: usize) -> String {
+    /// The list at $2 of a query: the elements of one JSON parameter (see [`Db::fetch_list`]).
+    /// MariaDB materializes JSON_TABLE's rows and probes the table's index per user.
+    fn list_sql(&self) -> &'static str {
         match self.dialect {
-            Dialect::Postgres => "SELECT jsonb_array_elements_text($2::jsonb)".into(),
-            Dialect::Sqlite => "SELECT value FROM json_each($2)".into(),
-            Dialect::MySql => placeholders(2, n),
+            Dialect::Postgres => "SELECT jsonb_array_elements_text($2::jsonb)",
+            Dialect::Sqlite => "SELECT value FROM json_each($2)",
+            Dialect::MySql => {
+                "SELECT u FROM JSON_TABLE($2, '$[*]' COLUMNS (u VARCHAR(255) PATH '$')) AS j"
+            }
         }
     }
 
@@ -541,9 +540,6 @@ impl Db {
         q: &str,
         values: &[String],
     ) -> Result<Vec<AnyRow>> {
-        if self.dialect == Dialect::MySql {
-            return self.fetch_in(conn, q, values).await;
-        }
         let list = serde_json::to_string(values).expect("strings serialize");
         sqlx::query(self.sql(q))
             .bind(&self.domain)
