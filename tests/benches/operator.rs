@@ -883,20 +883,27 @@ async fn csv_change(db: &'static str, rows: usize) -> CsvRun {
     ]);
     assert!(ok, "{err}");
     let export_took = start.elapsed();
-    // Every row: new policies; every 10th row: a new primary number.
-    let mut edited = String::with_capacity(export.len() + rows * 8);
-    for (i, line) in export.lines().enumerate() {
-        let mut cells: Vec<String> = line.split(',').map(String::from).collect();
-        if i > 0 {
-            cells[6] = "Anonymous".into();
-            cells[7] = "International".into();
-            if i % 10 == 0 {
-                cells[2] = format!("+1555099{i:04}");
-            }
+    // Every row: new policies; every 10th row also takes the primary number of the user on
+    // the next row, whose own cell is left empty (unchanged): the number moves between them.
+    let mut table: Vec<Vec<String>> = export
+        .lines()
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect();
+    let mut moves = 0;
+    for i in 1..table.len() {
+        table[i][6] = "Anonymous".into();
+        table[i][7] = "International".into();
+        if i % 10 == 0 && i + 1 < table.len() && !table[i + 1][2].is_empty() {
+            table[i][2] = std::mem::take(&mut table[i + 1][2]);
+            moves += 1;
         }
+    }
+    let mut edited = String::with_capacity(export.len() + rows * 8);
+    for cells in &table {
         edited.push_str(&cells.join(","));
         edited.push('\n');
     }
+    drop(table);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     std::io::Write::write_all(&mut gz, edited.as_bytes()).unwrap();
     let gz = gz.finish().unwrap();
@@ -959,7 +966,7 @@ spec:
         export_took.as_secs_f64()
     );
     println!(
-        "  upload: gzip in binaryData                    {:>8} bytes (from {})",
+        "  upload: gzip in binaryData                    {:>8} bytes (from {}); {moves} rows take a number",
         gz.len(),
         edited.len()
     );
