@@ -1025,19 +1025,21 @@ fn print_summary(users: &[UserRun], csvs: &[CsvRun]) {
     println!(
         "\nSummary (targets: 100,000 users <= 30 s, write <= 2 x floor, RSS <= 64 MiB; 10,000 users <= 3 s; RSS at 100,000 within 10% of 10,000; <= 30 results ConfigMaps)"
     );
-    println!(
-        "  {:<9} {:>7} {:>8} {:>8} {:>7} {:>8} {:>8} {:>9} {:>9} {:>5}",
-        "database",
-        "users",
-        "floor s",
-        "write s",
-        "w/floor",
-        "total s",
-        "RSS MiB",
-        "API req",
-        "API KiB",
-        "CMs"
-    );
+    if !users.is_empty() {
+        println!(
+            "  {:<9} {:>7} {:>8} {:>8} {:>7} {:>8} {:>8} {:>9} {:>9} {:>5}",
+            "database",
+            "users",
+            "floor s",
+            "write s",
+            "w/floor",
+            "total s",
+            "RSS MiB",
+            "API req",
+            "API KiB",
+            "CMs"
+        );
+    }
     for r in users {
         println!(
             "  {:<9} {:>7} {:>8.2} {:>8.2} {:>7.2} {:>8.2} {:>8.1} {:>9} {:>9.1} {:>5}",
