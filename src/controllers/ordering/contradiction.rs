@@ -46,18 +46,22 @@ pub(super) fn contradicted<K: Operation + Resource>(
         {
             continue;
         }
-        let known = ctx
+        let mut targets = TargetsBuilder::default();
+        for t in status.plan.iter().flat_map(|p| &p.resolved) {
+            targets.insert(&ordering::user(t));
+        }
+        if let Some(k) = ctx
             .ordering
             .known
             .lock()
             .expect("not poisoned")
             .get(&other.uid().unwrap_or_default())
-            .map(|k| k.targets.clone());
-        let resolved = status.plan.iter().flat_map(|p| &p.resolved);
-        let targets: Targets = resolved
-            .map(|t| ordering::user(t))
-            .chain(known.iter().flat_map(|k| k.iter().map(String::from)))
-            .collect();
+        {
+            for key in k.targets.iter() {
+                targets.insert(key);
+            }
+        }
+        let targets = targets.finish();
         let desired = |targets, fields| ordering::Desired { targets, fields };
         if let Some(c) = ordering::contradiction(desired(&targets, &theirs), desired(mine, fields))
         {

@@ -347,14 +347,7 @@ where
         .find(|o| o.uid().as_deref() == Some(uid) && o.namespace().as_deref() == Some(ns))?;
     let progress = obj.status()?.progress.clone()?;
     let run = Run::new(ctx, &*obj, None);
-    let mut targets = TargetsBuilder::default();
-    for index in 0..progress.batches as usize {
-        let rows = engine_load(&run, index).await?;
-        for row in &rows {
-            K::targets_of(row, &mut targets);
-        }
-    }
-    let targets = Arc::new(targets.finish());
+    let targets = Arc::new(run_targets(&run, progress.batches).await.ok()?);
     ctx.ordering.known.lock().expect("not poisoned").insert(
         uid.to_string(),
         Known {
@@ -366,9 +359,19 @@ where
     Some(targets)
 }
 
-async fn engine_load<K: RunKind>(run: &Run<'_, K>, index: usize) -> Option<Vec<Row>> {
+/// The targets of a run's stored batches, read a batch at a time.
+async fn run_targets<K: RunKind>(
+    run: &Run<'_, K>,
+    batches: u32,
+) -> Result<Targets, crate::engine::Error> {
     use crate::engine::Store as _;
-    run.load(index).await.ok()
+    let mut targets = TargetsBuilder::default();
+    for index in 0..batches as usize {
+        for row in &run.load(index).await? {
+            K::targets_of(row, &mut targets);
+        }
+    }
+    Ok(targets.finish())
 }
 
 /// Every other operation on `ns/conn`, with the targets known of each.
@@ -499,15 +502,9 @@ where
     let Some(progress) = status.progress.clone() else {
         return Ok(());
     };
-    let mut mine = TargetsBuilder::default();
-    for index in 0..progress.batches as usize {
-        use crate::engine::Store as _;
-        let rows = run.load(index).await.map_err(Error::Engine)?;
-        for row in &rows {
-            K::targets_of(row, &mut mine);
-        }
-    }
-    let mine = mine.finish();
+    let mine = run_targets(run, progress.batches)
+        .await
+        .map_err(Error::Engine)?;
     let ns = obj.namespace().unwrap_or_default();
     let conn = obj.connection().to_string();
     let uid = obj.uid().unwrap_or_default();
