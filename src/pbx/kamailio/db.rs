@@ -1085,10 +1085,7 @@ impl Db {
         }
         // And one INSERT for all users from a JSON list of [username, value] pairs: one
         // statement per attribute and batch, not one per 500 users with 2,000 parameters.
-        let set: Vec<(&str, &str)> = rows
-            .iter()
-            .filter_map(|(e, v)| v.as_deref().map(|v| (*e, v)))
-            .collect();
+        let set = values_set(rows);
         if set.is_empty() {
             return Ok(());
         }
@@ -1121,8 +1118,12 @@ impl Db {
         attribute: &str,
         rows: &[(&str, Option<String>)],
     ) -> Result<()> {
-        const NAMES: &str = "JSON_TABLE($1, '$[*]' COLUMNS (u VARCHAR(255) PATH '$')) AS v";
-        const PAIRS: &str = "JSON_TABLE($1, '$[*]' COLUMNS (u VARCHAR(255) PATH '$[0]', val VARCHAR(255) PATH '$[1]')) AS v";
+        // A JSON list of [username, value] pairs at placeholder `at`, as rows v(u, val).
+        let pairs_at = |at: usize| {
+            format!(
+                "JSON_TABLE(${at}, '$[*]' COLUMNS (u VARCHAR(255) PATH '$[0]', val VARCHAR(255) PATH '$[1]')) AS v"
+            )
+        };
         let cleared: Vec<&str> = rows
             .iter()
             .filter(|(_, v)| v.is_none())
@@ -1130,7 +1131,7 @@ impl Db {
             .collect();
         if !cleared.is_empty() {
             let q = format!(
-                "DELETE p FROM usr_preferences p JOIN {NAMES} ON p.username = v.u WHERE p.domain = $2 AND p.attribute = $3"
+                "DELETE p FROM usr_preferences p JOIN JSON_TABLE($1, '$[*]' COLUMNS (u VARCHAR(255) PATH '$')) AS v ON p.username = v.u WHERE p.domain = $2 AND p.attribute = $3"
             );
             sqlx::query(self.sql(&q))
                 .bind(serde_json::to_string(&cleared).expect("strings serialize"))
@@ -1140,16 +1141,14 @@ impl Db {
                 .await
                 .map_err(|e| self.err(e))?;
         }
-        let set: Vec<(&str, &str)> = rows
-            .iter()
-            .filter_map(|(e, v)| v.as_deref().map(|v| (*e, v)))
-            .collect();
+        let set = values_set(rows);
         if set.is_empty() {
             return Ok(());
         }
         let pairs = serde_json::to_string(&set).expect("strings serialize");
         let q = format!(
-            "UPDATE usr_preferences p JOIN {PAIRS} ON p.username = v.u SET p.value = v.val, p.type = 2, p.last_modified = CURRENT_TIMESTAMP WHERE p.domain = $2 AND p.attribute = $3"
+            "UPDATE usr_preferences p JOIN {} ON p.username = v.u SET p.value = v.val, p.type = 2, p.last_modified = CURRENT_TIMESTAMP WHERE p.domain = $2 AND p.attribute = $3",
+            pairs_at(1)
         );
         sqlx::query(self.sql(&q))
             .bind(&pairs)
@@ -1158,10 +1157,10 @@ impl Db {
             .execute(&mut *conn)
             .await
             .map_err(|e| self.err(e))?;
-        // MySQL numbers placeholders by position: the JSON comes third here.
+        // MySQL numbers placeholders by position: the JSON is bound third here.
         let q = format!(
             "INSERT INTO usr_preferences (username, domain, attribute, type, value, last_modified) SELECT v.u, $1, $2, 2, v.val, CURRENT_TIMESTAMP FROM {} WHERE NOT EXISTS (SELECT 1 FROM usr_preferences p WHERE p.username = v.u AND p.domain = $4 AND p.attribute = $5)",
-            PAIRS.replace("$1", "$3")
+            pairs_at(3)
         );
         sqlx::query(self.sql(&q))
             .bind(&self.domain)
@@ -1467,6 +1466,13 @@ fn tuples(rows: usize, width: usize, shape: impl Fn(&str) -> String) -> String {
         .map(|r| shape(&placeholders(1 + r * width, width)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The (user, value) pairs of `rows` that set a value (not those that clear it).
+fn values_set<'a>(rows: &'a [(&'a str, Option<String>)]) -> Vec<(&'a str, &'a str)> {
+    rows.iter()
+        .filter_map(|(e, v)| v.as_deref().map(|v| (*e, v)))
+        .collect()
 }
 
 fn placeholders(start: usize, n: usize) -> String {
