@@ -84,9 +84,10 @@ async fn check_complete(env: &Env, b: &BulkUserChange, users: usize) {
 
 #[tokio::test]
 async fn sigkill_mid_change_resumes_and_reports_each_target_once() {
-    // 6 batches of 1000 users: the three kills land after 0, 1 and 2 more recorded batches at
-    // the earliest, with room to spare on a loaded 2-core machine.
-    const USERS: usize = 6000;
+    // 12 batches of 1000 users: the three kills land after 0, 1 and 2 more recorded batches at
+    // the earliest. A batch takes a few hundred milliseconds now: with 6 batches the first
+    // kill could land at the third and the run end before the last kill.
+    const USERS: usize = 12_000;
     const KILLS: usize = 3;
     let mut env = Env::start(
         "crash",

@@ -656,8 +656,9 @@ async fn a_gzipped_csv_in_several_batches_atomic() {
 
 #[tokio::test]
 async fn sigkill_mid_csv_change_moves_each_number_once() {
-    // 5 batches of 1000 rows: two kills, after 0 and 1 more recorded batches at the earliest.
-    const USERS: usize = 5000;
+    // 8 batches of 1000 rows: two kills, after 0 and 1 more recorded batches at the earliest,
+    // with batches to spare when a kill lands late.
+    const USERS: usize = 8000;
     const KILLS: usize = 2;
     let mut env = Env::start(
         "csv-crash",
