@@ -13,7 +13,6 @@ use crate::api::{BulkPhoneChange, BulkUserChange, OperationStatus, Phase, Plan, 
 use crate::pbx::{PbxBackend, UserSelection};
 use crate::plan::revert::{self, RevertPlan, Snapshots};
 use crate::plan::stored::{Row, StepKind, StepState};
-use crate::plan::user_change::PlannedRows;
 
 /// The key a run keeps its snapshots and records its restores under in the PBX: its ledger
 /// entry (which outlives the cluster), or the object's uid where the run has none.
@@ -82,7 +81,7 @@ pub(crate) async fn plan_user_revert(
     backend: &dyn PbxBackend,
     kept: Vec<Row>,
     spec_hash: &str,
-) -> Result<(PlannedRows, Plan), Error> {
+) -> Result<(Vec<Row>, Plan), Error> {
     let original = original::<BulkUserChange>(ctx, buc, name).await?;
     let current = crate::pbx::users_by_extension(backend, revert::targets(&original)).await?;
     let removed: Vec<String> = original
@@ -97,7 +96,7 @@ pub(crate) async fn plan_user_revert(
     let snapshots = snapshots_of(backend, &original, &removed).await?;
     let planned = revert::plan_revert(name, &original, &current, &snapshots, kept);
     let plan = status_plan(&planned, buc.metadata.generation.unwrap_or(0), spec_hash);
-    Ok((PlannedRows::All(planned.rows), plan))
+    Ok((planned.rows, plan))
 }
 
 /// Plans the revert of UserRecycle `name` in `urc`'s namespace: earlier identities back from

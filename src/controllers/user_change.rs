@@ -21,7 +21,7 @@ use crate::api::{
     Summary, parse_duration,
 };
 use crate::engine::outbox::Outbox;
-use crate::engine::planning::{self, Planned, UserPlanner, UserRequest};
+use crate::engine::planning::{CsvEnd, CsvPlanner, Planned, UserPlanner, UserRequest};
 use crate::engine::results::{self, Digest as Counts};
 use crate::engine::users::UserExec;
 use crate::pbx::{PbxBackend, Secret, UserField};
@@ -384,7 +384,7 @@ impl Change<'_> {
             let mut drifted = Vec::new();
             let plan = match self.plan(&timed, &intent, None, &hash).await? {
                 Planned::Rows(rows, plan) => {
-                    drifted.extend(rows.into_rows().filter_map(drift_repair));
+                    drifted.extend(rows.into_iter().filter_map(drift_repair));
                     plan
                 }
                 Planned::Users(mut planner) => {
@@ -393,6 +393,18 @@ impl Change<'_> {
                     }
                     planner.finish()
                 }
+                Planned::Csv(mut planner) => loop {
+                    while let Some(rows) = planner.next_chunk().await? {
+                        drifted.extend(rows.into_iter().filter_map(drift_repair));
+                    }
+                    match planner.finish().await? {
+                        CsvEnd::Done(plan) => break plan,
+                        CsvEnd::Again(again) => {
+                            drifted.clear();
+                            planner = again;
+                        }
+                    }
+                },
             };
             Ok::<_, Error>((drifted, plan))
         };
@@ -476,8 +488,8 @@ impl Change<'_> {
             let ns = self.buc.namespace().unwrap_or_default();
             let max = self.ctx.max_csv_bytes;
             let bytes = csv_source::fetch(&self.ctx.client, &ns, &source.csv, max).await?;
-            let (rows, plan) = planning::plan_csv(backend, bytes, max, req).await?;
-            return Ok(Planned::Rows(rows, plan));
+            let planner = CsvPlanner::new(backend, bytes, max, req).await?;
+            return Ok(Planned::Csv(Box::new(planner)));
         }
         let targets = spec.targets.clone().unwrap_or_default();
         let selector = Selector {
@@ -494,8 +506,25 @@ impl Change<'_> {
     async fn store(&self, planned: Planned<'_>) -> Result<(Plan, StoredPlan), Error> {
         match planned {
             Planned::Rows(rows, plan) => {
-                let stored = self.run(Some(&plan)).store_plan(rows.into_rows()).await?;
+                let stored = self.run(Some(&plan)).store_plan(rows.into_iter()).await?;
                 Ok((plan, stored))
+            }
+            Planned::Csv(mut planner) => {
+                // The result CSV echoes the file's header, known before any row is planned.
+                let run = Run::new(self.ctx, self.buc, Some(planner.header()));
+                loop {
+                    let mut writer = run.plan_writer();
+                    while let Some(rows) = planner.next_chunk().await? {
+                        for row in rows {
+                            writer.push(row).await?;
+                        }
+                    }
+                    match planner.finish().await? {
+                        CsvEnd::Done(plan) => return Ok((plan, writer.finish().await?)),
+                        // The next pass overwrites this one's batches from the first.
+                        CsvEnd::Again(again) => planner = again,
+                    }
+                }
             }
             Planned::Users(mut planner) => {
                 let run = self.run(None);

@@ -4,14 +4,15 @@
 
 use sha2::{Digest, Sha256};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::steps::kept_by_retry;
 use crate::api::Plan;
+use crate::pbx::directory::Directory;
 use crate::pbx::{PbxBackend, PbxError, User, UserField, UserSelection};
 use crate::plan::selection::{self, Selector};
 use crate::plan::stored::{CHUNK_ROWS, Row};
-use crate::plan::user_change::{self as request, PlannedRows};
+use crate::plan::user_change as request;
 use crate::plan::users::{Intent, Planner};
 use crate::plan::{PlanError, rows as row_plan, sheet};
 
@@ -38,11 +39,12 @@ pub struct UserRequest<'a> {
     pub atomic: bool,
 }
 
-/// A plan in the making: rows made whole (a CSV's, a revert's), or a user plan made a chunk at
-/// a time as its rows are stored.
+/// A plan in the making: rows made whole (a revert's), or a plan made a chunk at a time as its
+/// rows are stored (a selection's users, a CSV's lines).
 pub enum Planned<'a> {
-    Rows(PlannedRows, Plan),
+    Rows(Vec<Row>, Plan),
     Users(UserPlanner<'a>),
+    Csv(Box<CsvPlanner<'a>>),
 }
 
 /// A user plan made a chunk of targets at a time: the selection is resolved to extensions
@@ -182,88 +184,275 @@ impl<'a> UserPlanner<'a> {
     }
 }
 
-/// Plans a CSV-sourced change: checks each row of the file, reads the rows' users and the
-/// holders of the numbers they give, and plans the rows in file order.
-pub async fn plan_csv(
-    backend: &dyn PbxBackend,
-    bytes: Vec<u8>,
-    max_bytes: usize,
-    req: UserRequest<'_>,
-) -> Result<(PlannedRows, Plan), PlanningError> {
-    let sha256 = hex::encode(Sha256::digest(&bytes));
-    let sheet = sheet::read(&bytes, max_bytes)?;
-    drop(bytes);
-    let closed: Vec<UserField> = req
-        .intent
-        .fields
-        .iter()
-        .filter(|f| !f.open)
-        .map(|f| f.field)
-        .collect();
-    let mut involved = request::csv_involved(&sheet, &closed);
-    if !involved.numbers.is_empty() {
-        let holders = backend.number_holders(&involved.numbers).await?;
-        involved
-            .extensions
-            .extend(holders.into_iter().map(|(_, h)| h));
-    }
-    involved.extensions.sort();
-    involved.extensions.dedup();
-    // Only the fields the file's columns or spec.fields set are planned: the rest need no
-    // memory. A number column brings every number field: a move changes the giver's too.
-    let mut wanted: Vec<UserField> = sheet
-        .columns
-        .iter()
-        .filter_map(|c| match c {
-            sheet::Column::Field(f) => Some(*f),
-            _ => None,
-        })
-        .chain(req.intent.fields.iter().map(|f| f.field))
-        .collect();
-    if wanted.iter().any(|f| f.is_number()) {
-        wanted.extend([
-            UserField::PrimaryNumber,
-            UserField::PrimaryNumberLocation,
-            UserField::PrivateNumber,
-            UserField::PrivateNumberLocation,
-        ]);
-    }
-    wanted.sort();
-    wanted.dedup();
-    let selection = UserSelection {
-        groups: vec![],
-        extensions: std::mem::take(&mut involved.extensions),
-    };
-    let read = backend.read_user_fields(&selection, &wanted).await?;
-    let policies = backend.policies().await?;
-    let caps = backend.capabilities();
-    let rules = row_plan::Rules {
-        base: req.intent,
-        policies: &policies,
-        supported: &caps.user_fields,
-        atomic: req.atomic,
-    };
-    let requests = sheet::requests(&sheet, &closed);
-    let plan = row_plan::plan_rows(requests, &involved.row_of, read.users, &rules)?;
-    // A line the earlier run finished keeps its rows; the rest are planned afresh.
-    let mut keep = request::by_line(req.kept.unwrap_or_default());
-    keep.retain(|_, rows| match rows.first().and_then(kept_by_retry) {
-        Some(first) => {
-            rows[0] = first;
-            true
+/// A CSV-sourced plan made a chunk of the file at a time: the users numbers move between are
+/// found and planned first (see plan::rows), then each chunk's rows are planned against their
+/// own users, read for that chunk only, so memory holds the movers and one chunk.
+pub struct CsvPlanner<'a> {
+    backend: &'a dyn PbxBackend,
+    rules: row_plan::Rules<'a>,
+    requests: sheet::Requests,
+    movers: HashSet<String>,
+    /// The fields read: those the file's columns or spec.fields set.
+    wanted: Vec<UserField>,
+    closed: Vec<UserField>,
+    sensitive: Vec<bool>,
+    /// A retry: the rows of the lines the earlier run finished, kept as they were.
+    kept: HashMap<u64, Vec<Row>>,
+    sha256: String,
+    generation: i64,
+    spec_hash: &'a str,
+    /// This pass: the planner, the rows still to plan, and what status shows of them.
+    pass: CsvPass<'a>,
+}
+
+struct CsvPass<'a> {
+    rows: row_plan::RowsPlanner<'a>,
+    pending: Box<dyn Iterator<Item = (sheet::RowRequest, sheet::SheetRow)> + Send>,
+    index: usize,
+    resolved: Vec<String>,
+    refused: bool,
+}
+
+/// How a CSV plan ended: planned, or to be planned again (an Atomic change with invalid rows
+/// stores every row refused; its rows so far are to be stored again).
+pub enum CsvEnd<'a> {
+    Done(Plan),
+    Again(Box<CsvPlanner<'a>>),
+}
+
+impl<'a> CsvPlanner<'a> {
+    /// Checks the file, finds the movers and plans their rows.
+    pub async fn new(
+        backend: &'a dyn PbxBackend,
+        bytes: Vec<u8>,
+        max_bytes: usize,
+        req: UserRequest<'a>,
+    ) -> Result<CsvPlanner<'a>, PlanningError> {
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let sheet = sheet::read(&bytes, max_bytes)?;
+        drop(bytes);
+        let closed: Vec<UserField> = req
+            .intent
+            .fields
+            .iter()
+            .filter(|f| !f.open)
+            .map(|f| f.field)
+            .collect();
+        // Only the fields the file's columns or spec.fields set are read. A number column
+        // brings every number field: a move changes the giver's too.
+        let mut wanted: Vec<UserField> = sheet
+            .columns
+            .iter()
+            .filter_map(|c| match c {
+                sheet::Column::Field(f) => Some(*f),
+                _ => None,
+            })
+            .chain(req.intent.fields.iter().map(|f| f.field))
+            .collect();
+        if wanted.iter().any(|f| f.is_number()) {
+            wanted.extend([
+                UserField::PrimaryNumber,
+                UserField::PrimaryNumberLocation,
+                UserField::PrivateNumber,
+                UserField::PrivateNumberLocation,
+            ]);
         }
-        None => false,
-    });
-    let status_plan = request::csv_status_plan(
-        &plan,
-        &sheet,
-        sha256,
-        &closed,
-        req.generation,
-        req.spec_hash,
-    );
-    Ok((
-        PlannedRows::Csv(request::csv_rows(plan, sheet, keep)),
-        status_plan,
-    ))
+        wanted.sort();
+        wanted.dedup();
+        let rules = row_plan::Rules {
+            base: req.intent,
+            policies: backend.policies().await?,
+            supported: backend.capabilities().user_fields,
+            atomic: req.atomic,
+        };
+        let requests = sheet::Requests::new(&sheet, &closed);
+        let movers = movers(backend, &requests, req.intent).await?;
+        // A line the earlier run finished keeps its rows; the rest are planned afresh.
+        let mut kept = request::by_line(req.kept.unwrap_or_default());
+        kept.retain(|_, rows| match rows.first().and_then(kept_by_retry) {
+            Some(first) => {
+                rows[0] = first;
+                true
+            }
+            None => false,
+        });
+        let pass = pass(backend, &rules, &requests, &movers, &wanted, None).await?;
+        Ok(CsvPlanner {
+            backend,
+            rules,
+            sensitive: request::sensitive_columns(&sheet),
+            requests,
+            movers,
+            wanted,
+            closed,
+            kept,
+            sha256,
+            generation: req.generation,
+            spec_hash: req.spec_hash,
+            pass,
+        })
+    }
+
+    /// The file's header as the result CSV echoes it.
+    pub fn header(&self) -> Vec<String> {
+        request::shown_header(&self.requests.sheet().header)
+    }
+
+    /// The stored rows of the next chunk of the file, in file order; None when all are planned.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<Row>>, PlanningError> {
+        let pass = &mut self.pass;
+        let chunk: Vec<(sheet::RowRequest, sheet::SheetRow)> =
+            pass.pending.by_ref().take(CHUNK_ROWS).collect();
+        if chunk.is_empty() {
+            return Ok(None);
+        }
+        let extensions: Vec<String> = chunk
+            .iter()
+            .filter(|(r, _)| r.errors.is_empty() && !self.movers.contains(&r.extension))
+            .map(|(r, _)| r.extension.clone())
+            .collect();
+        let mut dir = Directory::default();
+        if !extensions.is_empty() {
+            let selection = UserSelection {
+                groups: vec![],
+                extensions,
+            };
+            let read = self
+                .backend
+                .read_user_fields(&selection, &self.wanted)
+                .await?;
+            dir = Directory::untracked(read.users);
+        }
+        let mut rows = Vec::with_capacity(chunk.len());
+        for (req, sheet_row) in chunk {
+            let (planned, donors) = pass.rows.next(pass.index, req, &mut dir);
+            pass.index += 1;
+            if pass.resolved.len() < request::RESOLVED_SHOWN && !planned.extension.is_empty() {
+                pass.resolved.push(planned.extension.clone());
+            }
+            match self.kept.get(&planned.line) {
+                Some(kept) => rows.extend(kept.iter().cloned()),
+                None => rows.extend(request::csv_line_rows(
+                    planned,
+                    sheet_row.cells,
+                    &self.sensitive,
+                    donors,
+                )),
+            }
+        }
+        Ok(Some(rows))
+    }
+
+    /// status.plan once every chunk is planned; or, for an Atomic change with invalid rows
+    /// planned as if valid, the planner of the pass that refuses them all.
+    pub async fn finish(self) -> Result<CsvEnd<'a>, PlanningError> {
+        let CsvPass {
+            rows,
+            resolved,
+            refused,
+            ..
+        } = self.pass;
+        let (hash, tally) = rows.finish();
+        if let Some(why) = tally
+            .atomic_refusal()
+            .filter(|_| self.rules.atomic && !refused)
+        {
+            let pass = pass(
+                self.backend,
+                &self.rules,
+                &self.requests,
+                &self.movers,
+                &self.wanted,
+                Some(why),
+            )
+            .await?;
+            return Ok(CsvEnd::Again(Box::new(CsvPlanner { pass, ..self })));
+        }
+        let planned = request::CsvPlanned {
+            hash,
+            tally,
+            resolved,
+            sha256: self.sha256,
+        };
+        Ok(CsvEnd::Done(request::csv_status_plan(
+            planned,
+            &self.requests.sheet().header,
+            &self.closed,
+            self.generation,
+            self.spec_hash,
+        )))
+    }
+}
+
+/// A pass over the file: the movers read and their rows planned, the rest to come.
+async fn pass<'a>(
+    backend: &dyn PbxBackend,
+    rules: &row_plan::Rules<'a>,
+    requests: &sheet::Requests,
+    movers: &HashSet<String>,
+    wanted: &[UserField],
+    refusal: Option<String>,
+) -> Result<CsvPass<'a>, PlanningError> {
+    let mut users = Vec::new();
+    if !movers.is_empty() {
+        let selection = UserSelection {
+            groups: vec![],
+            extensions: movers.iter().cloned().collect(),
+        };
+        users = backend.read_user_fields(&selection, wanted).await?.users;
+    }
+    let refused = refusal.is_some();
+    let rows = row_plan::RowsPlanner::new(
+        rules.clone(),
+        requests.rows().map(|(r, _)| r),
+        movers,
+        users,
+        refusal,
+    )?;
+    Ok(CsvPass {
+        rows,
+        pending: Box::new(requests.rows()),
+        index: 0,
+        resolved: Vec::new(),
+        refused,
+    })
+}
+
+/// The users numbers move between: each valid row giving a number someone else holds, and that
+/// holder, asked of the PBX a chunk of rows at a time. A number spec.fields gives every row
+/// moves along all of them: every valid row is a mover then.
+async fn movers(
+    backend: &dyn PbxBackend,
+    requests: &sheet::Requests,
+    base: &Intent,
+) -> Result<HashSet<String>, PlanningError> {
+    let everyone = base.fields.iter().any(|f| f.open && f.field.is_number());
+    let mut movers = HashSet::new();
+    let mut rows = requests.rows();
+    loop {
+        let mut given: Vec<(String, String)> = Vec::new();
+        let mut more = false;
+        for (r, _) in rows.by_ref() {
+            if everyone && r.errors.is_empty() {
+                movers.insert(r.extension.clone());
+            }
+            given.extend(
+                row_plan::numbers_given(&r, base)
+                    .into_iter()
+                    .map(|n| (n, r.extension.clone())),
+            );
+            if given.len() >= CHUNK_ROWS {
+                more = true;
+                break;
+            }
+        }
+        if !given.is_empty() {
+            let numbers: Vec<String> = given.iter().map(|(n, _)| n.clone()).collect();
+            let holders = backend.number_holders(&numbers).await?;
+            row_plan::add_movers(&given, &holders, &mut movers);
+        }
+        if !more {
+            return Ok(movers);
+        }
+    }
 }

@@ -1,8 +1,14 @@
 //! The plan of a CSV-sourced change: each valid row diffed against the PBX as the rows before it
 //! leave it (rows apply in file order), numbers taken from whoever holds them, and a hash that
-//! pins it all. Pure: the controller reads the users and policies, this decides.
+//! pins it all. Pure: the engine reads the users and policies, this decides.
+//!
+//! A row changes no other user's state but through a number it takes (one user in two rows, or
+//! one number in two rows, makes those rows invalid). So the rows of the users numbers move
+//! between (the movers: a row taking a number someone else holds, and that holder) are planned
+//! first, together and in file order; every other row only needs its own user, and is planned a
+//! chunk of the file at a time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest, Sha256};
 
@@ -35,26 +41,8 @@ impl RowPlan {
 /// A user without a row of its own who gives a number to a row's user.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Donor {
-    /// Index of the taking row in [`RowsPlan::rows`].
-    pub row: usize,
     pub extension: String,
     pub number: String,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RowsPlan {
-    pub rows: Vec<RowPlan>,
-    pub donors: Vec<Donor>,
-    pub hash: String,
-}
-
-impl RowsPlan {
-    pub fn changing(&self) -> usize {
-        self.rows.iter().filter(|r| r.changes_anything()).count()
-    }
-    pub fn invalid(&self) -> usize {
-        self.rows.iter().filter(|r| !r.errors.is_empty()).count()
-    }
 }
 
 pub fn taker_note(field: UserField, m: &Move) -> String {
@@ -69,39 +57,208 @@ pub fn holder_note(number: &str, taker: &str, line: u64) -> String {
 }
 
 /// What every row is planned against, besides the PBX's users.
+#[derive(Clone)]
 pub struct Rules<'a> {
     /// What spec.fields (Open) and spec.actions add to every valid row.
     pub base: &'a Intent,
-    pub policies: &'a Policies,
+    pub policies: Policies,
     /// The fields the backend can store.
-    pub supported: &'a [UserField],
+    pub supported: Vec<UserField>,
     /// One invalid row stops every row.
     pub atomic: bool,
 }
 
-/// Plans the rows in order. `row_of`: each extension's first row (index among the rows);
-/// `users`: the rows' users and every holder of a number the rows give.
-pub fn plan_rows(
-    requests: impl IntoIterator<Item = RowRequest>,
-    row_of: &HashMap<String, usize>,
-    users: Vec<User>,
-    rules: &Rules,
-) -> Result<RowsPlan, PlanError> {
-    let Rules {
-        base,
-        policies,
-        supported,
-        atomic,
-    } = *rules;
-    base.check_supported(supported)?;
-    let mut dir = Directory::untracked(users);
-    let mut actions = base.actions.clone();
-    actions.sort();
-    actions.dedup();
-    let mut rows = Vec::new();
-    let mut donors = Vec::new();
-    let mut holder_notes: Vec<(usize, String)> = Vec::new();
-    for (i, req) in requests.into_iter().enumerate() {
+/// The numbers a row gives: its own cells' and spec.fields' (Open) for every valid row.
+pub fn numbers_given(req: &RowRequest, base: &Intent) -> Vec<String> {
+    if !req.errors.is_empty() {
+        return vec![];
+    }
+    let mut out: Vec<String> = req
+        .values
+        .iter()
+        .filter(|(f, _)| f.is_number())
+        .map(|(_, v)| v.clone())
+        .collect();
+    for f in base.fields.iter().filter(|f| f.open && f.field.is_number()) {
+        if let Wanted::Value(Some(v)) = &f.wanted
+            && !req.values.iter().any(|(w, _)| *w == f.field)
+        {
+            out.push(v.clone());
+        }
+    }
+    out
+}
+
+/// Adds the movers of some rows to `movers`: `given` holds (number, the row's extension) for the
+/// numbers the rows give, `holders` (number, extension) who holds them on the PBX.
+pub fn add_movers(
+    given: &[(String, String)],
+    holders: &[(String, String)],
+    movers: &mut HashSet<String>,
+) {
+    let mut takers: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (number, extension) in given {
+        takers.entry(number).or_default().push(extension);
+    }
+    for (number, holder) in holders {
+        for &t in takers.get(number.as_str()).into_iter().flatten() {
+            if t != holder {
+                movers.insert(t.to_string());
+                movers.insert(holder.clone());
+            }
+        }
+    }
+}
+
+/// What the rows planned so far add up to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub rows: usize,
+    pub changing: usize,
+    pub invalid: usize,
+    pub first_invalid: Option<u64>,
+}
+
+impl Tally {
+    /// Why an Atomic change applies none of its rows: some are invalid.
+    pub fn atomic_refusal(&self) -> Option<String> {
+        let first = self.first_invalid?;
+        Some(format!(
+            "not applied: failurePolicy is Atomic and {} rows are invalid (first on line {first}); fix them, or use failurePolicy Continue",
+            self.invalid
+        ))
+    }
+}
+
+/// Plans a file's rows in file order, each once, through [`RowsPlanner::next`].
+pub struct RowsPlanner<'a> {
+    rules: Rules<'a>,
+    actions: Vec<ActionKind>,
+    /// The movers' rows, planned up front, by row index.
+    moving: HashMap<usize, RowPlan>,
+    /// The users giving a number to a mover's row without a row of their own, by row index.
+    donors: HashMap<usize, Vec<Donor>>,
+    /// An Atomic change with invalid rows: every row says this, none applies.
+    refusal: Option<String>,
+    hasher: Sha256,
+    tally: Tally,
+}
+
+impl<'a> RowsPlanner<'a> {
+    /// Plans the movers' rows: `requests` are every row of the file in order, `users` the
+    /// movers' users. `refusal`: see [`Tally::atomic_refusal`], from an earlier pass.
+    pub fn new(
+        rules: Rules<'a>,
+        requests: impl IntoIterator<Item = RowRequest>,
+        movers: &HashSet<String>,
+        users: Vec<User>,
+        refusal: Option<String>,
+    ) -> Result<RowsPlanner<'a>, PlanError> {
+        rules.base.check_supported(&rules.supported)?;
+        let mut actions = rules.base.actions.clone();
+        actions.sort();
+        actions.dedup();
+        let mut planner = RowsPlanner {
+            rules,
+            actions,
+            moving: HashMap::new(),
+            donors: HashMap::new(),
+            refusal,
+            hasher: Sha256::new(),
+            tally: Tally::default(),
+        };
+        let mut dir = Directory::untracked(users);
+        let mut first_row: HashMap<String, usize> = HashMap::new();
+        let mut moves: Vec<(usize, Move)> = Vec::new();
+        for (i, req) in requests.into_iter().enumerate() {
+            if !movers.contains(&req.extension) {
+                continue;
+            }
+            first_row.entry(req.extension.clone()).or_insert(i);
+            let (row, taken) = planner.plan(req, &mut dir);
+            moves.extend(taken.into_iter().map(|m| (i, m)));
+            planner.moving.insert(i, row);
+        }
+        for (i, m) in moves {
+            let (line, taker) = match planner.moving.get(&i) {
+                Some(r) => (r.line, r.extension.clone()),
+                None => continue,
+            };
+            match first_row.get(&m.holder) {
+                Some(j) => {
+                    if let Some(holder_row) = planner.moving.get_mut(j) {
+                        holder_row
+                            .warnings
+                            .push(holder_note(&m.number, &taker, line));
+                    }
+                }
+                None => planner.donors.entry(i).or_default().push(Donor {
+                    extension: m.holder,
+                    number: m.number,
+                }),
+            }
+        }
+        Ok(planner)
+    }
+
+    /// Plans row `index` of the file (rows come in file order, each once). `dir` holds the
+    /// row's user unless it is a mover's (planned already). Returns the row and the users
+    /// giving it a number who have no row of their own.
+    pub fn next(
+        &mut self,
+        index: usize,
+        req: RowRequest,
+        dir: &mut Directory,
+    ) -> (RowPlan, Vec<Donor>) {
+        let (mut row, mut donors) = match self.moving.remove(&index) {
+            Some(row) => (row, self.donors.remove(&index).unwrap_or_default()),
+            None => {
+                let (mut row, taken) = self.plan(req, dir);
+                if let Some(m) = taken.first() {
+                    // Nobody else held the numbers of this row when the movers were read.
+                    refuse(
+                        &mut row,
+                        &format!(
+                            "number {} is held by {} now, which it was not when this plan began; validate again",
+                            m.number, m.holder
+                        ),
+                    );
+                }
+                (row, vec![])
+            }
+        };
+        if let Some(why) = &self.refusal {
+            if row.errors.is_empty() {
+                refuse(&mut row, why);
+            }
+            row.warnings.retain(|w| !w.starts_with("warning: number "));
+            donors.clear();
+        }
+        hash_row(&mut self.hasher, &row);
+        self.tally.rows += 1;
+        if row.changes_anything() {
+            self.tally.changing += 1;
+        }
+        if !row.errors.is_empty() {
+            self.tally.invalid += 1;
+            self.tally.first_invalid.get_or_insert(row.line);
+        }
+        (row, donors)
+    }
+
+    /// The plan's hash (sha256 over every row) and its tally.
+    pub fn finish(self) -> (String, Tally) {
+        (hex::encode(self.hasher.finalize()), self.tally)
+    }
+
+    /// One row against the users as the rows before it leave them; the moves it makes.
+    fn plan(&self, req: RowRequest, dir: &mut Directory) -> (RowPlan, Vec<Move>) {
+        let Rules {
+            base,
+            policies,
+            supported,
+            ..
+        } = &self.rules;
         let mut row = RowPlan {
             line: req.line,
             extension: req.extension,
@@ -109,6 +266,7 @@ pub fn plan_rows(
             warnings: req.warnings,
             ..Default::default()
         };
+        let mut moves = Vec::new();
         if row.errors.is_empty() && dir.get(&row.extension).is_none() {
             row.errors
                 .push("this row's extension does not exist on the PBX".into());
@@ -130,8 +288,7 @@ pub fn plan_rows(
             }
         }
         if !row.errors.is_empty() {
-            rows.push(row);
-            continue;
+            return (row, moves);
         }
         let mut wanted: Vec<(UserField, NewValue)> = req
             .values
@@ -167,17 +324,8 @@ pub fn plan_rows(
             }
             for m in dir.apply(&row.extension, field, &to, &|_, _, _| NEW_SECRET.into()) {
                 row.warnings.push(taker_note(field, &m));
-                match row_of.get(&m.holder) {
-                    Some(&j) => {
-                        holder_notes.push((j, holder_note(&m.number, &row.extension, row.line)))
-                    }
-                    None => donors.push(Donor {
-                        row: i,
-                        extension: m.holder.clone(),
-                        number: m.number.clone(),
-                    }),
-                }
-                row.takes.push(m);
+                row.takes.push(m.clone());
+                moves.push(m);
             }
             row.writes.push(FieldWrite {
                 field,
@@ -185,77 +333,54 @@ pub fn plan_rows(
                 to,
             });
         }
-        row.actions = actions.clone();
-        rows.push(row);
+        row.actions = self.actions.clone();
+        (row, moves)
     }
-    for (j, note) in holder_notes {
-        rows[j].warnings.push(note);
-    }
-    let invalid: Vec<u64> = rows
-        .iter()
-        .filter(|r| !r.errors.is_empty())
-        .map(|r| r.line)
-        .collect();
-    if atomic && !invalid.is_empty() {
-        let why = format!(
-            "not applied: failurePolicy is Atomic and {} rows are invalid (first on line {}); fix them, or use failurePolicy Continue",
-            invalid.len(),
-            invalid[0]
-        );
-        for r in rows.iter_mut().filter(|r| r.errors.is_empty()) {
-            r.writes.clear();
-            r.takes.clear();
-            r.actions.clear();
-            r.warnings.retain(|w| !w.starts_with("warning: "));
-            r.errors.push(why.clone());
-        }
-        donors.clear();
-        for r in rows.iter_mut() {
-            r.warnings.retain(|w| !w.starts_with("warning: number "));
-        }
-    }
-    let hash = hash(&rows);
-    Ok(RowsPlan { rows, donors, hash })
+}
+
+/// A valid row made one that applies nothing, for `why`.
+fn refuse(row: &mut RowPlan, why: &str) {
+    row.writes.clear();
+    row.takes.clear();
+    row.actions.clear();
+    row.warnings.retain(|w| !w.starts_with("warning: "));
+    row.errors.push(why.to_string());
 }
 
 /// What the planner's directory holds for a secret it will write (nothing of its value).
 const NEW_SECRET: &str = "(new secret)";
 
-/// sha256 over the rows; a secret write contributes its Secret's reference only, never its
-/// value, a digest of it, or what the PBX stores for it now.
-fn hash(rows: &[RowPlan]) -> String {
-    let mut hasher = Sha256::new();
+/// Adds a row to the plan's sha256; a secret write contributes its Secret's reference only,
+/// never its value, a digest of it, or what the PBX stores for it now.
+fn hash_row(hasher: &mut Sha256, r: &RowPlan) {
     let mut line = |parts: &[&str]| {
         hasher.update(parts.join("\t").as_bytes());
         hasher.update(b"\n");
     };
-    for r in rows {
-        line(&["row", &r.line.to_string(), &r.extension]);
-        for w in &r.writes {
-            match &w.to {
-                NewValue::Secret(s) => line(&["secret", w.field.name(), secret_pin(s)]),
-                to => line(&[
-                    "field",
-                    w.field.name(),
-                    w.from.as_deref().unwrap_or("\u{0}"),
-                    match to {
-                        NewValue::Set(v) => v,
-                        _ => "\u{0}",
-                    },
-                ]),
-            }
-        }
-        for t in &r.takes {
-            line(&["take", &t.number, &t.holder]);
-        }
-        for a in &r.actions {
-            line(&["action", a.name()]);
-        }
-        for e in &r.errors {
-            line(&["error", e]);
+    line(&["row", &r.line.to_string(), &r.extension]);
+    for w in &r.writes {
+        match &w.to {
+            NewValue::Secret(s) => line(&["secret", w.field.name(), secret_pin(s)]),
+            to => line(&[
+                "field",
+                w.field.name(),
+                w.from.as_deref().unwrap_or("\u{0}"),
+                match to {
+                    NewValue::Set(v) => v,
+                    _ => "\u{0}",
+                },
+            ]),
         }
     }
-    hex::encode(hasher.finalize())
+    for t in &r.takes {
+        line(&["take", &t.number, &t.holder]);
+    }
+    for a in &r.actions {
+        line(&["action", a.name()]);
+    }
+    for e in &r.errors {
+        line(&["error", e]);
+    }
 }
 
 #[cfg(test)]
@@ -287,20 +412,111 @@ mod tests {
         }
     }
 
-    fn plan(csv: &str, users: Vec<User>, atomic: bool) -> RowsPlan {
-        let s = sheet::read(csv.as_bytes(), DEFAULT_MAX_BYTES).unwrap();
-        let reqs: Vec<RowRequest> = sheet::requests(&s, &[]).collect();
-        let mut row_of = HashMap::new();
-        for (i, r) in reqs.iter().enumerate() {
-            row_of.entry(r.extension.clone()).or_insert(i);
+    /// A plan as the engine makes it: the movers from who holds the numbers the rows give,
+    /// their rows first, then the file `chunk` rows at a time against those rows' users only;
+    /// planned again with the refusal when an Atomic plan has invalid rows.
+    struct Planned {
+        rows: Vec<RowPlan>,
+        /// Donors with the index of the row they give to.
+        donors: Vec<(usize, Donor)>,
+        hash: String,
+        tally: Tally,
+    }
+
+    impl Planned {
+        fn changing(&self) -> usize {
+            self.tally.changing
         }
+        fn invalid(&self) -> usize {
+            self.tally.invalid
+        }
+    }
+
+    fn plan_chunked(csv: &str, users: Vec<User>, atomic: bool, chunk: usize) -> Planned {
+        let s = sheet::read(csv.as_bytes(), DEFAULT_MAX_BYTES).unwrap();
+        let base = Intent::default();
         let rules = Rules {
-            base: &Intent::default(),
-            policies: &policies(),
-            supported: &UserField::ALL,
+            base: &base,
+            policies: policies(),
+            supported: UserField::ALL.to_vec(),
             atomic,
         };
-        plan_rows(reqs, &row_of, users, &rules).unwrap()
+        let requests = sheet::Requests::new(&s, &[]);
+        let given: Vec<(String, String)> = requests
+            .rows()
+            .flat_map(|(r, _)| {
+                numbers_given(&r, &base)
+                    .into_iter()
+                    .map(move |n| (n, r.extension.clone()))
+            })
+            .collect();
+        let holders: Vec<(String, String)> = users
+            .iter()
+            .flat_map(|u| {
+                u.numbers
+                    .iter()
+                    .map(String::as_str)
+                    .chain(u.get(UserField::PrivateNumber))
+                    .map(|n| (n.to_string(), u.extension.clone()))
+            })
+            .filter(|(n, _)| given.iter().any(|(g, _)| g == n))
+            .collect();
+        let mut movers = HashSet::new();
+        add_movers(&given, &holders, &mut movers);
+        let mut refusal = None;
+        loop {
+            let moving = users
+                .iter()
+                .filter(|u| movers.contains(&u.extension))
+                .cloned()
+                .collect();
+            let mut planner = RowsPlanner::new(
+                rules.clone(),
+                requests.rows().map(|(r, _)| r),
+                &movers,
+                moving,
+                refusal.clone(),
+            )
+            .unwrap();
+            let all: Vec<RowRequest> = requests.rows().map(|(r, _)| r).collect();
+            let (mut rows, mut donors) = (vec![], vec![]);
+            for (c, part) in all.chunks(chunk).enumerate() {
+                let mut dir = Directory::untracked(
+                    users
+                        .iter()
+                        .filter(|u| {
+                            !movers.contains(&u.extension)
+                                && part.iter().any(|r| r.extension == u.extension)
+                        })
+                        .cloned(),
+                );
+                for (k, req) in part.iter().enumerate() {
+                    let i = c * chunk + k;
+                    let (row, gives) = planner.next(i, req.clone(), &mut dir);
+                    rows.push(row);
+                    donors.extend(gives.into_iter().map(|d| (i, d)));
+                }
+            }
+            let (hash, tally) = planner.finish();
+            match tally
+                .atomic_refusal()
+                .filter(|_| atomic && refusal.is_none())
+            {
+                Some(why) => refusal = Some(why),
+                None => {
+                    return Planned {
+                        rows,
+                        donors,
+                        hash,
+                        tally,
+                    };
+                }
+            }
+        }
+    }
+
+    fn plan(csv: &str, users: Vec<User>, atomic: bool) -> Planned {
+        plan_chunked(csv, users, atomic, 2)
     }
 
     fn users() -> Vec<User> {
@@ -346,11 +562,13 @@ mod tests {
         );
         assert_eq!(
             p.donors,
-            [Donor {
-                row: 0,
-                extension: "202".into(),
-                number: "+15550200202".into()
-            }]
+            [(
+                0,
+                Donor {
+                    extension: "202".into(),
+                    number: "+15550200202".into()
+                }
+            )]
         );
         assert_eq!(p.rows[0].takes[0].held_as, UserField::PrivateNumber);
     }
@@ -423,5 +641,118 @@ mod tests {
         let b = plan(csv, moved, false);
         assert_eq!(b.changing(), 1);
         assert_ne!(a.hash, b.hash);
+    }
+
+    fn mixed_file() -> (&'static str, Vec<User>) {
+        let csv = "extension,primaryNumber,privateNumber,callerIdPolicy\n\
+                   201,,,Anonymous\n\
+                   204,,+15550200210,Anonymous\n\
+                   205,+15550100202,,\n\
+                   202,+15550100201,,\n\
+                   206,,+15550200202,\n\
+                   999,,,Anonymous\n\
+                   207,,,Secret\n\
+                   208,+15550100299,,Anonymous\n\
+                   203,+15550100209,,\n\
+                   211,,,Anonymous\n";
+        let mut users = users();
+        for e in ["204", "205", "206", "207", "208", "209", "211"] {
+            users.push(user(e, Some(&format!("+15550100{e}")), None));
+        }
+        users.push(user("210", None, Some("+15550200210")));
+        (csv, users)
+    }
+
+    #[test]
+    fn planning_a_chunk_at_a_time_makes_the_plan_of_the_whole_file() {
+        let (csv, users) = mixed_file();
+        // Every user a mover: the whole file planned in one pass against every user.
+        let s = sheet::read(csv.as_bytes(), DEFAULT_MAX_BYTES).unwrap();
+        let base = Intent::default();
+        let rules = Rules {
+            base: &base,
+            policies: policies(),
+            supported: UserField::ALL.to_vec(),
+            atomic: false,
+        };
+        let everyone: HashSet<String> = users.iter().map(|u| u.extension.clone()).collect();
+        let requests: Vec<RowRequest> = sheet::requests(&s, &[]).collect();
+        let mut whole = RowsPlanner::new(
+            rules.clone(),
+            requests.clone(),
+            &everyone,
+            users.clone(),
+            None,
+        )
+        .unwrap();
+        let mut rows = vec![];
+        let mut donors = vec![];
+        for (i, r) in requests.into_iter().enumerate() {
+            let (row, gives) = whole.next(i, r, &mut Directory::default());
+            rows.push(row);
+            donors.extend(gives.into_iter().map(|d| (i, d)));
+        }
+        let (hash, _) = whole.finish();
+        let donors_to: Vec<(usize, &str)> = donors
+            .iter()
+            .map(|(i, d)| (*i, d.extension.as_str()))
+            .collect();
+        assert_eq!(donors_to, [(1, "210"), (8, "209")]);
+        for chunk in [1, 2, 3, 100] {
+            let p = plan_chunked(csv, users.clone(), false, chunk);
+            assert_eq!(p.rows, rows, "chunk {chunk}");
+            assert_eq!(p.donors, donors, "chunk {chunk}");
+            assert_eq!(p.hash, hash, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_holder_whose_row_comes_first_is_told_of_the_move() {
+        let (csv, users) = mixed_file();
+        let p = plan(csv, users, false);
+        // 201 keeps its number on line 2; 202 takes it on line 5 (after giving its own to 205).
+        assert!(
+            p.rows[0]
+                .warnings
+                .iter()
+                .any(|w| w.contains("moves from this user to 202 (CSV line 5)")),
+            "{:?}",
+            p.rows[0].warnings
+        );
+        assert_eq!(p.rows[3].takes[0].holder, "201");
+        assert_eq!(p.rows[2].takes[0].holder, "202");
+        assert!(
+            p.rows[9].takes.is_empty() && p.rows[9].warnings.is_empty(),
+            "211 moves nothing"
+        );
+    }
+
+    #[test]
+    fn a_number_someone_took_since_the_movers_were_read_refuses_the_row() {
+        let base = Intent::default();
+        let rules = Rules {
+            base: &base,
+            policies: policies(),
+            supported: UserField::ALL.to_vec(),
+            atomic: false,
+        };
+        let req = RowRequest {
+            line: 2,
+            extension: "203".into(),
+            values: vec![(UserField::PrimaryNumber, "+15550100201".into())],
+            ..Default::default()
+        };
+        let mut planner =
+            RowsPlanner::new(rules, [req.clone()], &HashSet::new(), vec![], None).unwrap();
+        let mut dir = Directory::untracked(users());
+        let (row, donors) = planner.next(0, req, &mut dir);
+        assert!(row.writes.is_empty() && row.takes.is_empty() && donors.is_empty());
+        assert!(
+            row.errors[0].contains("is held by 201 now")
+                && row.errors[0].contains("validate again"),
+            "{:?}",
+            row.errors
+        );
+        assert_eq!(planner.finish().1.invalid, 1);
     }
 }

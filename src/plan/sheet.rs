@@ -3,7 +3,9 @@
 //! is asked anything. What needs the PBX (does the extension exist, is the policy known) is
 //! checked by [`super::rows`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 use crate::pbx::UserField;
 
@@ -61,14 +63,14 @@ pub enum Column {
 
 /// A checked CSV: the header as written and what each column means. The data rows stay in the
 /// file's own bytes and are parsed again on each pass, so a large file is held once, not as
-/// one string per cell.
+/// one string per cell (and a clone shares them).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sheet {
     pub header: Vec<String>,
     pub columns: Vec<Column>,
     /// Data rows (blank ones not counted).
     pub len: usize,
-    text: Vec<u8>,
+    text: Arc<[u8]>,
 }
 
 impl Sheet {
@@ -81,13 +83,8 @@ impl Sheet {
     }
 
     /// The data rows, in file order.
-    pub fn rows(&self) -> impl Iterator<Item = SheetRow> + '_ {
-        data_rows(records(self.text.as_slice()))
-    }
-
-    /// The data rows, in file order, owning the file: for a pass that outlives the sheet.
-    pub fn into_rows(self) -> impl Iterator<Item = SheetRow> + Send + 'static {
-        data_rows(records(self.text))
+    pub fn rows(&self) -> impl Iterator<Item = SheetRow> + Send + 'static + use<> {
+        data_rows(records(self.text.clone()))
     }
 }
 
@@ -240,7 +237,7 @@ pub fn read(bytes: &[u8], max_bytes: usize) -> Result<Sheet, SheetError> {
         header,
         columns,
         len,
-        text: bytes.to_vec(),
+        text: bytes.into(),
     })
 }
 
@@ -266,19 +263,50 @@ pub struct RowRequest {
 
 /// Checks every row: cell count, extension, unknown columns, value formats, and rows that clash
 /// with each other (one user twice, one number given twice). `closed`: columns that
-/// `spec.fields` locks Closed; their cells are reported and not applied. The rows come one at a
-/// time; only the clash bookkeeping is held for the whole file.
-pub fn requests<'a>(
-    sheet: &'a Sheet,
-    closed: &'a [UserField],
-) -> impl Iterator<Item = RowRequest> + 'a {
-    let ext_col = sheet.extension_column();
-    let mut clashes = clashes(sheet, closed, ext_col);
-    sheet.rows().enumerate().map(move |(i, row)| {
-        let mut r = request(sheet, &row, closed, ext_col);
-        r.errors.extend(clashes.remove(&i).unwrap_or_default());
-        r
-    })
+/// `spec.fields` locks Closed; their cells are reported and not applied.
+pub fn requests(
+    sheet: &Sheet,
+    closed: &[UserField],
+) -> impl Iterator<Item = RowRequest> + Send + 'static + use<> {
+    Requests::new(sheet, closed).rows().map(|(r, _)| r)
+}
+
+/// A sheet's rows as requests, for as many passes as a plan makes: the checks across rows are
+/// made once, and each pass parses the rows again one at a time.
+#[derive(Clone)]
+pub struct Requests {
+    sheet: Sheet,
+    closed: Vec<UserField>,
+    ext_col: usize,
+    clashes: Arc<HashMap<usize, Vec<String>>>,
+}
+
+impl Requests {
+    pub fn new(sheet: &Sheet, closed: &[UserField]) -> Requests {
+        let ext_col = sheet.extension_column();
+        Requests {
+            clashes: Arc::new(clashes(sheet, closed, ext_col)),
+            sheet: sheet.clone(),
+            closed: closed.to_vec(),
+            ext_col,
+        }
+    }
+
+    pub fn sheet(&self) -> &Sheet {
+        &self.sheet
+    }
+
+    /// Every row in file order: what it asks, and its cells as written.
+    pub fn rows(&self) -> impl Iterator<Item = (RowRequest, SheetRow)> + Send + 'static + use<> {
+        let this = self.clone();
+        self.sheet.rows().enumerate().map(move |(i, row)| {
+            let mut r = request(&this.sheet, &row, &this.closed, this.ext_col);
+            if let Some(notes) = this.clashes.get(&i) {
+                r.errors.extend(notes.iter().cloned());
+            }
+            (r, row)
+        })
+    }
 }
 
 fn request(sheet: &Sheet, row: &SheetRow, closed: &[UserField], ext_col: usize) -> RowRequest {
@@ -350,36 +378,72 @@ fn request(sheet: &Sheet, row: &SheetRow, closed: &[UserField], ext_col: usize) 
     r
 }
 
+/// What a row could clash on: its extension, and the numbers it gives.
+fn clash_keys(
+    sheet: &Sheet,
+    row: &SheetRow,
+    closed: &[UserField],
+    ext_col: usize,
+) -> (Option<String>, Vec<String>) {
+    let extension = row
+        .cells
+        .get(ext_col)
+        .map(|c| c.trim())
+        .filter(|e| !e.is_empty())
+        .map(str::to_string);
+    let mut numbers: Vec<String> = row
+        .cells
+        .iter()
+        .zip(&sheet.columns)
+        .filter_map(|(cell, col)| match col {
+            Column::Field(f) if f.is_number() && !closed.contains(f) => e164(cell.trim()),
+            _ => None,
+        })
+        .collect();
+    numbers.sort();
+    numbers.dedup();
+    (extension, numbers)
+}
+
+fn key_hash(kind: u8, key: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    (kind, key).hash(&mut h);
+    h.finish()
+}
+
 /// One user in two rows, or one number given by two rows: which should win is a person's call,
 /// so none of the rows involved is applied. Returns the notes by row index.
+///
+/// A first pass keeps a hash per key, not the key: a file of 100,000 rows names 100,000
+/// extensions and as many numbers, and only the rows whose hashes repeat are read again for
+/// their keys as written.
 fn clashes(sheet: &Sheet, closed: &[UserField], ext_col: usize) -> HashMap<usize, Vec<String>> {
+    let mut hashes: Vec<(u64, u32)> = Vec::new();
+    for (i, row) in sheet.rows().enumerate() {
+        let (extension, numbers) = clash_keys(sheet, &row, closed, ext_col);
+        hashes.extend(extension.map(|e| (key_hash(0, &e), i as u32)));
+        hashes.extend(numbers.iter().map(|n| (key_hash(1, n), i as u32)));
+    }
+    hashes.sort_unstable();
+    let mut suspects: HashSet<usize> = HashSet::new();
+    for run in hashes.chunk_by(|a, b| a.0 == b.0).filter(|r| r.len() > 1) {
+        suspects.extend(run.iter().map(|(_, i)| *i as usize));
+    }
+    drop(hashes);
     let mut by_extension: BTreeMap<String, Vec<(usize, u64)>> = BTreeMap::new();
     let mut by_number: BTreeMap<String, Vec<(usize, u64)>> = BTreeMap::new();
-    for (i, row) in sheet.rows().enumerate() {
-        if let Some(e) = row
-            .cells
-            .get(ext_col)
-            .map(|c| c.trim())
-            .filter(|e| !e.is_empty())
-        {
-            by_extension
-                .entry(e.to_string())
-                .or_default()
-                .push((i, row.line));
-        }
-        let mut numbers: Vec<String> = row
-            .cells
-            .iter()
-            .zip(&sheet.columns)
-            .filter_map(|(cell, col)| match col {
-                Column::Field(f) if f.is_number() && !closed.contains(f) => e164(cell.trim()),
-                _ => None,
-            })
-            .collect();
-        numbers.sort();
-        numbers.dedup();
-        for n in numbers {
-            by_number.entry(n).or_default().push((i, row.line));
+    if !suspects.is_empty() {
+        for (i, row) in sheet.rows().enumerate() {
+            if !suspects.contains(&i) {
+                continue;
+            }
+            let (extension, numbers) = clash_keys(sheet, &row, closed, ext_col);
+            if let Some(e) = extension {
+                by_extension.entry(e).or_default().push((i, row.line));
+            }
+            for n in numbers {
+                by_number.entry(n).or_default().push((i, row.line));
+            }
         }
     }
     let others = |rows: &[(usize, u64)], except: usize| -> String {

@@ -116,72 +116,38 @@ pub fn plain_fields(f: &UserFields) -> Vec<FieldIntent> {
     out
 }
 
-/// A plan's result rows, as they will be stored.
-pub enum PlannedRows {
-    All(Vec<Row>),
-    /// CSV rows are made from the row plan and the file when they are written, one at a time.
-    Csv(CsvRows),
-}
-
-impl PlannedRows {
-    pub fn into_rows(self) -> Box<dyn Iterator<Item = Row> + Send> {
-        match self {
-            PlannedRows::All(rows) => Box::new(rows.into_iter()),
-            PlannedRows::Csv(rows) => Box::new(rows.into_rows()),
+/// A CSV line's rows as stored: its own (the cells of a sensitive column redacted), then one
+/// per user giving it a number without a row of their own.
+pub fn csv_line_rows(
+    rp: rows::RowPlan,
+    mut cells: Vec<String>,
+    sensitive: &[bool],
+    donors: Vec<rows::Donor>,
+) -> Vec<Row> {
+    for (cell, secret) in cells.iter_mut().zip(sensitive) {
+        if *secret && !cell.is_empty() {
+            *cell = "(redacted)".into();
         }
     }
+    let (line, taker) = (rp.line, rp.extension.clone());
+    let mut out = vec![csv_row(rp, cells)];
+    out.extend(donors.into_iter().map(|d| Row {
+        target: d.extension,
+        outcome: Outcome::Planned,
+        notes: vec![rows::holder_note(&d.number, &taker, line)],
+        gives: vec![d.number],
+        ..Default::default()
+    }));
+    out
 }
 
-pub struct CsvRows {
-    pub plan: rows::RowsPlan,
-    pub sheet: sheet::Sheet,
-    /// Columns whose cells are redacted in results.
-    pub sensitive: Vec<bool>,
-    /// A retry: the earlier rows kept by CSV line (each with the rows that followed it), as
-    /// the retry carries them over; other lines are planned afresh.
-    pub previous: HashMap<u64, Vec<Row>>,
-}
-
-impl CsvRows {
-    /// The input rows in file order, each followed by the users giving it a number; a line
-    /// the retry carries over keeps its earlier rows.
-    fn into_rows(self) -> impl Iterator<Item = Row> + Send {
-        let CsvRows {
-            plan,
-            sheet,
-            sensitive,
-            mut previous,
-        } = self;
-        let mut donors = plan.donors.into_iter().peekable();
-        plan.rows
-            .into_iter()
-            .enumerate()
-            .zip(sheet.into_rows())
-            .flat_map(move |((i, rp), sheet_row)| {
-                let mine: Vec<rows::Donor> =
-                    std::iter::from_fn(|| donors.next_if(|d| d.row == i)).collect();
-                if let Some(kept) = previous.remove(&rp.line) {
-                    return kept;
-                }
-                let line = rp.line;
-                let taker = rp.extension.clone();
-                let mut cells = sheet_row.cells;
-                for (cell, secret) in cells.iter_mut().zip(&sensitive) {
-                    if *secret && !cell.is_empty() {
-                        *cell = "(redacted)".into();
-                    }
-                }
-                let mut out = vec![csv_row(rp, cells)];
-                out.extend(mine.into_iter().map(|d| Row {
-                    target: d.extension,
-                    outcome: Outcome::Planned,
-                    notes: vec![rows::holder_note(&d.number, &taker, line)],
-                    gives: vec![d.number],
-                    ..Default::default()
-                }));
-                out
-            })
-    }
+/// Which columns of a sheet are redacted in results.
+pub fn sensitive_columns(sheet: &sheet::Sheet) -> Vec<bool> {
+    sheet
+        .header
+        .iter()
+        .map(|h| sheet::is_sensitive(h))
+        .collect()
 }
 
 /// What status.warnings says about a spec on connection `connection` (with or without SMTP).
@@ -307,92 +273,62 @@ pub fn status_plan(plan: &users::PlanSummary, generation: i64, spec_hash: &str) 
     }
 }
 
-/// Who a CSV involves, from a first pass over its rows: the extensions of its valid rows, the
-/// numbers they ask for (whose holders are read too), and the first row of each extension.
-pub struct Involved {
-    pub extensions: Vec<String>,
-    pub numbers: Vec<String>,
-    pub row_of: HashMap<String, usize>,
+/// What a CSV plan came to, for status.plan.
+pub struct CsvPlanned {
+    pub hash: String,
+    pub tally: rows::Tally,
+    /// The first extensions of the file (status shows up to 1,000).
+    pub resolved: Vec<String>,
+    /// sha256 of the file as read.
+    pub sha256: String,
 }
 
-pub fn csv_involved(sheet: &sheet::Sheet, closed: &[UserField]) -> Involved {
-    let mut out = Involved {
-        extensions: vec![],
-        numbers: vec![],
-        row_of: HashMap::new(),
-    };
-    // The rows are checked again as they are planned, so no pass holds every request at once.
-    for (i, r) in sheet::requests(sheet, closed).enumerate() {
-        out.row_of.entry(r.extension.clone()).or_insert(i);
-        if r.errors.is_empty() {
-            out.extensions.push(r.extension);
-        }
-        out.numbers.extend(
-            r.values
-                .into_iter()
-                .filter(|(f, _)| f.is_number())
-                .map(|(_, v)| v),
-        );
-    }
-    out
+/// A CSV's header as status.plan.csv.columns shows it and the result CSV echoes it.
+pub fn shown_header(header: &[String]) -> Vec<String> {
+    header
+        .iter()
+        .take(64)
+        .map(|h| h.chars().take(128).collect())
+        .collect()
 }
+
+/// How many extensions status.plan.resolved shows.
+pub const RESOLVED_SHOWN: usize = 1000;
 
 /// status.plan of a CSV plan.
 pub fn csv_status_plan(
-    plan: &rows::RowsPlan,
-    sheet: &sheet::Sheet,
-    sha256: String,
+    planned: CsvPlanned,
+    header: &[String],
     closed: &[UserField],
     generation: i64,
     spec_hash: &str,
 ) -> Plan {
-    let targets = plan.rows.len() as u32;
+    let CsvPlanned {
+        hash,
+        tally,
+        resolved,
+        sha256,
+    } = planned;
+    let targets = tally.rows as u32;
     Plan {
-        hash: plan.hash.clone(),
+        hash,
         generation,
         targets,
-        resolved: plan
-            .rows
+        resolved: resolved
             .iter()
-            .filter(|r| !r.extension.is_empty())
-            .take(1000)
-            .map(|r| r.extension.chars().take(128).collect())
+            .take(RESOLVED_SHOWN)
+            .map(|e| e.chars().take(128).collect())
             .collect(),
         closed_fields: closed.iter().map(|f| f.name().to_string()).collect(),
-        changes: plan.changing() as u32,
+        changes: tally.changing as u32,
         spec_hash: spec_hash.to_string(),
         csv: Some(CsvPlan {
             sha256,
-            columns: sheet
-                .header
-                .iter()
-                .take(64)
-                .map(|h| h.chars().take(128).collect())
-                .collect(),
+            columns: shown_header(header),
             rows: targets,
-            invalid: plan.invalid() as u32,
+            invalid: tally.invalid as u32,
         }),
         ..Default::default()
-    }
-}
-
-/// A CSV plan's rows as they will be stored, made one input row at a time. `kept`: the rows a
-/// retry keeps, by CSV line (see [`by_line`]).
-pub fn csv_rows(
-    plan: rows::RowsPlan,
-    sheet: sheet::Sheet,
-    kept: HashMap<u64, Vec<Row>>,
-) -> CsvRows {
-    let sensitive = sheet
-        .header
-        .iter()
-        .map(|h| sheet::is_sensitive(h))
-        .collect();
-    CsvRows {
-        plan,
-        sheet,
-        sensitive,
-        previous: kept,
     }
 }
 
