@@ -69,3 +69,6 @@ CREATE TABLE IF NOT EXISTS pbx_snapshot (
     PRIMARY KEY (run, domain, username),
     INDEX pbx_snapshot_taken_idx (taken)
 ) DEFAULT CHARSET = utf8mb4;
+
+-- pbx_usr_preferences_value_idx on usr_preferences (attribute, value) is created by the
+-- operator when information_schema does not list it (MySQL has no CREATE INDEX IF NOT EXISTS).
