@@ -5,6 +5,7 @@
 use sha2::{Digest, Sha256};
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::steps::kept_by_retry;
 use crate::api::Plan;
@@ -191,7 +192,7 @@ pub struct CsvPlanner<'a> {
     backend: &'a dyn PbxBackend,
     rules: row_plan::Rules<'a>,
     requests: sheet::Requests,
-    movers: HashSet<String>,
+    movers: Arc<HashSet<String>>,
     /// The fields read: those the file's columns or spec.fields set.
     wanted: Vec<UserField>,
     closed: Vec<UserField>,
@@ -266,7 +267,7 @@ impl<'a> CsvPlanner<'a> {
             atomic: req.atomic,
         };
         let requests = sheet::Requests::new(&sheet, &closed);
-        let movers = movers(backend, &requests, req.intent).await?;
+        let movers = Arc::new(movers(backend, &requests, req.intent).await?);
         // A line the earlier run finished keeps its rows; the rest are planned afresh.
         let mut kept = request::by_line(req.kept.unwrap_or_default());
         kept.retain(|_, rows| match rows.first().and_then(kept_by_retry) {
@@ -308,7 +309,7 @@ impl<'a> CsvPlanner<'a> {
         }
         let extensions: Vec<String> = chunk
             .iter()
-            .filter(|(r, _)| r.errors.is_empty() && !self.movers.contains(&r.extension))
+            .filter(|(r, _)| r.errors.is_empty() && !pass.rows.is_mover(&r.extension))
             .map(|(r, _)| r.extension.clone())
             .collect();
         let mut dir = Directory::default();
@@ -384,28 +385,30 @@ impl<'a> CsvPlanner<'a> {
     }
 }
 
-/// A pass over the file: the movers read and their rows planned, the rest to come.
+/// A pass over the file: the movers read (a chunk at a time) and their rows rehearsed, every
+/// row to come.
 async fn pass<'a>(
     backend: &dyn PbxBackend,
     rules: &row_plan::Rules<'a>,
     requests: &sheet::Requests,
-    movers: &HashSet<String>,
+    movers: &Arc<HashSet<String>>,
     wanted: &[UserField],
     refusal: Option<String>,
 ) -> Result<CsvPass<'a>, PlanningError> {
     let mut users = Vec::new();
-    if !movers.is_empty() {
+    let extensions: Vec<&String> = movers.iter().collect();
+    for chunk in extensions.chunks(CHUNK_ROWS) {
         let selection = UserSelection {
             groups: vec![],
-            extensions: movers.iter().cloned().collect(),
+            extensions: chunk.iter().map(|e| e.to_string()).collect(),
         };
-        users = backend.read_user_fields(&selection, wanted).await?.users;
+        users.extend(backend.read_user_fields(&selection, wanted).await?.users);
     }
     let refused = refusal.is_some();
     let rows = row_plan::RowsPlanner::new(
         rules.clone(),
         requests.rows().map(|(r, _)| r),
-        movers,
+        movers.clone(),
         users,
         refusal,
     )?;

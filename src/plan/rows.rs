@@ -4,11 +4,13 @@
 //!
 //! A row changes no other user's state but through a number it takes (one user in two rows, or
 //! one number in two rows, makes those rows invalid). So the rows of the users numbers move
-//! between (the movers: a row taking a number someone else holds, and that holder) are planned
-//! first, together and in file order; every other row only needs its own user, and is planned a
-//! chunk of the file at a time.
+//! between (the movers: a row taking a number someone else holds, and that holder) are
+//! rehearsed first, together and in file order, for what a row leaves on another (a holder's
+//! note, a donor). Then every row is planned in file order: a mover's against the movers'
+//! users, every other one against its own user, read with its chunk of the file.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -132,11 +134,14 @@ impl Tally {
 
 /// Plans a file's rows in file order, each once, through [`RowsPlanner::next`].
 pub struct RowsPlanner<'a> {
-    rules: Rules<'a>,
-    actions: Vec<ActionKind>,
-    /// The movers' rows, planned up front, by row index.
-    moving: HashMap<usize, RowPlan>,
-    /// The users giving a number to a mover's row without a row of their own, by row index.
+    how: RowRules<'a>,
+    movers: Arc<HashSet<String>>,
+    /// The movers' users as the rows planned so far leave them.
+    dir: Directory,
+    /// What a rehearsal of the movers' rows found that a row cannot know when it is planned:
+    /// the notes of a holder whose number a later row takes, by the holder's row index...
+    notes: HashMap<usize, Vec<String>>,
+    /// ...and the users giving a number to a mover's row without a row of their own.
     donors: HashMap<usize, Vec<Donor>>,
     /// An Atomic change with invalid rows: every row says this, none applies.
     refusal: Option<String>,
@@ -144,13 +149,18 @@ pub struct RowsPlanner<'a> {
     tally: Tally,
 }
 
+struct RowRules<'a> {
+    rules: Rules<'a>,
+    actions: Vec<ActionKind>,
+}
+
 impl<'a> RowsPlanner<'a> {
-    /// Plans the movers' rows: `requests` are every row of the file in order, `users` the
+    /// Rehearses the movers' rows: `requests` are every row of the file in order, `users` the
     /// movers' users. `refusal`: see [`Tally::atomic_refusal`], from an earlier pass.
     pub fn new(
         rules: Rules<'a>,
         requests: impl IntoIterator<Item = RowRequest>,
-        movers: &HashSet<String>,
+        movers: Arc<HashSet<String>>,
         users: Vec<User>,
         refusal: Option<String>,
     ) -> Result<RowsPlanner<'a>, PlanError> {
@@ -158,74 +168,84 @@ impl<'a> RowsPlanner<'a> {
         let mut actions = rules.base.actions.clone();
         actions.sort();
         actions.dedup();
-        let mut planner = RowsPlanner {
-            rules,
-            actions,
-            moving: HashMap::new(),
-            donors: HashMap::new(),
-            refusal,
-            hasher: Sha256::new(),
-            tally: Tally::default(),
-        };
-        let mut dir = Directory::untracked(users);
+        let how = RowRules { rules, actions };
+        let dir = Directory::untracked(users);
+        // The rows are planned again in their turn, from the same state: only what a row
+        // leaves for another one is kept here, not the rows.
+        let mut rehearsal = dir.clone();
         let mut first_row: HashMap<String, usize> = HashMap::new();
-        let mut moves: Vec<(usize, Move)> = Vec::new();
+        let mut moves: Vec<(usize, u64, String, Move)> = Vec::new();
         for (i, req) in requests.into_iter().enumerate() {
             if !movers.contains(&req.extension) {
                 continue;
             }
             first_row.entry(req.extension.clone()).or_insert(i);
-            let (row, taken) = planner.plan(req, &mut dir);
-            moves.extend(taken.into_iter().map(|m| (i, m)));
-            planner.moving.insert(i, row);
+            let (row, taken) = how.plan(req, &mut rehearsal);
+            moves.extend(
+                taken
+                    .into_iter()
+                    .map(|m| (i, row.line, row.extension.clone(), m)),
+            );
         }
-        for (i, m) in moves {
-            let (line, taker) = match planner.moving.get(&i) {
-                Some(r) => (r.line, r.extension.clone()),
-                None => continue,
-            };
+        drop(rehearsal);
+        let mut notes: HashMap<usize, Vec<String>> = HashMap::new();
+        let mut donors: HashMap<usize, Vec<Donor>> = HashMap::new();
+        for (i, line, taker, m) in moves {
             match first_row.get(&m.holder) {
-                Some(j) => {
-                    if let Some(holder_row) = planner.moving.get_mut(j) {
-                        holder_row
-                            .warnings
-                            .push(holder_note(&m.number, &taker, line));
-                    }
-                }
-                None => planner.donors.entry(i).or_default().push(Donor {
+                Some(&j) => notes
+                    .entry(j)
+                    .or_default()
+                    .push(holder_note(&m.number, &taker, line)),
+                None => donors.entry(i).or_default().push(Donor {
                     extension: m.holder,
                     number: m.number,
                 }),
             }
         }
-        Ok(planner)
+        Ok(RowsPlanner {
+            how,
+            movers,
+            dir,
+            notes,
+            donors,
+            refusal,
+            hasher: Sha256::new(),
+            tally: Tally::default(),
+        })
     }
 
-    /// Plans row `index` of the file (rows come in file order, each once). `dir` holds the
-    /// row's user unless it is a mover's (planned already). Returns the row and the users
-    /// giving it a number who have no row of their own.
+    /// Whether `extension`'s rows are planned against the movers' users.
+    pub fn is_mover(&self, extension: &str) -> bool {
+        self.movers.contains(extension)
+    }
+
+    /// Plans row `index` of the file (rows come in file order, each once). `chunk` holds the
+    /// row's user unless it is a mover. Returns the row and the users giving it a number who
+    /// have no row of their own.
     pub fn next(
         &mut self,
         index: usize,
         req: RowRequest,
-        dir: &mut Directory,
+        chunk: &mut Directory,
     ) -> (RowPlan, Vec<Donor>) {
-        let (mut row, mut donors) = match self.moving.remove(&index) {
-            Some(row) => (row, self.donors.remove(&index).unwrap_or_default()),
-            None => {
-                let (mut row, taken) = self.plan(req, dir);
-                if let Some(m) = taken.first() {
-                    // Nobody else held the numbers of this row when the movers were read.
-                    refuse(
-                        &mut row,
-                        &format!(
-                            "number {} is held by {} now, which it was not when this plan began; validate again",
-                            m.number, m.holder
-                        ),
-                    );
-                }
-                (row, vec![])
+        let (mut row, mut donors) = if self.movers.contains(&req.extension) {
+            let (mut row, _) = self.how.plan(req, &mut self.dir);
+            row.warnings
+                .extend(self.notes.remove(&index).unwrap_or_default());
+            (row, self.donors.remove(&index).unwrap_or_default())
+        } else {
+            let (mut row, taken) = self.how.plan(req, chunk);
+            if let Some(m) = taken.first() {
+                // Nobody else held the numbers of this row when the movers were found.
+                refuse(
+                    &mut row,
+                    &format!(
+                        "number {} is held by {} now, which it was not when this plan began; validate again",
+                        m.number, m.holder
+                    ),
+                );
             }
+            (row, vec![])
         };
         if let Some(why) = &self.refusal {
             if row.errors.is_empty() {
@@ -250,7 +270,9 @@ impl<'a> RowsPlanner<'a> {
     pub fn finish(self) -> (String, Tally) {
         (hex::encode(self.hasher.finalize()), self.tally)
     }
+}
 
+impl RowRules<'_> {
     /// One row against the users as the rows before it leave them; the moves it makes.
     fn plan(&self, req: RowRequest, dir: &mut Directory) -> (RowPlan, Vec<Move>) {
         let Rules {
@@ -463,6 +485,7 @@ mod tests {
             .collect();
         let mut movers = HashSet::new();
         add_movers(&given, &holders, &mut movers);
+        let movers = Arc::new(movers);
         let mut refusal = None;
         loop {
             let moving = users
@@ -473,7 +496,7 @@ mod tests {
             let mut planner = RowsPlanner::new(
                 rules.clone(),
                 requests.rows().map(|(r, _)| r),
-                &movers,
+                movers.clone(),
                 moving,
                 refusal.clone(),
             )
@@ -675,12 +698,13 @@ mod tests {
             supported: UserField::ALL.to_vec(),
             atomic: false,
         };
-        let everyone: HashSet<String> = users.iter().map(|u| u.extension.clone()).collect();
+        let everyone: Arc<HashSet<String>> =
+            Arc::new(users.iter().map(|u| u.extension.clone()).collect());
         let requests: Vec<RowRequest> = sheet::requests(&s, &[]).collect();
         let mut whole = RowsPlanner::new(
             rules.clone(),
             requests.clone(),
-            &everyone,
+            everyone,
             users.clone(),
             None,
         )
@@ -743,7 +767,7 @@ mod tests {
             ..Default::default()
         };
         let mut planner =
-            RowsPlanner::new(rules, [req.clone()], &HashSet::new(), vec![], None).unwrap();
+            RowsPlanner::new(rules, [req.clone()], Arc::default(), vec![], None).unwrap();
         let mut dir = Directory::untracked(users());
         let (row, donors) = planner.next(0, req, &mut dir);
         assert!(row.writes.is_empty() && row.takes.is_empty() && donors.is_empty());
