@@ -349,14 +349,16 @@ impl Db {
         let wanted: Vec<String> = wanted.into_iter().collect();
         let mut users: BTreeMap<String, User> = BTreeMap::new();
 
+        // Each statement's rows are taken as they arrive: a chunk is thousands of users and
+        // several rows each, which as one result set would outweigh the users made of them.
         for chunk in wanted.chunks(self.read_chunk()) {
             let list = self.list_sql();
             let q = format!(
                 "SELECT username, ha1 FROM subscriber WHERE domain = $1 AND username IN ({list})"
             );
-            for row in self.fetch_list(conn, &q, chunk).await? {
-                let extension = text(&row, 0).map_err(|e| self.err(e))?;
-                let ha1 = text(&row, 1).map_err(|e| self.err(e))?;
+            self.each_in_list(conn, &q, chunk, |row| {
+                let extension = text(&row, 0)?;
+                let ha1 = text(&row, 1)?;
                 let mut user = User {
                     extension: extension.clone(),
                     ..Default::default()
@@ -371,7 +373,9 @@ impl Db {
                         .insert(UserField::Password, format!("ha1:{ha1}"));
                 }
                 users.insert(extension, user);
-            }
+                Ok(())
+            })
+            .await?;
             let by_attribute: HashMap<&str, UserField> = UserField::ALL
                 .into_iter()
                 .filter(|f| wanted_field(*f))
@@ -393,53 +397,49 @@ impl Db {
             let q = format!(
                 "SELECT username, attribute, value FROM usr_preferences WHERE domain = $1 AND username IN ({list}) AND {attributes}"
             );
-            let preferences = if by_attribute.is_empty() {
-                vec![]
-            } else {
-                self.fetch_list(conn, &q, chunk).await?
-            };
-            for row in preferences {
-                let (ext, attr, value) = (
-                    text(&row, 0).map_err(|e| self.err(e))?,
-                    text(&row, 1).map_err(|e| self.err(e))?,
-                    text(&row, 2).map_err(|e| self.err(e))?,
+            if !by_attribute.is_empty() {
+                self.each_in_list(conn, &q, chunk, |row| {
+                    let (ext, attr, value) = (text(&row, 0)?, text(&row, 1)?, text(&row, 2)?);
+                    if let (Some(user), Some(field)) =
+                        (users.get_mut(&ext), by_attribute.get(attr.as_str()))
+                    {
+                        user.values
+                            .insert(*field, schema::canonical(*field, &value));
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
+            if wanted_field(UserField::Groups) {
+                let q = format!(
+                    "SELECT username, grp FROM grp WHERE domain = $1 AND username IN ({list}) ORDER BY grp"
                 );
-                if let (Some(user), Some(field)) =
-                    (users.get_mut(&ext), by_attribute.get(attr.as_str()))
-                {
-                    user.values
-                        .insert(*field, schema::canonical(*field, &value));
-                }
-            }
-            let q = format!(
-                "SELECT username, grp FROM grp WHERE domain = $1 AND username IN ({list}) ORDER BY grp"
-            );
-            let mut groups: HashMap<String, Vec<String>> = HashMap::new();
-            let group_rows = if wanted_field(UserField::Groups) {
-                self.fetch_list(conn, &q, chunk).await?
-            } else {
-                vec![]
-            };
-            for row in group_rows {
-                groups
-                    .entry(text(&row, 0).map_err(|e| self.err(e))?)
-                    .or_default()
-                    .push(text(&row, 1).map_err(|e| self.err(e))?);
-            }
-            for (ext, list) in groups {
-                if let Some(user) = users.get_mut(&ext) {
-                    user.values.insert(UserField::Groups, list.join(","));
+                let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+                self.each_in_list(conn, &q, chunk, |row| {
+                    groups
+                        .entry(text(&row, 0)?)
+                        .or_default()
+                        .push(text(&row, 1)?);
+                    Ok(())
+                })
+                .await?;
+                for (ext, list) in groups {
+                    if let Some(user) = users.get_mut(&ext) {
+                        user.values.insert(UserField::Groups, list.join(","));
+                    }
                 }
             }
             let q = format!(
                 "SELECT username, alias_username FROM dbaliases WHERE domain = $1 AND username IN ({list}) ORDER BY id"
             );
-            for row in self.fetch_list(conn, &q, chunk).await? {
-                let ext = text(&row, 0).map_err(|e| self.err(e))?;
+            self.each_in_list(conn, &q, chunk, |row| {
+                let ext = text(&row, 0)?;
                 if let Some(user) = users.get_mut(&ext) {
-                    user.numbers.push(text(&row, 1).map_err(|e| self.err(e))?);
+                    user.numbers.push(text(&row, 1)?);
                 }
-            }
+                Ok(())
+            })
+            .await?;
         }
         for user in users.values_mut() {
             if let Some(primary) = user.numbers.first() {
@@ -573,6 +573,25 @@ impl Db {
             .fetch_all(&mut *conn)
             .await
             .map_err(|e| self.err(e))
+    }
+
+    /// Runs `q` like [`Db::fetch_list`], handing each row to `each` as it arrives.
+    async fn each_in_list(
+        &self,
+        conn: &mut AnyConnection,
+        q: &str,
+        values: &[String],
+        mut each: impl FnMut(AnyRow) -> std::result::Result<(), sqlx::Error>,
+    ) -> Result<()> {
+        let list = serde_json::to_string(values).expect("strings serialize");
+        let mut rows = sqlx::query(self.sql(q))
+            .bind(&self.domain)
+            .bind(list)
+            .fetch(&mut *conn);
+        while let Some(row) = rows.try_next().await.map_err(|e| self.err(e))? {
+            each(row).map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// Runs `q` with the domain as $1 and `values` as $2.. .
