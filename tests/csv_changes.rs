@@ -600,7 +600,7 @@ spec:
 }
 
 #[tokio::test]
-async fn a_gzipped_csv_in_several_batches_atomic() {
+async fn a_gzipped_csv_in_several_batches_atomic_and_one_invalid_row_refuses_every_batch() {
     let env = Env::start(
         "csv-batches",
         LabSpec {
@@ -652,6 +652,64 @@ async fn a_gzipped_csv_in_several_batches_atomic() {
     assert_eq!(seen[2499], "2699", "input order");
     seen.dedup();
     assert_eq!(seen.len(), 2500);
+
+    // The same file made to undo it, with a number move to a user without a row (a donor row
+    // in the first batch) and an extension the PBX lacks in the last row: the invalid row is
+    // found only when the last batch is planned, after the first batches were stored. Atomic:
+    // every row is stored again refused, the donor row gone, and nothing is written.
+    let mut undo = String::new();
+    for (i, line) in export.lines().enumerate() {
+        let mut cells: Vec<&str> = line.split(',').collect();
+        if cells[0] == "2650" {
+            continue;
+        }
+        if i > 0 {
+            cells[6] = "Default";
+        }
+        if cells[0] == "200" {
+            cells[2] = "+15550102650";
+        }
+        undo.push_str(&cells.join(","));
+        undo.push('\n');
+    }
+    undo.push_str("99999,,,,,,Default,\n");
+    config_map(&env, "undo", Some(&undo), None).await;
+    change(&env, "undo", "undo", "Execute", "  failurePolicy: Atomic\n");
+    let b = env
+        .wait_buc(
+            "undo",
+            &[Phase::Succeeded, Phase::PartiallyFailed, Phase::Failed],
+        )
+        .await;
+    let status = b.status.unwrap();
+    assert_eq!(status.phase, Phase::Failed, "{:?}", status.conditions);
+    let plan = status.plan.unwrap();
+    assert_eq!(plan.changes, 0);
+    assert_eq!(plan.csv.unwrap().invalid, 2500);
+    let (header, rows) = result_csv(&env, "undo");
+    let notes = header.iter().position(|h| h == "Notes").unwrap();
+    assert_eq!(rows.len(), 2500, "one row per line, no donor row");
+    assert!(rows.iter().all(|r| r[0] != "2650"), "the donor row is gone");
+    for r in &rows {
+        assert!(
+            r[notes]
+                .contains("failurePolicy is Atomic and 1 rows are invalid (first on line 2501)"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(rows[2499][0], "99999", "the invalid row in its place");
+    let anonymous = env
+        .sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.caller_id_policy' AND value = 'Anonymous'")
+        .await;
+    assert_eq!(anonymous, "2500", "nothing written");
+    assert_eq!(
+        primary_number(&env, "2650").await.as_deref(),
+        Some("+15550102650")
+    );
+    assert_eq!(
+        primary_number(&env, "200").await.as_deref(),
+        Some("+15550100200")
+    );
 }
 
 #[tokio::test]
