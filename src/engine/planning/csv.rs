@@ -45,6 +45,11 @@ struct CsvPass<'a> {
     refused: bool,
 }
 
+/// Lines planned per read of their users: a CSV line's stored row carries its cells, so the
+/// lines of a chunk weigh more than a selection's users; a quarter of a batch keeps the rows in
+/// the making small beside the batch being stored.
+const LINES_PER_READ: usize = CHUNK_ROWS / 4;
+
 /// How a CSV plan ended: planned, or to be planned again (an Atomic change with invalid rows
 /// stores every row refused; its rows so far are to be stored again).
 pub enum CsvEnd<'a> {
@@ -134,7 +139,7 @@ impl<'a> CsvPlanner<'a> {
     pub async fn next_chunk(&mut self) -> Result<Option<Vec<Row>>, PlanningError> {
         let pass = &mut self.pass;
         let chunk: Vec<(sheet::RowRequest, sheet::SheetRow)> =
-            pass.pending.by_ref().take(CHUNK_ROWS).collect();
+            pass.pending.by_ref().take(LINES_PER_READ).collect();
         if chunk.is_empty() {
             return Ok(None);
         }
