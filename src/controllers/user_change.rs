@@ -487,7 +487,7 @@ impl Change<'_> {
         if let Some(source) = &spec.source {
             let ns = self.buc.namespace().unwrap_or_default();
             let max = self.ctx.max_csv_bytes;
-            let bytes = csv_source::fetch(&self.ctx.client, &ns, &source.csv, max).await?;
+            let bytes = csv_source::fetch(&self.ctx.client, &ns, &source.csv).await?;
             let planner = CsvPlanner::new(backend, bytes, max, req).await?;
             return Ok(Planned::Csv(Box::new(planner)));
         }

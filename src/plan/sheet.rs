@@ -3,9 +3,12 @@
 //! is asked anything. What needs the PBX (does the extension exist, is the policy known) is
 //! checked by [`super::rows`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Arc;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
 
 use crate::pbx::UserField;
 
@@ -63,14 +66,18 @@ pub enum Column {
 
 /// A checked CSV: the header as written and what each column means. The data rows stay in the
 /// file's own bytes and are parsed again on each pass, so a large file is held once, not as
-/// one string per cell (and a clone shares them).
+/// one string per cell (and a clone shares them). A gzip file stays compressed: it is inflated
+/// again on each pass (milliseconds per megabyte) rather than held at several times its size.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sheet {
     pub header: Vec<String>,
     pub columns: Vec<Column>,
     /// Data rows (blank ones not counted).
     pub len: usize,
-    text: Arc<[u8]>,
+    /// SHA-256 of the CSV text (inflated), in hex.
+    pub sha256: String,
+    file: Arc<[u8]>,
+    gzip: bool,
 }
 
 impl Sheet {
@@ -84,7 +91,13 @@ impl Sheet {
 
     /// The data rows, in file order.
     pub fn rows(&self) -> impl Iterator<Item = SheetRow> + Send + 'static + use<> {
-        data_rows(records(self.text.clone()))
+        let file = std::io::Cursor::new(self.file.clone());
+        let text: Box<dyn Read + Send> = if self.gzip {
+            Box::new(flate2::read::MultiGzDecoder::new(file))
+        } else {
+            Box::new(file)
+        };
+        data_rows(records(text))
     }
 }
 
@@ -102,32 +115,65 @@ fn data_rows(
         })
 }
 
+/// The offsets of the line-end bytes (CR, LF) that have passed into the CSV reader and not yet
+/// been counted: the reader reads ahead of the record it returns, so the lines before a record
+/// are counted from these, not from the reader's buffer.
+type LineEnds = Arc<Mutex<VecDeque<(u64, u8)>>>;
+
+/// Passes the text through, noting where its line ends are.
+struct NotingLineEnds<R> {
+    inner: R,
+    offset: u64,
+    ends: LineEnds,
+}
+
+impl<R: Read> Read for NotingLineEnds<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut ends = self.ends.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, b) in buf[..n].iter().enumerate() {
+            if *b == b'\r' || *b == b'\n' {
+                ends.push_back((self.offset + i as u64, *b));
+            }
+        }
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
 /// Every record with the file line it starts on. Lines are counted here: the reader's own
 /// count is off by one after CRLF line ends.
-fn records<T: AsRef<[u8]>>(
-    text: T,
-) -> impl Iterator<Item = Result<(u64, csv::StringRecord), csv::Error>> {
+fn records(
+    text: impl Read + Send,
+) -> impl Iterator<Item = Result<(u64, csv::StringRecord), csv::Error>> + Send {
+    let ends = LineEnds::default();
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_reader(std::io::Cursor::new(text));
-    let (mut counted_to, mut line) = (0usize, 1u64);
+        .from_reader(NotingLineEnds {
+            inner: text,
+            offset: 0,
+            ends: ends.clone(),
+        });
+    let mut line = 1u64;
     let mut record = csv::StringRecord::new();
     std::iter::from_fn(move || match reader.read_record(&mut record) {
         Ok(false) => None,
         Err(e) => Some(Err(e)),
         Ok(true) => {
-            let text = reader.get_ref().get_ref().as_ref();
-            let mut start = record.position().map(|p| p.byte() as usize).unwrap_or(0);
-            while text.get(start).is_some_and(|b| *b == b'\r' || *b == b'\n') {
-                start += 1;
+            // The record may be placed at the line end before it: it starts past that.
+            let mut start = record.position().map(|p| p.byte()).unwrap_or(0);
+            let mut ends = ends.lock().unwrap_or_else(|e| e.into_inner());
+            while let Some(&(at, b)) = ends.front() {
+                if at > start {
+                    break;
+                }
+                if at == start {
+                    start += 1;
+                }
+                line += u64::from(b == b'\n');
+                ends.pop_front();
             }
-            let start = start.min(text.len()).max(counted_to);
-            line += text[counted_to..start]
-                .iter()
-                .filter(|b| **b == b'\n')
-                .count() as u64;
-            counted_to = start;
             Some(Ok((line, record.clone())))
         }
     })
@@ -178,16 +224,26 @@ pub fn is_sensitive(name: &str) -> bool {
             .any(|w| n.contains(w))
 }
 
-/// Reads a CSV: UTF-8 with or without BOM, CRLF or LF, quoted fields with commas and newlines.
-/// Rows whose cells are all empty (a spreadsheet's trailing lines) are left out.
-pub fn read(bytes: &[u8], max_bytes: usize) -> Result<Sheet, SheetError> {
-    if bytes.len() > max_bytes {
+/// Reads a CSV: UTF-8 with or without BOM, CRLF or LF, quoted fields with commas and newlines,
+/// gzip-compressed or not. Rows whose cells are all empty (a spreadsheet's trailing lines) are
+/// left out. `max_bytes` limits the text, after gunzip.
+pub fn read(file: impl Into<Vec<u8>>, max_bytes: usize) -> Result<Sheet, SheetError> {
+    let file = file.into();
+    let gzip = file.starts_with(&GZIP_MAGIC);
+    let inflated = if gzip {
+        Some(gunzip(&file, max_bytes)?)
+    } else {
+        None
+    };
+    let text = inflated.as_deref().unwrap_or(&file);
+    if text.len() > max_bytes {
         return Err(SheetError::TooLarge {
-            size: bytes.len(),
+            size: text.len(),
             limit: max_bytes,
         });
     }
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let sha256 = hex::encode(Sha256::digest(text));
+    let bytes = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(SheetError::Empty);
     }
@@ -233,12 +289,39 @@ pub fn read(bytes: &[u8], max_bytes: usize) -> Result<Sheet, SheetError> {
             len += 1;
         }
     }
+    drop(inflated);
     Ok(Sheet {
         header,
         columns,
         len,
-        text: bytes.into(),
+        sha256,
+        file: file.into(),
+        gzip,
     })
+}
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Inflates gzip-compressed bytes, reading at most one byte past the limit, so a small upload
+/// cannot expand into a large allocation.
+fn gunzip(bytes: &[u8], max_bytes: usize) -> Result<Vec<u8>, SheetError> {
+    let mut out = Vec::new();
+    let limit = max_bytes as u64 + 1;
+    flate2::read::MultiGzDecoder::new(bytes)
+        .take(limit)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            SheetError::NotCsv(format!(
+                "it looks gzip-compressed but does not inflate ({e})"
+            ))
+        })?;
+    if out.len() > max_bytes {
+        return Err(SheetError::TooLarge {
+            size: out.len(),
+            limit: max_bytes,
+        });
+    }
+    Ok(out)
 }
 
 /// Where the CSV reader gave up, without the text it read.
@@ -666,7 +749,7 @@ mod tests {
         let refusals = [
             read(format!("postgres://pbx:{T}@db/pbx\n").as_bytes(), 1000),
             read(format!("extension,x{T},X{T}\n").as_bytes(), 1000),
-            read(&[T.as_bytes(), b"\xff\n"].concat(), 1000),
+            read([T.as_bytes(), b"\xff\n"].concat(), 1000),
         ];
         for r in refusals {
             let e = r.unwrap_err().to_string();
@@ -772,6 +855,41 @@ mod tests {
         }
     }
 
+    fn gz(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn gzip_is_inflated_within_the_limit_and_read_like_text() {
+        let text =
+            b"extension,callerIdPolicy\r\n201,Default\r\n\r\n\"202\",\"Anony\nmous\"\n203,x\n"
+                .to_vec();
+        let plain = read(text.clone(), 1000).unwrap();
+        let zipped = read(gz(&text), 1000).unwrap();
+        assert_eq!(zipped.header, plain.header);
+        assert_eq!(zipped.sha256, plain.sha256, "the hash is of the text");
+        let rows = |s: &Sheet| s.rows().collect::<Vec<_>>();
+        assert_eq!(rows(&zipped), rows(&plain));
+        let lines: Vec<u64> = rows(&plain).iter().map(|r| r.line).collect();
+        assert_eq!(
+            lines,
+            [2, 4, 6],
+            "lines counted across CRLF, blank lines and quoted newlines"
+        );
+        let bomb = gz(&vec![b'a'; 100_000]);
+        assert!(matches!(
+            read(bomb, 1000),
+            Err(SheetError::TooLarge { limit: 1000, .. })
+        ));
+        assert!(matches!(
+            read(vec![0x1f, 0x8b, 1, 2, 3], 1000),
+            Err(SheetError::NotCsv(_))
+        ));
+    }
+
     mod fuzz {
         use super::super::*;
         use proptest::prelude::*;
@@ -782,7 +900,7 @@ mod tests {
             /// Arbitrary bytes: an error or a sheet, never a panic; and every row checks.
             #[test]
             fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
-                if let Ok(s) = read(&bytes, DEFAULT_MAX_BYTES) {
+                if let Ok(s) = read(bytes.clone(), DEFAULT_MAX_BYTES) {
                     let r: Vec<RowRequest> = requests(&s, &[UserField::CallerIdPolicy]).collect();
                     prop_assert_eq!(r.len(), s.len);
                 }

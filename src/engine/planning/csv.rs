@@ -4,8 +4,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
 use super::{PlanningError, UserRequest};
 use crate::api::Plan;
 use crate::engine::steps::kept_by_retry;
@@ -65,9 +63,8 @@ impl<'a> CsvPlanner<'a> {
         max_bytes: usize,
         req: UserRequest<'a>,
     ) -> Result<CsvPlanner<'a>, PlanningError> {
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let sheet = sheet::read(&bytes, max_bytes)?;
-        drop(bytes);
+        let sheet = sheet::read(bytes, max_bytes)?;
+        let sha256 = sheet.sha256.clone();
         let closed: Vec<UserField> = req
             .intent
             .fields
