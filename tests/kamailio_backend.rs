@@ -45,6 +45,7 @@ on_database_servers!(an_outage_is_reported_and_the_backend_recovers);
 
 on_every_database!(
     bulk_read_and_atomic_write,
+    a_write_lands_whether_a_user_has_no_row_one_or_two,
     conflicts_and_literal_values,
     locked_users_are_refused_at_register,
     notify_reboots_a_phone_and_a_silent_one_does_not_block_others,
@@ -213,6 +214,94 @@ async fn bulk_read_and_atomic_write(db: &'static str) {
         "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '7'";
     let n: i64 = sqlx::query(q).fetch_one(&pool).await.unwrap().get(0);
     assert_eq!(n, 0, "nothing of a rolled-back batch is written");
+}
+
+/// Kamailio keeps a preference as rows of usr_preferences with no unique key: a user may have
+/// none (the default applies) or, written by other tools, two. A bulk write gives each user the
+/// value whatever it had and leaves no row with the old one; MySQL inserts only where the read
+/// found no row.
+async fn a_write_lands_whether_a_user_has_no_row_one_or_two(db: &'static str) {
+    let lab = Lab::start(LabSpec {
+        db,
+        users: 10,
+        phones: 0,
+        ..Default::default()
+    });
+    let pbx = backend(&lab).await;
+    let pool = sql_pool(&lab).await;
+    let rows_of = |ext: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let q = format!(
+                "SELECT value FROM usr_preferences WHERE username = '{ext}' AND attribute = 'pbx.call_group'"
+            );
+            let rows = sqlx::query(AssertSqlSafe(q))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    sqlx::query(
+        "DELETE FROM usr_preferences WHERE username = '201' AND attribute = 'pbx.call_group'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let q = "INSERT INTO usr_preferences (uuid, username, domain, attribute, type, value, last_modified) SELECT uuid, username, domain, attribute, type, value, last_modified FROM usr_preferences WHERE username = '202' AND attribute = 'pbx.call_group'";
+    sqlx::query(q).execute(&pool).await.unwrap();
+    assert!(rows_of("201").await.is_empty());
+    assert_eq!(
+        rows_of("202").await.len(),
+        2,
+        "the seed gave 202 a call group"
+    );
+
+    let read = pbx.read_users(&all(10)).await.unwrap();
+    let changes: Vec<UserChange> = read
+        .users
+        .iter()
+        .map(|u| UserChange {
+            extension: u.extension.clone(),
+            takes: vec![],
+            writes: vec![FieldWrite {
+                field: UserField::CallGroup,
+                from: u.get(UserField::CallGroup).map(Into::into),
+                to: NewValue::Set("42".into()),
+            }],
+        })
+        .collect();
+    let outcomes = pbx.apply_user_changes(&changes, false).await.unwrap();
+    assert!(
+        outcomes.iter().all(|o| *o == WriteOutcome::Applied),
+        "{outcomes:?}"
+    );
+    assert_eq!(rows_of("201").await, ["42"], "a user with no row gets one");
+    // PostgreSQL and SQLite replace the rows with one, MySQL updates both in place: either
+    // way no row of 202 keeps the old value.
+    let rows = rows_of("202").await;
+    assert!(
+        !rows.is_empty() && rows.iter().all(|v| v == "42"),
+        "202: {rows:?}"
+    );
+    for ext in ["200", "203", "209"] {
+        assert_eq!(rows_of(ext).await, ["42"], "{ext}");
+    }
+    let after = pbx.read_users(&all(10)).await.unwrap();
+    assert!(
+        after
+            .users
+            .iter()
+            .all(|u| u.get(UserField::CallGroup) == Some("42")),
+        "{:?}",
+        after
+            .users
+            .iter()
+            .map(|u| u.get(UserField::CallGroup))
+            .collect::<Vec<_>>()
+    );
 }
 
 async fn conflicts_and_literal_values(db: &'static str) {

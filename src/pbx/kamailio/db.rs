@@ -323,7 +323,7 @@ impl Db {
         conn: &mut AnyConnection,
         selection: &UserSelection,
     ) -> Result<UserRead> {
-        self.read_users_only(conn, selection, None).await
+        self.read_users_only(conn, selection, None, None).await
     }
 
     /// Reads users with only `fields` (and their numbers), for plans that need no more.
@@ -333,15 +333,18 @@ impl Db {
         fields: &[UserField],
     ) -> Result<UserRead> {
         let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
-        self.read_users_only(&mut conn, selection, Some(fields))
+        self.read_users_only(&mut conn, selection, Some(fields), None)
             .await
     }
 
+    /// Reads users with only `only` (all fields when None); with `stored`, also counts the
+    /// preference rows each user has of each attribute read.
     async fn read_users_only(
         &self,
         conn: &mut AnyConnection,
         selection: &UserSelection,
         only: Option<&[UserField]>,
+        mut stored: Option<&mut StoredRows>,
     ) -> Result<UserRead> {
         let wanted_field = |f: UserField| only.is_none_or(|o| o.contains(&f));
         let (mut wanted, empty_groups) = self.group_members(conn, &selection.groups).await?;
@@ -400,11 +403,15 @@ impl Db {
             if !by_attribute.is_empty() {
                 self.each_in_list(conn, &q, chunk, |row| {
                     let (ext, attr, value) = (text(&row, 0)?, text(&row, 1)?, text(&row, 2)?);
-                    if let (Some(user), Some(field)) =
-                        (users.get_mut(&ext), by_attribute.get(attr.as_str()))
-                    {
+                    if let (Some(user), Some((attribute, field))) = (
+                        users.get_mut(&ext),
+                        by_attribute.get_key_value(attr.as_str()),
+                    ) {
                         user.values
                             .insert(*field, schema::canonical(*field, &value));
+                        if let Some(stored) = stored.as_deref_mut() {
+                            *stored.entry((ext, *attribute)).or_default() += 1;
+                        }
                     }
                     Ok(())
                 })
@@ -841,7 +848,13 @@ impl Db {
         let numbers = written.iter().any(|f| f.is_number());
         let written: Vec<UserField> = written.into_iter().collect();
         let only = (!numbers).then_some(written.as_slice());
-        let current = self.read_users_only(conn, &selection, only).await?;
+        // MySQL updates rows in place and inserts only where a user has none: which users
+        // have rows is counted by the read (see [`Db::set_attribute_mysql`]).
+        let mut stored_rows = StoredRows::new();
+        let counting = (self.dialect == Dialect::MySql).then_some(&mut stored_rows);
+        let current = self
+            .read_users_only(conn, &selection, only, counting)
+            .await?;
         let mut dir = Directory::new(current.users);
         let stored = |e: &str, f: UserField, s: &Secret| match secrets.get(&(e.to_string(), f)) {
             Some(v) => v.clone(),
@@ -904,7 +917,8 @@ impl Db {
             }
             outcomes.push(WriteOutcome::Applied);
         }
-        self.write_changed(conn, &dir, &passwords).await?;
+        self.write_changed(conn, &dir, &passwords, &stored_rows)
+            .await?;
         Ok(outcomes)
     }
 
@@ -989,6 +1003,7 @@ impl Db {
         conn: &mut AnyConnection,
         dir: &Directory,
         passwords: &HashMap<String, Secret>,
+        stored: &StoredRows,
     ) -> Result<()> {
         let mut changed: Vec<(&User, &User)> = dir.changed().collect();
         changed.sort_by(|a, b| a.1.extension.cmp(&b.1.extension));
@@ -1031,7 +1046,12 @@ impl Db {
             }
         }
         for (attribute, rows) in attributes {
-            self.replace_attribute(conn, attribute, &rows).await?;
+            if self.dialect == Dialect::MySql {
+                self.set_attribute_mysql(conn, attribute, &rows, Some(stored))
+                    .await?;
+            } else {
+                self.replace_attribute(conn, attribute, &rows).await?;
+            }
         }
         if !groups.is_empty() {
             let exts: Vec<String> = groups.iter().map(|(e, _)| e.to_string()).collect();
@@ -1106,7 +1126,7 @@ impl Db {
         rows: &[(&str, Option<String>)],
     ) -> Result<()> {
         if self.dialect == Dialect::MySql {
-            return self.set_attribute_mysql(conn, attribute, rows).await;
+            return self.set_attribute_mysql(conn, attribute, rows, None).await;
         }
         // One DELETE for all users, the list as one JSON parameter: PostgreSQL may plan this
         // DELETE on the (uuid, attribute) index, which walks every row of the attribute, so one
@@ -1160,11 +1180,17 @@ impl Db {
     /// JSON_TABLE: cleared values deleted, rows that exist updated in place, missing rows
     /// inserted. An UPDATE touches no index but the value's row; DELETE and INSERT per 500 users
     /// rewrote every row and its indexes (the write phase was 6x the one-UPDATE floor).
+    ///
+    /// With `stored` (the rows the compare-and-set read counted in this transaction), the INSERT
+    /// takes only the users that had no row, and is skipped when all had one: probing every user
+    /// for a row it has was a third of the write. Only when the UPDATE matched exactly the rows
+    /// counted; otherwise (rows came or went since the read) every user is probed.
     async fn set_attribute_mysql(
         &self,
         conn: &mut AnyConnection,
         attribute: &str,
         rows: &[(&str, Option<String>)],
+        stored: Option<&StoredRows>,
     ) -> Result<()> {
         // A JSON list of [username, value] pairs at placeholder `at`, as rows v(u, val).
         let pairs_at = |at: usize| {
@@ -1198,13 +1224,36 @@ impl Db {
             "UPDATE usr_preferences p JOIN {} ON p.username = v.u SET p.value = v.val, p.type = 2, p.last_modified = CURRENT_TIMESTAMP WHERE p.domain = $2 AND p.attribute = $3",
             pairs_at(1)
         );
-        sqlx::query(self.sql(&q))
+        // sqlx connects with CLIENT_FOUND_ROWS: rows matched, not only those whose value differed.
+        let matched = sqlx::query(self.sql(&q))
             .bind(&pairs)
             .bind(&self.domain)
             .bind(attribute)
             .execute(&mut *conn)
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(e))?
+            .rows_affected();
+        let set = match stored {
+            Some(stored) => {
+                let had = |e: &str| {
+                    stored
+                        .get(&(e.to_string(), attribute))
+                        .copied()
+                        .unwrap_or(0)
+                };
+                let counted: u64 = set.iter().map(|(e, _)| u64::from(had(e))).sum();
+                if matched == counted {
+                    set.into_iter().filter(|(e, _)| had(e) == 0).collect()
+                } else {
+                    set
+                }
+            }
+            None => set,
+        };
+        if set.is_empty() {
+            return Ok(());
+        }
+        let pairs = serde_json::to_string(&set).expect("strings serialize");
         // MySQL numbers placeholders by position: the JSON is bound third here.
         let q = format!(
             "INSERT INTO usr_preferences (username, domain, attribute, type, value, last_modified) SELECT v.u, $1, $2, 2, v.val, CURRENT_TIMESTAMP FROM {} WHERE NOT EXISTS (SELECT 1 FROM usr_preferences p WHERE p.username = v.u AND p.domain = $4 AND p.attribute = $5)",
@@ -1515,6 +1564,9 @@ fn tuples(rows: usize, width: usize, shape: impl Fn(&str) -> String) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// Preference rows read per (user, attribute): how many each user has.
+type StoredRows = HashMap<(String, &'static str), u32>;
 
 /// The (user, value) pairs of `rows` that set a value (not those that clear it).
 fn values_set<'a>(rows: &'a [(&'a str, Option<String>)]) -> Vec<(&'a str, &'a str)> {
