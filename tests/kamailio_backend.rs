@@ -985,6 +985,94 @@ async fn a_snapshot_brings_a_removed_user_back_and_names_what_others_hold_now(db
     assert_eq!(left, None, "the personal data is gone from the database");
 }
 
+/// The index pbx-operator adds to Kamailio's usr_preferences needs the table's owner. A login
+/// granted the tables but not owning them connects and writes whether the index is there or not;
+/// without it, it is left missing (a warning), not half-made.
+#[tokio::test]
+async fn postgres_connects_as_a_login_that_does_not_own_kamailio_tables() {
+    let lab = Lab::start(LabSpec {
+        db: "postgres",
+        users: 3,
+        phones: 0,
+        ..Default::default()
+    });
+    // The owner's first connect creates pbx-operator's tables and the index.
+    drop(backend(&lab).await);
+    sqlx::any::install_default_drivers();
+    let db_name = lab.db_url().rsplit('/').next().unwrap().to_string();
+    let (server, _) = lab.get("LAB_PG_ADMIN_URL").rsplit_once('/').unwrap();
+    let admin_url = format!("{server}/{db_name}");
+    let admin = AnyPool::connect(&admin_url).await.unwrap();
+    for q in [
+        "CREATE ROLE pbx_helper LOGIN PASSWORD 'helper-pw'",
+        // Its own tables it may create (CREATE TABLE IF NOT EXISTS asks for this even when
+        // they exist) and owns; Kamailio's it may read and write.
+        "GRANT CREATE ON SCHEMA public TO pbx_helper",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO pbx_helper",
+        "GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO pbx_helper",
+    ] {
+        sqlx::query(q).execute(&admin).await.unwrap();
+    }
+    // pbx-operator's own tables are the login's.
+    let own = "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'pbx\\_%'";
+    for row in sqlx::query(own).fetch_all(&admin).await.unwrap() {
+        let table: String = row.get(0);
+        let q = format!("ALTER TABLE {table} OWNER TO pbx_helper");
+        sqlx::query(AssertSqlSafe(q)).execute(&admin).await.unwrap();
+    }
+    let index_count = || {
+        let admin = admin.clone();
+        async move {
+            let q = "SELECT COUNT(*) FROM pg_indexes WHERE indexname = 'pbx_private_number_idx'";
+            sqlx::query(q)
+                .fetch_one(&admin)
+                .await
+                .unwrap()
+                .get::<i64, _>(0)
+        }
+    };
+    assert_eq!(index_count().await, 1, "the owner's connect made the index");
+    let at = lab.db_url().find('@').unwrap();
+    let helper_url = format!("postgres://pbx_helper:helper-pw{}", &lab.db_url()[at..]);
+    let as_helper = || async {
+        let mut config = KamailioConfig::new(&helper_url, lab.rpc_url(), lab.domain());
+        config.notify_timeout = Duration::from_secs(15);
+        Kamailio::connect(config).await
+    };
+    let helper = as_helper()
+        .await
+        .expect("a login that does not own the table connects");
+    drop(helper);
+
+    sqlx::query("DROP INDEX pbx_private_number_idx")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let helper = as_helper()
+        .await
+        .expect("without the index, and unable to create it, the login still connects");
+    assert_eq!(index_count().await, 0, "nothing was made of the index");
+    let read = helper.read_users(&all(3)).await.unwrap();
+    let change = UserChange {
+        extension: "201".into(),
+        takes: vec![],
+        writes: vec![FieldWrite {
+            field: UserField::PrivateNumber,
+            from: read.users[1].get(UserField::PrivateNumber).map(Into::into),
+            to: NewValue::Set("+15550001234".into()),
+        }],
+    };
+    let outcomes = helper.apply_user_changes(&[change], false).await.unwrap();
+    assert_eq!(outcomes, [WriteOutcome::Applied]);
+    let pool = sql_pool(&lab).await;
+    assert_eq!(
+        attribute(&pool, "201", "pbx.private_number")
+            .await
+            .as_deref(),
+        Some("+15550001234")
+    );
+}
+
 /// A MySQL server outside strict mode cuts a value too long for its column short, silently.
 /// The backend's sessions are strict whatever the server says: the too-long value fails its user
 /// (nothing of it written) and the others apply, as on PostgreSQL.

@@ -8,7 +8,7 @@ use super::{PlanningError, UserRequest};
 use crate::api::Plan;
 use crate::engine::steps::kept_by_retry;
 use crate::pbx::directory::Directory;
-use crate::pbx::{PbxBackend, UserField, UserSelection};
+use crate::pbx::{PbxBackend, UserField, users_with_fields};
 use crate::plan::stored::{CHUNK_ROWS, Row};
 use crate::plan::user_change as request;
 use crate::plan::users::Intent;
@@ -145,18 +145,11 @@ impl<'a> CsvPlanner<'a> {
             .filter(|(r, _)| r.errors.is_empty() && !pass.rows.is_mover(&r.extension))
             .map(|(r, _)| r.extension.clone())
             .collect();
-        let mut dir = Directory::default();
-        if !extensions.is_empty() {
-            let selection = UserSelection {
-                groups: vec![],
-                extensions,
-            };
-            let read = self
-                .backend
-                .read_user_fields(&selection, &self.wanted)
-                .await?;
-            dir = Directory::untracked(read.users);
-        }
+        let mut dir = Directory::untracked(
+            users_with_fields(self.backend, extensions, Some(&self.wanted))
+                .await?
+                .into_values(),
+        );
         let mut rows = Vec::with_capacity(chunk.len());
         for (req, sheet_row) in chunk {
             let (planned, donors) = pass.rows.next(pass.index, req, &mut dir);
@@ -231,11 +224,12 @@ async fn pass<'a>(
     let mut users = Vec::new();
     let extensions: Vec<&String> = movers.iter().collect();
     for chunk in extensions.chunks(CHUNK_ROWS) {
-        let selection = UserSelection {
-            groups: vec![],
-            extensions: chunk.iter().map(|e| e.to_string()).collect(),
-        };
-        users.extend(backend.read_user_fields(&selection, wanted).await?.users);
+        let chunk = chunk.iter().map(|e| e.to_string()).collect();
+        users.extend(
+            users_with_fields(backend, chunk, Some(wanted))
+                .await?
+                .into_values(),
+        );
     }
     let refused = refusal.is_some();
     let rows = row_plan::RowsPlanner::new(

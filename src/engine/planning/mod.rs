@@ -2,11 +2,9 @@
 //! by the pure planners of plan/. Nothing of Kubernetes here: the controller reads the spec's
 //! Secrets and the CSV's bytes and hands them in.
 
-use std::collections::HashMap;
-
 use super::steps::kept_by_retry;
 use crate::api::Plan;
-use crate::pbx::{PbxBackend, PbxError, User, UserField, UserSelection};
+use crate::pbx::{PbxBackend, PbxError, UserField, UserSelection, users_with_fields};
 use crate::plan::selection::{self, Selector};
 use crate::plan::stored::{CHUNK_ROWS, Row};
 use crate::plan::user_change as request;
@@ -143,22 +141,7 @@ impl<'a> UserPlanner<'a> {
                 _ => None,
             })
             .collect();
-        let mut users: HashMap<String, User> = HashMap::new();
-        if !extensions.is_empty() {
-            let selection = UserSelection {
-                groups: vec![],
-                extensions,
-            };
-            let read = self
-                .backend
-                .read_user_fields(&selection, &self.fields)
-                .await?;
-            users = read
-                .users
-                .into_iter()
-                .map(|u| (u.extension.clone(), u))
-                .collect();
-        }
+        let users = users_with_fields(self.backend, extensions, Some(&self.fields)).await?;
         let mut rows = Vec::with_capacity(chunk.len());
         for item in chunk {
             rows.push(match item {

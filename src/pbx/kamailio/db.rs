@@ -240,33 +240,62 @@ impl Db {
                     .map_err(|e| self.err(e))?;
             }
         }
-        if self.dialect == Dialect::MySql {
-            self.index_values_mysql(&mut conn).await?;
-        }
+        self.index_number_holders(&mut conn).await?;
         self.record_version(&mut conn, "pbx_phone").await?;
         self.record_version(&mut conn, "pbx_ledger").await?;
         self.record_version(&mut conn, "pbx_snapshot").await
     }
 
-    /// `pbx_usr_preferences_value_idx` on MySQL and MariaDB, whose CREATE INDEX has no
-    /// IF NOT EXISTS on MySQL: created when information_schema does not list it.
-    async fn index_values_mysql(&self, conn: &mut AnyConnection) -> Result<()> {
-        let known: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() AND table_name = 'usr_preferences' AND index_name = 'pbx_usr_preferences_value_idx'",
-        )
-        .fetch_one(&mut *conn)
-        .await
-        .and_then(|r| int(&r, 0))
-        .map_err(|e| self.err(e))?;
-        if known == 0 {
-            sqlx::query(
+    /// Indexes Kamailio's usr_preferences by private number, for [`Db::number_holders_on`].
+    /// Looked up before it is created: CREATE INDEX IF NOT EXISTS still needs the table's owner
+    /// (and a lock that waits for every open write) on PostgreSQL. A login that may not create
+    /// it gets a warning, not a failed connection: the index only makes number lookups fast.
+    async fn index_number_holders(&self, conn: &mut AnyConnection) -> Result<()> {
+        // Partial where the database has partial indexes: a write of any other preference
+        // then adds nothing to it. MySQL indexes every preference's value.
+        let (name, known, create) = match self.dialect {
+            Dialect::Postgres => (
+                "pbx_private_number_idx",
+                "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'usr_preferences' AND indexname = 'pbx_private_number_idx'",
+                "CREATE INDEX IF NOT EXISTS pbx_private_number_idx ON usr_preferences (value) WHERE attribute = 'pbx.private_number'",
+            ),
+            Dialect::Sqlite => (
+                "pbx_private_number_idx",
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'pbx_private_number_idx'",
+                "CREATE INDEX IF NOT EXISTS pbx_private_number_idx ON usr_preferences (value) WHERE attribute = 'pbx.private_number'",
+            ),
+            Dialect::MySql => (
+                "pbx_usr_preferences_value_idx",
+                "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() AND table_name = 'usr_preferences' AND index_name = 'pbx_usr_preferences_value_idx'",
                 "CREATE INDEX pbx_usr_preferences_value_idx ON usr_preferences (attribute, value)",
-            )
+            ),
+        };
+        let known: i64 = sqlx::query(known)
+            .fetch_one(&mut *conn)
+            .await
+            .and_then(|r| int(&r, 0))
+            .map_err(|e| self.err(e))?;
+        if known > 0 {
+            return Ok(());
+        }
+        match sqlx::query(create)
             .execute(&mut *conn)
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(e))
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_transient() => Err(e),
+            Err(e) => {
+                tracing::warn!(
+                    target = %self.target,
+                    index = name,
+                    statement = create,
+                    error = %e,
+                    "could not index usr_preferences by private number: number moves will scan every preference; run the statement as the table's owner"
+                );
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Records one of pbx-operator's own tables in Kamailio's `version` table, once.
@@ -397,8 +426,11 @@ impl Db {
                     format!("attribute IN ({})", names.join(", "))
                 }
             };
+            // Counted rows are locked until the write commits: the rows a write inserts
+            // beside are known to be there (see [`Db::set_attribute_mysql`]).
+            let lock = if stored.is_some() { " FOR UPDATE" } else { "" };
             let q = format!(
-                "SELECT username, attribute, value FROM usr_preferences WHERE domain = $1 AND username IN ({list}) AND {attributes}"
+                "SELECT username, attribute, value FROM usr_preferences WHERE domain = $1 AND username IN ({list}) AND {attributes}{lock}"
             );
             if !by_attribute.is_empty() {
                 self.each_in_list(conn, &q, chunk, |row| {
@@ -923,9 +955,9 @@ impl Db {
     }
 
     /// Who holds each of `numbers`: as a routing alias (dbaliases) or as the private number.
-    /// The private numbers are found through `pbx_usr_preferences_value_idx` (see
-    /// [`Db::migrate`]): Kamailio indexes usr_preferences by user only, and a scan of every
-    /// preference per list made a 100,000-row CSV spend most of its Validate here.
+    /// The private numbers are found through the index [`Db::index_number_holders`] creates:
+    /// Kamailio indexes usr_preferences by user only, and a scan of every preference per list
+    /// made a 100,000-row CSV spend most of its Validate here.
     pub(super) async fn number_holders_on(
         &self,
         conn: &mut AnyConnection,
@@ -1178,13 +1210,15 @@ impl Db {
 
     /// MariaDB/MySQL: one statement per kind of write, the users as one JSON parameter read by
     /// JSON_TABLE: cleared values deleted, rows that exist updated in place, missing rows
-    /// inserted. An UPDATE touches no index but the value's row; DELETE and INSERT per 500 users
-    /// rewrote every row and its indexes (the write phase was 6x the one-UPDATE floor).
+    /// inserted. An UPDATE touches the value's row and its entry in the (attribute, value)
+    /// index; DELETE and INSERT per 500 users rewrote every row and all its indexes (the write
+    /// phase was 6x the one-UPDATE floor).
     ///
     /// With `stored` (the rows the compare-and-set read counted in this transaction), the INSERT
     /// takes only the users that had no row, and is skipped when all had one: probing every user
-    /// for a row it has was a third of the write. Only when the UPDATE matched exactly the rows
-    /// counted; otherwise (rows came or went since the read) every user is probed.
+    /// for a row it has was a third of the write. The read locked the rows it counted (FOR
+    /// UPDATE), so none can go before the commit; should the UPDATE still match another number
+    /// of rows, every user is probed.
     async fn set_attribute_mysql(
         &self,
         conn: &mut AnyConnection,

@@ -70,5 +70,6 @@ CREATE TABLE IF NOT EXISTS pbx_snapshot (
     INDEX pbx_snapshot_taken_idx (taken)
 ) DEFAULT CHARSET = utf8mb4;
 
--- pbx_usr_preferences_value_idx on usr_preferences (attribute, value) is created by the
--- operator when information_schema does not list it (MySQL has no CREATE INDEX IF NOT EXISTS).
+-- The index on Kamailio's usr_preferences by value (private numbers) is created by the
+-- operator (Db::index_number_holders), which first looks whether it exists: MySQL has no
+-- CREATE INDEX IF NOT EXISTS.

@@ -70,7 +70,6 @@ CREATE TABLE IF NOT EXISTS pbx_snapshot (
 );
 CREATE INDEX IF NOT EXISTS pbx_snapshot_taken_idx ON pbx_snapshot (taken);
 
--- Kamailio indexes usr_preferences by user, and pbx-operator also finds who holds a private
--- number (a CSV's number moves), by value. Partial: a write of any other preference adds
--- nothing to it.
-CREATE INDEX IF NOT EXISTS pbx_private_number_idx ON usr_preferences (value) WHERE attribute = 'pbx.private_number';
+-- The index on Kamailio's usr_preferences by private number is created by the operator
+-- (Db::index_number_holders), which first looks whether it exists: creating it needs the
+-- table's owner.
