@@ -134,7 +134,7 @@ impl Tally {
 
 /// Plans a file's rows in file order, each once, through [`RowsPlanner::next`].
 pub struct RowsPlanner<'a> {
-    how: RowRules<'a>,
+    rules: RowRules<'a>,
     movers: Arc<HashSet<String>>,
     /// The movers' users as the rows planned so far leave them.
     dir: Directory,
@@ -168,7 +168,7 @@ impl<'a> RowsPlanner<'a> {
         let mut actions = rules.base.actions.clone();
         actions.sort();
         actions.dedup();
-        let how = RowRules { rules, actions };
+        let rules = RowRules { rules, actions };
         let dir = Directory::untracked(users);
         // The rows are planned again in their turn, from the same state: only what a row
         // leaves for another one is kept here, not the rows.
@@ -180,7 +180,7 @@ impl<'a> RowsPlanner<'a> {
                 continue;
             }
             first_row.entry(req.extension.clone()).or_insert(i);
-            let (row, taken) = how.plan(req, &mut rehearsal);
+            let (row, taken) = rules.plan(req, &mut rehearsal);
             moves.extend(
                 taken
                     .into_iter()
@@ -203,7 +203,7 @@ impl<'a> RowsPlanner<'a> {
             }
         }
         Ok(RowsPlanner {
-            how,
+            rules,
             movers,
             dir,
             notes,
@@ -229,12 +229,12 @@ impl<'a> RowsPlanner<'a> {
         chunk: &mut Directory,
     ) -> (RowPlan, Vec<Donor>) {
         let (mut row, mut donors) = if self.movers.contains(&req.extension) {
-            let (mut row, _) = self.how.plan(req, &mut self.dir);
+            let (mut row, _) = self.rules.plan(req, &mut self.dir);
             row.warnings
                 .extend(self.notes.remove(&index).unwrap_or_default());
             (row, self.donors.remove(&index).unwrap_or_default())
         } else {
-            let (mut row, taken) = self.how.plan(req, chunk);
+            let (mut row, taken) = self.rules.plan(req, chunk);
             if let Some(m) = taken.first() {
                 // Nobody else held the numbers of this row when the movers were found.
                 refuse(

@@ -8,6 +8,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::pbx::UserField;
@@ -76,7 +77,9 @@ pub struct Sheet {
     pub len: usize,
     /// SHA-256 of the CSV text (inflated), in hex.
     pub sha256: String,
-    file: Arc<[u8]>,
+    /// The file as uploaded: a Vec's buffer taken over, not copied (a plain file is up to the
+    /// size limit).
+    file: Bytes,
     gzip: bool,
 }
 
@@ -295,7 +298,7 @@ pub fn read(file: impl Into<Vec<u8>>, max_bytes: usize) -> Result<Sheet, SheetEr
         columns,
         len,
         sha256,
-        file: file.into(),
+        file: Bytes::from(file),
         gzip,
     })
 }
@@ -344,9 +347,8 @@ pub struct RowRequest {
     pub warnings: Vec<String>,
 }
 
-/// Checks every row: cell count, extension, unknown columns, value formats, and rows that clash
-/// with each other (one user twice, one number given twice). `closed`: columns that
-/// `spec.fields` locks Closed; their cells are reported and not applied.
+/// Every row's request, in one pass ([`Requests`] for a plan's several passes).
+#[cfg(test)]
 pub fn requests(
     sheet: &Sheet,
     closed: &[UserField],
@@ -354,8 +356,11 @@ pub fn requests(
     Requests::new(sheet, closed).rows().map(|(r, _)| r)
 }
 
-/// A sheet's rows as requests, for as many passes as a plan makes: the checks across rows are
-/// made once, and each pass parses the rows again one at a time.
+/// A sheet's rows as requests, each checked: cell count, extension, unknown columns, value
+/// formats, and rows that clash with each other (one user twice, one number given twice). The
+/// cells of `closed` columns (locked Closed by `spec.fields`) are reported and not applied. For
+/// as many passes as a plan makes: the checks across rows are made once, and each pass parses
+/// the rows again one at a time.
 #[derive(Clone)]
 pub struct Requests {
     sheet: Sheet,

@@ -1,6 +1,7 @@
 //! A BulkUserChange spec as a plan request, and its plan as the rows a run stores: the fields
 //! and actions it asks for, its fingerprint, and the stored row of each planned user or CSV
-//! line. Pure: the controller reads the spec's Secrets and the PBX, then calls these.
+//! line. Pure: the controller reads the spec's Secrets, the run engine's planners read the PBX,
+//! then call these.
 
 use std::collections::HashMap;
 

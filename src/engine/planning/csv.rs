@@ -1,5 +1,4 @@
-//! A CSV-sourced plan, made a chunk of the file at a time (see plan::rows for why the rows of
-//! the users numbers move between come first).
+//! The plan of a CSV-sourced BulkUserChange: [`CsvPlanner`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -36,7 +35,7 @@ pub struct CsvPlanner<'a> {
 }
 
 struct CsvPass<'a> {
-    rows: row_plan::RowsPlanner<'a>,
+    planner: row_plan::RowsPlanner<'a>,
     pending: Box<dyn Iterator<Item = (sheet::RowRequest, sheet::SheetRow)> + Send>,
     index: usize,
     resolved: Vec<String>,
@@ -142,7 +141,7 @@ impl<'a> CsvPlanner<'a> {
         }
         let extensions: Vec<String> = chunk
             .iter()
-            .filter(|(r, _)| r.errors.is_empty() && !pass.rows.is_mover(&r.extension))
+            .filter(|(r, _)| r.errors.is_empty() && !pass.planner.is_mover(&r.extension))
             .map(|(r, _)| r.extension.clone())
             .collect();
         let mut dir = Directory::untracked(
@@ -152,7 +151,7 @@ impl<'a> CsvPlanner<'a> {
         );
         let mut rows = Vec::with_capacity(chunk.len());
         for (req, sheet_row) in chunk {
-            let (planned, donors) = pass.rows.next(pass.index, req, &mut dir);
+            let (planned, donors) = pass.planner.next(pass.index, req, &mut dir);
             pass.index += 1;
             if pass.resolved.len() < request::RESOLVED_SHOWN && !planned.extension.is_empty() {
                 pass.resolved.push(planned.extension.clone());
@@ -174,12 +173,12 @@ impl<'a> CsvPlanner<'a> {
     /// planned as if valid, the planner of the pass that refuses them all.
     pub async fn finish(self) -> Result<CsvEnd<'a>, PlanningError> {
         let CsvPass {
-            rows,
+            planner,
             resolved,
             refused,
             ..
         } = self.pass;
-        let (hash, tally) = rows.finish();
+        let (hash, tally) = planner.finish();
         if let Some(why) = tally
             .atomic_refusal()
             .filter(|_| self.rules.atomic && !refused)
@@ -232,7 +231,7 @@ async fn pass<'a>(
         );
     }
     let refused = refusal.is_some();
-    let rows = row_plan::RowsPlanner::new(
+    let planner = row_plan::RowsPlanner::new(
         rules.clone(),
         requests.rows().map(|(r, _)| r),
         movers.clone(),
@@ -240,7 +239,7 @@ async fn pass<'a>(
         refusal,
     )?;
     Ok(CsvPass {
-        rows,
+        planner,
         pending: Box::new(requests.rows()),
         index: 0,
         resolved: Vec::new(),
@@ -249,8 +248,9 @@ async fn pass<'a>(
 }
 
 /// The users numbers move between: each valid row giving a number someone else holds, and that
-/// holder, asked of the PBX a chunk of rows at a time. A number spec.fields gives every row
-/// moves along all of them: every valid row is a mover then.
+/// holder, asked of the PBX a batch's worth of numbers at a time. A number spec.fields gives
+/// every row moves along all of them: every valid row is a mover then, and all their users are
+/// held while the file is planned.
 async fn movers(
     backend: &dyn PbxBackend,
     requests: &sheet::Requests,

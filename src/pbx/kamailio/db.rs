@@ -605,13 +605,13 @@ impl Db {
         q: &str,
         values: &[String],
     ) -> Result<Vec<AnyRow>> {
-        let list = serde_json::to_string(values).expect("strings serialize");
-        sqlx::query(self.sql(q))
-            .bind(&self.domain)
-            .bind(list)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|e| self.err(e))
+        let mut rows = Vec::new();
+        self.each_in_list(conn, q, values, |row| {
+            rows.push(row);
+            Ok(())
+        })
+        .await?;
+        Ok(rows)
     }
 
     /// Runs `q` like [`Db::fetch_list`], handing each row to `each` as it arrives.
