@@ -261,7 +261,9 @@ pub fn read(file: impl Into<Vec<u8>>, max_bytes: usize) -> Result<Sheet, SheetEr
             e.valid_up_to()
         )));
     }
-    let mut all = records(bytes);
+    // The CSV reader strips the BOM itself, as it does when `rows` reads the file again: one
+    // BOM stripped here too would make a second one the header of this pass and a row of that.
+    let mut all = records(text);
     let header: Vec<String> = match all.next() {
         Some(Ok((_, h))) => h.iter().map(|c| c.trim().to_string()).collect(),
         Some(Err(e)) => return Err(parse_error(&e)),
@@ -646,6 +648,15 @@ mod tests {
         assert_eq!((s.len, rows.len()), (2, 2));
         assert_eq!(rows[0].cells[1], "Berlin, 3rd floor");
         assert_eq!(rows[1].cells[1], "New\nYork");
+        // One BOM is the encoding's; a second is text, so the header is that cell on its own
+        // line and no column names the extension: refused, the same for every pass.
+        assert!(matches!(
+            read(
+                "\u{feff}\u{feff}\r\nprimaryNumber,extension\r\n201,+15550100201\r\n".as_bytes(),
+                DEFAULT_MAX_BYTES
+            ),
+            Err(SheetError::NoHeader { .. })
+        ));
         assert_eq!((rows[0].line, rows[1].line), (2, 3));
     }
 
