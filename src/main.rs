@@ -3,42 +3,34 @@ use pbx_operator::cli::{Cli, Command};
 use pbx_operator::{api, controllers, telemetry};
 use std::process::ExitCode;
 
-/// Keeps the operator's peak memory to what it holds at once. glibc raises its mmap threshold to
-/// the largest block freed (up to 32 MiB), after which a run's megabyte buffers (a batch's rows,
-/// their JSON and gzip, its SQL) come from arenas that keep their pages, one arena per thread:
-/// peak RSS then grew with the number of batches. A fixed threshold keeps such buffers mmapped
-/// and returned when freed; two arenas are plenty for a process that mostly waits on I/O.
-/// Smaller blocks freed inside an arena keep their pages until trimmed: a batch's many small
-/// rows and strings left a few MiB of free but resident pages per batch, so peak RSS still grew
-/// with a run's length. A trim every second hands those pages back.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn bound_malloc() {
-    // SAFETY: mallopt only sets allocator parameters; called before the work starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-    std::thread::Builder::new()
-        .name("malloc-trim".into())
-        .spawn(|| {
-            loop {
-                std::thread::sleep(std::time::Duration::from_secs(1));
-                // SAFETY: malloc_trim only returns free pages to the kernel; it takes the
-                // arenas' locks itself.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
-            }
-        })
-        .expect("starting the malloc-trim thread");
-}
+/// The operator's allocator is jemalloc, set up so peak memory is what the operator holds at
+/// once, not what it held over a run. With glibc's malloc the peak grew with a run's length and
+/// varied by 15% from one run to the next: a batch's megabyte buffers (rows, JSON, gzip, SQL)
+/// and many small strings left free but resident pages in per-thread arenas, handed back only
+/// when a timed `malloc_trim` came round. jemalloc keeps small blocks in size-classed slabs (a
+/// batch's strings do not pin each other's pages) and its background thread returns freed
+/// pages at once (`dirty_decay_ms:0`); two arenas are plenty for a process that mostly waits
+/// on I/O.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn bound_malloc() {}
+#[cfg(not(target_env = "msvc"))]
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: the pointer is to a static, immutable C string.
+#[cfg(not(target_env = "msvc"))]
+unsafe impl Sync for MallocConf {}
+
+/// Read by jemalloc when it starts, before `main`.
+#[cfg(not(target_env = "msvc"))]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: MallocConf =
+    MallocConf(c"background_thread:true,narenas:2,dirty_decay_ms:0,muzzy_decay_ms:0".as_ptr());
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    bound_malloc();
     // Installed as `kubectl-pbx` (a symlink or copy), the binary is the kubectl plugin.
     if pbx_operator::kubectl::invoked_as_plugin() {
         return pbx_operator::kubectl::main().await;

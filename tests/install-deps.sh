@@ -5,7 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
 need_apt=()
-for tool in curl:curl openssl:openssl python3:python3 kubectl:kubectl promtool:prometheus; do
+for tool in make:make cc:gcc curl:curl openssl:openssl python3:python3 kubectl:kubectl promtool:prometheus; do
   command -v "${tool%%:*}" >/dev/null || need_apt+=("${tool#*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
