@@ -427,7 +427,7 @@ impl Db {
                 }
             };
             // Counted rows are locked until the write commits: the rows a write inserts
-            // beside are known to be there (see [`Db::set_attribute_mysql`]).
+            // beside are known to be there (see [`Db::set_attributes_mysql`]).
             let lock = if stored.is_some() { " FOR UPDATE" } else { "" };
             let q = format!(
                 "SELECT username, attribute, value FROM usr_preferences WHERE domain = $1 AND username IN ({list}) AND {attributes}{lock}"
@@ -881,7 +881,7 @@ impl Db {
         let written: Vec<UserField> = written.into_iter().collect();
         let only = (!numbers).then_some(written.as_slice());
         // MySQL updates rows in place and inserts only where a user has none: which users
-        // have rows is counted by the read (see [`Db::set_attribute_mysql`]).
+        // have rows is counted by the read (see [`Db::set_attributes_mysql`]).
         let mut stored_rows = StoredRows::new();
         let counting = (self.dialect == Dialect::MySql).then_some(&mut stored_rows);
         let current = self
@@ -1077,12 +1077,12 @@ impl Db {
                 aliases.push((ext, &now.numbers));
             }
         }
-        for (attribute, rows) in attributes {
-            if self.dialect == Dialect::MySql {
-                self.set_attribute_mysql(conn, attribute, &rows, Some(stored))
-                    .await?;
-            } else {
-                self.replace_attribute(conn, attribute, &rows).await?;
+        if self.dialect == Dialect::MySql {
+            self.set_attributes_mysql(conn, &attributes, Some(stored))
+                .await?;
+        } else {
+            for (attribute, rows) in &attributes {
+                self.replace_attribute(conn, attribute, rows).await?;
             }
         }
         if !groups.is_empty() {
@@ -1150,15 +1150,16 @@ impl Db {
     }
 
     /// Sets one attribute for many users: on PostgreSQL and SQLite one DELETE and one INSERT,
-    /// each taking the users as one JSON parameter; on MySQL see [`Db::set_attribute_mysql`].
+    /// each taking the users as one JSON parameter; on MySQL see [`Db::set_attributes_mysql`].
     pub(super) async fn replace_attribute(
         &self,
         conn: &mut AnyConnection,
-        attribute: &str,
+        attribute: &'static str,
         rows: &[(&str, Option<String>)],
     ) -> Result<()> {
         if self.dialect == Dialect::MySql {
-            return self.set_attribute_mysql(conn, attribute, rows, None).await;
+            let one = BTreeMap::from([(attribute, rows.to_vec())]);
+            return self.set_attributes_mysql(conn, &one, None).await;
         }
         // One DELETE for all users, the list as one JSON parameter: PostgreSQL may plan this
         // DELETE on the (uuid, attribute) index, which walks every row of the attribute, so one
@@ -1208,97 +1209,89 @@ impl Db {
         Ok(())
     }
 
-    /// MariaDB/MySQL: one statement per kind of write, the users as one JSON parameter read by
-    /// JSON_TABLE: cleared values deleted, rows that exist updated in place, missing rows
-    /// inserted. An UPDATE touches the value's row and its entry in the (attribute, value)
-    /// index; DELETE and INSERT per 500 users rewrote every row and all its indexes (the write
-    /// phase was 6x the one-UPDATE floor).
+    /// MariaDB/MySQL: one statement per kind of write for all the attributes, the (user,
+    /// attribute, value) rows as one JSON parameter read by JSON_TABLE: cleared values deleted,
+    /// rows that exist updated in place, missing rows inserted. An UPDATE touches the value's row
+    /// and its entry in the (attribute, value) index; DELETE and INSERT per 500 users rewrote
+    /// every row and all its indexes (the write phase was 6x the one-UPDATE floor), and a
+    /// statement per attribute tripled the statements of a batch.
     ///
     /// With `stored` (the rows the compare-and-set read counted in this transaction), the INSERT
     /// takes only the users that had no row, and is skipped when all had one: probing every user
     /// for a row it has was a third of the write. The read locked the rows it counted (FOR
     /// UPDATE), so none can go before the commit; should the UPDATE still match another number
     /// of rows, every user is probed.
-    async fn set_attribute_mysql(
+    async fn set_attributes_mysql(
         &self,
         conn: &mut AnyConnection,
-        attribute: &str,
-        rows: &[(&str, Option<String>)],
+        attributes: &BTreeMap<&'static str, Vec<(&str, Option<String>)>>,
         stored: Option<&StoredRows>,
     ) -> Result<()> {
-        // A JSON list of [username, value] pairs at placeholder `at`, as rows v(u, val).
-        let pairs_at = |at: usize| {
+        // A JSON list of [username, attribute, value] rows at placeholder `at`, as rows v(u, a, val).
+        let rows_at = |at: usize| {
             format!(
-                "JSON_TABLE(${at}, '$[*]' COLUMNS (u VARCHAR(255) PATH '$[0]', val VARCHAR(255) PATH '$[1]')) AS v"
+                "JSON_TABLE(${at}, '$[*]' COLUMNS (u VARCHAR(255) PATH '$[0]', a VARCHAR(255) PATH '$[1]', val VARCHAR(255) PATH '$[2]')) AS v"
             )
         };
-        let cleared: Vec<&str> = rows
-            .iter()
-            .filter(|(_, v)| v.is_none())
-            .map(|(e, _)| *e)
-            .collect();
+        let mut cleared: Vec<(&str, &str)> = Vec::new();
+        let mut set: Vec<(&str, &str, &str)> = Vec::new();
+        for (attribute, rows) in attributes {
+            for (ext, value) in rows {
+                match value {
+                    None => cleared.push((ext, attribute)),
+                    Some(v) => set.push((ext, attribute, v)),
+                }
+            }
+        }
         if !cleared.is_empty() {
             let q = format!(
-                "DELETE p FROM usr_preferences p JOIN JSON_TABLE($1, '$[*]' COLUMNS (u VARCHAR(255) PATH '$')) AS v ON p.username = v.u WHERE p.domain = $2 AND p.attribute = $3"
+                "DELETE p FROM usr_preferences p JOIN {} ON p.username = v.u AND p.attribute = v.a WHERE p.domain = $2",
+                rows_at(1)
             );
             sqlx::query(self.sql(&q))
                 .bind(serde_json::to_string(&cleared).expect("strings serialize"))
                 .bind(&self.domain)
-                .bind(attribute)
                 .execute(&mut *conn)
                 .await
                 .map_err(|e| self.err(e))?;
         }
-        let set = values_set(rows);
         if set.is_empty() {
             return Ok(());
         }
-        let pairs = serde_json::to_string(&set).expect("strings serialize");
+        let rows = serde_json::to_string(&set).expect("strings serialize");
         let q = format!(
-            "UPDATE usr_preferences p JOIN {} ON p.username = v.u SET p.value = v.val, p.type = 2, p.last_modified = CURRENT_TIMESTAMP WHERE p.domain = $2 AND p.attribute = $3",
-            pairs_at(1)
+            "UPDATE usr_preferences p JOIN {} ON p.username = v.u AND p.attribute = v.a SET p.value = v.val, p.type = 2, p.last_modified = CURRENT_TIMESTAMP WHERE p.domain = $2",
+            rows_at(1)
         );
         // sqlx connects with CLIENT_FOUND_ROWS: rows matched, not only those whose value differed.
         let matched = sqlx::query(self.sql(&q))
-            .bind(&pairs)
+            .bind(&rows)
             .bind(&self.domain)
-            .bind(attribute)
             .execute(&mut *conn)
             .await
             .map_err(|e| self.err(e))?
             .rows_affected();
-        let set = match stored {
-            Some(stored) => {
-                let had = |e: &str| {
-                    stored
-                        .get(&(e.to_string(), attribute))
-                        .copied()
-                        .unwrap_or(0)
-                };
-                let counted: u64 = set.iter().map(|(e, _)| u64::from(had(e))).sum();
-                if matched == counted {
-                    set.into_iter().filter(|(e, _)| had(e) == 0).collect()
-                } else {
-                    set
+        if let Some(stored) = stored {
+            let had =
+                |e: &str, a: &'static str| stored.get(&(e.to_string(), a)).copied().unwrap_or(0);
+            let counted: u64 = set.iter().map(|(e, a, _)| u64::from(had(e, a))).sum();
+            if matched == counted {
+                set.retain(|(e, a, _)| had(e, a) == 0);
+                if set.is_empty() {
+                    return Ok(());
                 }
             }
-            None => set,
-        };
-        if set.is_empty() {
-            return Ok(());
         }
-        let pairs = serde_json::to_string(&set).expect("strings serialize");
-        // MySQL numbers placeholders by position: the JSON is bound third here.
+        let rows = serde_json::to_string(&set).expect("strings serialize");
+        // MySQL numbers placeholders by position: the JSON is bound second here.
         let q = format!(
-            "INSERT INTO usr_preferences (username, domain, attribute, type, value, last_modified) SELECT v.u, $1, $2, 2, v.val, CURRENT_TIMESTAMP FROM {} WHERE NOT EXISTS (SELECT 1 FROM usr_preferences p WHERE p.username = v.u AND p.domain = $4 AND p.attribute = $5)",
-            pairs_at(3)
+            "INSERT INTO usr_preferences (username, domain, attribute, type, value, last_modified) SELECT v.u, $1, v.a, 2, v.val, CURRENT_TIMESTAMP FROM {} WHERE NOT EXISTS (SELECT 1 FROM usr_preferences p WHERE p.username = v.u AND p.domain = $3 AND p.attribute = v.a)",
+            rows_at(2)
         );
         sqlx::query(self.sql(&q))
             .bind(&self.domain)
-            .bind(attribute)
-            .bind(&pairs)
+            .bind(&rows)
             .bind(&self.domain)
-            .bind(attribute)
             .execute(&mut *conn)
             .await
             .map_err(|e| self.err(e))?;
