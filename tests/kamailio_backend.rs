@@ -46,6 +46,7 @@ on_database_servers!(an_outage_is_reported_and_the_backend_recovers);
 on_every_database!(
     bulk_read_and_atomic_write,
     a_write_lands_whether_a_user_has_no_row_one_or_two,
+    a_write_of_many_chunks_gives_each_user_its_own_outcome,
     conflicts_and_literal_values,
     locked_users_are_refused_at_register,
     notify_reboots_a_phone_and_a_silent_one_does_not_block_others,
@@ -302,6 +303,94 @@ async fn a_write_lands_whether_a_user_has_no_row_one_or_two(db: &'static str) {
             .map(|u| u.get(UserField::CallGroup))
             .collect::<Vec<_>>()
     );
+}
+
+/// A Continue write is committed in chunks of 2,000 users, on MySQL and PostgreSQL two chunks at
+/// once: every user still gets its own outcome, in its place, and the rows land. Users without a
+/// row sit on both sides of each chunk boundary, so two transactions insert into neighbouring
+/// gaps of the index (where InnoDB's gap locks can make one of them a deadlock's victim).
+async fn a_write_of_many_chunks_gives_each_user_its_own_outcome(db: &'static str) {
+    let n = 4500;
+    let lab = Lab::start(LabSpec {
+        db,
+        users: n,
+        phones: 0,
+        ..Default::default()
+    });
+    let pbx = backend(&lab).await;
+    let pool = sql_pool(&lab).await;
+    let read = pbx.read_users(&all(n)).await.unwrap();
+    assert_eq!(read.users.len(), n);
+    // Around the boundaries of the chunks (index 2000 and 4000) nobody has a call group.
+    let rowless: Vec<String> = [1995..2005, 3995..4005]
+        .into_iter()
+        .flatten()
+        .map(|i| read.users[i].extension.clone())
+        .collect();
+    let list = rowless.join("','");
+    let q = format!(
+        "DELETE FROM usr_preferences WHERE attribute = 'pbx.call_group' AND username IN ('{list}')"
+    );
+    sqlx::query(AssertSqlSafe(q)).execute(&pool).await.unwrap();
+
+    // One user in the second chunk was planned against a value it no longer has.
+    let stale = 2500;
+    let mut changes: Vec<UserChange> = read
+        .users
+        .iter()
+        .map(|u| UserChange {
+            extension: u.extension.clone(),
+            takes: vec![],
+            writes: vec![FieldWrite {
+                field: UserField::CallGroup,
+                from: if rowless.contains(&u.extension) {
+                    None
+                } else {
+                    u.get(UserField::CallGroup).map(Into::into)
+                },
+                to: NewValue::Set("77".into()),
+            }],
+        })
+        .collect();
+    changes[stale].writes[0].from = Some("not what it holds".into());
+    // And one in the third chunk is gone.
+    changes.push(UserChange {
+        extension: "99999".into(),
+        takes: vec![],
+        writes: vec![FieldWrite {
+            field: UserField::CallGroup,
+            from: None,
+            to: NewValue::Set("77".into()),
+        }],
+    });
+
+    let outcomes = pbx.apply_user_changes(&changes, false).await.unwrap();
+    assert_eq!(outcomes.len(), changes.len());
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let expected = if i == stale {
+            matches!(outcome, WriteOutcome::Conflict { .. })
+        } else if i == n {
+            *outcome == WriteOutcome::NotFound
+        } else {
+            *outcome == WriteOutcome::Applied
+        };
+        assert!(expected, "{}: {outcome:?}", changes[i].extension);
+    }
+    let after = pbx.read_users(&all(n)).await.unwrap();
+    let unchanged: Vec<&str> = after
+        .users
+        .iter()
+        .filter(|u| u.get(UserField::CallGroup) != Some("77"))
+        .map(|u| u.extension.as_str())
+        .collect();
+    assert_eq!(unchanged, [read.users[stale].extension.as_str()]);
+    for ext in &rowless {
+        assert_eq!(
+            attribute(&pool, ext, "pbx.call_group").await.as_deref(),
+            Some("77"),
+            "{ext}"
+        );
+    }
 }
 
 async fn conflicts_and_literal_values(db: &'static str) {

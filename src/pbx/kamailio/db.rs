@@ -728,30 +728,71 @@ impl Db {
             };
         }
         let mut outcomes = Vec::with_capacity(changes.len());
-        for chunk in changes.chunks(WRITE_CHUNK) {
-            let secrets = self.stored_secrets(chunk).await?;
-            match self.write_committed(chunk, &secrets).await {
-                Ok(chunk_outcomes) => outcomes.extend(chunk_outcomes),
-                Err(e) if !matches!(e, PbxError::Refused(_)) => return Err(e),
-                Err(_) => {
-                    // One bad row fails the whole statement: redo this chunk user by user,
-                    // so only the user whose data the database refuses fails.
-                    for change in chunk {
-                        match self
-                            .write_committed(std::slice::from_ref(change), &secrets)
-                            .await
-                        {
-                            Ok(mut o) => outcomes.push(o.remove(0)),
-                            // Users before it are committed and recorded by the caller's
-                            // resume check; the rest wait for the database.
-                            Err(e) if e.is_transient() => return Err(e),
-                            Err(e) => outcomes.push(WriteOutcome::Failed(redacted(&e, &secrets))),
-                        }
+        let mut chunks = changes.chunks(WRITE_CHUNK).peekable();
+        while let Some(first) = chunks.next() {
+            let beside = match self.write_lanes() {
+                1 => None,
+                _ => chunks.next_if(|next| independent(first, next)),
+            };
+            let Some(second) = beside else {
+                outcomes.extend(self.write_chunk(first).await?);
+                continue;
+            };
+            let (a, b) = tokio::join!(self.write_chunk(first), self.write_chunk(second));
+            for (chunk, written) in [(first, a), (second, b)] {
+                match written {
+                    Ok(o) => outcomes.extend(o),
+                    // Two transactions can still meet at the gap between their users (InnoDB
+                    // locks the gap before a row it reads for update): the one chosen as the
+                    // deadlock's victim was rolled back whole, and runs again alone.
+                    Err(PbxError::DatabaseBusy { detail, .. }) => {
+                        tracing::info!(error = %detail, "a chunk written beside another one was rolled back by the database; written again alone");
+                        outcomes.extend(self.write_chunk(chunk).await?)
                     }
+                    // The other chunk may have committed: the caller's resume check finds its
+                    // users written, as it does for chunks before a failing one.
+                    Err(e) => return Err(e),
                 }
             }
         }
         Ok(outcomes)
+    }
+
+    /// Continue chunks in flight at once: two where the database takes concurrent writers and
+    /// the pool has a connection for each. Per chunk, MariaDB spends about as long on the
+    /// compare-and-set read, the commit and the round trips as on writing the rows; a second
+    /// transaction overlaps them. SQLite has a single writer.
+    fn write_lanes(&self) -> usize {
+        match self.dialect {
+            Dialect::Sqlite => 1,
+            _ => self.pool.options().get_max_connections().min(2) as usize,
+        }
+    }
+
+    /// Writes one Continue chunk in its own transaction; should the database refuse a row, it
+    /// writes the chunk again user by user, so that only that user fails.
+    async fn write_chunk(&self, chunk: &[UserChange]) -> Result<Vec<WriteOutcome>> {
+        let secrets = self.stored_secrets(chunk).await?;
+        match self.write_committed(chunk, &secrets).await {
+            Ok(outcomes) => Ok(outcomes),
+            Err(e) if !matches!(e, PbxError::Refused(_)) => Err(e),
+            Err(_) => {
+                let mut outcomes = Vec::with_capacity(chunk.len());
+                for change in chunk {
+                    match self
+                        .write_committed(std::slice::from_ref(change), &secrets)
+                        .await
+                    {
+                        Ok(mut o) => outcomes.push(o.remove(0)),
+                        // Users before it are committed and recorded by the caller's resume
+                        // check; the rest wait for the database.
+                        Err(e) if e.is_transient() => return Err(e),
+                        Err(e) => outcomes.push(WriteOutcome::Failed(redacted(&e, &secrets))),
+                    }
+                }
+                Ok(outcomes)
+            }
+        }
     }
 
     /// [`Db::compare_and_write`] in a transaction of its own, committed (a refusal at commit,
@@ -1574,6 +1615,22 @@ fn roll_back(outcomes: &mut [WriteOutcome]) {
     }
 }
 
+/// Whether two chunks may be written at once with the outcomes of writing them in order: no
+/// user in both, and no number set in either (a number moves between users of any chunk, and
+/// a change later in the run may expect the number an earlier one gave up).
+fn independent(a: &[UserChange], b: &[UserChange]) -> bool {
+    let moves_numbers = |chunk: &[UserChange]| {
+        chunk
+            .iter()
+            .any(|c| !c.takes.is_empty() || c.writes.iter().any(|w| w.field.is_number()))
+    };
+    if moves_numbers(a) || moves_numbers(b) {
+        return false;
+    }
+    let users: BTreeSet<&str> = a.iter().map(|c| c.extension.as_str()).collect();
+    !b.iter().any(|c| users.contains(c.extension.as_str()))
+}
+
 /// The number a write gives its user, if it gives one.
 fn given_number(w: &FieldWrite) -> Option<&str> {
     match (w.field, &w.to) {
@@ -1996,6 +2053,41 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("Duplicate entry '(secret)'"), "{m}");
+    }
+
+    #[test]
+    fn chunks_go_side_by_side_only_when_no_number_moves_and_no_user_repeats() {
+        let change = |ext: &str, field: UserField| UserChange {
+            extension: ext.into(),
+            writes: vec![FieldWrite {
+                field,
+                from: None,
+                to: NewValue::Set("1".into()),
+            }],
+            takes: vec![],
+        };
+        let a = [
+            change("200", UserField::CallGroup),
+            change("201", UserField::CallGroup),
+        ];
+        let b = [
+            change("202", UserField::CallGroup),
+            change("203", UserField::PickupGroup),
+        ];
+        assert!(independent(&a, &b));
+        let repeated = [change("201", UserField::PickupGroup)];
+        assert!(!independent(&a, &repeated));
+        assert!(!independent(&repeated, &a));
+        let numbered = [change("204", UserField::PrivateNumber)];
+        assert!(!independent(&a, &numbered));
+        assert!(!independent(&numbered, &b));
+        let mut taking = change("205", UserField::CallGroup);
+        taking.takes.push(crate::pbx::directory::Move {
+            number: "5000".into(),
+            holder: "299".into(),
+            held_as: UserField::PrivateNumber,
+        });
+        assert!(!independent(&a, &[taking]));
     }
 
     #[test]
