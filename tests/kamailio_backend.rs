@@ -1257,3 +1257,108 @@ async fn an_outage_is_reported_and_the_backend_recovers(db: &'static str) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Two chunks of a Continue write go at once; when the database rolls one of them back for a
+/// lock it could not get (a lock wait timeout here; a deadlock between the two is the same
+/// error class), that chunk is written again alone instead of the batch failing. Another
+/// session holds a user of the second chunk until the chunk's first transaction is seen waiting
+/// for it and then gone.
+#[tokio::test]
+async fn mysql_writes_again_a_chunk_rolled_back_for_a_lock() {
+    let n = 4000;
+    let lab = Lab::start(LabSpec {
+        db: "mysql",
+        users: n,
+        phones: 0,
+        ..Default::default()
+    });
+    sqlx::any::install_default_drivers();
+    let admin = AnyPool::connect(lab.get("LAB_DB_ADMIN_URL")).await.unwrap();
+    // For the backend's sessions, opened after this.
+    sqlx::query("SET GLOBAL innodb_lock_wait_timeout = 2")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pbx = backend(&lab).await;
+    let read = pbx.read_users(&all(n)).await.unwrap();
+    let changes: Vec<UserChange> = read
+        .users
+        .iter()
+        .map(|u| UserChange {
+            extension: u.extension.clone(),
+            takes: vec![],
+            writes: vec![FieldWrite {
+                field: UserField::CallGroup,
+                from: u.get(UserField::CallGroup).map(Into::into),
+                to: NewValue::Set("77".into()),
+            }],
+        })
+        .collect();
+    let held = read.users[3000].extension.clone();
+
+    let pool = sql_pool(&lab).await;
+    let mut holder = pool.begin().await.unwrap();
+    let q = format!("SELECT value FROM usr_preferences WHERE username = '{held}' FOR UPDATE");
+    sqlx::query(AssertSqlSafe(q))
+        .fetch_all(&mut *holder)
+        .await
+        .unwrap();
+
+    let write = tokio::spawn(async move { pbx.apply_user_changes(&changes, false).await });
+    // How long the backend's compare-and-set read has been running, in milliseconds, if it runs.
+    let read_running = || async {
+        let q = "SELECT CAST(MAX(TIME_MS) AS CHAR) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT username, attribute, value FROM usr_preferences%'";
+        let row = sqlx::query(q).fetch_one(&admin).await.unwrap();
+        row.get::<Option<String>, _>(0)
+            .map(|ms| ms.parse::<f64>().expect("TIME_MS is a number"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Past half the lock wait timeout: that read waits for the held user.
+    let mut waited = loop {
+        match read_running().await {
+            Some(ms) if ms >= 1000.0 => break ms,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "no read ever waited for {held}");
+        if write.is_finished() {
+            panic!(
+                "the write ended without waiting for {held}: {:?}",
+                write.await.unwrap().map(|o| o.len())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Until that statement is gone (a later one is younger): it timed out, the lock still held.
+    while let Some(ms) = read_running().await {
+        if ms < waited {
+            break;
+        }
+        waited = ms;
+        assert!(
+            Instant::now() < deadline,
+            "the waiting read never timed out"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its wait timed out while the lock was still held: that transaction is gone.
+    holder.rollback().await.unwrap();
+
+    let outcomes = write
+        .await
+        .unwrap()
+        .expect("the rolled-back chunk is written again, not the batch failed");
+    assert_eq!(outcomes.len(), n);
+    assert!(
+        outcomes.iter().all(|o| *o == WriteOutcome::Applied),
+        "{:?}",
+        outcomes.iter().find(|o| **o != WriteOutcome::Applied)
+    );
+    for i in [0, 1999, 2000, 3000, n - 1] {
+        let ext = &read.users[i].extension;
+        assert_eq!(
+            attribute(&pool, ext, "pbx.call_group").await.as_deref(),
+            Some("77"),
+            "{ext}"
+        );
+    }
+}
