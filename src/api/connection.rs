@@ -127,7 +127,7 @@ impl PbxConnectionSpec {
 pub struct DatabaseEndpoint {
     /// Secret key holding the URL: `postgres://user:pass@host/db`, `mysql://user:pass@host:3306/db` (MySQL or MariaDB) or `sqlite:///path`.
     pub url_secret_ref: SecretKeyRef,
-    /// Connections kept open to the database (default 4).
+    /// Connections kept open to the database (default 4); a Continue change writes on two at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 64))]
     pub max_connections: Option<u32>,

@@ -742,9 +742,9 @@ impl Db {
             for (chunk, written) in [(first, a), (second, b)] {
                 match written {
                     Ok(o) => outcomes.extend(o),
-                    // Two transactions can still meet at the gap between their users (InnoDB
-                    // locks the gap before a row it reads for update): the one chosen as the
-                    // deadlock's victim was rolled back whole, and runs again alone.
+                    // Rolled back whole for a lock: a deadlock's victim (two transactions can
+                    // still meet at the gap between their users, as InnoDB locks the gap before
+                    // a row it reads for update) or a lock wait timed out. It runs again alone.
                     Err(PbxError::DatabaseBusy { detail, .. }) => {
                         tracing::info!(error = %detail, "a chunk written beside another one was rolled back by the database; written again alone");
                         outcomes.extend(self.write_chunk(chunk).await?)
