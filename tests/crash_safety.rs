@@ -6,7 +6,9 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
+use kube::api::{Patch, PatchParams};
 use pbx_operator::api::{BulkUserChange, Phase};
 use sqlx::AssertSqlSafe;
 use support::eventually;
@@ -201,4 +203,115 @@ async fn database_outage_mid_run_waits_and_completes() {
     env.lab.database(true);
     let b = finished(&env, Duration::from_secs(180)).await;
     check_complete(&env, &b, USERS).await;
+}
+
+/// A retry overwrites the earlier run's result ConfigMaps with its own plan before status says
+/// the retry runs: SIGKILLed in between, the restarted operator finds the first ConfigMaps
+/// holding the retry's plan, not the rows status vouches for, and must still finish the retry.
+#[tokio::test]
+async fn sigkill_while_a_retry_stores_its_plan_finishes_the_retry() {
+    const USERS: usize = 1500;
+    // Ten targets a batch: storing the retry's 150 batches takes long enough to land a kill in.
+    let mut env = Env::start_with(
+        "retry-kill",
+        LabSpec {
+            db: "postgres",
+            users: USERS,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+        &["--batch-size", "10"],
+    )
+    .await;
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    env.apply(&CHANGE.replace("spec:\n", "spec:\n  mode: Validate\n"));
+    env.wait_buc("everyone", &[Phase::Validated]).await;
+    // Edited in the console between review and execution: every 50th user (the first one of
+    // the first batch too) conflicts.
+    sqlx::query(
+        "UPDATE usr_preferences SET value = '5' WHERE attribute = 'pbx.call_group' AND CAST(username AS INTEGER) % 50 = 0",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let conflicted: usize = env
+        .sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '5'")
+        .await
+        .parse()
+        .unwrap();
+    assert!(conflicted >= USERS / 50, "{conflicted} users edited");
+    let execute = serde_json::json!({ "spec": { "mode": "Execute" } });
+    api.patch("everyone", &PatchParams::default(), &Patch::Merge(&execute))
+        .await
+        .unwrap();
+    let before = env
+        .wait_buc("everyone", &[Phase::PartiallyFailed])
+        .await
+        .status
+        .unwrap();
+    assert_eq!(
+        before.summary.as_ref().unwrap().conflicts as usize,
+        conflicted
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let first = cms.get("everyone-results-1").await.unwrap();
+
+    let retry =
+        serde_json::json!({ "metadata": { "annotations": { "pbx-operator.io/retry": "1" } } });
+    api.patch("everyone", &PatchParams::default(), &Patch::Merge(&retry))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the retry to store its first batch",
+        || async {
+            let cm = cms.get("everyone-results-1").await.ok()?;
+            (cm.metadata.resource_version != first.metadata.resource_version).then_some(())
+        },
+    )
+    .await;
+    env.kill_operator();
+    let between = api.get("everyone").await.unwrap().status.unwrap();
+    assert_eq!(
+        between.progress.as_ref().and_then(|p| p.retry.clone()),
+        None,
+        "the kill landed after the retry's plan was recorded in status"
+    );
+    assert_ne!(
+        support::results_rows(&cms.get("everyone-results-1").await.unwrap()),
+        support::results_rows(&first),
+        "the kill landed before the retry overwrote the earlier results"
+    );
+
+    env.start_operator();
+    let b = eventually(Duration::from_secs(180), "the retry to finish", || async {
+        let s = api.get("everyone").await.ok()?.status?;
+        if let Some(stalled) = s.conditions.iter().find(|c| {
+            c.type_ == "Stalled" && ["PlanTampered", "ResultsLost"].contains(&c.reason.as_str())
+        }) {
+            panic!("the retry stalled: {} {}", stalled.reason, stalled.message);
+        }
+        let retried = s.progress.as_ref()?.retry.as_deref() == Some("1");
+        (retried && s.phase == Phase::Succeeded).then_some(s)
+    })
+    .await;
+    let summary = b.summary.unwrap();
+    assert_eq!(
+        (
+            summary.targets as usize,
+            summary.changed as usize,
+            summary.conflicts
+        ),
+        (USERS, USERS, 0)
+    );
+    let changed = env
+        .sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '9'")
+        .await;
+    assert_eq!(changed, USERS.to_string());
+    let events = env.events();
+    assert!(
+        events.contains("ResultsFromLedger") && events.contains("everyone-results-1"),
+        "an Event says which batches were read from the ledger:\n{events}"
+    );
 }

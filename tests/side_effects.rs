@@ -403,6 +403,12 @@ spec:
     cms.delete("welcome-results-1", &Default::default())
         .await
         .unwrap();
+    // A retry reads a batch whose ConfigMap is gone from the run ledger's copy: gone there too.
+    let removed = sqlx::query("DELETE FROM pbx_ledger_batch WHERE idx = 0")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(removed.rows_affected(), 1);
     let call_groups =
         "SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '4'";
     let written = env.sql_one(call_groups).await;

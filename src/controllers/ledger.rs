@@ -441,6 +441,32 @@ pub(crate) async fn attach<K: RunKind>(
     Ok(())
 }
 
+/// Batch `index` of the run status names, as the ledger keeps it (checked against `digests`),
+/// with the entry's id; None when no entry is named or it lacks the batch.
+pub(crate) async fn recorded_batch<K: RunKind>(
+    run: &Run<'_, K>,
+    index: usize,
+    digests: &[String],
+) -> Result<Option<(String, Vec<Row>)>, Error> {
+    let Some(id) = run
+        .obj
+        .status()
+        .and_then(|s| s.ledger.as_ref())
+        .map(|r| r.id.clone())
+    else {
+        return Ok(None);
+    };
+    let backend = backend(run).await?;
+    let Some(rows) = engine::ledger::journal_batch(backend.as_ref(), &id, index)
+        .await
+        .map_err(Error::Engine)?
+    else {
+        return Ok(None);
+    };
+    let rows = engine::run::checked(digests, index, rows).map_err(Error::Engine)?;
+    Ok(Some((id, rows)))
+}
+
 /// A journal record, copied to the ledger first (before the side effect it precedes).
 pub(crate) async fn mirror(
     ledger: Option<&Attached>,

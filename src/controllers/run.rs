@@ -212,7 +212,10 @@ impl<'a, K: RunKind> Run<'a, K> {
             .map_err(|e| self.engine_error(e))
     }
 
-    /// Every stored row of the run, verified (a retry builds on them; small runs only).
+    /// Every stored row of the run, verified: a retry builds on them. A batch whose ConfigMap is
+    /// gone or no longer the one stored is read from the run ledger's copy, checked against the
+    /// same digest: a retry stopped while it stored its own plan has overwritten (or pruned)
+    /// the first ConfigMaps already, and its next attempt still finds the earlier run.
     pub async fn verified_all(
         &self,
         batches: usize,
@@ -220,7 +223,32 @@ impl<'a, K: RunKind> Run<'a, K> {
     ) -> Result<Vec<Row>, Error> {
         let mut rows = Vec::new();
         for index in 0..batches {
-            rows.extend(self.verified(index, digests).await?);
+            match self.verified(index, digests).await {
+                Ok(batch) => rows.extend(batch),
+                Err(e @ (Error::PlanTampered { .. } | Error::ResultsLost { .. })) => {
+                    let Some((entry, batch)) =
+                        super::ledger::recorded_batch(self, index, digests).await?
+                    else {
+                        return Err(e);
+                    };
+                    let note = format!(
+                        "{} is not the batch stored for the run being retried (deleted, edited, or overwritten by a retry stopped while storing its plan): read from run ledger entry {entry}",
+                        results_store::name(&self.obj.name_any(), index)
+                    );
+                    tracing::warn!("{note}");
+                    self.ctx
+                        .publish(
+                            self.obj,
+                            EventType::Warning,
+                            "ResultsFromLedger",
+                            "Retry",
+                            Some(note),
+                        )
+                        .await;
+                    rows.extend(batch);
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(rows)
     }

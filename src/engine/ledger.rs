@@ -133,6 +133,22 @@ pub async fn record(
     Ok(())
 }
 
+/// Batch `index` of ledger entry `id`'s journal as the PBX keeps it, if recorded.
+pub async fn journal_batch(
+    pbx: &dyn PbxBackend,
+    id: &str,
+    index: usize,
+) -> Result<Option<Vec<Row>>, Error> {
+    let Some(text) = pbx.ledger_batch(id, index).await? else {
+        return Ok(None);
+    };
+    stored::from_jsonl(&text).map(Some).map_err(|e| {
+        Error::Journal(format!(
+            "batch {index} of ledger entry {id} cannot be read ({e})"
+        ))
+    })
+}
+
 /// The journal of ledger entry `id` as the PBX keeps it: its batches, in order.
 pub async fn journal(pbx: &dyn PbxBackend, id: &str) -> Result<Vec<Vec<Row>>, Error> {
     let mut out = Vec::new();

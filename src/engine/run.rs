@@ -193,7 +193,12 @@ pub async fn verified(
     digests: &[String],
     index: usize,
 ) -> Result<Vec<Row>, Error> {
-    let rows = store.load(index).await?;
+    checked(digests, index, store.load(index).await?)
+}
+
+/// `rows` if they are batch `index` as stored for the plan of `digests` (no digests: a plan
+/// stored before batches had them).
+pub fn checked(digests: &[String], index: usize, rows: Vec<Row>) -> Result<Vec<Row>, Error> {
     if digests.is_empty() {
         return Ok(rows);
     }

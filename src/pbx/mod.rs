@@ -258,6 +258,11 @@ pub trait PbxBackend: Send + Sync {
         Err(no_ledger())
     }
 
+    /// Journal batch `index` of run `id` (JSON lines), if recorded.
+    async fn ledger_batch(&self, id: &str, index: usize) -> Result<Option<String>> {
+        Ok(self.ledger_batches(id).await?.into_iter().nth(index))
+    }
+
     /// Records run `id` as taken over by the object `uid` (a resume on a rebuilt cluster).
     async fn ledger_adopt(&self, id: &str, uid: &str) -> Result<()> {
         let _ = (id, uid);

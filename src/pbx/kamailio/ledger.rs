@@ -132,6 +132,20 @@ impl Db {
             .map_err(|e| self.err(e))
     }
 
+    pub async fn ledger_batch(&self, id: &str, index: usize) -> Result<Option<String>> {
+        let row = sqlx::query(
+            self.sql("SELECT journal FROM pbx_ledger_batch WHERE ledger_id = $1 AND idx = $2"),
+        )
+        .bind(id)
+        .bind(index as i64)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        row.map(|r| text(&r, 0))
+            .transpose()
+            .map_err(|e| self.err(e))
+    }
+
     pub async fn ledger_adopt(&self, id: &str, uid: &str) -> Result<()> {
         sqlx::query(self.sql("UPDATE pbx_ledger SET uid = $1 WHERE id = $2"))
             .bind(uid)

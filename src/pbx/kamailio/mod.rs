@@ -306,6 +306,10 @@ impl PbxBackend for Kamailio {
         self.db.ledger_batches(id).await
     }
 
+    async fn ledger_batch(&self, id: &str, index: usize) -> Result<Option<String>> {
+        self.db.ledger_batch(id, index).await
+    }
+
     async fn ledger_adopt(&self, id: &str, uid: &str) -> Result<()> {
         self.db.ledger_adopt(id, uid).await
     }
