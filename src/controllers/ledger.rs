@@ -441,8 +441,8 @@ pub(crate) async fn attach<K: RunKind>(
     Ok(())
 }
 
-/// Batch `index` of the run status names, as the ledger keeps it (checked against `digests`),
-/// with the entry's id; None when no entry is named or it lacks the batch.
+/// Batch `index` of the run status names, as the ledger keeps it, with the entry's id; None
+/// when no entry is named, it lacks the batch, or its copy is not the batch of `digests`.
 pub(crate) async fn recorded_batch<K: RunKind>(
     run: &Run<'_, K>,
     index: usize,
@@ -463,8 +463,9 @@ pub(crate) async fn recorded_batch<K: RunKind>(
     else {
         return Ok(None);
     };
-    let rows = engine::run::checked(digests, index, rows).map_err(Error::Engine)?;
-    Ok(Some((id, rows)))
+    Ok(engine::run::checked(digests, index, rows)
+        .ok()
+        .map(|rows| (id, rows)))
 }
 
 /// A journal record, copied to the ledger first (before the side effect it precedes).

@@ -141,7 +141,7 @@ async fn plan(run: &Run<'_, PhoneRestart>, status: &PhoneRestartStatus) -> Resul
         Some(p) => {
             let digests = status.plan.as_ref().map(|p| p.batch_digests.clone());
             let digests = digests.unwrap_or_default();
-            Some(run.verified_all(p.batches as usize, &digests).await?)
+            Some(run.retried_rows(p.batches as usize, &digests).await?)
         }
         None => None,
     };

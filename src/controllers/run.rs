@@ -212,11 +212,24 @@ impl<'a, K: RunKind> Run<'a, K> {
             .map_err(|e| self.engine_error(e))
     }
 
-    /// Every stored row of the run, verified: a retry builds on them. A batch whose ConfigMap is
-    /// gone or no longer the one stored is read from the run ledger's copy, checked against the
-    /// same digest: a retry stopped while it stored its own plan has overwritten (or pruned)
-    /// the first ConfigMaps already, and its next attempt still finds the earlier run.
+    /// Every stored row of the run, verified (a revert reads the run it undoes).
     pub async fn verified_all(
+        &self,
+        batches: usize,
+        digests: &[String],
+    ) -> Result<Vec<Row>, Error> {
+        let mut rows = Vec::new();
+        for index in 0..batches {
+            rows.extend(self.verified(index, digests).await?);
+        }
+        Ok(rows)
+    }
+
+    /// Every stored row of the run a retry builds on, verified. A batch whose ConfigMap is gone
+    /// or no longer the one stored is read from the run ledger's copy, checked against the same
+    /// digest: a retry stopped while it stored its own plan has overwritten (or pruned) the
+    /// first ConfigMaps already, and its next attempt still finds the earlier run.
+    pub async fn retried_rows(
         &self,
         batches: usize,
         digests: &[String],

@@ -158,7 +158,7 @@ impl Change<'_> {
             return self.execute_validated(run, status).await;
         }
         // A retry builds on the earlier run of the same spec generation: without its results
-        // (or with them edited), nothing is planned, changed or pruned.
+        // (neither the ConfigMaps nor the ledger's copy), nothing is planned, changed or pruned.
         let earlier = status
             .progress
             .as_ref()
@@ -167,7 +167,7 @@ impl Change<'_> {
         if let Some(p) = earlier {
             let digests = status.plan.as_ref().map(|p| p.batch_digests.clone());
             match run
-                .verified_all(p.batches as usize, &digests.unwrap_or_default())
+                .retried_rows(p.batches as usize, &digests.unwrap_or_default())
                 .await
             {
                 Ok(rows) => kept = Some(rows),

@@ -92,8 +92,8 @@ async fn start(
         Ok(b) => b,
         Err(e) => return run.blocked(status, &e).await,
     };
-    // A retry builds on the earlier run of the same spec generation: without its results (or
-    // with them edited), nothing is planned, changed or pruned.
+    // A retry builds on the earlier run of the same spec generation: without its results
+    // (neither the ConfigMaps nor the ledger's copy), nothing is planned, changed or pruned.
     let earlier = status
         .progress
         .as_ref()
@@ -102,7 +102,7 @@ async fn start(
         Some(p) => {
             let digests = status.plan.as_ref().map(|p| p.batch_digests.clone());
             let digests = digests.unwrap_or_default();
-            match run.verified_all(p.batches as usize, &digests).await {
+            match run.retried_rows(p.batches as usize, &digests).await {
                 Ok(rows) => Some(rows),
                 Err(e) => return run.blocked(status, &e).await,
             }

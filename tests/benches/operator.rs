@@ -4,8 +4,9 @@
 //! 1. A BulkUserChange of 3 fields on 10,000 and 100,000 users, on PostgreSQL, MariaDB and
 //!    SQLite (10,000 only), a fresh lab each: create -> Succeeded and the PBX write phase beside
 //!    the floor (one SQL UPDATE writing the same values), peak RSS, API server load, results
-//!    ConfigMaps. At the largest size on PostgreSQL, the same change as one Atomic transaction
-//!    and once with a SIGKILL mid-run (every target reported once and written).
+//!    ConfigMaps. At the largest size on PostgreSQL, the same change as one Atomic transaction,
+//!    once with a SIGKILL mid-run (every target reported once and written), and once with one
+//!    user in a hundred conflicting, then retried (the retry's time and peak RSS).
 //! 2. PhoneRestart of 200 and of 2,000 registered SIPp phones (+10 silent ones each), no rate
 //!    limit: the send phase's NOTIFYs per second at the phones, time to all settled, RPC bytes
 //!    read per confirmed phone at both sizes, peak RSS, beside a shell loop of JSON-RPC NOTIFYs
@@ -17,7 +18,7 @@
 //! A summary table of parts 1 and 3 ends the run.
 //!
 //! Run: `cargo bench --bench operator`. BENCH_DBS and BENCH_USER_SIZES (comma lists),
-//! BENCH_USER_EXTRAS=0 (no Atomic and SIGKILL runs), BENCH_PHONES, BENCH_PHONES_SMALL,
+//! BENCH_USER_EXTRAS=0 (no Atomic, SIGKILL and retry runs), BENCH_PHONES, BENCH_PHONES_SMALL,
 //! BENCH_SILENT_PHONES, BENCH_LOOP_PHONES, BENCH_SHARED_RATE_PHONES (two restarts of that many
 //! phones each under a shared 200/s), BENCH_CSV_ROWS and BENCH_CSV_DBS override; 0 or an empty
 //! list skips a part; BENCH_PHONE_CHANGE=0 skips the BulkPhoneChange. Users and CSV only:
@@ -291,6 +292,82 @@ spec:
         once && all_changed && written == users.to_string(),
         "the crashed run lost or repeated targets"
     );
+    retry_after_conflicts(env, users).await;
+}
+
+/// On a lab of `users` users: a change validated, one user in a hundred edited in the console
+/// before it executes (Conflict), then the retry annotation: the retry's time and peak RSS
+/// (it builds on the earlier run's rows).
+async fn retry_after_conflicts(env: &Env, users: usize) {
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    env.apply(
+        r#"apiVersion: pbx-operator.io/v1alpha1
+kind: BulkUserChange
+metadata: { name: everyone-retry }
+spec:
+  connectionRef: { name: acme }
+  mode: Validate
+  targets: { groups: [sales, support, engineering] }
+  fields:
+    callGroup: { value: "51", lock: Open }
+    pickupGroup: { value: "52", lock: Open }
+    voiceRoutePolicy: { value: International, lock: Open }
+"#,
+    );
+    env.wait_buc_for(
+        "everyone-retry",
+        &[Phase::Validated],
+        Duration::from_secs(900),
+    )
+    .await;
+    let edited = sqlx::query("UPDATE usr_preferences SET value = '50' WHERE attribute = 'pbx.call_group' AND CAST(username AS INTEGER) % 100 = 0")
+        .execute(&env.pool)
+        .await
+        .unwrap()
+        .rows_affected();
+    let execute = serde_json::json!({ "spec": { "mode": "Execute" } });
+    api.patch(
+        "everyone-retry",
+        &PatchParams::default(),
+        &Patch::Merge(&execute),
+    )
+    .await
+    .unwrap();
+    let first = env
+        .wait_buc_for("everyone-retry", FINISHED, Duration::from_secs(900))
+        .await;
+    let conflicts = first
+        .status
+        .and_then(|s| s.summary)
+        .unwrap_or_default()
+        .conflicts;
+    reset_peak_rss(env);
+    let start = Instant::now();
+    let retry =
+        serde_json::json!({ "metadata": { "annotations": { "pbx-operator.io/retry": "1" } } });
+    api.patch(
+        "everyone-retry",
+        &PatchParams::default(),
+        &Patch::Merge(&retry),
+    )
+    .await
+    .unwrap();
+    let s = support::eventually(Duration::from_secs(900), "the retry to finish", || async {
+        let s = api.get("everyone-retry").await.ok()?.status?;
+        let retried = s.progress.as_ref()?.retry.as_deref() == Some("1");
+        (retried && FINISHED.contains(&s.phase)).then_some(s)
+    })
+    .await;
+    let took = start.elapsed().as_secs_f64();
+    let rss = peak_rss_mib(env.operator.child.id());
+    let summary = s.summary.unwrap_or_default();
+    let written = env.sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '51'").await;
+    println!(
+        "  retry of {conflicts} conflicts ({edited} users edited before Execute): -> {:?}, {} changed {took:>6.2} s",
+        s.phase, summary.changed
+    );
+    println!("    operator peak RSS during the retry (VmHWM)  {rss:>8.1} MiB");
+    println!("    users with the new value in SQL            {written:>8} of {users}");
 }
 
 /// The operator's requests to the API server so far (all verbs) and the bytes of their bodies,
