@@ -169,6 +169,11 @@ impl From<crate::engine::planning::PlanningError> for Error {
             PlanningError::Pbx(e) => Error::Pbx(e),
             PlanningError::Plan(e) => Error::Plan(e),
             PlanningError::Csv(e) => Error::Csv(e),
+            // The reader of the earlier run is this module's: its own error comes back.
+            PlanningError::Earlier(e) => match e.downcast::<Error>() {
+                Ok(e) => *e,
+                Err(e) => Error::Engine(crate::engine::Error::Journal(e.to_string())),
+            },
         }
     }
 }

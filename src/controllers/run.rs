@@ -3,6 +3,8 @@
 //! written after each, one finish path and one blocked path. A kind's controller maps its spec
 //! to planned rows and an executor, and the engine's counts to its summary.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kube::runtime::{controller::Action, events::EventType};
@@ -12,6 +14,7 @@ use super::conditions::{self, Desired};
 use super::results_store::{self, Store};
 use super::{Context, Error};
 use crate::api::{OperationStatus, Phase, Plan, Progress};
+use crate::engine::planning::{EarlierRun, PlanningError};
 use crate::engine::results::{self, Digest};
 use crate::engine::run::{Next, Runner};
 use crate::engine::{self, Executor};
@@ -71,12 +74,17 @@ pub(crate) struct PlanWriter<'r, 'a, K: RunKind> {
     run: &'r Run<'a, K>,
     chunker: stored::Chunker,
     out: StoredPlan,
+    /// A retry's plan goes into the ConfigMaps of the run it builds on: a chunk waits here
+    /// until the planner has read the earlier batch it replaces.
+    earlier: Option<&'r Earlier<'r, 'a, K>>,
+    held: VecDeque<Vec<Row>>,
 }
 
 impl<K: RunKind> PlanWriter<'_, '_, K> {
     pub async fn push(&mut self, row: Row) -> Result<(), Error> {
         if let Some(chunk) = self.chunker.push(row) {
-            self.store_chunk(&chunk).await?;
+            self.held.push_back(chunk);
+            self.store_held(false).await?;
         }
         Ok(())
     }
@@ -85,24 +93,120 @@ impl<K: RunKind> PlanWriter<'_, '_, K> {
     /// earlier, longer plan left.
     pub async fn finish(mut self) -> Result<StoredPlan, Error> {
         let last = std::mem::take(&mut self.chunker).finish();
-        if !last.is_empty() || self.out.refs.is_empty() {
-            self.store_chunk(&last).await?;
+        if !last.is_empty() || (self.out.refs.is_empty() && self.held.is_empty()) {
+            self.held.push_back(last);
         }
+        // The planner is done: it reads no earlier batch any more.
+        self.store_held(true).await?;
         self.run.store.prune(self.out.refs.len()).await?;
         Ok(self.out)
     }
 
-    async fn store_chunk(&mut self, chunk: &[Row]) -> Result<(), Error> {
-        let index = self.out.refs.len();
-        let name = self
-            .run
-            .store
-            .write_with(index, chunk, self.run.header.as_deref())
-            .await?;
-        self.out.refs.push(name);
-        self.out.digests.push(stored::plan_digest(chunk));
-        self.out.digest.merge(Digest::of(chunk));
+    async fn store_held(&mut self, all: bool) -> Result<(), Error> {
+        while !self.held.is_empty() {
+            let index = self.out.refs.len();
+            if !all && self.earlier.is_some_and(|e| !e.may_overwrite(index)) {
+                return Ok(());
+            }
+            let chunk = self.held.pop_front().expect("a held chunk");
+            if let Some(e) = self.earlier {
+                e.overwriting(index);
+            }
+            let name = self
+                .run
+                .store
+                .write_with(index, &chunk, self.run.header.as_deref())
+                .await?;
+            self.out.refs.push(name);
+            self.out.digests.push(stored::plan_digest(&chunk));
+            self.out.digest.merge(Digest::of(&chunk));
+        }
         Ok(())
+    }
+}
+
+/// The run a retry builds on, read a batch at a time ([`EarlierRun`]): from its results
+/// ConfigMaps, or the run ledger's copy where a ConfigMap is gone, edited, or already holds
+/// the retry's own plan.
+pub(crate) struct Earlier<'r, 'a, K: RunKind> {
+    run: &'r Run<'a, K>,
+    batches: usize,
+    digests: Vec<String>,
+    /// How many earlier batches the planner has read (the furthest it got).
+    read: AtomicUsize,
+    /// How many of the ConfigMaps this retry's plan has overwritten.
+    overwritten: AtomicUsize,
+}
+
+impl<'r, 'a, K: RunKind> Earlier<'r, 'a, K> {
+    pub fn new(run: &'r Run<'a, K>, batches: usize, digests: Vec<String>) -> Self {
+        Earlier {
+            run,
+            batches,
+            digests,
+            read: AtomicUsize::new(0),
+            overwritten: AtomicUsize::new(0),
+        }
+    }
+
+    /// Reads every batch once before anything is planned: a retry that cannot read the run it
+    /// builds on stops before it overwrites a single ConfigMap of it.
+    pub async fn check(&self) -> Result<(), Error> {
+        for index in 0..self.batches {
+            self.read_batch(index).await?;
+        }
+        Ok(())
+    }
+
+    /// Every row of the earlier run (a revert's retry plans from them whole).
+    pub async fn all(&self) -> Result<Vec<Row>, Error> {
+        let mut rows = Vec::new();
+        for index in 0..self.batches {
+            rows.extend(self.read_batch(index).await?);
+        }
+        Ok(rows)
+    }
+
+    /// Whether the retry's plan may overwrite ConfigMap `index`: the planner read that batch
+    /// already, or reads none any more.
+    fn may_overwrite(&self, index: usize) -> bool {
+        let read = self.read.load(Ordering::Acquire);
+        index < read || read >= self.batches
+    }
+
+    fn overwriting(&self, index: usize) {
+        self.overwritten.fetch_max(index + 1, Ordering::AcqRel);
+    }
+
+    async fn read_batch(&self, index: usize) -> Result<Vec<Row>, Error> {
+        let rows = if index < self.overwritten.load(Ordering::Acquire) {
+            // Another pass over a CSV reads what this retry overwrote: the ledger has it.
+            match super::ledger::recorded_batch(self.run, index, &self.digests).await? {
+                Some((_, rows)) => rows,
+                None => {
+                    return Err(Error::ResultsLost {
+                        name: results_store::name(&self.run.obj.name_any(), index),
+                    });
+                }
+            }
+        } else {
+            self.run.retried_batch(index, &self.digests).await?
+        };
+        self.read.fetch_max(index + 1, Ordering::AcqRel);
+        Ok(rows)
+    }
+}
+
+#[async_trait::async_trait]
+impl<K: RunKind> EarlierRun for Earlier<'_, '_, K> {
+    fn batches(&self) -> usize {
+        self.batches
+    }
+
+    async fn batch(&self, index: usize) -> Result<Vec<Row>, PlanningError> {
+        self.read_batch(index)
+            .await
+            .map_err(|e| PlanningError::Earlier(Box::new(e)))
     }
 }
 
@@ -176,6 +280,19 @@ impl<'a, K: RunKind> Run<'a, K> {
                 digests: vec![],
                 digest: Digest::default(),
             },
+            earlier: None,
+            held: VecDeque::new(),
+        }
+    }
+
+    /// [`Run::plan_writer`] for a retry's plan, which replaces `earlier`'s batches.
+    pub fn plan_writer_over<'r>(
+        &'r self,
+        earlier: &'r Earlier<'r, 'a, K>,
+    ) -> PlanWriter<'r, 'a, K> {
+        PlanWriter {
+            earlier: Some(earlier),
+            ..self.plan_writer()
         }
     }
 
@@ -225,10 +342,7 @@ impl<'a, K: RunKind> Run<'a, K> {
         Ok(rows)
     }
 
-    /// Every stored row of the run a retry builds on, verified. A batch whose ConfigMap is gone
-    /// or no longer the one stored is read from the run ledger's copy, checked against the same
-    /// digest: a retry stopped while it stored its own plan has overwritten (or pruned) the
-    /// first ConfigMaps already, and its next attempt still finds the earlier run.
+    /// Every stored row of the run a retry builds on (see [`Run::retried_batch`]).
     pub async fn retried_rows(
         &self,
         batches: usize,
@@ -236,34 +350,42 @@ impl<'a, K: RunKind> Run<'a, K> {
     ) -> Result<Vec<Row>, Error> {
         let mut rows = Vec::new();
         for index in 0..batches {
-            match self.verified(index, digests).await {
-                Ok(batch) => rows.extend(batch),
-                Err(e @ (Error::PlanTampered { .. } | Error::ResultsLost { .. })) => {
-                    let Some((entry, batch)) =
-                        super::ledger::recorded_batch(self, index, digests).await?
-                    else {
-                        return Err(e);
-                    };
-                    let note = format!(
-                        "{} is not the batch stored for the run being retried (deleted, edited, or overwritten by a retry stopped while storing its plan): read from run ledger entry {entry}",
-                        results_store::name(&self.obj.name_any(), index)
-                    );
-                    tracing::warn!("{note}");
-                    self.ctx
-                        .publish(
-                            self.obj,
-                            EventType::Warning,
-                            "ResultsFromLedger",
-                            "Retry",
-                            Some(note),
-                        )
-                        .await;
-                    rows.extend(batch);
-                }
-                Err(e) => return Err(e),
-            }
+            rows.extend(self.retried_batch(index, digests).await?);
         }
         Ok(rows)
+    }
+
+    /// A stored batch of the run a retry builds on, verified. A batch whose ConfigMap is gone
+    /// or no longer the one stored is read from the run ledger's copy, checked against the same
+    /// digest: a retry stopped while it stored its own plan has overwritten (or pruned) the
+    /// first ConfigMaps already, and its next attempt still finds the earlier run.
+    pub async fn retried_batch(&self, index: usize, digests: &[String]) -> Result<Vec<Row>, Error> {
+        match self.verified(index, digests).await {
+            Ok(batch) => Ok(batch),
+            Err(e @ (Error::PlanTampered { .. } | Error::ResultsLost { .. })) => {
+                let Some((entry, batch)) =
+                    super::ledger::recorded_batch(self, index, digests).await?
+                else {
+                    return Err(e);
+                };
+                let note = format!(
+                    "{} is not the batch stored for the run being retried (deleted, edited, or overwritten by a retry stopped while storing its plan): read from run ledger entry {entry}",
+                    results_store::name(&self.obj.name_any(), index)
+                );
+                tracing::warn!("{note}");
+                self.ctx
+                    .publish(
+                        self.obj,
+                        EventType::Warning,
+                        "ResultsFromLedger",
+                        "Retry",
+                        Some(note),
+                    )
+                    .await;
+                Ok(batch)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn engine_error(&self, e: engine::Error) -> Error {

@@ -14,14 +14,14 @@ use super::csv_source;
 use super::ledger::Gate;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
-use super::run::{self, Run, RunKind, StoredPlan};
+use super::run::{self, Earlier, Run, RunKind, StoredPlan};
 use super::{Context, Error};
 use crate::api::{
     BulkUserChange, BulkUserChangeSpec, FailurePolicy, Mode, OperationStatus, Phase, Plan, Policy,
     Summary, parse_duration,
 };
 use crate::engine::outbox::Outbox;
-use crate::engine::planning::{CsvEnd, CsvPlanner, Planned, UserPlanner, UserRequest};
+use crate::engine::planning::{CsvEnd, CsvPlanner, EarlierRun, Planned, UserPlanner, UserRequest};
 use crate::engine::results::{self, Digest as Counts};
 use crate::engine::users::UserExec;
 use crate::pbx::{PbxBackend, Secret, UserField};
@@ -162,24 +162,25 @@ impl Change<'_> {
         let earlier = status
             .progress
             .as_ref()
-            .filter(|p| retry && self.lineage.same_generation(p));
-        let mut kept = None;
-        if let Some(p) = earlier {
-            let digests = status.plan.as_ref().map(|p| p.batch_digests.clone());
-            match run
-                .retried_rows(p.batches as usize, &digests.unwrap_or_default())
-                .await
-            {
-                Ok(rows) => kept = Some(rows),
-                Err(e) => return run.blocked(status, &e).await,
+            .filter(|p| retry && self.lineage.same_generation(p))
+            .map(|p| {
+                let digests = status.plan.as_ref().map(|p| p.batch_digests.clone());
+                Earlier::new(&run, p.batches as usize, digests.unwrap_or_default())
+            });
+        if let Some(earlier) = &earlier {
+            if let Err(e) = earlier.check().await {
+                return run.blocked(status, &e).await;
             }
         }
         let timed = Timed {
             inner: backend.as_ref(),
             metrics: &self.ctx.metrics,
         };
-        let stored = match self.plan(&timed, &intent, kept, &spec_hash).await {
-            Ok(planned) => self.store(planned).await,
+        let stored = match self
+            .plan(&timed, &intent, earlier.as_ref(), &spec_hash)
+            .await
+        {
+            Ok(planned) => self.store(planned, earlier.as_ref()).await,
             Err(e) => Err(e),
         };
         let (mut plan, stored) = match stored {
@@ -456,18 +457,21 @@ impl Change<'_> {
         }
     }
 
-    /// Reads the targets (or the CSV) and plans their rows. `kept`: a retry's earlier rows.
+    /// Reads the targets (or the CSV) and plans their rows. `earlier`: the run a retry builds on.
     async fn plan<'p>(
         &'p self,
         backend: &'p dyn PbxBackend,
         intent: &'p Intent,
-        kept: Option<Vec<Row>>,
+        earlier: Option<&'p Earlier<'p, 'p, BulkUserChange>>,
         spec_hash: &'p str,
     ) -> Result<Planned<'p>, Error> {
         let spec = self.spec();
         if let Some(of) = &spec.revert_of {
+            let kept = match earlier {
+                Some(e) => e.all().await?,
+                None => Vec::new(),
+            };
             let kept = kept
-                .unwrap_or_default()
                 .iter()
                 .filter_map(crate::engine::steps::kept_by_retry)
                 .collect();
@@ -481,7 +485,7 @@ impl Change<'_> {
             intent,
             spec_hash,
             generation: self.buc.metadata.generation.unwrap_or(0),
-            kept,
+            earlier: earlier.map(|e| e as &dyn EarlierRun),
             atomic: spec.failure_policy == FailurePolicy::Atomic,
         };
         if let Some(source) = &spec.source {
@@ -503,7 +507,11 @@ impl Change<'_> {
     }
 
     /// Stores a plan's rows as the run's journal; a user plan chunk by chunk as it is made.
-    async fn store(&self, planned: Planned<'_>) -> Result<(Plan, StoredPlan), Error> {
+    async fn store(
+        &self,
+        planned: Planned<'_>,
+        earlier: Option<&Earlier<'_, '_, BulkUserChange>>,
+    ) -> Result<(Plan, StoredPlan), Error> {
         match planned {
             Planned::Rows(rows, plan) => {
                 let stored = self.run(Some(&plan)).store_plan(rows.into_iter()).await?;
@@ -513,7 +521,10 @@ impl Change<'_> {
                 // The result CSV echoes the file's header, known before any row is planned.
                 let run = Run::new(self.ctx, self.buc, Some(planner.header()));
                 loop {
-                    let mut writer = run.plan_writer();
+                    let mut writer = match earlier {
+                        Some(e) => run.plan_writer_over(e),
+                        None => run.plan_writer(),
+                    };
                     while let Some(rows) = planner.next_chunk().await? {
                         for row in rows {
                             writer.push(row).await?;
@@ -528,7 +539,10 @@ impl Change<'_> {
             }
             Planned::Users(mut planner) => {
                 let run = self.run(None);
-                let mut writer = run.plan_writer();
+                let mut writer = match earlier {
+                    Some(e) => run.plan_writer_over(e),
+                    None => run.plan_writer(),
+                };
                 while let Some(rows) = planner.next_chunk().await? {
                     for row in rows {
                         writer.push(row).await?;

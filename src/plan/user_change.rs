@@ -3,8 +3,6 @@
 //! line. Pure: the controller reads the spec's Secrets, the run engine's planners read the PBX,
 //! then call these.
 
-use std::collections::HashMap;
-
 use sha2::{Digest, Sha256};
 
 use super::rows;
@@ -331,21 +329,4 @@ pub fn csv_status_plan(
         }),
         ..Default::default()
     }
-}
-
-/// Earlier rows grouped by the CSV line they belong to (a giving row follows its taker's).
-pub fn by_line(rows: Vec<Row>) -> HashMap<u64, Vec<Row>> {
-    let mut out: HashMap<u64, Vec<Row>> = HashMap::new();
-    let mut last: Option<u64> = None;
-    for r in rows {
-        match (&r.source, last) {
-            (Some(src), _) => {
-                last = Some(src.line);
-                out.entry(src.line).or_default().push(r);
-            }
-            (None, Some(line)) => out.entry(line).or_default().push(r),
-            (None, None) => {}
-        }
-    }
-    out
 }

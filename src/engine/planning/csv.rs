@@ -1,9 +1,9 @@
 //! The plan of a CSV-sourced BulkUserChange: [`CsvPlanner`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
-use super::{PlanningError, UserRequest};
+use super::{EarlierRun, PlanningError, UserRequest};
 use crate::api::Plan;
 use crate::engine::steps::kept_by_retry;
 use crate::pbx::directory::Directory;
@@ -26,7 +26,7 @@ pub struct CsvPlanner<'a> {
     closed: Vec<UserField>,
     sensitive: Vec<bool>,
     /// A retry: the rows of the lines the earlier run finished, kept as they were.
-    kept: HashMap<u64, Vec<Row>>,
+    kept: KeptLines<'a>,
     sha256: String,
     generation: i64,
     spec_hash: &'a str,
@@ -100,15 +100,7 @@ impl<'a> CsvPlanner<'a> {
         };
         let requests = sheet::Requests::new(&sheet, &closed);
         let movers = Arc::new(movers(backend, &requests, req.intent).await?);
-        // A line the earlier run finished keeps its rows; the rest are planned afresh.
-        let mut kept = request::by_line(req.kept.unwrap_or_default());
-        kept.retain(|_, rows| match rows.first().and_then(kept_by_retry) {
-            Some(first) => {
-                rows[0] = first;
-                true
-            }
-            None => false,
-        });
+        let kept = KeptLines::new(req.earlier);
         let pass = pass(backend, &rules, &requests, &movers, &wanted, None).await?;
         Ok(CsvPlanner {
             backend,
@@ -156,8 +148,8 @@ impl<'a> CsvPlanner<'a> {
             if pass.resolved.len() < request::RESOLVED_SHOWN && !planned.extension.is_empty() {
                 pass.resolved.push(planned.extension.clone());
             }
-            match self.kept.get(&planned.line) {
-                Some(kept) => rows.extend(kept.iter().cloned()),
+            match self.kept.of(planned.line).await? {
+                Some(kept) => rows.extend(kept),
                 None => rows.extend(request::csv_line_rows(
                     planned,
                     sheet_row.cells,
@@ -192,7 +184,9 @@ impl<'a> CsvPlanner<'a> {
                 Some(why),
             )
             .await?;
-            return Ok(CsvEnd::Again(Box::new(CsvPlanner { pass, ..self })));
+            let mut kept = self.kept;
+            kept.restart();
+            return Ok(CsvEnd::Again(Box::new(CsvPlanner { pass, kept, ..self })));
         }
         let planned = request::CsvPlanned {
             hash,
@@ -207,6 +201,82 @@ impl<'a> CsvPlanner<'a> {
             self.generation,
             self.spec_hash,
         )))
+    }
+}
+
+/// A retry's kept lines: the rows of each line the earlier run finished (the first one as a
+/// retry carries it over), read from the earlier run's batches as the pass reaches the line.
+/// Both go in file order, so one batch of the earlier run is held at a time.
+struct KeptLines<'a> {
+    earlier: Option<&'a dyn EarlierRun>,
+    next_batch: usize,
+    /// Rows read and not yet reached, grouped by line in file order (a giving row, which has
+    /// no line, goes with the row before it).
+    lines: VecDeque<(u64, Vec<Row>)>,
+}
+
+impl<'a> KeptLines<'a> {
+    fn new(earlier: Option<&'a dyn EarlierRun>) -> KeptLines<'a> {
+        KeptLines {
+            earlier,
+            next_batch: 0,
+            lines: VecDeque::new(),
+        }
+    }
+
+    /// Back to the first line, for another pass over the file.
+    fn restart(&mut self) {
+        self.next_batch = 0;
+        self.lines.clear();
+    }
+
+    /// The rows of `line` if the earlier run finished it; lines before it are let go.
+    async fn of(&mut self, line: u64) -> Result<Option<Vec<Row>>, PlanningError> {
+        let Some(earlier) = self.earlier else {
+            return Ok(None);
+        };
+        loop {
+            let all_read = self.next_batch >= earlier.batches();
+            // A line is whole once a later one was read (or every batch was).
+            let whole = self.lines.len() > 1 || all_read;
+            match self.lines.front() {
+                Some((l, _)) if *l < line && whole => {
+                    self.lines.pop_front();
+                    continue;
+                }
+                Some((l, _)) if *l > line => return Ok(None),
+                Some((l, _)) if *l == line && whole => {
+                    let (_, mut rows) = self.lines.pop_front().expect("a front line");
+                    return Ok(match rows.first().and_then(kept_by_retry) {
+                        Some(first) => {
+                            rows[0] = first;
+                            Some(rows)
+                        }
+                        None => None,
+                    });
+                }
+                None if all_read => return Ok(None),
+                _ => {}
+            }
+            let batch = earlier.batch(self.next_batch).await?;
+            self.next_batch += 1;
+            for row in batch {
+                match (row.source.as_ref().map(|s| s.line), self.lines.back_mut()) {
+                    (Some(l), Some((last, rows))) if l == *last => rows.push(row),
+                    (Some(l), Some((last, _))) if l < *last => {
+                        return Err(PlanningError::Plan(crate::plan::PlanError::Invalid(
+                            format!(
+                                "the run being retried stored line {l} after line {last}, not in file order (planned by an older operator?): delete and re-create the change to plan it afresh"
+                            ),
+                        )));
+                    }
+                    (Some(l), _) => self.lines.push_back((l, vec![row])),
+                    (None, Some((_, rows))) => rows.push(row),
+                    // A giving row whose line was let go already.
+                    (None, None) => {}
+                }
+            }
+        }
     }
 }
 
@@ -284,5 +354,131 @@ async fn movers(
         if !more {
             return Ok(movers);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::api::Outcome;
+    use crate::plan::stored::SourceRow;
+
+    /// An earlier run in memory that notes which batches were read.
+    struct Batches {
+        batches: Vec<Vec<Row>>,
+        reads: Mutex<Vec<usize>>,
+    }
+
+    #[async_trait::async_trait]
+    impl EarlierRun for Batches {
+        fn batches(&self) -> usize {
+            self.batches.len()
+        }
+        async fn batch(&self, index: usize) -> Result<Vec<Row>, PlanningError> {
+            self.reads.lock().unwrap().push(index);
+            Ok(self.batches[index].clone())
+        }
+    }
+
+    fn row(target: &str, line: Option<u64>, outcome: Outcome) -> Row {
+        Row {
+            target: target.into(),
+            outcome,
+            source: line.map(|line| SourceRow {
+                line,
+                cells: vec![target.into()],
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn targets(rows: Option<Vec<Row>>) -> Option<Vec<String>> {
+        rows.map(|rows| rows.into_iter().map(|r| r.target).collect())
+    }
+
+    fn earlier() -> Batches {
+        Batches {
+            batches: vec![
+                vec![
+                    row("201", Some(1), Outcome::Changed),
+                    row("202", Some(2), Outcome::Changed),
+                    row("901", None, Outcome::Changed),
+                ],
+                // A giving row of line 2 opens the next batch.
+                vec![
+                    row("902", None, Outcome::Changed),
+                    row("203", Some(3), Outcome::Conflict),
+                    row("205", Some(5), Outcome::Unchanged),
+                ],
+            ],
+            reads: Mutex::new(Vec::new()),
+        }
+    }
+
+    #[tokio::test]
+    async fn kept_lines_come_a_batch_at_a_time_with_their_giving_rows() {
+        let earlier = earlier();
+        let mut kept = KeptLines::new(Some(&earlier));
+        assert_eq!(targets(kept.of(1).await.unwrap()), Some(vec!["201".into()]));
+        assert_eq!(
+            *earlier.reads.lock().unwrap(),
+            [0],
+            "line 1 is whole once line 2 was read: the next batch waits"
+        );
+        assert_eq!(
+            targets(kept.of(2).await.unwrap()),
+            Some(vec!["202".into(), "901".into(), "902".into()])
+        );
+        assert_eq!(
+            targets(kept.of(3).await.unwrap()),
+            None,
+            "a conflict is planned afresh"
+        );
+        assert_eq!(
+            targets(kept.of(4).await.unwrap()),
+            None,
+            "not in the earlier run"
+        );
+        assert_eq!(targets(kept.of(5).await.unwrap()), Some(vec!["205".into()]));
+        assert_eq!(targets(kept.of(6).await.unwrap()), None);
+        assert_eq!(
+            *earlier.reads.lock().unwrap(),
+            [0, 1],
+            "each batch read once"
+        );
+
+        kept.restart();
+        assert_eq!(targets(kept.of(2).await.unwrap()).map(|t| t.len()), Some(3));
+    }
+
+    #[tokio::test]
+    async fn lines_skipped_by_the_file_are_let_go() {
+        let earlier = earlier();
+        let mut kept = KeptLines::new(Some(&earlier));
+        assert_eq!(targets(kept.of(5).await.unwrap()), Some(vec!["205".into()]));
+        assert_eq!(targets(kept.of(7).await.unwrap()), None);
+        assert!(kept.lines.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_earlier_run_out_of_file_order_is_refused() {
+        let earlier = Batches {
+            batches: vec![vec![
+                row("202", Some(2), Outcome::Changed),
+                row("201", Some(1), Outcome::Changed),
+            ]],
+            reads: Mutex::new(Vec::new()),
+        };
+        let mut kept = KeptLines::new(Some(&earlier));
+        let err = kept.of(1).await.unwrap_err().to_string();
+        assert!(err.contains("not in file order"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn without_an_earlier_run_nothing_is_kept() {
+        let mut kept = KeptLines::new(None);
+        assert!(kept.of(1).await.unwrap().is_none());
     }
 }

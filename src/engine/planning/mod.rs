@@ -23,6 +23,19 @@ pub enum PlanningError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Csv(#[from] sheet::SheetError),
+    /// The run a retry builds on could not be read (the reader's own error, handed back).
+    #[error(transparent)]
+    Earlier(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The run a retry builds on, read a stored batch at a time, so that a retry of a large run
+/// holds one of its batches, not all its rows. Its batches are in the order it planned them
+/// (a selection's by extension, a CSV's by line), which is the order a retry plans in.
+#[async_trait::async_trait]
+pub trait EarlierRun: Send + Sync {
+    fn batches(&self) -> usize;
+    /// Batch `index`, checked to be the batch the earlier run stored.
+    async fn batch(&self, index: usize) -> Result<Vec<Row>, PlanningError>;
 }
 
 /// What a BulkUserChange asks, as the planners need it.
@@ -31,9 +44,9 @@ pub struct UserRequest<'a> {
     /// The spec's fingerprint with the Secrets it reads (status.plan.specHash).
     pub spec_hash: &'a str,
     pub generation: i64,
-    /// A retry: the earlier run's rows. Targets whose steps went through keep their row (with
-    /// the steps to redo), the rest are planned afresh.
-    pub kept: Option<Vec<Row>>,
+    /// A retry: the earlier run. Targets whose steps went through keep their row (with the
+    /// steps to redo), the rest are planned afresh.
+    pub earlier: Option<&'a dyn EarlierRun>,
     pub atomic: bool,
 }
 
@@ -54,6 +67,9 @@ pub struct UserPlanner<'a> {
     fields: Vec<UserField>,
     /// What is left to plan or carry over, in extension order.
     items: std::vec::IntoIter<Item>,
+    /// A retry: the earlier run, whose batches bring the targets a chunk at a time, and the
+    /// next batch to read.
+    earlier: Option<(&'a dyn EarlierRun, usize)>,
     /// Listed extensions the PBX does not have, as listed, then any that went away since
     /// the selection was resolved.
     unknown: Vec<String>,
@@ -78,25 +94,28 @@ impl Item {
 }
 
 impl<'a> UserPlanner<'a> {
-    /// Resolves the selection (a retry: the targets of the earlier run that did not go through).
+    /// Resolves the selection; a retry plans the targets of the earlier run instead, a batch
+    /// of it at a time, carrying over the rows that went through.
     pub async fn new(
         backend: &'a dyn PbxBackend,
-        mut selector: Selector,
+        selector: Selector,
         req: UserRequest<'a>,
     ) -> Result<UserPlanner<'a>, PlanningError> {
-        let mut items = Vec::new();
-        if let Some(rows) = req.kept {
-            selector.groups.clear();
-            selector.extensions.clear();
-            selector.max_targets = None;
-            for r in rows {
-                match kept_by_retry(&r) {
-                    Some(row) => items.push(Item::Kept(Box::new(row))),
-                    None => selector.extensions.push(r.target),
-                }
-            }
-        }
         let planner = Planner::new(req.intent, &backend.capabilities().user_fields)?;
+        let fields = req.intent.fields.iter().map(|f| f.field).collect();
+        if let Some(earlier) = req.earlier {
+            return Ok(UserPlanner {
+                backend,
+                planner,
+                fields,
+                items: Vec::new().into_iter(),
+                earlier: Some((earlier, 0)),
+                unknown: Vec::new(),
+                generation: req.generation,
+                spec_hash: req.spec_hash,
+            });
+        }
+        let mut items = Vec::new();
         let selected = backend
             .select_users(&UserSelection {
                 groups: selector.groups.clone(),
@@ -115,13 +134,13 @@ impl<'a> UserPlanner<'a> {
                 .cloned()
                 .map(Item::Unknown),
         );
-        // Stable: a carried-over row comes before a planned one of the same extension.
         items.sort_by(|a, b| crate::pbx::extension_order(a.target(), b.target()));
         Ok(UserPlanner {
             backend,
             planner,
-            fields: req.intent.fields.iter().map(|f| f.field).collect(),
+            fields,
             items: items.into_iter(),
+            earlier: None,
             unknown: selected.unknown_extensions,
             generation: req.generation,
             spec_hash: req.spec_hash,
@@ -130,7 +149,24 @@ impl<'a> UserPlanner<'a> {
 
     /// The rows of the next chunk of targets, in extension order; None when all are planned.
     pub async fn next_chunk(&mut self) -> Result<Option<Vec<Row>>, PlanningError> {
-        let chunk: Vec<Item> = self.items.by_ref().take(CHUNK_ROWS).collect();
+        let chunk: Vec<Item> = match &mut self.earlier {
+            None => self.items.by_ref().take(CHUNK_ROWS).collect(),
+            // The earlier run's next batch (at most CHUNK_ROWS rows), empty ones skipped.
+            Some((earlier, next)) => {
+                let mut chunk = Vec::new();
+                while chunk.is_empty() && *next < earlier.batches() {
+                    chunk = earlier.batch(*next).await?;
+                    *next += 1;
+                }
+                chunk
+                    .into_iter()
+                    .map(|r| match kept_by_retry(&r) {
+                        Some(row) => Item::Kept(Box::new(row)),
+                        None => Item::Plan(r.target),
+                    })
+                    .collect()
+            }
+        };
         if chunk.is_empty() {
             return Ok(None);
         }
