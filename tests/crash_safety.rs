@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use pbx_operator::api::{BulkUserChange, Phase};
+use pbx_operator::api::{BulkUserChange, OperationStatus, Phase};
 use sqlx::AssertSqlSafe;
 use support::eventually;
 use support::lab::LabSpec;
@@ -225,35 +225,7 @@ async fn sigkill_while_a_retry_stores_its_plan_finishes_the_retry() {
     )
     .await;
     let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
-    env.apply(&CHANGE.replace("spec:\n", "spec:\n  mode: Validate\n"));
-    env.wait_buc("everyone", &[Phase::Validated]).await;
-    // Edited in the console between review and execution: every 50th user (the first one of
-    // the first batch too) conflicts.
-    sqlx::query(
-        "UPDATE usr_preferences SET value = '5' WHERE attribute = 'pbx.call_group' AND CAST(username AS INTEGER) % 50 = 0",
-    )
-    .execute(&env.pool)
-    .await
-    .unwrap();
-    let conflicted: usize = env
-        .sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '5'")
-        .await
-        .parse()
-        .unwrap();
-    assert!(conflicted >= USERS / 50, "{conflicted} users edited");
-    let execute = serde_json::json!({ "spec": { "mode": "Execute" } });
-    api.patch("everyone", &PatchParams::default(), &Patch::Merge(&execute))
-        .await
-        .unwrap();
-    let before = env
-        .wait_buc("everyone", &[Phase::PartiallyFailed])
-        .await
-        .status
-        .unwrap();
-    assert_eq!(
-        before.summary.as_ref().unwrap().conflicts as usize,
-        conflicted
-    );
+    partially_failed(&env, USERS).await;
     let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
     let first = cms.get("everyone-results-1").await.unwrap();
 
@@ -313,5 +285,104 @@ async fn sigkill_while_a_retry_stores_its_plan_finishes_the_retry() {
     assert!(
         events.contains("ResultsFromLedger") && events.contains("everyone-results-1"),
         "an Event says which batches were read from the ledger:\n{events}"
+    );
+}
+
+/// Change `everyone` validated, then every 50th user (the first one too) edited in the console
+/// before it executes: it ends PartiallyFailed with those users in Conflict.
+async fn partially_failed(env: &Env, users: usize) -> OperationStatus {
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    env.apply(&CHANGE.replace("spec:\n", "spec:\n  mode: Validate\n"));
+    env.wait_buc("everyone", &[Phase::Validated]).await;
+    // Edited in the console between review and execution: every 50th user (the first one of
+    // the first batch too) conflicts.
+    sqlx::query(
+        "UPDATE usr_preferences SET value = '5' WHERE attribute = 'pbx.call_group' AND CAST(username AS INTEGER) % 50 = 0",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let conflicted: usize = env
+        .sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '5'")
+        .await
+        .parse()
+        .unwrap();
+    assert!(conflicted >= users / 50, "{conflicted} users edited");
+    let execute = serde_json::json!({ "spec": { "mode": "Execute" } });
+    api.patch("everyone", &PatchParams::default(), &Patch::Merge(&execute))
+        .await
+        .unwrap();
+    let before = env
+        .wait_buc("everyone", &[Phase::PartiallyFailed])
+        .await
+        .status
+        .unwrap();
+    assert_eq!(
+        before.summary.as_ref().unwrap().conflicts as usize,
+        conflicted
+    );
+    before
+}
+
+/// Retried in smaller batches than the run it builds on, a retry writes each ConfigMap only
+/// once it has read the earlier batch that ConfigMap held: it needs no copy from the ledger.
+#[tokio::test]
+async fn a_retry_in_smaller_batches_reads_each_earlier_batch_before_overwriting_it() {
+    const USERS: usize = 1500;
+    let mut env = Env::start(
+        "retry-smaller",
+        LabSpec {
+            db: "postgres",
+            users: USERS,
+            phones: 0,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    let before = partially_failed(&env, USERS).await;
+    assert_eq!(before.results_refs.len(), 2, "{:?}", before.results_refs);
+    // Every ConfigMap is intact, so the ledger's copy of the run is not needed: gone.
+    let removed = sqlx::query("DELETE FROM pbx_ledger_batch")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(removed.rows_affected(), 2);
+    env.kill_operator();
+    env.operator = support::Operator::start(
+        &support::control_plane().admin_kubeconfig,
+        &["--namespace", &env.ns, "--batch-size", "10"],
+    );
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let retry =
+        serde_json::json!({ "metadata": { "annotations": { "pbx-operator.io/retry": "1" } } });
+    api.patch("everyone", &PatchParams::default(), &Patch::Merge(&retry))
+        .await
+        .unwrap();
+    let s = eventually(Duration::from_secs(180), "the retry to finish", || async {
+        let s = api.get("everyone").await.ok()?.status?;
+        if let Some(stalled) = s.conditions.iter().find(|c| {
+            c.type_ == "Stalled" && ["PlanTampered", "ResultsLost"].contains(&c.reason.as_str())
+        }) {
+            panic!("the retry stalled: {} {}", stalled.reason, stalled.message);
+        }
+        let retried = s.progress.as_ref()?.retry.as_deref() == Some("1");
+        (retried && s.phase == Phase::Succeeded).then_some(s)
+    })
+    .await;
+    assert_eq!(s.results_refs.len(), USERS / 10);
+    let summary = s.summary.unwrap();
+    assert_eq!(
+        (
+            summary.targets as usize,
+            summary.changed as usize,
+            summary.conflicts
+        ),
+        (USERS, USERS, 0)
+    );
+    let events = env.events();
+    assert!(
+        !events.contains("ResultsFromLedger"),
+        "a ConfigMap was overwritten before its earlier batch was read:\n{events}"
     );
 }

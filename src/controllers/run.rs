@@ -3,7 +3,8 @@
 //! written after each, one finish path and one blocked path. A kind's controller maps its spec
 //! to planned rows and an executor, and the engine's counts to its summary.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -136,6 +137,8 @@ pub(crate) struct Earlier<'r, 'a, K: RunKind> {
     read: AtomicUsize,
     /// How many of the ConfigMaps this retry's plan has overwritten.
     overwritten: AtomicUsize,
+    /// Batches whose ConfigMap [`Earlier::check`] found gone or edited: read from the ledger.
+    in_ledger: Mutex<BTreeSet<usize>>,
 }
 
 impl<'r, 'a, K: RunKind> Earlier<'r, 'a, K> {
@@ -146,14 +149,23 @@ impl<'r, 'a, K: RunKind> Earlier<'r, 'a, K> {
             digests,
             read: AtomicUsize::new(0),
             overwritten: AtomicUsize::new(0),
+            in_ledger: Mutex::new(BTreeSet::new()),
         }
     }
 
     /// Reads every batch once before anything is planned: a retry that cannot read the run it
-    /// builds on stops before it overwrites a single ConfigMap of it.
+    /// builds on stops before it overwrites a single ConfigMap of it. (Not counted as read by
+    /// the planner: the plan waits for the planner's own reads.)
     pub async fn check(&self) -> Result<(), Error> {
         for index in 0..self.batches {
-            self.read_batch(index).await?;
+            match self.run.verified(index, &self.digests).await {
+                Ok(_) => {}
+                Err(Error::PlanTampered { .. } | Error::ResultsLost { .. }) => {
+                    self.run.retried_batch(index, &self.digests).await?;
+                    self.in_ledger.lock().expect("not poisoned").insert(index);
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -179,8 +191,15 @@ impl<'r, 'a, K: RunKind> Earlier<'r, 'a, K> {
     }
 
     async fn read_batch(&self, index: usize) -> Result<Vec<Row>, Error> {
-        let rows = if index < self.overwritten.load(Ordering::Acquire) {
-            // Another pass over a CSV reads what this retry overwrote: the ledger has it.
+        let gone = index < self.overwritten.load(Ordering::Acquire)
+            || self
+                .in_ledger
+                .lock()
+                .expect("not poisoned")
+                .contains(&index);
+        let rows = if gone {
+            // Another pass over a CSV reads what this retry overwrote, and the check said (with
+            // an Event) which ConfigMaps are not the earlier run's: the ledger has them.
             match super::ledger::recorded_batch(self.run, index, &self.digests).await? {
                 Some((_, rows)) => rows,
                 None => {
