@@ -296,11 +296,61 @@ spec:
     retry_after_conflicts(env, users).await;
 }
 
+/// Validated change `name`: one user in a hundred has `attribute` set to `value` in the console
+/// (Conflict), then it executes and is retried. Prints the retry's time and peak RSS; returns
+/// the retry's status.
+async fn conflict_then_retry(
+    env: &Env,
+    name: &str,
+    attribute: &str,
+    value: &str,
+) -> pbx_operator::api::OperationStatus {
+    let edited = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE usr_preferences SET value = '{value}' WHERE attribute = '{attribute}' AND CAST(username AS INTEGER) % 100 = 0")))
+        .execute(&env.pool)
+        .await
+        .unwrap()
+        .rows_affected();
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let execute = serde_json::json!({ "spec": { "mode": "Execute" } });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&execute))
+        .await
+        .unwrap();
+    let first = env
+        .wait_buc_for(name, FINISHED, Duration::from_secs(900))
+        .await;
+    let conflicts = first
+        .status
+        .and_then(|s| s.summary)
+        .unwrap_or_default()
+        .conflicts;
+    reset_peak_rss(env);
+    let start = Instant::now();
+    let retry =
+        serde_json::json!({ "metadata": { "annotations": { "pbx-operator.io/retry": "1" } } });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&retry))
+        .await
+        .unwrap();
+    let s = support::eventually(Duration::from_secs(900), "the retry to finish", || async {
+        let s = api.get(name).await.ok()?.status?;
+        let retried = s.progress.as_ref()?.retry.as_deref() == Some("1");
+        (retried && FINISHED.contains(&s.phase)).then_some(s)
+    })
+    .await;
+    let took = start.elapsed().as_secs_f64();
+    let rss = peak_rss_mib(env.operator.child.id());
+    let changed = s.summary.as_ref().map(|s| s.changed).unwrap_or(0);
+    println!(
+        "  retry of {conflicts} conflicts ({edited} users edited before Execute): -> {:?}, {changed} changed {took:>6.2} s",
+        s.phase
+    );
+    println!("    operator peak RSS during the retry (VmHWM)  {rss:>8.1} MiB");
+    s
+}
+
 /// On a lab of `users` users: a change validated, one user in a hundred edited in the console
 /// before it executes (Conflict), then the retry annotation: the retry's time and peak RSS
 /// (it builds on the earlier run's rows).
 async fn retry_after_conflicts(env: &Env, users: usize) {
-    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
     env.apply(
         r#"apiVersion: pbx-operator.io/v1alpha1
 kind: BulkUserChange
@@ -321,53 +371,8 @@ spec:
         Duration::from_secs(900),
     )
     .await;
-    let edited = sqlx::query("UPDATE usr_preferences SET value = '50' WHERE attribute = 'pbx.call_group' AND CAST(username AS INTEGER) % 100 = 0")
-        .execute(&env.pool)
-        .await
-        .unwrap()
-        .rows_affected();
-    let execute = serde_json::json!({ "spec": { "mode": "Execute" } });
-    api.patch(
-        "everyone-retry",
-        &PatchParams::default(),
-        &Patch::Merge(&execute),
-    )
-    .await
-    .unwrap();
-    let first = env
-        .wait_buc_for("everyone-retry", FINISHED, Duration::from_secs(900))
-        .await;
-    let conflicts = first
-        .status
-        .and_then(|s| s.summary)
-        .unwrap_or_default()
-        .conflicts;
-    reset_peak_rss(env);
-    let start = Instant::now();
-    let retry =
-        serde_json::json!({ "metadata": { "annotations": { "pbx-operator.io/retry": "1" } } });
-    api.patch(
-        "everyone-retry",
-        &PatchParams::default(),
-        &Patch::Merge(&retry),
-    )
-    .await
-    .unwrap();
-    let s = support::eventually(Duration::from_secs(900), "the retry to finish", || async {
-        let s = api.get("everyone-retry").await.ok()?.status?;
-        let retried = s.progress.as_ref()?.retry.as_deref() == Some("1");
-        (retried && FINISHED.contains(&s.phase)).then_some(s)
-    })
-    .await;
-    let took = start.elapsed().as_secs_f64();
-    let rss = peak_rss_mib(env.operator.child.id());
-    let summary = s.summary.unwrap_or_default();
+    conflict_then_retry(env, "everyone-retry", "pbx.call_group", "50").await;
     let written = env.sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.call_group' AND value = '51'").await;
-    println!(
-        "  retry of {conflicts} conflicts ({edited} users edited before Execute): -> {:?}, {} changed {took:>6.2} s",
-        s.phase, summary.changed
-    );
-    println!("    operator peak RSS during the retry (VmHWM)  {rss:>8.1} MiB");
     println!("    users with the new value in SQL            {written:>8} of {users}");
 }
 
@@ -1137,58 +1142,8 @@ spec:
     );
     env.wait_buc_for("sheet-again", &[Phase::Validated], Duration::from_secs(900))
         .await;
-    let edited = sqlx::query("UPDATE usr_preferences SET value = 'Restricted' WHERE attribute = 'pbx.voice_route_policy' AND CAST(username AS INTEGER) % 100 = 0")
-        .execute(&env.pool)
-        .await
-        .unwrap()
-        .rows_affected();
-    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
-    let execute = serde_json::json!({ "spec": { "mode": "Execute" } });
-    api.patch(
-        "sheet-again",
-        &PatchParams::default(),
-        &Patch::Merge(&execute),
-    )
-    .await
-    .unwrap();
-    let first = env
-        .wait_buc_for("sheet-again", FINISHED, Duration::from_secs(900))
-        .await;
-    let conflicts = first
-        .status
-        .and_then(|s| s.summary)
-        .unwrap_or_default()
-        .conflicts;
-    reset_peak_rss(env);
-    let start = Instant::now();
-    let retry =
-        serde_json::json!({ "metadata": { "annotations": { "pbx-operator.io/retry": "1" } } });
-    api.patch(
-        "sheet-again",
-        &PatchParams::default(),
-        &Patch::Merge(&retry),
-    )
-    .await
-    .unwrap();
-    let s = support::eventually(
-        Duration::from_secs(900),
-        "the CSV retry to finish",
-        || async {
-            let s = api.get("sheet-again").await.ok()?.status?;
-            let retried = s.progress.as_ref()?.retry.as_deref() == Some("1");
-            (retried && FINISHED.contains(&s.phase)).then_some(s)
-        },
-    )
-    .await;
-    let took = start.elapsed().as_secs_f64();
-    let rss = peak_rss_mib(env.operator.child.id());
-    let summary = s.summary.unwrap_or_default();
+    conflict_then_retry(env, "sheet-again", "pbx.voice_route_policy", "Restricted").await;
     let written = env.sql_one("SELECT COUNT(*) FROM usr_preferences WHERE attribute = 'pbx.voice_route_policy' AND value = 'Domestic'").await;
-    println!(
-        "  CSV retry of {conflicts} conflicts ({edited} users edited before Execute): -> {:?}, {} changed {took:>6.2} s",
-        s.phase, summary.changed
-    );
-    println!("    operator peak RSS during the retry (VmHWM)  {rss:>8.1} MiB");
     println!("    users with the new policy in SQL           {written:>8} of {rows}");
 }
 
