@@ -18,6 +18,7 @@ mod ordering;
 pub mod phone_change;
 pub mod phone_restart;
 pub mod results_store;
+mod retry;
 mod revert;
 mod run;
 mod server;

@@ -14,7 +14,8 @@ use super::csv_source;
 use super::ledger::Gate;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
-use super::run::{self, Earlier, Run, RunKind, StoredPlan};
+use super::retry::Earlier;
+use super::run::{self, Run, RunKind, StoredPlan};
 use super::{Context, Error};
 use crate::api::{
     BulkUserChange, BulkUserChangeSpec, FailurePolicy, Mode, OperationStatus, Phase, Plan, Policy,
