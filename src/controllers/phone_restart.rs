@@ -15,6 +15,7 @@ use super::backends::RateLimit;
 use super::ledger::Gate;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
+use super::retry::Earlier;
 use super::run::{Run, RunKind};
 use super::{Context, Error};
 use crate::api::{Outcome, parse_duration};
@@ -141,7 +142,11 @@ async fn plan(run: &Run<'_, PhoneRestart>, status: &PhoneRestartStatus) -> Resul
         Some(p) => {
             let digests = status.plan.as_ref().map(|p| p.batch_digests.clone());
             let digests = digests.unwrap_or_default();
-            Some(run.retried_rows(p.batches as usize, &digests).await?)
+            Some(
+                Earlier::new(&run, p.batches as usize, digests)
+                    .all()
+                    .await?,
+            )
         }
         None => None,
     };

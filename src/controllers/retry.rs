@@ -57,7 +57,8 @@ impl<'r, 'a, K: RunKind> Earlier<'r, 'a, K> {
         Ok(())
     }
 
-    /// Every row of the earlier run (a revert's retry plans from them whole).
+    /// Every row of the earlier run, for the retries that plan from them whole (a revert's,
+    /// a PhoneRestart's, a UserRecycle's).
     pub async fn all(&self) -> Result<Vec<Row>, Error> {
         let mut rows = Vec::new();
         for index in 0..self.batches {

@@ -256,19 +256,6 @@ impl<'a, K: RunKind> Run<'a, K> {
         Ok(rows)
     }
 
-    /// Every stored row of the run a retry builds on (see [`Run::retried_batch`]).
-    pub async fn retried_rows(
-        &self,
-        batches: usize,
-        digests: &[String],
-    ) -> Result<Vec<Row>, Error> {
-        let mut rows = Vec::new();
-        for index in 0..batches {
-            rows.extend(self.retried_batch(index, digests).await?);
-        }
-        Ok(rows)
-    }
-
     /// A stored batch of the run a retry builds on, verified. A batch whose ConfigMap is gone
     /// or no longer the one stored is read from the run ledger's copy, checked against the same
     /// digest: a retry stopped while it stored its own plan has overwritten (or pruned) the

@@ -15,6 +15,7 @@ use super::backends::mailer;
 use super::ledger::Gate;
 use super::lineage::{Lineage, RETRY_ANNOTATION};
 use super::metrics::Timed;
+use super::retry::Earlier;
 use super::run::{self, Run, RunKind};
 use super::{Context, Error};
 use crate::api::{OperationStatus, PbxConnection, Phase, Summary, UserRecycle};
@@ -102,7 +103,7 @@ async fn start(
         Some(p) => {
             let digests = status.plan.as_ref().map(|p| p.batch_digests.clone());
             let digests = digests.unwrap_or_default();
-            match run.retried_rows(p.batches as usize, &digests).await {
+            match Earlier::new(&run, p.batches as usize, digests).all().await {
                 Ok(rows) => Some(rows),
                 Err(e) => return run.blocked(status, &e).await,
             }
