@@ -229,11 +229,7 @@ async fn sigkill_while_a_retry_stores_its_plan_finishes_the_retry() {
     let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
     let first = cms.get("everyone-results-1").await.unwrap();
 
-    let retry =
-        serde_json::json!({ "metadata": { "annotations": { "pbx-operator.io/retry": "1" } } });
-    api.patch("everyone", &PatchParams::default(), &Patch::Merge(&retry))
-        .await
-        .unwrap();
+    ask_retry(&env).await;
     eventually(
         Duration::from_secs(60),
         "the retry to store its first batch",
@@ -257,17 +253,7 @@ async fn sigkill_while_a_retry_stores_its_plan_finishes_the_retry() {
     );
 
     env.start_operator();
-    let b = eventually(Duration::from_secs(180), "the retry to finish", || async {
-        let s = api.get("everyone").await.ok()?.status?;
-        if let Some(stalled) = s.conditions.iter().find(|c| {
-            c.type_ == "Stalled" && ["PlanTampered", "ResultsLost"].contains(&c.reason.as_str())
-        }) {
-            panic!("the retry stalled: {} {}", stalled.reason, stalled.message);
-        }
-        let retried = s.progress.as_ref()?.retry.as_deref() == Some("1");
-        (retried && s.phase == Phase::Succeeded).then_some(s)
-    })
-    .await;
+    let b = retried(&env).await;
     let summary = b.summary.unwrap();
     assert_eq!(
         (
@@ -353,23 +339,8 @@ async fn a_retry_in_smaller_batches_reads_each_earlier_batch_before_overwriting_
         &support::control_plane().admin_kubeconfig,
         &["--namespace", &env.ns, "--batch-size", "10"],
     );
-    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
-    let retry =
-        serde_json::json!({ "metadata": { "annotations": { "pbx-operator.io/retry": "1" } } });
-    api.patch("everyone", &PatchParams::default(), &Patch::Merge(&retry))
-        .await
-        .unwrap();
-    let s = eventually(Duration::from_secs(180), "the retry to finish", || async {
-        let s = api.get("everyone").await.ok()?.status?;
-        if let Some(stalled) = s.conditions.iter().find(|c| {
-            c.type_ == "Stalled" && ["PlanTampered", "ResultsLost"].contains(&c.reason.as_str())
-        }) {
-            panic!("the retry stalled: {} {}", stalled.reason, stalled.message);
-        }
-        let retried = s.progress.as_ref()?.retry.as_deref() == Some("1");
-        (retried && s.phase == Phase::Succeeded).then_some(s)
-    })
-    .await;
+    ask_retry(&env).await;
+    let s = retried(&env).await;
     assert_eq!(s.results_refs.len(), USERS / 10);
     let summary = s.summary.unwrap();
     assert_eq!(
@@ -385,4 +356,31 @@ async fn a_retry_in_smaller_batches_reads_each_earlier_batch_before_overwriting_
         !events.contains("ResultsFromLedger"),
         "a ConfigMap was overwritten before its earlier batch was read:\n{events}"
     );
+}
+
+/// Sets the retry annotation on change `everyone`.
+async fn ask_retry(env: &Env) {
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    let retry =
+        serde_json::json!({ "metadata": { "annotations": { "pbx-operator.io/retry": "1" } } });
+    api.patch("everyone", &PatchParams::default(), &Patch::Merge(&retry))
+        .await
+        .unwrap();
+}
+
+/// Waits for the retry of `everyone` to succeed; fails at once should it stall because the
+/// earlier run could not be read.
+async fn retried(env: &Env) -> OperationStatus {
+    let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually(Duration::from_secs(180), "the retry to finish", || async {
+        let s = api.get("everyone").await.ok()?.status?;
+        if let Some(stalled) = s.conditions.iter().find(|c| {
+            c.type_ == "Stalled" && ["PlanTampered", "ResultsLost"].contains(&c.reason.as_str())
+        }) {
+            panic!("the retry stalled: {} {}", stalled.reason, stalled.message);
+        }
+        let retried = s.progress.as_ref()?.retry.as_deref() == Some("1");
+        (retried && s.phase == Phase::Succeeded).then_some(s)
+    })
+    .await
 }
