@@ -930,6 +930,29 @@ async fn shared_rate(each: usize, limit: u32, own: usize) {
     );
 }
 
+/// Creates ConfigMap `name` holding `csv` gzipped in binaryData under `changes.csv` (plain,
+/// 100,000 rows are past the API server's request limit); returns the gzipped size.
+async fn upload_csv(env: &Env, name: &str, csv: &str) -> usize {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::PostParams;
+
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, csv.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    let size = gz.len();
+    let cm = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        binary_data: Some([("changes.csv".to_string(), k8s_openapi::ByteString(gz))].into()),
+        ..Default::default()
+    };
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    size
+}
+
 /// What the CSV part measured: Validate and Execute seconds, peak RSS in MiB.
 struct CsvRun {
     db: &'static str,
@@ -941,8 +964,7 @@ struct CsvRun {
 }
 
 async fn csv_change(db: &'static str, rows: usize) -> CsvRun {
-    use k8s_openapi::api::core::v1::ConfigMap;
-    use kube::api::{Patch, PatchParams, PostParams};
+    use kube::api::{Patch, PatchParams};
 
     let env = Env::start(
         &format!("bench-csv-{db}"),
@@ -987,25 +1009,7 @@ async fn csv_change(db: &'static str, rows: usize) -> CsvRun {
         edited.push('\n');
     }
     drop(table);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    std::io::Write::write_all(&mut gz, edited.as_bytes()).unwrap();
-    let gz = gz.finish().unwrap();
-    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
-    let cm = ConfigMap {
-        metadata: kube::api::ObjectMeta {
-            name: Some("sheet".into()),
-            ..Default::default()
-        },
-        binary_data: Some(
-            [(
-                "changes.csv".to_string(),
-                k8s_openapi::ByteString(gz.clone()),
-            )]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let gz_bytes = upload_csv(&env, "sheet", &edited).await;
     let api: Api<BulkUserChange> = Api::namespaced(env.client.clone(), &env.ns);
     let start = Instant::now();
     env.apply(
@@ -1050,7 +1054,7 @@ spec:
     );
     println!(
         "  upload: gzip in binaryData                    {:>8} bytes (from {}); {moves} rows take a number",
-        gz.len(),
+        gz_bytes,
         edited.len()
     );
     println!(
@@ -1088,9 +1092,6 @@ spec:
 /// hundred edited before it executes (Conflict), then retried: the retry's time and peak RSS
 /// (it takes the lines the earlier run finished from its batches).
 async fn csv_retry(env: &Env, rows: usize) {
-    use k8s_openapi::api::core::v1::ConfigMap;
-    use kube::api::PostParams;
-
     let (ok, export, err) = env.cli(&[
         "export",
         "users",
@@ -1111,25 +1112,7 @@ async fn csv_retry(env: &Env, rows: usize) {
         file.push_str(&cells.join(","));
         file.push('\n');
     }
-    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    std::io::Write::write_all(&mut gzip, file.as_bytes()).unwrap();
-    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
-    let cm = ConfigMap {
-        metadata: kube::api::ObjectMeta {
-            name: Some("sheet-again".into()),
-            ..Default::default()
-        },
-        // Gzipped, as the first file: plain, 100,000 rows are past the API server's limit.
-        binary_data: Some(
-            [(
-                "changes.csv".to_string(),
-                k8s_openapi::ByteString(gzip.finish().unwrap()),
-            )]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    cms.create(&PostParams::default(), &cm).await.unwrap();
+    upload_csv(env, "sheet-again", &file).await;
     env.apply(
         r#"apiVersion: pbx-operator.io/v1alpha1
 kind: BulkUserChange
